@@ -1,0 +1,72 @@
+//! Bodies of the agent-facing routes: enrollment, config long-poll, report.
+//!
+//! `POST /v1/agents/enroll` is authenticated by the join token; the other
+//! routes by the agent's TLS client certificate.
+
+use serde::{Deserialize, Serialize};
+
+/// `POST /v1/agents/enroll`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EnrollRequest {
+    /// The whole join token as printed by `trellis agent-token create`.
+    pub join_token: String,
+    /// PEM certificate signing request; the key never leaves the agent's host.
+    pub csr_pem: String,
+    /// `host:port` where endpoint agents reach this agent's tunnel listener.
+    pub advertise: Option<String>,
+    pub hostname: String,
+}
+
+/// Answer to a successful enrollment.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EnrollResponse {
+    pub agent_id: String,
+    pub account_id: String,
+    pub vpc_id: String,
+    pub subnet_id: String,
+    /// The agent's certificate, signed by the control plane's CA.
+    pub certificate_pem: String,
+    pub ca_pem: String,
+}
+
+/// `POST /v1/agents/self/report`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentReport {
+    /// The config version the agent is serving.
+    pub config_version: u64,
+    /// Random id chosen at agent start; usage counters are cumulative per boot.
+    pub boot_id: String,
+    /// State of every endpoint listener in the served config.
+    pub listeners: Vec<ListenerStatus>,
+    /// Cumulative gateway-side usage since `boot_id` started.
+    pub usage: Vec<UsageCounters>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ListenerStatus {
+    pub vpc_endpoint_id: String,
+    pub resource_configuration_id: String,
+    pub ready: bool,
+    /// Why the listener is not ready (bind failure, …).
+    pub error: Option<String>,
+}
+
+/// Counters a gateway agent keeps per (endpoint, resource).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UsageCounters {
+    pub vpc_endpoint_id: String,
+    pub resource_configuration_id: String,
+    pub consumer_account_id: String,
+    pub active_connections: u64,
+    pub total_connections: u64,
+    pub rejected_connections: u64,
+    /// Bytes from the consumer to the resource.
+    pub bytes_in: u64,
+    /// Bytes from the resource to the consumer.
+    pub bytes_out: u64,
+}

@@ -1,0 +1,16 @@
+//! The contracts between the control plane and the agents: the agent config
+//! schema, the agent-facing API bodies, the join token format, and the sans-IO
+//! stream protocol spoken between endpoint and gateway agents.
+//!
+//! Pure: no sockets, no clock, no randomness. Everything here is shared by
+//! `trellis-control` (which produces configs) and `trellis-agent` (which
+//! consumes them), so a change here is a change of the wire contract.
+#![forbid(unsafe_code)]
+
+pub mod agent_api;
+pub mod config;
+pub mod join_token;
+pub mod ports;
+
+pub use config::*;
+pub use ports::{PortRange, PortRangeError};
