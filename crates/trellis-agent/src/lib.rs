@@ -1,1 +1,478 @@
+//! The Trellis agent (`trellis agent`) as a library: the data plane.
+//!
+//! An agent enrolls once with a join token ([`enroll`]), then follows its
+//! config from the control plane ([`config_cache`]) and serves every role the
+//! config gives it: gateway ([`gateway`]: accept tunnels, authorize, dial
+//! resources), endpoint ([`endpoint`]: listen on endpoint addresses, tunnel to
+//! gateways), DNS for endpoint names ([`dns`]), Prometheus metrics
+//! ([`metrics`]), a JSON access log ([`access_log`]) and usage reports
+//! ([`report`]).
+//!
+//! [`start`] runs the whole agent; [`start_data_plane`] runs only the data
+//! plane with an identity and a config channel supplied by the caller (tests,
+//! embedding).
 #![forbid(unsafe_code)]
+
+pub mod access_log;
+pub mod config_cache;
+pub mod control_client;
+pub mod dns;
+pub mod endpoint;
+pub mod enroll;
+mod flow;
+mod frame_io;
+pub mod gateway;
+pub mod identity;
+pub mod metrics;
+pub mod report;
+mod splice;
+#[doc(hidden)]
+pub mod testing;
+pub mod tls;
+pub mod usage;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use trellis_proto::AgentConfig;
+
+pub use access_log::AccessLog;
+pub use control_client::{ControlClient, ControlError};
+pub use endpoint::{PoolSettings, ServedState};
+pub use enroll::EnrollError;
+pub use gateway::GatewayTimeouts;
+pub use identity::AgentIdentity;
+
+/// Default address of the tunnel listener at the CLI.
+pub const DEFAULT_TUNNEL_LISTEN: &str = "0.0.0.0:7443";
+/// Default interval between usage reports.
+pub const DEFAULT_REPORT_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Everything `trellis agent` is configured with.
+#[derive(Clone)]
+pub struct AgentOptions {
+    /// `https://` URL of the control plane.
+    pub control_plane: String,
+    /// Used on first start only; ignored (with a log line) once `state_dir` holds an identity.
+    pub join_token: Option<String>,
+    /// Where the key, certificates, identity and cached config live.
+    pub state_dir: PathBuf,
+    /// Tunnel listener (gateway role); `0.0.0.0:7443` at the CLI, `127.0.0.1:0` in tests.
+    pub tunnel_listen: SocketAddr,
+    /// `host:port` endpoint agents dial; defaults to the bound tunnel address when it is specific.
+    pub advertise: Option<String>,
+    /// DNS listener (UDP and TCP) for endpoint names; none when unset.
+    pub dns_listen: Option<SocketAddr>,
+    /// Resolver for other names; defaults to the first nameserver of /etc/resolv.conf.
+    pub dns_upstream: Option<SocketAddr>,
+    /// Prometheus `/metrics` listener; none when unset.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Add a local route for the address pool when its addresses are not local (Linux, root).
+    pub manage_routes: bool,
+    /// How often usage is reported (also right after every config change).
+    pub report_interval: Duration,
+}
+
+/// Knobs of the data plane that rarely need changing; [`start`] uses the defaults.
+#[derive(Clone, Debug)]
+pub struct AgentTuning {
+    /// Where access-log lines go (stdout by default).
+    pub access_log: AccessLog,
+    /// Most concurrent tunnel connections accepted (gateway role).
+    pub max_connections: usize,
+    pub gateway_timeouts: GatewayTimeouts,
+    pub pool: PoolSettings,
+    /// Endpoint side: from sending an open request to its answer.
+    pub open_timeout: Duration,
+}
+
+impl Default for AgentTuning {
+    fn default() -> Self {
+        Self {
+            access_log: AccessLog::stdout(),
+            max_connections: 16_384,
+            gateway_timeouts: GatewayTimeouts::default(),
+            pool: PoolSettings::default(),
+            open_timeout: Duration::from_secs(15),
+        }
+    }
+}
+
+impl AgentOptions {
+    /// Options with the CLI's defaults.
+    pub fn new(control_plane: impl Into<String>, state_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            control_plane: control_plane.into(),
+            join_token: None,
+            state_dir: state_dir.into(),
+            // A literal socket address.
+            tunnel_listen: DEFAULT_TUNNEL_LISTEN.parse().expect("default tunnel address"),
+            advertise: None,
+            dns_listen: None,
+            dns_upstream: None,
+            metrics_listen: None,
+            manage_routes: false,
+            report_interval: DEFAULT_REPORT_INTERVAL,
+        }
+    }
+}
+
+impl std::fmt::Debug for AgentOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentOptions")
+            .field("control_plane", &self.control_plane)
+            .field("join_token", &self.join_token.as_ref().map(|_| "***"))
+            .field("state_dir", &self.state_dir)
+            .field("tunnel_listen", &self.tunnel_listen)
+            .field("advertise", &self.advertise)
+            .field("dns_listen", &self.dns_listen)
+            .field("dns_upstream", &self.dns_upstream)
+            .field("metrics_listen", &self.metrics_listen)
+            .field("manage_routes", &self.manage_routes)
+            .field("report_interval", &self.report_interval)
+            .finish()
+    }
+}
+
+/// Options of the data plane alone (no control plane involved).
+#[derive(Clone, Debug)]
+pub struct DataPlaneOptions {
+    pub tunnel_listen: SocketAddr,
+    pub dns_listen: Option<SocketAddr>,
+    pub dns_upstream: Option<SocketAddr>,
+    pub metrics_listen: Option<SocketAddr>,
+    pub manage_routes: bool,
+    pub access_log: AccessLog,
+    pub max_connections: usize,
+    pub gateway_timeouts: GatewayTimeouts,
+    pub pool: PoolSettings,
+    /// Endpoint side: from sending an open request to its answer.
+    pub open_timeout: Duration,
+}
+
+impl DataPlaneOptions {
+    /// Loopback listeners on port 0, no DNS or metrics, no access log: for tests.
+    pub fn loopback() -> Self {
+        Self {
+            // A literal socket address.
+            tunnel_listen: "127.0.0.1:0".parse().expect("loopback address"),
+            dns_listen: None,
+            dns_upstream: None,
+            metrics_listen: None,
+            manage_routes: false,
+            access_log: AccessLog::disabled(),
+            max_connections: 1024,
+            gateway_timeouts: GatewayTimeouts::default(),
+            pool: PoolSettings::default(),
+            open_timeout: Duration::from_secs(15),
+        }
+    }
+}
+
+/// Why the agent could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// An option is invalid; the message says which and how to fix it.
+    #[error("invalid agent option: {0}")]
+    InvalidOptions(String),
+    /// Enrollment or loading the stored identity failed.
+    #[error(transparent)]
+    Enroll(#[from] EnrollError),
+    /// The identity cannot be turned into a TLS configuration.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    /// The control plane client could not be built.
+    #[error(transparent)]
+    Control(#[from] ControlError),
+    /// A core part of the agent stopped unexpectedly.
+    #[error("the agent stopped: {0}")]
+    Stopped(String),
+    /// A listener could not be bound.
+    #[error("could not listen for {what} on {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A running agent (or data plane). Dropping it does not stop it; call [`RunningAgent::shutdown`].
+pub struct RunningAgent {
+    agent_id: String,
+    tunnel_addr: SocketAddr,
+    dns_addr: Option<SocketAddr>,
+    metrics_addr: Option<SocketAddr>,
+    boot_id: String,
+    config: watch::Receiver<Arc<AgentConfig>>,
+    served: watch::Receiver<ServedState>,
+    metrics: Arc<metrics::Metrics>,
+    usage: Arc<usage::UsageTable>,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+    fatal: Arc<std::sync::Mutex<Option<String>>>,
+}
+
+impl RunningAgent {
+    /// The agent's id.
+    pub fn agent_id(&self) -> &str {
+        &self.agent_id
+    }
+
+    /// Where the tunnel listener (gateway role) is bound.
+    pub fn tunnel_addr(&self) -> SocketAddr {
+        self.tunnel_addr
+    }
+
+    /// Where the DNS listener is bound (UDP and TCP), if any.
+    pub fn dns_addr(&self) -> Option<SocketAddr> {
+        self.dns_addr
+    }
+
+    /// Where `/metrics` is served, if anywhere.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
+    }
+
+    /// This run's boot id (usage counters are cumulative per boot).
+    pub fn boot_id(&self) -> &str {
+        &self.boot_id
+    }
+
+    /// The config being served (follows updates).
+    pub fn config(&self) -> watch::Receiver<Arc<AgentConfig>> {
+        self.config.clone()
+    }
+
+    /// What the endpoint role serves: applied config version and listener readiness.
+    pub fn served(&self) -> watch::Receiver<ServedState> {
+        self.served.clone()
+    }
+
+    /// The Prometheus text of this agent's metrics.
+    pub fn metrics_text(&self) -> String {
+        self.metrics.encode()
+    }
+
+    /// The gateway usage counters as they would be reported now.
+    pub fn usage(&self) -> Vec<trellis_proto::agent_api::UsageCounters> {
+        self.usage.snapshot()
+    }
+
+    /// Resolves only if the agent stops on its own, with the reason. The agent
+    /// keeps serving through control-plane outages, so in practice this waits
+    /// until a core listener fails.
+    pub async fn wait(&self) -> Result<(), AgentError> {
+        self.shutdown.cancelled().await;
+        match self.fatal.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            Some(reason) => Err(AgentError::Stopped(reason)),
+            None => Ok(()),
+        }
+    }
+
+    /// Stops every listener and connection and waits (at most 10 s) for tasks to end.
+    pub async fn shutdown(self) {
+        self.shutdown.cancel();
+        self.tracker.close();
+        if tokio::time::timeout(Duration::from_secs(10), self.tracker.wait()).await.is_err() {
+            tracing::warn!("some agent tasks did not stop within 10 s");
+        }
+    }
+}
+
+fn random_hex(bytes: usize) -> String {
+    use ring::rand::SecureRandom;
+    let mut buf = vec![0u8; bytes];
+    // The system RNG only fails on platforms without one, where nothing else would work either.
+    ring::rand::SystemRandom::new().fill(&mut buf).expect("system random number generator");
+    hex::encode(buf)
+}
+
+async fn bind_tcp(what: &'static str, addr: SocketAddr) -> Result<TcpListener, AgentError> {
+    TcpListener::bind(addr).await.map_err(|source| AgentError::Bind { what, addr, source })
+}
+
+/// Starts the data plane with a caller-supplied identity and config channel.
+/// Binds every listener before returning, so the returned addresses accept at once.
+pub async fn start_data_plane(
+    opts: DataPlaneOptions,
+    identity: &AgentIdentity,
+    config: watch::Receiver<Arc<AgentConfig>>,
+) -> Result<RunningAgent, AgentError> {
+    let tunnel = bind_tcp("tunnels", opts.tunnel_listen).await?;
+    start_with_listener(opts, identity, config, tunnel, TaskTracker::new(), CancellationToken::new()).await
+}
+
+async fn start_with_listener(
+    opts: DataPlaneOptions,
+    identity: &AgentIdentity,
+    config: watch::Receiver<Arc<AgentConfig>>,
+    tunnel: TcpListener,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+) -> Result<RunningAgent, AgentError> {
+    let server_tls = tls::tunnel_server_config(identity)?;
+    let client_tls = tls::tunnel_client_config(identity)?;
+    let tunnel_addr =
+        tunnel.local_addr().map_err(|source| AgentError::Bind { what: "tunnels", addr: opts.tunnel_listen, source })?;
+    let dns = match opts.dns_listen {
+        Some(addr) => Some(dns::bind(addr).await.map_err(|source| AgentError::Bind { what: "DNS", addr, source })?),
+        None => None,
+    };
+    let metrics_listener = match opts.metrics_listen {
+        Some(addr) => Some(bind_tcp("metrics", addr).await?),
+        None => None,
+    };
+    let dns_addr = dns.as_ref().and_then(|(udp, _)| udp.local_addr().ok());
+    let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
+
+    let metrics = Arc::new(metrics::Metrics::new());
+    let usage = Arc::new(usage::UsageTable::default());
+    let gateway_ctx = Arc::new(gateway::GatewayContext {
+        config: config.clone(),
+        metrics: metrics.clone(),
+        usage: usage.clone(),
+        access_log: opts.access_log.clone(),
+        timeouts: opts.gateway_timeouts,
+        connections: Arc::new(Semaphore::new(opts.max_connections.max(1))),
+    });
+    let fatal = Arc::new(std::sync::Mutex::new(None));
+    {
+        let (fatal, shutdown, tracker2) = (fatal.clone(), shutdown.clone(), tracker.clone());
+        tracker.spawn(async move {
+            gateway::listener::serve(tunnel, server_tls, gateway_ctx, tracker2, shutdown.clone()).await;
+            if !shutdown.is_cancelled() {
+                *fatal.lock().unwrap_or_else(|e| e.into_inner()) = Some("the tunnel listener stopped".to_string());
+                shutdown.cancel();
+            }
+        });
+    }
+
+    let pools = Arc::new(endpoint::GatewayPools::new(client_tls, opts.pool, tracker.clone(), shutdown.clone()));
+    let endpoint_ctx = Arc::new(endpoint::EndpointContext {
+        config: config.clone(),
+        pools,
+        metrics: metrics.clone(),
+        access_log: opts.access_log.clone(),
+        open_timeout: opts.open_timeout,
+    });
+    let (served_tx, served_rx) = watch::channel(ServedState::default());
+    tracker.spawn(endpoint::listeners::run(
+        endpoint_ctx,
+        endpoint::routes::RouteManager::new(opts.manage_routes),
+        served_tx,
+        tracker.clone(),
+        shutdown.clone(),
+    ));
+
+    if let Some((udp, tcp)) = dns {
+        let upstream = opts.dns_upstream.or_else(dns::system_upstream);
+        if upstream.is_none() {
+            tracing::warn!("no DNS upstream (none given, none in /etc/resolv.conf): only endpoint names will resolve");
+        }
+        let ctx = Arc::new(dns::DnsContext::new(config.clone(), upstream, metrics.clone()));
+        tracker.spawn(dns::serve(udp, tcp, ctx, tracker.clone(), shutdown.clone()));
+    }
+    if let Some(listener) = metrics_listener {
+        tracker.spawn(metrics::serve(listener, metrics.clone(), shutdown.clone()));
+    }
+    tracing::info!(%tunnel_addr, ?dns_addr, ?metrics_addr, agent_id = %identity.agent_id, "data plane started");
+    Ok(RunningAgent {
+        agent_id: identity.agent_id.clone(),
+        tunnel_addr,
+        dns_addr,
+        metrics_addr,
+        boot_id: random_hex(16),
+        config,
+        served: served_rx,
+        metrics,
+        usage,
+        tracker,
+        shutdown,
+        fatal,
+    })
+}
+
+/// Starts the whole agent: enroll (or load the identity), serve the cached
+/// config at once, follow the control plane, serve the data plane, report.
+/// Returns once every listener is bound.
+pub async fn start(opts: AgentOptions) -> Result<RunningAgent, AgentError> {
+    start_tuned(opts, AgentTuning::default()).await
+}
+
+/// [`start`] with non-default tuning.
+pub async fn start_tuned(opts: AgentOptions, tuning: AgentTuning) -> Result<RunningAgent, AgentError> {
+    let control_url = control_client::normalize_url(&opts.control_plane)?;
+    if opts.report_interval.is_zero() {
+        return Err(AgentError::InvalidOptions("the report interval must be greater than zero".into()));
+    }
+    if opts.state_dir.as_os_str().is_empty() {
+        return Err(AgentError::InvalidOptions("--state-dir must name a directory".into()));
+    }
+    let tunnel = bind_tcp("tunnels", opts.tunnel_listen).await?;
+    let bound =
+        tunnel.local_addr().map_err(|source| AgentError::Bind { what: "tunnels", addr: opts.tunnel_listen, source })?;
+    let advertise = opts.advertise.clone().or_else(|| (!bound.ip().is_unspecified()).then(|| bound.to_string()));
+    let identity =
+        enroll::load_or_enroll(&control_url, opts.join_token.as_deref(), &opts.state_dir, advertise.as_deref()).await?;
+    let client = ControlClient::new(&control_url, &identity.ca, Some(&identity))?;
+
+    let cached = config_cache::load_cached(&opts.state_dir, &identity.agent_id);
+    if let Some(c) = &cached {
+        tracing::info!(version = c.version, "serving the cached config until the control plane answers");
+    }
+    let (config_tx, config_rx) = watch::channel(Arc::new(cached.unwrap_or_default()));
+
+    let dp_opts = DataPlaneOptions {
+        tunnel_listen: opts.tunnel_listen,
+        dns_listen: opts.dns_listen,
+        dns_upstream: opts.dns_upstream,
+        metrics_listen: opts.metrics_listen,
+        manage_routes: opts.manage_routes,
+        access_log: tuning.access_log,
+        max_connections: tuning.max_connections,
+        gateway_timeouts: tuning.gateway_timeouts,
+        pool: tuning.pool,
+        open_timeout: tuning.open_timeout,
+    };
+    let tracker = TaskTracker::new();
+    let shutdown = CancellationToken::new();
+    let agent = start_with_listener(dp_opts, &identity, config_rx, tunnel, tracker.clone(), shutdown.clone()).await?;
+
+    let seed = u64::from_str_radix(&agent.boot_id[..16], 16).unwrap_or_default();
+    tracker.spawn(config_cache::run_poller(
+        client.clone(),
+        opts.state_dir.clone(),
+        identity.agent_id.clone(),
+        config_tx,
+        seed,
+        shutdown.clone(),
+    ));
+    tracker.spawn(report::run_reporter(
+        client,
+        opts.report_interval,
+        agent.boot_id.clone(),
+        agent.served(),
+        agent.usage.clone(),
+        shutdown.clone(),
+    ));
+    Ok(agent)
+}
+
+/// Runs the agent until `shutdown` is cancelled (or the agent fails), then stops it.
+pub async fn run(opts: AgentOptions, shutdown: CancellationToken) -> Result<(), AgentError> {
+    let agent = start(opts).await?;
+    let result = tokio::select! {
+        () = shutdown.cancelled() => Ok(()),
+        r = agent.wait() => r,
+    };
+    tracing::info!("stopping the agent");
+    agent.shutdown().await;
+    result
+}

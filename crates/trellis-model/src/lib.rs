@@ -1,1 +1,32 @@
+//! The Trellis object model: typed ids, validated values, the stored objects
+//! as the API shows them, their state machines, and the sharing rule.
+//!
+//! Pure: no clock, no randomness, no I/O. Callers pass `now` and random
+//! [`ids::Seed`] bytes. With the `store` feature the stored objects implement
+//! `trellis_store::Object`.
 #![forbid(unsafe_code)]
+
+pub mod access;
+pub mod arn;
+pub mod endpoint;
+pub mod ids;
+pub mod objects;
+pub mod pool;
+pub mod ports;
+pub mod status;
+pub mod time;
+pub mod validate;
+
+#[cfg(feature = "store")]
+mod store_impl;
+
+pub use access::{Access, Principal, configuration_access, same_organization};
+pub use arn::{Arn, ArnError, kinds, parse_identifier};
+pub use endpoint::{PlacementError, Pools, check_zone_overlap, endpoint_dns_name, plan_dns_entries};
+pub use ids::*;
+pub use objects::*;
+pub use pool::{AddressPool, PoolError};
+pub use ports::{PortRange, PortRangeError, PortRangesError, parse_port_ranges, ranges_cover};
+pub use status::*;
+pub use time::Timestamp;
+pub use validate::*;

@@ -11,6 +11,7 @@ pub mod agent_api;
 pub mod config;
 pub mod join_token;
 pub mod ports;
+pub mod stream;
 
 pub use config::*;
 pub use ports::{PortRange, PortRangeError};

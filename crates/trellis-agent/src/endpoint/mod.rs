@@ -1,0 +1,12 @@
+//! Endpoint role: listen on endpoint addresses in the consumer's network and
+//! tunnel each client connection to a gateway agent. The endpoint side is the
+//! only side that opens streams.
+
+pub mod listeners;
+pub mod pool;
+pub mod proxy;
+pub mod routes;
+
+pub use listeners::{MAX_LISTENING_PORTS, ServedState};
+pub use pool::{GatewayKey, GatewayPools, PoolSettings};
+pub use proxy::EndpointContext;

@@ -1,0 +1,267 @@
+//! Warm pools of TLS connections to gateway agents, so a client's connect
+//! pays no TCP or TLS handshake toward the gateway.
+//!
+//! One pool per gateway agent referenced by the config. A background task per
+//! pool keeps a few connections ready (TLS session resumption makes refills
+//! cheap), backs off while the gateway is unreachable, and drops connections
+//! before the gateway's idle deadline. Pools of gateways that leave the config
+//! are closed. A pool never sends anything on an idle connection: the first
+//! bytes on every tunnel connection are an `OpenRequest` from a real client.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::io;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rustls::pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use trellis_proto::GatewayTarget;
+
+use crate::gateway::listener::set_keepalive;
+
+/// A tunnel connection to a gateway agent.
+pub type Tunnel = TlsStream<TcpStream>;
+
+/// Sizes and deadlines of the pools.
+#[derive(Clone, Copy, Debug)]
+pub struct PoolSettings {
+    /// Idle connections kept ready per gateway agent.
+    pub warm: usize,
+    /// An idle connection older than this is dropped (below the gateway's open-request deadline).
+    pub max_idle: Duration,
+    /// TCP connect plus TLS handshake.
+    pub connect_timeout: Duration,
+}
+
+impl Default for PoolSettings {
+    fn default() -> Self {
+        Self { warm: 2, max_idle: Duration::from_secs(240), connect_timeout: Duration::from_secs(5) }
+    }
+}
+
+/// Identifies a gateway agent to connect to.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct GatewayKey {
+    /// `host:port` the gateway advertised.
+    pub address: String,
+    /// DNS SAN its certificate must carry.
+    pub server_name: String,
+}
+
+impl From<&GatewayTarget> for GatewayKey {
+    fn from(g: &GatewayTarget) -> Self {
+        Self { address: g.address.clone(), server_name: g.server_name.clone() }
+    }
+}
+
+struct Pool {
+    key: GatewayKey,
+    idle: Mutex<VecDeque<(Instant, Tunnel)>>,
+    /// Wakes the refill task when a connection was taken.
+    taken: Notify,
+    cancel: CancellationToken,
+}
+
+/// All pools of this agent.
+pub struct GatewayPools {
+    connector: TlsConnector,
+    settings: PoolSettings,
+    pools: Mutex<HashMap<GatewayKey, Arc<Pool>>>,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+}
+
+impl GatewayPools {
+    pub fn new(
+        tls: Arc<rustls::ClientConfig>,
+        settings: PoolSettings,
+        tracker: TaskTracker,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Self { connector: TlsConnector::from(tls), settings, pools: Mutex::default(), tracker, shutdown }
+    }
+
+    /// Keeps pools for exactly the gateways in `wanted`: starts missing ones, closes the rest.
+    pub fn retain(self: &Arc<Self>, wanted: &HashSet<GatewayKey>) {
+        let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
+        pools.retain(|key, pool| {
+            let keep = wanted.contains(key);
+            if !keep {
+                pool.cancel.cancel();
+            }
+            keep
+        });
+        if self.settings.warm == 0 {
+            return;
+        }
+        for key in wanted {
+            if pools.contains_key(key) {
+                continue;
+            }
+            let pool = Arc::new(Pool {
+                key: key.clone(),
+                idle: Mutex::default(),
+                taken: Notify::new(),
+                cancel: self.shutdown.child_token(),
+            });
+            pools.insert(key.clone(), pool.clone());
+            let this = self.clone();
+            self.tracker.spawn(async move { this.refill(pool).await });
+        }
+    }
+
+    /// A connection to `key`: a warm one when available (`true`), else a fresh one (`false`).
+    pub async fn get(&self, key: &GatewayKey) -> io::Result<(Tunnel, bool)> {
+        let pool = self.pools.lock().unwrap_or_else(|e| e.into_inner()).get(key).cloned();
+        if let Some(pool) = pool {
+            let warm = {
+                let mut idle = pool.idle.lock().unwrap_or_else(|e| e.into_inner());
+                let mut found = None;
+                // Freshest first; stale ones are dropped (closing them).
+                while let Some((born, conn)) = idle.pop_back() {
+                    if born.elapsed() < self.settings.max_idle {
+                        found = Some(conn);
+                        break;
+                    }
+                }
+                found
+            };
+            pool.taken.notify_one();
+            if let Some(conn) = warm {
+                return Ok((conn, true));
+            }
+        }
+        Ok((self.connect(key).await?, false))
+    }
+
+    /// A fresh connection to `key`, bypassing the pool.
+    pub async fn connect(&self, key: &GatewayKey) -> io::Result<Tunnel> {
+        let name = ServerName::try_from(key.server_name.clone())
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("bad gateway server name: {e}")))?;
+        let attempt = async {
+            let tcp = TcpStream::connect(key.address.as_str()).await?;
+            let _ = tcp.set_nodelay(true);
+            set_keepalive(&tcp);
+            self.connector.connect(name, tcp).await
+        };
+        tokio::time::timeout(self.settings.connect_timeout, attempt).await.map_err(|_| {
+            io::Error::new(io::ErrorKind::TimedOut, format!("connecting to gateway agent {} timed out", key.address))
+        })?
+    }
+
+    async fn refill(&self, pool: Arc<Pool>) {
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            let have = {
+                let mut idle = pool.idle.lock().unwrap_or_else(|e| e.into_inner());
+                idle.retain(|(born, _)| born.elapsed() < self.settings.max_idle);
+                idle.len()
+            };
+            if have < self.settings.warm {
+                let attempt = tokio::select! {
+                    r = self.connect(&pool.key) => r,
+                    () = pool.cancel.cancelled() => return,
+                };
+                match attempt {
+                    Ok(conn) => {
+                        backoff = Duration::from_millis(200);
+                        pool.idle.lock().unwrap_or_else(|e| e.into_inner()).push_back((Instant::now(), conn));
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::debug!(gateway = %pool.key.address, error = %e, "could not pre-connect to gateway agent");
+                        tokio::select! {
+                            () = tokio::time::sleep(backoff) => {}
+                            () = pool.cancel.cancelled() => return,
+                        }
+                        backoff = (backoff * 2).min(Duration::from_secs(30));
+                        continue;
+                    }
+                }
+            }
+            // Full: wait for a take, or re-check ages periodically.
+            tokio::select! {
+                () = pool.taken.notified() => {}
+                () = tokio::time::sleep(self.settings.max_idle / 4) => {}
+                () = pool.cancel.cancelled() => return,
+            }
+        }
+    }
+
+    /// Idle connections ready for `key` (for tests and diagnostics).
+    pub fn idle_count(&self, key: &GatewayKey) -> usize {
+        let pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
+        pools.get(key).map_or(0, |p| p.idle.lock().unwrap_or_else(|e| e.into_inner()).len())
+    }
+}
+
+impl Drop for GatewayPools {
+    fn drop(&mut self) {
+        for pool in self.pools.lock().unwrap_or_else(|e| e.into_inner()).values() {
+            pool.cancel.cancel();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::TestCa;
+    use crate::tls;
+    use tokio::net::TcpListener;
+
+    #[tokio::test]
+    async fn pool_keeps_connections_warm_and_hands_them_out() {
+        let ca = TestCa::new();
+        let gateway = ca.issue("agent-0000000000000000a", "acct-1", "vpc-1");
+        let client = ca.issue("agent-0000000000000000b", "acct-2", "vpc-2");
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls::tunnel_server_config(&gateway).unwrap());
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let key = GatewayKey {
+            address: listener.local_addr().unwrap().to_string(),
+            server_name: trellis_proto::agent_server_name(&gateway.agent_id),
+        };
+        let server = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((tcp, _)) = listener.accept().await {
+                if let Ok(tls) = acceptor.accept(tcp).await {
+                    held.push(tls);
+                }
+            }
+        });
+        let shutdown = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let pools = Arc::new(GatewayPools::new(
+            tls::tunnel_client_config(&client).unwrap(),
+            PoolSettings { warm: 2, ..PoolSettings::default() },
+            tracker.clone(),
+            shutdown.clone(),
+        ));
+        pools.retain(&HashSet::from([key.clone()]));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while pools.idle_count(&key) < 2 {
+            assert!(Instant::now() < deadline, "pool never warmed up");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let (_conn, warm) = pools.get(&key).await.unwrap();
+        assert!(warm, "a ready connection was not used");
+        // The taken connection is replaced in the background.
+        while pools.idle_count(&key) < 2 {
+            assert!(Instant::now() < deadline, "pool was not refilled");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // A gateway that leaves the config loses its pool.
+        pools.retain(&HashSet::new());
+        assert_eq!(pools.idle_count(&key), 0);
+        shutdown.cancel();
+        tracker.close();
+        tracker.wait().await;
+        server.abort();
+    }
+}

@@ -1,0 +1,163 @@
+//! Accounting for one proxied connection: Prometheus series, gateway usage
+//! counters and the access-log line, kept consistent in one place.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Instant, SystemTime};
+
+use crate::access_log::{AccessLog, AccessRecord, millis, rfc3339};
+use crate::metrics::{FlowLabels, Metrics, Role};
+use crate::usage::UsageCell;
+
+/// Who and what a connection is about, for logs and metrics.
+#[derive(Clone, Debug)]
+pub(crate) struct FlowInfo {
+    pub role: Role,
+    pub vpc_endpoint_id: String,
+    pub resource_configuration_id: String,
+    pub consumer_account_id: String,
+    pub client_addr: String,
+    pub target: String,
+}
+
+/// A connection from accept to close. Creating an [`OpenFlow`] counts it as
+/// active; [`OpenFlow::finish`] (or drop) counts it as closed.
+pub(crate) struct OpenFlow {
+    info: FlowInfo,
+    labels: FlowLabels,
+    metrics: Arc<Metrics>,
+    usage: Option<Arc<UsageCell>>,
+    access_log: AccessLog,
+    started: SystemTime,
+    started_at: Instant,
+    bytes_in: AtomicU64,
+    bytes_out: AtomicU64,
+    finished: bool,
+}
+
+impl FlowInfo {
+    /// The metric labels of this flow.
+    pub fn labels(&self) -> FlowLabels {
+        FlowLabels::new(self.role, &self.resource_configuration_id, &self.vpc_endpoint_id, &self.consumer_account_id)
+    }
+}
+
+/// Counts a refused connection and writes its access-log line.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn reject(
+    info: &FlowInfo,
+    labels: &FlowLabels,
+    metrics: &Metrics,
+    usage: Option<&UsageCell>,
+    access_log: &AccessLog,
+    started: SystemTime,
+    outcome: &str,
+    message: Option<String>,
+) {
+    metrics.rejected_connections.get_or_create(labels).inc();
+    if let Some(u) = usage {
+        u.rejected.fetch_add(1, Ordering::Relaxed);
+    }
+    let end = SystemTime::now();
+    access_log.write(&AccessRecord {
+        start: rfc3339(started),
+        end: rfc3339(end),
+        role: info.role.as_str(),
+        vpc_endpoint_id: info.vpc_endpoint_id.clone(),
+        consumer_account_id: info.consumer_account_id.clone(),
+        client_addr: info.client_addr.clone(),
+        resource_configuration_id: info.resource_configuration_id.clone(),
+        target: info.target.clone(),
+        bytes_in: 0,
+        bytes_out: 0,
+        duration_ms: millis(end.duration_since(started).unwrap_or_default()),
+        outcome: outcome.to_string(),
+        message,
+    });
+}
+
+impl OpenFlow {
+    pub fn open(
+        info: FlowInfo,
+        metrics: Arc<Metrics>,
+        usage: Option<Arc<UsageCell>>,
+        access_log: AccessLog,
+        started: SystemTime,
+    ) -> Self {
+        let labels = info.labels();
+        metrics.active_connections.get_or_create(&labels).inc();
+        metrics.connections.get_or_create(&labels).inc();
+        if let Some(u) = &usage {
+            u.active.fetch_add(1, Ordering::Relaxed);
+            u.total.fetch_add(1, Ordering::Relaxed);
+        }
+        Self {
+            info,
+            labels,
+            metrics,
+            usage,
+            access_log,
+            started,
+            started_at: Instant::now(),
+            bytes_in: AtomicU64::new(0),
+            bytes_out: AtomicU64::new(0),
+            finished: false,
+        }
+    }
+
+    /// Bytes moved from the consumer toward the resource.
+    pub fn add_in(&self, n: u64) {
+        self.bytes_in.fetch_add(n, Ordering::Relaxed);
+        self.metrics.bytes_in.get_or_create(&self.labels).inc_by(n);
+        if let Some(u) = &self.usage {
+            u.bytes_in.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    /// Bytes moved from the resource toward the consumer.
+    pub fn add_out(&self, n: u64) {
+        self.bytes_out.fetch_add(n, Ordering::Relaxed);
+        self.metrics.bytes_out.get_or_create(&self.labels).inc_by(n);
+        if let Some(u) = &self.usage {
+            u.bytes_out.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    /// Ends the flow with an outcome (`closed`, `revoked`, `shutdown`, `error`).
+    pub fn finish(mut self, outcome: &str, message: Option<String>) {
+        self.close(outcome, message);
+    }
+
+    fn close(&mut self, outcome: &str, message: Option<String>) {
+        if self.finished {
+            return;
+        }
+        self.finished = true;
+        self.metrics.active_connections.get_or_create(&self.labels).dec();
+        if let Some(u) = &self.usage {
+            u.active.fetch_sub(1, Ordering::Relaxed);
+        }
+        let info = &self.info;
+        self.access_log.write(&AccessRecord {
+            start: rfc3339(self.started),
+            end: rfc3339(SystemTime::now()),
+            role: info.role.as_str(),
+            vpc_endpoint_id: info.vpc_endpoint_id.clone(),
+            consumer_account_id: info.consumer_account_id.clone(),
+            client_addr: info.client_addr.clone(),
+            resource_configuration_id: info.resource_configuration_id.clone(),
+            target: info.target.clone(),
+            bytes_in: self.bytes_in.load(Ordering::Relaxed),
+            bytes_out: self.bytes_out.load(Ordering::Relaxed),
+            duration_ms: millis(self.started_at.elapsed()),
+            outcome: outcome.to_string(),
+            message,
+        });
+    }
+}
+
+impl Drop for OpenFlow {
+    fn drop(&mut self) {
+        self.close("error", Some("connection task ended unexpectedly".into()));
+    }
+}

@@ -1,0 +1,303 @@
+//! The gateway's tunnel listener: mutual TLS 1.3, one stream per connection.
+//!
+//! Per connection: TLS handshake (client certificate verified against the CA),
+//! read the `OpenRequest` (pooled connections may sit idle a while before it
+//! arrives), authorize it against the *current* config, dial the resource,
+//! answer, then splice. Every open stream re-checks its grant whenever the
+//! config changes and is closed as soon as the grant is gone. Anything a peer
+//! does wrong closes that peer's connection only.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, watch};
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use trellis_proto::AgentConfig;
+use trellis_proto::stream::{OpenRequest, OpenResponse, OpenStatus, decode_open_request, encode_open_response};
+
+use super::authorize::{Denial, authorize};
+use super::dial::{DialError, describe, dial};
+use crate::access_log::AccessLog;
+use crate::flow::{FlowInfo, OpenFlow, reject};
+use crate::frame_io::{ReadFrameError, read_frame};
+use crate::metrics::{FlowLabels, Metrics, Role};
+use crate::splice::{SpliceEnd, splice};
+use crate::tls::cert_sha256;
+use crate::usage::{UsageKey, UsageTable};
+
+/// Deadlines of the gateway side.
+#[derive(Clone, Copy, Debug)]
+pub struct GatewayTimeouts {
+    /// TLS handshake.
+    pub handshake: Duration,
+    /// From handshake to `OpenRequest`; long, since endpoint agents keep connections warm.
+    pub open_request: Duration,
+    /// Connecting to the resource (resolution included).
+    pub dial: Duration,
+}
+
+impl Default for GatewayTimeouts {
+    fn default() -> Self {
+        Self {
+            handshake: Duration::from_secs(10),
+            open_request: Duration::from_secs(300),
+            dial: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Everything a gateway connection needs, shared by all of them.
+pub struct GatewayContext {
+    pub config: watch::Receiver<Arc<AgentConfig>>,
+    pub metrics: Arc<Metrics>,
+    pub usage: Arc<UsageTable>,
+    pub access_log: AccessLog,
+    pub timeouts: GatewayTimeouts,
+    /// Caps concurrent tunnel connections (idle pooled ones included).
+    pub connections: Arc<Semaphore>,
+}
+
+/// Accepts tunnel connections on `listener` until `shutdown`.
+pub async fn serve(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    ctx: Arc<GatewayContext>,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+) {
+    let acceptor = TlsAcceptor::from(tls);
+    loop {
+        let permit = tokio::select! {
+            p = ctx.connections.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+            () = shutdown.cancelled() => return,
+        };
+        let (tcp, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "tunnel accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = shutdown.cancelled() => return,
+        };
+        let ctx = ctx.clone();
+        let acceptor = acceptor.clone();
+        let cancel = shutdown.child_token();
+        tracker.spawn(async move {
+            handle(tcp, peer, acceptor, ctx, cancel).await;
+            drop(permit);
+        });
+    }
+}
+
+async fn handle(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    acceptor: TlsAcceptor,
+    ctx: Arc<GatewayContext>,
+    cancel: CancellationToken,
+) {
+    let _ = tcp.set_nodelay(true);
+    set_keepalive(&tcp);
+    let mut tls = match tokio::time::timeout(ctx.timeouts.handshake, acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "tunnel TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "tunnel TLS handshake timed out");
+            return;
+        }
+    };
+    let Some(peer_cert) = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).map(cert_sha256) else {
+        // The verifier requires a client certificate, so this cannot happen; close anyway.
+        return;
+    };
+    let read = tokio::select! {
+        r = tokio::time::timeout(ctx.timeouts.open_request, read_frame(&mut tls, decode_open_request)) => r,
+        () = cancel.cancelled() => return,
+    };
+    let started = SystemTime::now();
+    let (req, leftover) = match read {
+        Ok(Ok(x)) => x,
+        Ok(Err(ReadFrameError::Protocol(e))) => {
+            tracing::warn!(%peer, error = %e, "malformed open request; closing this tunnel connection");
+            respond(&mut tls, OpenStatus::BadRequest, e.to_string()).await;
+            let _ = tls.shutdown().await;
+            return;
+        }
+        // Idle pooled connection closed by the endpoint, or a broken connection: nothing to log.
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "tunnel connection ended before an open request");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "no open request in time; closing idle tunnel connection");
+            let _ = tls.shutdown().await;
+            return;
+        }
+    };
+    let mut config_rx = ctx.config.clone();
+    let decision = authorize(&config_rx.borrow_and_update(), &peer_cert, &req);
+    let grant = match decision {
+        Ok(g) => g,
+        Err(denial) => {
+            deny(&ctx, &req, &denial, started);
+            respond(&mut tls, OpenStatus::Denied, denial.to_string()).await;
+            let _ = tls.shutdown().await;
+            return;
+        }
+    };
+    let info = FlowInfo {
+        role: Role::Gateway,
+        vpc_endpoint_id: req.vpc_endpoint_id.clone(),
+        resource_configuration_id: req.resource_configuration_id.clone(),
+        consumer_account_id: grant.consumer_account_id.clone(),
+        client_addr: req.client_addr.to_string(),
+        target: describe(&grant.target, req.port),
+    };
+    let usage = ctx.usage.cell(UsageKey {
+        vpc_endpoint_id: req.vpc_endpoint_id.clone(),
+        resource_configuration_id: req.resource_configuration_id.clone(),
+        consumer_account_id: grant.consumer_account_id.clone(),
+    });
+    let dialed = tokio::select! {
+        r = dial(&grant.target, req.port, ctx.timeouts.dial) => r,
+        () = cancel.cancelled() => return,
+    };
+    let target = match dialed {
+        Ok(t) => t,
+        Err(e) => {
+            let status = match e {
+                DialError::Timeout { .. } => OpenStatus::Timeout,
+                DialError::Unreachable { .. } => OpenStatus::Unreachable,
+            };
+            reject(
+                &info,
+                &info.labels(),
+                &ctx.metrics,
+                Some(&usage),
+                &ctx.access_log,
+                started,
+                status.as_str(),
+                Some(e.to_string()),
+            );
+            respond(&mut tls, status, e.to_string()).await;
+            let _ = tls.shutdown().await;
+            return;
+        }
+    };
+    if !respond(&mut tls, OpenStatus::Ok, String::new()).await {
+        return;
+    }
+    let flow = OpenFlow::open(info, ctx.metrics.clone(), Some(usage), ctx.access_log.clone(), started);
+    let mut target = target;
+    if !leftover.is_empty() {
+        if let Err(e) = target.write_all(&leftover).await {
+            flow.finish("error", Some(e.to_string()));
+            return;
+        }
+        flow.add_in(leftover.len() as u64);
+    }
+    let revoked = async {
+        loop {
+            if config_rx.changed().await.is_err() {
+                // The config publisher is gone: the agent is shutting down, which `cancel` covers.
+                std::future::pending::<()>().await;
+            }
+            let still = authorize(&config_rx.borrow_and_update(), &peer_cert, &req);
+            if let Err(d) = still {
+                return d;
+            }
+        }
+    };
+    tokio::pin!(revoked);
+    let mut revocation: Option<Denial> = None;
+    let stop = async {
+        tokio::select! {
+            d = &mut revoked => revocation = Some(d),
+            () = cancel.cancelled() => {}
+        }
+    };
+    let end = splice(tls, target, |n| flow.add_in(n), |n| flow.add_out(n), stop).await;
+    match (end, revocation) {
+        (SpliceEnd::Closed, _) => flow.finish("closed", None),
+        (SpliceEnd::Error(e), _) => flow.finish("error", Some(e.to_string())),
+        (SpliceEnd::Stopped, Some(d)) => {
+            tracing::info!(endpoint = %req.vpc_endpoint_id, resource = %req.resource_configuration_id, reason = %d, "closing revoked connection");
+            flow.finish("revoked", Some(d.to_string()))
+        }
+        (SpliceEnd::Stopped, None) => flow.finish("shutdown", None),
+    }
+}
+
+/// Counts and logs a denied request. Metric labels and usage keys use ids
+/// from the config only when the request names a known (endpoint, resource)
+/// pair, so a peer cannot invent series; the access log records what was asked.
+fn deny(ctx: &GatewayContext, req: &OpenRequest, denial: &Denial, started: SystemTime) {
+    let config = ctx.config.borrow().clone();
+    let resource =
+        config.gateway.resources.iter().find(|r| r.resource_configuration_id == req.resource_configuration_id);
+    let known = resource
+        .and_then(|r| r.allowed.iter().find(|a| a.vpc_endpoint_id == req.vpc_endpoint_id))
+        .filter(|_| matches!(denial, Denial::PortNotAllowed { .. }));
+    let unknown = "unknown";
+    let labels = FlowLabels::new(
+        Role::Gateway,
+        resource.map_or(unknown, |r| r.resource_configuration_id.as_str()),
+        known.map_or(unknown, |a| a.vpc_endpoint_id.as_str()),
+        known.map_or(unknown, |a| a.consumer_account_id.as_str()),
+    );
+    let usage = known.map(|a| {
+        ctx.usage.cell(UsageKey {
+            vpc_endpoint_id: a.vpc_endpoint_id.clone(),
+            resource_configuration_id: req.resource_configuration_id.clone(),
+            consumer_account_id: a.consumer_account_id.clone(),
+        })
+    });
+    let info = FlowInfo {
+        role: Role::Gateway,
+        vpc_endpoint_id: req.vpc_endpoint_id.clone(),
+        resource_configuration_id: req.resource_configuration_id.clone(),
+        consumer_account_id: known.map_or(unknown, |a| a.consumer_account_id.as_str()).to_string(),
+        client_addr: req.client_addr.to_string(),
+        target: String::new(),
+    };
+    tracing::info!(endpoint = %req.vpc_endpoint_id, resource = %req.resource_configuration_id, reason = %denial, "denied open request");
+    reject(
+        &info,
+        &labels,
+        &ctx.metrics,
+        usage.as_deref(),
+        &ctx.access_log,
+        started,
+        "denied",
+        Some(denial.to_string()),
+    );
+}
+
+/// Sends an `OpenResponse`; false when the peer is gone.
+async fn respond(tls: &mut TlsStream<TcpStream>, status: OpenStatus, message: String) -> bool {
+    let mut out = Vec::new();
+    encode_open_response(&OpenResponse::new(status, message), &mut out);
+    tls.write_all(&out).await.is_ok() && tls.flush().await.is_ok()
+}
+
+/// TCP keepalive so dead peers of long-lived tunnels are noticed.
+pub(crate) fn set_keepalive(tcp: &TcpStream) {
+    let ka = socket2::TcpKeepalive::new().with_time(Duration::from_secs(60)).with_interval(Duration::from_secs(15));
+    let _ = socket2::SockRef::from(tcp).set_tcp_keepalive(&ka);
+}

@@ -1,0 +1,75 @@
+//! Test support: a throw-away CA that issues agent identities shaped like the
+//! control plane's (DNS SAN `agent_server_name(agent_id)`), so the data plane
+//! can be exercised without a control plane. Used by this crate's tests and by
+//! end-to-end harnesses; never by the agent itself.
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose,
+};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+
+use crate::identity::AgentIdentity;
+
+/// A CA key and certificate held in memory.
+pub struct TestCa {
+    issuer: Issuer<'static, KeyPair>,
+    cert: CertificateDer<'static>,
+}
+
+impl Default for TestCa {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl TestCa {
+    /// A fresh CA named "Trellis test CA".
+    pub fn new() -> Self {
+        // Key generation and self-signing only fail on a broken crypto provider.
+        let key = KeyPair::generate().expect("generate CA key");
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, "Trellis test CA");
+        params.distinguished_name = dn;
+        let cert = params.self_signed(&key).expect("self-sign CA");
+        Self { cert: cert.der().clone(), issuer: Issuer::new(params, key) }
+    }
+
+    /// The CA certificate (DER).
+    pub fn cert(&self) -> CertificateDer<'static> {
+        self.cert.clone()
+    }
+
+    /// Issues an identity for an agent, as the control plane's enrollment does.
+    pub fn issue(&self, agent_id: &str, account_id: &str, vpc_id: &str) -> AgentIdentity {
+        let key = KeyPair::generate().expect("generate agent key");
+        let cert = self.sign(&key, &[trellis_proto::agent_server_name(agent_id)]);
+        AgentIdentity {
+            agent_id: agent_id.to_string(),
+            account_id: account_id.to_string(),
+            vpc_id: vpc_id.to_string(),
+            subnet_id: "subnet-00000000000000001".to_string(),
+            cert,
+            key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+            ca: self.cert(),
+        }
+    }
+
+    /// A server certificate and key for `names` (DNS names or IP addresses), for test HTTPS servers.
+    pub fn server_cert(&self, names: &[&str]) -> (CertificateDer<'static>, PrivateKeyDer<'static>) {
+        let key = KeyPair::generate().expect("generate server key");
+        let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+        let cert = self.sign(&key, &names);
+        (cert, PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())))
+    }
+
+    fn sign(&self, key: &KeyPair, names: &[String]) -> CertificateDer<'static> {
+        let mut params = CertificateParams::new(names.to_vec()).expect("leaf params");
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        params.use_authority_key_identifier_extension = true;
+        params.signed_by(key, &self.issuer).expect("sign leaf").der().clone()
+    }
+}

@@ -1,0 +1,154 @@
+//! rustls configurations, all on the ring provider and trusting only the
+//! control plane's CA: the tunnel server (gateway role, mutual TLS 1.3), the
+//! tunnel client (endpoint role, with session resumption) and the HTTPS client
+//! to the control plane.
+
+use std::sync::Arc;
+
+use rustls::client::Resumption;
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::CertificateDer;
+use rustls::server::WebPkiClientVerifier;
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+
+use crate::identity::AgentIdentity;
+
+/// Why a TLS configuration could not be built from an identity.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// The CA certificate could not be used as a trust anchor.
+    #[error("the control plane's CA certificate is unusable: {0}")]
+    BadCa(String),
+    /// rustls refused the certificate or key.
+    #[error("the agent's certificate or key is unusable ({0}); remove the state directory and enroll again")]
+    BadIdentity(#[source] rustls::Error),
+}
+
+/// The one crypto provider of the tree.
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Lower-case hex SHA-256 of a certificate's DER bytes.
+pub fn cert_sha256(cert: &CertificateDer<'_>) -> String {
+    hex::encode(ring::digest::digest(&ring::digest::SHA256, cert.as_ref()))
+}
+
+fn roots(ca: &CertificateDer<'static>) -> Result<Arc<RootCertStore>, TlsError> {
+    let mut roots = RootCertStore::empty();
+    roots.add(ca.clone()).map_err(|e| TlsError::BadCa(e.to_string()))?;
+    Ok(Arc::new(roots))
+}
+
+/// Server side of the tunnel: TLS 1.3 only, client certificate required and
+/// verified against the CA (which endpoint agent it is, is decided later from
+/// the certificate's hash and the config).
+pub fn tunnel_server_config(id: &AgentIdentity) -> Result<Arc<ServerConfig>, TlsError> {
+    let provider = provider();
+    let verifier = WebPkiClientVerifier::builder_with_provider(roots(&id.ca)?, provider.clone())
+        .build()
+        .map_err(|e| TlsError::BadCa(e.to_string()))?;
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(TlsError::BadIdentity)?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(vec![id.cert.clone()], id.key.clone_key())
+        .map_err(TlsError::BadIdentity)?;
+    config.alpn_protocols = vec![TUNNEL_ALPN.to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// ALPN of the tunnel, so a tunnel port is never mistaken for anything else.
+pub const TUNNEL_ALPN: &[u8] = b"trellis/1";
+
+/// Client side of the tunnel: TLS 1.3 only, presents the agent's certificate,
+/// verifies the gateway's against the CA and the gateway's server name, and
+/// resumes sessions so pooled connections refill cheaply.
+pub fn tunnel_client_config(id: &AgentIdentity) -> Result<Arc<ClientConfig>, TlsError> {
+    let mut config = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(TlsError::BadIdentity)?
+        .with_root_certificates(roots(&id.ca)?)
+        .with_client_auth_cert(vec![id.cert.clone()], id.key.clone_key())
+        .map_err(TlsError::BadIdentity)?;
+    config.alpn_protocols = vec![TUNNEL_ALPN.to_vec()];
+    config.resumption = Resumption::in_memory_sessions(256);
+    Ok(Arc::new(config))
+}
+
+/// HTTPS client to the control plane once the CA is pinned: trusts only the
+/// CA, and presents the agent's certificate when there is one.
+pub fn control_client_config(
+    ca: &CertificateDer<'static>,
+    id: Option<&AgentIdentity>,
+) -> Result<ClientConfig, TlsError> {
+    let builder = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(TlsError::BadIdentity)?
+        .with_root_certificates(roots(ca)?);
+    let mut config = match id {
+        Some(id) => {
+            builder.with_client_auth_cert(vec![id.cert.clone()], id.key.clone_key()).map_err(TlsError::BadIdentity)?
+        }
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+/// An HTTPS client config that accepts any server certificate. Used for one
+/// request only: fetching the CA, whose hash is then checked against the join
+/// token before anything secret is sent. Signatures are still verified, so
+/// the server must hold the key of the certificate it shows.
+pub fn unverified_client_config() -> ClientConfig {
+    let provider = provider();
+    let mut config = ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        // The ring provider supports the default protocol versions.
+        .expect("ring supports TLS 1.2 and 1.3")
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AcceptAnyServerCert { provider }))
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config
+}
+
+#[derive(Debug)]
+struct AcceptAnyServerCert {
+    provider: Arc<CryptoProvider>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for AcceptAnyServerCert {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}

@@ -1,0 +1,567 @@
+//! The data plane end to end on loopback, without a control plane: a gateway
+//! agent and an endpoint agent (certificates from a throw-away CA, configs
+//! built here and changed through their watch channels) in front of a TCP
+//! echo target.
+
+use std::io::Write;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::watch;
+use trellis_agent::testing::TestCa;
+use trellis_agent::{AccessLog, AgentIdentity, DataPlaneOptions, RunningAgent, start_data_plane, tls};
+use trellis_proto::stream::{OpenRequest, OpenStatus, decode_open_response, encode_open_request, encode_open_response};
+use trellis_proto::{
+    AgentConfig, AllowedEndpoint, EndpointConfig, EndpointResource, GatewayResource, GatewayRole, GatewayTarget,
+    PeerAgent, PortRange, Target, agent_server_name,
+};
+
+const GW: &str = "agent-0000000000000000a";
+const EP: &str = "agent-0000000000000000b";
+const VPCE: &str = "vpce-00000000000000001";
+const RCFG: &str = "rcfg-00000000000000001";
+const CONSUMER_ACCT: &str = "acct-000000000002";
+const CONSUMER_VPC: &str = "vpc-00000000000000002";
+
+/// A loopback address of its own for each test, so parallel tests never share a listener.
+fn unique_loopback() -> IpAddr {
+    static NEXT: AtomicU8 = AtomicU8::new(1);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    IpAddr::from([127, 77, (std::process::id() % 250) as u8, n])
+}
+
+async fn eventually<F: Fn() -> bool>(what: &str, within: Duration, f: F) {
+    let deadline = Instant::now() + within;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Echoes every connection, and half-closes after the client does.
+async fn echo_server() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+fn gateway_config(peer: &AgentIdentity, target: SocketAddr, allowed_endpoint: &str) -> AgentConfig {
+    AgentConfig {
+        version: 1,
+        agent_id: GW.into(),
+        zone: "z1".into(),
+        gateway: GatewayRole {
+            peers: vec![PeerAgent {
+                agent_id: peer.agent_id.clone(),
+                account_id: CONSUMER_ACCT.into(),
+                vpc_id: CONSUMER_VPC.into(),
+                cert_sha256: peer.cert_sha256(),
+            }],
+            resources: vec![GatewayResource {
+                resource_configuration_id: RCFG.into(),
+                resource_gateway_id: "rgw-00000000000000001".into(),
+                owner_account_id: "acct-000000000001".into(),
+                target: Target::Ip { address: target.ip() },
+                port_ranges: vec![PortRange::single(target.port()).unwrap()],
+                allowed: vec![AllowedEndpoint {
+                    vpc_endpoint_id: allowed_endpoint.into(),
+                    consumer_account_id: CONSUMER_ACCT.into(),
+                    consumer_vpc_id: CONSUMER_VPC.into(),
+                }],
+            }],
+        },
+        ..Default::default()
+    }
+}
+
+fn endpoint_config(address: IpAddr, port: u16, gateway: SocketAddr, gateway_id: &str) -> AgentConfig {
+    AgentConfig {
+        version: 1,
+        agent_id: EP.into(),
+        account_id: CONSUMER_ACCT.into(),
+        vpc_id: CONSUMER_VPC.into(),
+        zone: "z1".into(),
+        region: "local".into(),
+        address_pool: "127.77.0.0/16".into(),
+        endpoints: vec![EndpointConfig {
+            vpc_endpoint_id: VPCE.into(),
+            resources: vec![EndpointResource {
+                resource_configuration_id: RCFG.into(),
+                address,
+                port_ranges: vec![PortRange::single(port).unwrap()],
+                dns_names: vec![format!("{VPCE}.{RCFG}.local.trellis.internal")],
+                gateways: vec![GatewayTarget {
+                    agent_id: gateway_id.into(),
+                    address: gateway.to_string(),
+                    zone: "z1".into(),
+                    server_name: agent_server_name(gateway_id),
+                }],
+            }],
+        }],
+        ..Default::default()
+    }
+}
+
+/// Collects access-log lines in memory.
+#[derive(Clone, Default)]
+struct LogBuf(Arc<Mutex<Vec<u8>>>);
+
+impl Write for LogBuf {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl LogBuf {
+    fn lines(&self) -> Vec<serde_json::Value> {
+        let text = String::from_utf8(self.0.lock().unwrap().clone()).unwrap();
+        text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    }
+}
+
+struct Setup {
+    ca: TestCa,
+    gateway: RunningAgent,
+    gateway_config: watch::Sender<Arc<AgentConfig>>,
+    gateway_log: LogBuf,
+    endpoint: RunningAgent,
+    endpoint_config: watch::Sender<Arc<AgentConfig>>,
+    endpoint_identity: AgentIdentity,
+    /// Where clients connect: the endpoint address and the resource's port.
+    client_target: SocketAddr,
+}
+
+async fn setup(allowed_endpoint: &str) -> Setup {
+    let ca = TestCa::new();
+    let gw_id = ca.issue(GW, "acct-000000000001", "vpc-00000000000000001");
+    let ep_id = ca.issue(EP, CONSUMER_ACCT, CONSUMER_VPC);
+    let echo = echo_server().await;
+
+    let gateway_log = LogBuf::default();
+    let (gateway_config, rx) = watch::channel(Arc::new(gateway_config(&ep_id, echo, allowed_endpoint)));
+    let opts = DataPlaneOptions {
+        access_log: AccessLog::to_writer(Box::new(gateway_log.clone())),
+        ..DataPlaneOptions::loopback()
+    };
+    let gateway = start_data_plane(opts, &gw_id, rx).await.unwrap();
+
+    let address = unique_loopback();
+    let (endpoint_config, rx) =
+        watch::channel(Arc::new(endpoint_config(address, echo.port(), gateway.tunnel_addr(), GW)));
+    let endpoint = start_data_plane(DataPlaneOptions::loopback(), &ep_id, rx).await.unwrap();
+    let served = endpoint.served();
+    eventually("the endpoint listener", Duration::from_secs(5), || served.borrow().listeners.iter().any(|l| l.ready))
+        .await;
+    Setup {
+        ca,
+        gateway,
+        gateway_config,
+        gateway_log,
+        endpoint,
+        endpoint_config,
+        endpoint_identity: ep_id,
+        client_target: SocketAddr::new(address, echo.port()),
+    }
+}
+
+async fn stop(s: Setup) {
+    s.endpoint.shutdown().await;
+    s.gateway.shutdown().await;
+}
+
+/// Reads until EOF or error; returns what arrived.
+async fn read_all(stream: &mut TcpStream, within: Duration) -> Vec<u8> {
+    let mut got = Vec::new();
+    let _ =
+        tokio::time::timeout(within, stream.read_to_end(&mut got)).await.expect("the connection did not end in time");
+    got
+}
+
+#[tokio::test]
+async fn bytes_flow_both_ways_and_half_close_works() {
+    let s = setup(VPCE).await;
+    let mut client = TcpStream::connect(s.client_target).await.unwrap();
+    let payload: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
+    let (mut r, mut w) = client.split();
+    let send = async {
+        w.write_all(&payload).await.unwrap();
+        // Half-close: the echo target sees EOF only through the tunnel, then finishes its side.
+        w.shutdown().await.unwrap();
+    };
+    let mut got = Vec::new();
+    let recv = async { tokio::time::timeout(Duration::from_secs(20), r.read_to_end(&mut got)).await.unwrap().unwrap() };
+    tokio::join!(send, recv);
+    assert_eq!(got.len(), payload.len());
+    assert!(got == payload, "echoed bytes differ");
+
+    // Usage, metrics and the access log account for the connection once it ends.
+    let usage_done = || {
+        s.gateway.usage().iter().any(|u| {
+            u.vpc_endpoint_id == VPCE
+                && u.consumer_account_id == CONSUMER_ACCT
+                && u.total_connections == 1
+                && u.active_connections == 0
+                && u.bytes_in == payload.len() as u64
+                && u.bytes_out == payload.len() as u64
+        })
+    };
+    eventually("gateway usage counters", Duration::from_secs(5), usage_done).await;
+    let text = s.gateway.metrics_text();
+    assert!(text.contains("trellis_bytes_in_total{role=\"gateway\""), "{text}");
+    eventually("the access log line", Duration::from_secs(5), || !s.gateway_log.lines().is_empty()).await;
+    let line = &s.gateway_log.lines()[0];
+    assert_eq!(line["outcome"], "closed");
+    assert_eq!(line["vpcEndpointId"], VPCE);
+    assert_eq!(line["bytesIn"], payload.len() as u64);
+    stop(s).await;
+}
+
+#[tokio::test]
+async fn denied_endpoint_id_is_refused() {
+    let s = setup("vpce-0000000000000000f").await;
+    let mut client = TcpStream::connect(s.client_target).await.unwrap();
+    let _ = client.write_all(b"hello").await;
+    let got = read_all(&mut client, Duration::from_secs(10)).await;
+    assert!(got.is_empty(), "a denied client received {got:?}");
+    eventually("the denial in the access log", Duration::from_secs(5), || {
+        s.gateway_log.lines().iter().any(|l| l["outcome"] == "denied")
+    })
+    .await;
+    assert!(s.gateway.metrics_text().contains("trellis_rejected_connections_total{role=\"gateway\""));
+    stop(s).await;
+}
+
+#[tokio::test]
+async fn removing_the_resource_closes_an_open_connection_within_a_second() {
+    let s = setup(VPCE).await;
+    let mut client = TcpStream::connect(s.client_target).await.unwrap();
+    client.write_all(b"ping").await.unwrap();
+    let mut buf = [0u8; 4];
+    tokio::time::timeout(Duration::from_secs(10), client.read_exact(&mut buf)).await.unwrap().unwrap();
+    assert_eq!(&buf, b"ping");
+
+    let revoked_at = Instant::now();
+    s.gateway_config.send_modify(|c| {
+        let c = Arc::make_mut(c);
+        c.version += 1;
+        c.gateway.resources.clear();
+    });
+    let got = read_all(&mut client, Duration::from_secs(5)).await;
+    assert!(got.is_empty());
+    assert!(revoked_at.elapsed() < Duration::from_secs(1), "closed after {:?}", revoked_at.elapsed());
+    eventually("the revocation in the access log", Duration::from_secs(5), || {
+        s.gateway_log.lines().iter().any(|l| l["outcome"] == "revoked")
+    })
+    .await;
+    stop(s).await;
+}
+
+/// A TLS connection to the gateway with the endpoint agent's identity.
+async fn raw_tunnel(identity: &AgentIdentity, gateway: SocketAddr) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let connector = tokio_rustls::TlsConnector::from(tls::tunnel_client_config(identity).unwrap());
+    let tcp = TcpStream::connect(gateway).await.unwrap();
+    connector.connect(ServerName::try_from(agent_server_name(GW)).unwrap(), tcp).await.unwrap()
+}
+
+#[tokio::test]
+async fn malformed_open_request_closes_only_that_connection() {
+    let s = setup(VPCE).await;
+    let mut bad = raw_tunnel(&s.endpoint_identity, s.gateway.tunnel_addr()).await;
+    bad.write_all(b"TRLS\x01\x01\x00\x03abc").await.unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), bad.read_to_end(&mut answer)).await.unwrap();
+    let (resp, _) = decode_open_response(&answer).unwrap().unwrap();
+    assert_eq!(resp.status, OpenStatus::BadRequest);
+
+    // The gateway still serves the next connection, raw and through the endpoint.
+    let mut good = raw_tunnel(&s.endpoint_identity, s.gateway.tunnel_addr()).await;
+    let mut frame = Vec::new();
+    let port = s.client_target.port();
+    encode_open_request(
+        &OpenRequest {
+            vpc_endpoint_id: VPCE.into(),
+            resource_configuration_id: RCFG.into(),
+            port,
+            client_addr: "192.0.2.7:5555".parse().unwrap(),
+        },
+        &mut frame,
+    )
+    .unwrap();
+    frame.extend_from_slice(b"right behind the request");
+    good.write_all(&frame).await.unwrap();
+    let mut buf = vec![0u8; 256];
+    let mut got = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let want_len = {
+        let mut ok = Vec::new();
+        encode_open_response(&trellis_proto::stream::OpenResponse::new(OpenStatus::Ok, ""), &mut ok);
+        ok.len() + b"right behind the request".len()
+    };
+    while got.len() < want_len {
+        assert!(Instant::now() < deadline, "no echo through a raw tunnel");
+        let n = tokio::time::timeout(Duration::from_secs(10), good.read(&mut buf)).await.unwrap().unwrap();
+        assert!(n > 0, "gateway closed a valid tunnel");
+        got.extend_from_slice(&buf[..n]);
+    }
+    let (resp, used) = decode_open_response(&got).unwrap().unwrap();
+    assert_eq!(resp.status, OpenStatus::Ok);
+    assert_eq!(&got[used..], b"right behind the request");
+
+    let mut client = TcpStream::connect(s.client_target).await.unwrap();
+    client.write_all(b"still works").await.unwrap();
+    let mut buf = [0u8; 11];
+    tokio::time::timeout(Duration::from_secs(10), client.read_exact(&mut buf)).await.unwrap().unwrap();
+    assert_eq!(&buf, b"still works");
+    stop(s).await;
+}
+
+#[tokio::test]
+async fn unknown_agent_certificate_is_denied() {
+    let s = setup(VPCE).await;
+    // Signed by the same CA, but not a peer of this gateway.
+    let stranger = s.ca.issue("agent-0000000000000000c", CONSUMER_ACCT, CONSUMER_VPC);
+    let mut tunnel = raw_tunnel(&stranger, s.gateway.tunnel_addr()).await;
+    let mut frame = Vec::new();
+    encode_open_request(
+        &OpenRequest {
+            vpc_endpoint_id: VPCE.into(),
+            resource_configuration_id: RCFG.into(),
+            port: s.client_target.port(),
+            client_addr: "192.0.2.7:5555".parse().unwrap(),
+        },
+        &mut frame,
+    )
+    .unwrap();
+    tunnel.write_all(&frame).await.unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), tunnel.read_to_end(&mut answer)).await.unwrap();
+    let (resp, used) = decode_open_response(&answer).unwrap().unwrap();
+    assert_eq!(resp.status, OpenStatus::Denied);
+    assert_eq!(used, answer.len(), "a denied tunnel carried payload");
+    stop(s).await;
+}
+
+#[tokio::test]
+async fn a_gateway_can_never_open_toward_the_endpoint() {
+    // A "gateway" with a valid certificate that answers an open request with one of its own.
+    let ca = TestCa::new();
+    let rogue_id = ca.issue(GW, "acct-000000000001", "vpc-00000000000000001");
+    let ep_id = ca.issue(EP, CONSUMER_ACCT, CONSUMER_VPC);
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls::tunnel_server_config(&rogue_id).unwrap());
+    let rogue = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let rogue_addr = rogue.local_addr().unwrap();
+    let saw_request = Arc::new(AtomicU8::new(0));
+    let saw = saw_request.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = rogue.accept().await {
+            let acceptor = acceptor.clone();
+            let saw = saw.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else { return };
+                let mut buf = [0u8; 512];
+                if matches!(tls.read(&mut buf).await, Ok(n) if n > 0) {
+                    saw.fetch_add(1, Ordering::Relaxed);
+                    let mut frame = Vec::new();
+                    encode_open_request(
+                        &OpenRequest {
+                            vpc_endpoint_id: VPCE.into(),
+                            resource_configuration_id: RCFG.into(),
+                            port: 22,
+                            client_addr: "10.9.9.9:1".parse().unwrap(),
+                        },
+                        &mut frame,
+                    )
+                    .unwrap();
+                    frame.extend_from_slice(b"EVIL");
+                    let _ = tls.write_all(&frame).await;
+                    let _ = tls.flush().await;
+                    let mut sink = Vec::new();
+                    let _ = tls.read_to_end(&mut sink).await;
+                }
+            });
+        }
+    });
+
+    let address = unique_loopback();
+    let port = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap().port();
+    let (_tx, rx) = watch::channel(Arc::new(endpoint_config(address, port, rogue_addr, GW)));
+    let endpoint = start_data_plane(DataPlaneOptions::loopback(), &ep_id, rx).await.unwrap();
+    let served = endpoint.served();
+    eventually("the endpoint listener", Duration::from_secs(5), || served.borrow().listeners.iter().any(|l| l.ready))
+        .await;
+    let mut client = TcpStream::connect(SocketAddr::new(address, port)).await.unwrap();
+    let _ = client.write_all(b"hello").await;
+    let got = read_all(&mut client, Duration::from_secs(10)).await;
+    assert!(saw_request.load(Ordering::Relaxed) >= 1, "the endpoint never sent its open request");
+    assert!(got.is_empty(), "bytes from a gateway-opened stream reached the client: {got:?}");
+    assert!(endpoint.metrics_text().contains("trellis_rejected_connections_total{role=\"endpoint\""));
+    endpoint.shutdown().await;
+}
+
+#[tokio::test]
+async fn listener_removed_from_config_is_closed_with_its_connections() {
+    let s = setup(VPCE).await;
+    let mut client = TcpStream::connect(s.client_target).await.unwrap();
+    client.write_all(b"ping").await.unwrap();
+    let mut buf = [0u8; 4];
+    tokio::time::timeout(Duration::from_secs(10), client.read_exact(&mut buf)).await.unwrap().unwrap();
+
+    s.endpoint_config.send_modify(|c| {
+        let c = Arc::make_mut(c);
+        c.version += 1;
+        c.endpoints.clear();
+    });
+    let got = read_all(&mut client, Duration::from_secs(5)).await;
+    assert!(got.is_empty());
+    let served = s.endpoint.served();
+    eventually("the listener to be gone", Duration::from_secs(5), || served.borrow().config_version == 2).await;
+    eventually("connects to be refused", Duration::from_secs(5), || {
+        std::net::TcpStream::connect_timeout(&s.client_target, Duration::from_millis(200)).is_err()
+    })
+    .await;
+    stop(s).await;
+}
+
+#[tokio::test]
+async fn endpoint_fails_over_to_a_gateway_in_another_zone() {
+    let s = setup(VPCE).await;
+    // Put a dead gateway in the agent's own zone first; the live one moves to another zone.
+    let dead = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
+    s.endpoint_config.send_modify(|c| {
+        let c = Arc::make_mut(c);
+        c.version += 1;
+        let gateways = &mut c.endpoints[0].resources[0].gateways;
+        gateways[0].zone = "z2".into();
+        gateways.push(GatewayTarget {
+            agent_id: "agent-0000000000000000d".into(),
+            address: dead.to_string(),
+            zone: "z1".into(),
+            server_name: agent_server_name("agent-0000000000000000d"),
+        });
+    });
+    let served = s.endpoint.served();
+    eventually("the new config", Duration::from_secs(5), || served.borrow().config_version == 2).await;
+    let mut client = TcpStream::connect(s.client_target).await.unwrap();
+    client.write_all(b"failover").await.unwrap();
+    let mut buf = [0u8; 8];
+    tokio::time::timeout(Duration::from_secs(10), client.read_exact(&mut buf)).await.unwrap().unwrap();
+    assert_eq!(&buf, b"failover");
+    stop(s).await;
+}
+
+fn dns_query(id: u16, name: &str) -> Vec<u8> {
+    use hickory_proto::op::{Message, MessageType, OpCode, Query};
+    use hickory_proto::rr::{Name, RecordType};
+    let mut msg = Message::new();
+    msg.set_id(id).set_message_type(MessageType::Query).set_op_code(OpCode::Query).set_recursion_desired(true);
+    msg.add_query(Query::query(Name::from_ascii(name).unwrap(), RecordType::A));
+    msg.to_vec().unwrap()
+}
+
+#[tokio::test]
+async fn dns_answers_configured_names_forwards_others_and_survives_garbage() {
+    use hickory_proto::op::{Message, ResponseCode};
+    use hickory_proto::rr::RData;
+
+    // A fake upstream that answers every query with REFUSED, so forwarding is observable.
+    let upstream = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let upstream_addr = upstream.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buf = [0u8; 512];
+        while let Ok((n, from)) = upstream.recv_from(&mut buf).await {
+            let Ok(q) = Message::from_vec(&buf[..n]) else { continue };
+            let mut r = Message::error_msg(q.id(), q.op_code(), ResponseCode::Refused);
+            r.add_queries(q.queries().iter().cloned());
+            let _ = upstream.send_to(&r.to_vec().unwrap(), from).await;
+        }
+    });
+
+    let ca = TestCa::new();
+    let id = ca.issue(EP, CONSUMER_ACCT, CONSUMER_VPC);
+    let address = unique_loopback();
+    let config = endpoint_config(address, 5432, "127.0.0.1:9".parse().unwrap(), GW);
+    let (_tx, rx) = watch::channel(Arc::new(config));
+    let opts = DataPlaneOptions {
+        dns_listen: Some("127.0.0.1:0".parse().unwrap()),
+        dns_upstream: Some(upstream_addr),
+        ..DataPlaneOptions::loopback()
+    };
+    let agent = start_data_plane(opts, &id, rx).await.unwrap();
+    let dns = agent.dns_addr().unwrap();
+
+    let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    sock.connect(dns).await.unwrap();
+    for garbage in
+        [&b""[..], b"\x00", &[0xffu8; 12], &[0x41u8; 600], b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\xff"]
+    {
+        sock.send(garbage).await.unwrap();
+    }
+    let ask = |id: u16, name: &'static str| {
+        let sock = &sock;
+        async move {
+            sock.send(&dns_query(id, name)).await.unwrap();
+            let mut buf = [0u8; 1024];
+            loop {
+                let n = tokio::time::timeout(Duration::from_secs(5), sock.recv(&mut buf)).await.unwrap().unwrap();
+                let m = Message::from_vec(&buf[..n]).unwrap();
+                if m.id() == id {
+                    return m;
+                }
+            }
+        }
+    };
+    let name = "vpce-00000000000000001.rcfg-00000000000000001.local.trellis.internal.";
+    let answer = ask(7, name).await;
+    assert_eq!(answer.response_code(), ResponseCode::NoError);
+    let IpAddr::V4(v4) = address else { unreachable!() };
+    assert_eq!(answer.answers()[0].data(), &RData::A(hickory_proto::rr::rdata::A(v4)));
+    let forwarded = ask(8, "example.org.").await;
+    assert_eq!(forwarded.response_code(), ResponseCode::Refused, "not answered by the fake upstream");
+
+    // TCP on the same port.
+    let mut tcp = TcpStream::connect(dns).await.unwrap();
+    let q = dns_query(9, name);
+    tcp.write_all(&(q.len() as u16).to_be_bytes()).await.unwrap();
+    tcp.write_all(&q).await.unwrap();
+    let len = tcp.read_u16().await.unwrap();
+    let mut buf = vec![0u8; usize::from(len)];
+    tcp.read_exact(&mut buf).await.unwrap();
+    assert_eq!(Message::from_vec(&buf).unwrap().answers().len(), 1);
+    agent.shutdown().await;
+}
+
+#[tokio::test]
+async fn metrics_listener_serves_prometheus_text() {
+    let ca = TestCa::new();
+    let id = ca.issue(GW, "acct-000000000001", "vpc-00000000000000001");
+    let (_tx, rx) = watch::channel(Arc::new(AgentConfig::default()));
+    let opts =
+        DataPlaneOptions { metrics_listen: Some("127.0.0.1:0".parse().unwrap()), ..DataPlaneOptions::loopback() };
+    let agent = start_data_plane(opts, &id, rx).await.unwrap();
+    let mut s = TcpStream::connect(agent.metrics_addr().unwrap()).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").await.unwrap();
+    let mut resp = String::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut resp)).await.unwrap().unwrap();
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    assert!(resp.contains("application/openmetrics-text"), "{resp}");
+    assert!(resp.trim_end().ends_with("# EOF"), "{resp}");
+    agent.shutdown().await;
+}

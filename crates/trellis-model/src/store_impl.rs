@@ -1,0 +1,154 @@
+//! `trellis_store::Object` for the stored objects: record kinds and the refs
+//! indexed for lookups (every endpoint of a configuration, every subnet of a VPC, …).
+
+use trellis_store::Object;
+
+use crate::objects::*;
+
+impl Object for Account {
+    const KIND: &'static str = "account";
+    fn id(&self) -> &str {
+        self.id.as_str()
+    }
+    fn account_id(&self) -> &str {
+        self.id.as_str()
+    }
+    fn refs(&self) -> Vec<String> {
+        self.organization_id.iter().map(|o| o.to_string()).collect()
+    }
+}
+
+impl Object for ApiKey {
+    const KIND: &'static str = "api-key";
+    fn id(&self) -> &str {
+        &self.id
+    }
+    fn account_id(&self) -> &str {
+        self.account_id.as_ref().map_or("", |a| a.as_str())
+    }
+}
+
+impl Object for Organization {
+    const KIND: &'static str = "organization";
+    fn id(&self) -> &str {
+        self.id.as_str()
+    }
+    fn account_id(&self) -> &str {
+        ""
+    }
+}
+
+impl Object for Vpc {
+    const KIND: &'static str = "vpc";
+    fn id(&self) -> &str {
+        self.id.as_str()
+    }
+    fn account_id(&self) -> &str {
+        self.account_id.as_str()
+    }
+}
+
+impl Object for Subnet {
+    const KIND: &'static str = "subnet";
+    fn id(&self) -> &str {
+        self.id.as_str()
+    }
+    fn account_id(&self) -> &str {
+        self.account_id.as_str()
+    }
+    fn refs(&self) -> Vec<String> {
+        vec![self.vpc_id.to_string()]
+    }
+}
+
+impl Object for ResourceGateway {
+    const KIND: &'static str = "resource-gateway";
+    fn id(&self) -> &str {
+        self.id.as_str()
+    }
+    fn account_id(&self) -> &str {
+        self.account_id.as_str()
+    }
+    fn refs(&self) -> Vec<String> {
+        std::iter::once(self.vpc_identifier.to_string()).chain(self.subnet_ids.iter().map(|s| s.to_string())).collect()
+    }
+}
+
+impl Object for ResourceConfiguration {
+    const KIND: &'static str = "resource-configuration";
+    fn id(&self) -> &str {
+        self.id.as_str()
+    }
+    fn account_id(&self) -> &str {
+        self.account_id.as_str()
+    }
+    fn refs(&self) -> Vec<String> {
+        std::iter::once(self.resource_gateway_id.to_string())
+            .chain(self.resource_configuration_group_id.iter().map(|g| g.to_string()))
+            .collect()
+    }
+}
+
+impl Object for ResourceShare {
+    const KIND: &'static str = "resource-share";
+    fn id(&self) -> &str {
+        self.id.as_str()
+    }
+    fn account_id(&self) -> &str {
+        self.account_id.as_str()
+    }
+    fn refs(&self) -> Vec<String> {
+        self.resource_configuration_ids()
+            .iter()
+            .map(|c| c.to_string())
+            .chain(self.principals.iter().map(|p| p.to_string()))
+            .collect()
+    }
+}
+
+impl Object for ResourceShareInvitation {
+    const KIND: &'static str = "resource-share-invitation";
+    fn id(&self) -> &str {
+        self.id.as_str()
+    }
+    fn account_id(&self) -> &str {
+        self.receiver_account_id.as_str()
+    }
+    fn refs(&self) -> Vec<String> {
+        vec![self.resource_share_id.to_string(), self.sender_account_id.to_string()]
+    }
+}
+
+impl Object for VpcEndpoint {
+    const KIND: &'static str = "vpc-endpoint";
+    fn id(&self) -> &str {
+        self.id.as_str()
+    }
+    fn account_id(&self) -> &str {
+        self.account_id.as_str()
+    }
+    /// The VPC, its subnets, the configuration, every resource in its DNS
+    /// entries (the CHILD configurations of a GROUP endpoint) and the owner account.
+    fn refs(&self) -> Vec<String> {
+        let mut refs = vec![self.vpc_id.to_string(), self.resource_configuration_id.to_string()];
+        refs.extend(self.subnet_ids.iter().map(|s| s.to_string()));
+        refs.extend(self.resource_ids().iter().map(|r| r.to_string()));
+        refs.push(self.resource_configuration_owner_id.to_string());
+        refs.sort();
+        refs.dedup();
+        refs
+    }
+}
+
+impl Object for Agent {
+    const KIND: &'static str = "agent";
+    fn id(&self) -> &str {
+        self.id.as_str()
+    }
+    fn account_id(&self) -> &str {
+        self.account_id.as_str()
+    }
+    fn refs(&self) -> Vec<String> {
+        vec![self.vpc_id.to_string(), self.subnet_id.to_string()]
+    }
+}
