@@ -150,4 +150,25 @@ mod tests {
         assert_eq!(pool.allocate(&used), Some(Ipv4Addr::new(10, 0, 9, 2)));
         assert_eq!(pool.available_count(&used), 10);
     }
+
+    proptest::proptest! {
+        #[test]
+        fn allocation_never_hands_out_network_broadcast_or_used_addresses(
+            base in proptest::prelude::any::<u32>(),
+            prefix in 24u8..=28,
+            taken in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..40),
+        ) {
+            let net = Ipv4Net::new(Ipv4Addr::from(base), prefix).unwrap().trunc();
+            let pool = AddressPool::parse(&net.to_string()).unwrap();
+            let used: BTreeSet<Ipv4Addr> =
+                taken.iter().map(|t| Ipv4Addr::from(u32::from(net.network()) + u32::from(*t) % (1 << (32 - prefix)))).collect();
+            match pool.allocate(&used) {
+                Some(ip) => {
+                    proptest::prop_assert!(pool.is_usable(ip));
+                    proptest::prop_assert!(!used.contains(&ip));
+                }
+                None => proptest::prop_assert_eq!(pool.available_count(&used), 0),
+            }
+        }
+    }
 }

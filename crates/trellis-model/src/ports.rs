@@ -212,4 +212,17 @@ mod tests {
         assert!(!ranges_cover(&outer, &parse_port_ranges(&["8090-8101"]).unwrap()));
         assert!(!ranges_cover(&outer, &parse_port_ranges(&["5433"]).unwrap()));
     }
+
+    proptest::proptest! {
+        #[test]
+        fn valid_ranges_print_and_parse_back(a in 1u16.., b in 1u16..) {
+            let r = PortRange::new(a.min(b), a.max(b)).unwrap();
+            proptest::prop_assert_eq!(r.to_string().parse::<PortRange>().unwrap(), r);
+        }
+
+        #[test]
+        fn parsing_arbitrary_text_never_panics(s in ".{0,12}") {
+            let _ = s.parse::<PortRange>();
+        }
+    }
 }

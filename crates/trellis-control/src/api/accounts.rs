@@ -1,0 +1,161 @@
+//! Accounts (admin only): create with a first API key, list, read, move
+//! between organizations, issue more keys.
+
+use std::collections::BTreeSet;
+
+use axum::extract::State;
+use axum::response::Response;
+use axum::routing::{get, post};
+use axum::{Router, http::StatusCode};
+use serde::{Deserialize, Deserializer, Serialize};
+use trellis_model::{Account, AccountId, Organization, OrganizationId, VpcEndpoint, validate_name};
+use trellis_store::{Filter, Tx, TxExt};
+
+use super::endpoints::reassess_endpoints_of;
+use super::idempotency::{ADMIN_SCOPE, create_once};
+use super::{ClientToken, Json, ListQuery, Page, PathId, Query, created, paginate, path_id};
+use crate::auth::{AdminAuth, generate_key, insert_key};
+use crate::error::ApiError;
+use crate::state::{AppState, now, seed};
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/v1/accounts", post(create).get(list))
+        .route("/v1/accounts/{id}", get(read).patch(update))
+        .route("/v1/accounts/{id}/apikeys", post(create_key))
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CreateAccount {
+    pub name: String,
+    pub organization_id: Option<String>,
+    pub client_token: Option<String>,
+}
+
+/// An account with the key created with it (absent when a clientToken replays the create).
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AccountWithKey {
+    #[serde(flatten)]
+    pub account: Account,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub api_key: Option<String>,
+}
+
+fn organization_ref(tx: &mut dyn Tx, raw: &str) -> Result<OrganizationId, ApiError> {
+    let id = OrganizationId::parse(raw).map_err(|e| crate::error::invalid_reference("organizationId", e))?;
+    if tx.get_obj::<Organization>(id.as_str())?.is_none() {
+        return Err(ApiError::invalid("ValidationError", format!("organization {id} does not exist")));
+    }
+    Ok(id)
+}
+
+async fn create(
+    State(st): State<AppState>,
+    _: AdminAuth,
+    Json(body): Json<CreateAccount>,
+) -> Result<Response, ApiError> {
+    validate_name(&body.name)?;
+    let token = ClientToken::new(ADMIN_SCOPE, "accounts", body.client_token.as_deref(), &body)?;
+    let (id, key, now, region) = (AccountId::generate(&seed()?), generate_key()?, now(), st.region().to_string());
+    let outcome = st
+        .write(move |tx| {
+            let mut fresh = false;
+            let outcome = create_once(tx, token.as_ref(), now, |tx| {
+                let org = body.organization_id.as_deref().map(|o| organization_ref(tx, o)).transpose()?;
+                let account = Account::new(id.clone(), body.name.clone(), org, &region, now);
+                tx.insert_obj(&account)?;
+                insert_key(tx, &key, Some(&account.id), now)?;
+                fresh = true;
+                Ok(account)
+            })?;
+            Ok(outcome.map(|account| AccountWithKey { account, api_key: fresh.then(|| key.clone()) }))
+        })
+        .await?;
+    Ok(created(outcome))
+}
+
+async fn list(
+    State(st): State<AppState>,
+    _: AdminAuth,
+    Query(q): Query<ListQuery>,
+) -> Result<Json<Page<Account>>, ApiError> {
+    let all = st.read(|tx| Ok(tx.list_obj::<Account>(&Filter::default())?)).await?;
+    Ok(Json(paginate(all, |a| a.id.to_string(), &q)?))
+}
+
+async fn read(State(st): State<AppState>, _: AdminAuth, PathId(raw): PathId) -> Result<Json<Account>, ApiError> {
+    let id: AccountId = path_id(&raw)?;
+    st.read(move |tx| tx.get_obj::<Account>(id.as_str())?.ok_or_else(|| ApiError::not_found("account", id.as_str())))
+        .await
+        .map(Json)
+}
+
+/// Distinguishes an absent field (`None`) from `null` (`Some(None)`).
+fn double_option<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Option<String>>, D::Error> {
+    Option::<String>::deserialize(d).map(Some)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct UpdateAccount {
+    /// An organization id to join, or `null` to leave the current one.
+    #[serde(default, deserialize_with = "double_option")]
+    pub organization_id: Option<Option<String>>,
+}
+
+async fn update(
+    State(st): State<AppState>,
+    _: AdminAuth,
+    PathId(raw): PathId,
+    Json(body): Json<UpdateAccount>,
+) -> Result<Json<Account>, ApiError> {
+    let id: AccountId = path_id(&raw)?;
+    st.write(move |tx| {
+        let mut account =
+            tx.get_obj::<Account>(id.as_str())?.ok_or_else(|| ApiError::not_found("account", id.as_str()))?;
+        if let Some(org) = &body.organization_id {
+            account.organization_id = org.as_deref().map(|o| organization_ref(tx, o)).transpose()?;
+            tx.update_obj(&account)?;
+            // Shares that relied on the old organization may no longer grant access:
+            // the account's endpoints, and other accounts' endpoints on its configurations.
+            let mut configs = BTreeSet::new();
+            let own = tx.list_obj::<VpcEndpoint>(&Filter { account_id: Some(account.id.as_str()), reference: None })?;
+            let on_mine =
+                tx.list_obj::<VpcEndpoint>(&Filter { account_id: None, reference: Some(account.id.as_str()) })?;
+            configs.extend(own.into_iter().chain(on_mine).map(|e| e.resource_configuration_id));
+            for config in &configs {
+                reassess_endpoints_of(tx, config)?;
+            }
+        }
+        Ok(account)
+    })
+    .await
+    .map(Json)
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NewKey {
+    pub account_id: AccountId,
+    pub api_key: String,
+}
+
+async fn create_key(
+    State(st): State<AppState>,
+    _: AdminAuth,
+    PathId(raw): PathId,
+) -> Result<(StatusCode, Json<NewKey>), ApiError> {
+    let id: AccountId = path_id(&raw)?;
+    let (key, now) = (generate_key()?, now());
+    st.write(move |tx| {
+        if tx.get_obj::<Account>(id.as_str())?.is_none() {
+            return Err(ApiError::not_found("account", id.as_str()));
+        }
+        insert_key(tx, &key, Some(&id), now)?;
+        Ok(NewKey { account_id: id.clone(), api_key: key.clone() })
+    })
+    .await
+    .map(|k| (StatusCode::CREATED, Json(k)))
+}

@@ -1,0 +1,163 @@
+//! The user-facing HTTP API: one module per resource, the router that joins
+//! them with the agent and usage routes, and helpers they share.
+//!
+//! Every handler runs its whole effect in one store transaction, so a failed
+//! call leaves nothing behind; ids and `now` are drawn before the transaction.
+
+pub mod accounts;
+pub mod configurations;
+pub mod endpoints;
+pub mod extract;
+pub mod gateways;
+pub mod idempotency;
+pub mod invitations;
+pub mod openapi;
+pub mod organizations;
+pub mod shares;
+pub mod subnets;
+pub mod vpcs;
+
+use axum::Router;
+use axum::http::{StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde::{Deserialize, Serialize};
+use trellis_model::{AccountId, Id};
+use trellis_store::{Object, Tx, TxExt};
+
+use crate::error::ApiError;
+use crate::state::AppState;
+pub use extract::{Json, PathId, Query};
+pub use idempotency::{ClientToken, Created};
+
+/// The whole API: user routes, agent routes, usage, OpenAPI, health and the CA certificate.
+pub fn api_router(state: AppState) -> Router {
+    Router::new()
+        .merge(accounts::router())
+        .merge(organizations::router())
+        .merge(vpcs::router())
+        .merge(subnets::router())
+        .merge(gateways::router())
+        .merge(configurations::router())
+        .merge(shares::router())
+        .merge(invitations::router())
+        .merge(endpoints::router())
+        .merge(crate::agents::router())
+        .merge(crate::usage::router())
+        .route("/v1/openapi.json", get(openapi::serve))
+        .route("/v1/ca.pem", get(ca_pem))
+        .route("/healthz", get(|| async { "ok" }))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state)
+}
+
+async fn ca_pem(axum::extract::State(state): axum::extract::State<AppState>) -> Response {
+    ([(axum::http::header::CONTENT_TYPE, "application/x-pem-file")], state.ca.cert_pem().to_string()).into_response()
+}
+
+async fn not_found(uri: Uri) -> ApiError {
+    ApiError::not_found_msg(format!("no route {}; see /v1/openapi.json for the API", uri.path()))
+}
+
+async fn method_not_allowed(uri: Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "MethodNotAllowed",
+        format!("{} does not take this method; see /v1/openapi.json", uri.path()),
+    )
+}
+
+/// The answer to a create: 201 with a new object, 200 with a replayed one.
+pub fn created<T: Serialize>(outcome: Created<T>) -> Response {
+    let status = if outcome.is_new() { StatusCode::CREATED } else { StatusCode::OK };
+    (status, Json(outcome.into_inner())).into_response()
+}
+
+/// Query of list routes: pagination plus the filters some routes take.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ListQuery {
+    pub max_results: Option<usize>,
+    pub next_token: Option<String>,
+    /// `GET /v1/subnets?vpcId=`, `GET /v1/vpcendpoints?vpcId=`.
+    pub vpc_id: Option<String>,
+    /// `GET /v1/resourceshareinvitations?status=`.
+    pub status: Option<String>,
+}
+
+/// `{"items": [...], "nextToken": ...}`.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    pub next_token: Option<String>,
+}
+
+pub const DEFAULT_MAX_RESULTS: usize = 100;
+pub const MAX_MAX_RESULTS: usize = 1000;
+
+/// One page of `items` ordered by `key`; `nextToken` is the last key returned.
+pub fn paginate<T>(mut items: Vec<T>, key: impl Fn(&T) -> String, query: &ListQuery) -> Result<Page<T>, ApiError> {
+    let max = query.max_results.unwrap_or(DEFAULT_MAX_RESULTS);
+    if !(1..=MAX_MAX_RESULTS).contains(&max) {
+        return Err(ApiError::bad_request(format!("maxResults must be from 1 to {MAX_MAX_RESULTS}")));
+    }
+    items.sort_by_key(&key);
+    if let Some(after) = &query.next_token {
+        items.retain(|item| key(item).as_str() > after.as_str());
+    }
+    let next_token = if items.len() > max {
+        items.truncate(max);
+        items.last().map(&key)
+    } else {
+        None
+    };
+    Ok(Page { items, next_token })
+}
+
+/// Parses a path id; a malformed one names nothing, so it is a 404 like an unknown one.
+pub fn path_id<T: Id>(raw: &str) -> Result<T, ApiError> {
+    T::parse(raw).map_err(|_| ApiError::not_found(T::KIND, raw))
+}
+
+/// Loads an object of `account`; another account's object is a 404, as is an unknown one.
+pub fn get_owned<O: Object>(tx: &mut dyn Tx, account: &AccountId, id: &str, kind: &str) -> Result<O, ApiError> {
+    match tx.get_obj::<O>(id)? {
+        Some(o) if o.account_id() == account.as_str() => Ok(o),
+        _ => Err(ApiError::not_found(kind, id)),
+    }
+}
+
+/// Rejects a list with the same element twice.
+pub fn no_duplicates<T: PartialEq + std::fmt::Display>(field: &str, items: &[T]) -> Result<(), ApiError> {
+    for (i, item) in items.iter().enumerate() {
+        if items[..i].contains(item) {
+            return Err(ApiError::invalid("ValidationError", format!("{field} lists {item} twice")));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pagination_walks_every_item_once() {
+        let items: Vec<u32> = (0..25).collect();
+        let key = |i: &u32| format!("{i:03}");
+        let mut query = ListQuery { max_results: Some(10), ..Default::default() };
+        let mut seen = Vec::new();
+        loop {
+            let page = paginate(items.clone(), key, &query).unwrap();
+            seen.extend(page.items);
+            match page.next_token {
+                Some(t) => query.next_token = Some(t),
+                None => break,
+            }
+        }
+        assert_eq!(seen, items);
+        assert!(paginate(items, key, &ListQuery { max_results: Some(0), ..Default::default() }).is_err());
+    }
+}

@@ -1,0 +1,172 @@
+//! Resource shares: an owner shares SINGLE or GROUP configurations with
+//! accounts. Principals outside the owner's organization get a PENDING
+//! invitation; inside it the share is usable at once. Deleting a share
+//! revokes it: consumers' endpoints stay but turn `Failed` with a reason,
+//! and agents drop them from their next config.
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::Response;
+use axum::routing::{get, post};
+use serde::{Deserialize, Serialize};
+use trellis_model::{
+    Account, AccountId, ConfigurationType, ResourceConfiguration, ResourceConfigurationId, ResourceShare,
+    ResourceShareId, ResourceShareInvitation, ResourceShareInvitationId, Seed, kinds, parse_identifier,
+    same_organization, validate_name,
+};
+use trellis_store::{Filter, TxExt};
+
+use super::endpoints::reassess_endpoints_of;
+use super::idempotency::create_once;
+use super::{ClientToken, Json, ListQuery, Page, PathId, Query, created, get_owned, no_duplicates, paginate, path_id};
+use crate::auth::AccountAuth;
+use crate::error::{ApiError, invalid_reference};
+use crate::state::{AppState, now, seed};
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/v1/resourceshares", post(create).get(list))
+        .route("/v1/resourceshares/{id}", get(read).delete(delete))
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CreateShare {
+    pub name: String,
+    #[serde(default)]
+    pub resource_arns: Vec<String>,
+    #[serde(default)]
+    pub principals: Vec<String>,
+    pub client_token: Option<String>,
+}
+
+async fn create(
+    State(st): State<AppState>,
+    AccountAuth(me): AccountAuth,
+    Json(body): Json<CreateShare>,
+) -> Result<Response, ApiError> {
+    validate_name(&body.name)?;
+    let config_ids = body
+        .resource_arns
+        .iter()
+        .map(|a| parse_identifier::<ResourceConfigurationId>(a, kinds::RESOURCE_CONFIGURATION))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| invalid_reference("resourceArns", e))?;
+    no_duplicates("resourceArns", &config_ids)?;
+    let principals = body
+        .principals
+        .iter()
+        .map(|p| AccountId::parse(p))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| invalid_reference("principals", e))?;
+    no_duplicates("principals", &principals)?;
+    if principals.contains(&me.id) {
+        return Err(ApiError::invalid(
+            "ValidationError",
+            "principals lists your own account; you always reach your own resources",
+        ));
+    }
+    let token = ClientToken::new(me.id.as_str(), "resourceshares", body.client_token.as_deref(), &body)?;
+    let id = ResourceShareId::generate(&seed()?);
+    let invitation_seeds = principals.iter().map(|_| seed()).collect::<Result<Vec<Seed>, _>>()?;
+    let (now, region) = (now(), st.region().to_string());
+    let outcome = st
+        .write(move |tx| {
+            create_once(tx, token.as_ref(), now, |tx| {
+                let mut arns = Vec::with_capacity(config_ids.len());
+                for cid in &config_ids {
+                    let config =
+                        get_owned::<ResourceConfiguration>(tx, &me.id, cid.as_str(), "resource configuration")?;
+                    if config.config_type == ConfigurationType::Child {
+                        return Err(ApiError::invalid(
+                            "ValidationError",
+                            format!(
+                                "{} is a CHILD configuration, which cannot be shared alone; share its GROUP {}",
+                                config.id,
+                                config.resource_configuration_group_id.as_ref().map_or("", |g| g.as_str())
+                            ),
+                        ));
+                    }
+                    arns.push(config.arn);
+                }
+                let mut receivers = Vec::with_capacity(principals.len());
+                for p in &principals {
+                    let account = tx.get_obj::<Account>(p.as_str())?.ok_or_else(|| {
+                        ApiError::invalid("ValidationError", format!("principal {p} is not an existing account"))
+                    })?;
+                    receivers.push(account);
+                }
+                let share = ResourceShare::new(
+                    id.clone(),
+                    me.id.clone(),
+                    body.name.clone(),
+                    arns,
+                    principals.clone(),
+                    &region,
+                    now,
+                );
+                tx.insert_obj(&share)?;
+                for (receiver, seed) in receivers.iter().zip(&invitation_seeds) {
+                    if same_organization(me.organization_id.as_ref(), receiver.organization_id.as_ref()) {
+                        continue;
+                    }
+                    let invitation = ResourceShareInvitation::new(
+                        ResourceShareInvitationId::generate(seed),
+                        &share,
+                        receiver.id.clone(),
+                        &region,
+                        now,
+                    );
+                    tx.insert_obj(&invitation)?;
+                }
+                Ok(share)
+            })
+        })
+        .await?;
+    Ok(created(outcome))
+}
+
+async fn list(
+    State(st): State<AppState>,
+    AccountAuth(me): AccountAuth,
+    Query(q): Query<ListQuery>,
+) -> Result<Json<Page<ResourceShare>>, ApiError> {
+    let all = st
+        .read(
+            move |tx| Ok(tx.list_obj::<ResourceShare>(&Filter { account_id: Some(me.id.as_str()), reference: None })?),
+        )
+        .await?;
+    Ok(Json(paginate(all, |s| s.id.to_string(), &q)?))
+}
+
+async fn read(
+    State(st): State<AppState>,
+    AccountAuth(me): AccountAuth,
+    PathId(raw): PathId,
+) -> Result<Json<ResourceShare>, ApiError> {
+    let id: ResourceShareId = path_id(&raw)?;
+    st.read(move |tx| get_owned::<ResourceShare>(tx, &me.id, id.as_str(), "resource share")).await.map(Json)
+}
+
+async fn delete(
+    State(st): State<AppState>,
+    AccountAuth(me): AccountAuth,
+    PathId(raw): PathId,
+) -> Result<StatusCode, ApiError> {
+    let id: ResourceShareId = path_id(&raw)?;
+    st.write(move |tx| {
+        let share = get_owned::<ResourceShare>(tx, &me.id, id.as_str(), "resource share")?;
+        let invitations =
+            tx.list_obj::<ResourceShareInvitation>(&Filter { account_id: None, reference: Some(share.id.as_str()) })?;
+        for invitation in invitations.iter().filter(|i| i.resource_share_id == share.id) {
+            tx.delete_obj::<ResourceShareInvitation>(invitation.id.as_str())?;
+        }
+        tx.delete_obj::<ResourceShare>(share.id.as_str())?;
+        for config in share.resource_configuration_ids() {
+            reassess_endpoints_of(tx, &config)?;
+        }
+        Ok(StatusCode::NO_CONTENT)
+    })
+    .await
+}

@@ -1,0 +1,138 @@
+//! VPCs: networks of an account where agents run.
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::Response;
+use axum::routing::{get, post};
+use serde::{Deserialize, Serialize};
+use trellis_model::{AccountId, ResourceGateway, Subnet, Vpc, VpcEndpoint, VpcId, validate_name};
+use trellis_store::{Filter, Object, Tx, TxExt};
+
+use super::idempotency::create_once;
+use super::{ClientToken, Json, ListQuery, Page, PathId, Query, created, get_owned, paginate, path_id};
+use crate::auth::AccountAuth;
+use crate::error::ApiError;
+use crate::state::{AppState, now, seed};
+
+/// Record kind of B's agents; counted raw so this module does not depend on their shape.
+pub const AGENT_KIND: &str = <trellis_model::Agent as Object>::KIND;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/v1/vpcs", post(create).get(list))
+        .route("/v1/vpcs/{id}", get(read).patch(update).delete(delete))
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CreateVpc {
+    pub name: String,
+    pub client_token: Option<String>,
+}
+
+async fn create(
+    State(st): State<AppState>,
+    AccountAuth(me): AccountAuth,
+    Json(body): Json<CreateVpc>,
+) -> Result<Response, ApiError> {
+    validate_name(&body.name)?;
+    let token = ClientToken::new(me.id.as_str(), "vpcs", body.client_token.as_deref(), &body)?;
+    let (id, now, region) = (VpcId::generate(&seed()?), now(), st.region().to_string());
+    let outcome = st
+        .write(move |tx| {
+            create_once(tx, token.as_ref(), now, |tx| {
+                let vpc = Vpc::new(id.clone(), me.id.clone(), body.name.clone(), &region, now);
+                tx.insert_obj(&vpc)?;
+                Ok(vpc)
+            })
+        })
+        .await?;
+    Ok(created(outcome))
+}
+
+async fn list(
+    State(st): State<AppState>,
+    AccountAuth(me): AccountAuth,
+    Query(q): Query<ListQuery>,
+) -> Result<Json<Page<Vpc>>, ApiError> {
+    let all = st
+        .read(move |tx| Ok(tx.list_obj::<Vpc>(&Filter { account_id: Some(me.id.as_str()), reference: None })?))
+        .await?;
+    Ok(Json(paginate(all, |v| v.id.to_string(), &q)?))
+}
+
+async fn read(
+    State(st): State<AppState>,
+    AccountAuth(me): AccountAuth,
+    PathId(raw): PathId,
+) -> Result<Json<Vpc>, ApiError> {
+    let id: VpcId = path_id(&raw)?;
+    st.read(move |tx| get_owned::<Vpc>(tx, &me.id, id.as_str(), "VPC")).await.map(Json)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct UpdateVpc {
+    pub name: Option<String>,
+}
+
+async fn update(
+    State(st): State<AppState>,
+    AccountAuth(me): AccountAuth,
+    PathId(raw): PathId,
+    Json(body): Json<UpdateVpc>,
+) -> Result<Json<Vpc>, ApiError> {
+    let id: VpcId = path_id(&raw)?;
+    if let Some(name) = &body.name {
+        validate_name(name)?;
+    }
+    st.write(move |tx| {
+        let mut vpc = get_owned::<Vpc>(tx, &me.id, id.as_str(), "VPC")?;
+        if let Some(name) = &body.name {
+            vpc.name = name.clone();
+            tx.update_obj(&vpc)?;
+        }
+        Ok(vpc)
+    })
+    .await
+    .map(Json)
+}
+
+/// How many records of `kind` reference `id`.
+pub fn count_refs(tx: &mut dyn Tx, kind: &str, id: &str) -> Result<usize, ApiError> {
+    Ok(tx.list(kind, &Filter { account_id: None, reference: Some(id) })?.len())
+}
+
+async fn delete(
+    State(st): State<AppState>,
+    AccountAuth(me): AccountAuth,
+    PathId(raw): PathId,
+) -> Result<StatusCode, ApiError> {
+    let id: VpcId = path_id(&raw)?;
+    st.write(move |tx| {
+        let vpc = get_owned::<Vpc>(tx, &me.id, id.as_str(), "VPC")?;
+        in_use(tx, &me.id, &vpc)?;
+        tx.delete_obj::<Vpc>(vpc.id.as_str())?;
+        Ok(StatusCode::NO_CONTENT)
+    })
+    .await
+}
+
+fn in_use(tx: &mut dyn Tx, _me: &AccountId, vpc: &Vpc) -> Result<(), ApiError> {
+    for (kind, what) in [
+        (Subnet::KIND, "subnets"),
+        (ResourceGateway::KIND, "resource gateways"),
+        (VpcEndpoint::KIND, "VPC endpoints"),
+        (AGENT_KIND, "agents"),
+    ] {
+        let n = count_refs(tx, kind, vpc.id.as_str())?;
+        if n > 0 {
+            return Err(ApiError::conflict(
+                "ResourceInUse",
+                format!("VPC {} still has {n} {what}; delete them first", vpc.id),
+            ));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,137 @@
+//! API keys and the extractors that authenticate a request.
+//!
+//! Keys are random (`trellis_` + 64 hex), shown once, and stored only as the
+//! SHA-256 (hex) of the whole key, as `api-key` records whose id is the hash.
+//! The admin key has no account; it manages accounts and organizations only.
+
+use axum::extract::FromRequestParts;
+use axum::http::header::AUTHORIZATION;
+use axum::http::request::Parts;
+use ring::rand::SecureRandom;
+use trellis_model::{Account, AccountId, ApiKey, Timestamp};
+use trellis_store::{Filter, Store, StoreError, Tx, TxExt, write_with};
+
+use crate::error::ApiError;
+use crate::state::{AppState, now};
+
+const KEY_PREFIX: &str = "trellis_";
+
+/// Lowercase hex SHA-256 of an API key: its id in the store.
+pub fn hash_key(key: &str) -> String {
+    hex::encode(ring::digest::digest(&ring::digest::SHA256, key.as_bytes()))
+}
+
+/// A new random API key.
+pub fn generate_key() -> Result<String, ApiError> {
+    let mut bytes = [0u8; 32];
+    ring::rand::SystemRandom::new()
+        .fill(&mut bytes)
+        .map_err(|_| ApiError::internal("the system random number generator failed"))?;
+    Ok(format!("{KEY_PREFIX}{}", hex::encode(bytes)))
+}
+
+/// Stores a new key for `account` (or the admin key for `None`) inside `tx`.
+pub fn insert_key(tx: &mut dyn Tx, key: &str, account: Option<&AccountId>, now: Timestamp) -> Result<(), StoreError> {
+    tx.insert_obj(&ApiKey { id: hash_key(key), account_id: account.cloned(), created_at: now })
+}
+
+/// Creates the admin key when the store has none; returns the key when it was created now.
+///
+/// Called at server start; the caller prints the key once.
+pub fn bootstrap_admin(store: &dyn Store) -> Result<Option<String>, ApiError> {
+    let key = generate_key()?;
+    let created_at = now();
+    write_with(store, |tx| {
+        let admins = tx.list_obj::<ApiKey>(&Filter { account_id: Some(""), reference: None })?;
+        if admins.iter().any(|k| k.account_id.is_none()) {
+            return Ok(None);
+        }
+        insert_key(tx, &key, None, created_at)?;
+        Ok(Some(key.clone()))
+    })
+}
+
+fn bearer(parts: &Parts) -> Result<&str, ApiError> {
+    let missing = || ApiError::unauthorized("send the API key as `Authorization: Bearer <key>`");
+    let value = parts.headers.get(AUTHORIZATION).ok_or_else(missing)?;
+    let text = value.to_str().map_err(|_| missing())?;
+    let (scheme, key) = text.split_once(' ').ok_or_else(missing)?;
+    if !scheme.eq_ignore_ascii_case("bearer") || key.trim().is_empty() {
+        return Err(missing());
+    }
+    Ok(key.trim())
+}
+
+/// Resolves the request's key: `None` for the admin key, the account otherwise.
+async fn authenticate(parts: &Parts, state: &AppState) -> Result<Option<Account>, ApiError> {
+    let hash = hash_key(bearer(parts)?);
+    state
+        .read(move |tx| {
+            let key = tx
+                .get_obj::<ApiKey>(&hash)?
+                .ok_or_else(|| ApiError::unauthorized("the API key is not valid; ask an administrator for a key"))?;
+            match key.account_id {
+                None => Ok(None),
+                Some(account_id) => match tx.get_obj::<Account>(account_id.as_str())? {
+                    Some(account) => Ok(Some(account)),
+                    None => Err(ApiError::unauthorized("the API key belongs to an account that no longer exists")),
+                },
+            }
+        })
+        .await
+}
+
+/// A request made with the admin key.
+#[derive(Clone, Copy, Debug)]
+pub struct AdminAuth;
+
+impl FromRequestParts<AppState> for AdminAuth {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        match authenticate(parts, state).await? {
+            None => Ok(AdminAuth),
+            Some(_) => Err(ApiError::forbidden("this route needs the admin API key")),
+        }
+    }
+}
+
+/// A request made with an account's key.
+#[derive(Clone, Debug)]
+pub struct AccountAuth(pub Account);
+
+impl FromRequestParts<AppState> for AccountAuth {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        match authenticate(parts, state).await? {
+            Some(account) => Ok(AccountAuth(account)),
+            None => Err(ApiError::forbidden(
+                "this route needs an account's API key; the admin key only manages accounts and organizations",
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use trellis_store::sqlite::SqliteStore;
+
+    #[test]
+    fn bootstrap_creates_the_admin_key_once() {
+        let store = SqliteStore::open_in_memory().unwrap();
+        let key = bootstrap_admin(&store).unwrap().expect("a key on first start");
+        assert!(key.starts_with(KEY_PREFIX) && key.len() == KEY_PREFIX.len() + 64);
+        assert_eq!(bootstrap_admin(&store).unwrap(), None);
+        let stored: Option<ApiKey> =
+            trellis_store::read_with(&store, |tx| tx.get_obj::<ApiKey>(&hash_key(&key))).unwrap();
+        assert_eq!(stored.unwrap().account_id, None, "only the hash is stored, as an account-less key");
+    }
+
+    #[test]
+    fn keys_are_random_and_hashed_as_sha256_hex() {
+        assert_ne!(generate_key().unwrap(), generate_key().unwrap());
+        assert_eq!(hash_key("abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+    }
+}

@@ -1,0 +1,570 @@
+//! The config compiler: desired state in the store → the one [`AgentConfig`]
+//! of one agent.
+//!
+//! Pure over a store snapshot: it reads through the transaction it is given,
+//! never writes, never reads the clock. The version is left at 0; the caller
+//! (`agents::config`) numbers configs by their content.
+//!
+//! Authorization lives here as much as in the API: a gateway agent lets
+//! through exactly the endpoints listed in its config, so a revoked share, a
+//! rejected invitation or a deleted endpoint must disappear from the next
+//! config this produces.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::IpAddr;
+
+use trellis_model::{
+    Access, Account, Agent, AgentStatus, ConfigurationType, EndpointState, Principal, ResourceConfiguration,
+    ResourceDefinition, ResourceGateway, ResourceShare, ResourceShareInvitation, ResourceStatus, Subnet, VpcEndpoint,
+    configuration_access,
+};
+use trellis_proto::{
+    AgentConfig, AllowedEndpoint, EndpointConfig, EndpointResource, GatewayResource, GatewayRole, GatewayTarget,
+    PeerAgent, PortRange, Target, agent_server_name,
+};
+use trellis_store::{Filter, StoreError, Tx, TxExt};
+
+/// Whether a gateway or configuration in this status should be in configs.
+/// Creating ones are included so a new resource serves as soon as an agent runs.
+fn compiles(status: ResourceStatus) -> bool {
+    matches!(
+        status,
+        ResourceStatus::CreateInProgress
+            | ResourceStatus::Active
+            | ResourceStatus::UpdateInProgress
+            | ResourceStatus::UpdateFailed
+    )
+}
+
+/// Whether an endpoint in this state gets listeners and may open streams.
+fn endpoint_serves(state: EndpointState) -> bool {
+    matches!(state, EndpointState::Pending | EndpointState::Available | EndpointState::Failed)
+}
+
+fn port_ranges(ranges: &[trellis_model::PortRange]) -> Vec<PortRange> {
+    ranges
+        .iter()
+        // Both types hold validated ranges, so the conversion cannot fail.
+        .filter_map(|r| PortRange::new(r.start(), r.end()).ok())
+        .collect()
+}
+
+/// Memoized reads shared by both roles of one compilation.
+struct Snapshot<'a> {
+    tx: &'a mut dyn Tx,
+    accounts: HashMap<String, Option<Account>>,
+    agents_by_subnet: HashMap<String, Vec<Agent>>,
+    shares: HashMap<(String, String), (Vec<ResourceShare>, Vec<ResourceShareInvitation>)>,
+}
+
+impl<'a> Snapshot<'a> {
+    fn new(tx: &'a mut dyn Tx) -> Self {
+        Self { tx, accounts: HashMap::new(), agents_by_subnet: HashMap::new(), shares: HashMap::new() }
+    }
+
+    fn account(&mut self, id: &str) -> Result<Option<Account>, StoreError> {
+        if let Some(a) = self.accounts.get(id) {
+            return Ok(a.clone());
+        }
+        let account: Option<Account> = self.tx.get_obj(id)?;
+        self.accounts.insert(id.to_string(), account.clone());
+        Ok(account)
+    }
+
+    fn agents_in(&mut self, subnet_id: &str) -> Result<Vec<Agent>, StoreError> {
+        if let Some(a) = self.agents_by_subnet.get(subnet_id) {
+            return Ok(a.clone());
+        }
+        let agents: Vec<Agent> = self
+            .tx
+            .list_obj::<Agent>(&Filter { reference: Some(subnet_id), ..Filter::default() })?
+            .into_iter()
+            .filter(|a| a.subnet_id.as_str() == subnet_id)
+            .collect();
+        self.agents_by_subnet.insert(subnet_id.to_string(), agents.clone());
+        Ok(agents)
+    }
+
+    /// The owner's shares of `shared_id` and the invitations for them.
+    fn shares_of(
+        &mut self,
+        owner: &str,
+        shared_id: &str,
+    ) -> Result<(Vec<ResourceShare>, Vec<ResourceShareInvitation>), StoreError> {
+        let key = (owner.to_string(), shared_id.to_string());
+        if let Some(s) = self.shares.get(&key) {
+            return Ok(s.clone());
+        }
+        let shares: Vec<ResourceShare> =
+            self.tx.list_obj(&Filter { account_id: Some(owner), reference: Some(shared_id) })?;
+        let mut invitations = Vec::new();
+        for share in &shares {
+            invitations.extend(self.tx.list_obj::<ResourceShareInvitation>(&Filter {
+                reference: Some(share.id.as_str()),
+                ..Filter::default()
+            })?);
+        }
+        self.shares.insert(key, (shares.clone(), invitations.clone()));
+        Ok((shares, invitations))
+    }
+
+    /// Whether `endpoint` may reach `config` now, by the sharing rule.
+    fn may_use(&mut self, endpoint: &VpcEndpoint, config: &ResourceConfiguration) -> Result<bool, StoreError> {
+        if endpoint.account_id == config.account_id {
+            return Ok(true);
+        }
+        let (Some(owner), Some(consumer)) =
+            (self.account(config.account_id.as_str())?, self.account(endpoint.account_id.as_str())?)
+        else {
+            return Ok(false);
+        };
+        let shared_id = config.resource_configuration_group_id.as_ref().unwrap_or(&config.id);
+        let (shares, invitations) = self.shares_of(owner.id.as_str(), shared_id.as_str())?;
+        let access = configuration_access(
+            Principal { account_id: &consumer.id, organization_id: consumer.organization_id.as_ref() },
+            Principal { account_id: &owner.id, organization_id: owner.organization_id.as_ref() },
+            config,
+            &shares,
+            &invitations,
+        );
+        Ok(!matches!(access, Access::Denied))
+    }
+}
+
+/// Compiles the config of `agent` from the store snapshot `tx`.
+///
+/// Gateway role: every SINGLE/CHILD configuration behind a gateway in the
+/// agent's subnet, each with the endpoints (of any account) that may use it
+/// now, and the certificates of the endpoint agents serving those endpoints.
+/// Endpoint role: every endpoint in the agent's subnet with, per resource it
+/// may still use, its address in that subnet, its ports and DNS names and the
+/// gateway agents to tunnel to (own zone first). Output is sorted, so equal state compiles to
+/// an equal config.
+pub fn compile(tx: &mut dyn Tx, agent: &Agent, region: &str) -> Result<AgentConfig, StoreError> {
+    let subnet: Option<Subnet> = tx.get_obj(agent.subnet_id.as_str())?;
+    let (zone, address_pool) = match &subnet {
+        Some(s) => (s.zone.clone(), s.cidr_block.to_string()),
+        None => (agent.zone.clone(), String::new()),
+    };
+    let mut snap = Snapshot::new(tx);
+    let gateway = gateway_role(&mut snap, agent)?;
+    let endpoints = endpoint_role(&mut snap, agent, &zone)?;
+    Ok(AgentConfig {
+        version: 0,
+        agent_id: agent.id.to_string(),
+        account_id: agent.account_id.to_string(),
+        vpc_id: agent.vpc_id.to_string(),
+        subnet_id: agent.subnet_id.to_string(),
+        zone,
+        region: region.to_string(),
+        address_pool,
+        gateway,
+        endpoints,
+    })
+}
+
+fn gateway_role(snap: &mut Snapshot<'_>, agent: &Agent) -> Result<GatewayRole, StoreError> {
+    let subnet_id = agent.subnet_id.as_str();
+    let gateways: Vec<ResourceGateway> =
+        snap.tx.list_obj(&Filter { account_id: Some(agent.account_id.as_str()), reference: Some(subnet_id) })?;
+    let mut resources = Vec::new();
+    let mut peer_subnets = BTreeSet::new();
+    for gw in gateways.iter().filter(|g| compiles(g.status) && g.subnet_ids.contains(&agent.subnet_id)) {
+        let configs: Vec<ResourceConfiguration> =
+            snap.tx.list_obj(&Filter { account_id: Some(gw.account_id.as_str()), reference: Some(gw.id.as_str()) })?;
+        for config in configs {
+            if !config.is_resource() || !compiles(config.status) || config.resource_gateway_id != gw.id {
+                continue;
+            }
+            if config.config_type == ConfigurationType::Child && !group_serves(snap, &config)? {
+                continue;
+            }
+            let target = match &config.resource_configuration_definition {
+                Some(ResourceDefinition::IpResource(ip)) => Target::Ip { address: ip.ip_address },
+                Some(ResourceDefinition::DnsResource(dns)) => Target::Dns { domain_name: dns.domain_name.clone() },
+                None => continue,
+            };
+            let shared_id = config.resource_configuration_group_id.as_ref().unwrap_or(&config.id).clone();
+            let endpoints: Vec<VpcEndpoint> =
+                snap.tx.list_obj(&Filter { reference: Some(shared_id.as_str()), ..Filter::default() })?;
+            let mut allowed = Vec::new();
+            for ep in endpoints {
+                if ep.resource_configuration_id != shared_id || !endpoint_serves(ep.state) {
+                    continue;
+                }
+                if !snap.may_use(&ep, &config)? {
+                    continue;
+                }
+                peer_subnets.extend(ep.subnet_ids.iter().map(|s| s.to_string()));
+                allowed.push(AllowedEndpoint {
+                    vpc_endpoint_id: ep.id.to_string(),
+                    consumer_account_id: ep.account_id.to_string(),
+                    consumer_vpc_id: ep.vpc_id.to_string(),
+                });
+            }
+            allowed.sort_by(|a, b| a.vpc_endpoint_id.cmp(&b.vpc_endpoint_id));
+            resources.push(GatewayResource {
+                resource_configuration_id: config.id.to_string(),
+                resource_gateway_id: gw.id.to_string(),
+                owner_account_id: config.account_id.to_string(),
+                target,
+                port_ranges: port_ranges(&config.port_ranges),
+                allowed,
+            });
+        }
+    }
+    resources.sort_by(|a, b| a.resource_configuration_id.cmp(&b.resource_configuration_id));
+    let mut peers = BTreeMap::new();
+    for subnet in &peer_subnets {
+        for peer in snap.agents_in(subnet)? {
+            peers.insert(
+                peer.id.to_string(),
+                PeerAgent {
+                    agent_id: peer.id.to_string(),
+                    account_id: peer.account_id.to_string(),
+                    vpc_id: peer.vpc_id.to_string(),
+                    cert_sha256: peer.cert_sha256.clone(),
+                },
+            );
+        }
+    }
+    Ok(GatewayRole { peers: peers.into_values().collect(), resources })
+}
+
+/// A CHILD serves only while its GROUP exists and serves.
+fn group_serves(snap: &mut Snapshot<'_>, child: &ResourceConfiguration) -> Result<bool, StoreError> {
+    let Some(group_id) = &child.resource_configuration_group_id else {
+        return Ok(false);
+    };
+    let group: Option<ResourceConfiguration> = snap.tx.get_obj(group_id.as_str())?;
+    Ok(group.is_some_and(|g| g.config_type == ConfigurationType::Group && compiles(g.status)))
+}
+
+fn endpoint_role(snap: &mut Snapshot<'_>, agent: &Agent, zone: &str) -> Result<Vec<EndpointConfig>, StoreError> {
+    let endpoints: Vec<VpcEndpoint> = snap
+        .tx
+        .list_obj(&Filter { account_id: Some(agent.account_id.as_str()), reference: Some(agent.subnet_id.as_str()) })?;
+    let mut out = Vec::new();
+    for ep in endpoints {
+        if !endpoint_serves(ep.state) || !ep.subnet_ids.contains(&agent.subnet_id) {
+            continue;
+        }
+        // (address, dns names) of each resource of this endpoint in this subnet.
+        let mut here: BTreeMap<String, (Option<IpAddr>, BTreeSet<String>)> = BTreeMap::new();
+        for entry in ep.dns_entries.iter().filter(|e| e.subnet_id == agent.subnet_id) {
+            let slot = here.entry(entry.resource_configuration_id.to_string()).or_default();
+            if slot.0.is_none() {
+                slot.0 = entry.ip_addresses.first().copied();
+            }
+            slot.1.insert(entry.dns_name.clone());
+        }
+        let mut resources = Vec::new();
+        for (resource_id, (address, dns_names)) in here {
+            let Some(address) = address else { continue };
+            let Some(config) = snap.tx.get_obj::<ResourceConfiguration>(&resource_id)? else { continue };
+            if !config.is_resource() || !compiles(config.status) {
+                continue;
+            }
+            if config.config_type == ConfigurationType::Child && !group_serves(snap, &config)? {
+                continue;
+            }
+            // A revoked share stops the listeners too, not only the gateway.
+            if !snap.may_use(&ep, &config)? {
+                continue;
+            }
+            let Some(gw) = snap.tx.get_obj::<ResourceGateway>(config.resource_gateway_id.as_str())? else {
+                continue;
+            };
+            let gateways = gateway_targets(snap, &gw, zone)?;
+            resources.push(EndpointResource {
+                resource_configuration_id: resource_id,
+                address,
+                port_ranges: port_ranges(&config.port_ranges),
+                dns_names: dns_names.into_iter().collect(),
+                gateways,
+            });
+        }
+        if !resources.is_empty() {
+            out.push(EndpointConfig { vpc_endpoint_id: ep.id.to_string(), resources });
+        }
+    }
+    out.sort_by(|a, b| a.vpc_endpoint_id.cmp(&b.vpc_endpoint_id));
+    Ok(out)
+}
+
+/// The agents of `gw`'s subnets that advertise a tunnel address: own zone
+/// first, then online before offline, then by zone and id.
+fn gateway_targets(
+    snap: &mut Snapshot<'_>,
+    gw: &ResourceGateway,
+    zone: &str,
+) -> Result<Vec<GatewayTarget>, StoreError> {
+    if !compiles(gw.status) {
+        return Ok(Vec::new());
+    }
+    let mut agents = Vec::new();
+    for subnet in &gw.subnet_ids {
+        for a in snap.agents_in(subnet.as_str())? {
+            if a.account_id == gw.account_id && a.advertise.is_some() {
+                agents.push(a);
+            }
+        }
+    }
+    agents.sort_by(|a, b| {
+        let key = |x: &Agent| (x.zone != zone, x.status != AgentStatus::Online, x.zone.clone(), x.id.to_string());
+        key(a).cmp(&key(b))
+    });
+    agents.dedup_by(|a, b| a.id == b.id);
+    Ok(agents
+        .into_iter()
+        .map(|a| GatewayTarget {
+            server_name: agent_server_name(a.id.as_str()),
+            agent_id: a.id.to_string(),
+            address: a.advertise.clone().unwrap_or_default(),
+            zone: a.zone.clone(),
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agents::tests::*;
+    use trellis_model::{InvitationStatus, OrganizationId, ShareStatus};
+    use trellis_store::read_with;
+    use trellis_store::sqlite::SqliteStore;
+    use trellis_store::write_with;
+
+    fn compile_for(store: &SqliteStore, agent: &Agent) -> AgentConfig {
+        read_with(store, |tx| compile(tx, agent, REGION)).unwrap()
+    }
+
+    fn allowed(config: &AgentConfig) -> Vec<String> {
+        config.gateway.resources.iter().flat_map(|r| r.allowed.iter().map(|a| a.vpc_endpoint_id.clone())).collect()
+    }
+
+    fn change(store: &SqliteStore, mut f: impl FnMut(&mut dyn Tx) -> Result<(), StoreError>) {
+        write_with(store, |tx| f(tx)).unwrap();
+    }
+
+    #[test]
+    fn a_shared_and_accepted_resource_reaches_the_consumers_endpoint() {
+        let w = World::new();
+        let store = w.store();
+        let gw = compile_for(&store, &w.gw_agents[0]);
+        assert_eq!(gw.agent_id, w.gw_agents[0].id.as_str());
+        assert_eq!((gw.zone.as_str(), gw.address_pool.as_str(), gw.region.as_str()), ("z1", "10.0.9.0/24", REGION));
+        assert_eq!(gw.gateway.resources.len(), 1);
+        let db = &gw.gateway.resources[0];
+        assert_eq!(db.resource_configuration_id, w.db.id.as_str());
+        assert_eq!(db.resource_gateway_id, w.gateway.id.as_str());
+        assert_eq!(db.owner_account_id, w.owner.id.as_str());
+        assert_eq!(db.target, Target::Ip { address: "10.0.0.10".parse().unwrap() });
+        assert_eq!(db.port_ranges, vec![PortRange::single(5432).unwrap()]);
+        assert_eq!(
+            db.allowed,
+            vec![AllowedEndpoint {
+                vpc_endpoint_id: w.endpoint.id.to_string(),
+                consumer_account_id: w.consumer.id.to_string(),
+                consumer_vpc_id: w.consumer_vpc.id.to_string(),
+            }]
+        );
+        // Only the endpoint agents of the endpoint's subnet are peers.
+        let peers: Vec<_> = gw.gateway.peers.iter().map(|p| p.cert_sha256.as_str()).collect();
+        assert_eq!(peers, vec![w.consumer_agents[0].cert_sha256.as_str()]);
+        assert!(gw.endpoints.is_empty());
+        // The gateway agent of the other zone serves the same resource.
+        assert_eq!(allowed(&compile_for(&store, &w.gw_agents[1])), vec![w.endpoint.id.to_string()]);
+
+        let consumer = compile_for(&store, &w.consumer_agents[0]);
+        assert!(consumer.gateway.resources.is_empty() && consumer.gateway.peers.is_empty());
+        assert_eq!(consumer.endpoints.len(), 1);
+        let ep = &consumer.endpoints[0];
+        assert_eq!(ep.vpc_endpoint_id, w.endpoint.id.as_str());
+        let r = &ep.resources[0];
+        assert_eq!(r.resource_configuration_id, w.db.id.as_str());
+        assert_eq!(r.address, w.endpoint.dns_entries[0].ip_addresses[0]);
+        assert!(w.consumer_subnets[0].cidr_block.contains(match r.address {
+            std::net::IpAddr::V4(v4) => v4,
+            _ => panic!("an IPv4 pool address"),
+        }));
+        assert_eq!(r.dns_names, vec![format!("{}.{}.{REGION}.trellis.internal", w.endpoint.id, w.db.id)]);
+        assert_eq!(r.port_ranges, vec![PortRange::single(5432).unwrap()]);
+        let gws: Vec<_> =
+            r.gateways.iter().map(|g| (g.agent_id.as_str(), g.zone.as_str(), g.address.as_str())).collect();
+        assert_eq!(
+            gws,
+            vec![
+                (w.gw_agents[0].id.as_str(), "z1", "192.0.2.1:7443"),
+                (w.gw_agents[1].id.as_str(), "z2", "192.0.2.2:7443"),
+            ]
+        );
+        assert_eq!(r.gateways[0].server_name, agent_server_name(w.gw_agents[0].id.as_str()));
+        // The consumer agent of the other subnet has no endpoint.
+        assert!(compile_for(&store, &w.consumer_agents[1]).endpoints.is_empty());
+    }
+
+    #[test]
+    fn gateways_of_the_endpoint_agents_zone_come_first() {
+        let w = World::new();
+        // The same endpoint (same id), now in both consumer subnets.
+        let ep = endpoint(&w.consumer_vpc, &[&w.consumer_subnets[0], &w.consumer_subnets[1]], &w.db, &[&w.db], 1);
+        assert_eq!(ep.id, w.endpoint.id);
+        let store = w.store();
+        change(&store, |tx| tx.update_obj(&ep));
+        let z2 = compile_for(&store, &w.consumer_agents[1]);
+        let zones: Vec<_> = z2.endpoints[0].resources[0].gateways.iter().map(|g| g.zone.as_str()).collect();
+        assert_eq!(zones, vec!["z2", "z1"]);
+        // Both consumer agents are now peers of the gateway.
+        assert_eq!(compile_for(&store, &w.gw_agents[0]).gateway.peers.len(), 2);
+        // Within a zone, online agents come before offline ones.
+        let mut offline = w.gw_agents[1].clone();
+        offline.status = AgentStatus::Offline;
+        let mut second = agent(&w.owner_subnets[1], 9, Some("192.0.2.3:7443"));
+        second.status = AgentStatus::Online;
+        change(&store, |tx| {
+            tx.update_obj(&offline)?;
+            tx.insert_obj(&second)
+        });
+        let z2 = compile_for(&store, &w.consumer_agents[1]);
+        let order: Vec<_> = z2.endpoints[0].resources[0].gateways.iter().map(|g| g.agent_id.clone()).collect();
+        assert_eq!(order, vec![second.id.to_string(), offline.id.to_string(), w.gw_agents[0].id.to_string()]);
+    }
+
+    #[test]
+    fn without_a_share_the_gateway_allows_nobody() {
+        let w = World::new();
+        let store = w.store();
+        change(&store, |tx| {
+            tx.delete_obj::<ResourceShare>(w.share.id.as_str())?;
+            Ok(())
+        });
+        let gw = compile_for(&store, &w.gw_agents[0]);
+        assert!(allowed(&gw).is_empty(), "a deleted share revokes at once");
+        assert!(gw.gateway.peers.is_empty());
+        assert!(compile_for(&store, &w.consumer_agents[0]).endpoints.is_empty(), "and stops the listeners");
+    }
+
+    #[test]
+    fn pending_rejected_or_deleting_shares_allow_nobody() {
+        for status in [InvitationStatus::Pending, InvitationStatus::Rejected] {
+            let w = World::new();
+            let store = w.store();
+            let inv = ResourceShareInvitation { status, ..w.invitation.clone() };
+            change(&store, |tx| tx.update_obj(&inv));
+            assert!(allowed(&compile_for(&store, &w.gw_agents[0])).is_empty(), "{status:?}");
+            assert!(compile_for(&store, &w.consumer_agents[0]).endpoints.is_empty(), "{status:?}");
+        }
+        let w = World::new();
+        let store = w.store();
+        let deleting = ResourceShare { status: ShareStatus::Deleting, ..w.share.clone() };
+        change(&store, |tx| tx.update_obj(&deleting));
+        assert!(allowed(&compile_for(&store, &w.gw_agents[0])).is_empty());
+    }
+
+    #[test]
+    fn same_organization_needs_no_invitation() {
+        let w = World::new();
+        let store = w.store();
+        let org = OrganizationId::generate(&[42u8; 16]);
+        let owner = Account { organization_id: Some(org.clone()), ..w.owner.clone() };
+        let consumer = Account { organization_id: Some(org), ..w.consumer.clone() };
+        change(&store, |tx| {
+            tx.delete_obj::<ResourceShareInvitation>(w.invitation.id.as_str())?;
+            tx.update_obj(&owner)?;
+            tx.update_obj(&consumer)
+        });
+        assert_eq!(allowed(&compile_for(&store, &w.gw_agents[0])), vec![w.endpoint.id.to_string()]);
+    }
+
+    #[test]
+    fn the_owners_own_endpoint_needs_no_share() {
+        let w = World::new();
+        let store = w.store();
+        let own = endpoint(&w.owner_vpc, &[&w.owner_subnets[1]], &w.db, &[&w.db], 2);
+        change(&store, |tx| {
+            tx.delete_obj::<ResourceShare>(w.share.id.as_str())?;
+            tx.insert_obj(&own)
+        });
+        let gw = compile_for(&store, &w.gw_agents[0]);
+        assert_eq!(allowed(&gw), vec![own.id.to_string()]);
+        let peers: Vec<_> = gw.gateway.peers.iter().map(|p| p.agent_id.as_str()).collect();
+        assert_eq!(peers, vec![w.gw_agents[1].id.as_str()], "the owner's agent in the endpoint's subnet");
+        // That agent plays both roles.
+        let both = compile_for(&store, &w.gw_agents[1]);
+        assert_eq!(both.endpoints.len(), 1);
+        assert_eq!(both.gateway.resources.len(), 1);
+    }
+
+    #[test]
+    fn deleting_or_rejected_endpoints_leave_both_roles() {
+        for state in [EndpointState::Deleting, EndpointState::Rejected] {
+            let w = World::new();
+            let store = w.store();
+            let ep = VpcEndpoint { state, ..w.endpoint.clone() };
+            change(&store, |tx| tx.update_obj(&ep));
+            assert!(allowed(&compile_for(&store, &w.gw_agents[0])).is_empty());
+            assert!(compile_for(&store, &w.consumer_agents[0]).endpoints.is_empty());
+        }
+    }
+
+    #[test]
+    fn a_group_endpoint_serves_each_child_with_its_own_address() {
+        let w = World::new();
+        let store = w.store();
+        let group = configuration(&w.gateway, 10, ConfigurationType::Group, None, None, &["1-65535"]);
+        let dns = Some(ResourceDefinition::DnsResource(trellis_model::DnsResource {
+            domain_name: "cache.internal".into(),
+            ip_address_type: trellis_model::IpAddressType::Ipv4,
+        }));
+        let child_a = configuration(&w.gateway, 11, ConfigurationType::Child, Some(&group), dns, &["6379"]);
+        let child_b = configuration(&w.gateway, 12, ConfigurationType::Child, Some(&group), ip("10.0.0.11"), &["80"]);
+        let group_share = share(&w.owner, &[&group], &w.consumer, 2);
+        let inv = invitation(&group_share, &w.consumer, InvitationStatus::Accepted, 2);
+        let ep = endpoint(&w.consumer_vpc, &[&w.consumer_subnets[0]], &group, &[&child_a, &child_b], 3);
+        change(&store, |tx| {
+            tx.insert_obj(&group)?;
+            tx.insert_obj(&child_a)?;
+            tx.insert_obj(&child_b)?;
+            tx.insert_obj(&group_share)?;
+            tx.insert_obj(&inv)?;
+            tx.insert_obj(&ep)
+        });
+        let gw = compile_for(&store, &w.gw_agents[0]);
+        let ids: Vec<_> = gw.gateway.resources.iter().map(|r| r.resource_configuration_id.as_str()).collect();
+        assert!(!ids.contains(&group.id.as_str()), "a GROUP is not a resource");
+        let a = gw.gateway.resources.iter().find(|r| r.resource_configuration_id == child_a.id.as_str()).unwrap();
+        assert_eq!(a.target, Target::Dns { domain_name: "cache.internal".into() });
+        assert_eq!(a.allowed.len(), 1);
+        assert_eq!(a.allowed[0].vpc_endpoint_id, ep.id.as_str());
+
+        let consumer = compile_for(&store, &w.consumer_agents[0]);
+        let group_ep = consumer.endpoints.iter().find(|e| e.vpc_endpoint_id == ep.id.as_str()).unwrap();
+        assert_eq!(group_ep.resources.len(), 2);
+        assert_ne!(group_ep.resources[0].address, group_ep.resources[1].address);
+        let ports: Vec<_> = group_ep.resources.iter().map(|r| r.port_ranges[0].to_string()).collect();
+        assert!(ports.contains(&"6379".to_string()) && ports.contains(&"80".to_string()));
+
+        // Unsharing the group revokes every child.
+        change(&store, |tx| {
+            tx.delete_obj::<ResourceShare>(group_share.id.as_str())?;
+            Ok(())
+        });
+        let gw = compile_for(&store, &w.gw_agents[0]);
+        for child in [&child_a, &child_b] {
+            let r = gw.gateway.resources.iter().find(|r| r.resource_configuration_id == child.id.as_str()).unwrap();
+            assert!(r.allowed.is_empty());
+        }
+        let consumer = compile_for(&store, &w.consumer_agents[0]);
+        assert!(consumer.endpoints.iter().all(|e| e.vpc_endpoint_id != ep.id.as_str()));
+    }
+
+    #[test]
+    fn equal_state_compiles_to_equal_configs() {
+        let w = World::new();
+        let store = w.store();
+        for agent in w.gw_agents.iter().chain(&w.consumer_agents) {
+            assert_eq!(compile_for(&store, agent), compile_for(&store, agent));
+        }
+    }
+}

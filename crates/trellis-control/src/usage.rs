@@ -1,0 +1,103 @@
+//! `GET /v1/resourceconfigurations/{id}/usage`: who uses the owner's resource.
+//!
+//! Sums the counters gateway agents report (see `agents::report`) per
+//! consumer account, endpoint and resource, over agents and boots. Totals,
+//! rejections and bytes add up across boots; active connections count only
+//! from an agent's current boot while it is ONLINE, since a restarted or
+//! silent agent's old connections are gone. Only the owner may ask; anyone
+//! else gets the same 404 as for an unknown configuration.
+
+use std::collections::{BTreeMap, HashMap};
+
+use axum::Router;
+use axum::extract::State;
+use axum::routing::get;
+use serde::{Deserialize, Serialize};
+use trellis_model::{Agent, AgentStatus, Id, ResourceConfiguration, ResourceConfigurationId};
+use trellis_store::{Filter, Tx, TxExt};
+
+use crate::agents::records::{AgentRuntime, UsageRecord};
+use crate::api::{Json, PathId, get_owned, path_id};
+use crate::auth::AccountAuth;
+use crate::error::ApiError;
+use crate::state::AppState;
+
+/// Routes of usage reporting.
+pub fn router() -> Router<AppState> {
+    Router::new().route("/v1/resourceconfigurations/{id}/usage", get(usage))
+}
+
+/// Usage of one resource by one endpoint.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UsageItem {
+    pub consumer_account_id: String,
+    pub vpc_endpoint_id: String,
+    pub resource_configuration_id: String,
+    pub active_connections: u64,
+    pub total_connections: u64,
+    pub rejected_connections: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+}
+
+/// The answer of the usage route.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UsageReport {
+    pub resource_configuration_id: String,
+    pub items: Vec<UsageItem>,
+}
+
+/// Sums the usage of `config` (and, for a GROUP, of its children).
+pub fn aggregate(tx: &mut dyn Tx, config: &ResourceConfiguration) -> Result<UsageReport, ApiError> {
+    let records: Vec<UsageRecord> =
+        tx.list_obj(&Filter { account_id: Some(config.account_id.as_str()), reference: Some(config.id.as_str()) })?;
+    // Per agent: the boot whose active connections count now (None: none count).
+    let mut live_boot: HashMap<String, Option<String>> = HashMap::new();
+    let mut items: BTreeMap<(String, String, String), UsageItem> = BTreeMap::new();
+    for r in records {
+        let agent_id = r.agent_id.to_string();
+        if !live_boot.contains_key(&agent_id) {
+            let online = tx.get_obj::<Agent>(&agent_id)?.is_some_and(|a| a.status == AgentStatus::Online);
+            let boot = match online {
+                true => tx.get_obj::<AgentRuntime>(&agent_id)?.and_then(|rt| rt.boot_id),
+                false => None,
+            };
+            live_boot.insert(agent_id.clone(), boot);
+        }
+        let live = live_boot[&agent_id].as_deref() == Some(r.boot_id.as_str());
+        let key =
+            (r.consumer_account_id.to_string(), r.vpc_endpoint_id.to_string(), r.resource_configuration_id.to_string());
+        let item = items.entry(key.clone()).or_insert_with(|| UsageItem {
+            consumer_account_id: key.0,
+            vpc_endpoint_id: key.1,
+            resource_configuration_id: key.2,
+            ..UsageItem::default()
+        });
+        if live {
+            item.active_connections = item.active_connections.saturating_add(r.active_connections);
+        }
+        item.total_connections = item.total_connections.saturating_add(r.total_connections);
+        item.rejected_connections = item.rejected_connections.saturating_add(r.rejected_connections);
+        item.bytes_in = item.bytes_in.saturating_add(r.bytes_in);
+        item.bytes_out = item.bytes_out.saturating_add(r.bytes_out);
+    }
+    Ok(UsageReport { resource_configuration_id: config.id.to_string(), items: items.into_values().collect() })
+}
+
+async fn usage(
+    State(state): State<AppState>,
+    AccountAuth(account): AccountAuth,
+    PathId(raw): PathId,
+) -> Result<Json<UsageReport>, ApiError> {
+    let id: ResourceConfigurationId = path_id(&raw)?;
+    let report = state
+        .read(move |tx| {
+            let config =
+                get_owned::<ResourceConfiguration>(tx, &account.id, id.as_str(), ResourceConfigurationId::KIND)?;
+            aggregate(tx, &config)
+        })
+        .await?;
+    Ok(Json(report))
+}
