@@ -1,0 +1,504 @@
+//! The command line: every subcommand and flag, parsed with clap.
+//!
+//! Parsing validates everything that can be checked without the network (URLs,
+//! socket addresses, join tokens, port ranges), so a bad flag fails before any
+//! port is bound. Nothing here does I/O.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use reqwest::Url;
+use trellis_proto::join_token::JoinToken;
+
+use crate::nouns::{
+    AccountVerb, AgentTokenVerb, AgentVerb, InvitationVerb, OrganizationVerb, ResourceConfigurationVerb,
+    ResourceGatewayVerb, ResourceShareVerb, SubnetVerb, VpcEndpointVerb, VpcVerb,
+};
+use crate::secret::ApiKey;
+
+/// Trellis: private connectivity to resources in any network (PrivateLink / VPC Lattice "resources").
+#[derive(Debug, Parser)]
+#[command(name = "trellis", version, propagate_version = true, max_term_width = 120)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+const GLOBAL: &str = "Global options";
+
+/// Flags every API verb uses to reach the control plane.
+#[derive(Debug, Args)]
+pub struct GlobalArgs {
+    /// Control-plane URL, e.g. https://127.0.0.1:8443
+    #[arg(long, env = "TRELLIS_URL", global = true, help_heading = GLOBAL, value_name = "URL", value_parser = parse_url)]
+    pub url: Option<Url>,
+
+    /// API key of the account to act as (printed by `trellis server` or `trellis account create`)
+    #[arg(long, env = "TRELLIS_API_KEY", global = true, help_heading = GLOBAL, hide_env_values = true, value_name = "KEY")]
+    pub api_key: Option<ApiKey>,
+
+    /// PEM file of the control plane's CA (DATA_DIR/ca.pem); required for https URLs
+    #[arg(long, env = "TRELLIS_CA_CERT", global = true, help_heading = GLOBAL, value_name = "FILE")]
+    pub ca_cert: Option<PathBuf>,
+
+    /// How to print answers: human tables, or the API's JSON unchanged
+    #[arg(long, short = 'o', env = "TRELLIS_OUTPUT", global = true, help_heading = GLOBAL, value_enum, default_value_t = OutputFormat::Table)]
+    pub output: OutputFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    /// Human-readable tables
+    Table,
+    /// The API's JSON body, unchanged
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the control plane (API, CA, store)
+    Server(ServerArgs),
+    /// Run an agent (`trellis agent --control-plane …`), or manage enrolled agents (`trellis agent list`)
+    Agent(AgentCommand),
+    /// Run a control plane, an owner agent and a consumer agent in one process, with a demo share
+    Dev(DevArgs),
+    /// Print the version
+    Version,
+    /// Accounts and their API keys (admin)
+    #[command(subcommand)]
+    Account(AccountVerb),
+    /// Organizations: accounts whose shares need no invitation (admin)
+    #[command(subcommand)]
+    Organization(OrganizationVerb),
+    /// VPCs: networks where agents run
+    #[command(subcommand)]
+    Vpc(VpcVerb),
+    /// Subnets: one zone of a VPC and its endpoint address pool
+    #[command(subcommand)]
+    Subnet(SubnetVerb),
+    /// Single-use join tokens that enroll agents into a subnet
+    #[command(subcommand)]
+    AgentToken(AgentTokenVerb),
+    /// Resource gateways: points of ingress into an owner VPC
+    #[command(subcommand)]
+    ResourceGateway(ResourceGatewayVerb),
+    /// Resource configurations: the resources (ip or DNS name, ports) behind a gateway
+    #[command(subcommand)]
+    ResourceConfiguration(ResourceConfigurationVerb),
+    /// Resource shares: share resource configurations with other accounts
+    #[command(subcommand)]
+    ResourceShare(ResourceShareVerb),
+    /// Resource share invitations received (or sent)
+    #[command(subcommand)]
+    Invitation(InvitationVerb),
+    /// VPC endpoints: a consumer's addresses and DNS names for a shared resource
+    #[command(subcommand)]
+    VpcEndpoint(VpcEndpointVerb),
+}
+
+/// `trellis server`.
+#[derive(Debug, Args)]
+pub struct ServerArgs {
+    /// Address for the HTTPS API
+    #[arg(long, env = "TRELLIS_LISTEN", value_name = "ADDR", default_value = "127.0.0.1:8443")]
+    pub listen: SocketAddr,
+
+    /// Directory for the store, the CA and the admin key (created when missing)
+    #[arg(long, env = "TRELLIS_DATA_DIR", value_name = "DIR")]
+    pub data_dir: PathBuf,
+
+    /// Region named in ARNs and DNS names
+    #[arg(long, env = "TRELLIS_REGION", value_name = "REGION", default_value = "local", value_parser = parse_region)]
+    pub region: String,
+
+    /// Extra DNS name or IP address for the server certificate (repeatable; the listen address is always included)
+    #[arg(long = "tls-name", env = "TRELLIS_TLS_NAME", value_name = "NAME", value_delimiter = ',')]
+    pub tls_names: Vec<String>,
+}
+
+/// `trellis agent`: with a verb it manages agents through the API; without one it runs an agent.
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub struct AgentCommand {
+    #[command(subcommand)]
+    pub verb: Option<AgentVerb>,
+
+    #[command(flatten)]
+    pub run: AgentRunArgs,
+}
+
+/// The flags of a running agent. Required ones are `Option` so that `trellis agent list`
+/// parses without them; [`AgentRunArgs::validate`] turns them into [`AgentRunConfig`].
+#[derive(Debug, Args)]
+pub struct AgentRunArgs {
+    /// Control-plane URL, e.g. https://cp.example:8443
+    #[arg(long, env = "TRELLIS_CONTROL_PLANE", value_name = "URL", required = true, value_parser = parse_url)]
+    pub control_plane: Option<Url>,
+
+    /// Join token from `trellis agent-token create`; needed on the first start only (later starts use the state dir)
+    #[arg(long, env = "TRELLIS_JOIN_TOKEN", value_name = "TOKEN", hide_env_values = true)]
+    pub join_token: Option<JoinToken>,
+
+    /// Directory for the agent's key, certificate and last config (created when missing)
+    #[arg(long, env = "TRELLIS_STATE_DIR", value_name = "DIR", required = true)]
+    pub state_dir: Option<PathBuf>,
+
+    /// Address where this agent accepts tunnels from endpoint agents (gateway role)
+    #[arg(long, env = "TRELLIS_TUNNEL_LISTEN", value_name = "ADDR", default_value = "0.0.0.0:7443")]
+    pub tunnel_listen: SocketAddr,
+
+    /// host:port where endpoint agents reach the tunnel listener (default: the tunnel listen address)
+    #[arg(long, env = "TRELLIS_ADVERTISE", value_name = "HOST:PORT", value_parser = parse_host_port)]
+    pub advertise: Option<String>,
+
+    /// Address for the DNS server answering endpoint names (off when not set)
+    #[arg(long, env = "TRELLIS_DNS_LISTEN", value_name = "ADDR")]
+    pub dns_listen: Option<SocketAddr>,
+
+    /// DNS server to forward other names to (default: the first nameserver in /etc/resolv.conf)
+    #[arg(long, env = "TRELLIS_DNS_UPSTREAM", value_name = "ADDR")]
+    pub dns_upstream: Option<SocketAddr>,
+
+    /// Address for Prometheus /metrics (off when not set)
+    #[arg(long, env = "TRELLIS_METRICS_LISTEN", value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
+
+    /// Add endpoint addresses to the host's interfaces (needs CAP_NET_ADMIN)
+    #[arg(long, env = "TRELLIS_MANAGE_ROUTES")]
+    pub manage_routes: bool,
+
+    /// How often to report listener state and usage to the control plane
+    #[arg(long, env = "TRELLIS_REPORT_INTERVAL", value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
+    pub report_interval: Duration,
+}
+
+/// A running agent's configuration after validation.
+#[derive(Debug, Clone)]
+pub struct AgentRunConfig {
+    pub control_plane: Url,
+    pub join_token: Option<JoinToken>,
+    pub state_dir: PathBuf,
+    pub tunnel_listen: SocketAddr,
+    pub advertise: Option<String>,
+    pub dns_listen: Option<SocketAddr>,
+    pub dns_upstream: Option<SocketAddr>,
+    pub metrics_listen: Option<SocketAddr>,
+    pub manage_routes: bool,
+    pub report_interval: Duration,
+}
+
+impl AgentRunArgs {
+    /// Checks the required flags (clap enforces them too; this keeps the types honest).
+    pub fn validate(self) -> Result<AgentRunConfig, String> {
+        let missing = |flag: &str, env: &str| format!("`trellis agent` needs --{flag} (or {env})");
+        Ok(AgentRunConfig {
+            control_plane: self.control_plane.ok_or_else(|| missing("control-plane", "TRELLIS_CONTROL_PLANE"))?,
+            join_token: self.join_token,
+            state_dir: self.state_dir.ok_or_else(|| missing("state-dir", "TRELLIS_STATE_DIR"))?,
+            tunnel_listen: self.tunnel_listen,
+            advertise: self.advertise,
+            dns_listen: self.dns_listen,
+            dns_upstream: self.dns_upstream,
+            metrics_listen: self.metrics_listen,
+            manage_routes: self.manage_routes,
+            report_interval: self.report_interval,
+        })
+    }
+}
+
+/// `trellis dev`.
+#[derive(Debug, Args)]
+pub struct DevArgs {
+    /// Loopback address for the control plane's API
+    #[arg(long, env = "TRELLIS_DEV_LISTEN", value_name = "ADDR", default_value = "127.0.0.1:0", value_parser = parse_loopback)]
+    pub listen: SocketAddr,
+
+    /// Share this HOST:PORT (e.g. a local PostgreSQL at 127.0.0.1:5432) instead of the built-in demo service
+    #[arg(long, env = "TRELLIS_DEV_SHARE", value_name = "HOST:PORT", value_parser = parse_share_target)]
+    pub share: Option<ShareTarget>,
+
+    /// Directory for the control plane's and agents' state (default: a temporary directory removed on exit)
+    #[arg(long, env = "TRELLIS_DEV_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+}
+
+/// What `trellis dev --share` points the resource configuration at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShareTarget {
+    pub host: ShareHost,
+    pub port: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ShareHost {
+    Ip(std::net::IpAddr),
+    Dns(String),
+}
+
+fn parse_url(s: &str) -> Result<Url, String> {
+    let url = Url::parse(s).map_err(|e| format!("{s:?} is not a URL ({e}); write e.g. https://127.0.0.1:8443"))?;
+    match url.scheme() {
+        "http" | "https" => {}
+        other => return Err(format!("URL scheme {other:?} is not supported; use https:// (or http://)")),
+    }
+    if url.host().is_none() {
+        return Err(format!("{s:?} has no host; write e.g. https://127.0.0.1:8443"));
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(format!("{s:?} must not have a query or fragment"));
+    }
+    Ok(url)
+}
+
+fn parse_region(s: &str) -> Result<String, String> {
+    trellis_model::validate_region(s).map(|()| s.to_string()).map_err(|e| e.to_string())
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| format!("{s:?} is not a duration ({e}); write e.g. 10s or 1m"))?;
+    if d.is_zero() {
+        return Err("the duration must be greater than zero".into());
+    }
+    Ok(d)
+}
+
+/// `host:port` with a non-empty host and a port in 1-65535; `[v6]:port` allowed.
+fn parse_host_port(s: &str) -> Result<String, String> {
+    let err = || format!("{s:?} is not HOST:PORT (e.g. gw1.example.net:7443 or 10.0.0.5:7443)");
+    let (host, port) = s.rsplit_once(':').ok_or_else(err)?;
+    let port: u16 = port.parse().map_err(|_| err())?;
+    let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+    if port == 0 || host.is_empty() || host.contains(char::is_whitespace) {
+        return Err(err());
+    }
+    if host.contains(':') && host.parse::<std::net::Ipv6Addr>().is_err() {
+        return Err(err());
+    }
+    Ok(s.to_string())
+}
+
+fn parse_share_target(s: &str) -> Result<ShareTarget, String> {
+    parse_host_port(s)?;
+    // parse_host_port checked the shape: a ':' and a port in 1-65535.
+    let (host, port) = s.rsplit_once(':').ok_or("missing port")?;
+    let port: u16 = port.parse().map_err(|_| "bad port".to_string())?;
+    let bare = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+    let host = match bare.parse() {
+        Ok(ip) => ShareHost::Ip(ip),
+        Err(_) => ShareHost::Dns(bare.to_string()),
+    };
+    Ok(ShareTarget { host, port })
+}
+
+fn parse_loopback(s: &str) -> Result<SocketAddr, String> {
+    let addr: SocketAddr = s.parse().map_err(|e| format!("{s:?} is not an address like 127.0.0.1:0 ({e})"))?;
+    if !addr.ip().is_loopback() {
+        return Err(format!("{s:?} is not a loopback address; dev mode listens on 127.0.0.1 or ::1 only"));
+    }
+    Ok(addr)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("trellis").chain(args.iter().copied()))
+    }
+
+    const TOKEN: &str = "trellis1.jt-0123456789abcdef.\
+        aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa.\
+        bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb";
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn top_level_help_mentions_every_noun() {
+        let help = Cli::command().render_help().to_string();
+        for noun in [
+            "server",
+            "agent",
+            "dev",
+            "version",
+            "account",
+            "organization",
+            "vpc",
+            "subnet",
+            "agent-token",
+            "resource-gateway",
+            "resource-configuration",
+            "resource-share",
+            "invitation",
+            "vpc-endpoint",
+        ] {
+            assert!(help.contains(&format!("  {noun} ")), "`trellis --help` does not mention {noun}:\n{help}");
+        }
+    }
+
+    #[test]
+    fn server_parses_listen_data_dir_region_and_tls_names() {
+        let cli = parse(&[
+            "server",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            "/tmp/x",
+            "--region",
+            "eu-1",
+            "--tls-name",
+            "cp.example",
+            "--tls-name",
+            "10.0.0.1",
+        ])
+        .unwrap();
+        let Command::Server(s) = cli.command else { panic!("not server") };
+        assert_eq!(s.listen, "127.0.0.1:0".parse().unwrap());
+        assert_eq!(s.region, "eu-1");
+        assert_eq!(s.tls_names, ["cp.example", "10.0.0.1"]);
+    }
+
+    #[test]
+    fn server_rejects_a_bad_listen_address_and_region() {
+        assert!(parse(&["server", "--listen", "nonsense", "--data-dir", "/tmp/x"]).is_err());
+        assert!(parse(&["server", "--data-dir", "/tmp/x", "--region", "EU_1"]).is_err());
+        assert!(parse(&["server", "--data-dir", "/tmp/x", "--region", "1eu"]).is_err());
+        assert!(parse(&["server"]).is_err(), "--data-dir is required");
+    }
+
+    #[test]
+    fn agent_run_parses_every_flag() {
+        let cli = parse(&[
+            "agent",
+            "--control-plane",
+            "https://127.0.0.1:8443",
+            "--join-token",
+            TOKEN,
+            "--state-dir",
+            "/tmp/a",
+            "--tunnel-listen",
+            "127.0.0.1:0",
+            "--advertise",
+            "gw.example:7443",
+            "--dns-listen",
+            "127.0.0.1:0",
+            "--dns-upstream",
+            "127.0.0.53:53",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--manage-routes",
+            "--report-interval",
+            "2s",
+        ])
+        .unwrap();
+        let Command::Agent(AgentCommand { verb: None, run }) = cli.command else { panic!("not agent run") };
+        let cfg = run.validate().unwrap();
+        assert_eq!(cfg.control_plane.as_str(), "https://127.0.0.1:8443/");
+        assert_eq!(cfg.join_token.unwrap().token_id, "jt-0123456789abcdef");
+        assert_eq!(cfg.advertise.as_deref(), Some("gw.example:7443"));
+        assert!(cfg.manage_routes);
+        assert_eq!(cfg.report_interval, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn agent_run_rejects_a_malformed_join_token_before_starting() {
+        let err = parse(&["agent", "--control-plane", "https://h:1", "--join-token", "abc", "--state-dir", "/tmp/a"])
+            .unwrap_err();
+        assert!(err.to_string().contains("join token is malformed"), "{err}");
+    }
+
+    #[test]
+    fn agent_run_requires_control_plane_and_state_dir_but_not_a_token() {
+        let err = parse(&["agent", "--state-dir", "/tmp/a"]).unwrap_err();
+        assert_eq!(err.kind(), clap::error::ErrorKind::MissingRequiredArgument);
+        let err = parse(&["agent", "--control-plane", "https://h:1"]).unwrap_err();
+        assert_eq!(err.kind(), clap::error::ErrorKind::MissingRequiredArgument);
+        // A restart reuses the identity in the state directory.
+        let cli = parse(&["agent", "--control-plane", "https://h:1", "--state-dir", "/tmp/a"]).unwrap();
+        let Command::Agent(AgentCommand { run, .. }) = cli.command else { panic!("not agent") };
+        assert!(run.validate().unwrap().join_token.is_none());
+    }
+
+    #[test]
+    fn agent_verbs_parse_without_run_flags() {
+        for args in [&["agent", "list"][..], &["agent", "get", "agent-1"], &["agent", "delete", "agent-1"]] {
+            let cli = parse(args).unwrap();
+            assert!(matches!(cli.command, Command::Agent(AgentCommand { verb: Some(_), .. })), "{args:?}");
+        }
+    }
+
+    #[test]
+    fn bad_advertise_and_urls_are_rejected() {
+        for bad in ["nohost", "host:0", ":80", "host:99999", "a:b:c"] {
+            assert!(parse_host_port(bad).is_err(), "{bad}");
+        }
+        assert!(parse_host_port("[::1]:7443").is_ok());
+        assert!(parse_url("ftp://x").is_err());
+        assert!(parse_url("not a url").is_err());
+        assert!(parse_url("https://127.0.0.1:8443").is_ok());
+    }
+
+    #[test]
+    fn dev_defaults_and_share_targets() {
+        let cli = parse(&["dev"]).unwrap();
+        let Command::Dev(d) = cli.command else { panic!("not dev") };
+        assert!(d.listen.ip().is_loopback());
+        assert_eq!(d.share, None);
+
+        let Command::Dev(d) = parse(&["dev", "--share", "127.0.0.1:5432"]).unwrap().command else { panic!() };
+        assert_eq!(d.share, Some(ShareTarget { host: ShareHost::Ip([127, 0, 0, 1].into()), port: 5432 }));
+        let Command::Dev(d) = parse(&["dev", "--share", "db.local:6379"]).unwrap().command else { panic!() };
+        assert_eq!(d.share, Some(ShareTarget { host: ShareHost::Dns("db.local".into()), port: 6379 }));
+
+        assert!(parse(&["dev", "--listen", "0.0.0.0:0"]).is_err(), "dev mode stays on loopback");
+    }
+
+    #[test]
+    fn global_flags_are_accepted_after_the_verb() {
+        let cli =
+            parse(&["vpc", "list", "--output", "json", "--url", "https://127.0.0.1:1", "--api-key", "k"]).unwrap();
+        assert_eq!(cli.global.output, OutputFormat::Json);
+        assert_eq!(cli.global.url.unwrap().as_str(), "https://127.0.0.1:1/");
+        assert_eq!(format!("{:?}", cli.global.api_key.unwrap()), "***");
+    }
+
+    /// docs/cli.md is the CLI reference: it must name every command and flag.
+    #[test]
+    fn cli_reference_mentions_every_command_and_flag() {
+        let doc = include_str!("../../../docs/cli.md");
+        fn walk(cmd: &clap::Command, path: &str, doc: &str, missing: &mut Vec<String>) {
+            for arg in cmd.get_arguments() {
+                if let Some(long) = arg.get_long()
+                    && !["help", "version"].contains(&long)
+                    && !doc.contains(&format!("`--{long}"))
+                {
+                    missing.push(format!("{path} --{long}"));
+                }
+            }
+            for sub in cmd.get_subcommands().filter(|s| s.get_name() != "help") {
+                let name = sub.get_name();
+                let mentioned = doc.contains(&format!("`{name}")) || doc.contains(&format!("trellis {name}"));
+                if !mentioned {
+                    missing.push(format!("{path} {name}"));
+                }
+                walk(sub, &format!("{path} {name}"), doc, missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&Cli::command(), "trellis", doc, &mut missing);
+        assert!(missing.is_empty(), "docs/cli.md does not mention: {missing:?}");
+    }
+
+    #[test]
+    fn version_parses() {
+        assert!(matches!(parse(&["version"]).unwrap().command, Command::Version));
+    }
+}

@@ -1,0 +1,140 @@
+//! The built-in service `trellis dev` shares when no `--share` is given: a TCP
+//! server that answers every line with a greeting and the line, so `nc` shows
+//! the whole path working. It binds loopback only.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Prefix of every answer.
+pub const GREETING: &str = "hello from the trellis demo service, you said: ";
+/// Longest line answered; a longer one closes the connection.
+const MAX_LINE: u64 = 64 * 1024;
+/// Connections served at once; more wait for a slot.
+const MAX_CONNECTIONS: usize = 256;
+/// A connection with no line for this long is closed.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The running demo service. Dropping it does not stop it; call [`DemoService::stop`].
+pub struct DemoService {
+    addr: SocketAddr,
+    cancel: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl DemoService {
+    /// Binds `addr` (use port 0) and starts answering.
+    pub async fn start(addr: SocketAddr) -> std::io::Result<Self> {
+        let listener = TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let cancel = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        tasks.spawn(accept_loop(listener, cancel.clone(), tasks.clone()));
+        Ok(Self { addr, cancel, tasks })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stops accepting, closes open connections and waits for their tasks.
+    pub async fn stop(self) {
+        self.cancel.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+}
+
+async fn accept_loop(listener: TcpListener, cancel: CancellationToken, tasks: TaskTracker) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let permit = tokio::select! {
+            () = cancel.cancelled() => return,
+            permit = slots.clone().acquire_owned() => match permit {
+                Ok(p) => p,
+                Err(_) => return, // the semaphore is never closed
+            },
+        };
+        let stream = tokio::select! {
+            () = cancel.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    tracing::debug!("demo service: accept failed: {e}");
+                    continue;
+                }
+            },
+        };
+        let cancel = cancel.clone();
+        tasks.spawn(async move {
+            tokio::select! {
+                () = cancel.cancelled() => {}
+                result = serve(stream) => if let Err(e) = result {
+                    tracing::debug!("demo service: connection ended: {e}");
+                },
+            }
+            drop(permit);
+        });
+    }
+}
+
+async fn serve(stream: TcpStream) -> std::io::Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut lines = BufReader::new(read);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        let mut limited = (&mut lines).take(MAX_LINE);
+        let n = match tokio::time::timeout(IDLE_TIMEOUT, limited.read_until(b'\n', &mut line)).await {
+            Ok(n) => n?,
+            Err(_) => break, // idle
+        };
+        if n == 0 {
+            break; // the client closed its side
+        }
+        if !line.ends_with(b"\n") && n as u64 >= MAX_LINE {
+            write.write_all(b"line too long\n").await?;
+            break;
+        }
+        let text = String::from_utf8_lossy(&line);
+        let text = text.trim_end_matches(['\r', '\n']);
+        write.write_all(format!("{GREETING}{text}\n").as_bytes()).await?;
+    }
+    write.shutdown().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn answers_each_line_and_closes_when_the_client_does() {
+        let demo = DemoService::start("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let mut conn = TcpStream::connect(demo.local_addr()).await.unwrap();
+        conn.write_all(b"hi\nthere\r\n").await.unwrap();
+        conn.shutdown().await.unwrap();
+        let mut answer = String::new();
+        tokio::time::timeout(Duration::from_secs(10), conn.read_to_string(&mut answer)).await.unwrap().unwrap();
+        assert_eq!(answer, format!("{GREETING}hi\n{GREETING}there\n"));
+        demo.stop().await;
+    }
+
+    #[tokio::test]
+    async fn stop_closes_open_connections() {
+        let demo = DemoService::start("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let mut conn = TcpStream::connect(demo.local_addr()).await.unwrap();
+        conn.write_all(b"x\n").await.unwrap();
+        let mut buf = vec![0u8; GREETING.len() + 2];
+        conn.read_exact(&mut buf).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(10), demo.stop()).await.unwrap();
+        let mut rest = Vec::new();
+        let n = tokio::time::timeout(Duration::from_secs(10), conn.read_to_end(&mut rest)).await.unwrap();
+        assert!(n.is_err() || rest.is_empty(), "the connection is closed after stop");
+    }
+}

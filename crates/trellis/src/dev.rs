@@ -1,0 +1,606 @@
+//! `trellis dev`: a whole Trellis on loopback in one process, for a first look.
+//!
+//! It starts a control plane, then acts as three API users through the real
+//! HTTP API: the admin creates an owner account (a customer that owns a
+//! resource) and a consumer account (a SaaS provider that needs to reach it);
+//! the owner enrolls a gateway agent, creates a resource gateway, a resource
+//! configuration and a share; the consumer enrolls an endpoint agent, accepts
+//! the invitation and creates a resource endpoint. When the endpoint is
+//! Available it prints how to use it, then runs until Ctrl-C.
+//!
+//! Everything binds 127.0.0.0/8 only. Objects are created through the public
+//! API alone, so every step can be repeated with the CLI.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use serde_json::{Value, json};
+use tokio::time::Instant;
+
+use crate::cli::{DevArgs, OutputFormat, ShareHost, ShareTarget};
+use crate::client::{ApiClient, ApiRequest, CaSource};
+use crate::demo_service::DemoService;
+use crate::nouns::encode_segment;
+use crate::run_agent::{AgentHandle, AgentRole};
+use crate::run_server::ServerHandle;
+use crate::secret::ApiKey;
+
+const OWNER_ACCOUNT: &str = "acme-saas-customer";
+const CONSUMER_ACCOUNT: &str = "acme-saas-provider";
+const ZONE: &str = "z1";
+const OWNER_POOL: &str = "127.77.1.0/24";
+const CONSUMER_POOL: &str = "127.77.0.0/24";
+const REGION: &str = "local";
+/// How long one step (a gateway turning ACTIVE, an endpoint turning Available) may take.
+const STEP_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Runs dev mode until Ctrl-C or SIGTERM, then stops everything it started.
+pub async fn run(args: DevArgs, output: OutputFormat) -> Result<()> {
+    let data = DataDir::prepare(args.data_dir.clone())?;
+    let mut parts = Parts::default();
+    let result = tokio::select! {
+        result = set_up(&args, data.path(), &mut parts) => match result {
+            Ok(summary) => {
+                print_summary(&summary, output);
+                parts.run_until_stopped().await
+            }
+            Err(e) => Err(e),
+        },
+        () = crate::shutdown::signal() => Ok(()),
+    };
+    if output == OutputFormat::Table {
+        eprintln!("Stopping… (Ctrl-C again to exit at once)");
+    }
+    crate::shutdown::gracefully("dev system", parts.stop()).await;
+    result
+}
+
+/// Everything dev mode started, stopped in reverse order.
+#[derive(Default)]
+struct Parts {
+    demo: Option<DemoService>,
+    server: Option<ServerHandle>,
+    agents: Vec<AgentHandle>,
+}
+
+impl Parts {
+    /// Waits for Ctrl-C, or fails as soon as an agent stops on its own.
+    async fn run_until_stopped(&self) -> Result<()> {
+        let agent_stopped = async {
+            if self.agents.is_empty() {
+                return std::future::pending().await;
+            }
+            let (result, _, _) =
+                futures_util::future::select_all(self.agents.iter().map(|a| Box::pin(a.stopped()))).await;
+            result.and_then(|()| Err(anyhow!("an agent stopped")))
+        };
+        tokio::select! {
+            () = crate::shutdown::signal() => Ok(()),
+            result = agent_stopped => result,
+        }
+    }
+
+    async fn stop(&mut self) {
+        for agent in self.agents.drain(..) {
+            agent.shutdown().await;
+        }
+        if let Some(server) = self.server.take() {
+            server.shutdown().await;
+        }
+        if let Some(demo) = self.demo.take() {
+            demo.stop().await;
+        }
+    }
+}
+
+/// The data directory: the one given (must be empty), or a temporary one removed on exit.
+struct DataDir {
+    path: PathBuf,
+    _temp: Option<tempfile::TempDir>,
+}
+
+impl DataDir {
+    fn prepare(given: Option<PathBuf>) -> Result<Self> {
+        let Some(path) = given else {
+            let temp =
+                tempfile::Builder::new().prefix("trellis-dev-").tempdir().context("creating a temporary directory")?;
+            return Ok(Self { path: temp.path().to_path_buf(), _temp: Some(temp) });
+        };
+        std::fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
+        let not_empty =
+            std::fs::read_dir(&path).with_context(|| format!("reading {}", path.display()))?.next().is_some();
+        if not_empty {
+            bail!(
+                "{} is not empty: trellis dev sets up a fresh system on every run; pass a new directory, or omit --data-dir for a temporary one",
+                path.display()
+            );
+        }
+        Ok(Self { path, _temp: None })
+    }
+
+    fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// What dev mode prints once everything is up.
+#[derive(Debug)]
+struct Summary {
+    url: String,
+    ca_file: PathBuf,
+    ca_sha256: String,
+    data_dir: PathBuf,
+    admin_key_file: PathBuf,
+    owner: Account,
+    consumer: Account,
+    target: ShareTarget,
+    demo: bool,
+    resource_configuration_id: String,
+    endpoint_id: String,
+    endpoint_addr: SocketAddr,
+    dns_name: String,
+    dns_listen: Option<SocketAddr>,
+    agents: Vec<(AgentRole, String)>,
+}
+
+#[derive(Debug, Clone)]
+struct Account {
+    name: &'static str,
+    id: String,
+    key_file: PathBuf,
+}
+
+async fn set_up(args: &DevArgs, dir: &Path, parts: &mut Parts) -> Result<Summary> {
+    let target = match &args.share {
+        Some(share) => share.clone(),
+        None => {
+            let demo = DemoService::start(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
+                .await
+                .context("starting the built-in demo service on 127.0.0.1")?;
+            let addr = demo.local_addr();
+            parts.demo = Some(demo);
+            ShareTarget { host: ShareHost::Ip(addr.ip()), port: addr.port() }
+        }
+    };
+
+    let server = crate::run_server::start_for_dev(args.listen, dir.join("control"), REGION)
+        .await
+        .context("starting the control plane")?;
+    let url = format!("https://{}", server.local_addr());
+    let ca_pem = server.ca_pem().to_string();
+    let ca_sha256 = server.ca_sha256().to_string();
+    let ca_file = server.ca_file();
+    let admin_key_file = server.admin_key_file();
+    let admin_key = server.admin_key()?;
+    parts.server = Some(server);
+
+    let admin = ApiClient::new(url.parse()?, Some(admin_key), &CaSource::Pem(ca_pem.into_bytes()))?;
+    let (owner, owner_api) = create_account(&admin, OWNER_ACCOUNT, dir).await?;
+    let (consumer, consumer_api) = create_account(&admin, CONSUMER_ACCOUNT, dir).await?;
+
+    // Owner side: a VPC whose agent is the resource gateway.
+    let owner_vpc = id_of(&call(&owner_api, ApiRequest::post("/v1/vpcs", json!({"name": "customer-vpc"}))).await?)?;
+    let owner_subnet = create_subnet(&owner_api, &owner_vpc, OWNER_POOL).await?;
+    // Consumer side: a VPC whose agent serves the endpoint.
+    let consumer_vpc =
+        id_of(&call(&consumer_api, ApiRequest::post("/v1/vpcs", json!({"name": "provider-vpc"}))).await?)?;
+    let consumer_subnet = create_subnet(&consumer_api, &consumer_vpc, CONSUMER_POOL).await?;
+
+    let owner_token = join_token(&owner_api, &owner_subnet).await?;
+    let consumer_token = join_token(&consumer_api, &consumer_subnet).await?;
+    let gateway_agent = crate::run_agent::start_for_dev(AgentRole::Gateway, &url, &owner_token, dir).await?;
+    let endpoint_agent = crate::run_agent::start_for_dev(AgentRole::Endpoint, &url, &consumer_token, dir).await?;
+    let dns_listen = endpoint_agent.dns_addr();
+    let agents = vec![(AgentRole::Gateway, gateway_agent.summary()), (AgentRole::Endpoint, endpoint_agent.summary())];
+    parts.agents.push(gateway_agent);
+    parts.agents.push(endpoint_agent);
+
+    // The owner shares the resource.
+    let gateway = call(
+        &owner_api,
+        ApiRequest::post(
+            "/v1/resourcegateways",
+            json!({"name": "customer-gateway", "vpcIdentifier": owner_vpc, "subnetIds": [owner_subnet]}),
+        ),
+    )
+    .await?;
+    let gateway_id = id_of(&gateway)?;
+    wait_for_status(&owner_api, "/v1/resourcegateways", &gateway_id, "status", "ACTIVE").await?;
+
+    let definition = match &target.host {
+        ShareHost::Ip(ip) => json!({"ipResource": {"ipAddress": ip.to_string()}}),
+        ShareHost::Dns(name) => json!({"dnsResource": {"domainName": name}}),
+    };
+    let rcfg_name = if args.share.is_some() { "shared-service" } else { "demo-service" };
+    let rcfg = call(
+        &owner_api,
+        ApiRequest::post(
+            "/v1/resourceconfigurations",
+            json!({
+                "name": rcfg_name,
+                "type": "SINGLE",
+                "resourceGatewayIdentifier": gateway_id,
+                "resourceConfigurationDefinition": definition,
+                "portRanges": [target.port.to_string()],
+                "protocol": "TCP",
+            }),
+        ),
+    )
+    .await?;
+    let rcfg_id = id_of(&rcfg)?;
+    let rcfg_arn = str_field(&rcfg, "arn")?;
+    wait_for_status(&owner_api, "/v1/resourceconfigurations", &rcfg_id, "status", "ACTIVE").await?;
+
+    let share = call(
+        &owner_api,
+        ApiRequest::post(
+            "/v1/resourceshares",
+            json!({"name": "customer-share", "resourceArns": [rcfg_arn], "principals": [consumer.id]}),
+        ),
+    )
+    .await?;
+    let share_arn = share
+        .get("resourceShareArn")
+        .or_else(|| share.get("arn"))
+        .and_then(Value::as_str)
+        .ok_or_else(|| anyhow!("the resource share has no resourceShareArn: {share}"))?
+        .to_string();
+
+    // The consumer accepts and creates its endpoint.
+    accept_invitation(&consumer_api, &share_arn).await?;
+    let endpoint = call(
+        &consumer_api,
+        ApiRequest::post(
+            "/v1/vpcendpoints",
+            json!({
+                "vpcEndpointType": "Resource",
+                "vpcId": consumer_vpc,
+                "subnetIds": [consumer_subnet],
+                "resourceConfigurationArn": rcfg_arn,
+            }),
+        ),
+    )
+    .await?;
+    let endpoint_id = id_of(&endpoint)?;
+    let endpoint = wait_for_status(&consumer_api, "/v1/vpcendpoints", &endpoint_id, "state", "Available").await?;
+    let (dns_name, ip) = dns_entry(&endpoint)?;
+
+    Ok(Summary {
+        url,
+        ca_file,
+        ca_sha256,
+        data_dir: dir.to_path_buf(),
+        admin_key_file,
+        owner,
+        consumer,
+        demo: args.share.is_none(),
+        endpoint_addr: SocketAddr::new(ip, target.port),
+        target,
+        resource_configuration_id: rcfg_id,
+        endpoint_id,
+        dns_name,
+        dns_listen,
+        agents,
+    })
+}
+
+async fn call(api: &ApiClient, req: ApiRequest) -> Result<Value> {
+    api.call(&req).await.with_context(|| format!("{} {}", req.method, req.path))
+}
+
+fn str_field(value: &Value, key: &str) -> Result<String> {
+    value
+        .get(key)
+        .and_then(Value::as_str)
+        .map(str::to_string)
+        .ok_or_else(|| anyhow!("the control plane's answer has no {key:?}: {value}"))
+}
+
+fn id_of(value: &Value) -> Result<String> {
+    str_field(value, "id")
+}
+
+/// Creates an account as admin and stores its API key in `DIR/<name>.key` (mode 0600).
+async fn create_account(admin: &ApiClient, name: &'static str, dir: &Path) -> Result<(Account, ApiClient)> {
+    let account = call(admin, ApiRequest::post("/v1/accounts", json!({"name": name}))).await?;
+    let id = account
+        .get("accountId")
+        .or_else(|| account.get("id"))
+        .and_then(Value::as_str)
+        .ok_or_else(|| anyhow!("the new account has no id: {account}"))?
+        .to_string();
+    let key = str_field(&account, "apiKey")?;
+    let key_file = dir.join(format!("{name}.key"));
+    write_secret(&key_file, &key)?;
+    let key: ApiKey = key.parse().map_err(|e: String| anyhow!("the new account's API key: {e}"))?;
+    Ok((Account { name, id, key_file }, admin.with_api_key(key)))
+}
+
+fn write_secret(path: &Path, secret: &str) -> Result<()> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options.open(path).with_context(|| format!("creating {}", path.display()))?;
+    std::io::Write::write_all(&mut file, format!("{secret}\n").as_bytes())
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+async fn create_subnet(api: &ApiClient, vpc: &str, pool: &str) -> Result<String> {
+    id_of(&call(api, ApiRequest::post("/v1/subnets", json!({"vpcId": vpc, "zone": ZONE, "cidrBlock": pool}))).await?)
+}
+
+async fn join_token(api: &ApiClient, subnet: &str) -> Result<String> {
+    let token = call(api, ApiRequest::post("/v1/agent-tokens", json!({"subnetId": subnet}))).await?;
+    str_field(&token, "token")
+}
+
+/// Polls `collection/id` until `field` is `want`; fails at once on a failed state.
+async fn wait_for_status(api: &ApiClient, collection: &str, id: &str, field: &str, want: &str) -> Result<Value> {
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    let path = format!("{collection}/{}", encode_segment(id));
+    let mut delay = Duration::from_millis(50);
+    loop {
+        let object = call(api, ApiRequest::get(&path)).await?;
+        let state = object.get(field).and_then(Value::as_str).unwrap_or_default();
+        if state == want {
+            return Ok(object);
+        }
+        if state.ends_with("FAILED") || state == "Failed" || state == "Rejected" {
+            let reason = object.get("failureReason").and_then(Value::as_str).unwrap_or("no reason given");
+            bail!("{id} is {state}: {reason}");
+        }
+        if Instant::now() >= deadline {
+            bail!("{id} is still {state:?} after {}s; expected {want}", STEP_TIMEOUT.as_secs());
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_millis(500));
+    }
+}
+
+/// Accepts the consumer's pending invitation to `share_arn`. Inside one
+/// organization shares need no invitation; dev accounts are in none, so one must come.
+async fn accept_invitation(api: &ApiClient, share_arn: &str) -> Result<()> {
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    loop {
+        let list = call(api, ApiRequest::get("/v1/resourceshareinvitations")).await?;
+        let items = list.get("items").and_then(Value::as_array).cloned().unwrap_or_default();
+        let invitation = items.iter().find(|i| i.get("resourceShareArn").and_then(Value::as_str) == Some(share_arn));
+        if let Some(invitation) = invitation {
+            let id = id_of(invitation)?;
+            if invitation.get("status").and_then(Value::as_str) == Some("PENDING") {
+                let path = format!("/v1/resourceshareinvitations/{}/accept", encode_segment(&id));
+                call(api, ApiRequest::post(&path, json!({}))).await?;
+            }
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!("no invitation to {share_arn} reached the consumer within {}s", STEP_TIMEOUT.as_secs());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn dns_entry(endpoint: &Value) -> Result<(String, std::net::IpAddr)> {
+    let entry = endpoint
+        .get("dnsEntries")
+        .and_then(Value::as_array)
+        .and_then(|e| e.first())
+        .ok_or_else(|| anyhow!("the endpoint has no dnsEntries: {endpoint}"))?;
+    let name = str_field(entry, "dnsName")?;
+    let ip = entry
+        .get("ipAddresses")
+        .and_then(Value::as_array)
+        .and_then(|a| a.first())
+        .and_then(Value::as_str)
+        .ok_or_else(|| anyhow!("the endpoint's DNS entry has no ipAddresses: {entry}"))?
+        .parse()
+        .context("the endpoint's address is not an IP address")?;
+    Ok((name, ip))
+}
+
+/// A command that exercises the endpoint, chosen by the shared port.
+fn try_command(addr: &SocketAddr, demo: bool) -> String {
+    let (ip, port) = (addr.ip(), addr.port());
+    match (demo, port) {
+        (true, _) => format!("echo hi | nc -q 1 {ip} {port}"),
+        (false, 5432) => format!("psql -h {ip} -p {port} -U postgres"),
+        (false, 6379) => format!("redis-cli -h {ip} -p {port} ping"),
+        (false, 3306) => format!("mysql -h {ip} -P {port} -u root -p"),
+        (false, 80 | 8080 | 8000 | 3000) => format!("curl http://{addr}/"),
+        (false, 443 | 8443) => format!("curl -k https://{addr}/"),
+        (false, _) => format!("nc {ip} {port}"),
+    }
+}
+
+fn shell_quote(path: &Path) -> String {
+    let s = path.display().to_string();
+    if s.bytes().all(|b| b.is_ascii_alphanumeric() || b"/._-+:@".contains(&b)) {
+        s
+    } else {
+        format!("'{}'", s.replace('\'', r"'\''"))
+    }
+}
+
+fn exports(s: &Summary, key_file: &Path) -> String {
+    format!(
+        "export TRELLIS_URL={} TRELLIS_CA_CERT={} TRELLIS_API_KEY=$(cat {})",
+        s.url,
+        shell_quote(&s.ca_file),
+        shell_quote(key_file)
+    )
+}
+
+fn print_summary(s: &Summary, output: OutputFormat) {
+    let text = summary_text(s, output);
+    let mut stdout = std::io::stdout().lock();
+    // Nothing useful to do when stdout is gone; dev keeps running until Ctrl-C.
+    let _ = std::io::Write::write_all(&mut stdout, text.as_bytes()).and_then(|()| std::io::Write::flush(&mut stdout));
+}
+
+fn summary_text(s: &Summary, output: OutputFormat) -> String {
+    if output == OutputFormat::Json {
+        let summary = json!({
+            "url": s.url,
+            "caCert": s.ca_file,
+            "caSha256": s.ca_sha256,
+            "dataDir": s.data_dir,
+            "adminKeyFile": s.admin_key_file,
+            "owner": {"name": s.owner.name, "accountId": s.owner.id, "apiKeyFile": s.owner.key_file},
+            "consumer": {"name": s.consumer.name, "accountId": s.consumer.id, "apiKeyFile": s.consumer.key_file},
+            "resourceConfigurationId": s.resource_configuration_id,
+            "vpcEndpointId": s.endpoint_id,
+            "endpointAddress": s.endpoint_addr.to_string(),
+            "dnsName": s.dns_name,
+            "dnsListen": s.dns_listen.map(|a| a.to_string()),
+            "target": target_text(&s.target),
+            "demo": s.demo,
+        });
+        return format!("{summary}\n");
+    }
+    let shared = if s.demo {
+        format!("the built-in demo service at {}", target_text(&s.target))
+    } else {
+        target_text(&s.target)
+    };
+    let mut out = String::new();
+    out.push_str("Trellis dev is running. Press Ctrl-C to stop.\n\n");
+    out.push_str(&format!("  control plane   {}  (CA sha256 {})\n", s.url, s.ca_sha256));
+    for (role, text) in &s.agents {
+        out.push_str(&format!("  {:<15} {text}\n", format!("{role} agent")));
+    }
+    out.push_str(&format!("  data directory  {}\n\n", s.data_dir.display()));
+    out.push_str(&format!(
+        "{} ({}) shares {shared}\nwith {} ({}), which reaches it through endpoint {}:\n\n",
+        s.owner.name, s.owner.id, s.consumer.name, s.consumer.id, s.endpoint_id
+    ));
+    out.push_str(&format!("  address    {}\n", s.endpoint_addr));
+    out.push_str(&format!("  DNS name   {}\n", s.dns_name));
+    if let Some(dns) = s.dns_listen {
+        out.push_str(&format!("  DNS server {dns}   (dig @{} -p {} {})\n", dns.ip(), dns.port(), s.dns_name));
+    }
+    out.push_str(&format!("\nTry it:\n  {}\n", try_command(&s.endpoint_addr, s.demo)));
+    out.push_str(&format!(
+        "\nUse the CLI as the consumer ({}):\n  {}\n  trellis vpc-endpoint list\n",
+        s.consumer.name,
+        exports(s, &s.consumer.key_file)
+    ));
+    out.push_str(&format!(
+        "\nAs the owner ({}):\n  {}\n  trellis resource-configuration usage {}\n",
+        s.owner.name,
+        exports(s, &s.owner.key_file),
+        s.resource_configuration_id
+    ));
+    out.push_str(&format!("\nAs the admin:\n  {}\n", exports(s, &s.admin_key_file)));
+    out
+}
+
+fn target_text(t: &ShareTarget) -> String {
+    match &t.host {
+        ShareHost::Ip(ip) => SocketAddr::new(*ip, t.port).to_string(),
+        ShareHost::Dns(name) => format!("{name}:{}", t.port),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The whole dev flow against the real control plane and agents: the demo
+    /// service answers through the consumer's endpoint address.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn dev_mode_serves_the_demo_service_through_an_endpoint() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+        let dir = tempfile::tempdir().unwrap();
+        let args = DevArgs { listen: "127.0.0.1:0".parse().unwrap(), share: None, data_dir: None };
+        let mut parts = Parts::default();
+        let result = async {
+            let summary = set_up(&args, dir.path(), &mut parts).await?;
+
+            let mut conn = tokio::net::TcpStream::connect(summary.endpoint_addr).await?;
+            conn.write_all(b"ping\n").await?;
+            conn.shutdown().await?;
+            let mut answer = String::new();
+            tokio::time::timeout(Duration::from_secs(20), conn.read_to_string(&mut answer)).await??;
+            assert_eq!(answer, format!("{}ping\n", crate::demo_service::GREETING));
+
+            // The consumer's CLI resolves a configuration id to its ARN.
+            let key: ApiKey =
+                std::fs::read_to_string(&summary.consumer.key_file)?.parse().map_err(anyhow::Error::msg)?;
+            let consumer = ApiClient::new(summary.url.parse()?, Some(key), &CaSource::File(summary.ca_file.clone()))?;
+            let mut verb = crate::nouns::VpcEndpointVerb::Create {
+                vpc_id: "vpc-x".into(),
+                subnet_ids: vec!["subnet-x".into()],
+                resource_configuration: summary.resource_configuration_id.clone(),
+                private_dns_enabled: false,
+                create: Default::default(),
+            };
+            crate::api_cmd::resolve_identifiers(&consumer, &mut verb).await?;
+            let crate::nouns::VpcEndpointVerb::Create { resource_configuration, .. } = &verb else { unreachable!() };
+            assert!(resource_configuration.starts_with("arn:"), "{resource_configuration}");
+            assert!(resource_configuration.ends_with(&summary.resource_configuration_id), "{resource_configuration}");
+
+            let text = summary_text(&summary, OutputFormat::Table);
+            assert!(
+                text.contains(&format!(
+                    "echo hi | nc -q 1 {} {}",
+                    summary.endpoint_addr.ip(),
+                    summary.endpoint_addr.port()
+                )),
+                "{text}"
+            );
+            assert!(
+                text.contains(&format!("TRELLIS_API_KEY=$(cat {})", summary.consumer.key_file.display())),
+                "{text}"
+            );
+            let json: Value = serde_json::from_str(&summary_text(&summary, OutputFormat::Json))?;
+            assert_eq!(json["endpointAddress"], summary.endpoint_addr.to_string());
+            assert_eq!(json["dnsName"], summary.dns_name);
+            anyhow::Ok(())
+        }
+        .await;
+        tokio::time::timeout(Duration::from_secs(30), parts.stop()).await.expect("dev mode stops within 30s");
+        result.unwrap();
+    }
+
+    #[test]
+    fn try_commands_fit_the_shared_port() {
+        let addr: SocketAddr = "127.77.0.4:5432".parse().unwrap();
+        assert_eq!(try_command(&addr, false), "psql -h 127.77.0.4 -p 5432 -U postgres");
+        assert_eq!(try_command(&addr, true), "echo hi | nc -q 1 127.77.0.4 5432");
+        assert_eq!(try_command(&"127.77.0.4:9999".parse().unwrap(), false), "nc 127.77.0.4 9999");
+    }
+
+    #[test]
+    fn a_non_empty_data_dir_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("x"), "").unwrap();
+        let err = DataDir::prepare(Some(dir.path().to_path_buf())).err().unwrap();
+        assert!(err.to_string().contains("is not empty"), "{err}");
+        let fresh = dir.path().join("new");
+        assert_eq!(DataDir::prepare(Some(fresh.clone())).unwrap().path(), fresh);
+    }
+
+    #[test]
+    fn paths_with_spaces_are_quoted_for_the_shell() {
+        assert_eq!(shell_quote(Path::new("/tmp/a b/ca.pem")), "'/tmp/a b/ca.pem'");
+        assert_eq!(shell_quote(Path::new("/tmp/trellis-dev-x1/ca.pem")), "/tmp/trellis-dev-x1/ca.pem");
+    }
+
+    #[test]
+    fn secrets_are_written_owner_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.key");
+        write_secret(&path, "s3cret").unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "s3cret\n");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        }
+        assert!(write_secret(&path, "again").is_err(), "an existing key file is never overwritten");
+    }
+}
