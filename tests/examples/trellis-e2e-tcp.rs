@@ -1,0 +1,52 @@
+//! A tiny TCP tool the end-to-end suites run inside network namespaces, where
+//! the test process itself cannot open sockets:
+//!
+//! - `trellis-e2e-tcp serve ADDR REPLY`: accept connections on ADDR forever;
+//!   answer each with REPLY and a newline, then close it.
+//! - `trellis-e2e-tcp probe ADDR`: connect (5 s timeout), print everything the
+//!   server sends until it closes; exit 1 with the error on failure.
+#![forbid(unsafe_code)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::ExitCode;
+use std::time::Duration;
+
+fn serve(addr: SocketAddr, reply: &str) -> std::io::Result<()> {
+    let listener = TcpListener::bind(addr)?;
+    println!("listening on {}", listener.local_addr()?);
+    std::io::stdout().flush()?;
+    for stream in listener.incoming() {
+        let Ok(mut stream) = stream else { continue };
+        // a failed write only affects that client
+        let _ = stream.write_all(format!("{reply}\n").as_bytes());
+    }
+    Ok(())
+}
+
+fn probe(addr: SocketAddr) -> std::io::Result<String> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut out = String::new();
+    stream.read_to_string(&mut out)?;
+    Ok(out)
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let parse = |s: &str| s.parse::<SocketAddr>().map_err(|e| format!("bad address {s:?}: {e}"));
+    let result = match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
+        ["serve", addr, reply] => parse(addr).and_then(|a| serve(a, reply).map_err(|e| format!("serve {a}: {e}"))),
+        ["probe", addr] => {
+            parse(addr).and_then(|a| probe(a).map(|out| print!("{out}")).map_err(|e| format!("probe {a}: {e}")))
+        }
+        _ => Err("usage: trellis-e2e-tcp serve ADDR REPLY | probe ADDR".to_string()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("trellis-e2e-tcp: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,155 @@
+//! The agent fixture: a real `trellis agent` process enrolled with a join
+//! token, on loopback or inside a site namespace.
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use tempfile::TempDir;
+
+use crate::bins;
+use crate::netns::Netns;
+use crate::process::Proc;
+
+/// How long an agent may take to enroll and open its tunnel listener.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How to start an agent.
+pub struct AgentOptions<'a> {
+    /// Label for logs (`owner-agent`, `consumer-agent`, …).
+    pub name: &'a str,
+    pub control_plane_url: &'a str,
+    pub join_token: &'a str,
+    /// Address the agent binds its tunnel, DNS and metrics listeners on and
+    /// advertises to endpoint agents.
+    pub bind_ip: IpAddr,
+    /// Namespace to run in; `None` runs on the host (loopback).
+    pub netns: Option<&'a Netns>,
+    /// Extra command-line arguments (the harness already sets the listeners
+    /// and `--report-interval 1s`).
+    pub extra_args: Vec<String>,
+}
+
+/// A running, enrolled agent with the addresses it reported.
+pub struct Agent {
+    pub proc: Proc,
+    pub state_dir: PathBuf,
+    /// Where other agents reach this agent's tunnel listener (it advertises this).
+    pub tunnel_addr: SocketAddr,
+    pub dns_addr: Option<SocketAddr>,
+    pub metrics_addr: Option<SocketAddr>,
+    netns: Option<String>,
+    dir: TempDir,
+}
+
+/// An agent process that was started but not waited for.
+pub struct SpawnedAgent {
+    pub proc: Proc,
+    pub state_dir: PathBuf,
+    netns: Option<String>,
+    dir: TempDir,
+}
+
+/// The address that follows `marker` on `line`, up to a comma, space or `/`.
+fn addr_after(line: &str, marker: &str) -> Option<SocketAddr> {
+    let rest = &line[line.find(marker)? + marker.len()..];
+    let end = rest.find([',', ' ', '/']).unwrap_or(rest.len());
+    rest[..end].trim().parse().ok()
+}
+
+impl Agent {
+    /// Spawns the agent and waits until it has enrolled, bound its listeners
+    /// and logged them (`…, tunnel ADDR, dns ADDR, metrics http://ADDR/metrics`).
+    pub fn start(opts: AgentOptions<'_>) -> Agent {
+        let SpawnedAgent { mut proc, state_dir, netns, dir } = Agent::spawn(opts);
+        let line = proc.wait_for_line("the agent to log its bound addresses", START_TIMEOUT, |l| {
+            addr_after(l, "tunnel ").map(|_| l.to_string())
+        });
+        let tunnel_addr = addr_after(&line, "tunnel ").expect("checked by the wait above");
+        Agent {
+            proc,
+            state_dir,
+            tunnel_addr,
+            dns_addr: addr_after(&line, "dns "),
+            metrics_addr: addr_after(&line, "metrics http://"),
+            netns,
+            dir,
+        }
+    }
+
+    /// Spawns the agent without waiting for anything (for tests of failures).
+    /// Its listeners bind port 0 on `bind_ip`; with no `--advertise` the agent
+    /// advertises the tunnel address it actually bound.
+    pub fn spawn(opts: AgentOptions<'_>) -> SpawnedAgent {
+        let dir = tempfile::Builder::new().prefix("trellis-e2e-agent-").tempdir().expect("temp dir for an agent");
+        let state_dir = dir.path().join("state");
+        let any_port = SocketAddr::new(opts.bind_ip, 0).to_string();
+        let bin = bins::trellis();
+        let mut cmd = match opts.netns {
+            Some(ns) => ns.command(&bin),
+            None => Command::new(&bin),
+        };
+        cmd.arg("agent")
+            .args(["--control-plane", opts.control_plane_url])
+            .args(["--join-token", opts.join_token])
+            .arg("--state-dir")
+            .arg(&state_dir)
+            .args(["--tunnel-listen", &any_port])
+            .args(["--dns-listen", &any_port])
+            .args(["--metrics-listen", &any_port])
+            // usage reaches the control plane quickly enough for a test to wait on it
+            .args(["--report-interval", "1s"])
+            .args(&opts.extra_args)
+            .env("RUST_LOG", std::env::var("TRELLIS_E2E_LOG").unwrap_or_else(|_| "info".into()));
+        let proc = Proc::spawn(opts.name, cmd, &dir.path().join("logs"));
+        SpawnedAgent { proc, state_dir, netns: opts.netns.map(|n| n.name().to_string()), dir }
+    }
+
+    /// The agent's Prometheus metrics text (`GET /metrics`), fetched from the
+    /// host; only for agents whose metrics address the host can reach.
+    pub fn metrics(&self) -> Result<String, String> {
+        let addr = self.metrics_addr.ok_or("the agent reported no metrics address")?;
+        http_get_plain(addr, "/metrics")
+    }
+
+    pub fn netns(&self) -> Option<&str> {
+        self.netns.as_deref()
+    }
+
+    pub fn work_dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+/// A minimal plain-HTTP GET (HTTP/1.0, connection closed by the server).
+pub fn http_get_plain(addr: SocketAddr, path: &str) -> Result<String, String> {
+    let mut stream =
+        TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(|e| format!("connect {addr}: {e}"))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10))).map_err(|e| e.to_string())?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n").map_err(|e| e.to_string())?;
+    let mut raw = String::new();
+    stream.read_to_string(&mut raw).map_err(|e| format!("read from {addr}: {e}"))?;
+    let (head, body) = raw.split_once("\r\n\r\n").ok_or_else(|| format!("no HTTP header from {addr}"))?;
+    let status = head.split_whitespace().nth(1).unwrap_or("");
+    if status != "200" {
+        return Err(format!("GET {path} on {addr}: status {status}"));
+    }
+    Ok(body.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::addr_after;
+
+    #[test]
+    fn bound_addresses_are_read_from_the_agent_summary_line() {
+        let line = "INFO trellis::run_agent: gateway agent-0123, tunnel 127.0.0.1:41000, dns 127.0.0.1:53000, \
+                    metrics http://127.0.0.1:9100/metrics";
+        assert_eq!(addr_after(line, "tunnel "), Some("127.0.0.1:41000".parse().unwrap()));
+        assert_eq!(addr_after(line, "dns "), Some("127.0.0.1:53000".parse().unwrap()));
+        assert_eq!(addr_after(line, "metrics http://"), Some("127.0.0.1:9100".parse().unwrap()));
+        assert_eq!(addr_after("tunnel TLS handshake failed", "tunnel "), None);
+    }
+}

@@ -1,0 +1,157 @@
+//! Network-namespace fixtures: a "lab" of isolated networks joined by one
+//! backbone, each created with a unique name and deleted on drop (also when
+//! the test panics).
+//!
+//! Layout: a backbone namespace holds a bridge; the root namespace and every
+//! site namespace get one veth into that bridge with an address in one random
+//! `/24` of 100.64.0.0/10 (the backbone). Nothing else connects the sites: a
+//! site's own addresses (its "VPC", e.g. 10.0.0.0/24 on `lo`) are invisible to
+//! the others, so two sites may use the same CIDR, as real VPCs do.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::process::{Command, Stdio};
+
+use crate::net::{random_byte, unique_suffix};
+
+/// Runs `ip <args>` and panics with its stderr if it fails.
+pub fn ip(args: &[&str]) {
+    let out = Command::new("ip")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("run `ip {}`: {e} (is iproute2 installed?)", args.join(" ")));
+    assert!(out.status.success(), "`ip {}` failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+}
+
+/// A network namespace deleted on drop.
+pub struct Netns {
+    name: String,
+}
+
+impl Netns {
+    /// Creates `<prefix>-<random>` with its loopback up.
+    pub fn new(prefix: &str) -> Netns {
+        let name = format!("{prefix}-{}", unique_suffix(8));
+        ip(&["netns", "add", &name]);
+        let ns = Netns { name };
+        ns.ip(&["link", "set", "lo", "up"]);
+        ns
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Runs `ip -n <ns> <args>`.
+    pub fn ip(&self, args: &[&str]) {
+        let mut all = vec!["-n", self.name.as_str()];
+        all.extend_from_slice(args);
+        ip(&all);
+    }
+
+    /// `ip netns exec <ns> <program>`, to add arguments to and run.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.name]).arg(program);
+        cmd
+    }
+
+    /// Runs `sysctl -w key=value` inside the namespace.
+    pub fn sysctl(&self, key_value: &str) {
+        let out = self.command("sysctl").args(["-q", "-w", key_value]).output().expect("run sysctl");
+        assert!(out.status.success(), "sysctl {key_value} in {}: {}", self.name, String::from_utf8_lossy(&out.stderr));
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let out = Command::new("ip").args(["netns", "del", &self.name]).stdin(Stdio::null()).output();
+        if let Ok(out) = out
+            && !out.status.success()
+        {
+            eprintln!("warning: could not delete netns {}: {}", self.name, String::from_utf8_lossy(&out.stderr));
+        }
+    }
+}
+
+/// The backbone: a bridge in its own namespace, and the root namespace's
+/// address on it (where a control plane in the root namespace listens).
+pub struct Lab {
+    backbone: Netns,
+    net: [u8; 3],
+    root_if: String,
+    next_host: u8,
+}
+
+/// One isolated network (a "VPC"), attached to the backbone with one address.
+pub struct Site {
+    pub ns: Netns,
+    /// This site's address on the backbone (where its agent listens and dials from).
+    pub backbone_addr: Ipv4Addr,
+}
+
+impl Lab {
+    /// Creates the backbone namespace and bridge and attaches the root namespace.
+    pub fn new() -> Lab {
+        let backbone = Netns::new("trbb");
+        backbone.ip(&["link", "add", "br0", "type", "bridge"]);
+        backbone.ip(&["link", "set", "br0", "up"]);
+        let net = [100, 64 + random_byte() % 64, random_byte()];
+        let root_if = format!("trr{}", unique_suffix(8));
+        let lab = Lab { backbone, net, root_if, next_host: 2 };
+        ip(&["link", "add", &lab.root_if, "type", "veth", "peer", "name", "root0", "netns", lab.backbone.name()]);
+        lab.backbone.ip(&["link", "set", "root0", "master", "br0", "up"]);
+        ip(&["addr", "add", &format!("{}/24", lab.root_addr()), "dev", &lab.root_if]);
+        ip(&["link", "set", &lab.root_if, "up"]);
+        lab
+    }
+
+    /// The root namespace's address on the backbone.
+    pub fn root_addr(&self) -> Ipv4Addr {
+        Ipv4Addr::new(self.net[0], self.net[1], self.net[2], 1)
+    }
+
+    /// The backbone's CIDR.
+    pub fn backbone_cidr(&self) -> String {
+        format!("{}.{}.{}.0/24", self.net[0], self.net[1], self.net[2])
+    }
+
+    /// Creates a site namespace `<prefix>-<random>` attached to the backbone.
+    pub fn add_site(&mut self, prefix: &str) -> Site {
+        let host = self.next_host;
+        self.next_host += 1;
+        let ns = Netns::new(prefix);
+        let port = format!("s{host}");
+        self.backbone.ip(&["link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", ns.name()]);
+        self.backbone.ip(&["link", "set", &port, "master", "br0", "up"]);
+        let addr = Ipv4Addr::new(self.net[0], self.net[1], self.net[2], host);
+        ns.ip(&["addr", "add", &format!("{addr}/24"), "dev", "eth0"]);
+        ns.ip(&["link", "set", "eth0", "up"]);
+        Site { ns, backbone_addr: addr }
+    }
+}
+
+impl Default for Lab {
+    fn default() -> Self {
+        Lab::new()
+    }
+}
+
+impl Site {
+    /// Gives the site a "LAN" address on its loopback (`ip addr add A/32 dev lo`).
+    pub fn add_local_address(&self, addr: IpAddr) {
+        let prefix = if addr.is_ipv4() { 32 } else { 128 };
+        self.ns.ip(&["addr", "add", &format!("{addr}/{prefix}"), "dev", "lo"]);
+    }
+
+    /// Makes a whole CIDR local (`ip route add local CIDR dev lo`), as an
+    /// operator does for an endpoint address pool.
+    pub fn add_local_route(&self, cidr: &str) {
+        self.ns.ip(&["route", "add", "local", cidr, "dev", "lo"]);
+    }
+
+    /// `ip netns exec <site> <program>`.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        self.ns.command(program)
+    }
+}
