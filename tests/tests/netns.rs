@@ -42,9 +42,8 @@ fn consumer_in_an_overlapping_vpc_reaches_the_owners_database_through_its_endpoi
     local_service.wait_for_line("the consumer-local service to listen", Duration::from_secs(10), |l| {
         l.starts_with("listening on").then_some(())
     });
-    // The endpoint pools are addresses reserved for Trellis in each network.
-    consumer_site.add_local_route(CONSUMER_POOL);
-    owner_site.add_local_route(OWNER_POOL);
+    // The endpoint pools are addresses reserved for Trellis in each network;
+    // the consumer agent makes its pool local itself (`--manage-routes`).
 
     // Nothing crosses between the VPCs except through Trellis.
     assert!(
@@ -83,7 +82,7 @@ fn consumer_in_an_overlapping_vpc_reaches_the_owners_database_through_its_endpoi
         join_token: &consumer_token,
         bind_ip: IpAddr::V4(consumer_site.backbone_addr),
         netns: Some(&consumer_site.ns),
-        extra_args: vec![],
+        extra_args: vec!["--manage-routes".into()],
     });
     consumer.wait_agent_online(&consumer_subnet);
 
