@@ -458,6 +458,7 @@ pub async fn start_tuned(opts: AgentOptions, tuning: AgentTuning) -> Result<Runn
         client,
         opts.report_interval,
         agent.boot_id.clone(),
+        advertise,
         agent.served(),
         agent.usage.clone(),
         shutdown.clone(),

@@ -15,12 +15,13 @@ use crate::endpoint::ServedState;
 use crate::usage::UsageTable;
 
 /// The report for the current state.
-pub fn build_report(boot_id: &str, served: &ServedState, usage: &UsageTable) -> AgentReport {
+pub fn build_report(boot_id: &str, advertise: Option<&str>, served: &ServedState, usage: &UsageTable) -> AgentReport {
     AgentReport {
         config_version: served.config_version,
         boot_id: boot_id.to_string(),
         listeners: served.listeners.clone(),
         usage: usage.snapshot(),
+        advertise: advertise.map(str::to_string),
     }
 }
 
@@ -29,13 +30,14 @@ pub async fn run_reporter(
     client: ControlClient,
     interval: Duration,
     boot_id: String,
+    advertise: Option<String>,
     mut served: watch::Receiver<ServedState>,
     usage: Arc<UsageTable>,
     shutdown: CancellationToken,
 ) {
     let mut failures: u64 = 0;
     loop {
-        let report = build_report(&boot_id, &served.borrow_and_update(), &usage);
+        let report = build_report(&boot_id, advertise.as_deref(), &served.borrow_and_update(), &usage);
         let sent = tokio::select! {
             r = client.report(&report) => r,
             () = shutdown.cancelled() => return,
@@ -88,7 +90,8 @@ mod tests {
                 error: None,
             }],
         };
-        let r = build_report("boot-1", &served, &usage);
+        let r = build_report("boot-1", Some("127.0.0.1:7443"), &served, &usage);
+        assert_eq!(r.advertise.as_deref(), Some("127.0.0.1:7443"));
         assert_eq!(r.config_version, 9);
         assert_eq!(r.boot_id, "boot-1");
         assert!(r.listeners[0].ready);

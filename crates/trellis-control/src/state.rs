@@ -76,6 +76,30 @@ impl AppState {
         Ok(value)
     }
 
+    /// Like [`AppState::write`], but wakes config long-polls only when `f`
+    /// returns `(_, true)`: for writes that usually change nothing an agent's
+    /// config depends on (agent reports, liveness sweeps), so that N agents
+    /// reporting do not make N long-polls recompile N times.
+    pub async fn write_then_notify_if<T, F>(&self, f: F) -> Result<T, ApiError>
+    where
+        T: Send + 'static,
+        F: FnMut(&mut dyn Tx) -> Result<(T, bool), ApiError> + Send + 'static,
+    {
+        let store = self.store.clone();
+        let out = tokio::task::spawn_blocking(move || {
+            let (value, relevant) = write_with(&*store, f)?;
+            let revision = if relevant { Some(store.revision().map_err(ApiError::from)?) } else { None };
+            Ok::<_, ApiError>((value, revision))
+        })
+        .await
+        .map_err(|e| ApiError::internal(format!("write task failed: {e}")))?;
+        let (value, revision) = out?;
+        if let Some(revision) = revision {
+            self.notify(revision);
+        }
+        Ok(value)
+    }
+
     /// Runs `f` in one read transaction on a blocking thread.
     pub async fn read<T, F>(&self, f: F) -> Result<T, ApiError>
     where

@@ -43,6 +43,10 @@ pub struct AgentReport {
     pub listeners: Vec<ListenerStatus>,
     /// Cumulative gateway-side usage since `boot_id` started.
     pub usage: Vec<UsageCounters>,
+    /// `host:port` where this agent's tunnel listener is reachable now; updates
+    /// the address given at enrollment (an agent restarted on another port).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub advertise: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

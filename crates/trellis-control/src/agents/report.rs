@@ -54,20 +54,34 @@ pub(super) async fn report(
         ));
     }
     let now = now();
-    state.write(move |tx| apply_report(tx, &agent.id, &report, now)).await?;
+    if let Some(advertise) = &report.advertise {
+        super::enroll::validate_advertise(advertise)?;
+    }
+    // Most reports only refresh liveness and counters, which no agent config
+    // depends on: wake the config long-polls only when one might change.
+    state.write_then_notify_if(move |tx| Ok(((), apply_report(tx, &agent.id, &report, now)?))).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// Applies one report inside a write transaction.
+/// Applies one report inside a write transaction. Returns whether anything an
+/// agent config depends on changed (the agent came back online, moved its
+/// tunnel listener, or an endpoint changed state).
 pub fn apply_report(
     tx: &mut dyn Tx,
     agent_id: &trellis_model::AgentId,
     report: &AgentReport,
     now: Timestamp,
-) -> Result<(), ApiError> {
+) -> Result<bool, ApiError> {
     let mut agent: Agent = tx
         .get_obj(agent_id.as_str())?
         .ok_or_else(|| ApiError::unauthorized("this agent was deleted; enroll again with a new join token"))?;
+    let mut relevant = agent.status != AgentStatus::Online;
+    if let Some(advertise) = &report.advertise
+        && agent.advertise.as_deref() != Some(advertise.as_str())
+    {
+        agent.advertise = Some(super::enroll::validate_advertise(advertise)?);
+        relevant = true;
+    }
     agent.status = AgentStatus::Online;
     agent.last_seen_at = Some(now);
     agent.config_version = report.config_version;
@@ -88,14 +102,16 @@ pub fn apply_report(
         upsert(tx, &record, runtime.is_some())?;
     }
 
-    apply_listeners(tx, &agent, &report.listeners)?;
+    relevant |= apply_listeners(tx, &agent, &report.listeners)?;
     for counters in &report.usage {
         apply_usage(tx, &agent, &report.boot_id, counters, now)?;
     }
-    Ok(())
+    Ok(relevant)
 }
 
-fn apply_listeners(tx: &mut dyn Tx, agent: &Agent, listeners: &[ListenerStatus]) -> Result<(), ApiError> {
+/// Returns whether an endpoint changed state.
+fn apply_listeners(tx: &mut dyn Tx, agent: &Agent, listeners: &[ListenerStatus]) -> Result<bool, ApiError> {
+    let mut changed = false;
     let mut by_endpoint: BTreeMap<&str, Vec<&ListenerStatus>> = BTreeMap::new();
     for l in listeners {
         by_endpoint.entry(l.vpc_endpoint_id.as_str()).or_default().push(l);
@@ -128,8 +144,9 @@ fn apply_listeners(tx: &mut dyn Tx, agent: &Agent, listeners: &[ListenerStatus])
         endpoint.state = endpoint.state.transition(target)?;
         endpoint.failure_reason = reason;
         tx.update_obj(&endpoint)?;
+        changed = true;
     }
-    Ok(())
+    Ok(changed)
 }
 
 fn apply_usage(

@@ -635,6 +635,7 @@ async fn reports_move_endpoints_and_usage_adds_up_over_boots() {
         boot_id: "boot-1".into(),
         listeners: vec![listener(false, None)],
         usage: vec![],
+        advertise: None,
     };
     assert_eq!(api.report(&consumer_cert, &report).await, StatusCode::NO_CONTENT);
     assert_eq!(endpoint_state(&api).state, EndpointState::Pending);
@@ -668,6 +669,7 @@ async fn reports_move_endpoints_and_usage_adds_up_over_boots() {
         boot_id: boot.into(),
         listeners: vec![],
         usage: vec![c],
+        advertise: None,
     };
     assert_eq!(api.report(&gw_cert, &usage("boot-1", counters(w, 5, 2, 100))).await, StatusCode::NO_CONTENT);
     assert_eq!(api.report(&gw_cert, &usage("boot-1", counters(w, 7, 3, 150))).await, StatusCode::NO_CONTENT);
@@ -710,4 +712,43 @@ async fn malformed_reports_are_rejected() {
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
     let (status, _) = api.call("POST", "/v1/agents/self/report", None, Some(&cert), Some(json!({"nope": 1}))).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
+async fn routine_reports_do_not_wake_config_long_polls_but_a_moved_listener_does() {
+    let api = Api::new();
+    let (gateway_id, gateway_cert) =
+        api.enrolled(&api.owner_key, &api.world.owner_subnets[0], Some("192.0.2.9:7443")).await;
+    let address_of = |config: &AgentConfig| {
+        let gateways = &config.endpoints[0].resources[0].gateways;
+        gateways.iter().find(|g| g.agent_id == gateway_id).map(|g| g.address.clone())
+    };
+    let (_, endpoint_cert) = api.enrolled(&api.consumer_key, &api.world.consumer_subnets[0], None).await;
+    let report = AgentReport { boot_id: "boot-1".into(), ..Default::default() };
+    // The first report brings the agent online, which agents' configs reflect.
+    assert_eq!(api.report(&gateway_cert, &report).await, StatusCode::NO_CONTENT);
+    let mut changes = api.state.changes.subscribe();
+    changes.mark_unchanged();
+
+    // Liveness and counters alone: nobody is woken.
+    assert_eq!(api.report(&gateway_cert, &report).await, StatusCode::NO_CONTENT);
+    assert!(!changes.has_changed().unwrap(), "a routine report woke the long-polls");
+
+    // The gateway agent restarted on another port: endpoint agents must learn it.
+    let (_, before) = api.config(&endpoint_cert, 0, 0).await;
+    let before: AgentConfig = serde_json::from_value(before).unwrap();
+    assert_eq!(address_of(&before).as_deref(), Some("192.0.2.9:7443"));
+    let moved = AgentReport { advertise: Some("192.0.2.9:8443".into()), ..report.clone() };
+    assert_eq!(api.report(&gateway_cert, &moved).await, StatusCode::NO_CONTENT);
+    assert!(changes.has_changed().unwrap(), "a moved tunnel listener must wake the long-polls");
+    let (status, after) = api.config(&endpoint_cert, before.version, 0).await;
+    assert_eq!(status, StatusCode::OK);
+    let after: AgentConfig = serde_json::from_value(after).unwrap();
+    assert_eq!(address_of(&after).as_deref(), Some("192.0.2.9:8443"));
+
+    // A nonsense advertise address is refused and changes nothing.
+    let bad = AgentReport { advertise: Some("no port here".into()), ..report };
+    assert_eq!(api.report(&gateway_cert, &bad).await, StatusCode::UNPROCESSABLE_ENTITY);
+    let (status, _) = api.config(&endpoint_cert, after.version, 0).await;
+    assert_eq!(status, StatusCode::NOT_MODIFIED);
 }
