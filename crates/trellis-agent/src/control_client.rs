@@ -1,5 +1,5 @@
 //! HTTPS client for the agent-facing routes of the control plane
-//! (docs/api-contract.md): `GET /v1/ca.pem`, `POST /v1/agents/enroll`,
+//! (docs/api.md): `GET /v1/ca.pem`, `POST /v1/agents/enroll`,
 //! `GET /v1/agents/self/config` (long-poll) and `POST /v1/agents/self/report`.
 //!
 //! Trusts only the control plane's CA, which is pinned by the join token's hash

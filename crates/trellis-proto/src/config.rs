@@ -68,7 +68,7 @@ pub struct GatewayResource {
 
 /// Where a gateway dials: an IP, or a DNS name resolved in the owner's network.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", tag = "type")]
+#[serde(rename_all = "camelCase", rename_all_fields = "camelCase", tag = "type")]
 pub enum Target {
     Ip { address: IpAddr },
     Dns { domain_name: String },
@@ -121,4 +121,22 @@ pub struct GatewayTarget {
 /// The DNS SAN the control plane's CA puts in an agent's certificate.
 pub fn agent_server_name(agent_id: &str) -> String {
     format!("{agent_id}.agents.trellis.internal")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_are_camel_case_on_the_wire_like_the_rest_of_the_config() {
+        let dns = Target::Dns { domain_name: "db.internal".into() };
+        assert_eq!(
+            serde_json::to_value(&dns).unwrap(),
+            serde_json::json!({"type": "dns", "domainName": "db.internal"})
+        );
+        let ip = Target::Ip { address: "10.0.0.10".parse().unwrap() };
+        assert_eq!(serde_json::to_value(&ip).unwrap(), serde_json::json!({"type": "ip", "address": "10.0.0.10"}));
+        let back: Target = serde_json::from_value(serde_json::json!({"type": "dns", "domainName": "x.y"})).unwrap();
+        assert_eq!(back, Target::Dns { domain_name: "x.y".into() });
+    }
 }

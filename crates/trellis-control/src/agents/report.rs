@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use axum::extract::State;
 use axum::http::StatusCode;
 use trellis_model::{
-    AccountId, Agent, AgentStatus, EndpointState, ResourceConfiguration, ResourceConfigurationId, Timestamp,
+    Account, AccountId, Agent, AgentStatus, EndpointState, ResourceConfiguration, ResourceConfigurationId, Timestamp,
     VpcEndpoint, VpcEndpointId,
 };
 use trellis_proto::agent_api::{AgentReport, ListenerStatus, UsageCounters};
@@ -109,6 +109,15 @@ pub fn apply_report(
     Ok(relevant)
 }
 
+/// Whether the endpoint's account may still use its configuration.
+fn endpoint_has_access(tx: &mut dyn Tx, endpoint: &VpcEndpoint) -> Result<bool, ApiError> {
+    let Some(config) = tx.get_obj::<ResourceConfiguration>(endpoint.resource_configuration_id.as_str())? else {
+        return Ok(false);
+    };
+    let Some(consumer) = tx.get_obj::<Account>(endpoint.account_id.as_str())? else { return Ok(false) };
+    Ok(crate::api::configurations::access_to(tx, &consumer, &config)?.is_allowed())
+}
+
 /// Returns whether an endpoint changed state.
 fn apply_listeners(tx: &mut dyn Tx, agent: &Agent, listeners: &[ListenerStatus]) -> Result<bool, ApiError> {
     let mut changed = false;
@@ -136,6 +145,11 @@ fn apply_listeners(tx: &mut dyn Tx, agent: &Agent, listeners: &[ListenerStatus])
             None if statuses.iter().all(|l| l.ready) => (EndpointState::Available, None),
             None => continue,
         };
+        // A report built from an older config can arrive after a revocation
+        // failed this endpoint: readiness never overrides lost access.
+        if target == EndpointState::Available && !endpoint_has_access(tx, &endpoint)? {
+            continue;
+        }
         let movable =
             matches!(endpoint.state, EndpointState::Pending | EndpointState::Available | EndpointState::Failed);
         if !movable || (endpoint.state == target && endpoint.failure_reason == reason) {

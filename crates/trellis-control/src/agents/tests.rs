@@ -752,3 +752,33 @@ async fn routine_reports_do_not_wake_config_long_polls_but_a_moved_listener_does
     let (status, _) = api.config(&endpoint_cert, after.version, 0).await;
     assert_eq!(status, StatusCode::NOT_MODIFIED);
 }
+
+#[tokio::test]
+async fn a_late_ready_report_does_not_undo_a_revocation() {
+    let api = Api::new();
+    let w = &api.world;
+    let (_, consumer_cert) = api.enrolled(&api.consumer_key, &w.consumer_subnets[0], None).await;
+    let endpoint_state = |api: &Api| {
+        let id = w.endpoint.id.clone();
+        api.read(move |tx| Ok(tx.get_obj::<VpcEndpoint>(id.as_str())?.unwrap().state))
+    };
+    let ready = AgentReport {
+        boot_id: "boot-1".into(),
+        listeners: vec![ListenerStatus {
+            vpc_endpoint_id: w.endpoint.id.to_string(),
+            resource_configuration_id: w.db.id.to_string(),
+            ready: true,
+            error: None,
+        }],
+        ..Default::default()
+    };
+    assert_eq!(api.report(&consumer_cert, &ready).await, StatusCode::NO_CONTENT);
+    assert_eq!(endpoint_state(&api), EndpointState::Available);
+
+    let uri = format!("/v1/resourceshares/{}", w.share.id);
+    assert_eq!(api.call("DELETE", &uri, Some(&api.owner_key), None, None).await.0, StatusCode::NO_CONTENT);
+    assert_eq!(endpoint_state(&api), EndpointState::Failed);
+    // The agent's report was built from its config before the revocation.
+    assert_eq!(api.report(&consumer_cert, &ready).await, StatusCode::NO_CONTENT);
+    assert_eq!(endpoint_state(&api), EndpointState::Failed, "readiness must not override lost access");
+}

@@ -213,16 +213,21 @@ fn operation(route: &Route) -> Value {
     };
     op.insert("security".into(), security);
     let ok = match (route.method, route.path) {
-        ("delete", _) => "204",
+        ("delete", _) | ("post", "/v1/agents/self/report") => "204",
         ("post", p) if !p.ends_with("/accept") && !p.ends_with("/reject") && !p.starts_with("/v1/agents/") => "201",
         _ => "200",
     };
     let error = json!({"description": "error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}});
     let mut responses = Map::new();
-    responses.insert(
-        ok.into(),
-        json!({"description": "success", "content": {"application/json": {"schema": {"type": "object"}}}}),
-    );
+    let success = if ok == "204" {
+        json!({"description": "success, no body"})
+    } else {
+        json!({"description": "success", "content": {"application/json": {"schema": {"type": "object"}}}})
+    };
+    responses.insert(ok.into(), success);
+    if route.path == "/v1/agents/self/config" {
+        responses.insert("304".into(), json!({"description": "no newer config within waitSeconds"}));
+    }
     for code in ["400", "401", "403", "404", "409", "422"] {
         responses.insert(code.into(), error.clone());
     }
