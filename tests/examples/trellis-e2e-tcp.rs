@@ -3,6 +3,8 @@
 //!
 //! - `trellis-e2e-tcp serve ADDR REPLY`: accept connections on ADDR forever;
 //!   answer each with REPLY and a newline, then close it.
+//! - `trellis-e2e-tcp echo ADDR`: accept connections on ADDR forever; send
+//!   back every byte each one sends until it half-closes, then close it.
 //! - `trellis-e2e-tcp probe ADDR`: connect (5 s timeout), print everything the
 //!   server sends until it closes; exit 1 with the error on failure.
 #![forbid(unsafe_code)]
@@ -24,6 +26,24 @@ fn serve(addr: SocketAddr, reply: &str) -> std::io::Result<()> {
     Ok(())
 }
 
+fn echo(addr: SocketAddr) -> std::io::Result<()> {
+    let listener = TcpListener::bind(addr)?;
+    println!("listening on {}", listener.local_addr()?);
+    std::io::stdout().flush()?;
+    for stream in listener.incoming() {
+        let Ok(stream) = stream else { continue };
+        std::thread::spawn(move || {
+            // a failed copy only affects that client
+            let mut reader = &stream;
+            let mut writer = &stream;
+            if std::io::copy(&mut reader, &mut writer).is_ok() {
+                let _ = stream.shutdown(std::net::Shutdown::Write);
+            }
+        });
+    }
+    Ok(())
+}
+
 fn probe(addr: SocketAddr) -> std::io::Result<String> {
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
@@ -37,10 +57,11 @@ fn main() -> ExitCode {
     let parse = |s: &str| s.parse::<SocketAddr>().map_err(|e| format!("bad address {s:?}: {e}"));
     let result = match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
         ["serve", addr, reply] => parse(addr).and_then(|a| serve(a, reply).map_err(|e| format!("serve {a}: {e}"))),
+        ["echo", addr] => parse(addr).and_then(|a| echo(a).map_err(|e| format!("echo {a}: {e}"))),
         ["probe", addr] => {
             parse(addr).and_then(|a| probe(a).map(|out| print!("{out}")).map_err(|e| format!("probe {a}: {e}")))
         }
-        _ => Err("usage: trellis-e2e-tcp serve ADDR REPLY | probe ADDR".to_string()),
+        _ => Err("usage: trellis-e2e-tcp serve ADDR REPLY | echo ADDR | probe ADDR".to_string()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

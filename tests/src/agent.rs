@@ -28,7 +28,8 @@ pub struct AgentOptions<'a> {
     /// Namespace to run in; `None` runs on the host (loopback).
     pub netns: Option<&'a Netns>,
     /// Extra command-line arguments (the harness already sets the listeners
-    /// and `--report-interval 1s`).
+    /// and `--report-interval 1s`; a `--tunnel-listen`, `--dns-listen` or
+    /// `--metrics-listen` given here replaces the harness's port-0 choice).
     pub extra_args: Vec<String>,
 }
 
@@ -41,6 +42,7 @@ pub struct Agent {
     pub dns_addr: Option<SocketAddr>,
     pub metrics_addr: Option<SocketAddr>,
     netns: Option<String>,
+    launch: Launch,
     dir: TempDir,
 }
 
@@ -49,7 +51,24 @@ pub struct SpawnedAgent {
     pub proc: Proc,
     pub state_dir: PathBuf,
     netns: Option<String>,
+    launch: Launch,
     dir: TempDir,
+}
+
+/// What is needed to start the same agent again from its state directory.
+#[derive(Clone, Debug)]
+struct Launch {
+    name: String,
+    control_plane_url: String,
+    extra_args: Vec<String>,
+    starts: u32,
+}
+
+/// The addresses an agent process binds.
+struct Listen {
+    tunnel: SocketAddr,
+    dns: SocketAddr,
+    metrics: SocketAddr,
 }
 
 /// The address that follows `marker` on `line`, up to a comma, space or `/`.
@@ -63,20 +82,30 @@ impl Agent {
     /// Spawns the agent and waits until it has enrolled, bound its listeners
     /// and logged them (`…, tunnel ADDR, dns ADDR, metrics http://ADDR/metrics`).
     pub fn start(opts: AgentOptions<'_>) -> Agent {
-        let SpawnedAgent { mut proc, state_dir, netns, dir } = Agent::spawn(opts);
-        let line = proc.wait_for_line("the agent to log its bound addresses", START_TIMEOUT, |l| {
-            addr_after(l, "tunnel ").map(|_| l.to_string())
-        });
-        let tunnel_addr = addr_after(&line, "tunnel ").expect("checked by the wait above");
-        Agent {
+        let SpawnedAgent { proc, state_dir, netns, launch, dir } = Agent::spawn(opts);
+        let mut agent = Agent {
             proc,
             state_dir,
-            tunnel_addr,
-            dns_addr: addr_after(&line, "dns "),
-            metrics_addr: addr_after(&line, "metrics http://"),
+            tunnel_addr: SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), 0),
+            dns_addr: None,
+            metrics_addr: None,
             netns,
+            launch,
             dir,
-        }
+        };
+        agent.wait_started();
+        agent
+    }
+
+    /// Waits for the summary line of the current process and records the
+    /// addresses it names.
+    fn wait_started(&mut self) {
+        let line = self.proc.wait_for_line("the agent to log its bound addresses", START_TIMEOUT, |l| {
+            addr_after(l, "tunnel ").map(|_| l.to_string())
+        });
+        self.tunnel_addr = addr_after(&line, "tunnel ").expect("checked by the wait above");
+        self.dns_addr = addr_after(&line, "dns ");
+        self.metrics_addr = addr_after(&line, "metrics http://");
     }
 
     /// Spawns the agent without waiting for anything (for tests of failures).
@@ -85,26 +114,53 @@ impl Agent {
     pub fn spawn(opts: AgentOptions<'_>) -> SpawnedAgent {
         let dir = tempfile::Builder::new().prefix("trellis-e2e-agent-").tempdir().expect("temp dir for an agent");
         let state_dir = dir.path().join("state");
-        let any_port = SocketAddr::new(opts.bind_ip, 0).to_string();
-        let bin = bins::trellis();
-        let mut cmd = match opts.netns {
-            Some(ns) => ns.command(&bin),
-            None => Command::new(&bin),
+        let any_port = SocketAddr::new(opts.bind_ip, 0);
+        let netns = opts.netns.map(|n| n.name().to_string());
+        let launch = Launch {
+            name: opts.name.to_string(),
+            control_plane_url: opts.control_plane_url.to_string(),
+            extra_args: opts.extra_args.clone(),
+            starts: 1,
         };
-        cmd.arg("agent")
-            .args(["--control-plane", opts.control_plane_url])
-            .args(["--join-token", opts.join_token])
-            .arg("--state-dir")
-            .arg(&state_dir)
-            .args(["--tunnel-listen", &any_port])
-            .args(["--dns-listen", &any_port])
-            .args(["--metrics-listen", &any_port])
-            // usage reaches the control plane quickly enough for a test to wait on it
-            .args(["--report-interval", "1s"])
-            .args(&opts.extra_args)
-            .env("RUST_LOG", std::env::var("TRELLIS_E2E_LOG").unwrap_or_else(|_| "info".into()));
-        let proc = Proc::spawn(opts.name, cmd, &dir.path().join("logs"));
-        SpawnedAgent { proc, state_dir, netns: opts.netns.map(|n| n.name().to_string()), dir }
+        let listen = Listen { tunnel: any_port, dns: any_port, metrics: any_port };
+        let proc = spawn_process(&launch, netns.as_deref(), Some(opts.join_token), &state_dir, &listen, dir.path());
+        SpawnedAgent { proc, state_dir, netns, launch, dir }
+    }
+
+    /// Stops the agent process (SIGTERM, then SIGKILL); its state directory
+    /// (identity and cached config) stays for [`Agent::restart`].
+    pub fn stop(&mut self) {
+        self.proc.stop();
+    }
+
+    /// Stops the agent if it runs and starts it again from its state
+    /// directory, without a join token, binding the same tunnel, DNS and
+    /// metrics addresses (peers keep the tunnel address from their config).
+    /// Waits until the new process has logged its bound addresses; it does not
+    /// need the control plane for that.
+    pub fn restart(&mut self) {
+        self.proc.stop();
+        self.launch.starts += 1;
+        let listen = Listen {
+            tunnel: self.tunnel_addr,
+            dns: self.dns_addr.unwrap_or(SocketAddr::new(self.tunnel_addr.ip(), 0)),
+            metrics: self.metrics_addr.unwrap_or(SocketAddr::new(self.tunnel_addr.ip(), 0)),
+        };
+        let launch = Launch { name: format!("{}-run{}", self.launch.name, self.launch.starts), ..self.launch.clone() };
+        // the old Proc is dropped here; it has already exited
+        self.proc = spawn_process(&launch, self.netns.as_deref(), None, &self.state_dir, &listen, self.dir.path());
+        self.wait_started();
+    }
+
+    /// The access-log records the current process wrote to stdout so far
+    /// (one JSON object per line; other lines are skipped).
+    pub fn access_log(&self) -> Vec<serde_json::Value> {
+        self.proc
+            .stdout()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l.trim()).ok())
+            .filter(serde_json::Value::is_object)
+            .collect()
     }
 
     /// The agent's Prometheus metrics text (`GET /metrics`), fetched from the
@@ -121,6 +177,45 @@ impl Agent {
     pub fn work_dir(&self) -> &Path {
         self.dir.path()
     }
+}
+
+/// Starts `trellis agent` with `state_dir` and the given listeners; the join
+/// token is only needed (and only passed) on the first start.
+fn spawn_process(
+    launch: &Launch,
+    netns: Option<&str>,
+    join_token: Option<&str>,
+    state_dir: &Path,
+    listen: &Listen,
+    work_dir: &Path,
+) -> Proc {
+    let bin = bins::trellis();
+    let mut cmd = match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(&bin);
+            c
+        }
+        None => Command::new(&bin),
+    };
+    cmd.arg("agent").args(["--control-plane", &launch.control_plane_url]);
+    if let Some(token) = join_token {
+        cmd.args(["--join-token", token]);
+    }
+    cmd.arg("--state-dir").arg(state_dir);
+    // a listener named in the extra arguments replaces the harness's choice
+    for (flag, addr) in
+        [("--tunnel-listen", listen.tunnel), ("--dns-listen", listen.dns), ("--metrics-listen", listen.metrics)]
+    {
+        if !launch.extra_args.iter().any(|a| a == flag) {
+            cmd.args([flag, &addr.to_string()]);
+        }
+    }
+    // usage reaches the control plane quickly enough for a test to wait on it
+    cmd.args(["--report-interval", "1s"])
+        .args(&launch.extra_args)
+        .env("RUST_LOG", std::env::var("TRELLIS_E2E_LOG").unwrap_or_else(|_| "info".into()));
+    Proc::spawn(&launch.name, cmd, &work_dir.join("logs"))
 }
 
 /// A minimal plain-HTTP GET (HTTP/1.0, connection closed by the server).

@@ -26,6 +26,7 @@ pub struct ControlPlane {
     pub data_dir: PathBuf,
     pub ca_pem: PathBuf,
     pub admin_key: String,
+    starts: u32,
     _dir: TempDir,
 }
 
@@ -42,18 +43,7 @@ impl ControlPlane {
     pub fn start(listen_ip: IpAddr) -> ControlPlane {
         let dir = tempfile::Builder::new().prefix("trellis-e2e-cp-").tempdir().expect("temp dir for the control plane");
         let data_dir = dir.path().join("data");
-        let mut cmd = Command::new(bins::trellis());
-        cmd.arg("server")
-            .arg("--listen")
-            .arg(SocketAddr::new(listen_ip, 0).to_string())
-            .arg("--data-dir")
-            .arg(&data_dir);
-        cmd.env("RUST_LOG", std::env::var("TRELLIS_E2E_LOG").unwrap_or_else(|_| "info".into()));
-        let mut proc = Proc::spawn("control-plane", cmd, &dir.path().join("logs"));
-        let addr = proc.wait_for_line("the control plane to report its address", START_TIMEOUT, |l| {
-            let rest = &l[l.find("listening on https://")? + "listening on https://".len()..];
-            rest.split_whitespace().next()?.trim_end_matches('/').parse::<SocketAddr>().ok()
-        });
+        let (mut proc, addr) = spawn_server("control-plane", SocketAddr::new(listen_ip, 0), &data_dir, dir.path());
         let ca_pem = data_dir.join("ca.pem");
         let key_path = data_dir.join("admin.key");
         let admin_key = wait_until("the control plane to write ca.pem and admin.key", START_TIMEOUT, || {
@@ -72,7 +62,31 @@ impl ControlPlane {
             let resp = anon.try_get("/healthz").ok()?;
             (resp.status == 200).then_some(())
         });
-        ControlPlane { proc, url, addr, data_dir, ca_pem, admin_key, _dir: dir }
+        ControlPlane { proc, url, addr, data_dir, ca_pem, admin_key, starts: 1, _dir: dir }
+    }
+
+    /// Kills the server with SIGKILL, as a crash would: no graceful shutdown,
+    /// open long-polls and reports just break.
+    pub fn kill(&mut self) {
+        self.proc.kill();
+    }
+
+    /// Starts the server again (after [`ControlPlane::kill`]) with the same
+    /// data directory on the same address and port, and waits until it
+    /// answers `/healthz`. Agents find it where they left it.
+    pub fn restart(&mut self) {
+        self.proc.stop();
+        self.starts += 1;
+        let name = format!("control-plane-run{}", self.starts);
+        let (proc, addr) = spawn_server(&name, self.addr, &self.data_dir, self._dir.path());
+        self.proc = proc;
+        assert_eq!(addr, self.addr, "the restarted control plane listens where it did before");
+        let anon = self.anonymous();
+        wait_until("the restarted control plane to answer /healthz", START_TIMEOUT, || {
+            self.proc.assert_running();
+            let resp = anon.try_get("/healthz").ok()?;
+            (resp.status == 200).then_some(())
+        });
     }
 
     /// The API with no key.
@@ -106,6 +120,20 @@ impl ControlPlane {
     pub fn log_dir(&self) -> &Path {
         self._dir.path()
     }
+}
+
+/// Starts `trellis server --listen <listen> --data-dir <data_dir>` and waits
+/// for the line naming the address it bound.
+fn spawn_server(name: &str, listen: SocketAddr, data_dir: &Path, work_dir: &Path) -> (Proc, SocketAddr) {
+    let mut cmd = Command::new(bins::trellis());
+    cmd.arg("server").arg("--listen").arg(listen.to_string()).arg("--data-dir").arg(data_dir);
+    cmd.env("RUST_LOG", std::env::var("TRELLIS_E2E_LOG").unwrap_or_else(|_| "info".into()));
+    let mut proc = Proc::spawn(name, cmd, &work_dir.join("logs"));
+    let addr = proc.wait_for_line("the control plane to report its address", START_TIMEOUT, |l| {
+        let rest = &l[l.find("listening on https://")? + "listening on https://".len()..];
+        rest.split_whitespace().next()?.trim_end_matches('/').parse::<SocketAddr>().ok()
+    });
+    (proc, addr)
 }
 
 /// `host:port` with IPv6 hosts in brackets.

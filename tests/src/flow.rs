@@ -89,6 +89,50 @@ impl Tenant {
         self.wait_status(&format!("/v1/resourceconfigurations/{id}"), "status", "ACTIVE")
     }
 
+    /// Creates a resource configuration from a full request body (any type
+    /// or definition) and waits for ACTIVE; returns it.
+    pub fn create_config(&self, body: &Value) -> Value {
+        let cfg = self.api.post("/v1/resourceconfigurations", body).ok("create resource configuration");
+        let id = id_of(&cfg, "id", "create resource configuration");
+        self.wait_status(&format!("/v1/resourceconfigurations/{id}"), "status", "ACTIVE")
+    }
+
+    /// Creates a SINGLE configuration whose target is a DNS name, resolved by
+    /// the gateway agent in the owner's network; waits for ACTIVE.
+    pub fn create_dns_config(&self, name: &str, gateway_id: &str, domain_name: &str, ports: &[&str]) -> Value {
+        self.create_config(&json!({
+            "name": name,
+            "type": "SINGLE",
+            "resourceGatewayIdentifier": gateway_id,
+            "resourceConfigurationDefinition": { "dnsResource": { "domainName": domain_name } },
+            "portRanges": ports,
+            "protocol": "TCP",
+        }))
+    }
+
+    /// Creates a GROUP configuration (no definition of its own) and waits for ACTIVE.
+    pub fn create_group(&self, name: &str, gateway_id: &str, ports: &[&str]) -> Value {
+        self.create_config(&json!({
+            "name": name,
+            "type": "GROUP",
+            "resourceGatewayIdentifier": gateway_id,
+            "portRanges": ports,
+            "protocol": "TCP",
+        }))
+    }
+
+    /// Creates a CHILD of `group_id` for the ip `ip` and waits for ACTIVE.
+    pub fn create_ip_child(&self, name: &str, group_id: &str, ip: &str, ports: &[&str]) -> Value {
+        self.create_config(&json!({
+            "name": name,
+            "type": "CHILD",
+            "resourceConfigurationGroupIdentifier": group_id,
+            "resourceConfigurationDefinition": { "ipResource": { "ipAddress": ip } },
+            "portRanges": ports,
+            "protocol": "TCP",
+        }))
+    }
+
     /// Shares resources (by ARN) with account ids; returns the share.
     pub fn share(&self, name: &str, resource_arns: &[&str], principals: &[&str]) -> Value {
         let body = json!({ "name": name, "resourceArns": resource_arns, "principals": principals });
@@ -108,13 +152,18 @@ impl Tenant {
 
     /// Creates a Resource endpoint and waits for `Available`; returns it.
     pub fn create_endpoint(&self, vpc_id: &str, subnet_ids: &[&str], config_arn: &str) -> Value {
-        let body = json!({
+        self.create_endpoint_from(&json!({
             "vpcEndpointType": "Resource",
             "vpcId": vpc_id,
             "subnetIds": subnet_ids,
             "resourceConfigurationArn": config_arn,
-        });
-        let ep = self.api.post("/v1/vpcendpoints", &body).ok("create VPC endpoint");
+        }))
+    }
+
+    /// Creates an endpoint from a full request body (e.g. with
+    /// `privateDnsEnabled`) and waits for `Available`; returns it.
+    pub fn create_endpoint_from(&self, body: &Value) -> Value {
+        let ep = self.api.post("/v1/vpcendpoints", body).ok("create VPC endpoint");
         let id = id_of(&ep, "vpcEndpointId", "create VPC endpoint");
         self.wait_status(&format!("/v1/vpcendpoints/{id}"), "state", "Available")
     }
@@ -134,6 +183,25 @@ impl Tenant {
         let v = self.api.get(&format!("/v1/resourceconfigurations/{config_id}/usage")).ok("usage");
         v["items"].as_array().cloned().unwrap_or_default()
     }
+}
+
+/// The ARN of a resource share as the API returns it.
+pub fn share_arn(share: &Value) -> String {
+    share["resourceShareArn"]
+        .as_str()
+        .or(share["arn"].as_str())
+        .unwrap_or_else(|| panic!("no arn in {share}"))
+        .to_string()
+}
+
+/// The address and name of `config_id` among an endpoint's `dnsEntries`
+/// (one per resource of a GROUP endpoint); `None` if it has none.
+pub fn endpoint_address_of(endpoint: &Value, config_id: &str) -> Option<EndpointAddress> {
+    let entry = endpoint["dnsEntries"].as_array()?.iter().find(|e| e["resourceConfigurationId"] == config_id)?;
+    Some(EndpointAddress {
+        dns_name: entry["dnsName"].as_str()?.to_string(),
+        ip: entry["ipAddresses"].as_array()?.first()?.as_str()?.to_string(),
+    })
 }
 
 /// The first address of an endpoint (its only one for a SINGLE configuration).

@@ -16,11 +16,15 @@ pub mod api;
 pub mod bins;
 pub mod cli;
 pub mod control;
+pub mod dns;
 pub mod flow;
 pub mod net;
 pub mod netns;
+pub mod pair;
 pub mod postgres;
 pub mod process;
+pub mod prometheus;
+pub mod tcp_service;
 pub mod tunnel;
 pub mod wait;
 
@@ -30,8 +34,10 @@ pub use cli::Cli;
 pub use control::{Account, ControlPlane};
 pub use flow::Tenant;
 pub use netns::{Lab, Netns, Site};
+pub use pair::{LoopbackPair, PairOptions};
 pub use postgres::Postgres;
 pub use process::Proc;
+pub use tcp_service::TcpService;
 pub use wait::wait_until;
 
 /// Skips the calling test (returns early) with a printed reason unless the

@@ -9,6 +9,7 @@
 //! the others, so two sites may use the same CIDR, as real VPCs do.
 
 use std::net::{IpAddr, Ipv4Addr};
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use crate::net::{random_byte, unique_suffix};
@@ -23,9 +24,11 @@ pub fn ip(args: &[&str]) {
     assert!(out.status.success(), "`ip {}` failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
 }
 
-/// A network namespace deleted on drop.
+/// A network namespace deleted on drop, with its `/etc/netns/<name>/`
+/// files (if any were written) removed too.
 pub struct Netns {
     name: String,
+    etc_dir: Option<PathBuf>,
 }
 
 impl Netns {
@@ -33,7 +36,7 @@ impl Netns {
     pub fn new(prefix: &str) -> Netns {
         let name = format!("{prefix}-{}", unique_suffix(8));
         ip(&["netns", "add", &name]);
-        let ns = Netns { name };
+        let ns = Netns { name, etc_dir: None };
         ns.ip(&["link", "set", "lo", "up"]);
         ns
     }
@@ -56,6 +59,29 @@ impl Netns {
         cmd
     }
 
+    /// Writes `/etc/netns/<name>/hosts`, which `ip netns exec` bind-mounts
+    /// over `/etc/hosts` for every program it starts in this namespace, so
+    /// names listed there resolve only inside this network. Must be called
+    /// before those programs start; the file is removed when `self` drops.
+    pub fn set_hosts(&mut self, hosts: &str) {
+        self.write_etc_file("hosts", hosts);
+    }
+
+    /// Writes `/etc/netns/<name>/resolv.conf`, which `ip netns exec` mounts
+    /// over `/etc/resolv.conf`: the namespace's own resolver configuration.
+    /// Same rules as [`Netns::set_hosts`].
+    pub fn set_resolv_conf(&mut self, resolv_conf: &str) {
+        self.write_etc_file("resolv.conf", resolv_conf);
+    }
+
+    fn write_etc_file(&mut self, file: &str, content: &str) {
+        let dir = Path::new("/etc/netns").join(&self.name);
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
+        self.etc_dir = Some(dir.clone());
+        let path = dir.join(file);
+        std::fs::write(&path, content).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+    }
+
     /// Runs `sysctl -w key=value` inside the namespace.
     pub fn sysctl(&self, key_value: &str) {
         let out = self.command("sysctl").args(["-q", "-w", key_value]).output().expect("run sysctl");
@@ -65,6 +91,11 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
+        if let Some(dir) = self.etc_dir.take()
+            && let Err(e) = std::fs::remove_dir_all(&dir)
+        {
+            eprintln!("warning: could not remove {}: {e}", dir.display());
+        }
         let out = Command::new("ip").args(["netns", "del", &self.name]).stdin(Stdio::null()).output();
         if let Ok(out) = out
             && !out.status.success()

@@ -163,6 +163,24 @@ pub fn psql_with_timeout(
     sql: &str,
     connect_timeout_secs: u32,
 ) -> Result<String, String> {
+    let mut cmd = psql_command(netns);
+    cmd.args(["-h", host, "-p", &port.to_string()])
+        .args(["-U", "postgres", "-d", "postgres", "-c", sql])
+        .env("PGCONNECT_TIMEOUT", connect_timeout_secs.to_string());
+    run_psql(cmd)
+}
+
+/// Runs `psql` as `postgres` with a libpq connection string (e.g.
+/// `host=NAME hostaddr=IP port=P`), from namespace `netns` if given; returns
+/// the unaligned, tuples-only output.
+pub fn psql_conninfo(netns: Option<&str>, conninfo: &str, sql: &str) -> Result<String, String> {
+    let mut cmd = psql_command(netns);
+    cmd.args(["-d", &format!("{conninfo} user=postgres dbname=postgres connect_timeout=10"), "-c", sql]);
+    run_psql(cmd)
+}
+
+/// `psql` with the harness's output flags, in `netns` if given.
+fn psql_command(netns: Option<&str>) -> Command {
     let mut cmd = match netns {
         Some(ns) => {
             let mut c = Command::new("ip");
@@ -171,12 +189,14 @@ pub fn psql_with_timeout(
         }
         None => Command::new("psql"),
     };
-    cmd.args(["-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1", "-h", host, "-p", &port.to_string()])
-        .args(["-U", "postgres", "-d", "postgres", "-c", sql])
-        .env("PGCONNECT_TIMEOUT", connect_timeout_secs.to_string())
+    cmd.args(["-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1"])
         .env("PGSSLMODE", "disable")
         .env_remove("PGPASSWORD")
         .stdin(Stdio::null());
+    cmd
+}
+
+fn run_psql(mut cmd: Command) -> Result<String, String> {
     let out = cmd.output().map_err(|e| format!("run psql (install postgresql-client): {e}"))?;
     if out.status.success() {
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())

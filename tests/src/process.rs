@@ -44,6 +44,16 @@ impl Proc {
         self.child.id()
     }
 
+    /// Everything the process wrote to stdout so far.
+    pub fn stdout(&self) -> String {
+        std::fs::read_to_string(&self.stdout).unwrap_or_default()
+    }
+
+    /// Everything the process wrote to stderr so far.
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
     /// Everything the process wrote so far, stdout then stderr.
     pub fn output(&self) -> String {
         let mut s = std::fs::read_to_string(&self.stdout).unwrap_or_default();
@@ -111,6 +121,17 @@ impl Proc {
         // `kill` is the portable way to send SIGTERM without unsafe libc calls.
         let _ = Command::new("kill").args(["-TERM", &pid]).stderr(Stdio::null()).status();
         if let Some(status) = poll_until(GRACE, || self.try_wait()) {
+            return Some(status);
+        }
+        let _ = self.child.kill();
+        self.exited = self.child.wait().ok();
+        self.exited
+    }
+
+    /// Kills the process with SIGKILL (no chance to clean up, as in a crash
+    /// or an OOM kill) and reaps it; idempotent.
+    pub fn kill(&mut self) -> Option<ExitStatus> {
+        if let Some(status) = self.try_wait() {
             return Some(status);
         }
         let _ = self.child.kill();

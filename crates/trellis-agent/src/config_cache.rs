@@ -65,12 +65,15 @@ fn jittered(d: Duration, seed: u64) -> Duration {
 }
 
 /// Long-polls the control plane until `shutdown`, publishing each newer config on `tx`.
+/// A backoff sleep ends early when `control_plane_back` is signalled (the
+/// reporter got through again), so a recovered control plane is polled at once.
 pub async fn run_poller(
     client: ControlClient,
     state_dir: PathBuf,
     agent_id: String,
     tx: watch::Sender<Arc<AgentConfig>>,
     seed: u64,
+    control_plane_back: crate::report::ControlPlaneBack,
     shutdown: CancellationToken,
 ) {
     let mut backoff = BACKOFF_MIN;
@@ -117,6 +120,7 @@ pub async fn run_poller(
         let sleep = jittered(wait, seed.wrapping_add(failures));
         tokio::select! {
             () = tokio::time::sleep(sleep) => {}
+            () = control_plane_back.notified() => tracing::debug!("the control plane answers again; polling now"),
             () = shutdown.cancelled() => return,
         }
     }

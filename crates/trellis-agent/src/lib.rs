@@ -446,12 +446,14 @@ pub async fn start_tuned(opts: AgentOptions, tuning: AgentTuning) -> Result<Runn
     let agent = start_with_listener(dp_opts, &identity, config_rx, tunnel, tracker.clone(), shutdown.clone()).await?;
 
     let seed = u64::from_str_radix(&agent.boot_id[..16], 16).unwrap_or_default();
+    let control_plane_back = report::ControlPlaneBack::default();
     tracker.spawn(config_cache::run_poller(
         client.clone(),
         opts.state_dir.clone(),
         identity.agent_id.clone(),
         config_tx,
         seed,
+        control_plane_back.clone(),
         shutdown.clone(),
     ));
     tracker.spawn(report::run_reporter(
@@ -461,6 +463,7 @@ pub async fn start_tuned(opts: AgentOptions, tuning: AgentTuning) -> Result<Runn
         advertise,
         agent.served(),
         agent.usage.clone(),
+        control_plane_back,
         shutdown.clone(),
     ));
     Ok(agent)

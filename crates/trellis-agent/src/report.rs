@@ -2,17 +2,27 @@
 //! the served state changes (a new config applied, a listener became ready or
 //! failed): the config version served, listener readiness, and cumulative
 //! gateway usage counters under this boot's id.
+//!
+//! Reports go out on a fixed interval, with no backoff, so they double as the
+//! agent's probe of the control plane: the first report that gets through
+//! after failures wakes the config long-poll ([`ControlPlaneBack`]), which may
+//! be sleeping in a long backoff, so revocations made once the control plane
+//! is back reach the data plane within seconds.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 use trellis_proto::agent_api::AgentReport;
 
 use crate::control_client::ControlClient;
 use crate::endpoint::ServedState;
 use crate::usage::UsageTable;
+
+/// Signalled when the control plane answers again after a failure; the
+/// config long-poll waits on it during its backoff.
+pub type ControlPlaneBack = Arc<Notify>;
 
 /// The report for the current state.
 pub fn build_report(boot_id: &str, advertise: Option<&str>, served: &ServedState, usage: &UsageTable) -> AgentReport {
@@ -25,7 +35,9 @@ pub fn build_report(boot_id: &str, advertise: Option<&str>, served: &ServedState
     }
 }
 
-/// Sends reports until `shutdown`.
+/// Sends reports until `shutdown`; signals `control_plane_back` when a report
+/// gets through after failures.
+#[allow(clippy::too_many_arguments)]
 pub async fn run_reporter(
     client: ControlClient,
     interval: Duration,
@@ -33,6 +45,7 @@ pub async fn run_reporter(
     advertise: Option<String>,
     mut served: watch::Receiver<ServedState>,
     usage: Arc<UsageTable>,
+    control_plane_back: ControlPlaneBack,
     shutdown: CancellationToken,
 ) {
     let mut failures: u64 = 0;
@@ -46,6 +59,8 @@ pub async fn run_reporter(
             Ok(()) => {
                 if failures > 0 {
                     tracing::info!(failures, "usage reports reach the control plane again");
+                    // A stored permit also covers a poller that is mid-request right now.
+                    control_plane_back.notify_one();
                 }
                 failures = 0;
             }
