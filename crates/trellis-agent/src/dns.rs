@@ -174,13 +174,19 @@ impl DnsContext {
 /// Binds UDP and TCP on the same address (when the port is 0, on the same chosen port).
 pub async fn bind(addr: SocketAddr) -> io::Result<(UdpSocket, TcpListener)> {
     let mut last = None;
-    for _ in 0..8 {
+    // Sockets whose TCP twin was taken stay bound until we are done, so the
+    // kernel cannot hand the same UDP port out again on the next try.
+    let mut held = Vec::new();
+    for _ in 0..32 {
         let udp = UdpSocket::bind(addr).await?;
         let bound = udp.local_addr()?;
         match TcpListener::bind(bound).await {
             Ok(tcp) => return Ok((udp, tcp)),
             // Port 0 picked a UDP port whose TCP twin is taken: pick again.
-            Err(e) if addr.port() == 0 && e.kind() == io::ErrorKind::AddrInUse => last = Some(e),
+            Err(e) if addr.port() == 0 && e.kind() == io::ErrorKind::AddrInUse => {
+                last = Some(e);
+                held.push(udp);
+            }
             Err(e) => return Err(e),
         }
     }

@@ -1,0 +1,64 @@
+//! Throughput with iperf3: one server for every path, the client run once per
+//! figure with `-J` and read from its JSON.
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use crate::Res;
+use crate::proc::{self, Daemon};
+
+/// Starts `iperf3 -s` on 127.0.0.1 at a free port.
+pub fn start_server(bin: &Path, logs: &Path) -> Res<(Daemon, SocketAddr)> {
+    let mut last_error = String::new();
+    // The port is picked by binding port 0 and released before iperf3 binds it: retry if someone took it meanwhile.
+    for attempt in 1..=5 {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map_err(|e| format!("pick a port for iperf3: {e}"))?
+            .port();
+        let mut cmd = Command::new(bin);
+        cmd.args(["-s", "-B", "127.0.0.1", "-p", &port.to_string(), "--forceflush"]);
+        let mut daemon = Daemon::spawn(&format!("iperf3-server-{attempt}"), cmd, logs, "TERM")?;
+        let wanted = format!("Server listening on {port}");
+        match daemon.wait_for_log("iperf3 -s to listen", Duration::from_secs(10), |l| l.contains(&wanted).then_some(()))
+        {
+            Ok(()) => return Ok((daemon, SocketAddr::from(([127, 0, 0, 1], port)))),
+            Err(e) => last_error = e,
+        }
+    }
+    Err(format!("iperf3 server did not start: {last_error}"))
+}
+
+/// Runs one iperf3 test through `addr` and returns the receiver's rate in Gbit/s.
+pub fn measure(bin: &Path, addr: SocketAddr, seconds: u64, streams: u32, reverse: bool) -> Res<f64> {
+    let mut cmd = Command::new(bin);
+    cmd.args(["-c", &addr.ip().to_string(), "-p", &addr.port().to_string()])
+        .args(["-t", &seconds.to_string(), "-O", "1", "-P", &streams.to_string(), "-J"])
+        .args(["--connect-timeout", "5000"]);
+    if reverse {
+        cmd.arg("-R");
+    }
+    let out = proc::run(cmd, Duration::from_secs(seconds + 30))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let json: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| format!("iperf3 printed no JSON ({e}): {}", stderr_or(&out)))?;
+    if let Some(err) = json["error"].as_str() {
+        return Err(format!("iperf3 through {addr}: {err}"));
+    }
+    let bps = json["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .ok_or_else(|| format!("iperf3 JSON has no end.sum_received.bits_per_second: {}", stderr_or(&out)))?;
+    Ok(bps / 1e9)
+}
+
+fn stderr_or(out: &std::process::Output) -> String {
+    let err = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    if err.is_empty() { format!("exit {}", out.status) } else { err }
+}
+
+/// `iperf3 --version`'s first line.
+pub fn version(bin: &Path) -> String {
+    crate::first_line_of(bin, &["--version"])
+}
