@@ -168,7 +168,7 @@ pub struct AgentRunArgs {
     #[arg(long, env = "TRELLIS_METRICS_LISTEN", value_name = "ADDR")]
     pub metrics_listen: Option<SocketAddr>,
 
-    /// Add endpoint addresses to the host's interfaces (needs CAP_NET_ADMIN)
+    /// Make the subnet's endpoint address pool local (ip route replace local POOL dev lo; needs CAP_NET_ADMIN)
     #[arg(long, env = "TRELLIS_MANAGE_ROUTES")]
     pub manage_routes: bool,
 
