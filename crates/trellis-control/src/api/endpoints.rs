@@ -31,7 +31,7 @@ use crate::state::{AppState, now, seed};
 pub fn router() -> Router<AppState> {
     Router::new()
         .route("/v1/vpcendpoints", post(create).get(list))
-        .route("/v1/vpcendpoints/{id}", get(read).delete(delete))
+        .route("/v1/vpcendpoints/{id}", get(super::read_owned::<VpcEndpoint>).delete(delete))
 }
 
 #[derive(Debug, Deserialize, Serialize)]
@@ -170,15 +170,6 @@ async fn list(
     Ok(Json(paginate(all, |e| e.id.to_string(), &q)?))
 }
 
-async fn read(
-    State(st): State<AppState>,
-    AccountAuth(me): AccountAuth,
-    PathId(raw): PathId,
-) -> Result<Json<VpcEndpoint>, ApiError> {
-    let id: VpcEndpointId = path_id(&raw)?;
-    st.read(move |tx| get_owned::<VpcEndpoint>(tx, &me.id, id.as_str(), "VPC endpoint")).await.map(Json)
-}
-
 async fn delete(
     State(st): State<AppState>,
     AccountAuth(me): AccountAuth,
@@ -216,4 +207,9 @@ pub fn reassess_endpoints_of(tx: &mut dyn Tx, config: &ResourceConfigurationId) 
         }
     }
     Ok(())
+}
+
+impl super::Owned for VpcEndpoint {
+    type Id = VpcEndpointId;
+    const WHAT: &'static str = "VPC endpoint";
 }

@@ -22,7 +22,7 @@ use crate::state::{AppState, now, seed};
 pub fn router() -> Router<AppState> {
     Router::new()
         .route("/v1/resourcegateways", post(create).get(list))
-        .route("/v1/resourcegateways/{id}", get(read).delete(delete))
+        .route("/v1/resourcegateways/{id}", get(super::read_owned::<ResourceGateway>).delete(delete))
 }
 
 #[derive(Debug, Deserialize, Serialize)]
@@ -121,15 +121,6 @@ async fn list(
     Ok(Json(paginate(all, |g| g.id.to_string(), &q)?))
 }
 
-async fn read(
-    State(st): State<AppState>,
-    AccountAuth(me): AccountAuth,
-    PathId(raw): PathId,
-) -> Result<Json<ResourceGateway>, ApiError> {
-    let id: ResourceGatewayId = path_id(&raw)?;
-    st.read(move |tx| get_owned::<ResourceGateway>(tx, &me.id, id.as_str(), "resource gateway")).await.map(Json)
-}
-
 async fn delete(
     State(st): State<AppState>,
     AccountAuth(me): AccountAuth,
@@ -149,4 +140,9 @@ async fn delete(
         Ok(StatusCode::NO_CONTENT)
     })
     .await
+}
+
+impl super::Owned for ResourceGateway {
+    type Id = ResourceGatewayId;
+    const WHAT: &'static str = "resource gateway";
 }

@@ -121,6 +121,23 @@ pub fn path_id<T: Id>(raw: &str) -> Result<T, ApiError> {
     T::parse(raw).map_err(|_| ApiError::not_found(T::KIND, raw))
 }
 
+/// An object only its account may read, with the id type of its routes and
+/// the words errors use for it.
+pub trait Owned: Object + Serialize + Send + 'static {
+    type Id: Id + Send + 'static;
+    const WHAT: &'static str;
+}
+
+/// `GET …/{id}` of an [`Owned`] object: another account's object is a 404.
+pub async fn read_owned<O: Owned>(
+    axum::extract::State(st): axum::extract::State<AppState>,
+    crate::auth::AccountAuth(me): crate::auth::AccountAuth,
+    PathId(raw): PathId,
+) -> Result<Json<O>, ApiError> {
+    let id: O::Id = path_id(&raw)?;
+    st.read(move |tx| get_owned::<O>(tx, &me.id, id.as_str(), O::WHAT)).await.map(Json)
+}
+
 /// Loads an object of `account`; another account's object is a 404, as is an unknown one.
 pub fn get_owned<O: Object>(tx: &mut dyn Tx, account: &AccountId, id: &str, kind: &str) -> Result<O, ApiError> {
     match tx.get_obj::<O>(id)? {

@@ -27,7 +27,7 @@ use crate::state::{AppState, now, seed};
 pub fn router() -> Router<AppState> {
     Router::new()
         .route("/v1/resourceshares", post(create).get(list))
-        .route("/v1/resourceshares/{id}", get(read).delete(delete))
+        .route("/v1/resourceshares/{id}", get(super::read_owned::<ResourceShare>).delete(delete))
 }
 
 #[derive(Debug, Deserialize, Serialize)]
@@ -140,15 +140,6 @@ async fn list(
     Ok(Json(paginate(all, |s| s.id.to_string(), &q)?))
 }
 
-async fn read(
-    State(st): State<AppState>,
-    AccountAuth(me): AccountAuth,
-    PathId(raw): PathId,
-) -> Result<Json<ResourceShare>, ApiError> {
-    let id: ResourceShareId = path_id(&raw)?;
-    st.read(move |tx| get_owned::<ResourceShare>(tx, &me.id, id.as_str(), "resource share")).await.map(Json)
-}
-
 async fn delete(
     State(st): State<AppState>,
     AccountAuth(me): AccountAuth,
@@ -169,4 +160,9 @@ async fn delete(
         Ok(StatusCode::NO_CONTENT)
     })
     .await
+}
+
+impl super::Owned for ResourceShare {
+    type Id = ResourceShareId;
+    const WHAT: &'static str = "resource share";
 }

@@ -21,7 +21,7 @@ pub const AGENT_KIND: &str = <trellis_model::Agent as Object>::KIND;
 pub fn router() -> Router<AppState> {
     Router::new()
         .route("/v1/vpcs", post(create).get(list))
-        .route("/v1/vpcs/{id}", get(read).patch(update).delete(delete))
+        .route("/v1/vpcs/{id}", get(super::read_owned::<Vpc>).patch(update).delete(delete))
 }
 
 #[derive(Debug, Deserialize, Serialize)]
@@ -60,15 +60,6 @@ async fn list(
         .read(move |tx| Ok(tx.list_obj::<Vpc>(&Filter { account_id: Some(me.id.as_str()), reference: None })?))
         .await?;
     Ok(Json(paginate(all, |v| v.id.to_string(), &q)?))
-}
-
-async fn read(
-    State(st): State<AppState>,
-    AccountAuth(me): AccountAuth,
-    PathId(raw): PathId,
-) -> Result<Json<Vpc>, ApiError> {
-    let id: VpcId = path_id(&raw)?;
-    st.read(move |tx| get_owned::<Vpc>(tx, &me.id, id.as_str(), "VPC")).await.map(Json)
 }
 
 #[derive(Debug, Deserialize)]
@@ -135,4 +126,9 @@ fn in_use(tx: &mut dyn Tx, _me: &AccountId, vpc: &Vpc) -> Result<(), ApiError> {
         }
     }
     Ok(())
+}
+
+impl super::Owned for Vpc {
+    type Id = VpcId;
+    const WHAT: &'static str = "VPC";
 }
