@@ -18,6 +18,9 @@ pub enum ReadFrameError {
     Protocol(#[from] StreamError),
 }
 
+/// The most one read takes while looking for a frame.
+const READ_CHUNK: usize = 4096;
+
 /// Reads until `decode` yields a frame; returns it and the bytes read past it.
 pub async fn read_frame<S, T>(
     stream: &mut S,
@@ -26,20 +29,22 @@ pub async fn read_frame<S, T>(
 where
     S: AsyncRead + Unpin,
 {
+    // Read straight into `buf` (no buffer on the stack: this future's state lives in the
+    // connection's task for as long as a pooled connection waits for its request).
     let mut buf = Vec::with_capacity(256);
-    let mut chunk = [0u8; 4096];
     loop {
         if let Some((msg, used)) = decode(&buf)? {
             return Ok((msg, buf.split_off(used)));
         }
         // The decoder rejects frames longer than MAX_FRAME_LEN, so this bound is never hit by a valid peer.
-        let room = (MAX_FRAME_LEN + chunk.len()).saturating_sub(buf.len()).min(chunk.len());
-        let n = match stream.read(&mut chunk[..room]).await {
+        let room = (MAX_FRAME_LEN + READ_CHUNK).saturating_sub(buf.len()).min(READ_CHUNK);
+        buf.reserve(room);
+        let n = match (&mut *stream).take(room as u64).read_buf(&mut buf).await {
             Ok(0) => return Err(ReadFrameError::Closed),
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Err(ReadFrameError::Closed),
             r => r?,
         };
-        buf.extend_from_slice(&chunk[..n]);
+        debug_assert!(n > 0);
     }
 }
 

@@ -24,6 +24,7 @@ mod frame_io;
 pub mod gateway;
 pub mod identity;
 pub mod metrics;
+pub mod read_ahead;
 pub mod report;
 mod splice;
 #[doc(hidden)]

@@ -24,9 +24,10 @@ use tokio_util::task::TaskTracker;
 use trellis_proto::GatewayTarget;
 
 use crate::gateway::listener::set_keepalive;
+use crate::read_ahead::ReadAhead;
 
 /// A tunnel connection to a gateway agent.
-pub type Tunnel = TlsStream<TcpStream>;
+pub type Tunnel = TlsStream<ReadAhead>;
 
 /// Sizes and deadlines of the pools.
 #[derive(Clone, Copy, Debug)]
@@ -148,7 +149,7 @@ impl GatewayPools {
             let tcp = TcpStream::connect(key.address.as_str()).await?;
             let _ = tcp.set_nodelay(true);
             set_keepalive(&tcp);
-            self.connector.connect(name, tcp).await
+            self.connector.connect(name, ReadAhead::new(tcp)).await
         };
         tokio::time::timeout(self.settings.connect_timeout, attempt).await.map_err(|_| {
             io::Error::new(io::ErrorKind::TimedOut, format!("connecting to gateway agent {} timed out", key.address))
@@ -262,6 +263,50 @@ mod tests {
         shutdown.cancel();
         tracker.close();
         tracker.wait().await;
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn a_second_connection_resumes_the_tls_session() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let ca = TestCa::new();
+        let gateway = ca.issue("agent-0000000000000000a", "acct-1", "vpc-1");
+        let client = ca.issue("agent-0000000000000000b", "acct-2", "vpc-2");
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls::tunnel_server_config(&gateway).unwrap());
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let key = GatewayKey {
+            address: listener.local_addr().unwrap().to_string(),
+            server_name: trellis_proto::agent_server_name(&gateway.agent_id),
+        };
+        let server = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((tcp, _)) = listener.accept().await {
+                if let Ok(mut tls) = acceptor.accept(ReadAhead::new(tcp)).await {
+                    // Session tickets go out right after the handshake; this byte follows them.
+                    tls.write_all(b"x").await.unwrap();
+                    held.push(tls);
+                }
+            }
+        });
+        let pools = GatewayPools::new(
+            tls::tunnel_client_config(&client).unwrap(),
+            PoolSettings::default(),
+            TaskTracker::new(),
+            CancellationToken::new(),
+        );
+        let mut first = pools.connect(&key).await.unwrap();
+        first.read_exact(&mut [0u8; 1]).await.unwrap();
+        assert_eq!(first.get_ref().1.handshake_kind(), Some(rustls::HandshakeKind::Full));
+        let second = pools.connect(&key).await.unwrap();
+        assert_eq!(
+            second.get_ref().1.handshake_kind(),
+            Some(rustls::HandshakeKind::Resumed),
+            "refills must resume the session (no certificate signing or verification)"
+        );
+        assert_eq!(
+            second.get_ref().1.negotiated_cipher_suite().map(|s| s.suite()),
+            Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256)
+        );
         server.abort();
     }
 }

@@ -83,7 +83,8 @@ pub async fn serve_client(
     let mut opened = None;
     for gateway in &gateways {
         let attempt = tokio::select! {
-            r = open(&ctx, gateway, &req) => r,
+            // Boxed: the handshake state of a fresh connection must not stay in this task's memory.
+            r = Box::pin(open(&ctx, gateway, &req)) => r,
             () = cancel.cancelled() => return,
         };
         match attempt {
@@ -131,7 +132,7 @@ pub async fn serve_client(
         }
         flow.add_out(leftover.len() as u64);
     }
-    let end = splice(client, tunnel, |n| flow.add_in(n), |n| flow.add_out(n), cancel.cancelled()).await;
+    let end = splice(client, Box::new(tunnel), |n| flow.add_in(n), |n| flow.add_out(n), cancel.cancelled()).await;
     match end {
         SpliceEnd::Closed => flow.finish("closed", None),
         SpliceEnd::Error(e) => flow.finish("error", Some(e.to_string())),

@@ -27,6 +27,7 @@ use crate::access_log::AccessLog;
 use crate::flow::{FlowInfo, OpenFlow, reject};
 use crate::frame_io::{ReadFrameError, read_frame};
 use crate::metrics::{FlowLabels, Metrics, Role};
+use crate::read_ahead::ReadAhead;
 use crate::splice::{SpliceEnd, splice};
 use crate::tls::cert_sha256;
 use crate::usage::{UsageKey, UsageTable};
@@ -111,8 +112,11 @@ async fn handle(
 ) {
     let _ = tcp.set_nodelay(true);
     set_keepalive(&tcp);
-    let mut tls = match tokio::time::timeout(ctx.timeouts.handshake, acceptor.accept(tcp)).await {
-        Ok(Ok(tls)) => tls,
+    // Futures that finish before the splice are boxed, and so is the TLS stream, so that the
+    // state this task keeps for the life of an idle connection stays small (memory per connection).
+    let handshake = Box::pin(acceptor.accept(ReadAhead::new(tcp)));
+    let mut tls = match tokio::time::timeout(ctx.timeouts.handshake, handshake).await {
+        Ok(Ok(tls)) => Box::new(tls),
         Ok(Err(e)) => {
             tracing::debug!(%peer, error = %e, "tunnel TLS handshake failed");
             return;
@@ -175,7 +179,7 @@ async fn handle(
         consumer_account_id: grant.consumer_account_id.clone(),
     });
     let dialed = tokio::select! {
-        r = dial(&grant.target, req.port, ctx.timeouts.dial) => r,
+        r = Box::pin(dial(&grant.target, req.port, ctx.timeouts.dial)) => r,
         () = cancel.cancelled() => return,
     };
     let target = match dialed {
@@ -290,7 +294,7 @@ fn deny(ctx: &GatewayContext, req: &OpenRequest, denial: &Denial, started: Syste
 }
 
 /// Sends an `OpenResponse`; false when the peer is gone.
-async fn respond(tls: &mut TlsStream<TcpStream>, status: OpenStatus, message: String) -> bool {
+async fn respond(tls: &mut TlsStream<ReadAhead>, status: OpenStatus, message: String) -> bool {
     let mut out = Vec::new();
     encode_open_response(&OpenResponse::new(status, message), &mut out);
     tls.write_all(&out).await.is_ok() && tls.flush().await.is_ok()
