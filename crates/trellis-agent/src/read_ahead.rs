@@ -4,9 +4,11 @@
 //! record costs four `recvfrom` calls, and a stream of them four times as many
 //! system calls as bytes warrant. [`ReadAhead`] answers small reads from one
 //! large read: it receives up to 64 KiB into the worker thread's scratch
-//! buffer, hands the caller what it asked for, and keeps only the rest in a
-//! buffer of its own, sized to the rest and freed as soon as it has been read.
-//! An idle connection therefore holds no read-ahead memory. Writes pass through.
+//! buffer and hands the caller what it asked for. When bytes are left over,
+//! the connection takes the scratch buffer itself (no copy) until they have
+//! been read, then gives it back to the thread. An idle connection therefore
+//! holds no read-ahead memory, and a busy one neither copies the rest nor
+//! allocates per read. Writes pass through.
 
 use std::cell::Cell;
 use std::io;
@@ -27,15 +29,29 @@ thread_local! {
 #[derive(Debug)]
 pub struct ReadAhead {
     io: TcpStream,
-    /// Bytes received but not yet read; no allocation when empty.
-    ahead: Vec<u8>,
-    /// How much of `ahead` has been read.
+    /// A scratch buffer holding bytes received but not yet read; `None` when
+    /// everything received has been read.
+    ahead: Option<Box<[u8]>>,
+    /// `ahead[pos..len]` is still to be read.
     pos: usize,
+    len: usize,
+}
+
+fn take_scratch() -> Box<[u8]> {
+    SCRATCH.with(Cell::take).unwrap_or_else(|| vec![0u8; READ_AHEAD].into_boxed_slice())
+}
+
+/// Gives a drained buffer back to the thread, unless the thread has one again.
+fn return_scratch(buf: Box<[u8]>) {
+    SCRATCH.with(|slot| {
+        let current = slot.take();
+        slot.set(Some(current.unwrap_or(buf)));
+    });
 }
 
 impl ReadAhead {
     pub fn new(io: TcpStream) -> Self {
-        Self { io, ahead: Vec::new(), pos: 0 }
+        Self { io, ahead: None, pos: 0, len: 0 }
     }
 
     /// The socket.
@@ -45,16 +61,24 @@ impl ReadAhead {
 
     /// Bytes held for the next reads (for tests and diagnostics).
     pub fn buffered(&self) -> usize {
-        self.ahead.len() - self.pos
+        self.len - self.pos
+    }
+
+    /// Whether this connection holds a read-ahead buffer (for tests).
+    pub fn holds_buffer(&self) -> bool {
+        self.ahead.is_some()
     }
 
     fn serve(&mut self, buf: &mut ReadBuf<'_>) {
-        let n = buf.remaining().min(self.ahead.len() - self.pos);
-        buf.put_slice(&self.ahead[self.pos..self.pos + n]);
+        let Some(ahead) = &self.ahead else { return };
+        let n = buf.remaining().min(self.len - self.pos);
+        buf.put_slice(&ahead[self.pos..self.pos + n]);
         self.pos += n;
-        if self.pos == self.ahead.len() {
-            self.ahead = Vec::new();
-            self.pos = 0;
+        if self.pos == self.len
+            && let Some(drained) = self.ahead.take()
+        {
+            return_scratch(drained);
+            (self.pos, self.len) = (0, 0);
         }
     }
 }
@@ -62,26 +86,27 @@ impl ReadAhead {
 impl AsyncRead for ReadAhead {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if this.pos < this.ahead.len() {
+        if this.ahead.is_some() {
             this.serve(buf);
             return Poll::Ready(Ok(()));
         }
         if buf.remaining() >= READ_AHEAD {
             return Pin::new(&mut this.io).poll_read(cx, buf);
         }
-        let mut scratch = SCRATCH.with(Cell::take).unwrap_or_else(|| vec![0u8; READ_AHEAD].into_boxed_slice());
+        let mut scratch = take_scratch();
         let mut big = ReadBuf::new(&mut scratch);
         let polled = Pin::new(&mut this.io).poll_read(cx, &mut big);
+        let filled = big.filled().len();
         if let Poll::Ready(Ok(())) = polled {
-            let got = big.filled();
-            let n = buf.remaining().min(got.len());
-            buf.put_slice(&got[..n]);
-            if n < got.len() {
-                this.ahead = got[n..].to_vec();
-                this.pos = 0;
+            let n = buf.remaining().min(filled);
+            buf.put_slice(&scratch[..n]);
+            if n < filled {
+                // Keep the rest where it is: the buffer is this connection's until it is read.
+                (this.ahead, this.pos, this.len) = (Some(scratch), n, filled);
+                return Poll::Ready(Ok(()));
             }
         }
-        SCRATCH.with(|s| s.set(Some(scratch)));
+        return_scratch(scratch);
         ready!(polled)?;
         Poll::Ready(Ok(()))
     }
@@ -136,18 +161,21 @@ mod tests {
         });
         let mut got = Vec::new();
         let mut chunk = [0u8; 4096];
+        let mut held = false;
         loop {
             let n = rx.read(&mut chunk).await.unwrap();
             if n == 0 {
                 break;
             }
             got.extend_from_slice(&chunk[..n]);
+            held |= rx.buffered() > 0;
             if rx.buffered() == 0 {
-                assert_eq!(rx.ahead.capacity(), 0, "a drained read-ahead buffer must be freed");
+                assert!(!rx.holds_buffer(), "a drained read-ahead buffer must be given back");
             }
         }
         writer.await.unwrap();
         assert_eq!(got, data);
+        assert!(held, "4 KiB reads of a 200 KB stream must be served from read-ahead");
     }
 
     #[tokio::test]
