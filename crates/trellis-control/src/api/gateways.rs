@@ -10,18 +10,18 @@ use trellis_model::{
     AccountId, IpAddressType, ResourceConfiguration, ResourceGateway, ResourceGatewayId, ResourceStatus, Subnet,
     SubnetId, Vpc, VpcId, kinds, parse_identifier, validate_name,
 };
-use trellis_store::{Filter, Object, Tx, TxExt};
+use trellis_store::{Object, Tx, TxExt};
 
 use super::idempotency::create_once;
 use super::vpcs::count_refs;
-use super::{ClientToken, Json, ListQuery, Page, PathId, Query, created, get_owned, no_duplicates, paginate, path_id};
+use super::{ClientToken, Json, PathId, created, get_owned, no_duplicates, path_id};
 use crate::auth::AccountAuth;
 use crate::error::{ApiError, invalid_reference};
 use crate::state::{AppState, now, seed};
 
 pub fn router() -> Router<AppState> {
     Router::new()
-        .route("/v1/resourcegateways", post(create).get(list))
+        .route("/v1/resourcegateways", post(create).get(super::list_owned::<ResourceGateway>))
         .route("/v1/resourcegateways/{id}", get(super::read_owned::<ResourceGateway>).delete(delete))
 }
 
@@ -106,19 +106,6 @@ async fn create(
         })
         .await?;
     Ok(created(outcome))
-}
-
-async fn list(
-    State(st): State<AppState>,
-    AccountAuth(me): AccountAuth,
-    Query(q): Query<ListQuery>,
-) -> Result<Json<Page<ResourceGateway>>, ApiError> {
-    let all = st
-        .read(move |tx| {
-            Ok(tx.list_obj::<ResourceGateway>(&Filter { account_id: Some(me.id.as_str()), reference: None })?)
-        })
-        .await?;
-    Ok(Json(paginate(all, |g| g.id.to_string(), &q)?))
 }
 
 async fn delete(

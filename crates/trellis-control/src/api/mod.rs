@@ -138,6 +138,20 @@ pub async fn read_owned<O: Owned>(
     st.read(move |tx| get_owned::<O>(tx, &me.id, id.as_str(), O::WHAT)).await.map(Json)
 }
 
+/// `GET` of a collection of [`Owned`] objects: the caller's own, paginated by id.
+pub async fn list_owned<O: Owned>(
+    axum::extract::State(st): axum::extract::State<AppState>,
+    crate::auth::AccountAuth(me): crate::auth::AccountAuth,
+    Query(q): Query<ListQuery>,
+) -> Result<Json<Page<O>>, ApiError> {
+    let all = st
+        .read(move |tx| {
+            Ok(tx.list_obj::<O>(&trellis_store::Filter { account_id: Some(me.id.as_str()), reference: None })?)
+        })
+        .await?;
+    Ok(Json(paginate(all, |o| o.id().to_string(), &q)?))
+}
+
 /// Loads an object of `account`; another account's object is a 404, as is an unknown one.
 pub fn get_owned<O: Object>(tx: &mut dyn Tx, account: &AccountId, id: &str, kind: &str) -> Result<O, ApiError> {
     match tx.get_obj::<O>(id)? {

@@ -19,14 +19,14 @@ use trellis_store::{Filter, TxExt};
 
 use super::endpoints::reassess_endpoints_of;
 use super::idempotency::create_once;
-use super::{ClientToken, Json, ListQuery, Page, PathId, Query, created, get_owned, no_duplicates, paginate, path_id};
+use super::{ClientToken, Json, PathId, created, get_owned, no_duplicates, path_id};
 use crate::auth::AccountAuth;
 use crate::error::{ApiError, invalid_reference};
 use crate::state::{AppState, now, seed};
 
 pub fn router() -> Router<AppState> {
     Router::new()
-        .route("/v1/resourceshares", post(create).get(list))
+        .route("/v1/resourceshares", post(create).get(super::list_owned::<ResourceShare>))
         .route("/v1/resourceshares/{id}", get(super::read_owned::<ResourceShare>).delete(delete))
 }
 
@@ -125,19 +125,6 @@ async fn create(
         })
         .await?;
     Ok(created(outcome))
-}
-
-async fn list(
-    State(st): State<AppState>,
-    AccountAuth(me): AccountAuth,
-    Query(q): Query<ListQuery>,
-) -> Result<Json<Page<ResourceShare>>, ApiError> {
-    let all = st
-        .read(
-            move |tx| Ok(tx.list_obj::<ResourceShare>(&Filter { account_id: Some(me.id.as_str()), reference: None })?),
-        )
-        .await?;
-    Ok(Json(paginate(all, |s| s.id.to_string(), &q)?))
 }
 
 async fn delete(

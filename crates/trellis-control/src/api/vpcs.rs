@@ -10,7 +10,7 @@ use trellis_model::{AccountId, ResourceGateway, Subnet, Vpc, VpcEndpoint, VpcId,
 use trellis_store::{Filter, Object, Tx, TxExt};
 
 use super::idempotency::create_once;
-use super::{ClientToken, Json, ListQuery, Page, PathId, Query, created, get_owned, paginate, path_id};
+use super::{ClientToken, Json, PathId, created, get_owned, path_id};
 use crate::auth::AccountAuth;
 use crate::error::ApiError;
 use crate::state::{AppState, now, seed};
@@ -20,7 +20,7 @@ pub const AGENT_KIND: &str = <trellis_model::Agent as Object>::KIND;
 
 pub fn router() -> Router<AppState> {
     Router::new()
-        .route("/v1/vpcs", post(create).get(list))
+        .route("/v1/vpcs", post(create).get(super::list_owned::<Vpc>))
         .route("/v1/vpcs/{id}", get(super::read_owned::<Vpc>).patch(update).delete(delete))
 }
 
@@ -49,17 +49,6 @@ async fn create(
         })
         .await?;
     Ok(created(outcome))
-}
-
-async fn list(
-    State(st): State<AppState>,
-    AccountAuth(me): AccountAuth,
-    Query(q): Query<ListQuery>,
-) -> Result<Json<Page<Vpc>>, ApiError> {
-    let all = st
-        .read(move |tx| Ok(tx.list_obj::<Vpc>(&Filter { account_id: Some(me.id.as_str()), reference: None })?))
-        .await?;
-    Ok(Json(paginate(all, |v| v.id.to_string(), &q)?))
 }
 
 #[derive(Debug, Deserialize)]
