@@ -85,7 +85,7 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> IdentityError + '_ {
 }
 
 impl AgentIdentity {
-    /// SHA-256 of this agent's certificate, lower-case hex (what gateways list in `peers`).
+    /// SHA-256 of this agent's certificate, lower-case hex (what gateways list in `revokedCerts` once it is deleted).
     pub fn cert_sha256(&self) -> String {
         crate::tls::cert_sha256(&self.cert)
     }

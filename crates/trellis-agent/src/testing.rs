@@ -1,5 +1,5 @@
 //! Test support: a throw-away CA that issues agent identities shaped like the
-//! control plane's (DNS SAN `agent_server_name(agent_id)`), so the data plane
+//! control plane's (DNS SAN `agent_server_name(agent_id)`, URI SAN naming agent, account and VPC), so the data plane
 //! can be exercised without a control plane. Used by this crate's tests and by
 //! end-to-end harnesses; never by the agent itself.
 
@@ -46,7 +46,13 @@ impl TestCa {
     /// Issues an identity for an agent, as the control plane's enrollment does.
     pub fn issue(&self, agent_id: &str, account_id: &str, vpc_id: &str) -> AgentIdentity {
         let key = KeyPair::generate().expect("generate agent key");
-        let cert = self.sign(&key, &[trellis_proto::agent_server_name(agent_id)]);
+        let uri = trellis_proto::AgentIdentityUri {
+            agent_id: agent_id.to_string(),
+            account_id: account_id.to_string(),
+            vpc_id: vpc_id.to_string(),
+        }
+        .to_uri();
+        let cert = self.sign_with_uri(&key, &[trellis_proto::agent_server_name(agent_id)], Some(&uri));
         AgentIdentity {
             agent_id: agent_id.to_string(),
             account_id: account_id.to_string(),
@@ -67,7 +73,14 @@ impl TestCa {
     }
 
     fn sign(&self, key: &KeyPair, names: &[String]) -> CertificateDer<'static> {
+        self.sign_with_uri(key, names, None)
+    }
+
+    fn sign_with_uri(&self, key: &KeyPair, names: &[String], uri: Option<&str>) -> CertificateDer<'static> {
         let mut params = CertificateParams::new(names.to_vec()).expect("leaf params");
+        if let Some(uri) = uri {
+            params.subject_alt_names.push(rcgen::SanType::URI(uri.try_into().expect("an ASCII URI")));
+        }
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         params.use_authority_key_identifier_extension = true;
         params.signed_by(key, &self.issuer).expect("sign leaf").der().clone()

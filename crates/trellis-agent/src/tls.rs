@@ -44,6 +44,34 @@ pub fn cert_sha256(cert: &CertificateDer<'_>) -> String {
     hex::encode(ring::digest::digest(&ring::digest::SHA256, cert.as_ref()))
 }
 
+/// A tunnel peer as its certificate names it (the CA wrote these at enrollment).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerIdentity {
+    pub agent_id: String,
+    pub account_id: String,
+    pub vpc_id: String,
+    /// Lower-case hex SHA-256 of the certificate DER.
+    pub cert_sha256: String,
+}
+
+/// Reads who a CA-verified agent certificate names; `None` when it carries no
+/// Trellis agent identity (never the case for certificates the CA issued to agents).
+pub fn peer_identity(cert: &CertificateDer<'_>) -> Option<PeerIdentity> {
+    use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+    let (_, parsed) = X509Certificate::from_der(cert.as_ref()).ok()?;
+    let sans = parsed.subject_alternative_name().ok()??;
+    let id = sans.value.general_names.iter().find_map(|name| match name {
+        GeneralName::URI(uri) => trellis_proto::AgentIdentityUri::parse(uri),
+        _ => None,
+    })?;
+    Some(PeerIdentity {
+        agent_id: id.agent_id,
+        account_id: id.account_id,
+        vpc_id: id.vpc_id,
+        cert_sha256: cert_sha256(cert),
+    })
+}
+
 fn roots(ca: &CertificateDer<'static>) -> Result<Arc<RootCertStore>, TlsError> {
     let mut roots = RootCertStore::empty();
     roots.add(ca.clone()).map_err(|e| TlsError::BadCa(e.to_string()))?;

@@ -17,8 +17,8 @@ use trellis_agent::testing::TestCa;
 use trellis_agent::{AccessLog, AgentIdentity, DataPlaneOptions, RunningAgent, start_data_plane, tls};
 use trellis_proto::stream::{OpenRequest, OpenStatus, decode_open_response, encode_open_request, encode_open_response};
 use trellis_proto::{
-    AgentConfig, AllowedEndpoint, EndpointConfig, EndpointResource, GatewayResource, GatewayRole, GatewayTarget,
-    PeerAgent, PortRange, Target, agent_server_name,
+    AgentConfig, AllowedEndpoint, ConsumerVpc, EndpointConfig, EndpointResource, GatewayResource, GatewayRole,
+    GatewayTarget, PortRange, Target, agent_server_name,
 };
 
 const GW: &str = "agent-0000000000000000a";
@@ -65,24 +65,16 @@ fn gateway_config(peer: &AgentIdentity, target: SocketAddr, allowed_endpoint: &s
         agent_id: GW.into(),
         zone: "z1".into(),
         gateway: GatewayRole {
-            peers: vec![PeerAgent {
-                agent_id: peer.agent_id.clone(),
-                account_id: CONSUMER_ACCT.into(),
-                vpc_id: CONSUMER_VPC.into(),
-                cert_sha256: peer.cert_sha256(),
-            }],
+            consumers: vec![ConsumerVpc { account_id: peer.account_id.clone(), vpc_id: peer.vpc_id.clone() }],
             resources: vec![GatewayResource {
                 resource_configuration_id: RCFG.into(),
                 resource_gateway_id: "rgw-00000000000000001".into(),
                 owner_account_id: "acct-000000000001".into(),
                 target: Target::Ip { address: target.ip() },
                 port_ranges: vec![PortRange::single(target.port()).unwrap()],
-                allowed: vec![AllowedEndpoint {
-                    vpc_endpoint_id: allowed_endpoint.into(),
-                    consumer_account_id: CONSUMER_ACCT.into(),
-                    consumer_vpc_id: CONSUMER_VPC.into(),
-                }],
+                allowed: vec![AllowedEndpoint { vpc_endpoint_id: allowed_endpoint.into(), consumer: 0 }],
             }],
+            ..Default::default()
         },
         ..Default::default()
     }
@@ -336,8 +328,8 @@ async fn malformed_open_request_closes_only_that_connection() {
 #[tokio::test]
 async fn unknown_agent_certificate_is_denied() {
     let s = setup(VPCE).await;
-    // Signed by the same CA, but not a peer of this gateway.
-    let stranger = s.ca.issue("agent-0000000000000000c", CONSUMER_ACCT, CONSUMER_VPC);
+    // Signed by the same CA, but of a VPC with no endpoint on this gateway.
+    let stranger = s.ca.issue("agent-0000000000000000c", CONSUMER_ACCT, "vpc-00000000000000009");
     let mut tunnel = raw_tunnel(&stranger, s.gateway.tunnel_addr()).await;
     let mut frame = Vec::new();
     encode_open_request(

@@ -19,8 +19,8 @@ use trellis_model::{
     configuration_access,
 };
 use trellis_proto::{
-    AgentConfig, AllowedEndpoint, EndpointConfig, EndpointResource, GatewayResource, GatewayRole, GatewayTarget,
-    PeerAgent, PortRange, Target, agent_server_name,
+    AgentConfig, AllowedEndpoint, ConsumerVpc, EndpointConfig, EndpointResource, GatewayResource, GatewayRole,
+    GatewayTarget, PortRange, Target, agent_server_name,
 };
 use trellis_store::{Filter, StoreError, Tx, TxExt};
 
@@ -168,7 +168,7 @@ fn gateway_role(snap: &mut Snapshot<'_>, agent: &Agent) -> Result<GatewayRole, S
     let gateways: Vec<ResourceGateway> =
         snap.tx.list_obj(&Filter { account_id: Some(agent.account_id.as_str()), reference: Some(subnet_id) })?;
     let mut resources = Vec::new();
-    let mut peer_subnets = BTreeSet::new();
+    let mut consumers: BTreeMap<ConsumerVpc, u32> = BTreeMap::new();
     for gw in gateways.iter().filter(|g| compiles(g.status) && g.subnet_ids.contains(&agent.subnet_id)) {
         let configs: Vec<ResourceConfiguration> =
             snap.tx.list_obj(&Filter { account_id: Some(gw.account_id.as_str()), reference: Some(gw.id.as_str()) })?;
@@ -195,12 +195,11 @@ fn gateway_role(snap: &mut Snapshot<'_>, agent: &Agent) -> Result<GatewayRole, S
                 if !snap.may_use(&ep, &config)? {
                     continue;
                 }
-                peer_subnets.extend(ep.subnet_ids.iter().map(|s| s.to_string()));
-                allowed.push(AllowedEndpoint {
-                    vpc_endpoint_id: ep.id.to_string(),
-                    consumer_account_id: ep.account_id.to_string(),
-                    consumer_vpc_id: ep.vpc_id.to_string(),
-                });
+                let next = consumers.len() as u32;
+                let consumer = *consumers
+                    .entry(ConsumerVpc { account_id: ep.account_id.to_string(), vpc_id: ep.vpc_id.to_string() })
+                    .or_insert(next);
+                allowed.push(AllowedEndpoint { vpc_endpoint_id: ep.id.to_string(), consumer });
             }
             allowed.sort_by(|a, b| a.vpc_endpoint_id.cmp(&b.vpc_endpoint_id));
             resources.push(GatewayResource {
@@ -214,21 +213,14 @@ fn gateway_role(snap: &mut Snapshot<'_>, agent: &Agent) -> Result<GatewayRole, S
         }
     }
     resources.sort_by(|a, b| a.resource_configuration_id.cmp(&b.resource_configuration_id));
-    let mut peers = BTreeMap::new();
-    for subnet in &peer_subnets {
-        for peer in snap.agents_in(subnet)? {
-            peers.insert(
-                peer.id.to_string(),
-                PeerAgent {
-                    agent_id: peer.id.to_string(),
-                    account_id: peer.account_id.to_string(),
-                    vpc_id: peer.vpc_id.to_string(),
-                    cert_sha256: peer.cert_sha256.clone(),
-                },
-            );
+    // Number consumers in sorted order so equal state compiles to an equal config.
+    let renumber: HashMap<u32, u32> = consumers.values().enumerate().map(|(i, old)| (*old, i as u32)).collect();
+    for resource in &mut resources {
+        for a in &mut resource.allowed {
+            a.consumer = renumber[&a.consumer];
         }
     }
-    Ok(GatewayRole { peers: peers.into_values().collect(), resources })
+    Ok(GatewayRole { consumers: consumers.into_keys().collect(), resources, ..GatewayRole::default() })
 }
 
 /// A CHILD serves only while its GROUP exists and serves.
@@ -361,23 +353,18 @@ mod tests {
         assert_eq!(db.owner_account_id, w.owner.id.as_str());
         assert_eq!(db.target, Target::Ip { address: "10.0.0.10".parse().unwrap() });
         assert_eq!(db.port_ranges, vec![PortRange::single(5432).unwrap()]);
+        assert_eq!(db.allowed, vec![AllowedEndpoint { vpc_endpoint_id: w.endpoint.id.to_string(), consumer: 0 }]);
+        // The consumer's VPC is the one consumer of the gateway.
         assert_eq!(
-            db.allowed,
-            vec![AllowedEndpoint {
-                vpc_endpoint_id: w.endpoint.id.to_string(),
-                consumer_account_id: w.consumer.id.to_string(),
-                consumer_vpc_id: w.consumer_vpc.id.to_string(),
-            }]
+            gw.gateway.consumers,
+            vec![ConsumerVpc { account_id: w.consumer.id.to_string(), vpc_id: w.consumer_vpc.id.to_string() }]
         );
-        // Only the endpoint agents of the endpoint's subnet are peers.
-        let peers: Vec<_> = gw.gateway.peers.iter().map(|p| p.cert_sha256.as_str()).collect();
-        assert_eq!(peers, vec![w.consumer_agents[0].cert_sha256.as_str()]);
         assert!(gw.endpoints.is_empty());
         // The gateway agent of the other zone serves the same resource.
         assert_eq!(allowed(&compile_for(&store, &w.gw_agents[1])), vec![w.endpoint.id.to_string()]);
 
         let consumer = compile_for(&store, &w.consumer_agents[0]);
-        assert!(consumer.gateway.resources.is_empty() && consumer.gateway.peers.is_empty());
+        assert!(consumer.gateway.resources.is_empty() && consumer.gateway.consumers.is_empty());
         assert_eq!(consumer.endpoints.len(), 1);
         let ep = &consumer.endpoints[0];
         assert_eq!(ep.vpc_endpoint_id, w.endpoint.id.as_str());
@@ -415,8 +402,8 @@ mod tests {
         let z2 = compile_for(&store, &w.consumer_agents[1]);
         let zones: Vec<_> = z2.endpoints[0].resources[0].gateways.iter().map(|g| g.zone.as_str()).collect();
         assert_eq!(zones, vec!["z2", "z1"]);
-        // Both consumer agents are now peers of the gateway.
-        assert_eq!(compile_for(&store, &w.gw_agents[0]).gateway.peers.len(), 2);
+        // Still one consumer VPC.
+        assert_eq!(compile_for(&store, &w.gw_agents[0]).gateway.consumers.len(), 1);
         // Within a zone, online agents come before offline ones.
         let mut offline = w.gw_agents[1].clone();
         offline.status = AgentStatus::Offline;
@@ -441,7 +428,7 @@ mod tests {
         });
         let gw = compile_for(&store, &w.gw_agents[0]);
         assert!(allowed(&gw).is_empty(), "a deleted share revokes at once");
-        assert!(gw.gateway.peers.is_empty());
+        assert!(gw.gateway.consumers.is_empty());
         assert!(compile_for(&store, &w.consumer_agents[0]).endpoints.is_empty(), "and stops the listeners");
     }
 
@@ -488,8 +475,8 @@ mod tests {
         });
         let gw = compile_for(&store, &w.gw_agents[0]);
         assert_eq!(allowed(&gw), vec![own.id.to_string()]);
-        let peers: Vec<_> = gw.gateway.peers.iter().map(|p| p.agent_id.as_str()).collect();
-        assert_eq!(peers, vec![w.gw_agents[1].id.as_str()], "the owner's agent in the endpoint's subnet");
+        let consumers: Vec<_> = gw.gateway.consumers.iter().map(|c| c.vpc_id.as_str()).collect();
+        assert_eq!(consumers, vec![w.owner_vpc.id.as_str()], "the owner's own VPC");
         // That agent plays both roles.
         let both = compile_for(&store, &w.gw_agents[1]);
         assert_eq!(both.endpoints.len(), 1);

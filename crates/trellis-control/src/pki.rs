@@ -272,7 +272,12 @@ impl Ca {
         dn.push(DnType::CommonName, agent_id);
         params.distinguished_name = dn;
         let dns = trellis_proto::agent_server_name(agent_id);
-        let uri = format!("trellis:agent/{agent_id}?account={account_id}&vpc={vpc_id}");
+        let uri = trellis_proto::AgentIdentityUri {
+            agent_id: agent_id.to_string(),
+            account_id: account_id.to_string(),
+            vpc_id: vpc_id.to_string(),
+        }
+        .to_uri();
         let invalid = |s: &str| PkiError::InvalidName(s.to_string());
         params.subject_alt_names = vec![
             SanType::DnsName(dns.as_str().try_into().map_err(|_| invalid(&dns))?),

@@ -33,24 +33,49 @@ pub struct AgentConfig {
 }
 
 /// What a gateway agent accepts and dials.
+///
+/// Sized for thousands of consumers: each consumer VPC is listed once in
+/// `consumers`, and each allowed endpoint refers to its VPC by index, so the
+/// config grows by one short entry per consumer and one per endpoint.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct GatewayRole {
-    /// Endpoint agents allowed to open streams, by certificate fingerprint.
-    pub peers: Vec<PeerAgent>,
+    /// Consumer VPCs with at least one endpoint allowed here. An agent whose
+    /// certificate names another (account, VPC) is refused at the TLS handshake.
+    #[serde(default)]
+    pub consumers: Vec<ConsumerVpc>,
     /// Resources reachable through this gateway agent.
+    #[serde(default)]
     pub resources: Vec<GatewayResource>,
+    /// Lower-case hex SHA-256 of certificates of deleted agents of the
+    /// consumer VPCs that have not expired yet: refused even though the CA signed them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub revoked_certs: Vec<String>,
+    /// Endpoints on this gateway's resources that still exist but may not
+    /// connect, with the control plane's reason (for the access log when it
+    /// closes their flows).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub revoked_endpoints: Vec<RevokedEndpoint>,
 }
 
-/// An endpoint agent known to a gateway, identified by its TLS client certificate.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+impl GatewayRole {
+    /// The consumer VPC an allowed endpoint belongs to.
+    pub fn consumer(&self, allowed: &AllowedEndpoint) -> Option<&ConsumerVpc> {
+        self.consumers.get(allowed.consumer as usize)
+    }
+
+    /// Whether an agent of `account_id`'s VPC `vpc_id` may open tunnels here at all.
+    pub fn knows_consumer(&self, account_id: &str, vpc_id: &str) -> bool {
+        self.consumers.iter().any(|c| c.vpc_id == vpc_id && c.account_id == account_id)
+    }
+}
+
+/// A consumer VPC (and its account) that has endpoints allowed on a gateway.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct PeerAgent {
-    pub agent_id: String,
+pub struct ConsumerVpc {
     pub account_id: String,
     pub vpc_id: String,
-    /// Lower-case hex SHA-256 of the peer's certificate DER.
-    pub cert_sha256: String,
 }
 
 /// One SINGLE or CHILD resource configuration served by a gateway agent.
@@ -62,8 +87,18 @@ pub struct GatewayResource {
     pub owner_account_id: String,
     pub target: Target,
     pub port_ranges: Vec<PortRange>,
-    /// Endpoints allowed to reach this resource right now.
+    /// Endpoints allowed to reach this resource right now, sorted by id.
     pub allowed: Vec<AllowedEndpoint>,
+}
+
+impl GatewayResource {
+    /// The allowed entry of `vpc_endpoint_id` (binary search: `allowed` is sorted).
+    pub fn allowed_endpoint(&self, vpc_endpoint_id: &str) -> Option<&AllowedEndpoint> {
+        self.allowed
+            .binary_search_by(|a| a.vpc_endpoint_id.as_str().cmp(vpc_endpoint_id))
+            .ok()
+            .map(|i| &self.allowed[i])
+    }
 }
 
 /// Where a gateway dials: an IP, or a DNS name resolved in the owner's network.
@@ -74,13 +109,20 @@ pub enum Target {
     Dns { domain_name: String },
 }
 
-/// An endpoint (in a consumer VPC and account) allowed to use a resource.
+/// An endpoint allowed to use a resource, with the index of its VPC in [`GatewayRole::consumers`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct AllowedEndpoint {
     pub vpc_endpoint_id: String,
-    pub consumer_account_id: String,
-    pub consumer_vpc_id: String,
+    pub consumer: u32,
+}
+
+/// An endpoint that exists but may not connect, and why (as the control plane knows it).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RevokedEndpoint {
+    pub vpc_endpoint_id: String,
+    pub reason: String,
 }
 
 /// A VPC endpoint served by this (endpoint) agent.
@@ -123,9 +165,86 @@ pub fn agent_server_name(agent_id: &str) -> String {
     format!("{agent_id}.agents.trellis.internal")
 }
 
+/// Who an agent certificate names: the URI SAN the control plane's CA writes
+/// at enrollment (`trellis:agent/<agent>?account=<account>&vpc=<vpc>`).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct AgentIdentityUri {
+    pub agent_id: String,
+    pub account_id: String,
+    pub vpc_id: String,
+}
+
+impl AgentIdentityUri {
+    const PREFIX: &'static str = "trellis:agent/";
+
+    /// The URI SAN text.
+    pub fn to_uri(&self) -> String {
+        format!("{}{}?account={}&vpc={}", Self::PREFIX, self.agent_id, self.account_id, self.vpc_id)
+    }
+
+    /// Parses a URI SAN written by [`AgentIdentityUri::to_uri`]; `None` for anything else.
+    pub fn parse(uri: &str) -> Option<Self> {
+        let rest = uri.strip_prefix(Self::PREFIX)?;
+        let (agent_id, query) = rest.split_once('?')?;
+        let (account, vpc) = query.split_once('&')?;
+        let account_id = account.strip_prefix("account=")?;
+        let vpc_id = vpc.strip_prefix("vpc=")?;
+        let plain =
+            |s: &str| !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+        (plain(agent_id) && plain(account_id) && plain(vpc_id)).then(|| Self {
+            agent_id: agent_id.to_string(),
+            account_id: account_id.to_string(),
+            vpc_id: vpc_id.to_string(),
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn agent_identity_uris_round_trip_and_refuse_anything_else() {
+        let id = AgentIdentityUri {
+            agent_id: "agent-0123456789abcdef0".into(),
+            account_id: "acct-000000000001".into(),
+            vpc_id: "vpc-0123456789abcdef0".into(),
+        };
+        assert_eq!(
+            id.to_uri(),
+            "trellis:agent/agent-0123456789abcdef0?account=acct-000000000001&vpc=vpc-0123456789abcdef0"
+        );
+        assert_eq!(AgentIdentityUri::parse(&id.to_uri()), Some(id));
+        for bad in [
+            "",
+            "https://example.com",
+            "trellis:agent/a?vpc=v&account=x",
+            "trellis:agent/a?account=x",
+            "trellis:agent/?account=x&vpc=v",
+            "trellis:agent/a b?account=x&vpc=v",
+            "trellis:agent/a?account=x&vpc=v&extra=1",
+        ] {
+            assert_eq!(AgentIdentityUri::parse(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn allowed_endpoints_are_found_by_binary_search() {
+        let resource = GatewayResource {
+            resource_configuration_id: "rcfg-1".into(),
+            resource_gateway_id: "rgw-1".into(),
+            owner_account_id: "acct-o".into(),
+            target: Target::Ip { address: "10.0.0.5".parse().unwrap() },
+            port_ranges: vec![],
+            allowed: ["vpce-a", "vpce-b", "vpce-c"]
+                .iter()
+                .enumerate()
+                .map(|(i, id)| AllowedEndpoint { vpc_endpoint_id: id.to_string(), consumer: i as u32 })
+                .collect(),
+        };
+        assert_eq!(resource.allowed_endpoint("vpce-b").map(|a| a.consumer), Some(1));
+        assert_eq!(resource.allowed_endpoint("vpce-d"), None);
+    }
 
     #[test]
     fn targets_are_camel_case_on_the_wire_like_the_rest_of_the_config() {

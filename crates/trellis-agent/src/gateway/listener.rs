@@ -29,7 +29,7 @@ use crate::frame_io::{ReadFrameError, read_frame};
 use crate::metrics::{FlowLabels, Metrics, Role};
 use crate::read_ahead::ReadAhead;
 use crate::splice::{SpliceEnd, splice};
-use crate::tls::cert_sha256;
+use crate::tls::peer_identity;
 use crate::usage::{UsageKey, UsageTable};
 
 /// Deadlines of the gateway side.
@@ -126,8 +126,9 @@ async fn handle(
             return;
         }
     };
-    let Some(peer_cert) = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).map(cert_sha256) else {
-        // The verifier requires a client certificate, so this cannot happen; close anyway.
+    let Some(peer_id) = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(peer_identity) else {
+        // The verifier requires a CA-signed client certificate, and the CA names every agent in it.
+        tracing::debug!(%peer, "tunnel peer certificate names no agent; closing");
         return;
     };
     let read = tokio::select! {
@@ -155,7 +156,7 @@ async fn handle(
         }
     };
     let mut config_rx = ctx.config.clone();
-    let decision = authorize(&config_rx.borrow_and_update(), &peer_cert, &req);
+    let decision = authorize(&config_rx.borrow_and_update(), &peer_id, &req);
     let grant = match decision {
         Ok(g) => g,
         Err(denial) => {
@@ -222,7 +223,7 @@ async fn handle(
                 // The config publisher is gone: the agent is shutting down, which `cancel` covers.
                 std::future::pending::<()>().await;
             }
-            let still = authorize(&config_rx.borrow_and_update(), &peer_cert, &req);
+            let still = authorize(&config_rx.borrow_and_update(), &peer_id, &req);
             if let Err(d) = still {
                 return d;
             }
@@ -256,27 +257,28 @@ fn deny(ctx: &GatewayContext, req: &OpenRequest, denial: &Denial, started: Syste
     let resource =
         config.gateway.resources.iter().find(|r| r.resource_configuration_id == req.resource_configuration_id);
     let known = resource
-        .and_then(|r| r.allowed.iter().find(|a| a.vpc_endpoint_id == req.vpc_endpoint_id))
+        .and_then(|r| r.allowed_endpoint(&req.vpc_endpoint_id))
+        .and_then(|a| Some((a, config.gateway.consumer(a)?)))
         .filter(|_| matches!(denial, Denial::PortNotAllowed { .. }));
     let unknown = "unknown";
     let labels = FlowLabels::new(
         Role::Gateway,
         resource.map_or(unknown, |r| r.resource_configuration_id.as_str()),
-        known.map_or(unknown, |a| a.vpc_endpoint_id.as_str()),
-        known.map_or(unknown, |a| a.consumer_account_id.as_str()),
+        known.map_or(unknown, |(a, _)| a.vpc_endpoint_id.as_str()),
+        known.map_or(unknown, |(_, c)| c.account_id.as_str()),
     );
-    let usage = known.map(|a| {
+    let usage = known.map(|(a, c)| {
         ctx.usage.cell(UsageKey {
             vpc_endpoint_id: a.vpc_endpoint_id.clone(),
             resource_configuration_id: req.resource_configuration_id.clone(),
-            consumer_account_id: a.consumer_account_id.clone(),
+            consumer_account_id: c.account_id.clone(),
         })
     });
     let info = FlowInfo {
         role: Role::Gateway,
         vpc_endpoint_id: req.vpc_endpoint_id.clone(),
         resource_configuration_id: req.resource_configuration_id.clone(),
-        consumer_account_id: known.map_or(unknown, |a| a.consumer_account_id.as_str()).to_string(),
+        consumer_account_id: known.map_or(unknown, |(_, c)| c.account_id.as_str()).to_string(),
         client_addr: req.client_addr.to_string(),
         target: String::new(),
     };

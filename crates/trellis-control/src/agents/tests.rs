@@ -578,10 +578,10 @@ async fn an_agent_gets_only_its_own_config() {
     assert_eq!(config.vpc_id, api.world.consumer_vpc.id.as_str());
     assert!(config.gateway.resources.is_empty(), "the consumer's agent learns nothing of the owner's gateway");
     assert_eq!(config.endpoints.len(), 1);
-    // The owner's gateway agent sees the consumer's agent as a peer, by certificate.
+    // The owner's gateway agent knows the consumer's VPC (its agents' certificates name it).
     let (_, body) = api.config(&owner_cert, 0, 0).await;
     let owner_config: AgentConfig = serde_json::from_value(body).unwrap();
-    assert!(owner_config.gateway.peers.iter().any(|p| p.cert_sha256 == consumer_cert));
+    assert!(owner_config.gateway.consumers.iter().any(|c| c.vpc_id == config.vpc_id));
     assert!(owner_config.endpoints.is_empty());
 }
 
