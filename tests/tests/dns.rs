@@ -79,12 +79,28 @@ fn the_consumer_agent_answers_endpoint_names_and_forwards_other_names() {
         assert!(answer.authoritative, "the agent is authoritative for endpoint names");
         assert_eq!(answer.addresses, vec![IpAddr::V4(endpoint_ip)], "{name} over {transport:?}");
     }
-    // With private DNS on, the owner's custom name answers with the same address.
+    // The owner's custom name is under no domain it verified, so by default
+    // the consumer's DNS does not answer it: a provider cannot put names of its
+    // choosing into a consumer's VPC.
     assert!(
         endpoint["dnsEntries"].as_array().expect("dnsEntries").iter().any(|e| e["dnsName"] == CUSTOM_NAME),
         "the endpoint lists the custom name: {endpoint}"
     );
-    assert_eq!(resolve_a(dns, CUSTOM_NAME).expect("the custom name resolves at the agent"), vec![endpoint_ip]);
+    assert_ne!(resolve_a(dns, CUSTOM_NAME).ok(), Some(vec![endpoint_ip]), "an unverified custom name resolved");
+    // A consumer that trusts the provider opts in (privateDnsPreference ALL_DOMAINS):
+    // then the custom name answers with that endpoint's address.
+    let trusting = env.consumer.create_endpoint_from(&json!({
+        "vpcEndpointType": "Resource",
+        "vpcId": env.consumer_vpc,
+        "subnetIds": [env.consumer_subnet],
+        "resourceConfigurationArn": arn(&config),
+        "privateDnsEnabled": true,
+        "privateDnsPreference": "ALL_DOMAINS",
+    }));
+    let trusting_ip: Ipv4Addr = endpoint_address(&trusting).ip.parse().expect("endpoint address is IPv4");
+    wait_until("the custom name to resolve for the endpoint that opted in", STATE_TIMEOUT, || {
+        (resolve_a(dns, CUSTOM_NAME).ok()? == vec![trusting_ip]).then_some(())
+    });
     // An IPv4 endpoint has no AAAA record, which is not an error.
     let aaaa = query(dns, &at.dns_name, RecordType::AAAA, Transport::Udp, QUERY_TIMEOUT).expect("AAAA answer");
     assert_eq!((aaaa.response_code, aaaa.addresses.len()), (ResponseCode::NoError, 0), "{:?}", aaaa.message);
@@ -235,6 +251,8 @@ fn names_resolve_where_they_belong_the_owners_in_its_network_the_endpoints_at_th
         "subnetIds": [consumer_subnet],
         "resourceConfigurationArn": arn(&config),
         "privateDnsEnabled": true,
+        // The owner's custom name is not under a verified domain: this consumer trusts it anyway.
+        "privateDnsPreference": "ALL_DOMAINS",
     })));
 
     // psql in the consumer VPC, by the endpoint's name, through the system

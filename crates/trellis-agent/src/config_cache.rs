@@ -2,9 +2,11 @@
 //!
 //! On start the last config saved in `state_dir/config.json` is served at once,
 //! so an agent keeps working while the control plane is down. Then a long-poll
-//! (`GET /v1/agents/self/config?after=V&waitSeconds=25`) fetches each newer
-//! version, saves it atomically, and publishes it on a watch channel that every
-//! part of the data plane follows. Failures retry with capped exponential backoff.
+//! (`GET /v1/agents/self/config?after=V&waitSeconds=25&have=H`) fetches each
+//! config whose version differs from the one served, saves it atomically, and
+//! publishes it on a watch channel that every part of the data plane follows.
+//! `have` (the hash of the served content) lets a restarted control plane see
+//! that the agent is current. Failures retry with capped exponential backoff.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -58,6 +60,15 @@ pub fn save(state_dir: &Path, config: &AgentConfig) -> Result<(), IdentityError>
     write_atomic(&path(state_dir), &json, false)
 }
 
+/// SHA-256 (lower-case hex) of a config's content: its JSON with version 0,
+/// the same hash the control plane keeps of each config it compiled.
+pub fn content_sha256(config: &AgentConfig) -> String {
+    let unversioned = AgentConfig { version: 0, ..config.clone() };
+    // A config of plain data always serializes.
+    let json = serde_json::to_vec(&unversioned).expect("config serializes");
+    hex::encode(ring::digest::digest(&ring::digest::SHA256, &json))
+}
+
 /// Deterministic jitter in [0.5, 1.0) of `d`, varied by `seed`, to spread retries of many agents.
 fn jittered(d: Duration, seed: u64) -> Duration {
     let frac = 0.5 + ((seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 11) as f64 / (1u64 << 53) as f64) / 2.0;
@@ -79,9 +90,12 @@ pub async fn run_poller(
     let mut backoff = BACKOFF_MIN;
     let mut failures: u64 = 0;
     loop {
-        let after = tx.borrow().version;
+        let (after, have) = {
+            let current = tx.borrow();
+            (current.version, (current.version != 0).then(|| content_sha256(&current)))
+        };
         let result = tokio::select! {
-            r = client.poll_config(after, LONG_POLL_WAIT) => r,
+            r = client.poll_config(after, have.as_deref(), LONG_POLL_WAIT) => r,
             () = shutdown.cancelled() => return,
         };
         let wait = match result {
@@ -94,8 +108,11 @@ pub async fn run_poller(
                 tracing::error!(got = %config.agent_id, "the control plane sent a config for another agent; ignoring it");
                 BACKOFF_MAX
             }
-            Ok(Some(config)) if config.version <= after => {
-                tracing::warn!(version = config.version, after, "the control plane sent an older config; ignoring it");
+            Ok(Some(config)) if config.version == after => {
+                tracing::warn!(
+                    version = config.version,
+                    "the control plane sent the version it was told the agent has"
+                );
                 backoff
             }
             Ok(Some(config)) => {

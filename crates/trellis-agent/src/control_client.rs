@@ -166,14 +166,25 @@ impl ControlClient {
         resp.json().await.map_err(|source| ControlError::BadAnswer { what: "the enrollment", source })
     }
 
-    /// `GET /v1/agents/self/config?after=V&waitSeconds=S`: `Some` when a newer config exists,
-    /// `None` when nothing changed within `wait`.
-    pub async fn poll_config(&self, after: u64, wait: Duration) -> Result<Option<AgentConfig>, ControlError> {
+    /// `GET /v1/agents/self/config?after=V&waitSeconds=S&have=H`: `Some` when the
+    /// control plane's config differs from version `after` (whose content hashes
+    /// to `have`, see [`crate::config_cache::content_sha256`]), `None` when
+    /// nothing changed within `wait`.
+    pub async fn poll_config(
+        &self,
+        after: u64,
+        have: Option<&str>,
+        wait: Duration,
+    ) -> Result<Option<AgentConfig>, ControlError> {
         let wait_seconds = wait.as_secs().clamp(0, 60);
+        let mut query = vec![("after", after.to_string()), ("waitSeconds", wait_seconds.to_string())];
+        if let Some(have) = have {
+            query.push(("have", have.to_string()));
+        }
         let resp = self
             .http
             .get(format!("{}/v1/agents/self/config", self.base))
-            .query(&[("after", after), ("waitSeconds", wait_seconds)])
+            .query(&query)
             .timeout(Duration::from_secs(wait_seconds + 15))
             .send()
             .await
@@ -281,7 +292,7 @@ mod tests {
         let impostor = TestCa::new();
         let (url, server) = https_server(&impostor, "{}".into()).await;
         let client = ControlClient::new(&url, &real.cert(), None).unwrap();
-        let err = client.poll_config(0, Duration::from_secs(1)).await.unwrap_err();
+        let err = client.poll_config(0, None, Duration::from_secs(1)).await.unwrap_err();
         assert!(matches!(err, ControlError::Unreachable { .. }), "{err:?}");
         server.abort();
     }

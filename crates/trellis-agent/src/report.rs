@@ -3,18 +3,23 @@
 //! failed): the config version served, listener readiness, and cumulative
 //! gateway usage counters under this boot's id.
 //!
+//! Usage is sent only for counters that changed since the control plane last
+//! took them, and long lists are split into several reports of at most
+//! [`MAX_ENTRIES_PER_REPORT`] entries, so a busy gateway's reports stay small.
+//!
 //! Reports go out on a fixed interval, with no backoff, so they double as the
 //! agent's probe of the control plane: the first report that gets through
 //! after failures wakes the config long-poll ([`ControlPlaneBack`]), which may
 //! be sleeping in a long backoff, so revocations made once the control plane
 //! is back reach the data plane within seconds.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
-use trellis_proto::agent_api::AgentReport;
+use trellis_proto::agent_api::{AgentReport, UsageCounters};
 
 use crate::control_client::ControlClient;
 use crate::endpoint::ServedState;
@@ -24,7 +29,16 @@ use crate::usage::UsageTable;
 /// config long-poll waits on it during its backoff.
 pub type ControlPlaneBack = Arc<Notify>;
 
-/// The report for the current state.
+/// Most listener or usage entries in one report (the control plane takes up to 2,000).
+pub const MAX_ENTRIES_PER_REPORT: usize = 1_000;
+
+type UsageKey = (String, String, String);
+
+fn usage_key(u: &UsageCounters) -> UsageKey {
+    (u.vpc_endpoint_id.clone(), u.resource_configuration_id.clone(), u.consumer_account_id.clone())
+}
+
+/// The report for the current state, with every usage counter.
 pub fn build_report(boot_id: &str, advertise: Option<&str>, served: &ServedState, usage: &UsageTable) -> AgentReport {
     AgentReport {
         config_version: served.config_version,
@@ -33,6 +47,25 @@ pub fn build_report(boot_id: &str, advertise: Option<&str>, served: &ServedState
         usage: usage.snapshot(),
         advertise: advertise.map(str::to_string),
     }
+}
+
+/// `report` with only the usage that differs from what was `acknowledged`,
+/// split into reports of at most [`MAX_ENTRIES_PER_REPORT`] listeners and usage entries each.
+pub fn split_report(report: AgentReport, acknowledged: &HashMap<UsageKey, UsageCounters>) -> Vec<AgentReport> {
+    let changed: Vec<UsageCounters> =
+        report.usage.into_iter().filter(|u| acknowledged.get(&usage_key(u)) != Some(u)).collect();
+    let parts = changed.len().max(report.listeners.len()).div_ceil(MAX_ENTRIES_PER_REPORT).max(1);
+    let mut listeners = report.listeners.chunks(MAX_ENTRIES_PER_REPORT);
+    let mut usage = changed.chunks(MAX_ENTRIES_PER_REPORT);
+    (0..parts)
+        .map(|_| AgentReport {
+            config_version: report.config_version,
+            boot_id: report.boot_id.clone(),
+            listeners: listeners.next().map(<[_]>::to_vec).unwrap_or_default(),
+            usage: usage.next().map(<[_]>::to_vec).unwrap_or_default(),
+            advertise: report.advertise.clone(),
+        })
+        .collect()
 }
 
 /// Sends reports until `shutdown`; signals `control_plane_back` when a report
@@ -49,12 +82,20 @@ pub async fn run_reporter(
     shutdown: CancellationToken,
 ) {
     let mut failures: u64 = 0;
+    let mut acknowledged: HashMap<UsageKey, UsageCounters> = HashMap::new();
     loop {
         let report = build_report(&boot_id, advertise.as_deref(), &served.borrow_and_update(), &usage);
-        let sent = tokio::select! {
-            r = client.report(&report) => r,
-            () = shutdown.cancelled() => return,
-        };
+        let mut sent = Ok(());
+        for part in split_report(report, &acknowledged) {
+            sent = tokio::select! {
+                r = client.report(&part) => r,
+                () = shutdown.cancelled() => return,
+            };
+            if sent.is_err() {
+                break;
+            }
+            acknowledged.extend(part.usage.into_iter().map(|u| (usage_key(&u), u)));
+        }
         match sent {
             Ok(()) => {
                 if failures > 0 {
@@ -111,5 +152,32 @@ mod tests {
         assert_eq!(r.boot_id, "boot-1");
         assert!(r.listeners[0].ready);
         assert_eq!((r.usage[0].total_connections, r.usage[0].bytes_in), (2, 100));
+    }
+
+    fn counters(n: usize, total: u64) -> UsageCounters {
+        UsageCounters {
+            vpc_endpoint_id: format!("vpce-{n}"),
+            resource_configuration_id: "rcfg-1".into(),
+            consumer_account_id: "acct-1".into(),
+            total_connections: total,
+            ..UsageCounters::default()
+        }
+    }
+
+    #[test]
+    fn only_changed_usage_is_sent_in_bounded_parts() {
+        let report = AgentReport {
+            boot_id: "b".into(),
+            usage: (0..2_500).map(|n| counters(n, 1)).collect(),
+            ..AgentReport::default()
+        };
+        let parts = split_report(report.clone(), &HashMap::new());
+        assert_eq!(parts.iter().map(|p| p.usage.len()).collect::<Vec<_>>(), [1_000, 1_000, 500]);
+        let acknowledged: HashMap<_, _> = report.usage.iter().map(|u| (usage_key(u), u.clone())).collect();
+        let mut next = report.clone();
+        next.usage[7].total_connections = 2;
+        let parts = split_report(next, &acknowledged);
+        assert_eq!(parts.len(), 1, "an unchanged report is still sent, for liveness");
+        assert_eq!(parts[0].usage, vec![counters(7, 2)]);
     }
 }

@@ -42,7 +42,7 @@ pub fn bootstrap_admin(store: &dyn Store) -> Result<Option<String>, ApiError> {
     let key = generate_key()?;
     let created_at = now();
     write_with(store, |tx| {
-        let admins = tx.list_obj::<ApiKey>(&Filter { account_id: Some(""), reference: None })?;
+        let admins = tx.list_obj::<ApiKey>(&Filter::account(""))?;
         if admins.iter().any(|k| k.account_id.is_none()) {
             return Ok(None);
         }

@@ -2,8 +2,15 @@
 //! of one agent.
 //!
 //! Pure over a store snapshot: it reads through the transaction it is given,
-//! never writes, never reads the clock. The version is left at 0; the caller
-//! (`agents::config`) numbers configs by their content.
+//! never writes, never reads the clock. The version is left at 0; the config
+//! cache ([`crate::configs`]) numbers configs and records what each one read,
+//! so the reads here decide which writes recompile which agents: read
+//! narrowly (by id, or by the most specific reference), never whole kinds.
+//!
+//! Cost follows the agent's own config: a gateway's compile is linear in the
+//! endpoints of its resources (their shares and invitations are loaded once
+//! per resource, see [`ShareIndex`]); an endpoint agent's is linear in its
+//! own endpoints and what was shared with its account.
 //!
 //! Authorization lives here as much as in the API: a gateway agent lets
 //! through exactly the endpoints listed in its config, so a revoked share, a
@@ -14,26 +21,24 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 
 use trellis_model::{
-    Access, Account, Agent, AgentStatus, ConfigurationType, EndpointState, Principal, ResourceConfiguration,
-    ResourceDefinition, ResourceGateway, ResourceShare, ResourceShareInvitation, ResourceStatus, Subnet, VpcEndpoint,
-    configuration_access,
+    Access, Account, AccountId, Agent, AgentStatus, ConfigurationType, EndpointState, PrivateDnsPreference,
+    ResourceConfiguration, ResourceConfigurationId, ResourceDefinition, ResourceGateway, Subnet, VpcEndpoint,
+    is_reserved_dns_name, name_is_under,
 };
 use trellis_proto::{
     AgentConfig, AllowedEndpoint, ConsumerVpc, EndpointConfig, EndpointResource, GatewayResource, GatewayRole,
-    GatewayTarget, PortRange, Target, agent_server_name,
+    GatewayTarget, MAX_LISTENERS_PER_ENDPOINT, PortRange, RevokedEndpoint, Target, agent_server_name,
 };
 use trellis_store::{Filter, StoreError, Tx, TxExt};
 
+use crate::access::{SentInvitations, ShareIndex, access_to, shared_id};
+use crate::agents::records::RevokedCert;
+
 /// Whether a gateway or configuration in this status should be in configs.
 /// Creating ones are included so a new resource serves as soon as an agent runs.
-fn compiles(status: ResourceStatus) -> bool {
-    matches!(
-        status,
-        ResourceStatus::CreateInProgress
-            | ResourceStatus::Active
-            | ResourceStatus::UpdateInProgress
-            | ResourceStatus::UpdateFailed
-    )
+fn compiles(status: trellis_model::ResourceStatus) -> bool {
+    use trellis_model::ResourceStatus::*;
+    matches!(status, CreateInProgress | Active | UpdateInProgress | UpdateFailed)
 }
 
 /// Whether an endpoint in this state gets listeners and may open streams.
@@ -49,85 +54,83 @@ fn port_ranges(ranges: &[trellis_model::PortRange]) -> Vec<PortRange> {
         .collect()
 }
 
-/// Memoized reads shared by both roles of one compilation.
+/// Listening sockets a set of resources asks of one agent.
+pub fn listeners_needed<'a>(resources: impl IntoIterator<Item = &'a ResourceConfiguration>) -> u32 {
+    resources.into_iter().flat_map(|r| r.port_ranges.iter()).map(|p| u32::from(p.end() - p.start()) + 1).sum()
+}
+
+/// How the reason of [`listener_budget_exceeded`] starts.
+pub const LISTENER_BUDGET_REASON: &str = "the endpoint's resources ask for";
+
+/// Why an endpoint may not listen for `resources` at all, if so.
+pub fn listener_budget_exceeded<'a>(resources: impl IntoIterator<Item = &'a ResourceConfiguration>) -> Option<String> {
+    let needed = listeners_needed(resources);
+    (needed > MAX_LISTENERS_PER_ENDPOINT).then(|| {
+        format!(
+            "{LISTENER_BUDGET_REASON} {needed} listening ports; an endpoint may have at most \
+             {MAX_LISTENERS_PER_ENDPOINT} (ask the resource's owner to narrow its portRanges)"
+        )
+    })
+}
+
+/// Memoized reads shared by the parts of one compilation.
 struct Snapshot<'a> {
     tx: &'a mut dyn Tx,
-    accounts: HashMap<String, Option<Account>>,
+    accounts: HashMap<AccountId, Option<Account>>,
     agents_by_subnet: HashMap<String, Vec<Agent>>,
-    shares: HashMap<(String, String), (Vec<ResourceShare>, Vec<ResourceShareInvitation>)>,
+    sent: HashMap<AccountId, SentInvitations>,
+    verified: HashMap<AccountId, Vec<String>>,
 }
 
 impl<'a> Snapshot<'a> {
     fn new(tx: &'a mut dyn Tx) -> Self {
-        Self { tx, accounts: HashMap::new(), agents_by_subnet: HashMap::new(), shares: HashMap::new() }
+        Self {
+            tx,
+            accounts: HashMap::new(),
+            agents_by_subnet: HashMap::new(),
+            sent: HashMap::new(),
+            verified: HashMap::new(),
+        }
     }
 
-    fn account(&mut self, id: &str) -> Result<Option<Account>, StoreError> {
+    fn account(&mut self, id: &AccountId) -> Result<Option<Account>, StoreError> {
         if let Some(a) = self.accounts.get(id) {
             return Ok(a.clone());
         }
-        let account: Option<Account> = self.tx.get_obj(id)?;
-        self.accounts.insert(id.to_string(), account.clone());
+        let account: Option<Account> = self.tx.get_obj(id.as_str())?;
+        self.accounts.insert(id.clone(), account.clone());
         Ok(account)
     }
 
-    fn agents_in(&mut self, subnet_id: &str) -> Result<Vec<Agent>, StoreError> {
-        if let Some(a) = self.agents_by_subnet.get(subnet_id) {
-            return Ok(a.clone());
+    fn agents_in(&mut self, subnet_id: &str) -> Result<&[Agent], StoreError> {
+        if !self.agents_by_subnet.contains_key(subnet_id) {
+            let agents: Vec<Agent> = self
+                .tx
+                .list_obj::<Agent>(&Filter::reference(subnet_id))?
+                .into_iter()
+                .filter(|a| a.subnet_id.as_str() == subnet_id)
+                .collect();
+            self.agents_by_subnet.insert(subnet_id.to_string(), agents);
         }
-        let agents: Vec<Agent> = self
-            .tx
-            .list_obj::<Agent>(&Filter { reference: Some(subnet_id), ..Filter::default() })?
-            .into_iter()
-            .filter(|a| a.subnet_id.as_str() == subnet_id)
-            .collect();
-        self.agents_by_subnet.insert(subnet_id.to_string(), agents.clone());
-        Ok(agents)
+        Ok(&self.agents_by_subnet[subnet_id])
     }
 
-    /// The owner's shares of `shared_id` and the invitations for them.
-    fn shares_of(
-        &mut self,
-        owner: &str,
-        shared_id: &str,
-    ) -> Result<(Vec<ResourceShare>, Vec<ResourceShareInvitation>), StoreError> {
-        let key = (owner.to_string(), shared_id.to_string());
-        if let Some(s) = self.shares.get(&key) {
-            return Ok(s.clone());
+    /// Every consumer's access to `shared` (SINGLE or GROUP) of `owner`.
+    fn share_index(&mut self, owner: &Account, shared: &ResourceConfigurationId) -> Result<ShareIndex, StoreError> {
+        if !self.sent.contains_key(&owner.id) {
+            let sent = SentInvitations::load(self.tx, &owner.id)?;
+            self.sent.insert(owner.id.clone(), sent);
         }
-        let shares: Vec<ResourceShare> =
-            self.tx.list_obj(&Filter { account_id: Some(owner), reference: Some(shared_id) })?;
-        let mut invitations = Vec::new();
-        for share in &shares {
-            invitations.extend(self.tx.list_obj::<ResourceShareInvitation>(&Filter {
-                reference: Some(share.id.as_str()),
-                ..Filter::default()
-            })?);
-        }
-        self.shares.insert(key, (shares.clone(), invitations.clone()));
-        Ok((shares, invitations))
+        ShareIndex::load(self.tx, owner, shared, &self.sent[&owner.id])
     }
 
-    /// Whether `endpoint` may reach `config` now, by the sharing rule.
-    fn may_use(&mut self, endpoint: &VpcEndpoint, config: &ResourceConfiguration) -> Result<bool, StoreError> {
-        if endpoint.account_id == config.account_id {
-            return Ok(true);
+    /// Domains `owner` verified (lower case).
+    fn verified_domains(&mut self, owner: &AccountId) -> Result<&[String], StoreError> {
+        if !self.verified.contains_key(owner) {
+            let domains = crate::domains::verified_domains(self.tx, owner)?;
+            self.verified.insert(owner.clone(), domains);
         }
-        let (Some(owner), Some(consumer)) =
-            (self.account(config.account_id.as_str())?, self.account(endpoint.account_id.as_str())?)
-        else {
-            return Ok(false);
-        };
-        let shared_id = config.resource_configuration_group_id.as_ref().unwrap_or(&config.id);
-        let (shares, invitations) = self.shares_of(owner.id.as_str(), shared_id.as_str())?;
-        let access = configuration_access(
-            Principal { account_id: &consumer.id, organization_id: consumer.organization_id.as_ref() },
-            Principal { account_id: &owner.id, organization_id: owner.organization_id.as_ref() },
-            config,
-            &shares,
-            &invitations,
-        );
-        Ok(!matches!(access, Access::Denied))
+        Ok(&self.verified[owner])
     }
 }
 
@@ -135,11 +138,12 @@ impl<'a> Snapshot<'a> {
 ///
 /// Gateway role: every SINGLE/CHILD configuration behind a gateway in the
 /// agent's subnet, each with the endpoints (of any account) that may use it
-/// now, and the certificates of the endpoint agents serving those endpoints.
+/// now; the consumer VPCs of those endpoints; revoked certificates of agents
+/// of those VPCs; endpoints that exist but may not connect, with why.
 /// Endpoint role: every endpoint in the agent's subnet with, per resource it
 /// may still use, its address in that subnet, its ports and DNS names and the
-/// gateway agents to tunnel to (own zone first). Output is sorted, so equal state compiles to
-/// an equal config.
+/// gateway agents to tunnel to (own zone first). Output is sorted, so equal
+/// state compiles to an equal config.
 pub fn compile(tx: &mut dyn Tx, agent: &Agent, region: &str) -> Result<AgentConfig, StoreError> {
     let subnet: Option<Subnet> = tx.get_obj(agent.subnet_id.as_str())?;
     let (zone, address_pool) = match &subnet {
@@ -148,7 +152,7 @@ pub fn compile(tx: &mut dyn Tx, agent: &Agent, region: &str) -> Result<AgentConf
     };
     let mut snap = Snapshot::new(tx);
     let gateway = gateway_role(&mut snap, agent)?;
-    let endpoints = endpoint_role(&mut snap, agent, &zone)?;
+    let endpoints = endpoint_role(&mut snap, agent, &zone, region)?;
     Ok(AgentConfig {
         version: 0,
         agent_id: agent.id.to_string(),
@@ -163,15 +167,42 @@ pub fn compile(tx: &mut dyn Tx, agent: &Agent, region: &str) -> Result<AgentConf
     })
 }
 
+/// Why an endpoint on a gateway's resource may not connect, if it may not.
+fn refusal(
+    snap: &mut Snapshot<'_>,
+    ep: &VpcEndpoint,
+    config: &ResourceConfiguration,
+    shares: &ShareIndex,
+) -> Result<Option<String>, StoreError> {
+    if !endpoint_serves(ep.state) {
+        return Ok(Some(match &ep.failure_reason {
+            Some(reason) => format!("the endpoint is {:?}: {reason}", ep.state),
+            None => format!("the endpoint is {:?}", ep.state),
+        }));
+    }
+    if !shares.allows(snap.tx, &ep.account_id)? {
+        return Ok(Some(format!(
+            "resource configuration {} is no longer shared with account {} (the share was deleted, \
+             or the account was removed from it, or the invitation was rejected)",
+            shared_id(config),
+            ep.account_id
+        )));
+    }
+    Ok(None)
+}
+
 fn gateway_role(snap: &mut Snapshot<'_>, agent: &Agent) -> Result<GatewayRole, StoreError> {
-    let subnet_id = agent.subnet_id.as_str();
     let gateways: Vec<ResourceGateway> =
-        snap.tx.list_obj(&Filter { account_id: Some(agent.account_id.as_str()), reference: Some(subnet_id) })?;
+        snap.tx.list_obj(&Filter::account_and_reference(agent.account_id.as_str(), agent.subnet_id.as_str()))?;
     let mut resources = Vec::new();
     let mut consumers: BTreeMap<ConsumerVpc, u32> = BTreeMap::new();
+    let mut revoked: BTreeMap<String, String> = BTreeMap::new();
+    let Some(owner) = snap.account(&agent.account_id)? else { return Ok(GatewayRole::default()) };
     for gw in gateways.iter().filter(|g| compiles(g.status) && g.subnet_ids.contains(&agent.subnet_id)) {
         let configs: Vec<ResourceConfiguration> =
-            snap.tx.list_obj(&Filter { account_id: Some(gw.account_id.as_str()), reference: Some(gw.id.as_str()) })?;
+            snap.tx.list_obj(&Filter::account_and_reference(gw.account_id.as_str(), gw.id.as_str()))?;
+        // Endpoints and shares are per shared configuration (a SINGLE, or the GROUP of CHILDren).
+        let mut per_shared: HashMap<ResourceConfigurationId, (Vec<VpcEndpoint>, ShareIndex)> = HashMap::new();
         for config in configs {
             if !config.is_resource() || !compiles(config.status) || config.resource_gateway_id != gw.id {
                 continue;
@@ -184,15 +215,25 @@ fn gateway_role(snap: &mut Snapshot<'_>, agent: &Agent) -> Result<GatewayRole, S
                 Some(ResourceDefinition::DnsResource(dns)) => Target::Dns { domain_name: dns.domain_name.clone() },
                 None => continue,
             };
-            let shared_id = config.resource_configuration_group_id.as_ref().unwrap_or(&config.id).clone();
-            let endpoints: Vec<VpcEndpoint> =
-                snap.tx.list_obj(&Filter { reference: Some(shared_id.as_str()), ..Filter::default() })?;
+            let shared = shared_id(&config).clone();
+            if !per_shared.contains_key(&shared) {
+                let endpoints: Vec<VpcEndpoint> = snap
+                    .tx
+                    .list_obj::<VpcEndpoint>(&Filter::reference(shared.as_str()))?
+                    .into_iter()
+                    .filter(|e| e.resource_configuration_id == shared)
+                    .collect();
+                let shares = snap.share_index(&owner, &shared)?;
+                per_shared.insert(shared.clone(), (endpoints, shares));
+            }
+            let (endpoints, shares) = &per_shared[&shared];
             let mut allowed = Vec::new();
             for ep in endpoints {
-                if ep.resource_configuration_id != shared_id || !endpoint_serves(ep.state) {
+                if !ep.resource_ids().contains(&config.id) {
                     continue;
                 }
-                if !snap.may_use(&ep, &config)? {
+                if let Some(reason) = refusal(snap, ep, &config, shares)? {
+                    revoked.insert(ep.id.to_string(), reason);
                     continue;
                 }
                 let next = consumers.len() as u32;
@@ -220,7 +261,28 @@ fn gateway_role(snap: &mut Snapshot<'_>, agent: &Agent) -> Result<GatewayRole, S
             a.consumer = renumber[&a.consumer];
         }
     }
-    Ok(GatewayRole { consumers: consumers.into_keys().collect(), resources, ..GatewayRole::default() })
+    let mut revoked_certs = BTreeSet::new();
+    for consumer in consumers.keys() {
+        for cert in snap.tx.list_obj::<RevokedCert>(&Filter::reference(&consumer.vpc_id))? {
+            if cert.vpc_id.as_str() == consumer.vpc_id {
+                revoked_certs.insert(cert.id);
+            }
+        }
+    }
+    // An endpoint allowed for one resource and refused for another (a GROUP) is listed as allowed only.
+    let allowed: BTreeSet<&str> =
+        resources.iter().flat_map(|r| r.allowed.iter().map(|a| a.vpc_endpoint_id.as_str())).collect();
+    let revoked_endpoints = revoked
+        .iter()
+        .filter(|(id, _)| !allowed.contains(id.as_str()))
+        .map(|(id, reason)| RevokedEndpoint { vpc_endpoint_id: id.clone(), reason: reason.clone() })
+        .collect();
+    Ok(GatewayRole {
+        consumers: consumers.into_keys().collect(),
+        resources,
+        revoked_certs: revoked_certs.into_iter().collect(),
+        revoked_endpoints,
+    })
 }
 
 /// A CHILD serves only while its GROUP exists and serves.
@@ -232,10 +294,40 @@ fn group_serves(snap: &mut Snapshot<'_>, child: &ResourceConfiguration) -> Resul
     Ok(group.is_some_and(|g| g.config_type == ConfigurationType::Group && compiles(g.status)))
 }
 
-fn endpoint_role(snap: &mut Snapshot<'_>, agent: &Agent, zone: &str) -> Result<Vec<EndpointConfig>, StoreError> {
-    let endpoints: Vec<VpcEndpoint> = snap
-        .tx
-        .list_obj(&Filter { account_id: Some(agent.account_id.as_str()), reference: Some(agent.subnet_id.as_str()) })?;
+/// Whether the consumer's DNS answers `name`, a custom name of `config`, for `ep`.
+fn custom_name_allowed(
+    snap: &mut Snapshot<'_>,
+    ep: &VpcEndpoint,
+    config: &ResourceConfiguration,
+    name: &str,
+) -> Result<bool, StoreError> {
+    if !ep.private_dns_enabled || is_reserved_dns_name(name) || config.custom_domain_name.as_deref() != Some(name) {
+        return Ok(false);
+    }
+    Ok(match ep.private_dns_preference {
+        PrivateDnsPreference::AllDomains => true,
+        PrivateDnsPreference::SpecifiedDomainsOnly => {
+            ep.private_dns_specified_domains.iter().any(|d| name_is_under(name, d))
+        }
+        PrivateDnsPreference::VerifiedDomainsOnly => {
+            snap.verified_domains(&config.account_id)?.iter().any(|d| name_is_under(name, d))
+        }
+    })
+}
+
+fn endpoint_role(
+    snap: &mut Snapshot<'_>,
+    agent: &Agent,
+    zone: &str,
+    region: &str,
+) -> Result<Vec<EndpointConfig>, StoreError> {
+    let mut endpoints: Vec<VpcEndpoint> =
+        snap.tx.list_obj(&Filter::account_and_reference(agent.account_id.as_str(), agent.subnet_id.as_str()))?;
+    // The oldest endpoint keeps a custom name two endpoints claim.
+    endpoints.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+    let Some(me) = snap.account(&agent.account_id)? else { return Ok(Vec::new()) };
+    let generated_suffix = format!(".{region}.trellis.internal");
+    let mut claimed_names: BTreeSet<String> = BTreeSet::new();
     let mut out = Vec::new();
     for ep in endpoints {
         if !endpoint_serves(ep.state) || !ep.subnet_ids.contains(&agent.subnet_id) {
@@ -250,7 +342,7 @@ fn endpoint_role(snap: &mut Snapshot<'_>, agent: &Agent, zone: &str) -> Result<V
             }
             slot.1.insert(entry.dns_name.clone());
         }
-        let mut resources = Vec::new();
+        let mut usable = Vec::new();
         for (resource_id, (address, dns_names)) in here {
             let Some(address) = address else { continue };
             let Some(config) = snap.tx.get_obj::<ResourceConfiguration>(&resource_id)? else { continue };
@@ -261,18 +353,34 @@ fn endpoint_role(snap: &mut Snapshot<'_>, agent: &Agent, zone: &str) -> Result<V
                 continue;
             }
             // A revoked share stops the listeners too, not only the gateway.
-            if !snap.may_use(&ep, &config)? {
+            if matches!(access_to(snap.tx, &me, &config)?, Access::Denied) {
                 continue;
             }
+            usable.push((config, address, dns_names));
+        }
+        // An endpoint over its listener budget serves nothing (the API shows it Failed with why).
+        if listener_budget_exceeded(usable.iter().map(|(c, _, _)| c)).is_some() {
+            continue;
+        }
+        let mut resources = Vec::new();
+        for (config, address, dns_names) in usable {
             let Some(gw) = snap.tx.get_obj::<ResourceGateway>(config.resource_gateway_id.as_str())? else {
                 continue;
             };
             let gateways = gateway_targets(snap, &gw, zone)?;
+            let mut names = Vec::new();
+            for name in dns_names {
+                let generated = name.ends_with(&generated_suffix) && name.starts_with(ep.id.as_str());
+                if generated || (custom_name_allowed(snap, &ep, &config, &name)? && claimed_names.insert(name.clone()))
+                {
+                    names.push(name);
+                }
+            }
             resources.push(EndpointResource {
-                resource_configuration_id: resource_id,
+                resource_configuration_id: config.id.to_string(),
                 address,
                 port_ranges: port_ranges(&config.port_ranges),
-                dns_names: dns_names.into_iter().collect(),
+                dns_names: names,
                 gateways,
             });
         }
@@ -298,7 +406,7 @@ fn gateway_targets(
     for subnet in &gw.subnet_ids {
         for a in snap.agents_in(subnet.as_str())? {
             if a.account_id == gw.account_id && a.advertise.is_some() {
-                agents.push(a);
+                agents.push(a.clone());
             }
         }
     }
@@ -322,7 +430,7 @@ fn gateway_targets(
 mod tests {
     use super::*;
     use crate::agents::tests::*;
-    use trellis_model::{InvitationStatus, OrganizationId, ShareStatus};
+    use trellis_model::{InvitationStatus, OrganizationId, ResourceShare, ResourceShareInvitation, ShareStatus};
     use trellis_store::read_with;
     use trellis_store::sqlite::SqliteStore;
     use trellis_store::write_with;

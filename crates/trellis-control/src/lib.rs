@@ -7,10 +7,13 @@
 //! [`api_router`] is the whole API as an axum router; `server` serves it over TLS.
 #![forbid(unsafe_code)]
 
+pub mod access;
 pub mod agents;
 pub mod api;
 pub mod auth;
 pub mod compile;
+pub mod configs;
+pub mod domains;
 pub mod error;
 pub mod pki;
 pub mod server;

@@ -18,6 +18,7 @@ use trellis_model::{Agent, AgentStatus, Timestamp};
 use trellis_store::sqlite::SqliteStore;
 use trellis_store::{Filter, StoreError, TxExt};
 
+use crate::agents::records::{AgentRuntime, RevokedCert};
 use crate::error::ApiError;
 use crate::pki::{Ca, PkiError, write_secret_file};
 use crate::state::{AppState, Settings, now};
@@ -210,7 +211,11 @@ pub async fn start(opts: ServerOptions) -> Result<RunningServer, ServerError> {
 
     let ca_pem = ca.cert_pem().to_string();
     let ca_sha256 = ca.cert_sha256_hex().to_string();
-    let state = AppState::new(Arc::new(store), Settings { region: opts.region.clone() }, Arc::new(ca));
+    let state = AppState::new(
+        Arc::new(store),
+        Settings { region: opts.region.clone(), offline_after: opts.offline_after },
+        Arc::new(ca),
+    );
     let shutdown = CancellationToken::new();
     let app = crate::api_router(state.clone());
     let serve = tokio::spawn(crate::tls::serve(listener, app, tls, shutdown.clone()));
@@ -219,7 +224,8 @@ pub async fn start(opts: ServerOptions) -> Result<RunningServer, ServerError> {
     Ok(RunningServer { local_addr, ca_pem, ca_sha256, admin_key_created, state, shutdown, tasks: vec![serve, offline] })
 }
 
-/// Marks ONLINE agents not seen for `offline_after` OFFLINE, until `shutdown`.
+/// Marks ONLINE agents not seen for `offline_after` OFFLINE, drops revoked
+/// certificates that expired, and trims the store's log, until `shutdown`.
 async fn mark_offline_agents(state: AppState, offline_after: Duration, shutdown: CancellationToken) {
     let period = (offline_after / 4).max(Duration::from_secs(1));
     let mut tick = tokio::time::interval(period);
@@ -233,10 +239,21 @@ async fn mark_offline_agents(state: AppState, offline_after: Duration, shutdown:
         if let Err(e) = state.write(move |tx| Ok(mark_offline(tx, now, offline_after)?)).await {
             tracing::warn!(error = %e, "marking silent agents offline failed");
         }
+        if let Err(e) = state.write(move |tx| Ok(drop_expired_revocations(tx, now)?)).await {
+            tracing::warn!(error = %e, "dropping expired certificate revocations failed");
+        }
+        let store = state.store.clone();
+        match tokio::task::spawn_blocking(move || store.maintain()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "store maintenance failed"),
+            Err(e) => tracing::warn!(error = %e, "store maintenance task failed"),
+        }
     }
 }
 
 /// One sweep of [`mark_offline_agents`]; returns how many agents went OFFLINE.
+/// Liveness lives in each agent's runtime record; only the status flip
+/// touches the agent (which configs are compiled from).
 pub fn mark_offline(
     tx: &mut dyn trellis_store::Tx,
     now: Timestamp,
@@ -244,14 +261,30 @@ pub fn mark_offline(
 ) -> Result<usize, StoreError> {
     let mut changed = 0;
     for mut agent in tx.list_obj::<Agent>(&Filter::default())? {
-        let silent = agent.last_seen_at.is_none_or(|seen| seen.plus(offline_after) < now);
-        if agent.status == AgentStatus::Online && silent {
+        if agent.status != AgentStatus::Online {
+            continue;
+        }
+        let runtime = tx.get_obj::<AgentRuntime>(agent.id.as_str())?;
+        let seen = runtime.and_then(|r| r.last_seen_at).or(agent.last_seen_at);
+        if seen.is_none_or(|seen| seen.plus(offline_after) < now) {
             agent.status = AgentStatus::Offline;
             tx.update_obj(&agent)?;
             changed += 1;
         }
     }
     Ok(changed)
+}
+
+/// Forgets revocations of certificates that expired (the CA's signature no longer passes anyway).
+pub fn drop_expired_revocations(tx: &mut dyn trellis_store::Tx, now: Timestamp) -> Result<usize, StoreError> {
+    let mut dropped = 0;
+    for cert in tx.list_obj::<RevokedCert>(&Filter::default())? {
+        if cert.not_after <= now {
+            tx.delete_obj::<RevokedCert>(&cert.id)?;
+            dropped += 1;
+        }
+    }
+    Ok(dropped)
 }
 
 #[cfg(test)]
@@ -417,14 +450,15 @@ mod tests {
         assert_eq!(status, 401, "no certificate, no config");
 
         // A poll waiting for a newer config is answered (304) when the server shuts down.
-        let waiting = server.state().changes.receiver_count();
+        let agent_id = trellis_model::AgentId::parse(&enrolled.agent_id).unwrap();
+        let waiting = server.state().configs.waiters(&agent_id);
         let poll = {
             let (ca, cert, key_pem) = (ca.clone(), enrolled.certificate_pem.clone(), key_pem.clone());
             let path = format!("/v1/agents/self/config?after={}&waitSeconds=60", config.version);
             tokio::spawn(async move { https(addr, &ca, Some((&cert, &key_pem)), ("GET", &path, None, None)).await })
         };
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while server.state().changes.receiver_count() == waiting {
+        while server.state().configs.waiters(&agent_id) == waiting {
             assert!(tokio::time::Instant::now() < deadline, "the poll never started waiting");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
@@ -439,11 +473,18 @@ mod tests {
     fn silent_agents_go_offline() {
         let store = SqliteStore::open_in_memory().unwrap();
         let t0 = Timestamp::from_unix_seconds(1_700_000_000);
-        let mut fresh = crate::agents::tests::agent_fixture(1, t0);
-        fresh.last_seen_at = Some(t0.plus(Duration::from_secs(50)));
+        let fresh = crate::agents::tests::agent_fixture(1, t0);
+        let fresh_runtime = AgentRuntime {
+            id: fresh.id.clone(),
+            account_id: fresh.account_id.clone(),
+            boot_id: None,
+            last_seen_at: Some(t0.plus(Duration::from_secs(50))),
+            config_version: 0,
+        };
         let stale = crate::agents::tests::agent_fixture(2, t0);
         trellis_store::write_with(&store, |tx| {
             tx.insert_obj(&fresh)?;
+            tx.insert_obj(&fresh_runtime)?;
             tx.insert_obj(&stale)
         })
         .unwrap();

@@ -1,14 +1,17 @@
-//! Shared state of the API handlers: the store, settings, the change
-//! notifier that wakes agent config long-polls, and the CA.
+//! Shared state of the API handlers: the store, settings, the cache of
+//! compiled agent configs (which every write invalidates precisely), and the CA.
 
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use ring::rand::SecureRandom;
-use tokio::sync::watch;
+use tokio::sync::Semaphore;
 use trellis_model::{Seed, Timestamp};
+use trellis_store::track::{Mode, Tracked, Work};
 use trellis_store::{Store, Tx, read_with, write_with};
 
+use crate::agents::report::ReportMemo;
+use crate::configs::ConfigCache;
 use crate::error::ApiError;
 use crate::pki::Ca;
 
@@ -17,11 +20,13 @@ use crate::pki::Ca;
 pub struct Settings {
     /// Region label used in ARNs and endpoint DNS names (`local` by default).
     pub region: String,
+    /// Agents silent for this long become OFFLINE.
+    pub offline_after: Duration,
 }
 
 impl Default for Settings {
     fn default() -> Self {
-        Self { region: "local".to_string() }
+        Self { region: "local".to_string(), offline_after: Duration::from_secs(60) }
     }
 }
 
@@ -30,11 +35,23 @@ impl Default for Settings {
 pub struct AppState {
     pub store: Arc<dyn Store>,
     pub settings: Arc<Settings>,
-    /// Holds the store revision of the last successful write through the API;
-    /// bumped after every write so agent config long-polls wake up.
-    pub changes: Arc<watch::Sender<u64>>,
+    /// Compiled agent configs; every write through [`AppState::write`] tells it what changed.
+    pub configs: Arc<ConfigCache>,
     pub ca: Arc<Ca>,
+    /// What each agent's last report changed (reports that change nothing write nothing).
+    pub reports: Arc<ReportMemo>,
+    /// Bounds the store work in flight, so requests wait their turn as tasks
+    /// instead of filling the blocking thread pool (SQLite has one writer).
+    io: Arc<IoLimits>,
 }
+
+struct IoLimits {
+    reads: Semaphore,
+    writes: Semaphore,
+}
+
+/// Concurrent read transactions (each on a blocking thread).
+const MAX_CONCURRENT_READS: usize = 16;
 
 impl std::fmt::Debug for AppState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -45,16 +62,22 @@ impl std::fmt::Debug for AppState {
 impl AppState {
     pub fn new(store: Arc<dyn Store>, settings: Settings, ca: Arc<Ca>) -> Self {
         let revision = store.revision().unwrap_or(0);
-        let (tx, _rx) = watch::channel(revision);
-        Self { store, settings: Arc::new(settings), changes: Arc::new(tx), ca }
+        Self {
+            store,
+            settings: Arc::new(settings),
+            configs: Arc::new(ConfigCache::new(revision)),
+            ca,
+            reports: Arc::new(ReportMemo::default()),
+            io: Arc::new(IoLimits { reads: Semaphore::new(MAX_CONCURRENT_READS), writes: Semaphore::new(1) }),
+        }
     }
 
     pub fn region(&self) -> &str {
         &self.settings.region
     }
 
-    /// Runs `f` in one write transaction on a blocking thread; on success,
-    /// publishes the new store revision on [`AppState::changes`].
+    /// Runs `f` in one write transaction on a blocking thread, then tells the
+    /// config cache what it changed, so the affected agents' long-polls wake.
     ///
     /// `f` may run more than once (see [`write_with`]): draw ids and read the
     /// clock before calling this, never inside `f`.
@@ -63,41 +86,32 @@ impl AppState {
         T: Send + 'static,
         F: FnMut(&mut dyn Tx) -> Result<T, ApiError> + Send + 'static,
     {
-        let store = self.store.clone();
-        let out = tokio::task::spawn_blocking(move || {
-            let value = write_with(&*store, f)?;
-            let revision = store.revision().map_err(ApiError::from)?;
-            Ok::<_, ApiError>((value, revision))
-        })
-        .await
-        .map_err(|e| ApiError::internal(format!("write task failed: {e}")))?;
-        let (value, revision) = out?;
-        self.notify(revision);
+        let (value, _) = self.write_counted(f).await?;
         Ok(value)
     }
 
-    /// Like [`AppState::write`], but wakes config long-polls only when `f`
-    /// returns `(_, true)`: for writes that usually change nothing an agent's
-    /// config depends on (agent reports, liveness sweeps), so that N agents
-    /// reporting do not make N long-polls recompile N times.
-    pub async fn write_then_notify_if<T, F>(&self, f: F) -> Result<T, ApiError>
+    /// [`AppState::write`], also returning the store work the transaction did.
+    pub async fn write_counted<T, F>(&self, mut f: F) -> Result<(T, Work), ApiError>
     where
         T: Send + 'static,
-        F: FnMut(&mut dyn Tx) -> Result<(T, bool), ApiError> + Send + 'static,
+        F: FnMut(&mut dyn Tx) -> Result<T, ApiError> + Send + 'static,
     {
+        // The semaphore is never closed.
+        let _turn = self.io.writes.acquire().await.map_err(|_| ApiError::internal("store writes closed"))?;
         let store = self.store.clone();
-        let out = tokio::task::spawn_blocking(move || {
-            let (value, relevant) = write_with(&*store, f)?;
-            let revision = if relevant { Some(store.revision().map_err(ApiError::from)?) } else { None };
-            Ok::<_, ApiError>((value, revision))
+        let (value, revision, keys, work) = tokio::task::spawn_blocking(move || {
+            write_with(&*store, |tx| {
+                let start = tx.revision()?;
+                let mut tracked = Tracked::new(tx, Mode::Writes);
+                let value = f(&mut tracked)?;
+                let (keys, work) = tracked.finish();
+                Ok::<_, ApiError>((value, start.saturating_add(1), keys, work))
+            })
         })
         .await
-        .map_err(|e| ApiError::internal(format!("write task failed: {e}")))?;
-        let (value, revision) = out?;
-        if let Some(revision) = revision {
-            self.notify(revision);
-        }
-        Ok(value)
+        .map_err(|e| ApiError::internal(format!("write task failed: {e}")))??;
+        self.configs.invalidate(revision, keys);
+        Ok((value, work))
     }
 
     /// Runs `f` in one read transaction on a blocking thread.
@@ -106,21 +120,11 @@ impl AppState {
         T: Send + 'static,
         F: FnMut(&mut dyn Tx) -> Result<T, ApiError> + Send + 'static,
     {
+        let _turn = self.io.reads.acquire().await.map_err(|_| ApiError::internal("store reads closed"))?;
         let store = self.store.clone();
         tokio::task::spawn_blocking(move || read_with(&*store, f))
             .await
             .map_err(|e| ApiError::internal(format!("read task failed: {e}")))?
-    }
-
-    /// Wakes every waiter on [`AppState::changes`] with `revision` (never moves backwards).
-    pub fn notify(&self, revision: u64) {
-        self.changes.send_if_modified(|current| {
-            let newer = revision > *current;
-            if newer {
-                *current = revision;
-            }
-            newer
-        });
     }
 }
 

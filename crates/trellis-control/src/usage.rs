@@ -52,7 +52,7 @@ pub struct UsageReport {
 /// Sums the usage of `config` (and, for a GROUP, of its children).
 pub fn aggregate(tx: &mut dyn Tx, config: &ResourceConfiguration) -> Result<UsageReport, ApiError> {
     let records: Vec<UsageRecord> =
-        tx.list_obj(&Filter { account_id: Some(config.account_id.as_str()), reference: Some(config.id.as_str()) })?;
+        tx.list_obj(&Filter::account_and_reference(config.account_id.as_str(), config.id.as_str()))?;
     // Per agent: the boot whose active connections count now (None: none count).
     let mut live_boot: HashMap<String, Option<String>> = HashMap::new();
     let mut items: BTreeMap<(String, String, String), UsageItem> = BTreeMap::new();
@@ -78,10 +78,11 @@ pub fn aggregate(tx: &mut dyn Tx, config: &ResourceConfiguration) -> Result<Usag
         if live {
             item.active_connections = item.active_connections.saturating_add(r.active_connections);
         }
-        item.total_connections = item.total_connections.saturating_add(r.total_connections);
-        item.rejected_connections = item.rejected_connections.saturating_add(r.rejected_connections);
-        item.bytes_in = item.bytes_in.saturating_add(r.bytes_in);
-        item.bytes_out = item.bytes_out.saturating_add(r.bytes_out);
+        let totals = r.previous_boots.plus_boot_of(&r);
+        item.total_connections = item.total_connections.saturating_add(totals.total_connections);
+        item.rejected_connections = item.rejected_connections.saturating_add(totals.rejected_connections);
+        item.bytes_in = item.bytes_in.saturating_add(totals.bytes_in);
+        item.bytes_out = item.bytes_out.saturating_add(totals.bytes_out);
     }
     Ok(UsageReport { resource_configuration_id: config.id.to_string(), items: items.into_values().collect() })
 }

@@ -394,6 +394,22 @@ pub struct DnsEntry {
     pub subnet_id: SubnetId,
 }
 
+/// Which custom domain names (a resource's `customDomainName`) a consumer's
+/// DNS answers for an endpoint with private DNS enabled (VPC Lattice's
+/// `privateDnsPreference`). Names Trellis generates are always answered;
+/// reserved names never are.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum PrivateDnsPreference {
+    /// Only names under a domain the resource's owner verified (the default).
+    #[default]
+    VerifiedDomainsOnly,
+    /// Any custom name, verified or not: the consumer trusts the provider.
+    AllDomains,
+    /// Only names under the consumer's `privateDnsSpecifiedDomains`.
+    SpecifiedDomainsOnly,
+}
+
 /// A consumer's entry point to a resource configuration, inside its VPC.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -410,6 +426,11 @@ pub struct VpcEndpoint {
     /// The account that owns the configuration.
     pub resource_configuration_owner_id: AccountId,
     pub private_dns_enabled: bool,
+    #[serde(default)]
+    pub private_dns_preference: PrivateDnsPreference,
+    /// Domains whose custom names are answered under `SPECIFIED_DOMAINS_ONLY`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub private_dns_specified_domains: Vec<String>,
     pub state: EndpointState,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure_reason: Option<String>,

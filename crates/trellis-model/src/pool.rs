@@ -56,6 +56,13 @@ impl AddressPool {
         (1u64 << (32 - u32::from(self.0.prefix_len()))) - 2
     }
 
+    /// Most addresses one endpoint may hold in this pool: a quarter of the
+    /// pool (at least 4, at most 256), so the resources of one provider can
+    /// never take all of a consumer's addresses from its other endpoints.
+    pub fn per_endpoint_cap(&self) -> u64 {
+        (self.usable_count() / 4).clamp(4, 256).min(self.usable_count())
+    }
+
     pub fn contains(&self, ip: Ipv4Addr) -> bool {
         self.0.contains(&ip)
     }
@@ -111,6 +118,9 @@ mod tests {
     #[test]
     fn accepts_ipv4_blocks_from_16_to_28() {
         assert_eq!(AddressPool::parse("10.0.9.0/24").unwrap().usable_count(), 254);
+        assert_eq!(AddressPool::parse("10.0.9.0/24").unwrap().per_endpoint_cap(), 63);
+        assert_eq!(AddressPool::parse("10.0.9.0/28").unwrap().per_endpoint_cap(), 4);
+        assert_eq!(AddressPool::parse("10.0.0.0/16").unwrap().per_endpoint_cap(), 256);
         assert_eq!(AddressPool::parse("10.0.0.0/16").unwrap().usable_count(), 65534);
         assert_eq!(AddressPool::parse("10.0.9.16/28").unwrap().usable_count(), 14);
     }

@@ -11,11 +11,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::PortRange;
 
-/// The whole config of one agent, with a version that only grows.
+/// The whole config of one agent, with a version.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct AgentConfig {
-    /// Monotonic per agent; the long-poll returns only a version greater than `after`.
+    /// Names this content for the long-poll, which answers when the control
+    /// plane's version differs from the agent's (`after`); never 0.
     pub version: u64,
     pub agent_id: String,
     pub account_id: String,

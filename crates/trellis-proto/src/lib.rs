@@ -10,8 +10,10 @@
 pub mod agent_api;
 pub mod config;
 pub mod join_token;
+pub mod limits;
 pub mod ports;
 pub mod stream;
 
 pub use config::*;
+pub use limits::*;
 pub use ports::{PortRange, PortRangeError};

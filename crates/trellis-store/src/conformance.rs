@@ -76,6 +76,8 @@ pub const CASES: &[(&str, Case)] = &[
     ("kinds_are_separate_namespaces", kinds_are_separate_namespaces),
     ("list_filters_by_account_by_reference_and_by_both", list_filters_by_account_by_reference_and_by_both),
     ("list_is_ordered_by_id", list_is_ordered_by_id),
+    ("lists_page_by_cursor_and_limit_under_every_filter", lists_page_by_cursor_and_limit_under_every_filter),
+    ("a_transaction_sees_the_revision_it_started_from", a_transaction_sees_the_revision_it_started_from),
     ("update_replaces_account_and_references", update_replaces_account_and_references),
     ("deleted_records_leave_no_references_behind", deleted_records_leave_no_references_behind),
     (
@@ -116,7 +118,7 @@ fn record(kind: &str, id: &str, account_id: &str, refs: &[&str], body: Value) ->
         id: id.into(),
         account_id: account_id.into(),
         refs: refs.iter().map(|r| r.to_string()).collect(),
-        body,
+        body: body.to_string(),
     }
 }
 
@@ -143,7 +145,7 @@ fn revision(store: &dyn Store) -> u64 {
 }
 
 fn counter(r: &Record) -> u64 {
-    r.body["n"].as_u64().unwrap_or_else(|| panic!("{} {} has no counter: {}", r.kind, r.id, r.body))
+    r.json()["n"].as_u64().unwrap_or_else(|| panic!("{} {} has no counter: {}", r.kind, r.id, r.body))
 }
 
 fn all() -> Filter<'static> {
@@ -151,11 +153,11 @@ fn all() -> Filter<'static> {
 }
 
 fn by_account(account_id: &str) -> Filter<'_> {
-    Filter { account_id: Some(account_id), reference: None }
+    Filter::account(account_id)
 }
 
 fn by_ref(reference: &str) -> Filter<'_> {
-    Filter { account_id: None, reference: Some(reference) }
+    Filter::reference(reference)
 }
 
 pub fn records_round_trip_through_insert_get_update_delete(make: MakeStore<'_>) {
@@ -212,7 +214,7 @@ pub fn a_write_sees_its_own_changes(make: MakeStore<'_>) {
         tx.insert(&r)?;
         assert_eq!(tx.get("subnet", "subnet-1")?.as_ref(), Some(&r), "get sees the insert");
         assert_eq!(tx.list("subnet", &by_ref("vpc-1"))?.len(), 1, "list sees the insert's references");
-        let changed = Record { body: json!({"v": 2}), refs: vec![], ..r.clone() };
+        let changed = Record { body: json!({"v": 2}).to_string(), refs: vec![], ..r.clone() };
         tx.update(&changed)?;
         assert_eq!(tx.get("subnet", "subnet-1")?, Some(changed), "get sees the update");
         assert!(tx.list("subnet", &by_ref("vpc-1"))?.is_empty(), "list sees the update's references");
@@ -302,7 +304,7 @@ pub fn list_filters_by_account_by_reference_and_by_both(make: MakeStore<'_>) {
     assert_eq!(list_ids(store, "rcfg", &by_ref("g1")), ["a1", "a3", "a5"], "a reference named twice lists once");
     assert_eq!(list_ids(store, "rcfg", &by_ref("g2")), ["a2", "a3"]);
     assert_eq!(list_ids(store, "rcfg", &by_ref("g3")), Vec::<String>::new());
-    let both = |account_id, reference| Filter { account_id: Some(account_id), reference: Some(reference) };
+    let both = |account_id, reference| Filter::account_and_reference(account_id, reference);
     assert_eq!(list_ids(store, "rcfg", &both("acct-1", "g1")), ["a1"]);
     assert_eq!(list_ids(store, "rcfg", &both("acct-2", "g2")), ["a3"]);
     assert_eq!(list_ids(store, "rcfg", &both("acct-2", "g3")), Vec::<String>::new());
@@ -325,6 +327,56 @@ pub fn list_is_ordered_by_id(make: MakeStore<'_>) {
     assert_eq!(list_ids(store, "rgw", &all()), expected);
     assert_eq!(list_ids(store, "rgw", &by_account("acct-1")), expected);
     assert_eq!(list_ids(store, "rgw", &by_ref("gw")), expected);
+}
+
+pub fn lists_page_by_cursor_and_limit_under_every_filter(make: MakeStore<'_>) {
+    let store = make();
+    let store = &*store;
+    let records: Vec<Record> = (0..10)
+        .map(|i| {
+            let account = if i % 2 == 0 { "acct-even" } else { "acct-odd" };
+            let refs: &[&str] = if i < 7 { &["g", "h"] } else { &["h"] };
+            record("ep", &format!("e{i}"), account, refs, json!({"n": i}))
+        })
+        .collect();
+    insert_all(store, &records);
+    insert_all(store, &[record("other", "e5", "acct-odd", &["g"], json!({}))]);
+    let filters = [all(), by_account("acct-odd"), by_ref("g"), Filter::account_and_reference("acct-even", "g")];
+    for filter in filters {
+        let whole = list_ids(store, "ep", &filter);
+        for limit in 1..=4 {
+            let mut pages = Vec::new();
+            let mut cursor: Option<String> = None;
+            loop {
+                let page = list_ids(store, "ep", &filter.clone().page(cursor.as_deref(), limit));
+                assert!(page.len() <= limit, "a page holds at most the limit: {page:?}");
+                if page.is_empty() {
+                    break;
+                }
+                cursor = page.last().cloned();
+                pages.extend(page);
+            }
+            assert_eq!(pages, whole, "paging by {limit} under {filter:?} walks the list once, in order");
+        }
+    }
+    assert_eq!(list_ids(store, "ep", &all().page(Some("e8"), 100)), ["e9"], "the cursor itself is excluded");
+    assert_eq!(list_ids(store, "ep", &all().page(None, 0)), Vec::<String>::new(), "a zero limit lists nothing");
+}
+
+pub fn a_transaction_sees_the_revision_it_started_from(make: MakeStore<'_>) {
+    let store = make();
+    let store = &*store;
+    assert_eq!(read_with(store, |tx| tx.revision()).expect("read"), 0);
+    insert_all(store, &[record("vpc", "v1", "a", &[], json!({}))]);
+    let before = revision(store);
+    let inside = write_with(store, |tx| {
+        let start = tx.revision()?;
+        tx.insert(&record("vpc", "v2", "a", &[], json!({})))?;
+        Ok::<_, StoreError>(start)
+    })
+    .expect("write");
+    assert_eq!(inside, before, "a write sees the revision it started from");
+    assert_eq!(read_with(store, |tx| tx.revision()).expect("read"), before + 1);
 }
 
 pub fn update_replaces_account_and_references(make: MakeStore<'_>) {
@@ -598,7 +650,7 @@ pub fn typed_objects_round_trip(make: MakeStore<'_>) {
 
     let stored = get(store, Widget::KIND, "w1").expect("stored as a record of the object's kind");
     assert_eq!((stored.account_id.as_str(), stored.refs.as_slice()), ("acct-1", &["rgw-1".to_string()][..]));
-    assert_eq!(stored.body["gatewayId"], "rgw-1", "the body is the object's serde form");
+    assert_eq!(stored.json()["gatewayId"], "rgw-1", "the body is the object's serde form");
 
     let (one, listed, by_gateway) = read_with(store, |tx| {
         Ok::<_, StoreError>((
@@ -648,7 +700,7 @@ pub fn concurrent_writers_lose_no_update(make: MakeStore<'_>) {
                 for i in 0..INCREMENTS {
                     write_with(store, |tx| {
                         let current = tx.get("counter", "c")?.expect("the counter exists");
-                        let next = Record { body: json!({"n": counter(&current) + 1}), ..current };
+                        let next = Record { body: json!({"n": counter(&current) + 1}).to_string(), ..current };
                         tx.update(&next)
                     })
                     .unwrap_or_else(|e: StoreError| panic!("thread {thread}, increment {i}: {e}"));

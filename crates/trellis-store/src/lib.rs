@@ -13,6 +13,7 @@
 
 pub mod conformance;
 pub mod sqlite;
+pub mod track;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -26,7 +27,15 @@ pub struct Record {
     pub account_id: String,
     /// Ids of related objects, indexed for [`Filter::reference`].
     pub refs: Vec<String>,
-    pub body: serde_json::Value,
+    /// The object as JSON text (typed access decodes it straight into its type).
+    pub body: String,
+}
+
+impl Record {
+    /// The body parsed as a JSON value (for tests and tools; typed access uses [`TxExt`]).
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or(serde_json::Value::Null)
+    }
 }
 
 /// Which records of a kind [`Tx::list`] returns. Results are ordered by id.
@@ -36,6 +45,32 @@ pub struct Filter<'a> {
     pub account_id: Option<&'a str>,
     /// Only records whose `refs` contain this id.
     pub reference: Option<&'a str>,
+    /// Only records whose id sorts after this one (the cursor of a page).
+    pub after: Option<&'a str>,
+    /// At most this many records (the first ones by id).
+    pub limit: Option<usize>,
+}
+
+impl<'a> Filter<'a> {
+    /// Records of one account.
+    pub fn account(account_id: &'a str) -> Self {
+        Self { account_id: Some(account_id), ..Self::default() }
+    }
+
+    /// Records whose refs contain `reference`.
+    pub fn reference(reference: &'a str) -> Self {
+        Self { reference: Some(reference), ..Self::default() }
+    }
+
+    /// Records of one account whose refs contain `reference`.
+    pub fn account_and_reference(account_id: &'a str, reference: &'a str) -> Self {
+        Self { account_id: Some(account_id), reference: Some(reference), ..Self::default() }
+    }
+
+    /// This filter, one page: ids after `after`, at most `limit` records.
+    pub fn page(self, after: Option<&'a str>, limit: usize) -> Self {
+        Self { after, limit: Some(limit), ..self }
+    }
 }
 
 /// Errors of the store. Conflict and NotFound are the caller's to map; the rest are faults.
@@ -74,10 +109,18 @@ pub trait Store: Send + Sync + 'static {
 
     /// The revision of the last committed write (0 for an empty store).
     fn revision(&self) -> Result<u64, StoreError>;
+
+    /// Housekeeping a server runs now and then (SQLite: checkpoint and trim
+    /// the write-ahead log so it stays bounded). Does nothing by default.
+    fn maintain(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
 }
 
 /// Operations inside one transaction.
 pub trait Tx {
+    /// The revision this transaction started from: the last commit it sees.
+    fn revision(&mut self) -> Result<u64, StoreError>;
     fn get(&mut self, kind: &str, id: &str) -> Result<Option<Record>, StoreError>;
     fn list(&mut self, kind: &str, filter: &Filter<'_>) -> Result<Vec<Record>, StoreError>;
     /// Fails with [`StoreError::Conflict`] when (kind, id) exists.
@@ -100,7 +143,7 @@ pub trait Object: Serialize + DeserializeOwned {
 }
 
 fn to_record<T: Object>(value: &T) -> Result<Record, StoreError> {
-    let body = serde_json::to_value(value).map_err(|e| StoreError::Corrupt {
+    let body = serde_json::to_string(value).map_err(|e| StoreError::Corrupt {
         kind: T::KIND.to_string(),
         id: value.id().to_string(),
         source: e,
@@ -115,7 +158,7 @@ fn to_record<T: Object>(value: &T) -> Result<Record, StoreError> {
 }
 
 fn from_record<T: Object>(record: Record) -> Result<T, StoreError> {
-    serde_json::from_value(record.body).map_err(|e| StoreError::Corrupt { kind: record.kind, id: record.id, source: e })
+    serde_json::from_str(&record.body).map_err(|e| StoreError::Corrupt { kind: record.kind, id: record.id, source: e })
 }
 
 /// Typed access on top of [`Tx`].

@@ -70,13 +70,19 @@ pub const MIGRATIONS: &[&str] = &[
 pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
 
 const GET: &str = "SELECT account_id, refs, body FROM records WHERE kind = ?1 AND id = ?2";
-const LIST: &str = "SELECT id, account_id, refs, body FROM records WHERE kind = ?1 ORDER BY id";
-const LIST_BY_ACCOUNT: &str =
-    "SELECT id, account_id, refs, body FROM records WHERE kind = ?1 AND account_id = ?2 ORDER BY id";
-const LIST_BY_REF: &str = "SELECT id, account_id, refs, body FROM records \
-     WHERE kind = ?1 AND id IN (SELECT id FROM refs WHERE kind = ?1 AND ref = ?2) ORDER BY id";
-const LIST_BY_ACCOUNT_AND_REF: &str = "SELECT id, account_id, refs, body FROM records \
-     WHERE kind = ?1 AND account_id = ?2 AND id IN (SELECT id FROM refs WHERE kind = ?1 AND ref = ?3) ORDER BY id";
+/// Lists take `kind`, an optional account, an optional reference, a cursor
+/// (`''` for none: every id sorts after it) and a limit (-1 for none). The
+/// partial conditions let SQLite pick the index of whichever filter is set.
+const LIST: &str = "SELECT id, account_id, refs, body FROM records \
+     WHERE kind = ?1 AND id > ?4 ORDER BY id LIMIT ?5";
+const LIST_BY_ACCOUNT: &str = "SELECT id, account_id, refs, body FROM records \
+     WHERE kind = ?1 AND account_id = ?2 AND id > ?4 ORDER BY id LIMIT ?5";
+const LIST_BY_REF: &str = "SELECT r.id, r.account_id, r.refs, r.body FROM refs x \
+     JOIN records r ON r.kind = x.kind AND r.id = x.id \
+     WHERE x.kind = ?1 AND x.ref = ?3 AND x.id > ?4 ORDER BY x.id LIMIT ?5";
+const LIST_BY_ACCOUNT_AND_REF: &str = "SELECT r.id, r.account_id, r.refs, r.body FROM refs x \
+     JOIN records r ON r.kind = x.kind AND r.id = x.id \
+     WHERE x.kind = ?1 AND x.ref = ?3 AND r.account_id = ?2 AND x.id > ?4 ORDER BY x.id LIMIT ?5";
 const INSERT: &str = "INSERT INTO records (kind, id, account_id, refs, body) VALUES (?1, ?2, ?3, ?4, ?5) \
      ON CONFLICT (kind, id) DO NOTHING";
 const UPDATE: &str = "UPDATE records SET account_id = ?3, refs = ?4, body = ?5 WHERE kind = ?1 AND id = ?2";
@@ -84,6 +90,8 @@ const DELETE: &str = "DELETE FROM records WHERE kind = ?1 AND id = ?2";
 const INSERT_REF: &str = "INSERT INTO refs (kind, id, ref) VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING";
 const DELETE_REFS: &str = "DELETE FROM refs WHERE kind = ?1 AND id = ?2";
 const REVISION: &str = "SELECT value FROM meta WHERE key = 'revision'";
+/// The write-ahead log is truncated back to this size after a checkpoint.
+const WAL_SIZE_LIMIT: i64 = 16 << 20;
 const BUMP_REVISION: &str = "UPDATE meta SET value = value + 1 WHERE key = 'revision'";
 
 /// A [`Store`] in one SQLite database file (or in memory, for tests and `trellis dev`).
@@ -126,6 +134,10 @@ impl SqliteStore {
             )));
         }
         migrate(&mut conn, MIGRATIONS).map_err(fail)?;
+        // After a checkpoint has copied the log into the database, the log file
+        // is cut back to this size instead of keeping its high-water mark.
+        conn.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT)
+            .map_err(|e| fail(format!("cannot bound the write-ahead log: {e}")))?;
         Ok(SqliteStore {
             location: path.display().to_string(),
             writer: Mutex::new(conn),
@@ -206,6 +218,18 @@ impl Store for SqliteStore {
             let end = tx.rollback().map_err(backend("end a read transaction"));
             result.and(end)
         })
+    }
+
+    /// Copies what it can of the write-ahead log into the database without
+    /// waiting for readers (SQLite also does this every 1,000 pages); the
+    /// log then restarts and is cut to [`WAL_SIZE_LIMIT`].
+    fn maintain(&self) -> Result<(), StoreError> {
+        if self.readers.is_none() {
+            return Ok(());
+        }
+        let _outermost = NestingGuard::enter(self)?;
+        let conn = self.writer()?;
+        conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())).map_err(backend("checkpoint the log"))
     }
 
     fn revision(&self) -> Result<u64, StoreError> {
@@ -382,16 +406,18 @@ impl SqliteTx<'_> {
         }
     }
 
-    fn query(&self, sql: &str, params: &[&dyn rusqlite::ToSql], kind: &str) -> Result<Vec<Record>, StoreError> {
+    /// Runs a list query. Every list statement numbers its parameters ?1..?5
+    /// (some unused), so all five are always bound.
+    fn query(&self, sql: &str, params: &[&dyn rusqlite::ToSql; 5], kind: &str) -> Result<Vec<Record>, StoreError> {
         let mut stmt = self.conn.prepare_cached(sql).map_err(backend("prepare a list query"))?;
         let rows = stmt
-            .query_map(params, |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?)))
+            .query_map(&params[..], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?)))
             .map_err(backend("list records"))?;
         let mut records = Vec::new();
         for row in rows {
             let (id, account_id, refs, body): (String, String, String, String) =
                 row.map_err(backend("list records"))?;
-            records.push(decode(kind, id, account_id, &refs, &body)?);
+            records.push(decode(kind, id, account_id, &refs, body)?);
         }
         Ok(records)
     }
@@ -405,17 +431,17 @@ impl SqliteTx<'_> {
     }
 }
 
-fn encode(record: &Record) -> Result<(String, String), StoreError> {
-    let corrupt = |source| StoreError::Corrupt { kind: record.kind.clone(), id: record.id.clone(), source };
-    let refs = serde_json::to_string(&record.refs).map_err(corrupt)?;
-    let body = serde_json::to_string(&record.body).map_err(corrupt)?;
-    Ok((refs, body))
+fn encode(record: &Record) -> Result<String, StoreError> {
+    serde_json::to_string(&record.refs).map_err(|source| StoreError::Corrupt {
+        kind: record.kind.clone(),
+        id: record.id.clone(),
+        source,
+    })
 }
 
-fn decode(kind: &str, id: String, account_id: String, refs: &str, body: &str) -> Result<Record, StoreError> {
-    let parsed = serde_json::from_str(refs).and_then(|refs| Ok((refs, serde_json::from_str(body)?)));
-    match parsed {
-        Ok((refs, body)) => Ok(Record { kind: kind.to_string(), id, account_id, refs, body }),
+fn decode(kind: &str, id: String, account_id: String, refs: &str, body: String) -> Result<Record, StoreError> {
+    match serde_json::from_str(refs) {
+        Ok(refs) => Ok(Record { kind: kind.to_string(), id, account_id, refs, body }),
         Err(source) => Err(StoreError::Corrupt { kind: kind.to_string(), id, source }),
     }
 }
@@ -427,26 +453,38 @@ impl Tx for SqliteTx<'_> {
             .query_row(params![kind, id], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))
             .optional()
             .map_err(backend("get a record"))?;
-        row.map(|(account_id, refs, body)| decode(kind, id.to_string(), account_id, &refs, &body)).transpose()
+        row.map(|(account_id, refs, body)| decode(kind, id.to_string(), account_id, &refs, body)).transpose()
+    }
+
+    fn revision(&mut self) -> Result<u64, StoreError> {
+        let value: i64 = self.conn.query_row(REVISION, [], |row| row.get(0)).map_err(backend("read the revision"))?;
+        u64::try_from(value).map_err(|_| StoreError::Backend(format!("the stored revision {value} is negative")))
     }
 
     fn list(&mut self, kind: &str, filter: &Filter<'_>) -> Result<Vec<Record>, StoreError> {
-        match (filter.account_id, filter.reference) {
-            (None, None) => self.query(LIST, &[&kind], kind),
-            (Some(account), None) => self.query(LIST_BY_ACCOUNT, &[&kind, &account], kind),
-            (None, Some(reference)) => self.query(LIST_BY_REF, &[&kind, &reference], kind),
-            (Some(account), Some(reference)) => {
-                self.query(LIST_BY_ACCOUNT_AND_REF, &[&kind, &account, &reference], kind)
-            }
-        }
+        let sql = match (filter.account_id, filter.reference) {
+            (None, None) => LIST,
+            (Some(_), None) => LIST_BY_ACCOUNT,
+            (None, Some(_)) => LIST_BY_REF,
+            (Some(_), Some(_)) => LIST_BY_ACCOUNT_AND_REF,
+        };
+        let limit = filter.limit.map_or(-1, |l| i64::try_from(l).unwrap_or(i64::MAX));
+        let params: [&dyn rusqlite::ToSql; 5] = [
+            &kind,
+            &filter.account_id.unwrap_or(""),
+            &filter.reference.unwrap_or(""),
+            &filter.after.unwrap_or(""),
+            &limit,
+        ];
+        self.query(sql, &params, kind)
     }
 
     fn insert(&mut self, record: &Record) -> Result<(), StoreError> {
         self.check_writable("insert", &record.kind, &record.id)?;
-        let (refs, body) = encode(record)?;
+        let refs = encode(record)?;
         let mut stmt = self.conn.prepare_cached(INSERT).map_err(backend("prepare an insert"))?;
         let inserted = stmt
-            .execute(params![record.kind, record.id, record.account_id, refs, body])
+            .execute(params![record.kind, record.id, record.account_id, refs, record.body])
             .map_err(backend("insert a record"))?;
         if inserted == 0 {
             return Err(StoreError::Conflict { kind: record.kind.clone(), id: record.id.clone() });
@@ -457,10 +495,10 @@ impl Tx for SqliteTx<'_> {
 
     fn update(&mut self, record: &Record) -> Result<(), StoreError> {
         self.check_writable("update", &record.kind, &record.id)?;
-        let (refs, body) = encode(record)?;
+        let refs = encode(record)?;
         let mut stmt = self.conn.prepare_cached(UPDATE).map_err(backend("prepare an update"))?;
         let updated = stmt
-            .execute(params![record.kind, record.id, record.account_id, refs, body])
+            .execute(params![record.kind, record.id, record.account_id, refs, record.body])
             .map_err(backend("update a record"))?;
         if updated == 0 {
             return Err(StoreError::NotFound { kind: record.kind.clone(), id: record.id.clone() });
@@ -492,7 +530,13 @@ mod tests {
     use crate::{conformance, read_with, write_with};
 
     fn record(kind: &str, id: &str) -> Record {
-        Record { kind: kind.into(), id: id.into(), account_id: "acct-1".into(), refs: vec![], body: json!({"id": id}) }
+        Record {
+            kind: kind.into(),
+            id: id.into(),
+            account_id: "acct-1".into(),
+            refs: vec![],
+            body: json!({"id": id}).to_string(),
+        }
     }
 
     fn open_reason(result: Result<SqliteStore, StoreError>) -> String {
@@ -691,7 +735,7 @@ mod tests {
         let path = dir.path().join("shared.db");
         let first = SqliteStore::open(&path).expect("open first");
         let second = SqliteStore::open(&path).expect("open second");
-        write_with(&first, |tx| tx.insert(&Record { body: json!({"n": 0}), ..record("counter", "c") }))
+        write_with(&first, |tx| tx.insert(&Record { body: json!({"n": 0}).to_string(), ..record("counter", "c") }))
             .expect("create counter");
         std::thread::scope(|scope| {
             for store in [&first, &second] {
@@ -699,8 +743,8 @@ mod tests {
                     for _ in 0..25 {
                         write_with(store, |tx| {
                             let current = tx.get("counter", "c")?.expect("counter");
-                            let n = current.body["n"].as_u64().expect("n");
-                            tx.update(&Record { body: json!({"n": n + 1}), ..current })
+                            let n = current.json()["n"].as_u64().expect("n");
+                            tx.update(&Record { body: json!({"n": n + 1}).to_string(), ..current })
                         })
                         .expect("increment");
                     }
@@ -708,7 +752,7 @@ mod tests {
             }
         });
         let c = read_with(&second, |tx| tx.get("counter", "c")).expect("read").expect("counter");
-        assert_eq!(c.body["n"], 50);
+        assert_eq!(c.json()["n"], 50);
         assert_eq!(first.revision().expect("revision"), 51);
     }
 }

@@ -183,6 +183,13 @@ pub(super) async fn enroll(
             tx.update_obj(&token)?;
             tx.insert_obj(&record)?;
             tx.insert_obj(&cert)?;
+            tx.insert_obj(&super::records::AgentRuntime {
+                id: record.id.clone(),
+                account_id: record.account_id.clone(),
+                boot_id: None,
+                last_seen_at: Some(now),
+                config_version: 0,
+            })?;
             Ok(())
         })
         .await?;

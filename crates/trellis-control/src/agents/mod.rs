@@ -20,14 +20,14 @@ use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use trellis_model::{Agent, AgentId, Id};
-use trellis_store::{Filter, TxExt};
+use trellis_store::{Filter, Tx, TxExt};
 
-use crate::api::{Json, ListQuery, PathId, Query, get_owned, paginate, path_id};
+use crate::api::{Json, ListQuery, Page, PathId, Query, get_owned, list_page, path_id};
 use crate::auth::AccountAuth;
 use crate::error::ApiError;
 use crate::state::{AppState, now};
 use crate::tls::PeerIdentity;
-use records::{AgentCert, AgentRuntime};
+use records::{AgentCert, AgentRuntime, RevokedCert};
 
 /// Routes of agent tokens, agents and the agent-facing API.
 pub fn router() -> Router<AppState> {
@@ -89,22 +89,40 @@ pub struct AgentListQuery {
     pub subnet_id: Option<String>,
 }
 
+/// The agent as the API shows it: liveness and the served config version
+/// come from its runtime record (reports write there, not to the agent).
+fn with_runtime(tx: &mut dyn Tx, mut agent: Agent) -> Result<Agent, ApiError> {
+    if let Some(runtime) = tx.get_obj::<AgentRuntime>(agent.id.as_str())? {
+        agent.last_seen_at = runtime.last_seen_at.or(agent.last_seen_at);
+        agent.config_version = runtime.config_version;
+    }
+    Ok(agent)
+}
+
 async fn list(
     State(state): State<AppState>,
     AccountAuth(account): AccountAuth,
     Query(query): Query<AgentListQuery>,
 ) -> Result<Response, ApiError> {
-    let account_id = account.id.clone();
-    let agents = state
-        .read(move |tx| Ok(tx.list_obj::<Agent>(&Filter { account_id: Some(account_id.as_str()), reference: None })?))
-        .await?;
-    let agents: Vec<Agent> = agents
-        .into_iter()
-        .filter(|a| query.vpc_id.as_deref().is_none_or(|v| a.vpc_id.as_str() == v))
-        .filter(|a| query.subnet_id.as_deref().is_none_or(|s| a.subnet_id.as_str() == s))
-        .collect();
     let page = ListQuery { max_results: query.max_results, next_token: query.next_token, ..ListQuery::default() };
-    Ok(Json(paginate(agents, |a| a.id.to_string(), &page)?).into_response())
+    let page = state
+        .read(move |tx| {
+            // Subnet ids and VPC ids are both refs of an agent; the subnet is the narrower.
+            let scope = query.subnet_id.as_deref().or(query.vpc_id.as_deref());
+            let filter = match scope {
+                Some(r) => Filter::account_and_reference(account.id.as_str(), r),
+                None => Filter::account(account.id.as_str()),
+            };
+            let mut agents: Page<Agent> = list_page(tx, filter, &page)?;
+            agents.items.retain(|a| {
+                query.vpc_id.as_deref().is_none_or(|v| a.vpc_id.as_str() == v)
+                    && query.subnet_id.as_deref().is_none_or(|s| a.subnet_id.as_str() == s)
+            });
+            let items = agents.items.into_iter().map(|a| with_runtime(tx, a)).collect::<Result<Vec<_>, _>>()?;
+            Ok(Page { items, next_token: agents.next_token })
+        })
+        .await?;
+    Ok(Json(page).into_response())
 }
 
 async fn get_one(
@@ -113,29 +131,48 @@ async fn get_one(
     PathId(raw): PathId,
 ) -> Result<Json<Agent>, ApiError> {
     let id: AgentId = path_id(&raw)?;
-    let agent = state.read(move |tx| get_owned::<Agent>(tx, &account.id, id.as_str(), AgentId::KIND)).await?;
+    let agent = state
+        .read(move |tx| {
+            let agent = get_owned::<Agent>(tx, &account.id, id.as_str(), AgentId::KIND)?;
+            with_runtime(tx, agent)
+        })
+        .await?;
     Ok(Json(agent))
 }
 
 /// Deletes the agent and revokes its certificate: its next request is a 401,
-/// and it leaves every gateway's peer list with the next config.
+/// and gateways of the providers its VPC uses refuse the certificate from
+/// their next config on (until it expires).
 async fn delete(
     State(state): State<AppState>,
     AccountAuth(account): AccountAuth,
     PathId(raw): PathId,
 ) -> Result<StatusCode, ApiError> {
     let id: AgentId = path_id(&raw)?;
+    let now = now();
+    let deleted = id.clone();
     state
         .write(move |tx| {
             let agent = get_owned::<Agent>(tx, &account.id, id.as_str(), AgentId::KIND)?;
-            for cert in tx.list_obj::<AgentCert>(&Filter { reference: Some(agent.id.as_str()), ..Filter::default() })? {
+            for cert in tx.list_obj::<AgentCert>(&Filter::reference(agent.id.as_str()))? {
                 tx.delete_obj::<AgentCert>(&cert.id)?;
+                if cert.not_after > now {
+                    tx.insert_obj(&RevokedCert {
+                        id: cert.id.clone(),
+                        account_id: agent.account_id.clone(),
+                        vpc_id: agent.vpc_id.clone(),
+                        agent_id: agent.id.clone(),
+                        not_after: cert.not_after,
+                    })?;
+                }
             }
             tx.delete_obj::<AgentRuntime>(agent.id.as_str())?;
             tx.delete_obj::<Agent>(agent.id.as_str())?;
             Ok(())
         })
         .await?;
+    state.configs.remove(&deleted);
+    state.reports.forget(&deleted);
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -62,20 +62,49 @@ impl Object for AgentCert {
     }
 }
 
-/// What the control plane remembers of an agent between requests: the
-/// number and content hash of its latest config, and its current boot.
+/// The certificate of a deleted agent that has not expired yet: gateways of
+/// its VPC's providers refuse it although the CA signed it. Removed once expired.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RevokedCert {
+    /// Lower-case hex SHA-256 of the certificate DER.
+    pub id: String,
+    pub account_id: AccountId,
+    pub vpc_id: VpcId,
+    pub agent_id: AgentId,
+    pub not_after: Timestamp,
+}
+
+impl Object for RevokedCert {
+    const KIND: &'static str = "revoked-cert";
+    fn id(&self) -> &str {
+        &self.id
+    }
+    fn account_id(&self) -> &str {
+        self.account_id.as_str()
+    }
+    fn refs(&self) -> Vec<String> {
+        vec![self.vpc_id.to_string()]
+    }
+}
+
+/// What the control plane remembers of a running agent: liveness and its
+/// current boot. Kept apart from the [`trellis_model::Agent`] record so the
+/// reports every few seconds never touch anything an agent config is compiled from.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct AgentRuntime {
     /// The agent id.
     pub id: AgentId,
     pub account_id: AccountId,
-    /// Version of the latest compiled config; only grows.
-    pub config_version: u64,
-    /// SHA-256 of that config's JSON with version 0.
-    pub config_sha256: String,
     /// Boot id of the latest report; usage of older boots no longer has active connections.
     pub boot_id: Option<String>,
+    /// When a report last arrived (written at most every few seconds, see `report`).
+    #[serde(default)]
+    pub last_seen_at: Option<Timestamp>,
+    /// The config version the agent said it serves.
+    #[serde(default)]
+    pub config_version: u64,
 }
 
 impl Object for AgentRuntime {
@@ -88,19 +117,23 @@ impl Object for AgentRuntime {
     }
 }
 
-/// Cumulative counters of one (agent, boot, endpoint, resource), as last reported.
+/// Gateway usage of one (agent, endpoint, resource): the counters of the
+/// agent's current boot as last reported, plus the totals of its earlier boots.
 ///
-/// Agents report counters cumulative since their boot, so the stored value is
-/// replaced, never added to: a lost report loses nothing and a repeated one
-/// counts once. The usage of a resource is the sum over agents and boots.
+/// Agents report counters cumulative since their boot, so the current boot's
+/// values are replaced, never added to: a lost report loses nothing and a
+/// repeated one counts once. When a report arrives from a new boot, the old
+/// boot's totals fold into `previous_boots`, so there is one record per
+/// (agent, endpoint, resource) however often the agent restarts.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct UsageRecord {
-    /// `<agent>/<boot>/<endpoint>/<resource>`.
+    /// `<agent>/<endpoint>/<resource>`.
     pub id: String,
     /// The owner of the resource (the gateway agent's account).
     pub account_id: AccountId,
     pub agent_id: AgentId,
+    /// The boot the current counters belong to.
     pub boot_id: String,
     pub vpc_endpoint_id: VpcEndpointId,
     pub resource_configuration_id: ResourceConfigurationId,
@@ -112,17 +145,37 @@ pub struct UsageRecord {
     pub rejected_connections: u64,
     pub bytes_in: u64,
     pub bytes_out: u64,
+    /// Totals of the agent's earlier boots (active connections excluded).
+    #[serde(default)]
+    pub previous_boots: BootTotals,
     pub updated_at: Timestamp,
 }
 
+/// Counters summed over finished boots.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BootTotals {
+    pub total_connections: u64,
+    pub rejected_connections: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+}
+
+impl BootTotals {
+    /// These totals plus a finished boot's counters (saturating: a peer's numbers never wrap).
+    pub fn plus_boot_of(self, r: &UsageRecord) -> Self {
+        Self {
+            total_connections: self.total_connections.saturating_add(r.total_connections),
+            rejected_connections: self.rejected_connections.saturating_add(r.rejected_connections),
+            bytes_in: self.bytes_in.saturating_add(r.bytes_in),
+            bytes_out: self.bytes_out.saturating_add(r.bytes_out),
+        }
+    }
+}
+
 impl UsageRecord {
-    pub fn record_id(
-        agent: &AgentId,
-        boot_id: &str,
-        endpoint: &VpcEndpointId,
-        resource: &ResourceConfigurationId,
-    ) -> String {
-        format!("{agent}/{boot_id}/{endpoint}/{resource}")
+    pub fn record_id(agent: &AgentId, endpoint: &VpcEndpointId, resource: &ResourceConfigurationId) -> String {
+        format!("{agent}/{endpoint}/{resource}")
     }
 }
 

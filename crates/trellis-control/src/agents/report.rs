@@ -1,35 +1,81 @@
 //! `POST /v1/agents/self/report`: liveness, listener readiness and usage.
 //!
-//! - The agent becomes ONLINE with `lastSeenAt` now and the config version it serves.
+//! - The agent is ONLINE, with `lastSeenAt` and the config version it serves
+//!   (kept in its [`AgentRuntime`], which no config is compiled from).
 //! - Endpoints it serves move to `Available` when every listener it reports
 //!   for them is ready, to `Failed` (with the listener's error) when one failed.
-//!   An agent can only move endpoints of its own account in its own subnet.
-//! - Usage counters are cumulative per boot: each report replaces the stored
-//!   counters of (agent, boot, endpoint, resource), so a lost report loses
-//!   nothing and a repeated one counts once; a restart starts a new boot.
-//!   Counters are accepted only for resources of the agent's own account.
+//! - Usage counters are cumulative per boot; one record per (agent, endpoint,
+//!   resource) holds the current boot's counters and the totals of earlier
+//!   boots (see [`UsageRecord`]).
+//!
+//! A report is checked against the agent's own compiled config: listeners of
+//! endpoints it does not serve and usage of resources its gateway does not
+//! serve are dropped, so an agent can neither move other endpoints nor grow
+//! the store with ids it invents. Reports that change nothing (the usual
+//! case) write nothing: liveness is written at most every few seconds.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::hash::{Hash, Hasher};
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use axum::extract::State;
 use axum::http::StatusCode;
 use trellis_model::{
-    Account, AccountId, Agent, AgentStatus, EndpointState, ResourceConfiguration, ResourceConfigurationId, Timestamp,
-    VpcEndpoint, VpcEndpointId,
+    Account, AccountId, Agent, AgentId, AgentStatus, EndpointState, ResourceConfiguration, ResourceConfigurationId,
+    Timestamp, VpcEndpoint, VpcEndpointId,
 };
+use trellis_proto::AgentConfig;
 use trellis_proto::agent_api::{AgentReport, ListenerStatus, UsageCounters};
 use trellis_store::{Tx, TxExt};
 
 use super::AgentAuth;
-use super::config::upsert;
-use super::records::{AgentRuntime, UsageRecord};
+use super::records::{AgentRuntime, BootTotals, UsageRecord};
 use crate::api::Json;
 use crate::error::ApiError;
 use crate::state::{AppState, now};
 
-/// Most listener or usage entries one report may carry.
-pub const MAX_REPORT_ENTRIES: usize = 10_000;
+/// Most listener or usage entries one report may carry (agents split larger ones).
+pub const MAX_REPORT_ENTRIES: usize = 2_000;
 const MAX_ERROR_LEN: usize = 500;
+
+/// What the last report of each agent changed, so a report that changes
+/// nothing is answered without a write.
+#[derive(Debug, Default)]
+pub struct ReportMemo {
+    seen: Mutex<HashMap<String, Seen>>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+struct Seen {
+    boot_id: String,
+    advertise: Option<String>,
+    config_version: u64,
+    listeners: u64,
+    written_at: Instant,
+}
+
+impl ReportMemo {
+    fn unchanged(&self, agent: &AgentId, now: &Seen, liveness_every: Duration) -> bool {
+        let seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
+        seen.get(agent.as_str()).is_some_and(|s| {
+            s.boot_id == now.boot_id
+                && s.advertise == now.advertise
+                && s.config_version == now.config_version
+                && s.listeners == now.listeners
+                && s.written_at.elapsed() < liveness_every
+        })
+    }
+
+    fn record(&self, agent: &AgentId, now: Seen) {
+        self.seen.lock().unwrap_or_else(PoisonError::into_inner).insert(agent.to_string(), now);
+    }
+
+    /// Forgets a deleted agent.
+    pub fn forget(&self, agent: &AgentId) {
+        self.seen.lock().unwrap_or_else(PoisonError::into_inner).remove(agent.as_str());
+    }
+}
 
 fn validate_boot_id(boot_id: &str) -> Result<(), ApiError> {
     let ok = (1..=64).contains(&boot_id.len())
@@ -41,6 +87,34 @@ fn validate_boot_id(boot_id: &str) -> Result<(), ApiError> {
     }
 }
 
+fn digest(listeners: &[ListenerStatus]) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for l in listeners {
+        (&l.vpc_endpoint_id, &l.resource_configuration_id, l.ready, &l.error).hash(&mut h);
+    }
+    h.finish()
+}
+
+/// Keeps only what the agent's config lets it report: listeners of endpoints
+/// it serves, usage of resources its gateway serves.
+fn within_config(config: &AgentConfig, mut report: AgentReport) -> AgentReport {
+    let served: HashSet<(&str, &str)> = config
+        .endpoints
+        .iter()
+        .flat_map(|e| {
+            e.resources.iter().map(move |r| (e.vpc_endpoint_id.as_str(), r.resource_configuration_id.as_str()))
+        })
+        .collect();
+    report.listeners.retain(|l| served.contains(&(l.vpc_endpoint_id.as_str(), l.resource_configuration_id.as_str())));
+    let resources: HashSet<&str> =
+        config.gateway.resources.iter().map(|r| r.resource_configuration_id.as_str()).collect();
+    report.usage.retain(|u| resources.contains(u.resource_configuration_id.as_str()));
+    report.listeners.sort_by(|a, b| {
+        (&a.vpc_endpoint_id, &a.resource_configuration_id).cmp(&(&b.vpc_endpoint_id, &b.resource_configuration_id))
+    });
+    report
+}
+
 pub(super) async fn report(
     State(state): State<AppState>,
     AgentAuth(agent): AgentAuth,
@@ -50,63 +124,77 @@ pub(super) async fn report(
     if report.listeners.len() > MAX_REPORT_ENTRIES || report.usage.len() > MAX_REPORT_ENTRIES {
         return Err(ApiError::invalid(
             "ValidationError",
-            format!("a report may carry at most {MAX_REPORT_ENTRIES} listeners and {MAX_REPORT_ENTRIES} usage entries"),
+            format!(
+                "a report may carry at most {MAX_REPORT_ENTRIES} listeners and {MAX_REPORT_ENTRIES} usage entries; \
+                 send the rest in another report"
+            ),
         ));
     }
-    let now = now();
     if let Some(advertise) = &report.advertise {
         super::enroll::validate_advertise(advertise)?;
     }
-    // Most reports only refresh liveness and counters, which no agent config
-    // depends on: wake the config long-polls only when one might change.
-    state.write_then_notify_if(move |tx| Ok(((), apply_report(tx, &agent.id, &report, now)?))).await?;
+    let compiled = state.configs.current(&state, &agent.id).await?;
+    let report = within_config(&compiled.config, report);
+    let seen = Seen {
+        boot_id: report.boot_id.clone(),
+        advertise: report.advertise.clone(),
+        config_version: report.config_version,
+        listeners: digest(&report.listeners),
+        written_at: Instant::now(),
+    };
+    let liveness_every = (state.settings.offline_after / 4).max(Duration::from_secs(1));
+    if report.usage.is_empty() && state.reports.unchanged(&agent.id, &seen, liveness_every) {
+        return Ok(StatusCode::NO_CONTENT);
+    }
+    let (now, config) = (now(), compiled.config.clone());
+    let id = agent.id.clone();
+    state.write(move |tx| apply_report(tx, &id, &config, &report, now)).await?;
+    state.reports.record(&agent.id, seen);
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// Applies one report inside a write transaction. Returns whether anything an
-/// agent config depends on changed (the agent came back online, moved its
-/// tunnel listener, or an endpoint changed state).
+/// Applies one report (already cut to the agent's `config`) inside a write transaction.
 pub fn apply_report(
     tx: &mut dyn Tx,
-    agent_id: &trellis_model::AgentId,
+    agent_id: &AgentId,
+    config: &AgentConfig,
     report: &AgentReport,
     now: Timestamp,
-) -> Result<bool, ApiError> {
+) -> Result<(), ApiError> {
     let mut agent: Agent = tx
         .get_obj(agent_id.as_str())?
         .ok_or_else(|| ApiError::unauthorized("this agent was deleted; enroll again with a new join token"))?;
-    let mut relevant = agent.status != AgentStatus::Online;
-    if let Some(advertise) = &report.advertise
-        && agent.advertise.as_deref() != Some(advertise.as_str())
-    {
-        agent.advertise = Some(super::enroll::validate_advertise(advertise)?);
-        relevant = true;
+    let moved = report.advertise.as_ref().filter(|a| agent.advertise.as_deref() != Some(a.as_str()));
+    if agent.status != AgentStatus::Online || moved.is_some() {
+        if let Some(advertise) = moved {
+            agent.advertise = Some(super::enroll::validate_advertise(advertise)?);
+        }
+        agent.status = AgentStatus::Online;
+        tx.update_obj(&agent)?;
     }
-    agent.status = AgentStatus::Online;
-    agent.last_seen_at = Some(now);
-    agent.config_version = report.config_version;
-    tx.update_obj(&agent)?;
-
     let runtime = tx.get_obj::<AgentRuntime>(agent.id.as_str())?;
-    if runtime.as_ref().and_then(|r| r.boot_id.as_deref()) != Some(report.boot_id.as_str()) {
-        let record = match &runtime {
-            Some(r) => AgentRuntime { boot_id: Some(report.boot_id.clone()), ..r.clone() },
-            None => AgentRuntime {
-                id: agent.id.clone(),
-                account_id: agent.account_id.clone(),
-                config_version: 0,
-                config_sha256: String::new(),
-                boot_id: Some(report.boot_id.clone()),
-            },
-        };
-        upsert(tx, &record, runtime.is_some())?;
+    let previous_boot = runtime.as_ref().and_then(|r| r.boot_id.clone());
+    let record = AgentRuntime {
+        id: agent.id.clone(),
+        account_id: agent.account_id.clone(),
+        boot_id: Some(report.boot_id.clone()),
+        last_seen_at: Some(now),
+        config_version: report.config_version,
+    };
+    if runtime.is_some() {
+        tx.update_obj(&record)?
+    } else {
+        tx.insert_obj(&record)?
+    }
+    if previous_boot.as_deref() != Some(report.boot_id.as_str()) {
+        tracing::info!(agent = %agent.id, boot = %report.boot_id, "agent started a new boot");
     }
 
-    relevant |= apply_listeners(tx, &agent, &report.listeners)?;
+    apply_listeners(tx, &agent, &report.listeners)?;
     for counters in &report.usage {
-        apply_usage(tx, &agent, &report.boot_id, counters, now)?;
+        apply_usage(tx, &agent, config, &report.boot_id, counters, now)?;
     }
-    Ok(relevant)
+    Ok(())
 }
 
 /// Whether the endpoint's account may still use its configuration.
@@ -115,12 +203,11 @@ fn endpoint_has_access(tx: &mut dyn Tx, endpoint: &VpcEndpoint) -> Result<bool, 
         return Ok(false);
     };
     let Some(consumer) = tx.get_obj::<Account>(endpoint.account_id.as_str())? else { return Ok(false) };
-    Ok(crate::api::configurations::access_to(tx, &consumer, &config)?.is_allowed())
+    Ok(crate::access::access_to(tx, &consumer, &config)?.is_allowed())
 }
 
-/// Returns whether an endpoint changed state.
-fn apply_listeners(tx: &mut dyn Tx, agent: &Agent, listeners: &[ListenerStatus]) -> Result<bool, ApiError> {
-    let mut changed = false;
+/// Moves the endpoints whose listeners changed state.
+fn apply_listeners(tx: &mut dyn Tx, agent: &Agent, listeners: &[ListenerStatus]) -> Result<(), ApiError> {
     let mut by_endpoint: BTreeMap<&str, Vec<&ListenerStatus>> = BTreeMap::new();
     for l in listeners {
         by_endpoint.entry(l.vpc_endpoint_id.as_str()).or_default().push(l);
@@ -145,27 +232,57 @@ fn apply_listeners(tx: &mut dyn Tx, agent: &Agent, listeners: &[ListenerStatus])
             None if statuses.iter().all(|l| l.ready) => (EndpointState::Available, None),
             None => continue,
         };
-        // A report built from an older config can arrive after a revocation
-        // failed this endpoint: readiness never overrides lost access.
-        if target == EndpointState::Available && !endpoint_has_access(tx, &endpoint)? {
-            continue;
-        }
         let movable =
             matches!(endpoint.state, EndpointState::Pending | EndpointState::Available | EndpointState::Failed);
         if !movable || (endpoint.state == target && endpoint.failure_reason == reason) {
             continue;
         }
+        // A report built from an older config can arrive after a revocation
+        // failed this endpoint: readiness never overrides lost access.
+        if target == EndpointState::Available && !endpoint_has_access(tx, &endpoint)? {
+            continue;
+        }
         endpoint.state = endpoint.state.transition(target)?;
         endpoint.failure_reason = reason;
         tx.update_obj(&endpoint)?;
-        changed = true;
     }
-    Ok(changed)
+    Ok(())
+}
+
+/// The consumer account of usage of `endpoint` on `resource`, when the agent
+/// may report it: an endpoint its config allows, or one that existed on the
+/// resource (its flows may outlive a revocation).
+fn consumer_of(
+    tx: &mut dyn Tx,
+    config: &AgentConfig,
+    endpoint: &VpcEndpointId,
+    resource: &ResourceConfiguration,
+    known: Option<&UsageRecord>,
+) -> Result<Option<AccountId>, ApiError> {
+    if let Some(record) = known {
+        return Ok(Some(record.consumer_account_id.clone()));
+    }
+    let allowed = config
+        .gateway
+        .resources
+        .iter()
+        .find(|r| r.resource_configuration_id == resource.id.as_str())
+        .and_then(|r| r.allowed_endpoint(endpoint.as_str()))
+        .and_then(|a| config.gateway.consumer(a));
+    if let Some(consumer) = allowed {
+        return Ok(AccountId::parse(&consumer.account_id).ok());
+    }
+    let shared = crate::access::shared_id(resource);
+    Ok(tx
+        .get_obj::<VpcEndpoint>(endpoint.as_str())?
+        .filter(|e| &e.resource_configuration_id == shared)
+        .map(|e| e.account_id))
 }
 
 fn apply_usage(
     tx: &mut dyn Tx,
     agent: &Agent,
+    config: &AgentConfig,
     boot_id: &str,
     counters: &UsageCounters,
     now: Timestamp,
@@ -180,16 +297,16 @@ fn apply_usage(
     if resource.account_id != agent.account_id {
         return Ok(());
     }
-    let consumer = match tx.get_obj::<VpcEndpoint>(endpoint_id.as_str())? {
-        Some(endpoint) => endpoint.account_id,
-        None => match AccountId::parse(&counters.consumer_account_id) {
-            Ok(account) => account,
-            Err(_) => return Ok(()),
-        },
+    let id = UsageRecord::record_id(&agent.id, &endpoint_id, &resource_id);
+    let known = tx.get_obj::<UsageRecord>(&id)?;
+    let Some(consumer) = consumer_of(tx, config, &endpoint_id, &resource, known.as_ref())? else { return Ok(()) };
+    let previous_boots = match &known {
+        Some(r) if r.boot_id != boot_id => r.previous_boots.plus_boot_of(r),
+        Some(r) => r.previous_boots,
+        None => BootTotals::default(),
     };
-    let id = UsageRecord::record_id(&agent.id, boot_id, &endpoint_id, &resource_id);
     let record = UsageRecord {
-        id: id.clone(),
+        id,
         account_id: resource.account_id.clone(),
         agent_id: agent.id.clone(),
         boot_id: boot_id.to_string(),
@@ -202,12 +319,13 @@ fn apply_usage(
         rejected_connections: counters.rejected_connections,
         bytes_in: counters.bytes_in,
         bytes_out: counters.bytes_out,
+        previous_boots,
         updated_at: now,
     };
-    if tx.get_obj::<UsageRecord>(&id)?.is_some() {
-        tx.update_obj(&record)?;
+    if known.is_some() {
+        tx.update_obj(&record)?
     } else {
-        tx.insert_obj(&record)?;
+        tx.insert_obj(&record)?
     }
     Ok(())
 }

@@ -136,11 +136,7 @@ pub(super) async fn list(
     AccountAuth(account): AccountAuth,
     Query(query): Query<ListQuery>,
 ) -> Result<Json<crate::api::Page<TokenView>>, ApiError> {
-    let tokens = state
-        .read(move |tx| {
-            Ok(tx.list_obj::<AgentToken>(&Filter { account_id: Some(account.id.as_str()), reference: None })?)
-        })
-        .await?;
+    let tokens = state.read(move |tx| Ok(tx.list_obj::<AgentToken>(&Filter::account(account.id.as_str()))?)).await?;
     let now = now();
     let views = tokens.iter().map(|t| TokenView::of(t, now)).collect();
     Ok(Json(paginate(views, |t: &TokenView| t.id.to_string(), &query)?))

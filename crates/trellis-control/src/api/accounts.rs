@@ -1,7 +1,7 @@
 //! Accounts (admin only): create with a first API key, list, read, move
 //! between organizations, issue more keys.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use axum::extract::State;
 use axum::response::Response;
@@ -120,13 +120,14 @@ async fn update(
             tx.update_obj(&account)?;
             // Shares that relied on the old organization may no longer grant access:
             // the account's endpoints, and other accounts' endpoints on its configurations.
-            let mut configs = BTreeSet::new();
-            let own = tx.list_obj::<VpcEndpoint>(&Filter { account_id: Some(account.id.as_str()), reference: None })?;
-            let on_mine =
-                tx.list_obj::<VpcEndpoint>(&Filter { account_id: None, reference: Some(account.id.as_str()) })?;
-            configs.extend(own.into_iter().chain(on_mine).map(|e| e.resource_configuration_id));
-            for config in &configs {
-                reassess_endpoints_of(tx, config)?;
+            let mut consumers: BTreeMap<_, BTreeSet<AccountId>> = BTreeMap::new();
+            let own = tx.list_obj::<VpcEndpoint>(&Filter::account(account.id.as_str()))?;
+            let on_mine = tx.list_obj::<VpcEndpoint>(&Filter::reference(account.id.as_str()))?;
+            for e in own.into_iter().chain(on_mine) {
+                consumers.entry(e.resource_configuration_id).or_default().insert(e.account_id);
+            }
+            for (config, accounts) in &consumers {
+                reassess_endpoints_of(tx, config, &accounts.iter().cloned().collect::<Vec<_>>())?;
             }
         }
         Ok(account)

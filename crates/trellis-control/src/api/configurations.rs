@@ -16,17 +16,17 @@ use axum::response::Response;
 use axum::routing::{get, post};
 use serde::{Deserialize, Serialize};
 use trellis_model::{
-    Access, Account, ConfigurationType, DnsResource, IpAddressType, IpResource, Pools, Principal, Protocol,
+    Access, Account, ConfigurationType, DnsResource, EndpointState, IpAddressType, IpResource, Pools, Protocol,
     ResourceConfiguration, ResourceConfigurationId, ResourceDefinition, ResourceGateway, ResourceGatewayId,
-    ResourceShare, ResourceShareInvitation, ResourceStatus, ShareStatus, Subnet, VpcEndpoint, configuration_access,
-    kinds, parse_identifier, parse_port_ranges, plan_dns_entries, ranges_cover, validate_domain_name, validate_name,
-    validate_resource_ip,
+    ResourceShare, ResourceStatus, ShareStatus, Subnet, VpcEndpoint, kinds, parse_identifier, parse_port_ranges,
+    plan_dns_entries, ranges_cover, validate_domain_name, validate_name, validate_resource_ip,
 };
 use trellis_store::{Filter, Tx, TxExt};
 
+use super::endpoints::reassess_listener_budget;
 use super::idempotency::create_once;
 use super::subnets::used_addresses;
-use super::{ClientToken, Json, ListQuery, Page, PathId, Query, created, get_owned, paginate, path_id};
+use super::{ClientToken, Json, ListQuery, Page, PathId, Query, created, get_owned, page_of, page_size, path_id};
 use crate::auth::AccountAuth;
 use crate::error::{ApiError, invalid_reference};
 use crate::state::{AppState, now, seed};
@@ -131,6 +131,16 @@ fn check(body: &CreateConfiguration) -> Result<Checked, ApiError> {
     let definition = body.resource_configuration_definition.as_ref().map(DefinitionInput::validate).transpose()?;
     let port_ranges = body.port_ranges.as_deref().map(parse_port_ranges).transpose()?;
     let custom_domain_name = body.custom_domain_name.as_deref().map(validate_domain_name).transpose()?;
+    if let Some(name) = custom_domain_name.as_deref().filter(|n| trellis_model::is_reserved_dns_name(n)) {
+        return Err(ApiError::invalid(
+            "ValidationError",
+            format!(
+                "customDomainName {name} is in the {} zone, which Trellis keeps for the names it generates; \
+                 use a name under a domain you own",
+                trellis_model::RESERVED_ZONE
+            ),
+        ));
+    }
     let invalid = |m: &str| Err(ApiError::invalid("ValidationError", m.to_string()));
     match config_type {
         ConfigurationType::Single | ConfigurationType::Group => {
@@ -257,76 +267,83 @@ fn fmt_ranges(ranges: &[trellis_model::PortRange]) -> String {
 }
 
 /// Gives a new CHILD one address per subnet in every endpoint of its GROUP.
+///
+/// The CHILD is the owner's to create whatever the consumers' pools hold: an
+/// endpoint that cannot take one more address in a subnet (its pool is full,
+/// or the endpoint holds its share of the pool) goes `Failed` with the reason,
+/// keeps serving what it had, and takes nothing from the consumer's other endpoints.
 fn add_child_to_endpoints(
     tx: &mut dyn Tx,
     group: &ResourceConfiguration,
     child: &ResourceConfiguration,
     region: &str,
 ) -> Result<(), ApiError> {
-    let endpoints = tx.list_obj::<VpcEndpoint>(&Filter { account_id: None, reference: Some(group.id.as_str()) })?;
+    let endpoints = tx.list_obj::<VpcEndpoint>(&Filter::reference(group.id.as_str()))?;
     for mut endpoint in endpoints.into_iter().filter(|e| e.resource_configuration_id == group.id) {
         let mut subnets = Vec::new();
         let mut used = Vec::new();
+        let mut full = None;
         for id in &endpoint.subnet_ids {
             if let Some(subnet) = tx.get_obj::<Subnet>(id.as_str())? {
+                let cap = subnet.cidr_block.per_endpoint_cap();
+                if endpoint.addresses_in(id).count() as u64 >= cap {
+                    full = Some(format!(
+                        "CHILD {} got no address: the endpoint already holds {cap} addresses of subnet {id}, \
+                         the most one endpoint may take of its pool {}",
+                        child.id, subnet.cidr_block
+                    ));
+                }
                 used.extend(used_addresses(tx, id)?.into_iter().map(|ip| (id.clone(), ip.into())));
                 subnets.push(subnet);
             }
         }
-        let entries = plan_dns_entries(
-            &endpoint.id,
-            region,
-            &[child],
-            &subnets,
-            endpoint.private_dns_enabled,
-            &mut Pools::new(used),
-        )
-        .map_err(|e| {
-            ApiError::conflict(
-                "AddressPoolExhausted",
-                format!("cannot add the CHILD: endpoint {} of the group has no free address left ({e})", endpoint.id),
+        let planned = match full {
+            Some(reason) => Err(reason),
+            None => plan_dns_entries(
+                &endpoint.id,
+                region,
+                &[child],
+                &subnets,
+                endpoint.private_dns_enabled,
+                &mut Pools::new(used),
             )
-        })?;
-        endpoint.dns_entries.extend(entries);
-        tx.update_obj(&endpoint)?;
+            .map_err(|e| format!("CHILD {} got no address: {e}", child.id)),
+        };
+        match planned {
+            Ok(entries) => {
+                endpoint.dns_entries.extend(entries);
+                tx.update_obj(&endpoint)?;
+                reassess_listener_budget(tx, &mut endpoint)?;
+            }
+            Err(reason) => {
+                if endpoint.state.can_move_to(EndpointState::Failed) || endpoint.state == EndpointState::Failed {
+                    endpoint.state = EndpointState::Failed;
+                    endpoint.failure_reason = Some(reason);
+                    tx.update_obj(&endpoint)?;
+                }
+            }
+        }
     }
     Ok(())
 }
 
-/// The owner of `config` and the shares and invitations that decide `me`'s access.
+/// Whether `me` may use `config` (see [`crate::access::access_to`]).
 pub fn access_to(tx: &mut dyn Tx, me: &Account, config: &ResourceConfiguration) -> Result<Access, ApiError> {
-    if me.id == config.account_id {
-        return Ok(Access::Owner);
-    }
-    let Some(owner) = tx.get_obj::<Account>(config.account_id.as_str())? else { return Ok(Access::Denied) };
-    let shared_id = config.resource_configuration_group_id.as_ref().unwrap_or(&config.id);
-    let shares = tx.list_obj::<ResourceShare>(&Filter {
-        account_id: Some(owner.id.as_str()),
-        reference: Some(shared_id.as_str()),
-    })?;
-    let mut invitations = Vec::new();
-    for share in shares.iter().filter(|s| s.principals.contains(&me.id)) {
-        invitations.extend(tx.list_obj::<ResourceShareInvitation>(&Filter {
-            account_id: Some(me.id.as_str()),
-            reference: Some(share.id.as_str()),
-        })?);
-    }
-    Ok(configuration_access(
-        Principal { account_id: &me.id, organization_id: me.organization_id.as_ref() },
-        Principal { account_id: &owner.id, organization_id: owner.organization_id.as_ref() },
-        config,
-        &shares,
-        &invitations,
-    ))
+    Ok(crate::access::access_to(tx, me, config)?)
 }
 
-/// Configurations `me` may see: its own, and those shared with it (with the children of shared groups).
-fn visible(tx: &mut dyn Tx, me: &Account) -> Result<Vec<ResourceConfiguration>, ApiError> {
+/// One page of the configurations `me` may see: its own (paged by the store)
+/// merged with those shared with it and their children (found through the
+/// shares that name `me`, so the work follows what was shared with `me`).
+fn visible_page(tx: &mut dyn Tx, me: &Account, q: &ListQuery) -> Result<Page<ResourceConfiguration>, ApiError> {
+    let max = page_size(q)?;
+    let after = q.next_token.as_deref();
     let mut out: BTreeMap<String, ResourceConfiguration> = BTreeMap::new();
-    for c in tx.list_obj::<ResourceConfiguration>(&Filter { account_id: Some(me.id.as_str()), reference: None })? {
+    for c in tx.list_obj::<ResourceConfiguration>(&Filter::account(me.id.as_str()).page(after, max + 1))? {
         out.insert(c.id.to_string(), c);
     }
-    let shares = tx.list_obj::<ResourceShare>(&Filter { account_id: None, reference: Some(me.id.as_str()) })?;
+    let beyond = |id: &str| after.is_none_or(|a| id > a);
+    let shares = tx.list_obj::<ResourceShare>(&Filter::reference(me.id.as_str()))?;
     for share in shares.iter().filter(|s| s.status == ShareStatus::Active && s.principals.contains(&me.id)) {
         for id in share.resource_configuration_ids() {
             let Some(config) = tx.get_obj::<ResourceConfiguration>(id.as_str())? else { continue };
@@ -334,18 +351,19 @@ fn visible(tx: &mut dyn Tx, me: &Account) -> Result<Vec<ResourceConfiguration>, 
                 continue;
             }
             if config.config_type == ConfigurationType::Group {
-                for child in
-                    tx.list_obj::<ResourceConfiguration>(&Filter { account_id: None, reference: Some(id.as_str()) })?
-                {
+                let children = Filter::account_and_reference(config.account_id.as_str(), id.as_str());
+                for child in tx.list_obj::<ResourceConfiguration>(&children.page(after, max + 1))? {
                     if child.resource_configuration_group_id.as_ref() == Some(&config.id) {
                         out.insert(child.id.to_string(), child);
                     }
                 }
             }
-            out.insert(config.id.to_string(), config);
+            if beyond(config.id.as_str()) {
+                out.insert(config.id.to_string(), config);
+            }
         }
     }
-    Ok(out.into_values().collect())
+    Ok(page_of(out.into_values().take(max + 1).collect(), |c| c.id.to_string(), max))
 }
 
 async fn list(
@@ -353,8 +371,7 @@ async fn list(
     AccountAuth(me): AccountAuth,
     Query(q): Query<ListQuery>,
 ) -> Result<Json<Page<ResourceConfiguration>>, ApiError> {
-    let all = st.read(move |tx| visible(tx, &me)).await?;
-    Ok(Json(paginate(all, |c| c.id.to_string(), &q)?))
+    st.read(move |tx| visible_page(tx, &me, &q)).await.map(Json)
 }
 
 /// Loads a configuration `me` may read (owner, or shared and accepted); 404 otherwise.
@@ -435,6 +452,15 @@ async fn update(
             config.port_ranges = ranges.clone();
         }
         tx.update_obj(&config)?;
+        if ranges.is_some() {
+            // Endpoints that now ask for too many listeners fail (and recover) on their own.
+            let shared = crate::access::shared_id(&config).clone();
+            for mut endpoint in tx.list_obj::<VpcEndpoint>(&Filter::reference(shared.as_str()))? {
+                if endpoint.resource_configuration_id == shared {
+                    reassess_listener_budget(tx, &mut endpoint)?;
+                }
+            }
+        }
         Ok(config)
     })
     .await
@@ -444,10 +470,10 @@ async fn update(
 /// The CHILD configurations of a GROUP.
 pub fn children(tx: &mut dyn Tx, group: &ResourceConfiguration) -> Result<Vec<ResourceConfiguration>, ApiError> {
     Ok(tx
-        .list_obj::<ResourceConfiguration>(&Filter {
-            account_id: Some(group.account_id.as_str()),
-            reference: Some(group.id.as_str()),
-        })?
+        .list_obj::<ResourceConfiguration>(&Filter::account_and_reference(
+            group.account_id.as_str(),
+            group.id.as_str(),
+        ))?
         .into_iter()
         .filter(|c| c.resource_configuration_group_id.as_ref() == Some(&group.id))
         .collect())
@@ -461,8 +487,7 @@ async fn delete(
     let id: ResourceConfigurationId = path_id(&raw)?;
     st.write(move |tx| {
         let config = get_owned::<ResourceConfiguration>(tx, &me.id, id.as_str(), "resource configuration")?;
-        let endpoints =
-            tx.list_obj::<VpcEndpoint>(&Filter { account_id: None, reference: Some(config.id.as_str()) })?;
+        let endpoints = tx.list_obj::<VpcEndpoint>(&Filter::reference(config.id.as_str()))?;
         match config.config_type {
             ConfigurationType::Group => {
                 let n = children(tx, &config)?.len();
@@ -492,10 +517,9 @@ async fn delete(
                     Some(format!("resource configuration {} was deleted by its owner", config.id));
                 tx.update_obj(&endpoint)?;
             }
-            for mut share in tx.list_obj::<ResourceShare>(&Filter {
-                account_id: Some(me.id.as_str()),
-                reference: Some(config.id.as_str()),
-            })? {
+            for mut share in
+                tx.list_obj::<ResourceShare>(&Filter::account_and_reference(me.id.as_str(), config.id.as_str()))?
+            {
                 share.resource_arns.retain(|a| a != &config.arn);
                 tx.update_obj(&share)?;
             }

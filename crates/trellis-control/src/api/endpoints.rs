@@ -13,9 +13,9 @@ use axum::response::Response;
 use axum::routing::{get, post};
 use serde::{Deserialize, Serialize};
 use trellis_model::{
-    Account, ConfigurationType, EndpointState, Pools, ResourceConfiguration, ResourceConfigurationId, ResourceGateway,
-    Subnet, Vpc, VpcEndpoint, VpcEndpointId, VpcEndpointType, VpcId, check_zone_overlap, kinds, parse_identifier,
-    plan_dns_entries,
+    Account, AccountId, ConfigurationType, EndpointState, Pools, PrivateDnsPreference, ResourceConfiguration,
+    ResourceConfigurationId, ResourceGateway, Subnet, Vpc, VpcEndpoint, VpcEndpointId, VpcEndpointType, VpcId,
+    check_zone_overlap, kinds, parse_identifier, plan_dns_entries, validate_domain_name,
 };
 use trellis_store::{Filter, Tx, TxExt};
 
@@ -23,8 +23,9 @@ use super::configurations::{access_to, children};
 use super::gateways::{parse_subnet_ids, subnets_in_vpc};
 use super::idempotency::create_once;
 use super::subnets::used_addresses;
-use super::{ClientToken, Json, ListQuery, Page, PathId, Query, created, get_owned, paginate, path_id};
+use super::{ClientToken, Json, ListQuery, Page, PathId, Query, created, get_owned, list_page, no_duplicates, path_id};
 use crate::auth::AccountAuth;
+use crate::compile::{LISTENER_BUDGET_REASON, listener_budget_exceeded};
 use crate::error::{ApiError, invalid_reference};
 use crate::state::{AppState, now, seed};
 
@@ -43,7 +44,48 @@ pub struct CreateEndpoint {
     pub resource_configuration_arn: String,
     #[serde(default)]
     pub private_dns_enabled: bool,
+    /// `VERIFIED_DOMAINS_ONLY` (default), `ALL_DOMAINS` or `SPECIFIED_DOMAINS_ONLY`.
+    pub private_dns_preference: Option<String>,
+    /// The domains of `SPECIFIED_DOMAINS_ONLY`.
+    pub private_dns_specified_domains: Option<Vec<String>>,
     pub client_token: Option<String>,
+}
+
+/// Most domains an endpoint may list in `privateDnsSpecifiedDomains`.
+pub const MAX_SPECIFIED_DOMAINS: usize = 10;
+
+/// Checks the private-DNS preference of a create or update.
+pub fn private_dns_settings(
+    preference: Option<&str>,
+    domains: Option<&[String]>,
+) -> Result<(PrivateDnsPreference, Vec<String>), ApiError> {
+    let invalid = |m: String| ApiError::invalid("ValidationError", m);
+    let preference = match preference {
+        None | Some("VERIFIED_DOMAINS_ONLY") => PrivateDnsPreference::VerifiedDomainsOnly,
+        Some("ALL_DOMAINS") => PrivateDnsPreference::AllDomains,
+        Some("SPECIFIED_DOMAINS_ONLY") => PrivateDnsPreference::SpecifiedDomainsOnly,
+        Some(other) => {
+            return Err(invalid(format!(
+                "privateDnsPreference {:?} is not VERIFIED_DOMAINS_ONLY, ALL_DOMAINS or SPECIFIED_DOMAINS_ONLY",
+                other.chars().take(64).collect::<String>()
+            )));
+        }
+    };
+    let domains = domains.unwrap_or_default();
+    if domains.len() > MAX_SPECIFIED_DOMAINS {
+        return Err(invalid(format!("privateDnsSpecifiedDomains lists more than {MAX_SPECIFIED_DOMAINS} domains")));
+    }
+    let domains = domains.iter().map(|d| validate_domain_name(d)).collect::<Result<Vec<_>, _>>()?;
+    no_duplicates("privateDnsSpecifiedDomains", &domains)?;
+    match (preference, domains.is_empty()) {
+        (PrivateDnsPreference::SpecifiedDomainsOnly, true) => Err(invalid(
+            "SPECIFIED_DOMAINS_ONLY needs privateDnsSpecifiedDomains, for example [\"example.com\"]".into(),
+        )),
+        (PrivateDnsPreference::SpecifiedDomainsOnly, false) | (_, true) => Ok((preference, domains)),
+        (_, false) => {
+            Err(invalid("privateDnsSpecifiedDomains is only for privateDnsPreference SPECIFIED_DOMAINS_ONLY".into()))
+        }
+    }
 }
 
 fn not_shared(id: &str) -> ApiError {
@@ -72,6 +114,8 @@ async fn create(
     let config_id: ResourceConfigurationId =
         parse_identifier(&body.resource_configuration_arn, kinds::RESOURCE_CONFIGURATION)
             .map_err(|e| invalid_reference("resourceConfigurationArn", e))?;
+    let (dns_preference, dns_domains) =
+        private_dns_settings(body.private_dns_preference.as_deref(), body.private_dns_specified_domains.as_deref())?;
     let token = ClientToken::new(me.id.as_str(), "vpcendpoints", body.client_token.as_deref(), &body)?;
     let (id, now, region) = (VpcEndpointId::generate(&seed()?), now(), st.region().to_string());
     let outcome = st
@@ -120,6 +164,25 @@ async fn create(
                     ConfigurationType::Group => children(tx, &config)?,
                     _ => vec![config.clone()],
                 };
+                if let Some(reason) = listener_budget_exceeded(&resources) {
+                    return Err(ApiError::invalid("ListenerLimitExceeded", reason));
+                }
+                for s in &subnets {
+                    let cap = s.cidr_block.per_endpoint_cap();
+                    if resources.len() as u64 > cap {
+                        return Err(ApiError::invalid(
+                            "AddressLimitExceeded",
+                            format!(
+                                "{} has {} resources but an endpoint may hold at most {cap} addresses of subnet {}'s \
+                                 pool {}; use a subnet with a larger cidrBlock",
+                                config.id,
+                                resources.len(),
+                                s.id,
+                                s.cidr_block
+                            ),
+                        ));
+                    }
+                }
                 let mut used = Vec::new();
                 for s in &subnets {
                     used.extend(used_addresses(tx, &s.id)?.into_iter().map(|ip| (s.id.clone(), ip.into())));
@@ -139,6 +202,8 @@ async fn create(
                     resource_configuration_id: config.id.clone(),
                     resource_configuration_owner_id: config.account_id.clone(),
                     private_dns_enabled: body.private_dns_enabled,
+                    private_dns_preference: dns_preference,
+                    private_dns_specified_domains: dns_domains.clone(),
                     state: EndpointState::Pending,
                     failure_reason: None,
                     dns_entries,
@@ -159,15 +224,16 @@ async fn list(
 ) -> Result<Json<Page<VpcEndpoint>>, ApiError> {
     let vpc =
         q.vpc_id.as_deref().map(VpcId::parse).transpose().map_err(|e| ApiError::bad_request(format!("vpcId: {e}")))?;
-    let all = st
+    let page = st
         .read(move |tx| {
-            Ok(tx.list_obj::<VpcEndpoint>(&Filter {
-                account_id: Some(me.id.as_str()),
-                reference: vpc.as_ref().map(|v| v.as_str()),
-            })?)
+            let filter = match &vpc {
+                Some(v) => Filter::account_and_reference(me.id.as_str(), v.as_str()),
+                None => Filter::account(me.id.as_str()),
+            };
+            list_page::<VpcEndpoint>(tx, filter, &q)
         })
         .await?;
-    Ok(Json(paginate(all, |e| e.id.to_string(), &q)?))
+    Ok(Json(page))
 }
 
 async fn delete(
@@ -186,25 +252,67 @@ async fn delete(
     .await
 }
 
-/// Marks `Failed` (with a reason) every endpoint on `config` whose account lost access to it.
+/// Marks `Failed` (with a reason) the endpoints of `consumers` on `config` whose account lost access to it.
 ///
-/// Called after a share is deleted. Such endpoints keep their record (the
-/// consumer deletes it) but no agent serves them any more; re-sharing and
-/// accepting lets the agents serve them again and report them `Available`.
-pub fn reassess_endpoints_of(tx: &mut dyn Tx, config: &ResourceConfigurationId) -> Result<(), ApiError> {
+/// Called after a share is deleted, with the share's principals: the work
+/// follows the consumers of that share, not every consumer of the resource.
+/// Such endpoints keep their record (the consumer deletes it) but no agent
+/// serves them any more; re-sharing and accepting lets the agents serve them
+/// again and report them `Available`.
+pub fn reassess_endpoints_of(
+    tx: &mut dyn Tx,
+    config: &ResourceConfigurationId,
+    consumers: &[AccountId],
+) -> Result<(), ApiError> {
     let Some(cfg) = tx.get_obj::<ResourceConfiguration>(config.as_str())? else { return Ok(()) };
-    let endpoints = tx.list_obj::<VpcEndpoint>(&Filter { account_id: None, reference: Some(config.as_str()) })?;
-    for mut endpoint in endpoints.into_iter().filter(|e| &e.resource_configuration_id == config) {
-        let Some(consumer) = tx.get_obj::<Account>(endpoint.account_id.as_str())? else { continue };
-        if access_to(tx, &consumer, &cfg)?.is_allowed() || endpoint.state == EndpointState::Failed {
+    for consumer_id in consumers {
+        let Some(consumer) = tx.get_obj::<Account>(consumer_id.as_str())? else { continue };
+        if access_to(tx, &consumer, &cfg)?.is_allowed() {
             continue;
         }
-        if let Ok(state) = endpoint.state.transition(EndpointState::Failed) {
-            endpoint.state = state;
-            endpoint.failure_reason =
-                Some(format!("resource configuration {config} is no longer shared with account {}", consumer.id));
-            tx.update_obj(&endpoint)?;
+        let endpoints =
+            tx.list_obj::<VpcEndpoint>(&Filter::account_and_reference(consumer_id.as_str(), config.as_str()))?;
+        for mut endpoint in endpoints.into_iter().filter(|e| &e.resource_configuration_id == config) {
+            if endpoint.state == EndpointState::Failed {
+                continue;
+            }
+            if let Ok(state) = endpoint.state.transition(EndpointState::Failed) {
+                endpoint.state = state;
+                endpoint.failure_reason =
+                    Some(format!("resource configuration {config} is no longer shared with account {}", consumer.id));
+                tx.update_obj(&endpoint)?;
+            }
         }
+    }
+    Ok(())
+}
+
+/// Fails an endpoint whose resources ask for more listening ports than one
+/// endpoint may have (the consumer sees why in `failureReason`; its agents
+/// serve nothing of it), and lifts that failure once they no longer do.
+pub fn reassess_listener_budget(tx: &mut dyn Tx, endpoint: &mut VpcEndpoint) -> Result<(), ApiError> {
+    let mut resources = Vec::new();
+    for id in endpoint.resource_ids() {
+        resources.extend(tx.get_obj::<ResourceConfiguration>(id.as_str())?);
+    }
+    let over = listener_budget_exceeded(&resources);
+    let failed_for_budget = endpoint.state == EndpointState::Failed
+        && endpoint.failure_reason.as_deref().is_some_and(|r| r.starts_with(LISTENER_BUDGET_REASON));
+    match over {
+        Some(reason)
+            if endpoint.failure_reason.as_ref() != Some(&reason)
+                && (endpoint.state.can_move_to(EndpointState::Failed) || failed_for_budget) =>
+        {
+            endpoint.state = EndpointState::Failed;
+            endpoint.failure_reason = Some(reason);
+            tx.update_obj(endpoint)?;
+        }
+        None if failed_for_budget => {
+            endpoint.state = endpoint.state.transition(EndpointState::Pending)?;
+            endpoint.failure_reason = None;
+            tx.update_obj(endpoint)?;
+        }
+        _ => {}
     }
     Ok(())
 }

@@ -40,10 +40,8 @@ async fn list(
     let all = st
         .read(move |tx| {
             let mut out = BTreeMap::new();
-            let received =
-                tx.list_obj::<ResourceShareInvitation>(&Filter { account_id: Some(me.id.as_str()), reference: None })?;
-            let sent =
-                tx.list_obj::<ResourceShareInvitation>(&Filter { account_id: None, reference: Some(me.id.as_str()) })?;
+            let received = tx.list_obj::<ResourceShareInvitation>(&Filter::account(me.id.as_str()))?;
+            let sent = tx.list_obj::<ResourceShareInvitation>(&Filter::reference(me.id.as_str()))?;
             for i in received.into_iter().chain(sent.into_iter().filter(|i| i.sender_account_id == me.id)) {
                 if status.is_none_or(|s| s == i.status) {
                     out.insert(i.id.to_string(), i);

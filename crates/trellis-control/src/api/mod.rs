@@ -97,12 +97,43 @@ pub struct Page<T> {
 pub const DEFAULT_MAX_RESULTS: usize = 100;
 pub const MAX_MAX_RESULTS: usize = 1000;
 
-/// One page of `items` ordered by `key`; `nextToken` is the last key returned.
-pub fn paginate<T>(mut items: Vec<T>, key: impl Fn(&T) -> String, query: &ListQuery) -> Result<Page<T>, ApiError> {
+/// The page size a list query asks for, checked.
+pub fn page_size(query: &ListQuery) -> Result<usize, ApiError> {
     let max = query.max_results.unwrap_or(DEFAULT_MAX_RESULTS);
     if !(1..=MAX_MAX_RESULTS).contains(&max) {
         return Err(ApiError::bad_request(format!("maxResults must be from 1 to {MAX_MAX_RESULTS}")));
     }
+    Ok(max)
+}
+
+/// A page from items already sorted by `key` and after the cursor, of which
+/// at most `max + 1` were loaded: one more than `max` means there is a next page.
+pub fn page_of<T>(mut items: Vec<T>, key: impl Fn(&T) -> String, max: usize) -> Page<T> {
+    let next_token = if items.len() > max {
+        items.truncate(max);
+        items.last().map(&key)
+    } else {
+        None
+    };
+    Page { items, next_token }
+}
+
+/// One page of objects of a kind through the store's own paging: loads at
+/// most one page (plus one record), never the whole list.
+pub fn list_page<O: Object>(
+    tx: &mut dyn Tx,
+    filter: trellis_store::Filter<'_>,
+    query: &ListQuery,
+) -> Result<Page<O>, ApiError> {
+    let max = page_size(query)?;
+    let items = tx.list_obj::<O>(&filter.page(query.next_token.as_deref(), max + 1))?;
+    Ok(page_of(items, |o| o.id().to_string(), max))
+}
+
+/// One page of `items` ordered by `key`; `nextToken` is the last key returned.
+/// For lists computed in memory; store-backed lists use [`list_page`].
+pub fn paginate<T>(mut items: Vec<T>, key: impl Fn(&T) -> String, query: &ListQuery) -> Result<Page<T>, ApiError> {
+    let max = page_size(query)?;
     items.sort_by_key(&key);
     if let Some(after) = &query.next_token {
         items.retain(|item| key(item).as_str() > after.as_str());
@@ -144,12 +175,8 @@ pub async fn list_owned<O: Owned>(
     crate::auth::AccountAuth(me): crate::auth::AccountAuth,
     Query(q): Query<ListQuery>,
 ) -> Result<Json<Page<O>>, ApiError> {
-    let all = st
-        .read(move |tx| {
-            Ok(tx.list_obj::<O>(&trellis_store::Filter { account_id: Some(me.id.as_str()), reference: None })?)
-        })
-        .await?;
-    Ok(Json(paginate(all, |o| o.id().to_string(), &q)?))
+    let page = st.read(move |tx| list_page::<O>(tx, trellis_store::Filter::account(me.id.as_str()), &q)).await?;
+    Ok(Json(page))
 }
 
 /// Loads an object of `account`; another account's object is a 404, as is an unknown one.

@@ -135,14 +135,13 @@ async fn delete(
     let id: ResourceShareId = path_id(&raw)?;
     st.write(move |tx| {
         let share = get_owned::<ResourceShare>(tx, &me.id, id.as_str(), "resource share")?;
-        let invitations =
-            tx.list_obj::<ResourceShareInvitation>(&Filter { account_id: None, reference: Some(share.id.as_str()) })?;
+        let invitations = tx.list_obj::<ResourceShareInvitation>(&Filter::reference(share.id.as_str()))?;
         for invitation in invitations.iter().filter(|i| i.resource_share_id == share.id) {
             tx.delete_obj::<ResourceShareInvitation>(invitation.id.as_str())?;
         }
         tx.delete_obj::<ResourceShare>(share.id.as_str())?;
         for config in share.resource_configuration_ids() {
-            reassess_endpoints_of(tx, &config)?;
+            reassess_endpoints_of(tx, &config, &share.principals)?;
         }
         Ok(StatusCode::NO_CONTENT)
     })

@@ -14,7 +14,7 @@ use trellis_store::{Filter, Object, Tx, TxExt};
 
 use super::idempotency::create_once;
 use super::vpcs::{AGENT_KIND, count_refs};
-use super::{ClientToken, Json, ListQuery, Page, PathId, Query, created, get_owned, paginate, path_id};
+use super::{ClientToken, Json, ListQuery, Page, PathId, Query, created, get_owned, list_page, path_id};
 use crate::auth::AccountAuth;
 use crate::error::{ApiError, invalid_reference};
 use crate::state::{AppState, now, seed};
@@ -38,7 +38,7 @@ pub struct CreateSubnet {
 
 /// Pool addresses held by endpoints in `subnet` (any account's).
 pub fn used_addresses(tx: &mut dyn Tx, subnet: &SubnetId) -> Result<BTreeSet<Ipv4Addr>, ApiError> {
-    let endpoints = tx.list_obj::<VpcEndpoint>(&Filter { account_id: None, reference: Some(subnet.as_str()) })?;
+    let endpoints = tx.list_obj::<VpcEndpoint>(&Filter::reference(subnet.as_str()))?;
     Ok(endpoints
         .iter()
         .flat_map(|e| e.addresses_in(subnet).collect::<Vec<_>>())
@@ -73,7 +73,7 @@ async fn create(
         .write(move |tx| {
             create_once(tx, token.as_ref(), now, |tx| {
                 let vpc = get_owned::<trellis_model::Vpc>(tx, &me.id, vpc_id.as_str(), "VPC")?;
-                let siblings = tx.list_obj::<Subnet>(&Filter { account_id: None, reference: Some(vpc.id.as_str()) })?;
+                let siblings = tx.list_obj::<Subnet>(&Filter::reference(vpc.id.as_str()))?;
                 if let Some(s) = siblings.iter().find(|s| s.zone == body.zone) {
                     return Err(ApiError::conflict(
                         "ZoneTaken",
@@ -124,16 +124,18 @@ async fn list(
 ) -> Result<Json<Page<Subnet>>, ApiError> {
     let vpc =
         q.vpc_id.as_deref().map(VpcId::parse).transpose().map_err(|e| ApiError::bad_request(format!("vpcId: {e}")))?;
-    let all = st
+    let page = st
         .read(move |tx| {
-            let subnets = tx.list_obj::<Subnet>(&Filter {
-                account_id: Some(me.id.as_str()),
-                reference: vpc.as_ref().map(|v| v.as_str()),
-            })?;
-            subnets.into_iter().map(|s| with_count(tx, s)).collect::<Result<Vec<_>, _>>()
+            let filter = match &vpc {
+                Some(v) => Filter::account_and_reference(me.id.as_str(), v.as_str()),
+                None => Filter::account(me.id.as_str()),
+            };
+            let page = list_page::<Subnet>(tx, filter, &q)?;
+            let items = page.items.into_iter().map(|s| with_count(tx, s)).collect::<Result<Vec<_>, _>>()?;
+            Ok(Page { items, next_token: page.next_token })
         })
         .await?;
-    Ok(Json(paginate(all, |s| s.id.to_string(), &q)?))
+    Ok(Json(page))
 }
 
 async fn read(
@@ -170,7 +172,7 @@ async fn delete(
             }
         }
         // Join tokens for the subnet can never enroll an agent once it is gone.
-        for token in tx.list(AGENT_TOKEN_KIND, &Filter { account_id: None, reference: Some(subnet.id.as_str()) })? {
+        for token in tx.list(AGENT_TOKEN_KIND, &Filter::reference(subnet.id.as_str()))? {
             tx.delete(AGENT_TOKEN_KIND, &token.id)?;
         }
         tx.delete_obj::<Subnet>(subnet.id.as_str())?;

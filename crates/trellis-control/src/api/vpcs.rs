@@ -81,7 +81,7 @@ async fn update(
 
 /// How many records of `kind` reference `id`.
 pub fn count_refs(tx: &mut dyn Tx, kind: &str, id: &str) -> Result<usize, ApiError> {
-    Ok(tx.list(kind, &Filter { account_id: None, reference: Some(id) })?.len())
+    Ok(tx.list(kind, &Filter::reference(id))?.len())
 }
 
 async fn delete(

@@ -1,0 +1,389 @@
+//! Compiled agent configs, kept until a write could change them.
+//!
+//! Each agent's config is compiled once and kept with its *read set*: the
+//! store keys ([`Key`]) the compilation read. Every committed write reports
+//! its *write set* ([`ConfigCache::invalidate`]); only the agents whose read
+//! set shares a key with it are marked stale and woken. So a write costs work
+//! in proportion to the agents it affects, an idle control plane compiles
+//! nothing, and a long-poll that wakes without a change sends nothing.
+//!
+//! Compilation is lazy (when the agent asks) and single-flight per agent: a
+//! long-poll that gives up does not abandon or repeat the work, the next one
+//! picks up its result.
+//!
+//! Versions: a config's version is the store revision it was first compiled
+//! at with this content; recompiling to equal content keeps the version. The
+//! long-poll sends a config whenever its version differs from the agent's
+//! (`after`), so versions need only differ, never grow, and nothing an agent
+//! sends is ever used to compute one. An agent that still holds this content
+//! from before a control-plane restart proves it with the content's hash and
+//! keeps its version ([`ConfigCache::adopt`]), so a restart resends nothing.
+//!
+//! This module must never write to the store.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use tokio::sync::watch;
+use trellis_model::{Agent, AgentId};
+use trellis_proto::AgentConfig;
+use trellis_store::track::{Key, Mode, Tracked, Work};
+use trellis_store::{StoreError, Tx, TxExt};
+
+use crate::compile::compile;
+use crate::error::ApiError;
+use crate::pki::sha256_hex;
+use crate::state::AppState;
+
+/// How many recent write sets are kept to check compilations that raced a write.
+const LOG_LEN: usize = 4096;
+
+/// One agent's compiled config.
+#[derive(Debug)]
+pub struct Compiled {
+    /// The config with its version set.
+    pub config: Arc<AgentConfig>,
+    /// The config as sent: JSON of `config`.
+    pub json: Arc<[u8]>,
+    /// Lower-case hex SHA-256 of the JSON of the config with version 0 (its content).
+    pub content_sha256: String,
+    /// The store revision the compilation read.
+    pub revision: u64,
+    /// Store operations and records the compilation cost.
+    pub work: Work,
+}
+
+impl Compiled {
+    pub fn version(&self) -> u64 {
+        self.config.version
+    }
+
+    fn with_version(&self, version: u64) -> Result<Compiled, ApiError> {
+        let mut config = (*self.config).clone();
+        config.version = version;
+        let json = encode(&config)?;
+        Ok(Compiled {
+            config: Arc::new(config),
+            json,
+            content_sha256: self.content_sha256.clone(),
+            revision: self.revision,
+            work: self.work,
+        })
+    }
+}
+
+fn encode(config: &AgentConfig) -> Result<Arc<[u8]>, ApiError> {
+    serde_json::to_vec(config).map(Arc::from).map_err(|e| ApiError::internal(format!("encoding a config: {e}")))
+}
+
+/// The hash of a config's content: its JSON with version 0.
+pub fn content_sha256(config: &AgentConfig) -> Result<String, ApiError> {
+    let unversioned = AgentConfig { version: 0, ..config.clone() };
+    Ok(sha256_hex(&encode(&unversioned)?))
+}
+
+struct Entry {
+    compiled: Option<Arc<Compiled>>,
+    /// The keys `compiled` was registered under in the index.
+    deps: Vec<Key>,
+    /// A write may have changed the config since it was compiled.
+    stale: bool,
+    /// A compilation task is running.
+    compiling: bool,
+    /// The last compilation's failure, for the waiters of that attempt.
+    failure: Option<ApiError>,
+    /// Bumped whenever the entry changes (stale, compiled, failed): long-polls wait on it.
+    changed: watch::Sender<u64>,
+}
+
+impl Entry {
+    fn new() -> Self {
+        Self {
+            compiled: None,
+            deps: Vec::new(),
+            stale: true,
+            compiling: false,
+            failure: None,
+            changed: watch::channel(0).0,
+        }
+    }
+
+    fn bump(&self) {
+        self.changed.send_modify(|g| *g = g.wrapping_add(1));
+    }
+}
+
+#[derive(Default)]
+struct Inner {
+    entries: HashMap<String, Entry>,
+    /// Which agents' configs read each key.
+    index: HashMap<Key, HashSet<String>>,
+    /// Write sets of recent commits, oldest first, by revision.
+    log: VecDeque<(u64, Arc<HashSet<Key>>)>,
+    /// Every commit up to this revision has left the log.
+    log_floor: u64,
+}
+
+impl Inner {
+    fn unregister(&mut self, agent: &str, deps: &[Key]) {
+        for key in deps {
+            if let Some(agents) = self.index.get_mut(key) {
+                agents.remove(agent);
+                if agents.is_empty() {
+                    self.index.remove(key);
+                }
+            }
+        }
+    }
+
+    /// Whether a write after `revision` could have changed what `deps` read.
+    fn changed_since(&self, revision: u64, deps: &HashSet<Key>) -> bool {
+        if revision < self.log_floor {
+            return true;
+        }
+        self.log.iter().rev().take_while(|(r, _)| *r > revision).any(|(_, keys)| keys.iter().any(|k| deps.contains(k)))
+    }
+}
+
+/// Compiled configs of every agent that asked for one, and what they depend on.
+#[derive(Default)]
+pub struct ConfigCache {
+    inner: Mutex<Inner>,
+}
+
+impl std::fmt::Debug for ConfigCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConfigCache").finish_non_exhaustive()
+    }
+}
+
+impl ConfigCache {
+    /// A cache whose log starts at `revision` (the store's, at start-up).
+    pub fn new(revision: u64) -> Self {
+        Self { inner: Mutex::new(Inner { log_floor: revision, ..Inner::default() }) }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // The lock guards plain maps that every method leaves consistent.
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Marks stale (and wakes) the agents whose configs read any of `keys`,
+    /// written by the commit that produced `revision`.
+    pub fn invalidate(&self, revision: u64, keys: HashSet<Key>) {
+        if keys.is_empty() {
+            return;
+        }
+        let mut inner = self.lock();
+        let mut affected: HashSet<String> = HashSet::new();
+        for key in &keys {
+            if let Some(agents) = inner.index.get(key) {
+                affected.extend(agents.iter().cloned());
+            }
+        }
+        for agent in affected {
+            if let Some(entry) = inner.entries.get_mut(&agent)
+                && !entry.stale
+            {
+                entry.stale = true;
+                entry.bump();
+            }
+        }
+        inner.log.push_back((revision, Arc::new(keys)));
+        while inner.log.len() > LOG_LEN {
+            if let Some((r, _)) = inner.log.pop_front() {
+                inner.log_floor = inner.log_floor.max(r);
+            }
+        }
+    }
+
+    /// Subscribes to changes of `agent`'s entry (stale, recompiled).
+    pub fn subscribe(&self, agent: &AgentId) -> watch::Receiver<u64> {
+        let mut inner = self.lock();
+        inner.entries.entry(agent.to_string()).or_insert_with(Entry::new).changed.subscribe()
+    }
+
+    /// The latest compiled config of `agent`, fresh or stale, without compiling.
+    pub fn peek(&self, agent: &AgentId) -> Option<Arc<Compiled>> {
+        self.lock().entries.get(agent.as_str()).and_then(|e| e.compiled.clone())
+    }
+
+    /// Forgets `agent` (deleted).
+    pub fn remove(&self, agent: &AgentId) {
+        let mut inner = self.lock();
+        if let Some(entry) = inner.entries.remove(agent.as_str()) {
+            inner.unregister(agent.as_str(), &entry.deps);
+            entry.bump();
+        }
+    }
+
+    /// When the agent proves (by `content_sha256`) that it holds the current
+    /// content under version `version`, numbers the current config `version`
+    /// so it is not sent again. `version` is only ever compared, never computed with.
+    pub fn adopt(&self, agent: &AgentId, version: u64, content_sha256: &str) -> Result<(), ApiError> {
+        if version == 0 {
+            return Ok(());
+        }
+        let mut inner = self.lock();
+        let Some(entry) = inner.entries.get_mut(agent.as_str()) else { return Ok(()) };
+        let Some(current) = &entry.compiled else { return Ok(()) };
+        if entry.stale || current.version() == version || current.content_sha256 != content_sha256 {
+            return Ok(());
+        }
+        entry.compiled = Some(Arc::new(current.with_version(version)?));
+        Ok(())
+    }
+
+    /// The agent's current config, compiling it first when it is missing or
+    /// stale. Concurrent callers share one compilation.
+    pub async fn current(&self, state: &AppState, agent: &AgentId) -> Result<Arc<Compiled>, ApiError> {
+        loop {
+            let mut changed = {
+                let mut inner = self.lock();
+                let entry = inner.entries.entry(agent.to_string()).or_insert_with(Entry::new);
+                if let (false, Some(compiled)) = (entry.stale, &entry.compiled) {
+                    return Ok(compiled.clone());
+                }
+                if let Some(failure) = entry.failure.take() {
+                    return Err(failure);
+                }
+                let changed = entry.changed.subscribe();
+                if !entry.compiling {
+                    entry.compiling = true;
+                    let (state, agent) = (state.clone(), agent.clone());
+                    tokio::spawn(async move {
+                        let result = compile_now(&state, &agent).await;
+                        state.configs.install(&agent, result);
+                    });
+                }
+                changed
+            };
+            if changed.changed().await.is_err() {
+                // `remove` dropped the entry: the agent was deleted.
+                return Err(ApiError::unauthorized("this agent was deleted; enroll again with a new join token"));
+            }
+        }
+    }
+
+    fn install(&self, agent: &AgentId, result: Result<(AgentConfig, HashSet<Key>, Work, u64), ApiError>) {
+        let mut inner = self.lock();
+        let (config, deps, work, revision) = match result {
+            Ok(x) => x,
+            Err(e) => {
+                let deleted = e.status == axum::http::StatusCode::UNAUTHORIZED;
+                if let Some(entry) = inner.entries.get_mut(agent.as_str()) {
+                    entry.compiling = false;
+                    entry.failure = Some(e);
+                    entry.bump();
+                }
+                if deleted && let Some(entry) = inner.entries.remove(agent.as_str()) {
+                    inner.unregister(agent.as_str(), &entry.deps);
+                }
+                return;
+            }
+        };
+        let stale = inner.changed_since(revision, &deps);
+        let previous = inner.entries.get(agent.as_str()).and_then(|e| e.compiled.clone());
+        let outcome = (|| -> Result<Compiled, ApiError> {
+            let content_sha256 = content_sha256(&config)?;
+            let version = match &previous {
+                Some(p) if p.content_sha256 == content_sha256 => p.version(),
+                Some(p) => next_version(revision, Some(p.version())),
+                None => next_version(revision, None),
+            };
+            let config = AgentConfig { version, ..config };
+            let json = encode(&config)?;
+            Ok(Compiled { config: Arc::new(config), json, content_sha256, revision, work })
+        })();
+        // The agent was deleted while it compiled: nothing to keep.
+        let Some(entry) = inner.entries.get_mut(agent.as_str()) else { return };
+        entry.compiling = false;
+        let old_deps = std::mem::take(&mut entry.deps);
+        match outcome {
+            Ok(compiled) => {
+                entry.compiled = Some(Arc::new(compiled));
+                entry.stale = stale;
+                entry.failure = None;
+                entry.deps = deps.into_iter().collect();
+            }
+            Err(e) => entry.failure = Some(e),
+        }
+        entry.bump();
+        let new_deps = entry.deps.clone();
+        inner.unregister(agent.as_str(), &old_deps);
+        for key in new_deps {
+            inner.index.entry(key).or_default().insert(agent.to_string());
+        }
+    }
+
+    /// How many long-polls (and other subscribers) wait on `agent`'s entry.
+    pub fn waiters(&self, agent: &AgentId) -> usize {
+        self.lock().entries.get(agent.as_str()).map_or(0, |e| e.changed.receiver_count())
+    }
+
+    /// How many agents depend on `key` (for tests and metrics).
+    pub fn dependents(&self, key: &Key) -> usize {
+        self.lock().index.get(key).map_or(0, HashSet::len)
+    }
+}
+
+/// A version for content first compiled at `revision`: never 0 (an agent's
+/// "none"), never the previous version.
+fn next_version(revision: u64, previous: Option<u64>) -> u64 {
+    let v = revision.max(1);
+    if Some(v) == previous { v.checked_add(1).unwrap_or(1) } else { v }
+}
+
+/// Compiles `agent`'s config from one snapshot, with its read set, its cost and the snapshot's revision.
+async fn compile_now(state: &AppState, agent: &AgentId) -> Result<(AgentConfig, HashSet<Key>, Work, u64), ApiError> {
+    let region = state.region().to_string();
+    let agent = agent.clone();
+    state
+        .read(move |tx| {
+            let revision = tx.revision()?;
+            let (config, keys, work) = compile_tracked(tx, &agent, &region)?;
+            Ok((config, keys, work, revision))
+        })
+        .await
+}
+
+/// Compiles through a read-recording transaction; a deleted agent is a 401.
+pub fn compile_tracked(
+    tx: &mut dyn Tx,
+    agent_id: &AgentId,
+    region: &str,
+) -> Result<(AgentConfig, HashSet<Key>, Work), ApiError> {
+    let mut tracked = Tracked::new(tx, Mode::Reads);
+    let agent: Agent = tracked
+        .get_obj(agent_id.as_str())?
+        .ok_or_else(|| ApiError::unauthorized("this agent was deleted; enroll again with a new join token"))?;
+    let config = compile(&mut tracked, &agent, region).map_err(|e: StoreError| ApiError::from(e))?;
+    let (keys, work) = tracked.finish();
+    Ok((config, keys, work))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_are_never_zero_and_never_repeat_the_previous_one() {
+        assert_eq!(next_version(0, None), 1);
+        assert_eq!(next_version(7, None), 7);
+        assert_eq!(next_version(7, Some(3)), 7);
+        assert_eq!(next_version(7, Some(7)), 8);
+        assert_eq!(next_version(u64::MAX, Some(u64::MAX)), 1);
+    }
+
+    #[test]
+    fn a_compilation_that_raced_a_write_to_its_keys_is_stale() {
+        let cache = ConfigCache::new(10);
+        let key = Key::Object("vpc".into(), "vpc-1".into());
+        cache.invalidate(12, HashSet::from([key.clone()]));
+        let inner = cache.lock();
+        assert!(inner.changed_since(11, &HashSet::from([key.clone()])), "a write after the snapshot");
+        assert!(!inner.changed_since(12, &HashSet::from([key.clone()])), "the snapshot includes the write");
+        assert!(!inner.changed_since(11, &HashSet::from([Key::Kind("vpc".into())])), "other keys");
+        assert!(inner.changed_since(9, &HashSet::new()), "older than the log: assume changed");
+    }
+}
