@@ -11,6 +11,8 @@ pub mod agents;
 pub mod api;
 pub mod auth;
 pub mod compile;
+pub mod conn_deadline;
+pub mod conn_limits;
 pub mod error;
 pub mod pki;
 pub mod server;
