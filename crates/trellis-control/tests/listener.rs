@@ -172,7 +172,9 @@ async fn read_all<S: tokio::io::AsyncRead + Unpin>(stream: &mut S) -> Vec<u8> {
         match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
             Ok(Ok(0)) | Ok(Err(_)) => return out,
             Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
-            Err(_) => panic!("the server neither answered nor closed within 20 s; got {:?}", String::from_utf8_lossy(&out)),
+            Err(_) => {
+                panic!("the server neither answered nor closed within 20 s; got {:?}", String::from_utf8_lossy(&out))
+            }
         }
     }
 }
