@@ -66,6 +66,17 @@ impl ApiError {
         Self::new(StatusCode::UNPROCESSABLE_ENTITY, code, message)
     }
 
+    /// 413: the request body is larger than the listener accepts (`max_bytes` when known).
+    pub fn body_too_large(max_bytes: Option<usize>) -> Self {
+        let message = match max_bytes {
+            Some(max) => {
+                format!("the request body is larger than {max} bytes, the most this server accepts; send less")
+            }
+            None => "the request body is larger than this server accepts; send less".to_string(),
+        };
+        Self::new(StatusCode::PAYLOAD_TOO_LARGE, "PayloadTooLarge", message)
+    }
+
     /// 500: a fault of the server; details go to the log, not to the caller.
     pub fn internal(message: impl Into<String>) -> Self {
         let message = message.into();

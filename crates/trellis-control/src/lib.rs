@@ -13,6 +13,8 @@ pub mod api;
 pub mod auth;
 pub mod compile;
 pub mod configs;
+pub mod conn_deadline;
+pub mod conn_limits;
 pub mod domains;
 pub mod error;
 pub mod pki;

@@ -19,6 +19,7 @@ use trellis_store::sqlite::SqliteStore;
 use trellis_store::{Filter, StoreError, TxExt};
 
 use crate::agents::records::{AgentRuntime, RevokedCert};
+use crate::conn_limits::{ConnLimits, ListenerLimits, ListenerStats};
 use crate::error::ApiError;
 use crate::pki::{Ca, PkiError, write_secret_file};
 use crate::state::{AppState, Settings, now};
@@ -45,6 +46,8 @@ pub struct ServerOptions {
     pub tls_names: Vec<String>,
     /// Agents silent for this long become OFFLINE.
     pub offline_after: Duration,
+    /// Time, size and connection limits of the HTTPS listener.
+    pub limits: ListenerLimits,
 }
 
 impl ServerOptions {
@@ -56,6 +59,7 @@ impl ServerOptions {
             region: Settings::default().region,
             tls_names: Vec::new(),
             offline_after: DEFAULT_OFFLINE_AFTER,
+            limits: ListenerLimits::default(),
         }
     }
 
@@ -106,6 +110,7 @@ pub struct RunningServer {
     /// The admin key, when this start created it (also written to `DIR/admin.key`).
     pub admin_key_created: Option<String>,
     state: AppState,
+    conns: Arc<ConnLimits>,
     shutdown: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -150,6 +155,11 @@ impl RunningServer {
         &self.state
     }
 
+    /// What the listener holds now and what it refused or cut off so far.
+    pub fn listener_stats(&self) -> ListenerStats {
+        self.conns.stats()
+    }
+
     /// Stops accepting connections and starts draining; see [`RunningServer::wait`].
     pub fn shutdown(&self) {
         self.shutdown.cancel();
@@ -181,6 +191,7 @@ pub async fn start(opts: ServerOptions) -> Result<RunningServer, ServerError> {
     if opts.offline_after < Duration::from_secs(5) {
         return Err(ServerError::InvalidOption("the offline timeout must be at least 5 seconds".into()));
     }
+    opts.limits.validate().map_err(ServerError::InvalidOption)?;
     let names = opts.certificate_names();
     prepare_data_dir(&opts.data_dir)?;
     let dir = opts.data_dir.clone();
@@ -218,10 +229,20 @@ pub async fn start(opts: ServerOptions) -> Result<RunningServer, ServerError> {
     );
     let shutdown = CancellationToken::new();
     let app = crate::api_router(state.clone());
-    let serve = tokio::spawn(crate::tls::serve(listener, app, tls, shutdown.clone()));
+    let conns = Arc::new(ConnLimits::new(opts.limits.clone()));
+    let serve = tokio::spawn(crate::tls::serve(listener, app, tls, conns.clone(), shutdown.clone()));
     let offline = tokio::spawn(mark_offline_agents(state.clone(), opts.offline_after, shutdown.clone()));
     tracing::info!(%local_addr, region = %opts.region, ca_sha256 = %ca_sha256, "control plane listening");
-    Ok(RunningServer { local_addr, ca_pem, ca_sha256, admin_key_created, state, shutdown, tasks: vec![serve, offline] })
+    Ok(RunningServer {
+        local_addr,
+        ca_pem,
+        ca_sha256,
+        admin_key_created,
+        state,
+        conns,
+        shutdown,
+        tasks: vec![serve, offline],
+    })
 }
 
 /// Marks ONLINE agents not seen for `offline_after` OFFLINE, drops revoked

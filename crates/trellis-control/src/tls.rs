@@ -7,6 +7,12 @@
 //! Every request carries a [`PeerIdentity`] extension naming that certificate
 //! (by SHA-256), so agent routes can find the agent without trusting anything
 //! the request body says.
+//!
+//! Nothing a client does holds the listener without a bound in time and
+//! count: connections are admitted by [`crate::conn_limits`] (per address,
+//! per agent certificate, and separate budgets for handshakes, anonymous
+//! clients and agents), every stage of a connection has a deadline
+//! ([`crate::conn_deadline`]), and request bodies have a size limit.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -14,8 +20,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
+use axum::body::Body;
 use axum::extract::ConnectInfo;
-use hyper::body::Incoming;
+use axum::extract::DefaultBodyLimit;
+use axum::http::{HeaderValue, Request, Response, StatusCode, header};
+use axum::response::IntoResponse;
+use http_body_util::Limited;
+use hyper::body::{Body as _, Incoming};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use rustls::RootCertStore;
 use rustls::crypto::CryptoProvider;
@@ -23,29 +34,37 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
+use crate::conn_deadline::{ConnClock, RequestBody, ResponseBody, Stage, TimedIo, Timeouts};
+use crate::conn_limits::{Class, ConnLimits, Handshaking};
+use crate::error::ApiError;
 use crate::pki::sha256_hex;
 
-/// How long a client may take to finish the TLS handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a client may take to send a request's headers.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
-/// Open connections beyond this wait in the listen backlog.
-const MAX_CONNECTIONS: usize = 4096;
 /// How long shutdown waits for in-flight requests before closing their connections.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// Pause after a failed `accept` (file descriptors exhausted, …) before trying again.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
+/// hyper's read and write buffer cap per connection, which also caps the
+/// request head (line and headers): generous for this API, and a bound on
+/// what a slow client makes the server hold.
+const MAX_HTTP_BUFFER: usize = 64 * 1024;
+/// `Retry-After` of a 503 when anonymous request bodies are at their cap.
+const BUSY_RETRY_AFTER_SECONDS: u64 = 5;
 
 /// Cancelled when the server shuts down; a request extension so long-polls
 /// can answer at once instead of holding the drain.
 #[derive(Clone, Debug, Default)]
 pub struct ShutdownSignal(pub CancellationToken);
+
+/// The largest request body this request's connection accepts, as a request
+/// extension (anonymous and agent connections differ).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BodyLimit(pub usize);
 
 /// The client certificate a request arrived with, as a request extension.
 ///
@@ -112,21 +131,26 @@ pub fn server_config(
 
 /// Serves `app` over TLS on `listener` until `shutdown` is cancelled.
 ///
-/// Each connection gets its own task: the handshake (bounded by a timeout),
-/// then HTTP/1.1 with [`PeerIdentity`], [`ShutdownSignal`] and
-/// `ConnectInfo<SocketAddr>` inserted into every request. On shutdown the listener stops accepting, idle
-/// connections close, in-flight requests get a bounded time to finish, and
-/// whatever is left is aborted before this returns.
-pub async fn serve(listener: TcpListener, app: Router, tls: Arc<rustls::ServerConfig>, shutdown: CancellationToken) {
+/// Each connection admitted by `conns` gets its own task: the handshake
+/// (bounded by a timeout), then HTTP/1.1 held to the deadlines of
+/// [`crate::conn_deadline`], with [`PeerIdentity`], [`ShutdownSignal`],
+/// [`BodyLimit`] and `ConnectInfo<SocketAddr>` inserted into every request.
+/// A connection over a cap is closed at once. On shutdown the listener stops
+/// accepting, idle connections close, in-flight requests get a bounded time
+/// to finish, and whatever is left is aborted before this returns.
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    tls: Arc<rustls::ServerConfig>,
+    conns: Arc<ConnLimits>,
+    shutdown: CancellationToken,
+) {
     let acceptor = TlsAcceptor::from(tls);
-    let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    // The listener enforces the body limits itself (per kind of connection).
+    let app = app.layer(DefaultBodyLimit::disable());
     let mut connections = JoinSet::new();
     loop {
         while connections.try_join_next().is_some() {}
-        let permit = tokio::select! {
-            () = shutdown.cancelled() => break,
-            permit = limit.clone().acquire_owned() => permit.expect("the connection semaphore is never closed"),
-        };
         let (stream, remote) = tokio::select! {
             () = shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
@@ -138,13 +162,15 @@ pub async fn serve(listener: TcpListener, app: Router, tls: Arc<rustls::ServerCo
                 }
             },
         };
-        let acceptor = acceptor.clone();
-        let app = app.clone();
-        let shutdown = shutdown.clone();
-        connections.spawn(async move {
-            serve_connection(stream, remote, acceptor, app, shutdown).await;
-            drop(permit);
-        });
+        let handshaking = match conns.accept(remote.ip()) {
+            Ok(handshaking) => handshaking,
+            Err(refusal) => {
+                tracing::debug!(%remote, %refusal, "connection refused");
+                continue;
+            }
+        };
+        let conn = Connection { remote, conns: conns.clone(), app: app.clone(), shutdown: shutdown.clone() };
+        connections.spawn(conn.serve(stream, acceptor.clone(), handshaking));
     }
     drop(listener);
     let drained = tokio::time::timeout(DRAIN_TIMEOUT, async { while connections.join_next().await.is_some() {} }).await;
@@ -154,50 +180,171 @@ pub async fn serve(listener: TcpListener, app: Router, tls: Arc<rustls::ServerCo
     }
 }
 
-async fn serve_connection(
-    stream: TcpStream,
+/// One accepted connection and what its requests need.
+struct Connection {
     remote: SocketAddr,
-    acceptor: TlsAcceptor,
+    conns: Arc<ConnLimits>,
     app: Router,
     shutdown: CancellationToken,
-) {
-    let _ = stream.set_nodelay(true);
-    let tls = tokio::select! {
-        () = shutdown.cancelled() => return,
-        handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)) => match handshake {
-            Ok(Ok(tls)) => tls,
-            Ok(Err(e)) => {
-                tracing::debug!(%remote, error = %e, "TLS handshake failed");
+}
+
+impl Connection {
+    async fn serve(self, stream: TcpStream, acceptor: TlsAcceptor, handshaking: Handshaking) {
+        let (remote, limits) = (self.remote, self.conns.limits().clone());
+        let _ = stream.set_nodelay(true);
+        let tls = tokio::select! {
+            () = self.shutdown.cancelled() => return,
+            handshake = tokio::time::timeout(limits.handshake_timeout, acceptor.accept(stream)) => match handshake {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => {
+                    tracing::debug!(%remote, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%remote, "TLS handshake timed out");
+                    return;
+                }
+            },
+        };
+        let cert = tls.get_ref().1.peer_certificates().and_then(|certs| certs.first()).map(|c| sha256_hex(c));
+        let admitted = match self.conns.admit(handshaking, cert.as_deref()) {
+            Ok(admitted) => admitted,
+            Err(refusal) => {
+                tracing::debug!(%remote, %refusal, "connection refused after the handshake");
                 return;
             }
-            Err(_) => {
-                tracing::debug!(%remote, "TLS handshake timed out");
-                return;
+        };
+        let timeouts = Timeouts {
+            idle: limits.idle_timeout,
+            request_read: limits.request_read_timeout,
+            response_write: limits.response_write_timeout,
+        };
+        let clock = ConnClock::new(timeouts, Instant::now());
+        let requests = Arc::new(Requests {
+            class: admitted.class,
+            peer: PeerIdentity(cert),
+            max_body: match admitted.class {
+                Class::Public => limits.max_body_bytes,
+                Class::Agent => limits.max_agent_body_bytes,
+            },
+            clock: clock.clone(),
+            conn: self,
+        });
+        let service = hyper::service::service_fn({
+            let requests = requests.clone();
+            move |req| {
+                let requests = requests.clone();
+                async move { Ok::<_, Infallible>(requests.handle(req).await) }
             }
-        },
-    };
-    let peer = PeerIdentity(tls.get_ref().1.peer_certificates().and_then(|certs| certs.first()).map(|c| sha256_hex(c)));
-    let request_shutdown = shutdown.clone();
-    let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
-        req.extensions_mut().insert(peer.clone());
-        req.extensions_mut().insert(ConnectInfo(remote));
-        req.extensions_mut().insert(ShutdownSignal(request_shutdown.clone()));
-        let app = app.clone();
-        async move { Ok::<_, Infallible>(app.oneshot(req).await.unwrap_or_else(|never| match never {})) }
-    });
-    let mut builder = hyper::server::conn::http1::Builder::new();
-    builder.timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
-    let conn = builder.serve_connection(TokioIo::new(tls), service);
-    tokio::pin!(conn);
-    let result = tokio::select! {
-        result = conn.as_mut() => result,
-        () = shutdown.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            conn.await
+        });
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        // `clock` bounds the head, the body and idle time; hyper's own header
+        // timer would also cut idle keep-alive connections at its timeout.
+        builder.timer(TokioTimer::new()).header_read_timeout(None).max_buf_size(MAX_HTTP_BUFFER);
+        let conn = builder.serve_connection(TokioIo::new(TimedIo::new(tls, clock.clone())), service);
+        tokio::pin!(conn);
+        let shutdown = requests.conn.shutdown.clone();
+        let result = tokio::select! {
+            result = conn.as_mut() => result,
+            () = shutdown.cancelled() => {
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        };
+        let conns = &requests.conn.conns;
+        match clock.expired() {
+            Some(Stage::Reading) => conns.count_request_read_timeout(),
+            Some(Stage::Responding) => conns.count_response_write_timeout(),
+            Some(Stage::Idle) => conns.count_idle_closed(),
+            None => {}
         }
-    };
-    if let Err(e) = result {
-        tracing::debug!(%remote, error = %e, "connection ended with an error");
+        if let Err(e) = result {
+            tracing::debug!(%remote, error = %e, "connection ended with an error");
+        }
+        drop(admitted);
+    }
+}
+
+/// What every request of one admitted connection shares.
+struct Requests {
+    conn: Connection,
+    class: Class,
+    peer: PeerIdentity,
+    max_body: usize,
+    clock: Arc<ConnClock>,
+}
+
+impl Requests {
+    async fn handle(&self, req: Request<Incoming>) -> Response<ResponseBody<Body>> {
+        let (mut parts, body) = req.into_parts();
+        let body = RequestBody::new(body, self.clock.clone());
+        let response = match self.body_reservation(&body) {
+            Ok(reservation) => {
+                parts.extensions.insert(self.peer.clone());
+                parts.extensions.insert(ConnectInfo(self.conn.remote));
+                parts.extensions.insert(ShutdownSignal(self.conn.shutdown.clone()));
+                parts.extensions.insert(BodyLimit(self.max_body));
+                let req = Request::from_parts(parts, Body::new(Limited::new(body, self.max_body)));
+                let response = self.conn.app.clone().oneshot(req).await.unwrap_or_else(|never| match never {});
+                drop(reservation);
+                response
+            }
+            Err(refused) => refused.response(),
+        };
+        response.map(|body| ResponseBody::new(body, self.clock.clone()))
+    }
+
+    /// Checks a request's declared body size, and holds room for an anonymous
+    /// body in the cap of anonymous bodies in flight until the handler answered.
+    fn body_reservation(
+        &self,
+        body: &RequestBody<Incoming>,
+    ) -> Result<Option<tokio::sync::OwnedSemaphorePermit>, BodyRefusal> {
+        if body.is_end_stream() {
+            return Ok(None);
+        }
+        if body.size_hint().lower() > self.max_body as u64 {
+            return Err(BodyRefusal::TooLarge(self.max_body));
+        }
+        if self.class == Class::Agent {
+            return Ok(None);
+        }
+        let most = body.size_hint().upper().map_or(self.max_body, |n| n.min(self.max_body as u64) as usize);
+        match self.conn.conns.reserve_public_body(most) {
+            Some(permit) => Ok(Some(permit)),
+            None => {
+                tracing::debug!(remote = %self.conn.remote, "anonymous request bodies in flight at their cap");
+                Err(BodyRefusal::Busy)
+            }
+        }
+    }
+}
+
+/// Why a request was answered without reading its body.
+#[derive(Clone, Copy, Debug)]
+enum BodyRefusal {
+    /// Its declared length is over the limit (the limit).
+    TooLarge(usize),
+    /// Anonymous bodies in flight are at their cap.
+    Busy,
+}
+
+impl BodyRefusal {
+    fn response(self) -> Response<Body> {
+        let mut response = match self {
+            BodyRefusal::TooLarge(max) => ApiError::body_too_large(Some(max)).into_response(),
+            BodyRefusal::Busy => {
+                let message = format!(
+                    "the server is receiving too many request bodies at once; retry in {BUSY_RETRY_AFTER_SECONDS} seconds"
+                );
+                let mut busy = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "ServerBusy", message).into_response();
+                busy.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(BUSY_RETRY_AFTER_SECONDS));
+                busy
+            }
+        };
+        // The body stays unread: close rather than read it to reuse the connection.
+        response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+        response
     }
 }
 
@@ -255,7 +402,12 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let shutdown = CancellationToken::new();
-        let server = tokio::spawn(serve(listener, app, tls, shutdown.clone()));
+        let limits = crate::conn_limits::ListenerLimits {
+            budgets: Some(crate::conn_limits::Budgets { handshakes: 8, public: 8, agents: 8 }),
+            ..Default::default()
+        };
+        let conns = Arc::new(ConnLimits::new(limits));
+        let server = tokio::spawn(serve(listener, app, tls, conns, shutdown.clone()));
 
         let anonymous = get_whoami(addr, client_config(&ca, None)).await.unwrap();
         assert!(anonymous.starts_with("HTTP/1.1 200"), "{anonymous}");

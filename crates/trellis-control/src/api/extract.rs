@@ -1,8 +1,10 @@
 //! Request extractors whose rejections are [`ApiError`]s: a JSON body that
-//! does not parse is a 400 that says why, a malformed query a 400.
+//! does not parse is a 400 that says why, a malformed query a 400, a body
+//! over the listener's limit a 413, a body that did not arrive in time a 408.
 
-use axum::extract::rejection::JsonRejection;
+use axum::extract::rejection::{BytesRejection, JsonRejection};
 use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::StatusCode;
 use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
@@ -18,6 +20,7 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Json<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let limit = req.extensions().get::<crate::tls::BodyLimit>().map(|limit| limit.0);
         match axum::Json::<T>::from_request(req, state).await {
             Ok(axum::Json(value)) => Ok(Json(value)),
             Err(JsonRejection::MissingJsonContentType(_)) => {
@@ -29,9 +32,28 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Json<T> {
             Err(JsonRejection::JsonDataError(e)) => {
                 Err(ApiError::bad_request(format!("the body does not match this route's fields: {}", e.body_text())))
             }
+            Err(JsonRejection::BytesRejection(e)) => Err(unreadable_body(&e, limit)),
             Err(other) => Err(ApiError::bad_request(format!("cannot read the body: {}", other.body_text()))),
         }
     }
+}
+
+/// Why a body could not be read: too large (413), too slow (408, with the
+/// listener's message), or broken (400).
+fn unreadable_body(e: &BytesRejection, limit: Option<usize>) -> ApiError {
+    if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        return ApiError::body_too_large(limit);
+    }
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if let Some(io) = err.downcast_ref::<std::io::Error>()
+            && io.kind() == std::io::ErrorKind::TimedOut
+        {
+            return ApiError::new(StatusCode::REQUEST_TIMEOUT, "RequestTimeout", io.to_string());
+        }
+        source = err.source();
+    }
+    ApiError::bad_request(format!("cannot read the body: {}", e.body_text()))
 }
 
 impl<T: Serialize> IntoResponse for Json<T> {
