@@ -8,6 +8,7 @@
 
 pub mod access;
 pub mod arn;
+pub mod domain;
 pub mod endpoint;
 pub mod ids;
 pub mod objects;
@@ -22,6 +23,10 @@ mod store_impl;
 
 pub use access::{Access, Principal, configuration_access, same_organization};
 pub use arn::{Arn, ArnError, kinds, parse_identifier};
+pub use domain::{
+    CheckOutcome, DomainNameError, DomainVerification, DomainVerificationStatus, covers, validate_custom_domain_name,
+    validate_verification_domain,
+};
 pub use endpoint::{PlacementError, Pools, check_zone_overlap, endpoint_dns_name, plan_dns_entries};
 pub use ids::*;
 pub use objects::*;
