@@ -11,6 +11,7 @@ pub mod agents;
 pub mod api;
 pub mod auth;
 pub mod compile;
+pub mod domain_verification;
 pub mod error;
 pub mod pki;
 pub mod server;

@@ -18,6 +18,7 @@ use trellis_model::{Agent, AgentStatus, Timestamp};
 use trellis_store::sqlite::SqliteStore;
 use trellis_store::{Filter, StoreError, TxExt};
 
+use crate::domain_verification::VerificationSettings;
 use crate::error::ApiError;
 use crate::pki::{Ca, PkiError, write_secret_file};
 use crate::state::{AppState, Settings, now};
@@ -44,6 +45,8 @@ pub struct ServerOptions {
     pub tls_names: Vec<String>,
     /// Agents silent for this long become OFFLINE.
     pub offline_after: Duration,
+    /// The DNS resolver, retry intervals and deadline of domain verification.
+    pub domain_verification: VerificationSettings,
 }
 
 impl ServerOptions {
@@ -55,6 +58,7 @@ impl ServerOptions {
             region: Settings::default().region,
             tls_names: Vec::new(),
             offline_after: DEFAULT_OFFLINE_AFTER,
+            domain_verification: VerificationSettings::default(),
         }
     }
 
@@ -180,6 +184,7 @@ pub async fn start(opts: ServerOptions) -> Result<RunningServer, ServerError> {
     if opts.offline_after < Duration::from_secs(5) {
         return Err(ServerError::InvalidOption("the offline timeout must be at least 5 seconds".into()));
     }
+    opts.domain_verification.validate().map_err(ServerError::InvalidOption)?;
     let names = opts.certificate_names();
     prepare_data_dir(&opts.data_dir)?;
     let dir = opts.data_dir.clone();
@@ -215,8 +220,14 @@ pub async fn start(opts: ServerOptions) -> Result<RunningServer, ServerError> {
     let app = crate::api_router(state.clone());
     let serve = tokio::spawn(crate::tls::serve(listener, app, tls, shutdown.clone()));
     let offline = tokio::spawn(mark_offline_agents(state.clone(), opts.offline_after, shutdown.clone()));
+    let verifier = tokio::spawn(crate::domain_verification::run(
+        state.clone(),
+        opts.domain_verification.clone(),
+        shutdown.clone(),
+    ));
     tracing::info!(%local_addr, region = %opts.region, ca_sha256 = %ca_sha256, "control plane listening");
-    Ok(RunningServer { local_addr, ca_pem, ca_sha256, admin_key_created, state, shutdown, tasks: vec![serve, offline] })
+    let tasks = vec![serve, offline, verifier];
+    Ok(RunningServer { local_addr, ca_pem, ca_sha256, admin_key_created, state, shutdown, tasks })
 }
 
 /// Marks ONLINE agents not seen for `offline_after` OFFLINE, until `shutdown`.
