@@ -27,6 +27,8 @@ pub struct ControlPlane {
     pub ca_pem: PathBuf,
     pub admin_key: String,
     starts: u32,
+    /// Flags given to every start after `--listen` and `--data-dir`.
+    extra_args: Vec<String>,
     _dir: TempDir,
 }
 
@@ -41,9 +43,16 @@ impl ControlPlane {
     /// Starts `trellis server --listen <ip>:<port> --data-dir <tmp>` and waits
     /// until it has written `ca.pem` and `admin.key` and `/healthz` says ok.
     pub fn start(listen_ip: IpAddr) -> ControlPlane {
+        Self::start_with_args(listen_ip, &[])
+    }
+
+    /// [`ControlPlane::start`] with more `trellis server` flags (kept for restarts).
+    pub fn start_with_args(listen_ip: IpAddr, args: &[&str]) -> ControlPlane {
+        let extra_args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
         let dir = tempfile::Builder::new().prefix("trellis-e2e-cp-").tempdir().expect("temp dir for the control plane");
         let data_dir = dir.path().join("data");
-        let (mut proc, addr) = spawn_server("control-plane", SocketAddr::new(listen_ip, 0), &data_dir, dir.path());
+        let (mut proc, addr) =
+            spawn_server("control-plane", SocketAddr::new(listen_ip, 0), &data_dir, dir.path(), &extra_args);
         let ca_pem = data_dir.join("ca.pem");
         let key_path = data_dir.join("admin.key");
         let admin_key = wait_until("the control plane to write ca.pem and admin.key", START_TIMEOUT, || {
@@ -62,7 +71,7 @@ impl ControlPlane {
             let resp = anon.try_get("/healthz").ok()?;
             (resp.status == 200).then_some(())
         });
-        ControlPlane { proc, url, addr, data_dir, ca_pem, admin_key, starts: 1, _dir: dir }
+        ControlPlane { proc, url, addr, data_dir, ca_pem, admin_key, starts: 1, extra_args, _dir: dir }
     }
 
     /// Kills the server with SIGKILL, as a crash would: no graceful shutdown,
@@ -78,7 +87,7 @@ impl ControlPlane {
         self.proc.stop();
         self.starts += 1;
         let name = format!("control-plane-run{}", self.starts);
-        let (proc, addr) = spawn_server(&name, self.addr, &self.data_dir, self._dir.path());
+        let (proc, addr) = spawn_server(&name, self.addr, &self.data_dir, self._dir.path(), &self.extra_args);
         self.proc = proc;
         assert_eq!(addr, self.addr, "the restarted control plane listens where it did before");
         let anon = self.anonymous();
@@ -124,9 +133,15 @@ impl ControlPlane {
 
 /// Starts `trellis server --listen <listen> --data-dir <data_dir>` and waits
 /// for the line naming the address it bound.
-fn spawn_server(name: &str, listen: SocketAddr, data_dir: &Path, work_dir: &Path) -> (Proc, SocketAddr) {
+fn spawn_server(
+    name: &str,
+    listen: SocketAddr,
+    data_dir: &Path,
+    work_dir: &Path,
+    extra_args: &[String],
+) -> (Proc, SocketAddr) {
     let mut cmd = Command::new(bins::trellis());
-    cmd.arg("server").arg("--listen").arg(listen.to_string()).arg("--data-dir").arg(data_dir);
+    cmd.arg("server").arg("--listen").arg(listen.to_string()).arg("--data-dir").arg(data_dir).args(extra_args);
     cmd.env("RUST_LOG", std::env::var("TRELLIS_E2E_LOG").unwrap_or_else(|_| "info".into()));
     let mut proc = Proc::spawn(name, cmd, &work_dir.join("logs"));
     let addr = proc.wait_for_line("the control plane to report its address", START_TIMEOUT, |l| {

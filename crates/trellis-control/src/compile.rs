@@ -127,7 +127,7 @@ impl<'a> Snapshot<'a> {
     /// Domains `owner` verified (lower case).
     fn verified_domains(&mut self, owner: &AccountId) -> Result<&[String], StoreError> {
         if !self.verified.contains_key(owner) {
-            let domains = crate::domains::verified_domains(self.tx, owner)?;
+            let domains = crate::domain_verification::verified_domains(self.tx, owner)?;
             self.verified.insert(owner.clone(), domains);
         }
         Ok(&self.verified[owner])

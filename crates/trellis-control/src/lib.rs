@@ -15,7 +15,7 @@ pub mod compile;
 pub mod configs;
 pub mod conn_deadline;
 pub mod conn_limits;
-pub mod domains;
+pub mod domain_verification;
 pub mod error;
 pub mod pki;
 pub mod server;

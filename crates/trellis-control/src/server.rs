@@ -20,6 +20,7 @@ use trellis_store::{Filter, StoreError, TxExt};
 
 use crate::agents::records::{AgentRuntime, RevokedCert};
 use crate::conn_limits::{ConnLimits, ListenerLimits, ListenerStats};
+use crate::domain_verification::VerificationSettings;
 use crate::error::ApiError;
 use crate::pki::{Ca, PkiError, write_secret_file};
 use crate::state::{AppState, Settings, now};
@@ -48,6 +49,8 @@ pub struct ServerOptions {
     pub offline_after: Duration,
     /// Time, size and connection limits of the HTTPS listener.
     pub limits: ListenerLimits,
+    /// The DNS resolver, retry intervals and deadline of domain verification.
+    pub domain_verification: VerificationSettings,
 }
 
 impl ServerOptions {
@@ -60,6 +63,7 @@ impl ServerOptions {
             tls_names: Vec::new(),
             offline_after: DEFAULT_OFFLINE_AFTER,
             limits: ListenerLimits::default(),
+            domain_verification: VerificationSettings::default(),
         }
     }
 
@@ -192,6 +196,7 @@ pub async fn start(opts: ServerOptions) -> Result<RunningServer, ServerError> {
         return Err(ServerError::InvalidOption("the offline timeout must be at least 5 seconds".into()));
     }
     opts.limits.validate().map_err(ServerError::InvalidOption)?;
+    opts.domain_verification.validate().map_err(ServerError::InvalidOption)?;
     let names = opts.certificate_names();
     prepare_data_dir(&opts.data_dir)?;
     let dir = opts.data_dir.clone();
@@ -232,17 +237,14 @@ pub async fn start(opts: ServerOptions) -> Result<RunningServer, ServerError> {
     let conns = Arc::new(ConnLimits::new(opts.limits.clone()));
     let serve = tokio::spawn(crate::tls::serve(listener, app, tls, conns.clone(), shutdown.clone()));
     let offline = tokio::spawn(mark_offline_agents(state.clone(), opts.offline_after, shutdown.clone()));
+    let verifier = tokio::spawn(crate::domain_verification::run(
+        state.clone(),
+        opts.domain_verification.clone(),
+        shutdown.clone(),
+    ));
     tracing::info!(%local_addr, region = %opts.region, ca_sha256 = %ca_sha256, "control plane listening");
-    Ok(RunningServer {
-        local_addr,
-        ca_pem,
-        ca_sha256,
-        admin_key_created,
-        state,
-        conns,
-        shutdown,
-        tasks: vec![serve, offline],
-    })
+    let tasks = vec![serve, offline, verifier];
+    Ok(RunningServer { local_addr, ca_pem, ca_sha256, admin_key_created, state, conns, shutdown, tasks })
 }
 
 /// Marks ONLINE agents not seen for `offline_after` OFFLINE, drops revoked

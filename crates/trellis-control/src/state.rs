@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use ring::rand::SecureRandom;
-use tokio::sync::Semaphore;
+use tokio::sync::{Notify, Semaphore};
 use trellis_model::{Seed, Timestamp};
 use trellis_store::track::{Mode, Tracked, Work};
 use trellis_store::{Store, Tx, read_with, write_with};
@@ -40,6 +40,8 @@ pub struct AppState {
     pub ca: Arc<Ca>,
     /// What each agent's last report changed (reports that change nothing write nothing).
     pub reports: Arc<ReportMemo>,
+    /// Wakes the domain verifier when a verification is created.
+    pub domain_checks: Arc<Notify>,
     /// Bounds the store work in flight, so requests wait their turn as tasks
     /// instead of filling the blocking thread pool (SQLite has one writer).
     io: Arc<IoLimits>,
@@ -68,6 +70,7 @@ impl AppState {
             configs: Arc::new(ConfigCache::new(revision)),
             ca,
             reports: Arc::new(ReportMemo::default()),
+            domain_checks: Arc::new(Notify::new()),
             io: Arc::new(IoLimits { reads: Semaphore::new(MAX_CONCURRENT_READS), writes: Semaphore::new(1) }),
         }
     }

@@ -43,6 +43,7 @@ pub mod kinds {
     pub const RESOURCE_CONFIGURATION: (&str, &str) = ("vpc-lattice", "resourceconfiguration");
     pub const RESOURCE_SHARE: (&str, &str) = ("ram", "resource-share");
     pub const RESOURCE_SHARE_INVITATION: (&str, &str) = ("ram", "resource-share-invitation");
+    pub const DOMAIN_VERIFICATION: (&str, &str) = ("vpc-lattice", "domainverification");
 }
 
 impl Arn {

@@ -221,6 +221,11 @@ define_id!(
     /// `vpce-` + 17 lowercase hex.
     VpcEndpointId, "vpce-", "VPC endpoint", Body::LowerHex(17), "vpce- followed by 17 lowercase hex digits"
 );
+define_id!(
+    /// `dv-` + 17 lowercase hex.
+    DomainVerificationId, "dv-", "domain verification", Body::LowerHex(17),
+    "dv- followed by 17 lowercase hex digits"
+);
 
 #[cfg(test)]
 mod tests {
@@ -251,6 +256,7 @@ mod tests {
                 ResourceShareId::generate(&seed).to_string(),
                 ResourceShareInvitationId::generate(&seed).to_string(),
                 VpcEndpointId::generate(&seed).to_string(),
+                DomainVerificationId::generate(&seed).to_string(),
             ] {
                 assert!(s.rsplit('-').next().unwrap().len() == 17, "{s}");
             }

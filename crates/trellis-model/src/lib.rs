@@ -9,6 +9,7 @@
 pub mod access;
 pub mod arn;
 pub mod dns;
+pub mod domain;
 pub mod endpoint;
 pub mod ids;
 pub mod objects;
@@ -24,6 +25,10 @@ mod store_impl;
 pub use access::{Access, Principal, configuration_access, same_organization};
 pub use arn::{Arn, ArnError, kinds, parse_identifier};
 pub use dns::{RESERVED_ZONE, is_reserved_dns_name, name_is_under};
+pub use domain::{
+    CheckOutcome, DomainNameError, DomainVerification, DomainVerificationStatus, covers, validate_custom_domain_name,
+    validate_verification_domain,
+};
 pub use endpoint::{PlacementError, Pools, check_zone_overlap, endpoint_dns_name, plan_dns_entries};
 pub use ids::*;
 pub use objects::*;

@@ -3,6 +3,7 @@
 
 use trellis_store::Object;
 
+use crate::domain::DomainVerification;
 use crate::objects::*;
 
 impl Object for Account {
@@ -150,5 +151,19 @@ impl Object for Agent {
     }
     fn refs(&self) -> Vec<String> {
         vec![self.vpc_id.to_string(), self.subnet_id.to_string()]
+    }
+}
+
+impl Object for DomainVerification {
+    const KIND: &'static str = "domain-verification";
+    fn id(&self) -> &str {
+        self.id.as_str()
+    }
+    fn account_id(&self) -> &str {
+        self.account_id.as_str()
+    }
+    /// The domain (lowercase), to find an account's verification of a domain.
+    fn refs(&self) -> Vec<String> {
+        vec![self.domain_name.to_ascii_lowercase()]
     }
 }

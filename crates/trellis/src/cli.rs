@@ -13,8 +13,8 @@ use reqwest::Url;
 use trellis_proto::join_token::JoinToken;
 
 use crate::nouns::{
-    AccountVerb, AgentTokenVerb, AgentVerb, InvitationVerb, OrganizationVerb, ResourceConfigurationVerb,
-    ResourceGatewayVerb, ResourceShareVerb, SubnetVerb, VpcEndpointVerb, VpcVerb,
+    AccountVerb, AgentTokenVerb, AgentVerb, DomainVerificationVerb, InvitationVerb, OrganizationVerb,
+    ResourceConfigurationVerb, ResourceGatewayVerb, ResourceShareVerb, SubnetVerb, VpcEndpointVerb, VpcVerb,
 };
 use crate::secret::ApiKey;
 
@@ -99,6 +99,9 @@ pub enum Command {
     /// VPC endpoints: a consumer's addresses and DNS names for a shared resource
     #[command(subcommand)]
     VpcEndpoint(VpcEndpointVerb),
+    /// Domain verifications: prove with a TXT record that you own a domain used in custom DNS names
+    #[command(subcommand)]
+    DomainVerification(DomainVerificationVerb),
 }
 
 /// `trellis server`.
@@ -119,6 +122,10 @@ pub struct ServerArgs {
     /// Extra DNS name or IP address for the server certificate (repeatable; the listen address is always included)
     #[arg(long = "tls-name", env = "TRELLIS_TLS_NAME", value_name = "NAME", value_delimiter = ',')]
     pub tls_names: Vec<String>,
+
+    /// DNS resolver that domain verification asks for TXT records, IP:PORT (default: the first nameserver in /etc/resolv.conf)
+    #[arg(long, env = "TRELLIS_DNS_RESOLVER", value_name = "IP:PORT", value_parser = parse_resolver)]
+    pub dns_resolver: Option<SocketAddr>,
 }
 
 /// `trellis agent`: with a verb it manages agents through the API; without one it runs an agent.
@@ -259,6 +266,18 @@ fn parse_region(s: &str) -> Result<String, String> {
     trellis_model::validate_region(s).map(|()| s.to_string()).map_err(|e| e.to_string())
 }
 
+/// `IP:PORT` (or a bare IP, port 53) of a DNS resolver.
+fn parse_resolver(s: &str) -> Result<SocketAddr, String> {
+    let addr = match s.parse::<std::net::IpAddr>() {
+        Ok(ip) => SocketAddr::new(ip, 53),
+        Err(_) => s.parse().map_err(|_| format!("{s:?} is not IP:PORT; write e.g. 10.0.0.2:53 or [fd00::53]:53"))?,
+    };
+    if addr.port() == 0 || addr.ip().is_unspecified() {
+        return Err(format!("{s:?} cannot be a resolver address; write e.g. 10.0.0.2:53"));
+    }
+    Ok(addr)
+}
+
 fn parse_duration(s: &str) -> Result<Duration, String> {
     let d = humantime::parse_duration(s).map_err(|e| format!("{s:?} is not a duration ({e}); write e.g. 10s or 1m"))?;
     if d.is_zero() {
@@ -339,6 +358,7 @@ mod tests {
             "resource-share",
             "invitation",
             "vpc-endpoint",
+            "domain-verification",
         ] {
             assert!(help.contains(&format!("  {noun} ")), "`trellis --help` does not mention {noun}:\n{help}");
         }
@@ -364,6 +384,24 @@ mod tests {
         assert_eq!(s.listen, "127.0.0.1:0".parse().unwrap());
         assert_eq!(s.region, "eu-1");
         assert_eq!(s.tls_names, ["cp.example", "10.0.0.1"]);
+    }
+
+    #[test]
+    fn server_takes_a_dns_resolver_for_domain_verification() {
+        let resolver = |args: &[&str]| {
+            let mut argv = vec!["server", "--data-dir", "/tmp/x"];
+            argv.extend_from_slice(args);
+            let Command::Server(s) = parse(&argv).unwrap().command else { panic!("not server") };
+            s.dns_resolver
+        };
+        assert_eq!(resolver(&[]), None);
+        assert_eq!(resolver(&["--dns-resolver", "127.0.0.1:5353"]), Some("127.0.0.1:5353".parse().unwrap()));
+        assert_eq!(resolver(&["--dns-resolver", "10.0.0.2"]), Some("10.0.0.2:53".parse().unwrap()));
+        assert_eq!(resolver(&["--dns-resolver", "[fd00::53]:53"]), Some("[fd00::53]:53".parse().unwrap()));
+        for bad in ["dns.example:53", "10.0.0.2:0", "0.0.0.0:53", "10.0.0.2:x"] {
+            let err = parse(&["server", "--data-dir", "/tmp/x", "--dns-resolver", bad]).unwrap_err();
+            assert!(err.to_string().contains("--dns-resolver"), "{bad}: {err}");
+        }
     }
 
     #[test]

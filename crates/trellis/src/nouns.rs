@@ -367,6 +367,24 @@ pub enum VpcEndpointVerb {
     Delete(IdArg),
 }
 
+#[derive(Debug, Subcommand)]
+pub enum DomainVerificationVerb {
+    /// Start verifying a domain: prints the TXT record to publish in its DNS
+    Create {
+        /// Domain to verify, e.g. example.com (covers every name under it)
+        #[arg(long, value_name = "DOMAIN")]
+        domain_name: String,
+        #[command(flatten)]
+        create: CreateArgs,
+    },
+    /// List domain verifications
+    List(ListArgs),
+    /// Show one domain verification, with its TXT record and status
+    Get(IdArg),
+    /// Delete a domain verification (its domain stops counting as verified)
+    Delete(IdArg),
+}
+
 fn parse_expiry(s: &str) -> Result<u64, String> {
     let secs = match s.parse::<u64>() {
         Ok(n) => n,
@@ -643,6 +661,20 @@ impl VpcEndpointVerb {
     }
 }
 
+impl DomainVerificationVerb {
+    pub fn request(&self) -> ApiRequest {
+        const C: &str = "/v1/domainverifications";
+        match self {
+            Self::Create { domain_name, create } => {
+                ApiRequest::post(C, create_body(serde_json::json!({"domainName": domain_name}), create))
+            }
+            Self::List(l) => list(C, l),
+            Self::Get(t) => ApiRequest::get(&item(C, &t.id)),
+            Self::Delete(t) => ApiRequest::delete(&item(C, &t.id)),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use reqwest::Method;
@@ -667,6 +699,7 @@ mod tests {
             Command::ResourceShare(v) => v.request(),
             Command::Invitation(v) => v.request(),
             Command::VpcEndpoint(v) => v.request(),
+            Command::DomainVerification(v) => v.request(),
             other => panic!("`trellis {args}` is not an API verb: {other:?}"),
         }
     }
@@ -808,7 +841,16 @@ mod tests {
             ),
             ("vpc-endpoint list", M::GET, "/v1/vpcendpoints", none.clone()),
             ("vpc-endpoint get vpce-1", M::GET, "/v1/vpcendpoints/vpce-1", none.clone()),
-            ("vpc-endpoint delete vpce-1", M::DELETE, "/v1/vpcendpoints/vpce-1", none),
+            ("vpc-endpoint delete vpce-1", M::DELETE, "/v1/vpcendpoints/vpce-1", none.clone()),
+            (
+                "domain-verification create --domain-name example.com --client-token t-2",
+                M::POST,
+                "/v1/domainverifications",
+                Some(json!({"domainName": "example.com", "clientToken": "t-2"})),
+            ),
+            ("domain-verification list", M::GET, "/v1/domainverifications", none.clone()),
+            ("domain-verification get dv-1", M::GET, "/v1/domainverifications/dv-1", none.clone()),
+            ("domain-verification delete dv-1", M::DELETE, "/v1/domainverifications/dv-1", none),
         ];
         for (args, method, path, body) in cases {
             check(args, method, path, body);
@@ -879,6 +921,7 @@ mod tests {
             ("resource-share", &["create", "list", "get", "delete"]),
             ("invitation", &["list", "get", "accept", "reject"]),
             ("vpc-endpoint", &["create", "list", "get", "delete"]),
+            ("domain-verification", &["create", "list", "get", "delete"]),
         ];
         let cmd = Cli::command();
         for (noun, verbs) in expected {

@@ -17,7 +17,7 @@ const ADMIN_KEY_FILE: &str = trellis_control::server::ADMIN_KEY_FILE;
 
 /// Runs `trellis server` until a signal.
 pub async fn run(args: ServerArgs) -> Result<()> {
-    let server = start(args.listen, args.data_dir.clone(), &args.region, args.tls_names.clone())
+    let server = start(args.listen, args.data_dir.clone(), &args.region, args.tls_names.clone(), args.dns_resolver)
         .await
         .with_context(|| format!("starting the control plane on {}", args.listen))?;
     print!("{}", banner(&server, &args.tls_names));
@@ -29,13 +29,20 @@ pub async fn run(args: ServerArgs) -> Result<()> {
 
 /// Starts the control plane for `trellis dev`: loopback, no extra TLS names.
 pub async fn start_for_dev(listen: SocketAddr, data_dir: PathBuf, region: &str) -> Result<ServerHandle> {
-    start(listen, data_dir, region, Vec::new()).await
+    start(listen, data_dir, region, Vec::new(), None).await
 }
 
-async fn start(listen: SocketAddr, data_dir: PathBuf, region: &str, tls_names: Vec<String>) -> Result<ServerHandle> {
+async fn start(
+    listen: SocketAddr,
+    data_dir: PathBuf,
+    region: &str,
+    tls_names: Vec<String>,
+    dns_resolver: Option<SocketAddr>,
+) -> Result<ServerHandle> {
     let mut options = ServerOptions::new(listen, &data_dir);
     options.region = region.to_string();
     options.tls_names = tls_names;
+    options.domain_verification.resolver = dns_resolver;
     let inner = trellis_control::server::start(options).await?;
     Ok(ServerHandle { inner, data_dir })
 }

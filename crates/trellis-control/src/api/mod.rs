@@ -6,6 +6,7 @@
 
 pub mod accounts;
 pub mod configurations;
+pub mod domains;
 pub mod endpoints;
 pub mod extract;
 pub mod gateways;
@@ -42,6 +43,7 @@ pub fn api_router(state: AppState) -> Router {
         .merge(shares::router())
         .merge(invitations::router())
         .merge(endpoints::router())
+        .merge(domains::router())
         .merge(crate::agents::router())
         .merge(crate::usage::router())
         .route("/v1/openapi.json", get(openapi::serve))
