@@ -45,6 +45,9 @@ pub enum ControlError {
     /// The control plane answered with an error status.
     #[error("the control plane refused {what}: HTTP {status}: {message}")]
     Refused { what: &'static str, status: u16, code: String, message: String },
+    /// The config the long-poll returned is not a config.
+    #[error("the control plane sent a config that could not be read: {0}")]
+    BadConfig(String),
     /// The answer did not parse.
     #[error("the control plane's answer to {what} could not be read: {source}")]
     BadAnswer {
@@ -67,6 +70,23 @@ struct ApiError {
     code: String,
     #[serde(default)]
     message: String,
+}
+
+/// Largest config the agent accepts, uncompressed.
+const MAX_CONFIG_BYTES: u64 = 256 << 20;
+
+/// Decompresses a gzip body, refusing more than [`MAX_CONFIG_BYTES`].
+fn gunzip(body: &[u8]) -> Result<Vec<u8>, ControlError> {
+    use std::io::Read;
+    let mut out = Vec::new();
+    flate2::read::GzDecoder::new(body)
+        .take(MAX_CONFIG_BYTES + 1)
+        .read_to_end(&mut out)
+        .map_err(|e| ControlError::BadConfig(format!("the gzip body does not decompress: {e}")))?;
+    if out.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(ControlError::BadConfig(format!("the config is larger than {MAX_CONFIG_BYTES} bytes")));
+    }
+    Ok(out)
 }
 
 /// Normalizes and checks a control plane URL: `https://host[:port]`, no trailing slash.
@@ -185,17 +205,25 @@ impl ControlClient {
             .http
             .get(format!("{}/v1/agents/self/config", self.base))
             .query(&query)
+            .header(reqwest::header::ACCEPT_ENCODING, "gzip")
             .timeout(Duration::from_secs(wait_seconds + 15))
             .send()
             .await
             .map_err(self.unreachable())?;
         match resp.status() {
             StatusCode::NOT_MODIFIED => Ok(None),
-            s if s.is_success() => resp
-                .json()
-                .await
-                .map(Some)
-                .map_err(|source| ControlError::BadAnswer { what: "the config long-poll", source }),
+            s if s.is_success() => {
+                let gzipped = resp
+                    .headers()
+                    .get(reqwest::header::CONTENT_ENCODING)
+                    .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"gzip"));
+                let body = resp
+                    .bytes()
+                    .await
+                    .map_err(|source| ControlError::BadAnswer { what: "the config long-poll", source })?;
+                let json = if gzipped { gunzip(&body)? } else { body.to_vec() };
+                serde_json::from_slice(&json).map(Some).map_err(|e| ControlError::BadConfig(e.to_string()))
+            }
             _ => Err(refused("the config long-poll", resp).await),
         }
     }

@@ -261,10 +261,13 @@ fn gateway_role(snap: &mut Snapshot<'_>, agent: &Agent) -> Result<GatewayRole, S
             a.consumer = renumber[&a.consumer];
         }
     }
+    // Revocations are few (deleted agents' certificates until they expire):
+    // one read of them all beats one read per consumer VPC.
+    let consumer_vpcs: BTreeSet<&str> = consumers.keys().map(|c| c.vpc_id.as_str()).collect();
     let mut revoked_certs = BTreeSet::new();
-    for consumer in consumers.keys() {
-        for cert in snap.tx.list_obj::<RevokedCert>(&Filter::reference(&consumer.vpc_id))? {
-            if cert.vpc_id.as_str() == consumer.vpc_id {
+    if !consumer_vpcs.is_empty() {
+        for cert in snap.tx.list_obj::<RevokedCert>(&Filter::default())? {
+            if consumer_vpcs.contains(cert.vpc_id.as_str()) {
                 revoked_certs.insert(cert.id);
             }
         }

@@ -45,6 +45,9 @@ pub struct Compiled {
     pub config: Arc<AgentConfig>,
     /// The config as sent: JSON of `config`.
     pub json: Arc<[u8]>,
+    /// `json` compressed with gzip, for agents that accept it (large configs
+    /// shrink to about a third: most of them is ids).
+    pub gzip: Arc<[u8]>,
     /// Lower-case hex SHA-256 of the JSON of the config with version 0 (its content).
     pub content_sha256: String,
     /// The store revision the compilation read.
@@ -64,6 +67,7 @@ impl Compiled {
         let json = encode(&config)?;
         Ok(Compiled {
             config: Arc::new(config),
+            gzip: gzip(&json)?,
             json,
             content_sha256: self.content_sha256.clone(),
             revision: self.revision,
@@ -74,6 +78,16 @@ impl Compiled {
 
 fn encode(config: &AgentConfig) -> Result<Arc<[u8]>, ApiError> {
     serde_json::to_vec(config).map(Arc::from).map_err(|e| ApiError::internal(format!("encoding a config: {e}")))
+}
+
+fn gzip(json: &[u8]) -> Result<Arc<[u8]>, ApiError> {
+    use std::io::Write;
+    let mut encoder = flate2::write::GzEncoder::new(Vec::with_capacity(json.len() / 3), flate2::Compression::fast());
+    encoder
+        .write_all(json)
+        .and_then(|()| encoder.finish())
+        .map(Arc::from)
+        .map_err(|e| ApiError::internal(format!("compressing a config: {e}")))
 }
 
 /// The hash of a config's content: its JSON with version 0.
@@ -293,7 +307,7 @@ impl ConfigCache {
             };
             let config = AgentConfig { version, ..config };
             let json = encode(&config)?;
-            Ok(Compiled { config: Arc::new(config), json, content_sha256, revision, work })
+            Ok(Compiled { config: Arc::new(config), gzip: gzip(&json)?, json, content_sha256, revision, work })
         })();
         // The agent was deleted while it compiled: nothing to keep.
         let Some(entry) = inner.entries.get_mut(agent.as_str()) else { return };

@@ -18,10 +18,14 @@ pub mod conn_limits;
 pub mod domain_verification;
 pub mod error;
 pub mod pki;
+pub mod rate;
 pub mod server;
 pub mod state;
 pub mod tls;
 pub mod usage;
+
+#[cfg(test)]
+mod scale_tests;
 
 pub use api::api_router;
 pub use auth::bootstrap_admin;

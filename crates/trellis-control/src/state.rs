@@ -14,6 +14,7 @@ use crate::agents::report::ReportMemo;
 use crate::configs::ConfigCache;
 use crate::error::ApiError;
 use crate::pki::Ca;
+use crate::rate::RateLimit;
 
 /// Control-plane settings the handlers need.
 #[derive(Clone, Debug)]
@@ -42,6 +43,8 @@ pub struct AppState {
     pub reports: Arc<ReportMemo>,
     /// Wakes the domain verifier when a verification is created.
     pub domain_checks: Arc<Notify>,
+    /// Shares (and so invitations to other accounts) an account may create.
+    pub share_rate: Arc<RateLimit>,
     /// Bounds the store work in flight, so requests wait their turn as tasks
     /// instead of filling the blocking thread pool (SQLite has one writer).
     io: Arc<IoLimits>,
@@ -51,6 +54,10 @@ struct IoLimits {
     reads: Semaphore,
     writes: Semaphore,
 }
+
+/// Shares one account may create per minute, after a burst of [`SHARES_BURST`].
+pub const SHARES_PER_MINUTE: u32 = 30;
+pub const SHARES_BURST: u32 = 60;
 
 /// Concurrent read transactions (each on a blocking thread).
 const MAX_CONCURRENT_READS: usize = 16;
@@ -71,6 +78,7 @@ impl AppState {
             ca,
             reports: Arc::new(ReportMemo::default()),
             domain_checks: Arc::new(Notify::new()),
+            share_rate: Arc::new(RateLimit::new(SHARES_PER_MINUTE, SHARES_BURST)),
             io: Arc::new(IoLimits { reads: Semaphore::new(MAX_CONCURRENT_READS), writes: Semaphore::new(1) }),
         }
     }

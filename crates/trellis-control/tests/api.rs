@@ -631,16 +631,16 @@ async fn failed_creates_leave_nothing_behind() {
     let owner = api.account("acme").await;
     let consumer = api.account("globex").await;
     let (_, cfg) = api.owner_setup(&owner, "z1").await;
-    // The second principal does not exist: no share, and no invitation for the first.
+    // The second configuration does not exist: no share, and no invitation to the principal.
     let (status, err) = api
         .post(
             "/v1/resourceshares",
             &owner.key,
-            json!({"name": "s", "resourceArns": [cfg["arn"]], "principals": [consumer.id, "acct-000000000000"]}),
+            json!({"name": "s", "resourceArns": [cfg["arn"], "rcfg-00000000000000000"], "principals": [consumer.id]}),
         )
         .await;
-    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
-    assert!(s(&err["message"]).contains("acct-000000000000"), "{err}");
+    assert_eq!(status, StatusCode::NOT_FOUND, "{err}");
+    assert!(s(&err["message"]).contains("rcfg-00000000000000000"), "{err}");
     assert_eq!(api.get("/v1/resourceshares", &owner.key).await.1["items"], json!([]));
     assert_eq!(api.get("/v1/resourceshareinvitations", &consumer.key).await.1["items"], json!([]));
 
@@ -707,4 +707,157 @@ async fn every_documented_route_is_served() {
             || (status == StatusCode::NOT_FOUND && body["message"].as_str().is_some_and(|m| m.starts_with("no route")));
         assert!(!unrouted, "{} {} is documented but not routed ({status}: {body})", route.method, route.path);
     }
+}
+
+/// Attack (issue 6.5): a provider PATCHed a shared configuration's ports to
+/// 1024-65535 and a consumer's agent opened thousands of listeners, failing
+/// another provider's endpoint; 13 CHILDren filled a /28 pool. Now one endpoint
+/// may take a bounded share, and only that endpoint fails, with the reason.
+#[tokio::test]
+async fn one_providers_resources_cannot_take_a_consumers_ports_or_addresses() {
+    let api = Api::new();
+    let hostile = api.account("hostile").await;
+    let honest = api.account("honest").await;
+    let consumer = api.account("consumer").await;
+    let (_, bad_cfg) = api.owner_setup(&hostile, "z1").await;
+    let (_, good_cfg) = api.owner_setup(&honest, "z1").await;
+    api.share(&hostile, vec![s(&bad_cfg["arn"])], vec![&consumer.id]).await;
+    api.share(&honest, vec![s(&good_cfg["arn"])], vec![&consumer.id]).await;
+    api.accept_all(&consumer).await;
+    let (cvpc, csubnet) = api.vpc_with_subnet(&consumer, "z1", "10.0.9.0/28").await;
+    let (status, bad_ep) = api.endpoint(&consumer, &cvpc, vec![&csubnet], s(&bad_cfg["arn"])).await;
+    assert_eq!(status, StatusCode::CREATED, "{bad_ep}");
+    let (status, good_ep) = api.endpoint(&consumer, &cvpc, vec![&csubnet], s(&good_cfg["arn"])).await;
+    assert_eq!(status, StatusCode::CREATED, "{good_ep}");
+
+    // Ports: the hostile owner widens its resource; only its endpoint fails, and says why.
+    let bad_path = format!("/v1/resourceconfigurations/{}", s(&bad_cfg["id"]));
+    let (status, v) = api.call("PATCH", &bad_path, &hostile.key, Some(json!({"portRanges": ["1024-65535"]}))).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let (_, got) = api.get(&format!("/v1/vpcendpoints/{}", s(&bad_ep["id"])), &consumer.key).await;
+    assert_eq!(got["state"], "Failed", "{got}");
+    assert!(s(&got["failureReason"]).contains("64512 listening ports"), "{got}");
+    let (_, good) = api.get(&format!("/v1/vpcendpoints/{}", s(&good_ep["id"])), &consumer.key).await;
+    assert_eq!(good["state"], "Pending", "the other provider's endpoint is untouched: {good}");
+    // A new endpoint to the wide resource is refused outright.
+    let (status, err) = api.endpoint(&consumer, &cvpc, vec![&csubnet], s(&bad_cfg["arn"])).await;
+    assert_eq!((status, s(&err["code"])), (StatusCode::UNPROCESSABLE_ENTITY, "ListenerLimitExceeded"), "{err}");
+    // Narrowing the ports again lifts the failure.
+    api.call("PATCH", &bad_path, &hostile.key, Some(json!({"portRanges": ["5432"]}))).await;
+    let (_, got) = api.get(&format!("/v1/vpcendpoints/{}", s(&bad_ep["id"])), &consumer.key).await;
+    assert_eq!(got["state"], "Pending", "{got}");
+
+    // Addresses: a GROUP endpoint in a /28 takes at most 4 addresses; the 5th CHILD fails that endpoint only.
+    let (vpc_id, subnet_id) = api.vpc_with_subnet(&hostile, "z1", "10.1.9.0/24").await;
+    let gw = api
+        .create(
+            "/v1/resourcegateways",
+            &hostile.key,
+            json!({"name": "gw2", "vpcIdentifier": vpc_id, "subnetIds": [subnet_id]}),
+        )
+        .await;
+    let group = api
+        .create(
+            "/v1/resourceconfigurations",
+            &hostile.key,
+            json!({"name": "g", "type": "GROUP", "resourceGatewayIdentifier": gw["id"], "portRanges": ["1-65535"]}),
+        )
+        .await;
+    let child = |n: u32| {
+        json!({"name": format!("c{n}"), "type": "CHILD", "resourceConfigurationGroupIdentifier": group["id"],
+               "resourceConfigurationDefinition": {"ipResource": {"ipAddress": format!("10.1.0.{n}")}},
+               "portRanges": ["80"]})
+    };
+    api.create("/v1/resourceconfigurations", &hostile.key, child(1)).await;
+    api.share(&hostile, vec![s(&group["arn"])], vec![&consumer.id]).await;
+    api.accept_all(&consumer).await;
+    let (status, group_ep) = api.endpoint(&consumer, &cvpc, vec![&csubnet], s(&group["arn"])).await;
+    assert_eq!(status, StatusCode::CREATED, "{group_ep}");
+    for n in 2..=6 {
+        let (status, v) = api.post("/v1/resourceconfigurations", &hostile.key, child(n)).await;
+        assert_eq!(status, StatusCode::CREATED, "the owner's CHILD is created whatever the consumers' pools hold: {v}");
+    }
+    let (_, got) = api.get(&format!("/v1/vpcendpoints/{}", s(&group_ep["id"])), &consumer.key).await;
+    assert_eq!(got["dnsEntries"].as_array().unwrap().len(), 4, "{got}");
+    assert_eq!(got["state"], "Failed", "{got}");
+    assert!(s(&got["failureReason"]).contains("the most one endpoint may take"), "{got}");
+    // The consumer can still give the honest provider's next endpoint an address.
+    let (_, sub) = api.get(&format!("/v1/subnets/{csubnet}"), &consumer.key).await;
+    assert!(sub["availableIpAddressCount"].as_u64().unwrap() >= 7, "{sub}");
+    let (status, v) = api.endpoint(&consumer, &cvpc, vec![&csubnet], s(&good_cfg["arn"])).await;
+    assert_eq!(status, StatusCode::CREATED, "{v}");
+}
+
+/// Attack (issue 6.4): a provider put names of its choosing (another
+/// endpoint's generated name) into a consumer's DNS. Names in the reserved
+/// zone are never custom names.
+#[tokio::test]
+async fn reserved_names_are_never_custom_names() {
+    let api = Api::new();
+    let owner = api.account("acme").await;
+    let (gw, _) = api.owner_setup(&owner, "z1").await;
+    for name in ["vpce-0123456789abcdef0.rcfg-0123456789abcdef0.local.trellis.internal", "TRELLIS.INTERNAL."] {
+        let (status, err) = api
+            .post(
+                "/v1/resourceconfigurations",
+                &owner.key,
+                json!({"name": "db2", "type": "SINGLE", "resourceGatewayIdentifier": gw,
+                       "resourceConfigurationDefinition": {"ipResource": {"ipAddress": "10.0.0.11"}},
+                       "portRanges": ["5432"], "customDomainName": name}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{name}: {err}");
+        assert!(s(&err["message"]).contains("trellis.internal"), "{err}");
+    }
+    let (_, list) = api.get("/v1/resourceconfigurations", &owner.key).await;
+    assert_eq!(list["items"].as_array().unwrap().len(), 1, "nothing was created");
+}
+
+/// Attack (issue 6.10): "principal … is not an existing account" told any
+/// tenant which account ids exist, and anyone could send anyone any number of
+/// invitations. Now a missing and an existing principal get the same answer,
+/// and share creation is rate-limited per account.
+#[tokio::test]
+async fn shares_do_not_reveal_accounts_and_are_rate_limited() {
+    let api = Api::new();
+    let owner = api.account("acme").await;
+    let real = api.account("globex").await;
+    let (_, cfg) = api.owner_setup(&owner, "z1").await;
+    let missing = "acct-000000000001";
+    assert_ne!(missing, real.id);
+    let answer = |v: &Value| {
+        let mut v = v.clone();
+        for field in ["id", "arn", "resourceShareArn", "principals", "createdAt"] {
+            v.as_object_mut().unwrap().remove(field);
+        }
+        v
+    };
+    let to_real = api.share(&owner, vec![s(&cfg["arn"])], vec![&real.id]).await;
+    let to_missing = api.share(&owner, vec![s(&cfg["arn"])], vec![missing]).await;
+    assert_eq!(answer(&to_real), answer(&to_missing), "the answers differ only by the principal");
+    let (_, invs) = api.get("/v1/resourceshareinvitations", &real.key).await;
+    assert_eq!(invs["items"].as_array().unwrap().len(), 1, "the real account got its invitation");
+
+    // A burst, then 429 with the time to wait; another account is not affected.
+    let mut limited = None;
+    for _ in 0..100 {
+        let (status, v) = api
+            .post(
+                "/v1/resourceshares",
+                &owner.key,
+                json!({"name": "spam", "resourceArns": [], "principals": [real.id]}),
+            )
+            .await;
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            limited = Some(v);
+            break;
+        }
+        assert_eq!(status, StatusCode::CREATED, "{v}");
+    }
+    let limited = limited.expect("share creation is rate-limited");
+    assert_eq!(limited["code"], "TooManyRequests");
+    assert!(s(&limited["message"]).contains("try again in"), "{limited}");
+    let (status, v) =
+        api.post("/v1/resourceshares", &real.key, json!({"name": "mine", "resourceArns": [], "principals": []})).await;
+    assert_eq!(status, StatusCode::CREATED, "{v}");
 }

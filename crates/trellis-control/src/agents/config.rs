@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use axum::Extension;
 use axum::extract::State;
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
@@ -59,10 +59,21 @@ async fn differing(
     Ok((compiled.version() != after).then_some(compiled))
 }
 
+/// Whether the request's `Accept-Encoding` takes gzip.
+fn accepts_gzip(headers: &HeaderMap) -> bool {
+    headers.get_all(header::ACCEPT_ENCODING).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(',')).any(
+        |coding| {
+            let mut parts = coding.split(';').map(str::trim);
+            parts.next().is_some_and(|c| c.eq_ignore_ascii_case("gzip")) && !parts.any(|p| p.replace(' ', "") == "q=0")
+        },
+    )
+}
+
 pub(super) async fn config(
     State(state): State<AppState>,
     AgentAuth(agent): AgentAuth,
     shutdown: Option<Extension<ShutdownSignal>>,
+    headers: HeaderMap,
     Query(query): Query<ConfigQuery>,
 ) -> Result<Response, ApiError> {
     let shutdown = shutdown.map(|Extension(ShutdownSignal(token))| token).unwrap_or_default();
@@ -95,6 +106,12 @@ pub(super) async fn config(
         },
     };
     match outcome? {
+        Some(compiled) if accepts_gzip(&headers) => Ok((
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "application/json"), (header::CONTENT_ENCODING, "gzip")],
+            axum::body::Bytes::from_owner(compiled.gzip.clone()),
+        )
+            .into_response()),
         Some(compiled) => Ok((
             StatusCode::OK,
             [(header::CONTENT_TYPE, "application/json")],
@@ -102,5 +119,24 @@ pub(super) async fn config(
         )
             .into_response()),
         None => Ok(StatusCode::NOT_MODIFIED.into_response()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gzip_is_used_only_when_accepted() {
+        let with = |v: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::ACCEPT_ENCODING, v.parse().unwrap());
+            accepts_gzip(&h)
+        };
+        assert!(with("gzip"));
+        assert!(with("br, GZIP;q=0.8"));
+        assert!(!with("identity"));
+        assert!(!with("gzip;q=0"));
+        assert!(!accepts_gzip(&HeaderMap::new()));
     }
 }

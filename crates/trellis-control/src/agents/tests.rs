@@ -789,3 +789,108 @@ async fn a_late_ready_report_does_not_undo_a_revocation() {
     assert_eq!(api.report(&consumer_cert, &ready).await, StatusCode::NO_CONTENT);
     assert_eq!(endpoint_state(&api), EndpointState::Failed, "readiness must not override lost access");
 }
+
+/// Attack (issue 6.1): `after` at u64::MAX made the long-poll write a new
+/// version on every pass, forever. Now no value of `after`, `have` or
+/// `waitSeconds` makes a long-poll write, and every poll returns by its deadline.
+#[tokio::test]
+async fn no_client_number_makes_a_long_poll_write_or_outlive_its_deadline() {
+    let api = Api::new();
+    let (_, cert) = api.enrolled(&api.owner_key, &api.world.owner_subnets[0], Some("192.0.2.9:7443")).await;
+    let (status, body) = api.config(&cert, 0, 0).await;
+    assert_eq!(status, StatusCode::OK);
+    let current = body["version"].as_u64().unwrap();
+    let revision = api.state.store.revision().unwrap();
+    for query in [
+        format!("after={}&waitSeconds=1", u64::MAX),
+        format!("after={}&waitSeconds={}", u64::MAX - 1, u64::MAX),
+        format!("after=18446744073709551615&have={}&waitSeconds=1", "ab".repeat(32)),
+        format!("after={current}&have=not-a-hash&waitSeconds=1"),
+    ] {
+        let started = std::time::Instant::now();
+        let (status, body) = api.call("GET", &format!("/v1/agents/self/config?{query}"), None, Some(&cert), None).await;
+        // A number the agent cannot hold gets the current config at once; the
+        // current version waits (at most the capped wait) and gets a 304.
+        match status {
+            StatusCode::OK => assert_eq!(body["version"].as_u64(), Some(current), "{query}"),
+            StatusCode::NOT_MODIFIED => assert!(started.elapsed() < Duration::from_secs(5), "{query}"),
+            other => panic!("{query}: {other} {body}"),
+        }
+        assert!(started.elapsed() < Duration::from_secs(62), "{query} outlived the longest wait");
+    }
+    assert_eq!(api.state.store.revision().unwrap(), revision, "a long-poll wrote to the store");
+}
+
+/// An agent that proves (by content hash) it holds the current config keeps
+/// its version: a control plane that restarted resends nothing.
+#[tokio::test]
+async fn an_agent_holding_the_current_content_keeps_its_version() {
+    let api = Api::new();
+    let (_, cert) = api.enrolled(&api.owner_key, &api.world.owner_subnets[0], Some("192.0.2.9:7443")).await;
+    let (_, body) = api.config(&cert, 0, 0).await;
+    let config: AgentConfig = serde_json::from_value(body).unwrap();
+    let have = crate::configs::content_sha256(&config).unwrap();
+    // The version it holds is from before a restart: another number, the same content.
+    let old = config.version + 1000;
+    let (status, _) = api
+        .call("GET", &format!("/v1/agents/self/config?after={old}&have={have}&waitSeconds=0"), None, Some(&cert), None)
+        .await;
+    assert_eq!(status, StatusCode::NOT_MODIFIED, "the same content is not resent");
+    let (status, body) = api.config(&cert, 0, 0).await;
+    assert_eq!((status, body["version"].as_u64()), (StatusCode::OK, Some(old)), "the agent's version was adopted");
+    // A wrong hash gets the config.
+    let (status, _) = api
+        .call(
+            "GET",
+            &format!("/v1/agents/self/config?after={}&have={}&waitSeconds=0", old + 1, "0".repeat(64)),
+            None,
+            Some(&cert),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+}
+
+/// Attack (issue 6.6): reports with invented endpoint ids and new boot ids
+/// grew the store without limit. Now reports are cut to the agent's own
+/// config, bounded in size, and usage keeps one record per (agent, endpoint,
+/// resource) however often the agent restarts.
+#[tokio::test]
+async fn reports_cannot_grow_the_store() {
+    let api = Api::new();
+    let w = &api.world;
+    let (_, gw_cert) = api.enrolled(&api.owner_key, &w.owner_subnets[0], Some("192.0.2.9:7443")).await;
+    let invented = |n: usize| UsageCounters {
+        vpc_endpoint_id: format!("vpce-{:017x}", n),
+        resource_configuration_id: format!("rcfg-{:017x}", n),
+        consumer_account_id: w.consumer.id.to_string(),
+        total_connections: 1,
+        ..UsageCounters::default()
+    };
+    let too_many = AgentReport {
+        boot_id: "boot-1".into(),
+        usage: (0..super::report::MAX_REPORT_ENTRIES + 1).map(invented).collect(),
+        ..AgentReport::default()
+    };
+    assert_eq!(api.report(&gw_cert, &too_many).await, StatusCode::UNPROCESSABLE_ENTITY);
+    let count = |api: &Api| api.read(|tx| Ok(tx.list_obj::<UsageRecord>(&Filter::default())?.len()));
+    for boot in 0..20 {
+        let mut usage: Vec<UsageCounters> = (0..50).map(invented).collect();
+        usage.push(counters(w, boot + 1, 0, 10));
+        let report = AgentReport { boot_id: format!("boot-{boot}"), usage, ..AgentReport::default() };
+        assert_eq!(api.report(&gw_cert, &report).await, StatusCode::NO_CONTENT);
+    }
+    assert_eq!(count(&api), 1, "only the real (endpoint, resource) of the agent's config, once across 20 boots");
+    let uri = format!("/v1/resourceconfigurations/{}/usage", w.db.id);
+    let (_, body) = api.call("GET", &uri, Some(&api.owner_key), None, None).await;
+    assert_eq!(body["items"][0]["totalConnections"].as_u64(), Some((1..=20).sum()), "earlier boots still count");
+
+    // A report that changes nothing writes nothing.
+    let quiet = AgentReport { boot_id: "boot-19".into(), ..AgentReport::default() };
+    assert_eq!(api.report(&gw_cert, &quiet).await, StatusCode::NO_CONTENT);
+    let revision = api.state.store.revision().unwrap();
+    for _ in 0..5 {
+        assert_eq!(api.report(&gw_cert, &quiet).await, StatusCode::NO_CONTENT);
+    }
+    assert_eq!(api.state.store.revision().unwrap(), revision, "idle reports wrote to the store");
+}

@@ -24,6 +24,9 @@ use crate::auth::AccountAuth;
 use crate::error::{ApiError, invalid_reference};
 use crate::state::{AppState, now, seed};
 
+/// Most principals one share may name.
+pub const MAX_PRINCIPALS: usize = 5_000;
+
 pub fn router() -> Router<AppState> {
     Router::new()
         .route("/v1/resourceshares", post(create).get(super::list_owned::<ResourceShare>))
@@ -67,6 +70,15 @@ async fn create(
             "principals lists your own account; you always reach your own resources",
         ));
     }
+    if principals.len() > MAX_PRINCIPALS {
+        return Err(ApiError::invalid(
+            "ValidationError",
+            format!("principals lists {} accounts; a share may name at most {MAX_PRINCIPALS}", principals.len()),
+        ));
+    }
+    st.share_rate
+        .take(me.id.as_str(), std::time::Instant::now())
+        .map_err(|wait| ApiError::too_many_requests("this account creates shares faster than 30 a minute", wait))?;
     let token = ClientToken::new(me.id.as_str(), "resourceshares", body.client_token.as_deref(), &body)?;
     let id = ResourceShareId::generate(&seed()?);
     let invitation_seeds = principals.iter().map(|_| seed()).collect::<Result<Vec<Seed>, _>>()?;
@@ -90,12 +102,12 @@ async fn create(
                     }
                     arns.push(config.arn);
                 }
+                // A principal that names no account gets no invitation, and the
+                // answer is the same as for an existing one: a share must not
+                // tell a tenant which account ids exist.
                 let mut receivers = Vec::with_capacity(principals.len());
                 for p in &principals {
-                    let account = tx.get_obj::<Account>(p.as_str())?.ok_or_else(|| {
-                        ApiError::invalid("ValidationError", format!("principal {p} is not an existing account"))
-                    })?;
-                    receivers.push(account);
+                    receivers.extend(tx.get_obj::<Account>(p.as_str())?);
                 }
                 let share = ResourceShare::new(
                     id.clone(),
