@@ -666,3 +666,83 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod custom_name_tests {
+    use super::*;
+    use crate::agents::tests::*;
+    use trellis_model::{DomainVerification, DomainVerificationId, DomainVerificationStatus};
+    use trellis_store::{read_with, write_with};
+
+    const CUSTOM: &str = "db.orders.example.com";
+
+    /// The world's endpoint with private DNS on and the owner's custom name on the database.
+    fn setup(preference: PrivateDnsPreference, domains: &[&str]) -> (World, trellis_store::sqlite::SqliteStore) {
+        let mut w = World::new();
+        w.db.custom_domain_name = Some(CUSTOM.into());
+        let subnets = [w.consumer_subnets[0].clone()];
+        w.endpoint.private_dns_enabled = true;
+        w.endpoint.private_dns_preference = preference;
+        w.endpoint.private_dns_specified_domains = domains.iter().map(|d| d.to_string()).collect();
+        w.endpoint.dns_entries =
+            trellis_model::plan_dns_entries(&w.endpoint.id, REGION, &[&w.db], &subnets, true, &mut Default::default())
+                .unwrap();
+        let store = w.store();
+        (w, store)
+    }
+
+    fn names(store: &trellis_store::sqlite::SqliteStore, agent: &Agent) -> Vec<String> {
+        let config = read_with(store, |tx| compile(tx, agent, REGION)).unwrap();
+        config.endpoints.iter().flat_map(|e| e.resources.iter().flat_map(|r| r.dns_names.clone())).collect()
+    }
+
+    fn verify(store: &trellis_store::sqlite::SqliteStore, owner: &Account, domain: &str, n: u8) {
+        let mut v = DomainVerification::new(
+            DomainVerificationId::generate(&[n; 16]),
+            owner.id.clone(),
+            domain.into(),
+            &[n; 16],
+            REGION,
+            t0(),
+        );
+        v.status = DomainVerificationStatus::Verified;
+        write_with(store, |tx| tx.insert_obj(&v)).unwrap();
+    }
+
+    #[test]
+    fn an_unverified_custom_name_is_not_answered_by_default() {
+        let (w, store) = setup(PrivateDnsPreference::VerifiedDomainsOnly, &[]);
+        let got = names(&store, &w.consumer_agents[0]);
+        assert_eq!(got.len(), 1, "only the generated name: {got:?}");
+        assert!(got[0].ends_with(".trellis.internal"));
+        // A domain the owner verified covers the name; another account's verification does not.
+        verify(&store, &w.consumer, "example.com", 1);
+        assert!(!names(&store, &w.consumer_agents[0]).contains(&CUSTOM.to_string()));
+        verify(&store, &w.owner, "orders.example.com", 2);
+        assert!(names(&store, &w.consumer_agents[0]).contains(&CUSTOM.to_string()));
+    }
+
+    #[test]
+    fn the_consumer_decides_with_its_preference() {
+        let (w, store) = setup(PrivateDnsPreference::AllDomains, &[]);
+        assert!(names(&store, &w.consumer_agents[0]).contains(&CUSTOM.to_string()));
+        let (w, store) = setup(PrivateDnsPreference::SpecifiedDomainsOnly, &["example.com"]);
+        assert!(names(&store, &w.consumer_agents[0]).contains(&CUSTOM.to_string()));
+        let (w, store) = setup(PrivateDnsPreference::SpecifiedDomainsOnly, &["example.org"]);
+        assert!(!names(&store, &w.consumer_agents[0]).contains(&CUSTOM.to_string()));
+    }
+
+    #[test]
+    fn reserved_names_and_other_endpoints_names_are_never_answered_as_custom_names() {
+        // A name stored before reserved names were refused, or planted in an endpoint's entries.
+        let (mut w, _) = setup(PrivateDnsPreference::AllDomains, &[]);
+        let victim = "vpce-0123456789abcdef0.rcfg-0123456789abcdef0.local.trellis.internal";
+        w.db.custom_domain_name = Some(victim.into());
+        let mut entry = w.endpoint.dns_entries[0].clone();
+        entry.dns_name = victim.into();
+        w.endpoint.dns_entries.push(entry);
+        let store = w.store();
+        let got = names(&store, &w.consumer_agents[0]);
+        assert!(!got.contains(&victim.to_string()), "{got:?}");
+    }
+}
