@@ -12,6 +12,7 @@ pub mod config;
 pub mod join_token;
 pub mod limits;
 pub mod ports;
+pub mod proxy_v2;
 pub mod stream;
 
 pub use config::*;
