@@ -27,8 +27,10 @@ pub struct ErrorBody<'a> {
 }
 
 impl ApiError {
+    /// An error whose `message` repeats user input only in short quoted spans
+    /// (see [`trellis_model::clip_quoted`]).
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self { status, code: Cow::Borrowed(code), message: message.into() }
+        Self { status, code: Cow::Borrowed(code), message: trellis_model::clip_quoted(&message.into()) }
     }
 
     /// 400: malformed JSON, a bad query string.
@@ -48,7 +50,7 @@ impl ApiError {
 
     /// 404: unknown, or another account's object (the two are never told apart).
     pub fn not_found(kind: &str, id: &str) -> Self {
-        Self::new(StatusCode::NOT_FOUND, "NotFound", format!("{kind} {id} was not found"))
+        Self::new(StatusCode::NOT_FOUND, "NotFound", format!("{kind} {} was not found", trellis_model::clip_echo(id)))
     }
 
     /// 404 with a custom message.
@@ -174,6 +176,14 @@ mod tests {
         let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(v["code"], "InvalidPortRange");
         assert_eq!(v["message"], "port range \"0\" is bad");
+    }
+
+    #[test]
+    fn messages_repeat_at_most_64_characters_of_quoted_input() {
+        let long = "n".repeat(5000);
+        let e = ApiError::bad_request(format!("unknown variant `{long}`, expected `SINGLE`; name {long:?}"));
+        let cut = format!("{}…", "n".repeat(64));
+        assert_eq!(e.message, format!("unknown variant `{cut}`, expected `SINGLE`; name \"{cut}\""));
     }
 
     #[test]

@@ -4,8 +4,9 @@
 //! consumer account, endpoint and resource, over agents and boots. Totals,
 //! rejections and bytes add up across boots; active connections count only
 //! from an agent's current boot while it is ONLINE, since a restarted or
-//! silent agent's old connections are gone. Only the owner may ask; anyone
-//! else gets the same 404 as for an unknown configuration.
+//! silent agent's old connections are gone. Only the owner may ask: a
+//! consumer that can read the configuration (it was shared with it) gets 403,
+//! anyone else the same 404 as for an unknown configuration (no existence leak).
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -96,7 +97,17 @@ async fn usage(
     let report = state
         .read(move |tx| {
             let config =
-                get_owned::<ResourceConfiguration>(tx, &account.id, id.as_str(), ResourceConfigurationId::KIND)?;
+                match get_owned::<ResourceConfiguration>(tx, &account.id, id.as_str(), ResourceConfigurationId::KIND) {
+                    Ok(config) => config,
+                    Err(not_owned) => {
+                        // Tells a consumer why, without telling anyone else that the configuration exists.
+                        crate::api::configurations::get_visible(tx, &account, id.as_str()).map_err(|_| not_owned)?;
+                        return Err(ApiError::forbidden(format!(
+                            "only the owner sees usage of resource configuration {id}; it is shared with your account, \
+                         which may use it but not see who else does"
+                        )));
+                    }
+                };
             aggregate(tx, &config)
         })
         .await?;

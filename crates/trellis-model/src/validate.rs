@@ -1,5 +1,7 @@
 //! Validation of user-supplied names and addresses. Each error message says
-//! what to write instead.
+//! what to write instead, and repeats the offending input cut to
+//! [`MAX_ECHO_CHARS`] (see [`clip_echo`]) so a 5,000-character name does not come
+//! back whole.
 
 use std::net::IpAddr;
 
@@ -34,6 +36,56 @@ pub enum ValidationError {
     IpUnusable(IpAddr),
 }
 
+/// Longest piece of user input an error message repeats, in characters.
+pub const MAX_ECHO_CHARS: usize = 64;
+
+/// `input` as an error message may repeat it: unchanged up to
+/// [`MAX_ECHO_CHARS`] characters, else its first [`MAX_ECHO_CHARS`]
+/// characters and an ellipsis.
+pub fn clip_echo(input: &str) -> String {
+    match input.char_indices().nth(MAX_ECHO_CHARS) {
+        None => input.to_string(),
+        Some((cut, _)) => format!("{}…", &input[..cut]),
+    }
+}
+
+/// Cuts every quoted span (`"…"` as `{:?}` writes it, or `` `…` `` as serde
+/// writes it) of an error `message` longer than [`MAX_ECHO_CHARS`] characters
+/// down to that length with an ellipsis. For messages built from text that
+/// repeats input without [`clip_echo`] (serde's, clap's, a library's).
+pub fn clip_quoted(message: &str) -> String {
+    let mut out = String::with_capacity(message.len().min(1024));
+    let mut chars = message.chars();
+    while let Some(c) = chars.next() {
+        out.push(c);
+        if c != '"' && c != '`' {
+            continue;
+        }
+        // Inside a span: copy up to MAX_ECHO_CHARS characters, skip the rest, keep the closing quote.
+        let (mut kept, mut clipped, mut escaped, mut closed) = (0usize, false, false, false);
+        for inner in chars.by_ref() {
+            if inner == c && !(c == '"' && escaped) {
+                closed = true;
+                break;
+            }
+            escaped = c == '"' && inner == '\\' && !escaped;
+            if kept < MAX_ECHO_CHARS {
+                out.push(inner);
+                kept += 1;
+            } else {
+                clipped = true;
+            }
+        }
+        if clipped {
+            out.push('…');
+        }
+        if closed {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// Id prefixes a name may not start with (AWS VPC Lattice rule, extended to every Trellis kind).
 pub const RESERVED_NAME_PREFIXES: &[&str] = &[
     "acct-", "o-", "vpc-", "subnet-", "agent-", "jt-", "rgw-", "rcfg-", "rs-", "rsi-", "vpce-", "sn-", "snra-", "snva-",
@@ -55,10 +107,10 @@ pub fn validate_name(name: &str) -> Result<(), ValidationError> {
         && !name.ends_with('-')
         && !name.contains("--");
     if !ok {
-        return Err(ValidationError::Name(name.to_string()));
+        return Err(ValidationError::Name(clip_echo(name)));
     }
     if let Some(prefix) = RESERVED_NAME_PREFIXES.iter().find(|p| name.starts_with(**p)) {
-        return Err(ValidationError::ReservedPrefix { name: name.to_string(), prefix });
+        return Err(ValidationError::ReservedPrefix { name: clip_echo(name), prefix });
     }
     Ok(())
 }
@@ -67,7 +119,7 @@ pub fn validate_name(name: &str) -> Result<(), ValidationError> {
 pub fn validate_zone(zone: &str) -> Result<(), ValidationError> {
     let ok =
         (1..=64).contains(&zone.len()) && zone.bytes().all(is_label_char) && zone.as_bytes()[0].is_ascii_alphanumeric();
-    if ok { Ok(()) } else { Err(ValidationError::Zone(zone.to_string())) }
+    if ok { Ok(()) } else { Err(ValidationError::Zone(clip_echo(zone))) }
 }
 
 /// Region labels (used in ARNs and DNS names): 1–32 chars of `[a-z0-9-]`, starting with a letter.
@@ -76,12 +128,12 @@ pub fn validate_region(region: &str) -> Result<(), ValidationError> {
         && region.bytes().all(is_label_char)
         && region.as_bytes()[0].is_ascii_lowercase()
         && !region.ends_with('-');
-    if ok { Ok(()) } else { Err(ValidationError::Region(region.to_string())) }
+    if ok { Ok(()) } else { Err(ValidationError::Region(clip_echo(region))) }
 }
 
 /// An RFC 1123 host name; returns it lower-cased without a trailing dot.
 pub fn validate_domain_name(name: &str) -> Result<String, ValidationError> {
-    let err = || ValidationError::DomainName(name.to_string());
+    let err = || ValidationError::DomainName(clip_echo(name));
     let trimmed = name.strip_suffix('.').unwrap_or(name);
     if trimmed.is_empty() || trimmed.len() > 253 {
         return Err(err());
@@ -104,7 +156,7 @@ pub fn validate_domain_name(name: &str) -> Result<String, ValidationError> {
 
 /// A resource's IP address: any address a gateway can dial (not unspecified, multicast or broadcast).
 pub fn validate_resource_ip(text: &str) -> Result<IpAddr, ValidationError> {
-    let ip: IpAddr = text.parse().map_err(|_| ValidationError::IpSyntax(text.to_string()))?;
+    let ip: IpAddr = text.parse().map_err(|_| ValidationError::IpSyntax(clip_echo(text)))?;
     let unusable = ip.is_unspecified() || ip.is_multicast() || matches!(ip, IpAddr::V4(v4) if v4.is_broadcast());
     if unusable { Err(ValidationError::IpUnusable(ip)) } else { Ok(ip) }
 }
@@ -152,6 +204,43 @@ mod tests {
         for bad in ["", ".", "a..b", "-a.com", "a-.com", "a_b.com", "10.0.0.1", &format!("{}.com", "a".repeat(64))] {
             assert!(validate_domain_name(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn errors_repeat_at_most_64_characters_of_the_input() {
+        let long = "a".repeat(5000);
+        for err in [
+            validate_name(&long).unwrap_err(),
+            validate_zone(&long).unwrap_err(),
+            validate_region(&long).unwrap_err(),
+            validate_domain_name(&long).unwrap_err(),
+            validate_resource_ip(&long).unwrap_err(),
+        ] {
+            let text = err.to_string();
+            assert!(text.contains(&format!("\"{}…\"", "a".repeat(MAX_ECHO_CHARS))), "{text}");
+            assert!(text.len() < 400, "{} characters: {text}", text.len());
+        }
+        let short = validate_name("Bad").unwrap_err().to_string();
+        assert!(short.starts_with("name \"Bad\" is invalid"), "{short}");
+        // Multi-byte characters are cut on a character boundary.
+        assert_eq!(clip_echo(&"é".repeat(100)), format!("{}…", "é".repeat(64)));
+    }
+
+    #[test]
+    fn quoted_spans_of_messages_are_clipped() {
+        let long = "x".repeat(300);
+        let msg = format!("port range {long:?} is bad; unknown variant `{long}`, expected one of `SINGLE`");
+        let clipped = clip_quoted(&msg);
+        let x64 = "x".repeat(64);
+        assert_eq!(
+            clipped,
+            format!("port range \"{x64}…\" is bad; unknown variant `{x64}…`, expected one of `SINGLE`")
+        );
+        // Escaped quotes stay inside their span; short messages are unchanged.
+        let tricky = format!("name {:?} is invalid", format!("{}\"{}", "q".repeat(70), "r".repeat(5)));
+        assert_eq!(clip_quoted(&tricky), format!("name \"{}…\" is invalid", "q".repeat(64)));
+        let plain = "cidrBlock \"10.0.0.0/8\" has prefix length /8; use a block from /16 to /28";
+        assert_eq!(clip_quoted(plain), plain);
     }
 
     #[test]

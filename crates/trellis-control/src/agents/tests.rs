@@ -704,7 +704,7 @@ async fn reports_move_endpoints_and_usage_adds_up_over_boots() {
     let (_, body) = api.call("GET", &uri, Some(&api.owner_key), None, None).await;
     assert_eq!(body["items"][0]["totalConnections"].as_u64(), Some(8));
     let (status, _) = api.call("GET", &uri, Some(&api.consumer_key), None, None).await;
-    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(status, StatusCode::FORBIDDEN, "the consumer may read the configuration, not its usage");
 }
 
 #[tokio::test]

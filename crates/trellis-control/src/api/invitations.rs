@@ -1,12 +1,20 @@
 //! Resource share invitations: the receiver accepts or rejects; only a
 //! PENDING invitation moves (else 409). The sender may read them.
+//!
+//! Every answer lists what the share holds (`resources`: name, type, owner
+//! account), computed when answering, so a consumer never accepts blind; a
+//! resource deleted since the invitation was sent is simply not listed.
 
 use std::collections::BTreeMap;
 
 use axum::Router;
 use axum::extract::State;
 use axum::routing::{get, post};
-use trellis_model::{Account, InvitationStatus, ResourceShareInvitation, ResourceShareInvitationId};
+use serde::Serialize;
+use trellis_model::{
+    Account, ConfigurationType, InvitationStatus, ResourceConfiguration, ResourceConfigurationId, ResourceShare,
+    ResourceShareInvitation, ResourceShareInvitationId, kinds, parse_identifier,
+};
 use trellis_store::{Filter, Tx, TxExt};
 
 use super::{Json, ListQuery, Page, PathId, Query, paginate, path_id};
@@ -22,6 +30,51 @@ pub fn router() -> Router<AppState> {
         .route("/v1/resourceshareinvitations/{id}/reject", post(reject))
 }
 
+/// An invitation as the API shows it: the stored record and the resources of its share.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct InvitationView {
+    #[serde(flatten)]
+    pub invitation: ResourceShareInvitation,
+    /// The resource configurations the share holds now.
+    pub resources: Vec<SharedResource>,
+}
+
+/// One resource configuration of a share, as an invitation shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SharedResource {
+    pub id: ResourceConfigurationId,
+    pub arn: String,
+    pub name: String,
+    #[serde(rename = "type")]
+    pub config_type: ConfigurationType,
+    pub owner_account_id: String,
+}
+
+/// The invitation with the resources its share holds now.
+fn view(tx: &mut dyn Tx, invitation: ResourceShareInvitation) -> Result<InvitationView, ApiError> {
+    let mut resources = Vec::new();
+    if let Some(share) = tx.get_obj::<ResourceShare>(invitation.resource_share_id.as_str())? {
+        for arn in &share.resource_arns {
+            let Ok(id) = parse_identifier::<ResourceConfigurationId>(arn, kinds::RESOURCE_CONFIGURATION) else {
+                continue;
+            };
+            match tx.get_obj::<ResourceConfiguration>(id.as_str())? {
+                Some(config) if config.account_id == share.account_id => resources.push(SharedResource {
+                    id: config.id,
+                    arn: config.arn,
+                    name: config.name,
+                    config_type: config.config_type,
+                    owner_account_id: config.account_id.to_string(),
+                }),
+                _ => {}
+            }
+        }
+    }
+    Ok(InvitationView { invitation, resources })
+}
+
 fn parse_status(raw: &str) -> Result<InvitationStatus, ApiError> {
     match raw {
         "PENDING" => Ok(InvitationStatus::Pending),
@@ -35,9 +88,9 @@ async fn list(
     State(st): State<AppState>,
     AccountAuth(me): AccountAuth,
     Query(q): Query<ListQuery>,
-) -> Result<Json<Page<ResourceShareInvitation>>, ApiError> {
+) -> Result<Json<Page<InvitationView>>, ApiError> {
     let status = q.status.as_deref().map(parse_status).transpose()?;
-    let all = st
+    let page = st
         .read(move |tx| {
             let mut out = BTreeMap::new();
             let received = tx.list_obj::<ResourceShareInvitation>(&Filter::account(me.id.as_str()))?;
@@ -47,10 +100,12 @@ async fn list(
                     out.insert(i.id.to_string(), i);
                 }
             }
-            Ok(out.into_values().collect::<Vec<_>>())
+            let page = paginate(out.into_values().collect(), |i| i.id.to_string(), &q)?;
+            let items = page.items.into_iter().map(|i| view(tx, i)).collect::<Result<Vec<_>, _>>()?;
+            Ok(Page { items, next_token: page.next_token })
         })
         .await?;
-    Ok(Json(paginate(all, |i| i.id.to_string(), &q)?))
+    Ok(Json(page))
 }
 
 /// An invitation `me` sent or received; 404 for anyone else.
@@ -69,9 +124,14 @@ async fn read(
     State(st): State<AppState>,
     AccountAuth(me): AccountAuth,
     PathId(raw): PathId,
-) -> Result<Json<ResourceShareInvitation>, ApiError> {
+) -> Result<Json<InvitationView>, ApiError> {
     let id: ResourceShareInvitationId = path_id(&raw)?;
-    st.read(move |tx| get_visible(tx, &me, &id)).await.map(Json)
+    st.read(move |tx| {
+        let invitation = get_visible(tx, &me, &id)?;
+        view(tx, invitation)
+    })
+    .await
+    .map(Json)
 }
 
 async fn respond(
@@ -79,7 +139,7 @@ async fn respond(
     me: Account,
     raw: String,
     to: InvitationStatus,
-) -> Result<Json<ResourceShareInvitation>, ApiError> {
+) -> Result<Json<InvitationView>, ApiError> {
     let id: ResourceShareInvitationId = path_id(&raw)?;
     st.write(move |tx| {
         let mut invitation = get_visible(tx, &me, &id)?;
@@ -99,7 +159,7 @@ async fn respond(
             )
         })?;
         tx.update_obj(&invitation)?;
-        Ok(invitation)
+        view(tx, invitation)
     })
     .await
     .map(Json)
@@ -109,7 +169,7 @@ async fn accept(
     State(st): State<AppState>,
     AccountAuth(me): AccountAuth,
     PathId(raw): PathId,
-) -> Result<Json<ResourceShareInvitation>, ApiError> {
+) -> Result<Json<InvitationView>, ApiError> {
     respond(st, me, raw, InvitationStatus::Accepted).await
 }
 
@@ -117,6 +177,6 @@ async fn reject(
     State(st): State<AppState>,
     AccountAuth(me): AccountAuth,
     PathId(raw): PathId,
-) -> Result<Json<ResourceShareInvitation>, ApiError> {
+) -> Result<Json<InvitationView>, ApiError> {
     respond(st, me, raw, InvitationStatus::Rejected).await
 }

@@ -59,7 +59,10 @@ async fn ca_pem(axum::extract::State(state): axum::extract::State<AppState>) -> 
 }
 
 async fn not_found(uri: Uri) -> ApiError {
-    ApiError::not_found_msg(format!("no route {}; see /v1/openapi.json for the API", uri.path()))
+    ApiError::not_found_msg(format!(
+        "no route {}; see /v1/openapi.json for the API",
+        trellis_model::clip_echo(uri.path())
+    ))
 }
 
 async fn method_not_allowed(uri: Uri) -> ApiError {
