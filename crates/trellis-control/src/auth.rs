@@ -3,6 +3,12 @@
 //! Keys are random (`trellis_` + 64 hex), shown once, and stored only as the
 //! SHA-256 (hex) of the whole key, as `api-key` records whose id is the hash.
 //! The admin key has no account; it manages accounts and organizations only.
+//!
+//! The admin key's file is written before its hash is committed (both inside
+//! one write transaction), so a failed start never leaves a stored admin key
+//! that nobody knows; [`reset_admin_key`] replaces a lost one.
+
+use std::path::Path;
 
 use axum::extract::FromRequestParts;
 use axum::http::header::AUTHORIZATION;
@@ -35,19 +41,70 @@ pub fn insert_key(tx: &mut dyn Tx, key: &str, account: Option<&AccountId>, now: 
     tx.insert_obj(&ApiKey { id: hash_key(key), account_id: account.cloned(), created_at: now })
 }
 
+/// The stored admin keys (those without an account).
+fn admin_keys(tx: &mut dyn Tx) -> Result<Vec<ApiKey>, StoreError> {
+    let keys = tx.list_obj::<ApiKey>(&Filter::account(""))?;
+    Ok(keys.into_iter().filter(|k| k.account_id.is_none()).collect())
+}
+
 /// Creates the admin key when the store has none; returns the key when it was created now.
 ///
-/// Called at server start; the caller prints the key once.
+/// For stores without a data directory (tests, embedding); `trellis server`
+/// uses [`bootstrap_admin_file`].
 pub fn bootstrap_admin(store: &dyn Store) -> Result<Option<String>, ApiError> {
     let key = generate_key()?;
     let created_at = now();
     write_with(store, |tx| {
-        let admins = tx.list_obj::<ApiKey>(&Filter::account(""))?;
-        if admins.iter().any(|k| k.account_id.is_none()) {
+        if !admin_keys(tx)?.is_empty() {
             return Ok(None);
         }
         insert_key(tx, &key, None, created_at)?;
         Ok(Some(key.clone()))
+    })
+}
+
+/// Why the admin key could not be created or replaced.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminKeyError {
+    /// The key file could not be written; nothing was stored.
+    #[error("cannot write the admin key file: {0}")]
+    Write(#[from] crate::pki::PkiError),
+    /// The store failed; the key file may hold a key that is not valid.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// No random key could be drawn.
+    #[error("{0}")]
+    Random(ApiError),
+}
+
+/// Creates the admin key when the store has none, writing it to `key_file`
+/// (mode 0600) before its hash is committed; returns the key when it was
+/// created now. Under the store's write lock, so two starts cannot both create one.
+pub fn bootstrap_admin_file(store: &dyn Store, key_file: &Path) -> Result<Option<String>, AdminKeyError> {
+    let key = generate_key().map_err(AdminKeyError::Random)?;
+    let created_at = now();
+    write_with(store, |tx| {
+        if !admin_keys(tx)?.is_empty() {
+            return Ok(None);
+        }
+        crate::pki::write_secret_file(key_file, format!("{key}\n").as_bytes())?;
+        insert_key(tx, &key, None, created_at)?;
+        Ok(Some(key.clone()))
+    })
+}
+
+/// Replaces every admin key with a new one written to `key_file` (mode 0600)
+/// before the change is committed; the old admin keys stop working.
+pub fn reset_admin_key(store: &dyn Store, key_file: &Path) -> Result<(), AdminKeyError> {
+    let key = generate_key().map_err(AdminKeyError::Random)?;
+    let created_at = now();
+    write_with(store, |tx| {
+        for old in admin_keys(tx)? {
+            tx.delete_obj::<ApiKey>(&old.id)?;
+        }
+        crate::pki::write_secret_file(key_file, format!("{key}\n").as_bytes())?;
+        insert_key(tx, &key, None, created_at)?;
+        Ok(())
     })
 }
 
@@ -127,6 +184,47 @@ mod tests {
         let stored: Option<ApiKey> =
             trellis_store::read_with(&store, |tx| tx.get_obj::<ApiKey>(&hash_key(&key))).unwrap();
         assert_eq!(stored.unwrap().account_id, None, "only the hash is stored, as an account-less key");
+    }
+
+    fn is_admin(store: &SqliteStore, key: &str) -> bool {
+        let stored: Option<ApiKey> =
+            trellis_store::read_with(store, |tx| tx.get_obj::<ApiKey>(&hash_key(key))).unwrap();
+        stored.is_some_and(|k| k.account_id.is_none())
+    }
+
+    #[test]
+    fn the_admin_key_file_is_written_before_the_key_is_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open_in_memory().unwrap();
+        // A key file that cannot be written (a directory stands in its place): nothing is stored.
+        let blocked = dir.path().join("admin.key");
+        std::fs::create_dir(&blocked).unwrap();
+        let err = bootstrap_admin_file(&store, &blocked).unwrap_err();
+        assert!(matches!(err, AdminKeyError::Write(_)), "{err}");
+        let none = trellis_store::read_with(&store, |tx| admin_keys(tx)).unwrap();
+        assert!(none.is_empty(), "no admin key nobody knows");
+
+        // Once the file can be written, the key is created and is the file's.
+        std::fs::remove_dir(&blocked).unwrap();
+        let key = bootstrap_admin_file(&store, &blocked).unwrap().expect("created now");
+        assert_eq!(std::fs::read_to_string(&blocked).unwrap(), format!("{key}\n"));
+        assert!(is_admin(&store, &key));
+        assert_eq!(bootstrap_admin_file(&store, &blocked).unwrap(), None, "created once");
+    }
+
+    #[test]
+    fn reset_replaces_the_admin_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("admin.key");
+        let store = SqliteStore::open_in_memory().unwrap();
+        let old = bootstrap_admin_file(&store, &file).unwrap().unwrap();
+        reset_admin_key(&store, &file).unwrap();
+        let new = std::fs::read_to_string(&file).unwrap().trim().to_string();
+        assert_ne!(new, old);
+        assert!(is_admin(&store, &new), "the new key works");
+        assert!(!is_admin(&store, &old), "the old key no longer does");
+        let mode = std::fs::metadata(&file).unwrap().permissions();
+        assert_eq!(std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777, 0o600);
     }
 
     #[test]

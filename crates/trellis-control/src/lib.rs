@@ -15,6 +15,7 @@ pub mod compile;
 pub mod configs;
 pub mod conn_deadline;
 pub mod conn_limits;
+pub mod data_dir;
 pub mod domain_verification;
 pub mod error;
 pub mod pki;

@@ -152,6 +152,12 @@ fn read_file(path: &Path) -> Result<String, PkiError> {
     fs::read_to_string(path).map_err(|source| PkiError::Io { action: "read", path: path.to_path_buf(), source })
 }
 
+/// Checks that `name` can go into the server certificate (a DNS name or an
+/// IP address), before anything is created.
+pub fn check_server_name(name: &str) -> Result<(), PkiError> {
+    parse_name(name).map(|_| ())
+}
+
 fn parse_name(name: &str) -> Result<SanType, PkiError> {
     let invalid = || PkiError::InvalidName(name.to_string());
     let trimmed = name.trim_start_matches('[').trim_end_matches(']');

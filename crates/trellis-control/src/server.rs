@@ -1,10 +1,12 @@
 //! `trellis server`: wires the store, the CA, the admin key and the API into
 //! one HTTPS listener.
 //!
-//! Everything is validated and loaded before the port is bound, so bad
-//! options fail with one clear error and no half-started server. The data
-//! directory holds `trellis.db`, `ca.pem`, `ca.key` (0600) and, when this
-//! start created it, `admin.key` (0600).
+//! Options are validated first, then the port is bound, and only then is
+//! anything created: a bad option or a port in use fails with one clear error
+//! and leaves no data directory behind. The data directory (0700, see
+//! [`crate::data_dir`]) holds `trellis.db` (0600, with its `-wal`/`-shm`),
+//! `ca.pem`, `ca.key` (0600) and `admin.key` (0600), which is written before
+//! the admin key's hash is stored. [`reset_admin_key`] replaces a lost admin key.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -19,10 +21,11 @@ use trellis_store::sqlite::SqliteStore;
 use trellis_store::{Filter, StoreError, TxExt};
 
 use crate::agents::records::{AgentRuntime, RevokedCert};
+use crate::auth::AdminKeyError;
 use crate::conn_limits::{ConnLimits, ListenerLimits, ListenerStats};
+use crate::data_dir::DataDirError;
 use crate::domain_verification::VerificationSettings;
-use crate::error::ApiError;
-use crate::pki::{Ca, PkiError, write_secret_file};
+use crate::pki::{Ca, PkiError};
 use crate::state::{AppState, Settings, now};
 use crate::tls::TlsError;
 
@@ -86,9 +89,15 @@ pub enum ServerError {
     /// An option is invalid; the message says which and what to write.
     #[error("invalid option: {0}")]
     InvalidOption(String),
-    /// The data directory cannot be created or is not a directory.
-    #[error("cannot use the data directory {}: {source}", path.display())]
-    DataDir { path: PathBuf, source: std::io::Error },
+    /// The data directory or a file in it cannot be created or secured.
+    #[error(transparent)]
+    DataDir(#[from] DataDirError),
+    /// The data directory holds no store (for [`reset_admin_key`]).
+    #[error(
+        "{} holds no Trellis store ({DB_FILE}); give the --data-dir of an existing control plane",
+        path.display()
+    )]
+    NoStore { path: PathBuf },
     /// The database cannot be opened or migrated.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -98,9 +107,9 @@ pub enum ServerError {
     /// The TLS configuration is unusable.
     #[error(transparent)]
     Tls(#[from] TlsError),
-    /// The admin key could not be created.
-    #[error("cannot create the admin key: {0}")]
-    Bootstrap(ApiError),
+    /// The admin key could not be created or replaced.
+    #[error("cannot create the admin key {}: {source}", path.display())]
+    AdminKey { path: PathBuf, source: AdminKeyError },
     /// The listen address cannot be bound.
     #[error("cannot listen on {addr}: {source} (is another process using it? use another --listen address)")]
     Bind { addr: SocketAddr, source: std::io::Error },
@@ -109,6 +118,7 @@ pub enum ServerError {
 /// A started control plane.
 pub struct RunningServer {
     local_addr: SocketAddr,
+    data_dir: PathBuf,
     ca_pem: String,
     ca_sha256: String,
     /// The admin key, when this start created it (also written to `DIR/admin.key`).
@@ -142,6 +152,21 @@ impl RunningServer {
             addr.set_ip(if addr.is_ipv4() { [127, 0, 0, 1].into() } else { std::net::Ipv6Addr::LOCALHOST.into() });
         }
         format!("https://{addr}")
+    }
+
+    /// The data directory, as an absolute path.
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// The admin key's file, `DATA_DIR/admin.key` (absolute).
+    pub fn admin_key_file(&self) -> PathBuf {
+        self.data_dir.join(ADMIN_KEY_FILE)
+    }
+
+    /// The CA certificate's file, `DATA_DIR/ca.pem` (absolute).
+    pub fn ca_file(&self) -> PathBuf {
+        self.data_dir.join(crate::pki::CA_CERT_FILE)
     }
 
     /// The CA certificate, PEM.
@@ -179,17 +204,9 @@ impl RunningServer {
     }
 }
 
-fn prepare_data_dir(dir: &Path) -> Result<(), ServerError> {
-    let err = |source| ServerError::DataDir { path: dir.to_path_buf(), source };
-    std::fs::create_dir_all(dir).map_err(err)?;
-    if !std::fs::metadata(dir).map_err(err)?.is_dir() {
-        return Err(err(std::io::Error::new(std::io::ErrorKind::NotADirectory, "not a directory")));
-    }
-    Ok(())
-}
-
-/// Starts the control plane: validates `opts`, opens the store, loads the CA,
-/// creates the admin key on first start, binds and serves the API over TLS.
+/// Starts the control plane: validates `opts`, binds the listener, then
+/// creates or opens the data directory, the store and the CA, creates the
+/// admin key on first start, and serves the API over TLS.
 pub async fn start(opts: ServerOptions) -> Result<RunningServer, ServerError> {
     trellis_model::validate_region(&opts.region).map_err(|e| ServerError::InvalidOption(format!("--region: {e}")))?;
     if opts.offline_after < Duration::from_secs(5) {
@@ -198,32 +215,34 @@ pub async fn start(opts: ServerOptions) -> Result<RunningServer, ServerError> {
     opts.limits.validate().map_err(ServerError::InvalidOption)?;
     opts.domain_verification.validate().map_err(ServerError::InvalidOption)?;
     let names = opts.certificate_names();
-    prepare_data_dir(&opts.data_dir)?;
-    let dir = opts.data_dir.clone();
+    for name in &names {
+        crate::pki::check_server_name(name)
+            .map_err(|_| ServerError::InvalidOption(format!("--tls-name {name:?} is not a DNS name or IP address")))?;
+    }
+    let dir = crate::data_dir::absolute(&opts.data_dir)?;
+
+    // Bind before creating anything: a port in use must not leave a data
+    // directory whose admin key nobody was shown.
+    let listener =
+        TcpListener::bind(opts.listen).await.map_err(|source| ServerError::Bind { addr: opts.listen, source })?;
+    let local_addr = listener.local_addr().map_err(|source| ServerError::Bind { addr: opts.listen, source })?;
+
     // Opening SQLite and generating keys block; keep them off the async workers.
+    let data_dir = dir.clone();
     let loaded = tokio::task::spawn_blocking(move || -> Result<_, ServerError> {
-        let store = SqliteStore::open(&dir.join(DB_FILE))?;
+        crate::data_dir::prepare(&dir)?;
+        let store = open_store(&dir)?;
         let ca = Ca::load_or_create(&dir)?;
-        let (cert_pem, key_pem) = ca.issue_server_cert(&names).map_err(|e| match e {
-            PkiError::InvalidName(name) => {
-                ServerError::InvalidOption(format!("--tls-name {name:?} is not a DNS name or IP address"))
-            }
-            other => ServerError::Pki(other),
-        })?;
+        let (cert_pem, key_pem) = ca.issue_server_cert(&names)?;
         let tls = crate::tls::server_config(ca.cert_der(), &cert_pem, &key_pem)?;
-        let admin_key = crate::auth::bootstrap_admin(&store).map_err(ServerError::Bootstrap)?;
-        if let Some(key) = &admin_key {
-            write_secret_file(&dir.join(ADMIN_KEY_FILE), format!("{key}\n").as_bytes())?;
-        }
+        let key_file = dir.join(ADMIN_KEY_FILE);
+        let admin_key = crate::auth::bootstrap_admin_file(&store, &key_file)
+            .map_err(|source| ServerError::AdminKey { path: key_file, source })?;
         Ok((store, ca, tls, admin_key))
     })
     .await
     .map_err(|e| ServerError::InvalidOption(format!("start-up task failed: {e}")))?;
     let (store, ca, tls, admin_key_created) = loaded?;
-
-    let listener =
-        TcpListener::bind(opts.listen).await.map_err(|source| ServerError::Bind { addr: opts.listen, source })?;
-    let local_addr = listener.local_addr().map_err(|source| ServerError::Bind { addr: opts.listen, source })?;
 
     let ca_pem = ca.cert_pem().to_string();
     let ca_sha256 = ca.cert_sha256_hex().to_string();
@@ -244,7 +263,31 @@ pub async fn start(opts: ServerOptions) -> Result<RunningServer, ServerError> {
     ));
     tracing::info!(%local_addr, region = %opts.region, ca_sha256 = %ca_sha256, "control plane listening");
     let tasks = vec![serve, offline, verifier];
-    Ok(RunningServer { local_addr, ca_pem, ca_sha256, admin_key_created, state, conns, shutdown, tasks })
+    Ok(RunningServer { local_addr, data_dir, ca_pem, ca_sha256, admin_key_created, state, conns, shutdown, tasks })
+}
+
+/// Opens (or creates) `DIR/trellis.db` with owner-only files.
+fn open_store(dir: &Path) -> Result<SqliteStore, ServerError> {
+    let db = dir.join(DB_FILE);
+    crate::data_dir::secure_database(&db)?;
+    Ok(SqliteStore::open(&db)?)
+}
+
+/// Replaces the admin key of the control plane in `data_dir` with a new one,
+/// written to `DATA_DIR/admin.key` (0600); returns that file's absolute path.
+/// Works with the server stopped (and also while it runs: the old admin key
+/// stops working at once).
+pub fn reset_admin_key(data_dir: &Path) -> Result<PathBuf, ServerError> {
+    let dir = crate::data_dir::absolute(data_dir)?;
+    if !dir.join(DB_FILE).is_file() {
+        return Err(ServerError::NoStore { path: dir });
+    }
+    crate::data_dir::prepare(&dir)?;
+    let store = open_store(&dir)?;
+    let key_file = dir.join(ADMIN_KEY_FILE);
+    crate::auth::reset_admin_key(&store, &key_file)
+        .map_err(|source| ServerError::AdminKey { path: key_file.clone(), source })?;
+    Ok(key_file)
 }
 
 /// Marks ONLINE agents not seen for `offline_after` OFFLINE, drops revoked
@@ -327,12 +370,108 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn bad_tls_name_is_rejected() {
+    async fn bad_tls_name_is_rejected_before_anything_is_created() {
         let dir = tempfile::tempdir().unwrap();
-        let mut opts = ServerOptions::new("127.0.0.1:0".parse().unwrap(), dir.path());
+        let data = dir.path().join("data");
+        let mut opts = ServerOptions::new("127.0.0.1:0".parse().unwrap(), &data);
         opts.tls_names = vec!["not a name".into()];
         let err = start(opts).await.unwrap_err();
         assert!(err.to_string().contains("--tls-name"), "{err}");
+        assert!(!data.exists());
+    }
+
+    fn mode(path: &Path) -> u32 {
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(path).unwrap().permissions()) & 0o777
+    }
+
+    /// The hash of the admin key in `dir`'s store matches `key`.
+    fn stored_admin_is(dir: &Path, key: &str) -> bool {
+        let store = SqliteStore::open(&dir.join(DB_FILE)).unwrap();
+        let stored: Option<trellis_model::ApiKey> =
+            trellis_store::read_with(&store, |tx| tx.get_obj(&crate::auth::hash_key(key))).unwrap();
+        stored.is_some_and(|k| k.account_id.is_none())
+    }
+
+    #[tokio::test]
+    async fn a_port_in_use_creates_nothing_and_the_next_start_creates_the_admin_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let err = start(ServerOptions::new(taken.local_addr().unwrap(), &data)).await.unwrap_err();
+        assert!(matches!(err, ServerError::Bind { .. }), "{err}");
+        assert!(!data.exists(), "nothing is created before the port is bound");
+
+        let server = start(ServerOptions::new("127.0.0.1:0".parse().unwrap(), &data)).await.unwrap();
+        let key = server.admin_key_created.clone().expect("the first successful start creates the admin key");
+        assert_eq!(std::fs::read_to_string(server.admin_key_file()).unwrap().trim(), key);
+        server.shutdown();
+        server.wait().await;
+    }
+
+    #[tokio::test]
+    async fn a_failed_admin_key_write_stores_no_key_and_the_next_start_recovers() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        // Something in admin.key's place that cannot be replaced by a file.
+        std::fs::create_dir_all(data.join(ADMIN_KEY_FILE)).unwrap();
+        let err = start(ServerOptions::new("127.0.0.1:0".parse().unwrap(), &data)).await.unwrap_err();
+        assert!(matches!(err, ServerError::AdminKey { .. }), "{err}");
+        assert!(err.to_string().contains("admin.key"), "{err}");
+        let store = SqliteStore::open(&data.join(DB_FILE)).unwrap();
+        let keys: Vec<trellis_model::ApiKey> =
+            trellis_store::read_with(&store, |tx| tx.list_obj(&Filter::default())).unwrap();
+        assert!(keys.is_empty(), "no stored admin key that nobody knows");
+        drop(store);
+
+        std::fs::remove_dir(data.join(ADMIN_KEY_FILE)).unwrap();
+        let server = start(ServerOptions::new("127.0.0.1:0".parse().unwrap(), &data)).await.unwrap();
+        let key = server.admin_key_created.clone().expect("created on the next start");
+        assert!(stored_admin_is(&data, &key));
+        server.shutdown();
+        server.wait().await;
+    }
+
+    #[tokio::test]
+    async fn the_data_directory_and_the_database_are_owner_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        // An existing directory left open to everyone is tightened.
+        std::fs::create_dir(&data).unwrap();
+        std::fs::set_permissions(&data, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+        let server = start(ServerOptions::new("127.0.0.1:0".parse().unwrap(), &data)).await.unwrap();
+        assert_eq!(server.data_dir(), data, "absolute already");
+        assert_eq!(mode(&data), 0o700);
+        for file in [DB_FILE, "trellis.db-wal", "trellis.db-shm", "ca.key", ADMIN_KEY_FILE] {
+            assert_eq!(mode(&data.join(file)), 0o600, "{file}");
+        }
+        server.shutdown();
+        server.wait().await;
+    }
+
+    #[tokio::test]
+    async fn reset_admin_key_replaces_a_lost_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let err = reset_admin_key(&data).unwrap_err();
+        assert!(matches!(err, ServerError::NoStore { .. }), "{err}");
+        assert!(!data.exists(), "a reset of nothing creates nothing");
+
+        let server = start(ServerOptions::new("127.0.0.1:0".parse().unwrap(), &data)).await.unwrap();
+        let old = server.admin_key_created.clone().unwrap();
+        server.shutdown();
+        server.wait().await;
+        std::fs::remove_file(data.join(ADMIN_KEY_FILE)).unwrap();
+
+        let file = reset_admin_key(&data).unwrap();
+        assert_eq!(file, data.join(ADMIN_KEY_FILE));
+        assert_eq!(mode(&file), 0o600);
+        let new = std::fs::read_to_string(&file).unwrap().trim().to_string();
+        assert!(stored_admin_is(&data, &new), "the new key is the admin's");
+        assert!(!stored_admin_is(&data, &old), "the old one is not");
+        let again = start(ServerOptions::new("127.0.0.1:0".parse().unwrap(), &data)).await.unwrap();
+        assert_eq!(again.admin_key_created, None, "a reset key is not replaced at start");
+        again.shutdown();
+        again.wait().await;
     }
 
     #[tokio::test]

@@ -61,8 +61,8 @@ pub enum OutputFormat {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run the control plane (API, CA, store)
-    Server(ServerArgs),
+    /// Run the control plane (API, CA, store), or replace its admin key (`trellis server reset-admin-key`)
+    Server(ServerCommand),
     /// Run an agent (`trellis agent --control-plane …`), or manage enrolled agents (`trellis agent list`)
     Agent(AgentCommand),
     /// Run a control plane, an owner agent and a consumer agent in one process, with a demo share
@@ -104,16 +104,39 @@ pub enum Command {
     DomainVerification(DomainVerificationVerb),
 }
 
-/// `trellis server`.
+/// `trellis server`: without a verb it runs the control plane.
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub struct ServerCommand {
+    #[command(subcommand)]
+    pub verb: Option<ServerVerb>,
+
+    #[command(flatten)]
+    pub run: ServerArgs,
+}
+
+/// Maintenance of a control plane's data directory.
+#[derive(Debug, Subcommand)]
+pub enum ServerVerb {
+    /// Replace the admin API key with a new one written to DATA_DIR/admin.key (the old key stops working)
+    ResetAdminKey {
+        /// Data directory of the control plane (as given to `trellis server`)
+        #[arg(long, env = "TRELLIS_DATA_DIR", value_name = "DIR")]
+        data_dir: PathBuf,
+    },
+}
+
+/// The flags of a running control plane. `data_dir` is an `Option` so that
+/// `trellis server reset-admin-key` parses without the run flags; clap still requires it.
 #[derive(Debug, Args)]
 pub struct ServerArgs {
     /// Address for the HTTPS API
     #[arg(long, env = "TRELLIS_LISTEN", value_name = "ADDR", default_value = "127.0.0.1:8443")]
     pub listen: SocketAddr,
 
-    /// Directory for the store, the CA and the admin key (created when missing)
-    #[arg(long, env = "TRELLIS_DATA_DIR", value_name = "DIR")]
-    pub data_dir: PathBuf,
+    /// Directory for the store, the CA and the admin key (created mode 0700 when missing)
+    #[arg(long, env = "TRELLIS_DATA_DIR", value_name = "DIR", required = true)]
+    pub data_dir: Option<PathBuf>,
 
     /// Region named in ARNs and DNS names
     #[arg(long, env = "TRELLIS_REGION", value_name = "REGION", default_value = "local", value_parser = parse_region)]
@@ -380,8 +403,9 @@ mod tests {
             "10.0.0.1",
         ])
         .unwrap();
-        let Command::Server(s) = cli.command else { panic!("not server") };
+        let Command::Server(ServerCommand { verb: None, run: s }) = cli.command else { panic!("not server") };
         assert_eq!(s.listen, "127.0.0.1:0".parse().unwrap());
+        assert_eq!(s.data_dir, Some(PathBuf::from("/tmp/x")));
         assert_eq!(s.region, "eu-1");
         assert_eq!(s.tls_names, ["cp.example", "10.0.0.1"]);
     }
@@ -392,7 +416,7 @@ mod tests {
             let mut argv = vec!["server", "--data-dir", "/tmp/x"];
             argv.extend_from_slice(args);
             let Command::Server(s) = parse(&argv).unwrap().command else { panic!("not server") };
-            s.dns_resolver
+            s.run.dns_resolver
         };
         assert_eq!(resolver(&[]), None);
         assert_eq!(resolver(&["--dns-resolver", "127.0.0.1:5353"]), Some("127.0.0.1:5353".parse().unwrap()));
@@ -410,6 +434,18 @@ mod tests {
         assert!(parse(&["server", "--data-dir", "/tmp/x", "--region", "EU_1"]).is_err());
         assert!(parse(&["server", "--data-dir", "/tmp/x", "--region", "1eu"]).is_err());
         assert!(parse(&["server"]).is_err(), "--data-dir is required");
+    }
+
+    #[test]
+    fn server_reset_admin_key_takes_only_the_data_dir() {
+        let cli = parse(&["server", "reset-admin-key", "--data-dir", "/tmp/x"]).unwrap();
+        let Command::Server(ServerCommand { verb: Some(ServerVerb::ResetAdminKey { data_dir }), .. }) = cli.command
+        else {
+            panic!("not reset-admin-key")
+        };
+        assert_eq!(data_dir, PathBuf::from("/tmp/x"));
+        assert!(parse(&["server", "reset-admin-key"]).is_err(), "--data-dir is required");
+        assert!(parse(&["server", "--listen", "127.0.0.1:1", "reset-admin-key", "--data-dir", "/x"]).is_err());
     }
 
     #[test]

@@ -11,6 +11,7 @@ mod demo_service;
 mod dev;
 mod nouns;
 mod output;
+mod program;
 mod run_agent;
 mod run_server;
 mod secret;
@@ -21,7 +22,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use clap::error::ErrorKind;
 
-use crate::cli::{AgentCommand, Cli, Command};
+use crate::cli::{AgentCommand, Cli, Command, ServerCommand};
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -29,7 +30,7 @@ fn main() -> ExitCode {
         Err(err) => return clap_error(err),
     };
     init_tracing(&cli.command);
-    let long_running = matches!(cli.command, Command::Server(_) | Command::Dev(_))
+    let long_running = matches!(cli.command, Command::Server(ServerCommand { verb: None, .. }) | Command::Dev(_))
         || matches!(cli.command, Command::Agent(AgentCommand { verb: None, .. }));
     let runtime = if long_running {
         tokio::runtime::Builder::new_multi_thread().enable_all().build()
@@ -72,7 +73,8 @@ fn error_line(err: &anyhow::Error) -> String {
 async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     let Cli { global, command } = cli;
     let request = match command {
-        Command::Server(args) => return run_server::run(args).await,
+        Command::Server(ServerCommand { verb: None, run }) => return run_server::run(run).await,
+        Command::Server(ServerCommand { verb: Some(verb), .. }) => return run_server::maintain(verb),
         Command::Agent(AgentCommand { verb: None, run }) => {
             let config = run.validate().map_err(anyhow::Error::msg)?;
             return run_agent::run(config).await;

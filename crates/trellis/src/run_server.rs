@@ -1,6 +1,9 @@
 //! `trellis server`: starts the control plane, prints how to reach it, and
 //! stops gracefully on Ctrl-C or SIGTERM. Also starts the control plane for
-//! `trellis dev`.
+//! `trellis dev`, and runs `trellis server reset-admin-key`.
+//!
+//! The admin key is never printed: the banner says which file holds it
+//! (stdout of a service ends up in journald and similar logs).
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -8,23 +11,38 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, anyhow};
 use trellis_control::server::{RunningServer, ServerOptions};
 
-use crate::cli::ServerArgs;
+use crate::cli::{ServerArgs, ServerVerb};
+use crate::program::shell_quote;
 use crate::secret::ApiKey;
-
-/// File names inside the data directory (written by the control plane).
-const CA_FILE: &str = trellis_control::pki::CA_CERT_FILE;
-const ADMIN_KEY_FILE: &str = trellis_control::server::ADMIN_KEY_FILE;
 
 /// Runs `trellis server` until a signal.
 pub async fn run(args: ServerArgs) -> Result<()> {
-    let server = start(args.listen, args.data_dir.clone(), &args.region, args.tls_names.clone(), args.dns_resolver)
+    let data_dir = args.data_dir.clone().ok_or_else(|| anyhow!("`trellis server` needs --data-dir DIR"))?;
+    let server = start(args.listen, data_dir, &args.region, args.tls_names.clone(), args.dns_resolver)
         .await
         .with_context(|| format!("starting the control plane on {}", args.listen))?;
-    print!("{}", banner(&server, &args.tls_names));
+    print!("{}", banner(&server, &args.tls_names, &crate::program::command_name()));
     crate::shutdown::signal().await;
     tracing::info!("shutting down (Ctrl-C again to exit at once)");
     crate::shutdown::gracefully("control plane", server.shutdown()).await;
     Ok(())
+}
+
+/// Runs a maintenance verb of `trellis server` (the server may be stopped).
+pub fn maintain(verb: ServerVerb) -> Result<()> {
+    match verb {
+        ServerVerb::ResetAdminKey { data_dir } => {
+            let file = trellis_control::server::reset_admin_key(&data_dir)
+                .with_context(|| format!("resetting the admin key of {}", data_dir.display()))?;
+            println!(
+                "New admin API key written to {} (mode 0600); the old admin key no longer works.\n\
+                 Use it with: export TRELLIS_API_KEY=$(cat {})",
+                file.display(),
+                shell_quote(&file)
+            );
+            Ok(())
+        }
+    }
 }
 
 /// Starts the control plane for `trellis dev`: loopback, no extra TLS names.
@@ -44,13 +62,12 @@ async fn start(
     options.tls_names = tls_names;
     options.domain_verification.resolver = dns_resolver;
     let inner = trellis_control::server::start(options).await?;
-    Ok(ServerHandle { inner, data_dir })
+    Ok(ServerHandle { inner })
 }
 
 /// A running control plane and where its files are.
 pub struct ServerHandle {
     inner: RunningServer,
-    data_dir: PathBuf,
 }
 
 impl ServerHandle {
@@ -66,12 +83,18 @@ impl ServerHandle {
         self.inner.ca_sha256()
     }
 
+    /// `DATA_DIR/ca.pem`, absolute.
     pub fn ca_file(&self) -> PathBuf {
-        self.data_dir.join(CA_FILE)
+        self.inner.ca_file()
     }
 
+    /// `DATA_DIR/admin.key`, absolute.
     pub fn admin_key_file(&self) -> PathBuf {
-        self.data_dir.join(ADMIN_KEY_FILE)
+        self.inner.admin_key_file()
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        self.inner.data_dir()
     }
 
     /// The admin API key: the one just created, or the one kept in the data directory.
@@ -114,23 +137,37 @@ fn client_url(addr: SocketAddr, tls_names: &[String]) -> String {
     }
 }
 
-fn banner(server: &ServerHandle, tls_names: &[String]) -> String {
+/// What `trellis server` prints once it listens: the URL, the CA, where the
+/// admin key is (never the key itself) and the line that sets up the CLI.
+/// `program` is how to name this binary in commands.
+fn banner(server: &ServerHandle, tls_names: &[String], program: &str) -> String {
     let url = client_url(server.local_addr(), tls_names);
     let ca_file = server.ca_file();
     let key_file = server.admin_key_file();
     let mut out = format!(
         "Trellis control plane listening on {url}\n\
-         CA certificate {} (sha256 {})\n",
+         CA certificate  {} (sha256 {})\n",
         ca_file.display(),
         server.ca_sha256()
     );
-    if let Some(key) = &server.inner.admin_key_created {
-        out.push_str(&format!("\nAdmin API key (shown once; kept in {}):\n  {key}\n", key_file.display()));
+    let key_state = if server.inner.admin_key_created.is_some() {
+        " (created now, mode 0600; the key is not printed)"
+    } else if key_file.is_file() {
+        ""
+    } else {
+        " is missing"
+    };
+    out.push_str(&format!("Admin API key   {}{key_state}\n", key_file.display()));
+    if !key_state.is_empty() && server.inner.admin_key_created.is_none() {
+        out.push_str(&format!(
+            "  make a new one (the old one stops working) with:\n  {program} server reset-admin-key --data-dir {}\n",
+            shell_quote(server.data_dir())
+        ));
     }
     out.push_str(&format!(
-        "\nUse the CLI as admin:\n  export TRELLIS_URL={url} TRELLIS_CA_CERT={} TRELLIS_API_KEY=$(cat {})\n",
-        ca_file.display(),
-        key_file.display()
+        "\nUse the CLI as admin (in another shell):\n  export TRELLIS_URL={url} TRELLIS_CA_CERT={} TRELLIS_API_KEY=$(cat {})\n  {program} account create --name NAME\n",
+        shell_quote(&ca_file),
+        shell_quote(&key_file)
     ));
     out
 }
@@ -138,6 +175,33 @@ fn banner(server: &ServerHandle, tls_names: &[String]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn the_banner_says_where_the_admin_key_is_and_never_prints_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("cp data");
+        let first = start("127.0.0.1:0".parse().unwrap(), data.clone(), "local", vec![], None).await.unwrap();
+        let key = first.admin_key().unwrap();
+        let text = banner(&first, &[], "trellis");
+        assert!(!text.contains(key.expose()), "the admin key is not printed:\n{text}");
+        let key_file = data.join("admin.key");
+        assert!(text.contains(&format!("Admin API key   {} (created now", key_file.display())), "{text}");
+        assert!(text.contains(&format!("TRELLIS_CA_CERT='{}'", data.join("ca.pem").display())), "{text}");
+        assert!(text.contains(&format!("TRELLIS_API_KEY=$(cat '{}')", key_file.display())), "{text}");
+        first.shutdown().await;
+
+        let again = start("127.0.0.1:0".parse().unwrap(), data.clone(), "local", vec![], None).await.unwrap();
+        let text = banner(&again, &[], "/opt/trellis/bin/trellis");
+        assert!(text.contains(&format!("Admin API key   {}\n", key_file.display())), "{text}");
+        std::fs::remove_file(&key_file).unwrap();
+        let text = banner(&again, &[], "/opt/trellis/bin/trellis");
+        assert!(text.contains("is missing"), "{text}");
+        assert!(
+            text.contains(&format!("/opt/trellis/bin/trellis server reset-admin-key --data-dir '{}'", data.display())),
+            "{text}"
+        );
+        again.shutdown().await;
+    }
 
     #[test]
     fn client_url_uses_a_reachable_host() {
