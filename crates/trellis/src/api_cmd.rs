@@ -27,13 +27,77 @@ pub fn client_from_flags(global: &GlobalArgs) -> Result<ApiClient, ClientError> 
     ApiClient::new(url, global.api_key.clone(), &ca)
 }
 
+/// API fields and the flags that fill them, for error messages: at the CLI an
+/// error names the flag the user typed, not the JSON field it became. Only
+/// camelCase names (and `principals`), so that no English word is rewritten.
+const FLAG_OF_FIELD: &[(&str, &str)] = &[
+    ("portRanges", "--port-range"),
+    ("resourceGatewayIdentifier", "--gateway"),
+    ("resourceConfigurationGroupIdentifier", "--group"),
+    ("resourceConfigurationDefinition", "--ip or --dns-name"),
+    ("ipResource", "--ip"),
+    ("dnsResource", "--dns-name"),
+    ("ipAddress", "--ip"),
+    ("domainName", "--dns-name"),
+    ("customDomainName", "--custom-domain-name"),
+    ("vpcIdentifier", "--vpc"),
+    ("vpcId", "--vpc"),
+    ("subnetIds", "--subnet"),
+    ("subnetId", "--subnet"),
+    ("cidrBlock", "--cidr-block"),
+    ("resourceArns", "--resource-arn"),
+    ("principals", "--principal"),
+    ("resourceConfigurationArn", "--resource-configuration"),
+    ("expiresInSeconds", "--expires-in"),
+    ("organizationId", "--organization-id"),
+    ("privateDnsEnabled", "--private-dns-enabled"),
+    ("maxResults", "--max-results"),
+    ("nextToken", "--next-token"),
+    ("clientToken", "--client-token"),
+];
+
+/// `message` with every bare API field name replaced by its flag. Names in
+/// quotes or backticks (JSON examples, echoed input) are left as they are.
+pub fn flag_names(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    let mut previous: Option<char> = None;
+    while let Some(c) = rest.chars().next() {
+        if !c.is_ascii_alphabetic() {
+            out.push(c);
+            previous = Some(c);
+            rest = &rest[c.len_utf8()..];
+            continue;
+        }
+        let len = rest.find(|ch: char| !ch.is_ascii_alphanumeric()).unwrap_or(rest.len());
+        let (word, after) = rest.split_at(len);
+        let quoted = |ch: Option<char>| matches!(ch, Some('"' | '`' | '\'' | '-'));
+        let bare = !quoted(previous) && !quoted(after.chars().next());
+        match FLAG_OF_FIELD.iter().find(|(field, _)| *field == word) {
+            Some((_, flag)) if bare => out.push_str(flag),
+            _ => out.push_str(word),
+        }
+        previous = word.chars().last();
+        rest = after;
+    }
+    out
+}
+
+/// An API error as the CLI prints it: field names become flag names.
+pub fn at_the_cli(err: ClientError) -> ClientError {
+    match err {
+        ClientError::Api { status, code, message } => ClientError::Api { status, code, message: flag_names(&message) },
+        other => other,
+    }
+}
+
 /// `vpc-endpoint create --resource-configuration` takes an id too; the API field wants the ARN.
 pub async fn resolve_identifiers(client: &ApiClient, verb: &mut VpcEndpointVerb) -> Result<(), ClientError> {
     if let VpcEndpointVerb::Create { resource_configuration, .. } = verb
         && !resource_configuration.starts_with("arn:")
     {
         let path = format!("/v1/resourceconfigurations/{}", encode_segment(resource_configuration));
-        let rcfg = client.call(&ApiRequest::get(&path)).await?;
+        let rcfg = client.call(&ApiRequest::get(&path)).await.map_err(at_the_cli)?;
         match rcfg.get("arn").and_then(Value::as_str) {
             Some(arn) => *resource_configuration = arn.to_string(),
             None => {
@@ -48,7 +112,7 @@ pub async fn resolve_identifiers(client: &ApiClient, verb: &mut VpcEndpointVerb)
 
 /// Sends `req` and prints the answer on stdout.
 pub async fn run(client: &ApiClient, req: &ApiRequest, output: OutputFormat) -> Result<(), ClientError> {
-    let answer = client.send(req).await?;
+    let answer = client.send(req).await.map_err(at_the_cli)?;
     let text = match output {
         OutputFormat::Json => {
             let mut body = answer.body;
@@ -93,6 +157,38 @@ fn hints(req: &ApiRequest, value: &Value, url: &str) -> String {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn errors_name_the_flags_not_the_api_fields() {
+        assert_eq!(
+            flag_names("portRanges is required for SINGLE and GROUP configurations, for example [\"5432\"]"),
+            "--port-range is required for SINGLE and GROUP configurations, for example [\"5432\"]"
+        );
+        assert_eq!(
+            flag_names("resourceGatewayIdentifier: \"rgw-x\" is not a valid resource gateway id"),
+            "--gateway: \"rgw-x\" is not a valid resource gateway id"
+        );
+        assert_eq!(
+            flag_names("a CHILD configuration inherits its GROUP's gateway; omit resourceGatewayIdentifier"),
+            "a CHILD configuration inherits its GROUP's gateway; omit --gateway"
+        );
+        // JSON examples and echoed input keep their field names; plain words are not touched.
+        let example = "resourceConfigurationDefinition is required: {\"ipResource\": {\"ipAddress\": ...}}";
+        assert_eq!(flag_names(example), "--ip or --dns-name is required: {\"ipResource\": {\"ipAddress\": ...}}");
+        assert_eq!(
+            flag_names("name \"vpcId\" is invalid; cidrBlock overlaps"),
+            "name \"vpcId\" is invalid; --cidr-block overlaps"
+        );
+        assert_eq!(flag_names("principals lists acct-1 twice"), "--principal lists acct-1 twice");
+        assert_eq!(flag_names("a principal or vpc-id"), "a principal or vpc-id");
+
+        let err = at_the_cli(ClientError::Api {
+            status: 422,
+            code: Some("InvalidPortRange".into()),
+            message: "portRanges is empty".into(),
+        });
+        assert_eq!(err.to_string(), "--port-range is empty (HTTP 422 InvalidPortRange)");
+    }
 
     #[test]
     fn deletes_with_an_empty_answer_say_what_was_deleted() {

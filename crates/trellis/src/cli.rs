@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use reqwest::Url;
 use trellis_proto::join_token::JoinToken;
 
@@ -20,7 +20,7 @@ use crate::secret::ApiKey;
 
 /// Trellis: private connectivity to resources in any network (PrivateLink / VPC Lattice "resources").
 #[derive(Debug, Parser)]
-#[command(name = "trellis", version, propagate_version = true, max_term_width = 120)]
+#[command(name = "trellis", version, max_term_width = 120)]
 pub struct Cli {
     #[command(flatten)]
     pub global: GlobalArgs,
@@ -30,6 +30,51 @@ pub struct Cli {
 }
 
 const GLOBAL: &str = "Global options";
+
+/// Shown under the help of every command that takes the global options, which `trellis --help` documents.
+const GLOBAL_NOTE: &str = "Global options: --url, --api-key, --ca-cert, -o/--output \
+    (TRELLIS_URL, TRELLIS_API_KEY, TRELLIS_CA_CERT, TRELLIS_OUTPUT); see `trellis --help`.";
+
+impl Cli {
+    /// The command line as parsed and as `--help` shows it: environment
+    /// variables by name only (`[env: TRELLIS_URL]`, never a value, set or
+    /// empty), and the global options documented once, in `trellis --help`;
+    /// every other page takes them (hidden) and points there.
+    pub fn tidy_command() -> clap::Command {
+        let cmd = <Cli as CommandFactory>::command();
+        let globals: Vec<clap::Arg> =
+            cmd.get_arguments().filter(|a| a.is_global_set()).map(|a| a.clone().hide(true)).collect();
+        fn tidy(cmd: clap::Command, globals: &[clap::Arg], top: bool) -> clap::Command {
+            let mut cmd = cmd.mut_args(|a| a.hide_env_values(true));
+            if !top {
+                // A subcommand's own (hidden) copy is not replaced by the propagated, visible one.
+                for arg in globals {
+                    cmd = cmd.arg(arg.clone());
+                }
+                if !["server", "version", "reset-admin-key"].contains(&cmd.get_name()) {
+                    cmd = cmd.after_help(GLOBAL_NOTE);
+                }
+            }
+            let names: Vec<String> = cmd.get_subcommands().map(|s| s.get_name().to_string()).collect();
+            for name in names {
+                cmd = cmd.mut_subcommand(name, |sub| tidy(sub, globals, false));
+            }
+            cmd
+        }
+        tidy(cmd, &globals, true)
+    }
+
+    /// Parses `args` (the program name first) with [`Cli::tidy_command`].
+    pub fn parse_args<I, T>(args: I) -> Result<Cli, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let mut cmd = Self::tidy_command();
+        let matches = cmd.try_get_matches_from_mut(args)?;
+        Cli::from_arg_matches(&matches).map_err(|e| e.format(&mut cmd))
+    }
+}
 
 /// Flags every API verb uses to reach the control plane.
 #[derive(Debug, Args)]
@@ -170,7 +215,8 @@ pub struct AgentRunArgs {
     #[arg(long, env = "TRELLIS_CONTROL_PLANE", value_name = "URL", required = true, value_parser = parse_url)]
     pub control_plane: Option<Url>,
 
-    /// Join token from `trellis agent-token create`; needed on the first start only (later starts use the state dir)
+    /// Join token from `trellis agent-token create`, needed on the first start only (later starts use the state
+    /// dir). Prefer the TRELLIS_JOIN_TOKEN environment variable: a flag's value is visible to every user in `ps`
     #[arg(long, env = "TRELLIS_JOIN_TOKEN", value_name = "TOKEN", hide_env_values = true)]
     pub join_token: Option<JoinToken>,
 
@@ -270,17 +316,30 @@ pub enum ShareHost {
     Dns(String),
 }
 
+/// A control-plane URL: `https://HOST[:PORT][/PATH]`. The control plane only speaks HTTPS.
 fn parse_url(s: &str) -> Result<Url, String> {
-    let url = Url::parse(s).map_err(|e| format!("{s:?} is not a URL ({e}); write e.g. https://127.0.0.1:8443"))?;
+    let shown = trellis_model::clip_echo(s);
+    let url = Url::parse(s).map_err(|e| format!("{shown:?} is not a URL ({e}); write e.g. https://127.0.0.1:8443"))?;
     match url.scheme() {
-        "http" | "https" => {}
-        other => return Err(format!("URL scheme {other:?} is not supported; use https:// (or http://)")),
+        "https" => {}
+        "http" => {
+            let mut https = url.clone();
+            // Url refuses only scheme changes between special and non-special schemes; http → https is allowed.
+            let _ = https.set_scheme("https");
+            return Err(format!("the control plane speaks HTTPS; use {}", https.as_str().trim_end_matches('/')));
+        }
+        other => {
+            return Err(format!(
+                "URL scheme {:?} is not supported; the control plane speaks HTTPS, use https://",
+                trellis_model::clip_echo(other)
+            ));
+        }
     }
     if url.host().is_none() {
-        return Err(format!("{s:?} has no host; write e.g. https://127.0.0.1:8443"));
+        return Err(format!("{shown:?} has no host; write e.g. https://127.0.0.1:8443"));
     }
     if url.query().is_some() || url.fragment().is_some() {
-        return Err(format!("{s:?} must not have a query or fragment"));
+        return Err(format!("{shown:?} must not have a query or fragment"));
     }
     Ok(url)
 }
@@ -309,9 +368,15 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
-/// `host:port` with a non-empty host and a port in 1-65535; `[v6]:port` allowed.
+/// `--advertise`: `host:port` with a non-empty host and a port in 1-65535; `[v6]:port` allowed.
 fn parse_host_port(s: &str) -> Result<String, String> {
-    let err = || format!("{s:?} is not HOST:PORT (e.g. gw1.example.net:7443 or 10.0.0.5:7443)");
+    check_host_port(s, "gw1.example.net:7443 or 10.0.0.5:7443")
+}
+
+/// `host:port` as [`parse_host_port`] takes it; the error shows `examples`.
+fn check_host_port(s: &str, examples: &str) -> Result<String, String> {
+    let shown = trellis_model::clip_echo(s);
+    let err = || format!("{shown:?} is not HOST:PORT (e.g. {examples})");
     let (host, port) = s.rsplit_once(':').ok_or_else(err)?;
     let port: u16 = port.parse().map_err(|_| err())?;
     let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
@@ -325,8 +390,8 @@ fn parse_host_port(s: &str) -> Result<String, String> {
 }
 
 fn parse_share_target(s: &str) -> Result<ShareTarget, String> {
-    parse_host_port(s)?;
-    // parse_host_port checked the shape: a ':' and a port in 1-65535.
+    check_host_port(s, "127.0.0.1:5432 for a local PostgreSQL, or localhost:6379 for a local Redis")?;
+    // check_host_port checked the shape: a ':' and a port in 1-65535.
     let (host, port) = s.rsplit_once(':').ok_or("missing port")?;
     let port: u16 = port.parse().map_err(|_| "bad port".to_string())?;
     let bare = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
@@ -338,9 +403,10 @@ fn parse_share_target(s: &str) -> Result<ShareTarget, String> {
 }
 
 fn parse_loopback(s: &str) -> Result<SocketAddr, String> {
-    let addr: SocketAddr = s.parse().map_err(|e| format!("{s:?} is not an address like 127.0.0.1:0 ({e})"))?;
+    let shown = trellis_model::clip_echo(s);
+    let addr: SocketAddr = s.parse().map_err(|e| format!("{shown:?} is not an address like 127.0.0.1:0 ({e})"))?;
     if !addr.ip().is_loopback() {
-        return Err(format!("{s:?} is not a loopback address; dev mode listens on 127.0.0.1 or ::1 only"));
+        return Err(format!("{shown:?} is not a loopback address; dev mode listens on 127.0.0.1 or ::1 only"));
     }
     Ok(addr)
 }
@@ -348,10 +414,9 @@ fn parse_loopback(s: &str) -> Result<SocketAddr, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::CommandFactory;
 
     fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
-        Cli::try_parse_from(std::iter::once("trellis").chain(args.iter().copied()))
+        Cli::parse_args(std::iter::once("trellis").chain(args.iter().copied()))
     }
 
     const TOKEN: &str = "trellis1.jt-0123456789abcdef.\
@@ -361,11 +426,12 @@ mod tests {
     #[test]
     fn clap_definition_is_consistent() {
         Cli::command().debug_assert();
+        Cli::tidy_command().debug_assert();
     }
 
     #[test]
     fn top_level_help_mentions_every_noun() {
-        let help = Cli::command().render_help().to_string();
+        let help = Cli::tidy_command().render_help().to_string();
         for noun in [
             "server",
             "agent",
@@ -521,6 +587,54 @@ mod tests {
     }
 
     #[test]
+    fn an_http_url_says_the_control_plane_speaks_https() {
+        let expected = "the control plane speaks HTTPS; use https://127.0.0.1:8443";
+        assert_eq!(parse_url("http://127.0.0.1:8443").unwrap_err(), expected);
+        for args in [
+            &["vpc", "list", "--url", "http://127.0.0.1:8443"][..],
+            &["agent", "--control-plane", "http://127.0.0.1:8443", "--state-dir", "/tmp/a"],
+        ] {
+            let err = parse(args).unwrap_err().to_string();
+            assert!(err.contains(expected), "{args:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_bad_share_target_suggests_something_to_share() {
+        let err = parse(&["dev", "--share", "nonsense"]).unwrap_err().to_string();
+        assert!(err.contains("\"nonsense\" is not HOST:PORT (e.g. 127.0.0.1:5432 for a local PostgreSQL"), "{err}");
+        assert!(!err.contains("7443"), "no tunnel addresses: {err}");
+    }
+
+    #[test]
+    fn help_names_environment_variables_without_values_and_documents_global_options_once() {
+        let mut cmd = Cli::tidy_command();
+        let top = cmd.render_long_help().to_string();
+        assert!(top.contains("[env: TRELLIS_URL]") && top.contains("[env: TRELLIS_OUTPUT]"), "{top}");
+        assert!(top.contains("--ca-cert <FILE>"), "the global options are in `trellis --help`:\n{top}");
+        for path in [&["vpc", "create"][..], &["resource-configuration", "create"], &["agent"], &["dev"]] {
+            let mut sub = &mut cmd;
+            for name in path {
+                sub = sub.find_subcommand_mut(name).unwrap();
+            }
+            let help = sub.render_long_help().to_string();
+            assert!(!help.contains("--ca-cert <FILE>"), "{path:?} repeats the global options:\n{help}");
+            assert!(!help.contains("=]"), "{path:?} shows an empty env value:\n{help}");
+            assert!(help.contains("see `trellis --help`"), "{path:?}:\n{help}");
+        }
+        // Set variables are not shown either.
+        let agent = cmd.find_subcommand_mut("agent").unwrap().render_long_help().to_string();
+        assert!(agent.contains("[env: TRELLIS_CONTROL_PLANE]"), "{agent}");
+        assert!(agent.contains("Prefer the TRELLIS_JOIN_TOKEN environment variable"), "{agent}");
+        // The hidden copies still parse, before or after the verb.
+        let cli = parse(&["vpc", "list", "--url", "https://h:1", "-o", "json"]).unwrap();
+        assert_eq!(cli.global.output, OutputFormat::Json);
+        assert!(cli.global.url.is_some());
+        let cli = parse(&["--output", "json", "agent", "list"]).unwrap();
+        assert_eq!(cli.global.output, OutputFormat::Json);
+    }
+
+    #[test]
     fn dev_defaults_and_share_targets() {
         let cli = parse(&["dev"]).unwrap();
         let Command::Dev(d) = cli.command else { panic!("not dev") };
@@ -567,7 +681,7 @@ mod tests {
             }
         }
         let mut missing = Vec::new();
-        walk(&Cli::command(), "trellis", doc, &mut missing);
+        walk(&Cli::tidy_command(), "trellis", doc, &mut missing);
         assert!(missing.is_empty(), "docs/cli.md does not mention: {missing:?}");
     }
 

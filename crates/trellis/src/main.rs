@@ -19,13 +19,12 @@ mod shutdown;
 
 use std::process::ExitCode;
 
-use clap::Parser;
 use clap::error::ErrorKind;
 
 use crate::cli::{AgentCommand, Cli, Command, ServerCommand};
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let cli = match Cli::parse_args(std::env::args_os()) {
         Ok(cli) => cli,
         Err(err) => return clap_error(err),
     };
@@ -47,7 +46,7 @@ fn main() -> ExitCode {
     match runtime.block_on(dispatch(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {}", error_line(&e));
+            eprintln!("error: {}", trellis_model::clip_quoted(&error_line(&e)));
             ExitCode::FAILURE
         }
     }
@@ -131,10 +130,28 @@ fn clap_error(err: clap::Error) -> ExitCode {
             err.exit()
         }
         _ => {
-            eprintln!("{}", one_line(&err.render().to_string()));
+            eprintln!("{}", usage_error_line(&err));
             ExitCode::from(2)
         }
     }
+}
+
+/// A usage error as one line, with long echoed input (a 5,000-character
+/// value) cut to [`trellis_model::MAX_ECHO_CHARS`] characters.
+fn usage_error_line(err: &clap::Error) -> String {
+    use clap::error::ContextValue;
+    let mut line = one_line(&err.render().to_string());
+    for (_, value) in err.context() {
+        let values = match value {
+            ContextValue::String(v) => std::slice::from_ref(v),
+            ContextValue::Strings(vs) => vs.as_slice(),
+            _ => &[],
+        };
+        for v in values.iter().filter(|v| v.chars().count() > trellis_model::MAX_ECHO_CHARS) {
+            line = line.replace(v.as_str(), &trellis_model::clip_echo(v));
+        }
+    }
+    trellis_model::clip_quoted(&line)
 }
 
 /// Joins clap's message (everything before the usage block) into one line.
@@ -169,12 +186,39 @@ mod tests {
     }
 
     #[test]
+    fn usage_errors_repeat_at_most_64_characters_of_the_input() {
+        let long = "9".repeat(5000);
+        let cut = format!("{}…", "9".repeat(64));
+        for args in [
+            vec![
+                "trellis",
+                "resource-configuration",
+                "create",
+                "--name",
+                "x",
+                "--type",
+                "SINGLE",
+                "--port-range",
+                &long,
+            ],
+            vec!["trellis", "dev", "--share", &long],
+            vec!["trellis", "vpc", "list", "--url", &long],
+            vec!["trellis", "vpc", &long],
+        ] {
+            let err = Cli::parse_args(args.iter().copied()).unwrap_err();
+            let line = usage_error_line(&err);
+            assert!(line.contains(&cut), "{line}");
+            assert!(line.len() < 400, "{} characters: {line}", line.len());
+        }
+    }
+
+    #[test]
     fn usage_errors_are_one_line() {
-        let err = Cli::try_parse_from(["trellis", "vpc", "create"]).unwrap_err();
+        let err = Cli::parse_args(["trellis", "vpc", "create"]).unwrap_err();
         let line = one_line(&err.render().to_string());
         assert_eq!(line, "error: the following required arguments were not provided: --name <NAME>");
 
-        let err = Cli::try_parse_from(["trellis", "vpc", "create", "--nam", "x"]).unwrap_err();
+        let err = Cli::parse_args(["trellis", "vpc", "create", "--nam", "x"]).unwrap_err();
         let line = one_line(&err.render().to_string());
         assert!(line.starts_with("error: unexpected argument '--nam' found"), "{line}");
         assert!(!line.contains('\n'));
