@@ -124,7 +124,7 @@ pub async fn run(client: &ApiClient, req: &ApiRequest, output: OutputFormat) -> 
         OutputFormat::Table => {
             let value = answer.json()?;
             let mut text = render_table(&value);
-            text.push_str(&hints(req, &value, client.base_url()));
+            text.push_str(&hints(req, &value, client.base_url(), &crate::program::command_name()));
             text
         }
     };
@@ -135,16 +135,17 @@ pub async fn run(client: &ApiClient, req: &ApiRequest, output: OutputFormat) -> 
 }
 
 /// A line after the table where the answer holds something shown only once, or
-/// where the next step is not obvious.
-fn hints(req: &ApiRequest, value: &Value, url: &str) -> String {
+/// where the next step is not obvious. `program` names this binary in commands.
+fn hints(req: &ApiRequest, value: &Value, url: &str, program: &str) -> String {
     let field = |k: &str| value.get(k).and_then(Value::as_str);
     if req.method == reqwest::Method::DELETE && value.is_null() {
         let id = req.path.rsplit('/').next().unwrap_or_default();
         return format!("Deleted {id}.\n");
     }
     if let Some(token) = field("token") {
+        // In the environment rather than a flag: other users see a process's flags in `ps`.
         return format!(
-            "\nThe token is shown once and works once. Enroll an agent with:\n  trellis agent --control-plane {url} --join-token {token} --state-dir DIR\n"
+            "\nThe token is shown once and works once. Enroll an agent with (DIR: a directory of its own):\n  TRELLIS_JOIN_TOKEN={token} {program} agent --control-plane {url} --state-dir DIR\n"
         );
     }
     if field("apiKey").is_some() {
@@ -192,15 +193,24 @@ mod tests {
 
     #[test]
     fn deletes_with_an_empty_answer_say_what_was_deleted() {
-        assert_eq!(hints(&ApiRequest::delete("/v1/vpcs/vpc-1"), &Value::Null, "https://h:1"), "Deleted vpc-1.\n");
+        assert_eq!(
+            hints(&ApiRequest::delete("/v1/vpcs/vpc-1"), &Value::Null, "https://h:1", "trellis"),
+            "Deleted vpc-1.\n"
+        );
     }
 
     #[test]
     fn secrets_shown_once_get_a_hint() {
         let req = ApiRequest::post("/v1/agent-tokens", json!({}));
-        let hint = hints(&req, &json!({"token": "trellis1.x"}), "https://h:1");
-        assert!(hint.contains("--control-plane https://h:1 --join-token trellis1.x"), "{hint}");
+        let hint = hints(&req, &json!({"token": "trellis1.x"}), "https://h:1", "/opt/trellis");
+        assert!(
+            hint.contains(
+                "TRELLIS_JOIN_TOKEN=trellis1.x /opt/trellis agent --control-plane https://h:1 --state-dir DIR"
+            ),
+            "the token goes in the environment, not in a flag `ps` shows: {hint}"
+        );
+        assert!(!hint.contains("--join-token"), "{hint}");
         let req = ApiRequest::post("/v1/accounts", json!({}));
-        assert!(hints(&req, &json!({"apiKey": "k"}), "https://h:1").contains("shown once"));
+        assert!(hints(&req, &json!({"apiKey": "k"}), "https://h:1", "trellis").contains("shown once"));
     }
 }

@@ -55,7 +55,7 @@ fn render_list(envelope: &Map<String, Value>, items: &[Value]) -> String {
         let columns = list_columns(items);
         let mut rows: Vec<Vec<String>> = vec![columns.iter().map(|c| header(c)).collect()];
         for item in items {
-            rows.push(columns.iter().map(|c| item.get(c).map_or_else(|| "-".to_string(), cell_text)).collect());
+            rows.push(columns.iter().map(|c| item.get(c).map_or_else(|| "-".to_string(), list_cell_text)).collect());
         }
         out.push_str(&grid(&rows));
     }
@@ -67,20 +67,21 @@ fn render_list(envelope: &Map<String, Value>, items: &[Value]) -> String {
 
 /// Chooses a list's columns: id, name, state, type first, then other plain fields;
 /// never ARNs, long values such as fingerprints (`get` shows them), nested
-/// objects, or aliases of the id.
+/// objects, or aliases of the id. A list of named objects (an invitation's
+/// `resources`) is a column of their names, shortened rather than left out.
 fn list_columns(items: &[Value]) -> Vec<String> {
     let mut keys: Vec<String> = Vec::new();
     for item in items {
         if let Value::Object(map) = item {
             for (k, v) in map {
-                if is_cell(v) && !keys.contains(k) {
+                if (is_cell(v) || is_named_list(v)) && !keys.contains(k) {
                     keys.push(k.clone());
                 }
             }
         }
     }
     keys.retain(|k| {
-        if k == "id" || k == "name" {
+        if k == "id" || k == "name" || items.iter().any(|item| item.get(k).is_some_and(is_named_list)) {
             return true;
         }
         let arn = k == "arn" || k.ends_with("Arn") || k.ends_with("Arns");
@@ -144,6 +145,47 @@ fn is_cell(value: &Value) -> bool {
         Value::Array(items) => items.iter().all(|v| !v.is_object() && !v.is_array()),
         _ => true,
     }
+}
+
+/// A non-empty array of objects that all have a string `name`.
+fn is_named_list(value: &Value) -> bool {
+    match value {
+        Value::Array(items) => !items.is_empty() && items.iter().all(|i| i.get("name").is_some_and(Value::is_string)),
+        _ => false,
+    }
+}
+
+/// A list table's cell: [`cell_text`], or for a list of named objects their
+/// names (with their `type`), as many as fit, then how many more.
+fn list_cell_text(value: &Value) -> String {
+    let Value::Array(items) = value else { return cell_text(value) };
+    if !is_named_list(value) {
+        return cell_text(value);
+    }
+    let names: Vec<String> = items
+        .iter()
+        .map(|i| {
+            let name = scalar_text(&i["name"]);
+            match i.get("type").and_then(Value::as_str) {
+                Some(t) => format!("{name} ({t})"),
+                None => name,
+            }
+        })
+        .collect();
+    let mut out = String::new();
+    for (shown, name) in names.iter().enumerate() {
+        let more = format!(", +{} more", names.len() - shown);
+        let sep = if out.is_empty() { "" } else { ", " };
+        let last = shown + 1 == names.len();
+        let room = if last { MAX_LIST_CELL } else { MAX_LIST_CELL.saturating_sub(width(&more)) };
+        if !out.is_empty() && width(&out) + sep.len() + width(name) > room {
+            out.push_str(&more);
+            return out;
+        }
+        out.push_str(sep);
+        out.push_str(name);
+    }
+    out
 }
 
 fn cell_text(value: &Value) -> String {
@@ -303,6 +345,27 @@ mod tests {
         assert!(text.starts_with("resourceConfigurationId: rcfg-1\n"), "{text}");
         assert!(text.contains("ACTIVE-CONNECTIONS"), "{text}");
         assert!(text.contains("acct-000000000002"), "{text}");
+    }
+
+    #[test]
+    fn invitation_lists_show_the_shared_resources() {
+        let owner = "acct-000000000001";
+        let resource = |name: &str, t: &str| json!({"id": "rcfg-1", "arn": "arn:x", "name": name, "type": t, "ownerAccountId": owner});
+        let list = json!({"items": [
+            {"id": "rsi-1", "status": "PENDING", "resourceShareName": "for-you", "senderAccountId": owner,
+             "resources": [resource("orders-db", "SINGLE"), resource("cache", "GROUP")]},
+            {"id": "rsi-2", "status": "ACCEPTED", "resourceShareName": "many", "senderAccountId": owner,
+             "resources": (0..9).map(|i| resource(&format!("database-{i}"), "SINGLE")).collect::<Vec<_>>()},
+        ]});
+        let text = render_table(&list);
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines[0].contains("RESOURCES") && lines[0].contains("SENDER-ACCOUNT-ID"), "{text}");
+        assert!(lines[1].contains("orders-db (SINGLE), cache (GROUP)"), "{text}");
+        assert!(lines[2].contains("database-0 (SINGLE), +8 more"), "{text}");
+        // `get` shows each resource in full.
+        let one = render_table(&list["items"][0]);
+        assert!(one.contains("resources[1].name             cache"), "{one}");
+        assert!(one.contains(&format!("resources[0].ownerAccountId   {owner}")), "{one}");
     }
 
     #[test]
