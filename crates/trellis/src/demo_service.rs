@@ -1,6 +1,8 @@
 //! The built-in service `trellis dev` shares when no `--share` is given: a TCP
 //! server that answers every line with a greeting and the line, so `nc` shows
-//! the whole path working. It binds loopback only.
+//! the whole path working; a connection that starts with an HTTP/1 request
+//! line gets one HTTP answer with the same greeting instead, so `curl` works
+//! too (not every machine has `nc`). It binds loopback only.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -84,10 +86,53 @@ async fn accept_loop(listener: TcpListener, cancel: CancellationToken, tasks: Ta
     }
 }
 
+/// Whether `line` is an HTTP/1 request line (`GET / HTTP/1.1`).
+fn is_http_request_line(line: &str) -> bool {
+    let mut parts = line.trim_end_matches(['\r', '\n']).split(' ');
+    let (Some(method), Some(target), Some(version), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return false;
+    };
+    !method.is_empty()
+        && method.bytes().all(|b| b.is_ascii_uppercase())
+        && target.starts_with('/')
+        && (version == "HTTP/1.1" || version == "HTTP/1.0")
+}
+
+/// Answers an HTTP request whose request line was `request_line`: skips its
+/// header lines, sends one 200 answer with the greeting, and closes.
+async fn answer_http(
+    lines: &mut BufReader<tokio::net::tcp::OwnedReadHalf>,
+    write: &mut tokio::net::tcp::OwnedWriteHalf,
+    request_line: &str,
+) -> std::io::Result<()> {
+    let mut header = Vec::new();
+    for _ in 0..100 {
+        header.clear();
+        let mut limited = (&mut *lines).take(MAX_LINE);
+        match tokio::time::timeout(IDLE_TIMEOUT, limited.read_until(b'\n', &mut header)).await {
+            Ok(Ok(0)) | Err(_) => break,
+            Ok(Ok(_)) if header == b"\r\n" || header == b"\n" => break,
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(e),
+        }
+    }
+    let words: Vec<&str> = request_line.split(' ').take(2).collect();
+    let body = format!("{GREETING}{}\n", words.join(" "));
+    let head = format!(
+        "HTTP/1.1 200 OK\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    write.write_all(head.as_bytes()).await?;
+    write.write_all(body.as_bytes()).await?;
+    write.shutdown().await
+}
+
 async fn serve(stream: TcpStream) -> std::io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut lines = BufReader::new(read);
     let mut line = Vec::new();
+    let mut first = true;
     loop {
         line.clear();
         let mut limited = (&mut lines).take(MAX_LINE);
@@ -104,6 +149,10 @@ async fn serve(stream: TcpStream) -> std::io::Result<()> {
         }
         let text = String::from_utf8_lossy(&line);
         let text = text.trim_end_matches(['\r', '\n']);
+        if std::mem::take(&mut first) && is_http_request_line(text) {
+            let request_line = text.to_string();
+            return answer_http(&mut lines, &mut write, &request_line).await;
+        }
         write.write_all(format!("{GREETING}{text}\n").as_bytes()).await?;
     }
     write.shutdown().await
@@ -122,6 +171,24 @@ mod tests {
         let mut answer = String::new();
         tokio::time::timeout(Duration::from_secs(10), conn.read_to_string(&mut answer)).await.unwrap().unwrap();
         assert_eq!(answer, format!("{GREETING}hi\n{GREETING}there\n"));
+        demo.stop().await;
+    }
+
+    #[tokio::test]
+    async fn an_http_request_gets_one_http_answer() {
+        let demo = DemoService::start("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let mut conn = TcpStream::connect(demo.local_addr()).await.unwrap();
+        // As curl sends it, without closing its side: the service closes after answering.
+        conn.write_all(b"GET /hello HTTP/1.1\r\nHost: x\r\nUser-Agent: curl/8\r\nAccept: */*\r\n\r\n").await.unwrap();
+        let mut answer = String::new();
+        tokio::time::timeout(Duration::from_secs(10), conn.read_to_string(&mut answer)).await.unwrap().unwrap();
+        let body = format!("{GREETING}GET /hello\n");
+        assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+        assert!(answer.contains(&format!("content-length: {}\r\n", body.len())), "{answer}");
+        assert!(answer.ends_with(&format!("\r\n\r\n{body}")), "{answer}");
+        assert!(is_http_request_line("HEAD / HTTP/1.0\r\n"));
+        assert!(!is_http_request_line("hi there HTTP/1.1 x"));
+        assert!(!is_http_request_line("get / HTTP/1.1"));
         demo.stop().await;
     }
 

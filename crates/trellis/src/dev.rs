@@ -23,6 +23,7 @@ use crate::cli::{DevArgs, OutputFormat, ShareHost, ShareTarget};
 use crate::client::{ApiClient, ApiRequest, CaSource};
 use crate::demo_service::DemoService;
 use crate::nouns::encode_segment;
+use crate::program::shell_quote;
 use crate::run_agent::{AgentHandle, AgentRole};
 use crate::run_server::ServerHandle;
 use crate::secret::ApiKey;
@@ -108,7 +109,9 @@ impl DataDir {
                 tempfile::Builder::new().prefix("trellis-dev-").tempdir().context("creating a temporary directory")?;
             return Ok(Self { path: temp.path().to_path_buf(), _temp: Some(temp) });
         };
-        std::fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
+        std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+            .create(&path)
+            .with_context(|| format!("creating {}", path.display()))?;
         let not_empty =
             std::fs::read_dir(&path).with_context(|| format!("reading {}", path.display()))?.next().is_some();
         if not_empty {
@@ -401,26 +404,18 @@ fn dns_entry(endpoint: &Value) -> Result<(String, std::net::IpAddr)> {
     Ok((name, ip))
 }
 
-/// A command that exercises the endpoint, chosen by the shared port.
-fn try_command(addr: &SocketAddr, demo: bool) -> String {
+/// Commands that exercise the endpoint, chosen by the shared port; two where
+/// the first tool may be missing (`nc` is not installed everywhere).
+fn try_commands(addr: &SocketAddr, demo: bool) -> Vec<String> {
     let (ip, port) = (addr.ip(), addr.port());
     match (demo, port) {
-        (true, _) => format!("echo hi | nc -q 1 {ip} {port}"),
-        (false, 5432) => format!("psql -h {ip} -p {port} -U postgres"),
-        (false, 6379) => format!("redis-cli -h {ip} -p {port} ping"),
-        (false, 3306) => format!("mysql -h {ip} -P {port} -u root -p"),
-        (false, 80 | 8080 | 8000 | 3000) => format!("curl http://{addr}/"),
-        (false, 443 | 8443) => format!("curl -k https://{addr}/"),
-        (false, _) => format!("nc {ip} {port}"),
-    }
-}
-
-fn shell_quote(path: &Path) -> String {
-    let s = path.display().to_string();
-    if s.bytes().all(|b| b.is_ascii_alphanumeric() || b"/._-+:@".contains(&b)) {
-        s
-    } else {
-        format!("'{}'", s.replace('\'', r"'\''"))
+        (true, _) => vec![format!("curl http://{addr}/"), format!("echo hi | nc -q 1 {ip} {port}")],
+        (false, 5432) => vec![format!("psql -h {ip} -p {port} -U postgres")],
+        (false, 6379) => vec![format!("redis-cli -h {ip} -p {port} ping")],
+        (false, 3306) => vec![format!("mysql -h {ip} -P {port} -u root -p")],
+        (false, 80 | 8080 | 8000 | 3000) => vec![format!("curl http://{addr}/")],
+        (false, 443 | 8443) => vec![format!("curl -k https://{addr}/")],
+        (false, _) => vec![format!("nc {ip} {port}"), format!("curl telnet://{addr}")],
     }
 }
 
@@ -434,13 +429,15 @@ fn exports(s: &Summary, key_file: &Path) -> String {
 }
 
 fn print_summary(s: &Summary, output: OutputFormat) {
-    let text = summary_text(s, output);
+    let text = summary_text(s, output, &crate::program::command_name());
     let mut stdout = std::io::stdout().lock();
     // Nothing useful to do when stdout is gone; dev keeps running until Ctrl-C.
     let _ = std::io::Write::write_all(&mut stdout, text.as_bytes()).and_then(|()| std::io::Write::flush(&mut stdout));
 }
 
-fn summary_text(s: &Summary, output: OutputFormat) -> String {
+/// What dev prints once everything is up. `program` names this binary in the
+/// printed commands, so that they run as printed.
+fn summary_text(s: &Summary, output: OutputFormat, program: &str) -> String {
     if output == OutputFormat::Json {
         let summary = json!({
             "url": s.url,
@@ -457,6 +454,7 @@ fn summary_text(s: &Summary, output: OutputFormat) -> String {
             "dnsListen": s.dns_listen.map(|a| a.to_string()),
             "target": target_text(&s.target),
             "demo": s.demo,
+            "program": program,
         });
         return format!("{summary}\n");
     }
@@ -481,19 +479,27 @@ fn summary_text(s: &Summary, output: OutputFormat) -> String {
     if let Some(dns) = s.dns_listen {
         out.push_str(&format!("  DNS server {dns}   (dig @{} -p {} {})\n", dns.ip(), dns.port(), s.dns_name));
     }
-    out.push_str(&format!("\nTry it:\n  {}\n", try_command(&s.endpoint_addr, s.demo)));
+    let commands = try_commands(&s.endpoint_addr, s.demo);
+    out.push_str(if commands.len() > 1 { "\nTry it (either line, with the tool you have):\n" } else { "\nTry it:\n" });
+    for command in commands {
+        out.push_str(&format!("  {command}\n"));
+    }
     out.push_str(&format!(
-        "\nUse the CLI as the consumer ({}):\n  {}\n  trellis vpc-endpoint list\n",
+        "\nUse the CLI as the consumer ({}):\n  {}\n  {program} invitation list\n  {program} vpc-endpoint list\n",
         s.consumer.name,
         exports(s, &s.consumer.key_file)
     ));
     out.push_str(&format!(
-        "\nAs the owner ({}):\n  {}\n  trellis resource-configuration usage {}\n",
+        "\nAs the owner ({}):\n  {}\n  {program} resource-configuration usage {}\n",
         s.owner.name,
         exports(s, &s.owner.key_file),
         s.resource_configuration_id
     ));
-    out.push_str(&format!("\nAs the admin:\n  {}\n", exports(s, &s.admin_key_file)));
+    out.push_str(&format!("\nAs the admin:\n  {}\n  {program} account list\n", exports(s, &s.admin_key_file)));
+    out.push_str(
+        "\nThese API keys belong to this throwaway local demo, so dev points at them freely;\n\
+         `trellis server` never prints its admin key, only where its file is.\n",
+    );
     out
 }
 
@@ -543,7 +549,17 @@ mod tests {
             assert!(resource_configuration.starts_with("arn:"), "{resource_configuration}");
             assert!(resource_configuration.ends_with(&summary.resource_configuration_id), "{resource_configuration}");
 
-            let text = summary_text(&summary, OutputFormat::Table);
+            // The printed curl line works: the demo answers HTTP through the endpoint too.
+            let text = summary_text(&summary, OutputFormat::Table, "/opt/bin/trellis");
+            assert!(text.contains(&format!("curl http://{}/", summary.endpoint_addr)), "{text}");
+            let mut conn = tokio::net::TcpStream::connect(summary.endpoint_addr).await?;
+            conn.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await?;
+            let mut answer = String::new();
+            tokio::time::timeout(Duration::from_secs(20), conn.read_to_string(&mut answer)).await??;
+            assert!(
+                answer.starts_with("HTTP/1.1 200 OK") && answer.contains(crate::demo_service::GREETING),
+                "{answer}"
+            );
             assert!(
                 text.contains(&format!(
                     "echo hi | nc -q 1 {} {}",
@@ -556,7 +572,9 @@ mod tests {
                 text.contains(&format!("TRELLIS_API_KEY=$(cat {})", summary.consumer.key_file.display())),
                 "{text}"
             );
-            let json: Value = serde_json::from_str(&summary_text(&summary, OutputFormat::Json))?;
+            assert!(text.contains("\n  /opt/bin/trellis vpc-endpoint list\n"), "commands run as printed: {text}");
+            assert!(!text.lines().any(|l| l.trim_start().starts_with("trellis ")), "{text}");
+            let json: Value = serde_json::from_str(&summary_text(&summary, OutputFormat::Json, "trellis"))?;
             assert_eq!(json["endpointAddress"], summary.endpoint_addr.to_string());
             assert_eq!(json["dnsName"], summary.dns_name);
             anyhow::Ok(())
@@ -567,11 +585,14 @@ mod tests {
     }
 
     #[test]
-    fn try_commands_fit_the_shared_port() {
+    fn try_commands_fit_the_shared_port_and_never_rely_on_nc_alone() {
         let addr: SocketAddr = "127.77.0.4:5432".parse().unwrap();
-        assert_eq!(try_command(&addr, false), "psql -h 127.77.0.4 -p 5432 -U postgres");
-        assert_eq!(try_command(&addr, true), "echo hi | nc -q 1 127.77.0.4 5432");
-        assert_eq!(try_command(&"127.77.0.4:9999".parse().unwrap(), false), "nc 127.77.0.4 9999");
+        assert_eq!(try_commands(&addr, false), ["psql -h 127.77.0.4 -p 5432 -U postgres"]);
+        assert_eq!(try_commands(&addr, true), ["curl http://127.77.0.4:5432/", "echo hi | nc -q 1 127.77.0.4 5432"]);
+        assert_eq!(
+            try_commands(&"127.77.0.4:9999".parse().unwrap(), false),
+            ["nc 127.77.0.4 9999", "curl telnet://127.77.0.4:9999"]
+        );
     }
 
     #[test]
@@ -582,12 +603,6 @@ mod tests {
         assert!(err.to_string().contains("is not empty"), "{err}");
         let fresh = dir.path().join("new");
         assert_eq!(DataDir::prepare(Some(fresh.clone())).unwrap().path(), fresh);
-    }
-
-    #[test]
-    fn paths_with_spaces_are_quoted_for_the_shell() {
-        assert_eq!(shell_quote(Path::new("/tmp/a b/ca.pem")), "'/tmp/a b/ca.pem'");
-        assert_eq!(shell_quote(Path::new("/tmp/trellis-dev-x1/ca.pem")), "/tmp/trellis-dev-x1/ca.pem");
     }
 
     #[test]
