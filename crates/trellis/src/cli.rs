@@ -83,7 +83,7 @@ pub struct GlobalArgs {
     #[arg(long, env = "TRELLIS_URL", global = true, help_heading = GLOBAL, value_name = "URL", value_parser = parse_url)]
     pub url: Option<Url>,
 
-    /// API key of the account to act as (printed by `trellis server` or `trellis account create`)
+    /// API key of the account to act as (from `trellis account create`), or the admin key (DATA_DIR/admin.key)
     #[arg(long, env = "TRELLIS_API_KEY", global = true, help_heading = GLOBAL, hide_env_values = true, value_name = "KEY")]
     pub api_key: Option<ApiKey>,
 

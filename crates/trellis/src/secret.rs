@@ -22,7 +22,8 @@ impl FromStr for ApiKey {
         let key = s.trim();
         if key.is_empty() {
             return Err(
-                "the API key is empty; pass the key printed by `trellis server` or `trellis account create`".into()
+                "the API key is empty; pass a key from `trellis account create`, or the admin key in DATA_DIR/admin.key"
+                    .into()
             );
         }
         if key.chars().any(|c| c.is_control() || c.is_whitespace()) {
