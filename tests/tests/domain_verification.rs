@@ -132,7 +132,7 @@ fn server_dns_resolver_flag_and_the_cli_verify_a_domain() {
     let bad = cli.run(&["domain-verification", "create", "--domain-name", "*.example.com"]);
     assert_eq!(bad.code, Some(1));
     assert_eq!(bad.stderr.trim().lines().count(), 1, "one line: {}", bad.stderr);
-    assert!(bad.stderr.contains("domainName") && bad.stderr.contains("HTTP 422"), "{}", bad.stderr);
+    assert!(bad.stderr.contains("--domain-name") && bad.stderr.contains("HTTP 422"), "{}", bad.stderr);
     let twice = cli.run(&["domain-verification", "create", "--domain-name", "example.com"]);
     assert!(!twice.success && twice.stderr.contains("HTTP 409"), "{}", twice.stderr);
 

@@ -56,9 +56,26 @@ const FLAG_OF_FIELD: &[(&str, &str)] = &[
     ("clientToken", "--client-token"),
 ];
 
-/// `message` with every bare API field name replaced by its flag. Names in
-/// quotes or backticks (JSON examples, echoed input) are left as they are.
-pub fn flag_names(message: &str) -> String {
+/// Fields whose flag depends on the route (the collection path they were sent to).
+const FLAG_OF_FIELD_ON: &[(&str, &str, &str)] = &[
+    ("/v1/domainverifications", "domainName", "--domain-name"),
+    ("/v1/resourcegateways", "ipAddressType", "--ip-address-type"),
+    ("/v1/resourceconfigurations", "ipAddressType", "--dns-ip-address-type"),
+];
+
+/// The flag that fills API field `field` in a request to `path`.
+fn flag_of(field: &str, path: &str) -> Option<&'static str> {
+    let on_route = FLAG_OF_FIELD_ON.iter().find(|(route, f, _)| *f == field && path.starts_with(route));
+    match on_route {
+        Some((_, _, flag)) => Some(flag),
+        None => FLAG_OF_FIELD.iter().find(|(f, _)| *f == field).map(|(_, flag)| *flag),
+    }
+}
+
+/// `message` (an error answered to a request to `path`) with every bare API
+/// field name replaced by its flag. Names in quotes or backticks (JSON
+/// examples, echoed input) are left as they are.
+pub fn flag_names(message: &str, path: &str) -> String {
     let mut out = String::with_capacity(message.len());
     let mut rest = message;
     let mut previous: Option<char> = None;
@@ -73,8 +90,8 @@ pub fn flag_names(message: &str) -> String {
         let (word, after) = rest.split_at(len);
         let quoted = |ch: Option<char>| matches!(ch, Some('"' | '`' | '\'' | '-'));
         let bare = !quoted(previous) && !quoted(after.chars().next());
-        match FLAG_OF_FIELD.iter().find(|(field, _)| *field == word) {
-            Some((_, flag)) if bare => out.push_str(flag),
+        match flag_of(word, path) {
+            Some(flag) if bare => out.push_str(flag),
             _ => out.push_str(word),
         }
         previous = word.chars().last();
@@ -83,10 +100,12 @@ pub fn flag_names(message: &str) -> String {
     out
 }
 
-/// An API error as the CLI prints it: field names become flag names.
-pub fn at_the_cli(err: ClientError) -> ClientError {
-    match err {
-        ClientError::Api { status, code, message } => ClientError::Api { status, code, message: flag_names(&message) },
+/// An API error to a request to `path` as the CLI prints it: field names become flag names.
+pub fn at_the_cli(path: &str) -> impl FnOnce(ClientError) -> ClientError + '_ {
+    move |err| match err {
+        ClientError::Api { status, code, message } => {
+            ClientError::Api { status, code, message: flag_names(&message, path) }
+        }
         other => other,
     }
 }
@@ -97,7 +116,7 @@ pub async fn resolve_identifiers(client: &ApiClient, verb: &mut VpcEndpointVerb)
         && !resource_configuration.starts_with("arn:")
     {
         let path = format!("/v1/resourceconfigurations/{}", encode_segment(resource_configuration));
-        let rcfg = client.call(&ApiRequest::get(&path)).await.map_err(at_the_cli)?;
+        let rcfg = client.call(&ApiRequest::get(&path)).await.map_err(at_the_cli(&path))?;
         match rcfg.get("arn").and_then(Value::as_str) {
             Some(arn) => *resource_configuration = arn.to_string(),
             None => {
@@ -112,7 +131,7 @@ pub async fn resolve_identifiers(client: &ApiClient, verb: &mut VpcEndpointVerb)
 
 /// Sends `req` and prints the answer on stdout.
 pub async fn run(client: &ApiClient, req: &ApiRequest, output: OutputFormat) -> Result<(), ClientError> {
-    let answer = client.send(req).await.map_err(at_the_cli)?;
+    let answer = client.send(req).await.map_err(at_the_cli(&req.path))?;
     let text = match output {
         OutputFormat::Json => {
             let mut body = answer.body;
@@ -161,29 +180,35 @@ mod tests {
 
     #[test]
     fn errors_name_the_flags_not_the_api_fields() {
+        const RCFG: &str = "/v1/resourceconfigurations";
         assert_eq!(
-            flag_names("portRanges is required for SINGLE and GROUP configurations, for example [\"5432\"]"),
+            flag_names("portRanges is required for SINGLE and GROUP configurations, for example [\"5432\"]", RCFG),
             "--port-range is required for SINGLE and GROUP configurations, for example [\"5432\"]"
         );
         assert_eq!(
-            flag_names("resourceGatewayIdentifier: \"rgw-x\" is not a valid resource gateway id"),
+            flag_names("resourceGatewayIdentifier: \"rgw-x\" is not a valid resource gateway id", RCFG),
             "--gateway: \"rgw-x\" is not a valid resource gateway id"
         );
         assert_eq!(
-            flag_names("a CHILD configuration inherits its GROUP's gateway; omit resourceGatewayIdentifier"),
+            flag_names("a CHILD configuration inherits its GROUP's gateway; omit resourceGatewayIdentifier", RCFG),
             "a CHILD configuration inherits its GROUP's gateway; omit --gateway"
         );
         // JSON examples and echoed input keep their field names; plain words are not touched.
         let example = "resourceConfigurationDefinition is required: {\"ipResource\": {\"ipAddress\": ...}}";
-        assert_eq!(flag_names(example), "--ip or --dns-name is required: {\"ipResource\": {\"ipAddress\": ...}}");
+        assert_eq!(flag_names(example, RCFG), "--ip or --dns-name is required: {\"ipResource\": {\"ipAddress\": ...}}");
         assert_eq!(
-            flag_names("name \"vpcId\" is invalid; cidrBlock overlaps"),
+            flag_names("name \"vpcId\" is invalid; cidrBlock overlaps", "/v1/subnets"),
             "name \"vpcId\" is invalid; --cidr-block overlaps"
         );
-        assert_eq!(flag_names("principals lists acct-1 twice"), "--principal lists acct-1 twice");
-        assert_eq!(flag_names("a principal or vpc-id"), "a principal or vpc-id");
+        assert_eq!(flag_names("principals lists acct-1 twice", "/v1/resourceshares"), "--principal lists acct-1 twice");
+        assert_eq!(flag_names("a principal or vpc-id", "/v1/resourceshares"), "a principal or vpc-id");
+        // The same field is a different flag on another route.
+        assert_eq!(flag_names("domainName: bad", "/v1/domainverifications"), "--domain-name: bad");
+        assert_eq!(flag_names("domainName: bad", RCFG), "--dns-name: bad");
+        assert_eq!(flag_names("ipAddressType is bad", "/v1/resourcegateways"), "--ip-address-type is bad");
+        assert_eq!(flag_names("ipAddressType is bad", RCFG), "--dns-ip-address-type is bad");
 
-        let err = at_the_cli(ClientError::Api {
+        let err = at_the_cli(RCFG)(ClientError::Api {
             status: 422,
             code: Some("InvalidPortRange".into()),
             message: "portRanges is empty".into(),
