@@ -1,8 +1,15 @@
 //! One JSON line per proxied (or refused) connection, written to stdout by
-//! default: times, role, endpoint, consumer account, client address, resource,
-//! target, bytes each way, duration and outcome. Never logs payload.
+//! default or appended to a file (`trellis agent --access-log FILE`): times,
+//! role, endpoint, consumer account, client address, resource, target, bytes
+//! each way, duration and outcome. Never logs payload.
+//!
+//! A file is opened for appending (`O_APPEND`), so lines are never interleaved
+//! with another writer's, and [`AccessLog::reopen`] (on SIGHUP at the CLI)
+//! starts writing to a fresh file at the same path after log rotation.
 
-use std::io::Write;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -51,12 +58,22 @@ type Sink = Arc<Mutex<Box<dyn Write + Send>>>;
 #[derive(Clone, Default)]
 pub struct AccessLog {
     sink: Option<Sink>,
+    /// The file being appended to, when it is one.
+    path: Option<Arc<PathBuf>>,
 }
 
 impl std::fmt::Debug for AccessLog {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AccessLog").field("enabled", &self.sink.is_some()).finish()
+        f.debug_struct("AccessLog").field("enabled", &self.sink.is_some()).field("path", &self.path).finish()
     }
+}
+
+fn open_append(path: &Path) -> io::Result<File> {
+    let mut options = OpenOptions::new();
+    options.append(true).create(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o640);
+    options.open(path)
 }
 
 impl AccessLog {
@@ -65,14 +82,34 @@ impl AccessLog {
         Self::to_writer(Box::new(std::io::stdout()))
     }
 
-    /// Lines go to `w` (tests, files).
+    /// Lines go to `w` (tests).
     pub fn to_writer(w: Box<dyn Write + Send>) -> Self {
-        Self { sink: Some(Arc::new(Mutex::new(w))) }
+        Self { sink: Some(Arc::new(Mutex::new(w))), path: None }
+    }
+
+    /// Lines are appended to the file at `path` (created, mode 0640, when missing).
+    pub fn append_to(path: &Path) -> io::Result<Self> {
+        let file = open_append(path)?;
+        Ok(Self { sink: Some(Arc::new(Mutex::new(Box::new(file)))), path: Some(Arc::new(path.to_path_buf())) })
+    }
+
+    /// After log rotation: opens the file at the same path again (a new one
+    /// if it was moved away). A no-op for stdout; on failure the old file is kept.
+    pub fn reopen(&self) -> io::Result<()> {
+        let (Some(sink), Some(path)) = (&self.sink, &self.path) else { return Ok(()) };
+        let file = open_append(path)?;
+        *sink.lock().unwrap_or_else(|e| e.into_inner()) = Box::new(file);
+        Ok(())
+    }
+
+    /// The file lines are appended to, if any.
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref().map(PathBuf::as_path)
     }
 
     /// No access log.
     pub fn disabled() -> Self {
-        Self { sink: None }
+        Self { sink: None, path: None }
     }
 
     pub fn write(&self, record: &AccessRecord) {
@@ -132,5 +169,46 @@ mod tests {
         assert_eq!(v["start"], "1970-01-02T00:00:00.000Z");
         assert_eq!(v["bytesOut"], 4);
         assert_eq!(v["outcome"], "closed");
+    }
+
+    #[test]
+    fn a_file_is_appended_to_and_reopened_after_rotation() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("access.log");
+        std::fs::write(&path, "earlier line\n").unwrap();
+        let log = AccessLog::append_to(&path).unwrap();
+        let now = SystemTime::UNIX_EPOCH;
+        let rec = |outcome: &str| AccessRecord {
+            start: rfc3339(now),
+            end: rfc3339(now),
+            role: "endpoint",
+            vpc_endpoint_id: "vpce-1".into(),
+            consumer_account_id: "acct-1".into(),
+            client_addr: "10.0.0.1:5000".into(),
+            resource_configuration_id: "rcfg-1".into(),
+            target: String::new(),
+            bytes_in: 0,
+            bytes_out: 0,
+            duration_ms: 0,
+            outcome: outcome.into(),
+            message: None,
+        };
+        log.clone().write(&rec("first"));
+        let rotated = dir.path().join("access.log.1");
+        std::fs::rename(&path, &rotated).unwrap();
+        log.write(&rec("still-old"));
+        log.reopen().unwrap();
+        log.write(&rec("second"));
+        let old = std::fs::read_to_string(&rotated).unwrap();
+        assert!(old.starts_with("earlier line\n"), "{old}");
+        assert!(old.contains("\"first\"") && old.contains("\"still-old\""), "{old}");
+        let new = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(new.lines().count(), 1, "{new}");
+        assert!(new.contains("\"second\""), "{new}");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o640);
+        }
     }
 }

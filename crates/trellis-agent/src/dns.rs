@@ -1,8 +1,17 @@
 //! The agent's DNS listener (UDP and TCP on the same port): answers A/AAAA for
 //! the endpoint DNS names in the config, answers NXDOMAIN for other names under
 //! `trellis.internal`, and forwards everything else, unchanged, to the
-//! upstream resolver. Bounded: a semaphore caps work in flight, every upstream
-//! exchange has a deadline, and garbage packets are dropped without a reply.
+//! upstream resolver.
+//!
+//! It must never be an open resolver: only sources in the allowed networks
+//! (`--dns-allow`; by default loopback, private and link-local ranges and the
+//! agent's address pool) are answered — others get REFUSED on UDP and a closed
+//! connection on TCP, and nothing is forwarded for them. `ANY` queries are
+//! never forwarded (NOTIMP, in the spirit of RFC 8482). Bounded: UDP forwards
+//! in flight and TCP connections have budgets of their own, so TCP clients
+//! cannot starve UDP; every upstream exchange has a deadline; a TCP connection
+//! must complete each query within a deadline and is closed when idle; garbage
+//! packets are dropped without a reply.
 
 use std::collections::HashMap;
 use std::io;
@@ -13,6 +22,7 @@ use std::time::Duration;
 use hickory_proto::op::{Message, MessageType, OpCode, ResponseCode};
 use hickory_proto::rr::rdata::{A, AAAA};
 use hickory_proto::rr::{DNSClass, RData, Record, RecordType};
+use ipnet::IpNet;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{Semaphore, watch};
@@ -25,8 +35,12 @@ use crate::metrics::Metrics;
 /// TTL of answers for endpoint names: short, so revocations and moves show quickly.
 const TTL: u32 = 30;
 const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(3);
-const TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
-const MAX_IN_FLIGHT: usize = 256;
+/// A TCP connection must bring its next query (and get the answer out) within this.
+const TCP_QUERY_TIMEOUT: Duration = Duration::from_secs(10);
+/// UDP queries being forwarded at once; more are dropped (the client retries).
+const MAX_UDP_FORWARDS: usize = 256;
+/// TCP connections open at once; more are closed on accept.
+const MAX_TCP_CONNECTIONS: usize = 64;
 const INTERNAL_SUFFIX: &str = "trellis.internal";
 
 /// Endpoint names → addresses, built from a config.
@@ -88,6 +102,13 @@ pub fn answer(table: &NameTable, packet: &[u8]) -> Answer {
     let addrs = match table.lookup(&normalized) {
         Some(a) => a,
         None if normalized == INTERNAL_SUFFIX || normalized.ends_with(&format!(".{INTERNAL_SUFFIX}")) => &[][..],
+        // ANY is an amplification tool, never forwarded.
+        None if query.query_type() == RecordType::ANY => {
+            let mut msg = Message::error_msg(request.id(), request.op_code(), ResponseCode::NotImp);
+            msg.add_query(query.clone());
+            msg.set_recursion_desired(request.recursion_desired()).set_recursion_available(true);
+            return reply(msg);
+        }
         None => return Answer::Forward,
     };
     let known = table.lookup(&normalized).is_some();
@@ -121,34 +142,111 @@ fn reply(msg: Message) -> Answer {
     }
 }
 
+/// Networks whose clients the DNS listener answers when `--dns-allow` is not
+/// given (the agent's address pool is added): loopback, the RFC 1918 ranges,
+/// shared address space (RFC 6598), unique local and link-local IPv6.
+pub fn default_allowed_sources() -> Vec<IpNet> {
+    [
+        "127.0.0.0/8",
+        "::1/128",
+        "10.0.0.0/8",
+        "172.16.0.0/12",
+        "192.168.0.0/16",
+        "100.64.0.0/10",
+        "fc00::/7",
+        "fe80::/10",
+    ]
+    .iter()
+    // Literal networks.
+    .map(|n| n.parse().expect("a literal network"))
+    .collect()
+}
+
+/// Whether a query from `source` may be answered. Pure.
+pub fn source_allowed(allowed: &[IpNet], source: IpAddr) -> bool {
+    let source = source.to_canonical();
+    allowed.iter().any(|net| net.contains(&source))
+}
+
+/// What the listener knows of one config version.
+#[derive(Default)]
+struct Snapshot {
+    version: u64,
+    names: Arc<NameTable>,
+    allowed: Arc<Vec<IpNet>>,
+}
+
 /// Shared state of the DNS listener.
 pub struct DnsContext {
     config: watch::Receiver<Arc<AgentConfig>>,
-    table: Mutex<(u64, Arc<NameTable>)>,
+    /// `None`: the default networks and the config's address pool.
+    allow: Option<Arc<Vec<IpNet>>>,
+    snapshot: Mutex<Snapshot>,
     upstream: Option<SocketAddr>,
     metrics: Arc<Metrics>,
-    in_flight: Arc<Semaphore>,
+    udp_forwards: Arc<Semaphore>,
+    tcp_connections: Arc<Semaphore>,
 }
 
 impl DnsContext {
-    pub fn new(config: watch::Receiver<Arc<AgentConfig>>, upstream: Option<SocketAddr>, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        config: watch::Receiver<Arc<AgentConfig>>,
+        upstream: Option<SocketAddr>,
+        allow: Option<Vec<IpNet>>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Self {
             config,
-            table: Mutex::new((u64::MAX, Arc::default())),
+            allow: allow.map(Arc::new),
+            snapshot: Mutex::new(Snapshot { version: u64::MAX, ..Snapshot::default() }),
             upstream,
             metrics,
-            in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
+            udp_forwards: Arc::new(Semaphore::new(MAX_UDP_FORWARDS)),
+            tcp_connections: Arc::new(Semaphore::new(MAX_TCP_CONNECTIONS)),
         }
     }
 
-    /// The name table of the current config, rebuilt when the version changes.
-    fn table(&self) -> Arc<NameTable> {
+    /// The name table and allowed sources of the current config, rebuilt when the version changes.
+    fn snapshot(&self) -> (Arc<NameTable>, Arc<Vec<IpNet>>) {
         let config = self.config.borrow().clone();
-        let mut cached = self.table.lock().unwrap_or_else(|e| e.into_inner());
-        if cached.0 != config.version {
-            *cached = (config.version, Arc::new(NameTable::from_config(&config)));
+        let mut cached = self.snapshot.lock().unwrap_or_else(|e| e.into_inner());
+        if cached.version != config.version {
+            let allowed = match &self.allow {
+                Some(list) => list.clone(),
+                None => {
+                    let mut list = default_allowed_sources();
+                    list.extend(config.address_pool.parse::<IpNet>().ok());
+                    Arc::new(list)
+                }
+            };
+            *cached = Snapshot { version: config.version, names: Arc::new(NameTable::from_config(&config)), allowed };
         }
-        cached.1.clone()
+        (cached.names.clone(), cached.allowed.clone())
+    }
+
+    fn table(&self) -> Arc<NameTable> {
+        self.snapshot().0
+    }
+
+    /// Whether `source` may be answered; counts it when not.
+    fn admits(&self, source: IpAddr) -> bool {
+        let ok = source_allowed(&self.snapshot().1, source);
+        if !ok {
+            self.metrics.count_dns("refused_source");
+        }
+        ok
+    }
+
+    /// REFUSED for `packet` (a parseable query).
+    fn refused(packet: &[u8]) -> Option<Vec<u8>> {
+        let request = Message::from_vec(packet).ok()?;
+        if request.message_type() != MessageType::Query {
+            return None;
+        }
+        let mut msg = Message::error_msg(request.id(), request.op_code(), ResponseCode::Refused);
+        msg.add_queries(request.queries().iter().cloned());
+        msg.set_recursion_desired(request.recursion_desired());
+        msg.to_vec().ok()
     }
 
     fn answer(&self, packet: &[u8]) -> Answer {
@@ -217,13 +315,19 @@ pub async fn serve(
             () = shutdown.cancelled() => return,
         };
         let packet = buf[..n].to_vec();
+        if !ctx.admits(from.ip()) {
+            if let Some(bytes) = DnsContext::refused(&packet) {
+                let _ = udp.send_to(&bytes, from).await;
+            }
+            continue;
+        }
         match ctx.answer(&packet) {
             Answer::Drop => {}
             Answer::Reply(bytes) => {
                 let _ = udp.send_to(&bytes, from).await;
             }
             Answer::Forward => {
-                let Ok(permit) = ctx.in_flight.clone().try_acquire_owned() else {
+                let Ok(permit) = ctx.udp_forwards.clone().try_acquire_owned() else {
                     ctx.metrics.count_dns("overloaded");
                     continue;
                 };
@@ -245,7 +349,7 @@ pub async fn serve(
 
 async fn serve_tcp(tcp: TcpListener, ctx: Arc<DnsContext>, tracker: TaskTracker, shutdown: CancellationToken) {
     loop {
-        let (stream, _) = tokio::select! {
+        let (stream, from) = tokio::select! {
             r = tcp.accept() => match r {
                 Ok(x) => x,
                 Err(e) => {
@@ -256,7 +360,11 @@ async fn serve_tcp(tcp: TcpListener, ctx: Arc<DnsContext>, tracker: TaskTracker,
             },
             () = shutdown.cancelled() => return,
         };
-        let Ok(permit) = ctx.in_flight.clone().try_acquire_owned() else {
+        if !ctx.admits(from.ip()) {
+            continue;
+        }
+        let Ok(permit) = ctx.tcp_connections.clone().try_acquire_owned() else {
+            ctx.metrics.count_dns("tcp_busy");
             continue;
         };
         let ctx = ctx.clone();
@@ -286,29 +394,31 @@ async fn write_tcp_message(stream: &mut TcpStream, msg: &[u8]) -> io::Result<()>
     stream.write_all(&out).await
 }
 
+/// Serves queries on one TCP connection; each (from waiting for it to the
+/// answer written) must finish within [`TCP_QUERY_TIMEOUT`], so idle and slow
+/// clients are closed.
 async fn tcp_connection(mut stream: TcpStream, ctx: &DnsContext) {
-    loop {
-        let Ok(Ok(packet)) = tokio::time::timeout(TCP_IDLE_TIMEOUT, read_tcp_message(&mut stream)).await else {
-            return;
-        };
-        let bytes = match ctx.answer(&packet) {
-            Answer::Drop => return,
-            Answer::Reply(b) => b,
-            Answer::Forward => {
-                let resp = match ctx.upstream {
-                    Some(up) => forward_tcp(up, &packet).await.ok(),
-                    None => None,
-                };
-                match resp.or_else(|| DnsContext::servfail(&packet)) {
-                    Some(b) => b,
-                    None => return,
-                }
+    while let Ok(true) = tokio::time::timeout(TCP_QUERY_TIMEOUT, tcp_query(&mut stream, ctx)).await {}
+}
+
+/// One query on a TCP connection; false when the connection should close.
+async fn tcp_query(stream: &mut TcpStream, ctx: &DnsContext) -> bool {
+    let Ok(packet) = read_tcp_message(stream).await else { return false };
+    let bytes = match ctx.answer(&packet) {
+        Answer::Drop => return false,
+        Answer::Reply(b) => b,
+        Answer::Forward => {
+            let resp = match ctx.upstream {
+                Some(up) => forward_tcp(up, &packet).await.ok(),
+                None => None,
+            };
+            match resp.or_else(|| DnsContext::servfail(&packet)) {
+                Some(b) => b,
+                None => return false,
             }
-        };
-        if write_tcp_message(&mut stream, &bytes).await.is_err() {
-            return;
         }
-    }
+    };
+    write_tcp_message(stream, &bytes).await.is_ok()
 }
 
 async fn forward_udp(upstream: SocketAddr, packet: &[u8]) -> io::Result<Vec<u8>> {
@@ -418,6 +528,38 @@ mod tests {
         let msg = reply_of(answer(&table, &query("vpce-9.rcfg-9.local.trellis.internal.", RecordType::A)));
         assert_eq!(msg.response_code(), ResponseCode::NXDomain);
         assert_eq!(answer(&table, &query("example.org.", RecordType::A)), Answer::Forward);
+    }
+
+    #[test]
+    fn any_is_answered_locally_never_forwarded() {
+        let table = NameTable::from_config(&config());
+        let msg = reply_of(answer(&table, &query("example.org.", RecordType::ANY)));
+        assert_eq!(msg.response_code(), ResponseCode::NotImp);
+        assert!(msg.answers().is_empty());
+        // An endpoint name still gets its addresses.
+        let msg = reply_of(answer(&table, &query("db.example.com.", RecordType::ANY)));
+        assert_eq!(msg.answers().len(), 1);
+    }
+
+    #[test]
+    fn only_private_and_local_sources_are_allowed_by_default() {
+        let allowed = default_allowed_sources();
+        for ok in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.31.0.1",
+            "192.168.1.1",
+            "100.64.0.1",
+            "::1",
+            "fd00::1",
+            "fe80::1",
+            "::ffff:10.0.0.1",
+        ] {
+            assert!(source_allowed(&allowed, ok.parse().unwrap()), "{ok}");
+        }
+        for no in ["8.8.8.8", "172.32.0.1", "100.128.0.1", "2001:db8::1", "::ffff:8.8.8.8"] {
+            assert!(!source_allowed(&allowed, no.parse().unwrap()), "{no}");
+        }
     }
 
     #[test]

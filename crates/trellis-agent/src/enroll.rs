@@ -1,5 +1,8 @@
 //! First start: turn a join token into an agent identity. Later starts: load
-//! the identity from the state directory and ignore any join token.
+//! the identity from the state directory. A join token given again must be
+//! the one the identity was enrolled with (a restart with the same command
+//! line); another token is an error, so a second agent pointed at the same
+//! state directory never silently runs as the first one.
 //!
 //! Order matters for security: the CA is fetched without trust and pinned by
 //! the hash in the token *before* the token's secret is sent; the key pair is
@@ -14,7 +17,7 @@ use trellis_proto::agent_api::EnrollRequest;
 use trellis_proto::join_token::{JoinToken, JoinTokenError};
 
 use crate::control_client::{ControlClient, ControlError, fetch_pinned_ca, normalize_url};
-use crate::identity::{AgentIdentity, IdentityError};
+use crate::identity::{AgentIdentity, Enrollment, IdentityError};
 use crate::tls;
 
 /// Why the agent could not obtain an identity.
@@ -34,6 +37,10 @@ pub enum EnrollError {
     /// The stored identity could not be read or written.
     #[error(transparent)]
     State(#[from] IdentityError),
+    /// The state directory holds another enrollment than the join token asks
+    /// for; the message names the stored agent, its account and both tokens.
+    #[error("{0}")]
+    StateHoldsAnotherAgent(String),
     /// Key or CSR generation failed.
     #[error("could not generate the agent key or CSR: {0}")]
     KeyGen(String),
@@ -50,17 +57,13 @@ pub async fn load_or_enroll(
     advertise: Option<&str>,
 ) -> Result<AgentIdentity, EnrollError> {
     if AgentIdentity::exists(state_dir) {
-        let (identity, enrolled_with) = AgentIdentity::load(state_dir)?;
-        if join_token.is_some() {
-            tracing::info!(
-                agent_id = %identity.agent_id,
-                state_dir = %state_dir.display(),
-                "the state directory already holds an enrolled agent; ignoring the join token"
-            );
+        let (identity, enrollment) = AgentIdentity::load(state_dir)?;
+        if let Some(token) = join_token {
+            check_same_enrollment(state_dir, &identity, &enrollment, &token.parse()?)?;
         }
-        if normalize_url(control_plane).ok().as_deref() != Some(enrolled_with.as_str()) {
+        if normalize_url(control_plane).ok().as_deref() != Some(enrollment.control_plane.as_str()) {
             tracing::warn!(
-                enrolled_with = %enrolled_with,
+                enrolled_with = %enrollment.control_plane,
                 control_plane = %control_plane,
                 "this agent was enrolled with another control plane URL; using the new one with the stored CA"
             );
@@ -69,9 +72,47 @@ pub async fn load_or_enroll(
     }
     let token = join_token.ok_or_else(|| EnrollError::NoIdentity(state_dir.display().to_string()))?;
     let identity = enroll(control_plane, token, advertise).await?;
-    identity.store(state_dir, &normalize_url(control_plane)?)?;
+    let token_id = token.parse::<JoinToken>().ok().map(|t| t.token_id);
+    identity.store(state_dir, &Enrollment { control_plane: normalize_url(control_plane)?, join_token_id: token_id })?;
     tracing::info!(agent_id = %identity.agent_id, vpc_id = %identity.vpc_id, "enrolled");
     Ok(identity)
+}
+
+/// A join token given with a state directory that already holds an identity
+/// must be the token that identity was enrolled with.
+fn check_same_enrollment(
+    state_dir: &Path,
+    identity: &AgentIdentity,
+    enrollment: &Enrollment,
+    token: &JoinToken,
+) -> Result<(), EnrollError> {
+    let conflict = |enrolled_with: String| {
+        EnrollError::StateHoldsAnotherAgent(format!(
+            "{} already holds agent {} of account {} (VPC {}), enrolled {enrolled_with}; the join token {} given now is a different enrollment. Give each agent its own --state-dir, or restart {} without --join-token",
+            state_dir.display(),
+            identity.agent_id,
+            identity.account_id,
+            identity.vpc_id,
+            token.token_id,
+            identity.agent_id,
+        ))
+    };
+    if !tls::cert_sha256(&identity.ca).eq_ignore_ascii_case(&token.ca_sha256) {
+        return Err(conflict("with another control plane's CA".into()));
+    }
+    match &enrollment.join_token_id {
+        Some(id) if *id == token.token_id => Ok(()),
+        Some(id) => Err(conflict(format!("with join token {id}"))),
+        None => {
+            // State written before token ids were recorded: the same CA is all that can be checked.
+            tracing::warn!(
+                agent_id = %identity.agent_id,
+                token_id = %token.token_id,
+                "the state directory does not record which join token enrolled it; assuming it was this one"
+            );
+            Ok(())
+        }
+    }
 }
 
 /// Runs the enrollment exchange; stores nothing.
@@ -154,13 +195,53 @@ mod tests {
         assert!(err.to_string().contains("--join-token"), "{err}");
     }
 
-    #[tokio::test]
-    async fn stored_identity_is_reused_and_the_token_ignored() {
+    fn token(id: &str, ca: &CertificateDer<'_>) -> String {
+        JoinToken { token_id: id.into(), secret: "5".repeat(64), ca_sha256: tls::cert_sha256(ca) }.to_string()
+    }
+
+    fn stored(join_token_id: Option<&str>) -> (tempfile::TempDir, AgentIdentity) {
         let dir = tempfile::tempdir().unwrap();
         let id = crate::testing::TestCa::new().issue("agent-00000000000000001", "acct-000000000001", "vpc-1");
-        id.store(dir.path(), "https://cp.example").unwrap();
-        // A garbage token proves it is never parsed once state exists.
-        let loaded = load_or_enroll("https://cp.example", Some("garbage"), dir.path(), None).await.unwrap();
+        let enrollment = Enrollment {
+            control_plane: "https://cp.example/".into(),
+            join_token_id: join_token_id.map(str::to_string),
+        };
+        id.store(dir.path(), &enrollment).unwrap();
+        (dir, id)
+    }
+
+    #[tokio::test]
+    async fn stored_identity_is_reused_without_a_token_or_with_the_same_one() {
+        let (dir, id) = stored(Some("jt-0000000000000001"));
+        let loaded = load_or_enroll("https://cp.example", None, dir.path(), None).await.unwrap();
         assert_eq!(loaded.agent_id, id.agent_id);
+        // The same command line again: same token, nothing contacted.
+        let same = token("jt-0000000000000001", &id.ca);
+        let loaded = load_or_enroll("https://cp.example", Some(&same), dir.path(), None).await.unwrap();
+        assert_eq!(loaded.agent_id, id.agent_id);
+    }
+
+    #[tokio::test]
+    async fn another_join_token_for_an_enrolled_state_dir_is_an_error_naming_both() {
+        let (dir, id) = stored(Some("jt-0000000000000001"));
+        let other = token("jt-0000000000000002", &id.ca);
+        let err = load_or_enroll("https://cp.example", Some(&other), dir.path(), None).await.unwrap_err();
+        let msg = err.to_string();
+        for part in [
+            "agent-00000000000000001",
+            "acct-000000000001",
+            "jt-0000000000000001",
+            "jt-0000000000000002",
+            "--state-dir",
+        ] {
+            assert!(msg.contains(part), "{part} missing from: {msg}");
+        }
+        // A token of another control plane (another CA) is refused too, even for old state.
+        let (dir, _) = stored(None);
+        let foreign = token("jt-0000000000000003", &crate::testing::TestCa::new().cert());
+        let err = load_or_enroll("https://cp.example", Some(&foreign), dir.path(), None).await.unwrap_err();
+        assert!(err.to_string().contains("another control plane's CA"), "{err}");
+        // A malformed token is refused, not ignored.
+        assert!(load_or_enroll("https://cp.example", Some("garbage"), dir.path(), None).await.is_err());
     }
 }

@@ -58,7 +58,7 @@ impl std::fmt::Debug for AgentIdentity {
     }
 }
 
-/// `identity.json`: the ids, and the control plane this identity belongs to.
+/// `identity.json`: the ids, and how this identity was enrolled.
 #[derive(Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct IdentityFile {
@@ -67,6 +67,18 @@ struct IdentityFile {
     vpc_id: String,
     subnet_id: String,
     control_plane: String,
+    /// Absent in state directories written before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    join_token_id: Option<String>,
+}
+
+/// How a stored identity was enrolled.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Enrollment {
+    /// The control plane URL given at enrollment (normalized).
+    pub control_plane: String,
+    /// The id of the join token used (`jt-…`); `None` for state written before it was recorded.
+    pub join_token_id: Option<String>,
 }
 
 /// Why the stored identity could not be read or written.
@@ -95,8 +107,8 @@ impl AgentIdentity {
         state_dir.join(IDENTITY_FILE).exists()
     }
 
-    /// Reads the identity stored in `state_dir`, and the control plane URL it was enrolled with.
-    pub fn load(state_dir: &Path) -> Result<(Self, String), IdentityError> {
+    /// Reads the identity stored in `state_dir`, and how it was enrolled.
+    pub fn load(state_dir: &Path) -> Result<(Self, Enrollment), IdentityError> {
         let read = |name: &str| {
             let path = state_dir.join(name);
             fs::read(&path).map_err(io_err(&path)).map(|b| (path, b))
@@ -123,13 +135,13 @@ impl AgentIdentity {
                 key,
                 ca,
             },
-            ids.control_plane,
+            Enrollment { control_plane: ids.control_plane, join_token_id: ids.join_token_id },
         ))
     }
 
     /// Writes the identity into `state_dir` (created with mode 0700 when missing).
     /// `identity.json` is written last, so a crash never leaves a half identity that [`exists`](Self::exists).
-    pub fn store(&self, state_dir: &Path, control_plane: &str) -> Result<(), IdentityError> {
+    pub fn store(&self, state_dir: &Path, enrollment: &Enrollment) -> Result<(), IdentityError> {
         ensure_private_dir(state_dir)?;
         let key_pem = pem("PRIVATE KEY", self.key.secret_der());
         write_atomic(&state_dir.join(KEY_FILE), key_pem.as_bytes(), true)?;
@@ -140,7 +152,8 @@ impl AgentIdentity {
             account_id: self.account_id.clone(),
             vpc_id: self.vpc_id.clone(),
             subnet_id: self.subnet_id.clone(),
-            control_plane: control_plane.to_string(),
+            control_plane: enrollment.control_plane.clone(),
+            join_token_id: enrollment.join_token_id.clone(),
         };
         // Serializing a struct of strings cannot fail.
         let json = serde_json::to_vec_pretty(&ids).expect("identity serializes");
@@ -221,10 +234,14 @@ mod tests {
         let state = dir.path().join("state");
         let id = crate::testing::TestCa::new().issue("agent-0123456789abcdef0", "acct-000000000001", "vpc-1");
         assert!(!AgentIdentity::exists(&state));
-        id.store(&state, "https://cp.example:8443").unwrap();
+        let enrollment = Enrollment {
+            control_plane: "https://cp.example:8443".into(),
+            join_token_id: Some("jt-0123456789abcdef".into()),
+        };
+        id.store(&state, &enrollment).unwrap();
         assert!(AgentIdentity::exists(&state));
-        let (loaded, url) = AgentIdentity::load(&state).unwrap();
-        assert_eq!(url, "https://cp.example:8443");
+        let (loaded, stored) = AgentIdentity::load(&state).unwrap();
+        assert_eq!(stored, enrollment);
         assert_eq!(loaded.agent_id, id.agent_id);
         assert_eq!(loaded.cert, id.cert);
         assert_eq!(loaded.key.secret_der(), id.key.secret_der());

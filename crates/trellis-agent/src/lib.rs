@@ -23,6 +23,7 @@ mod flow;
 mod frame_io;
 pub mod gateway;
 pub mod identity;
+pub mod limits;
 pub mod metrics;
 pub mod read_ahead;
 pub mod report;
@@ -49,8 +50,9 @@ pub use endpoint::{PoolSettings, ServedState};
 pub use enroll::EnrollError;
 pub use gateway::GatewayTimeouts;
 pub use identity::AgentIdentity;
+pub use limits::Limits;
 
-/// Default address of the tunnel listener at the CLI.
+/// Where the tunnel listener binds at the CLI when `--advertise` is given without `--tunnel-listen`.
 pub const DEFAULT_TUNNEL_LISTEN: &str = "0.0.0.0:7443";
 /// Default interval between usage reports.
 pub const DEFAULT_REPORT_INTERVAL: Duration = Duration::from_secs(5);
@@ -60,18 +62,22 @@ pub const DEFAULT_REPORT_INTERVAL: Duration = Duration::from_secs(5);
 pub struct AgentOptions {
     /// `https://` URL of the control plane.
     pub control_plane: String,
-    /// Used on first start only; ignored (with a log line) once `state_dir` holds an identity.
+    /// Used on first start only. Once `state_dir` holds an identity, the same
+    /// token is accepted (a restart with the same command line) and another one
+    /// is an error.
     pub join_token: Option<String>,
     /// Where the key, certificates, identity and cached config live.
     pub state_dir: PathBuf,
-    /// Tunnel listener (gateway role); `0.0.0.0:7443` at the CLI, `127.0.0.1:0` in tests.
-    pub tunnel_listen: SocketAddr,
+    /// Tunnel listener (gateway role); none for an agent that only serves endpoints.
+    pub tunnel_listen: Option<SocketAddr>,
     /// `host:port` endpoint agents dial; defaults to the bound tunnel address when it is specific.
     pub advertise: Option<String>,
     /// DNS listener (UDP and TCP) for endpoint names; none when unset.
     pub dns_listen: Option<SocketAddr>,
     /// Resolver for other names; defaults to the first nameserver of /etc/resolv.conf.
     pub dns_upstream: Option<SocketAddr>,
+    /// Sources the DNS listener answers; `None` = [`dns::default_allowed_sources`] and the address pool.
+    pub dns_allow: Option<Vec<ipnet::IpNet>>,
     /// Prometheus `/metrics` listener; none when unset.
     pub metrics_listen: Option<SocketAddr>,
     /// Add a local route for the address pool when its addresses are not local (Linux, root).
@@ -85,8 +91,8 @@ pub struct AgentOptions {
 pub struct AgentTuning {
     /// Where access-log lines go (stdout by default).
     pub access_log: AccessLog,
-    /// Most concurrent tunnel connections accepted (gateway role).
-    pub max_connections: usize,
+    /// Budgets of sockets; `None` raises the open-files limit and derives them from it.
+    pub limits: Option<Limits>,
     pub gateway_timeouts: GatewayTimeouts,
     pub pool: PoolSettings,
     /// Endpoint side: from sending an open request to its answer.
@@ -97,7 +103,7 @@ impl Default for AgentTuning {
     fn default() -> Self {
         Self {
             access_log: AccessLog::stdout(),
-            max_connections: 16_384,
+            limits: None,
             gateway_timeouts: GatewayTimeouts::default(),
             pool: PoolSettings::default(),
             open_timeout: Duration::from_secs(15),
@@ -112,11 +118,11 @@ impl AgentOptions {
             control_plane: control_plane.into(),
             join_token: None,
             state_dir: state_dir.into(),
-            // A literal socket address.
-            tunnel_listen: DEFAULT_TUNNEL_LISTEN.parse().expect("default tunnel address"),
+            tunnel_listen: None,
             advertise: None,
             dns_listen: None,
             dns_upstream: None,
+            dns_allow: None,
             metrics_listen: None,
             manage_routes: false,
             report_interval: DEFAULT_REPORT_INTERVAL,
@@ -134,6 +140,7 @@ impl std::fmt::Debug for AgentOptions {
             .field("advertise", &self.advertise)
             .field("dns_listen", &self.dns_listen)
             .field("dns_upstream", &self.dns_upstream)
+            .field("dns_allow", &self.dns_allow)
             .field("metrics_listen", &self.metrics_listen)
             .field("manage_routes", &self.manage_routes)
             .field("report_interval", &self.report_interval)
@@ -144,13 +151,16 @@ impl std::fmt::Debug for AgentOptions {
 /// Options of the data plane alone (no control plane involved).
 #[derive(Clone, Debug)]
 pub struct DataPlaneOptions {
-    pub tunnel_listen: SocketAddr,
+    /// Tunnel listener (gateway role); none for an endpoint-only agent.
+    pub tunnel_listen: Option<SocketAddr>,
     pub dns_listen: Option<SocketAddr>,
     pub dns_upstream: Option<SocketAddr>,
+    /// Sources the DNS listener answers; `None` = [`dns::default_allowed_sources`] and the address pool.
+    pub dns_allow: Option<Vec<ipnet::IpNet>>,
     pub metrics_listen: Option<SocketAddr>,
     pub manage_routes: bool,
     pub access_log: AccessLog,
-    pub max_connections: usize,
+    pub limits: Limits,
     pub gateway_timeouts: GatewayTimeouts,
     pub pool: PoolSettings,
     /// Endpoint side: from sending an open request to its answer.
@@ -158,17 +168,19 @@ pub struct DataPlaneOptions {
 }
 
 impl DataPlaneOptions {
-    /// Loopback listeners on port 0, no DNS or metrics, no access log: for tests.
+    /// Loopback listeners on port 0, no DNS or metrics, no access log, the
+    /// budgets of a 1,024 open-files limit: for tests.
     pub fn loopback() -> Self {
         Self {
             // A literal socket address.
-            tunnel_listen: "127.0.0.1:0".parse().expect("loopback address"),
+            tunnel_listen: Some("127.0.0.1:0".parse().expect("loopback address")),
             dns_listen: None,
             dns_upstream: None,
+            dns_allow: None,
             metrics_listen: None,
             manage_routes: false,
             access_log: AccessLog::disabled(),
-            max_connections: 1024,
+            limits: Limits::from_open_files(1024),
             gateway_timeouts: GatewayTimeouts::default(),
             pool: PoolSettings::default(),
             open_timeout: Duration::from_secs(15),
@@ -207,7 +219,7 @@ pub enum AgentError {
 /// A running agent (or data plane). Dropping it does not stop it; call [`RunningAgent::shutdown`].
 pub struct RunningAgent {
     agent_id: String,
-    tunnel_addr: SocketAddr,
+    tunnel_addr: Option<SocketAddr>,
     dns_addr: Option<SocketAddr>,
     metrics_addr: Option<SocketAddr>,
     boot_id: String,
@@ -226,8 +238,8 @@ impl RunningAgent {
         &self.agent_id
     }
 
-    /// Where the tunnel listener (gateway role) is bound.
-    pub fn tunnel_addr(&self) -> SocketAddr {
+    /// Where the tunnel listener (gateway role) is bound; `None` for an endpoint-only agent.
+    pub fn tunnel_addr(&self) -> Option<SocketAddr> {
         self.tunnel_addr
     }
 
@@ -306,7 +318,10 @@ pub async fn start_data_plane(
     identity: &AgentIdentity,
     config: watch::Receiver<Arc<AgentConfig>>,
 ) -> Result<RunningAgent, AgentError> {
-    let tunnel = bind_tcp("tunnels", opts.tunnel_listen).await?;
+    let tunnel = match opts.tunnel_listen {
+        Some(addr) => Some(bind_tcp("tunnels", addr).await?),
+        None => None,
+    };
     start_with_listener(opts, identity, config, tunnel, TaskTracker::new(), CancellationToken::new()).await
 }
 
@@ -314,14 +329,20 @@ async fn start_with_listener(
     opts: DataPlaneOptions,
     identity: &AgentIdentity,
     config: watch::Receiver<Arc<AgentConfig>>,
-    tunnel: TcpListener,
+    tunnel: Option<TcpListener>,
     tracker: TaskTracker,
     shutdown: CancellationToken,
 ) -> Result<RunningAgent, AgentError> {
-    let server_tls = tls::tunnel_server_config(identity)?;
+    let metrics = Arc::new(metrics::Metrics::new());
+    let admission = Arc::new(gateway::admission::ConfigAdmission { config: config.clone(), metrics: metrics.clone() });
+    let server_tls = tls::tunnel_server_config(identity, admission)?;
     let client_tls = tls::tunnel_client_config(identity)?;
-    let tunnel_addr =
-        tunnel.local_addr().map_err(|source| AgentError::Bind { what: "tunnels", addr: opts.tunnel_listen, source })?;
+    let tunnel_addr = match (&tunnel, opts.tunnel_listen) {
+        (Some(listener), Some(addr)) => {
+            Some(listener.local_addr().map_err(|source| AgentError::Bind { what: "tunnels", addr, source })?)
+        }
+        _ => None,
+    };
     let dns = match opts.dns_listen {
         Some(addr) => Some(dns::bind(addr).await.map_err(|source| AgentError::Bind { what: "DNS", addr, source })?),
         None => None,
@@ -333,18 +354,23 @@ async fn start_with_listener(
     let dns_addr = dns.as_ref().and_then(|(udp, _)| udp.local_addr().ok());
     let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
 
-    let metrics = Arc::new(metrics::Metrics::new());
     let usage = Arc::new(usage::UsageTable::default());
-    let gateway_ctx = Arc::new(gateway::GatewayContext {
-        config: config.clone(),
-        metrics: metrics.clone(),
-        usage: usage.clone(),
-        access_log: opts.access_log.clone(),
-        timeouts: opts.gateway_timeouts,
-        connections: Arc::new(Semaphore::new(opts.max_connections.max(1))),
-    });
+    let limits = opts.limits;
     let fatal = Arc::new(std::sync::Mutex::new(None));
-    {
+    if let Some(tunnel) = tunnel {
+        let gateway_ctx = Arc::new(gateway::GatewayContext {
+            config: config.clone(),
+            metrics: metrics.clone(),
+            usage: usage.clone(),
+            access_log: opts.access_log.clone(),
+            timeouts: opts.gateway_timeouts,
+            connections: Arc::new(Semaphore::new(limits.tunnel_connections.max(1))),
+            handshakes: Arc::new(Semaphore::new(limits.tunnel_handshakes.max(1))),
+            peers: Arc::new(gateway::admission::PeerTable::new(
+                limits.tunnel_connections_per_peer,
+                limits.pending_tunnels_per_peer,
+            )),
+        });
         let (fatal, shutdown, tracker2) = (fatal.clone(), shutdown.clone(), tracker.clone());
         tracker.spawn(async move {
             gateway::listener::serve(tunnel, server_tls, gateway_ctx, tracker2, shutdown.clone()).await;
@@ -353,9 +379,12 @@ async fn start_with_listener(
                 shutdown.cancel();
             }
         });
+    } else {
+        tracker.spawn(gateway::warn_without_listener(config.clone(), shutdown.clone()));
     }
 
-    let pools = Arc::new(endpoint::GatewayPools::new(client_tls, opts.pool, tracker.clone(), shutdown.clone()));
+    let pool_settings = PoolSettings { max_warm_total: limits.warm_tunnels, ..opts.pool };
+    let pools = Arc::new(endpoint::GatewayPools::new(client_tls, pool_settings, tracker.clone(), shutdown.clone()));
     let endpoint_ctx = Arc::new(endpoint::EndpointContext {
         config: config.clone(),
         pools,
@@ -366,6 +395,7 @@ async fn start_with_listener(
     let (served_tx, served_rx) = watch::channel(ServedState::default());
     tracker.spawn(endpoint::listeners::run(
         endpoint_ctx,
+        limits.endpoint_listeners,
         endpoint::routes::RouteManager::new(opts.manage_routes),
         served_tx,
         tracker.clone(),
@@ -377,13 +407,13 @@ async fn start_with_listener(
         if upstream.is_none() {
             tracing::warn!("no DNS upstream (none given, none in /etc/resolv.conf): only endpoint names will resolve");
         }
-        let ctx = Arc::new(dns::DnsContext::new(config.clone(), upstream, metrics.clone()));
+        let ctx = Arc::new(dns::DnsContext::new(config.clone(), upstream, opts.dns_allow.clone(), metrics.clone()));
         tracker.spawn(dns::serve(udp, tcp, ctx, tracker.clone(), shutdown.clone()));
     }
     if let Some(listener) = metrics_listener {
-        tracker.spawn(metrics::serve(listener, metrics.clone(), shutdown.clone()));
+        tracker.spawn(metrics::serve(listener, metrics.clone(), tracker.clone(), shutdown.clone()));
     }
-    tracing::info!(%tunnel_addr, ?dns_addr, ?metrics_addr, agent_id = %identity.agent_id, "data plane started");
+    tracing::info!(?tunnel_addr, ?dns_addr, ?metrics_addr, agent_id = %identity.agent_id, "data plane started");
     Ok(RunningAgent {
         agent_id: identity.agent_id.clone(),
         tunnel_addr,
@@ -416,10 +446,28 @@ pub async fn start_tuned(opts: AgentOptions, tuning: AgentTuning) -> Result<Runn
     if opts.state_dir.as_os_str().is_empty() {
         return Err(AgentError::InvalidOptions("--state-dir must name a directory".into()));
     }
-    let tunnel = bind_tcp("tunnels", opts.tunnel_listen).await?;
-    let bound =
-        tunnel.local_addr().map_err(|source| AgentError::Bind { what: "tunnels", addr: opts.tunnel_listen, source })?;
-    let advertise = opts.advertise.clone().or_else(|| (!bound.ip().is_unspecified()).then(|| bound.to_string()));
+    let limits = tuning.limits.unwrap_or_else(|| Limits::from_open_files(limits::raise_open_files_limit()));
+    tracing::info!("{limits}");
+    let (tunnel, advertise) = match opts.tunnel_listen {
+        Some(addr) => {
+            let tunnel = bind_tcp("tunnels", addr).await?;
+            let bound = tunnel.local_addr().map_err(|source| AgentError::Bind { what: "tunnels", addr, source })?;
+            let advertise =
+                opts.advertise.clone().or_else(|| (!bound.ip().is_unspecified()).then(|| bound.to_string()));
+            if advertise.is_none() {
+                tracing::warn!(%bound, "the tunnel listener is not advertised, so no endpoint agent will use it; give --advertise HOST:PORT");
+            }
+            (Some(tunnel), advertise)
+        }
+        None => {
+            if opts.advertise.is_some() {
+                return Err(AgentError::InvalidOptions(
+                    "an advertised tunnel address needs a tunnel listener; give --tunnel-listen ADDR".into(),
+                ));
+            }
+            (None, None)
+        }
+    };
     let identity =
         enroll::load_or_enroll(&control_url, opts.join_token.as_deref(), &opts.state_dir, advertise.as_deref()).await?;
     let client = ControlClient::new(&control_url, &identity.ca, Some(&identity))?;
@@ -434,10 +482,11 @@ pub async fn start_tuned(opts: AgentOptions, tuning: AgentTuning) -> Result<Runn
         tunnel_listen: opts.tunnel_listen,
         dns_listen: opts.dns_listen,
         dns_upstream: opts.dns_upstream,
+        dns_allow: opts.dns_allow.clone(),
         metrics_listen: opts.metrics_listen,
         manage_routes: opts.manage_routes,
         access_log: tuning.access_log,
-        max_connections: tuning.max_connections,
+        limits,
         gateway_timeouts: tuning.gateway_timeouts,
         pool: tuning.pool,
         open_timeout: tuning.open_timeout,

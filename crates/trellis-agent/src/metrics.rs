@@ -1,4 +1,5 @@
-//! Prometheus metrics of the data plane and the `/metrics` HTTP listener.
+//! Prometheus metrics of the data plane and the `/metrics` HTTP listener
+//! (plain HTTP/1.1, `GET /metrics` only, bounded in connections and time).
 //!
 //! Every series is labelled by role (`gateway` or `endpoint`), resource
 //! configuration, VPC endpoint and consumer account. Label values come from the
@@ -7,19 +8,20 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
-use axum::Router;
-use axum::extract::State;
-use axum::http::header;
-use axum::response::IntoResponse;
-use axum::routing::get;
+use hyper::header::{self, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 /// Which side of a tunnel a connection was counted on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -66,6 +68,7 @@ pub struct Metrics {
     pub bytes_in: Family<FlowLabels, Counter>,
     pub bytes_out: Family<FlowLabels, Counter>,
     pub dns_queries: Family<Vec<(String, String)>, Counter>,
+    pub tunnel_refusals: Family<Vec<(String, String)>, Counter>,
 }
 
 impl Default for Metrics {
@@ -93,7 +96,22 @@ impl Metrics {
         registry.register("bytes_in", "Bytes from the consumer toward the resource", bytes_in.clone());
         registry.register("bytes_out", "Bytes from the resource toward the consumer", bytes_out.clone());
         registry.register("dns_queries", "DNS queries answered, by how", dns_queries.clone());
-        Self { registry, active_connections, connections, rejected_connections, bytes_in, bytes_out, dns_queries }
+        let tunnel_refusals = Family::<Vec<(String, String)>, Counter>::default();
+        registry.register(
+            "tunnel_refusals",
+            "Tunnel connections refused or closed before an open request, by reason",
+            tunnel_refusals.clone(),
+        );
+        Self {
+            registry,
+            active_connections,
+            connections,
+            rejected_connections,
+            bytes_in,
+            bytes_out,
+            dns_queries,
+            tunnel_refusals,
+        }
     }
 
     /// The Prometheus text exposition of every metric.
@@ -107,20 +125,101 @@ impl Metrics {
     pub(crate) fn count_dns(&self, how: &str) {
         self.dns_queries.get_or_create(&vec![("answer".to_string(), how.to_string())]).inc();
     }
+
+    /// Counts a tunnel connection refused before its open request; `reason` is one of a fixed set.
+    pub(crate) fn count_tunnel_refused(&self, reason: &'static str) {
+        self.tunnel_refusals.get_or_create(&vec![("reason".to_string(), reason.to_string())]).inc();
+    }
 }
 
-async fn metrics_handler(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], metrics.encode())
+/// Connections the metrics listener serves at once; more are closed on accept.
+const MAX_CONNECTIONS: usize = 16;
+/// A request's head must arrive within this.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// A connection is closed after this, whatever it is doing (scrapers reconnect).
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(60);
+
+type Body = http_body_util::Full<hyper::body::Bytes>;
+
+fn respond(status: StatusCode, content_type: &'static str, body: String) -> Response<Body> {
+    let mut resp = Response::new(Body::from(body));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    resp
 }
 
-/// Serves `GET /metrics` on `listener` until `shutdown`.
-pub(crate) async fn serve(listener: TcpListener, metrics: Arc<Metrics>, shutdown: CancellationToken) {
-    let app = Router::new()
-        .route("/metrics", get(metrics_handler))
-        .route("/healthz", get(|| async { "ok" }))
-        .with_state(metrics);
+/// `GET /metrics` and nothing else.
+fn route(method: &Method, path: &str, metrics: &Metrics) -> Response<Body> {
+    match (method, path) {
+        (&Method::GET, "/metrics") => {
+            respond(StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", metrics.encode())
+        }
+        (_, "/metrics") => {
+            let mut resp = respond(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "only GET /metrics\n".into());
+            resp.headers_mut().insert(header::ALLOW, HeaderValue::from_static("GET"));
+            resp
+        }
+        _ => respond(StatusCode::NOT_FOUND, "text/plain", "only GET /metrics is served here\n".into()),
+    }
+}
+
+/// Serves `GET /metrics` on `listener` until `shutdown`: at most
+/// [`MAX_CONNECTIONS`] at once, each request head within [`HEADER_TIMEOUT`],
+/// each connection for [`CONNECTION_TIMEOUT`] at most, so idle or slow clients
+/// cannot hold the listener.
+pub(crate) async fn serve(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let addr: Option<SocketAddr> = listener.local_addr().ok();
-    if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await {
-        tracing::error!(?addr, error = %e, "metrics listener failed");
+    loop {
+        let tcp = tokio::select! {
+            r = listener.accept() => match r {
+                Ok((tcp, _)) => tcp,
+                Err(e) => {
+                    tracing::debug!(?addr, error = %e, "metrics accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = shutdown.cancelled() => return,
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            tracing::debug!(?addr, "too many metrics connections; closing a new one");
+            continue;
+        };
+        let (metrics, shutdown) = (metrics.clone(), shutdown.clone());
+        tracker.spawn(async move {
+            let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                let resp = route(req.method(), req.uri().path(), &metrics);
+                async move { Ok::<_, std::convert::Infallible>(resp) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .serve_connection(TokioIo::new(tcp), service);
+            tokio::select! {
+                _ = tokio::time::timeout(CONNECTION_TIMEOUT, conn) => {}
+                () = shutdown.cancelled() => {}
+            }
+            drop(permit);
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_get_metrics_is_served() {
+        let m = Metrics::new();
+        assert_eq!(route(&Method::GET, "/metrics", &m).status(), StatusCode::OK);
+        assert_eq!(route(&Method::POST, "/metrics", &m).status(), StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(route(&Method::GET, "/healthz", &m).status(), StatusCode::NOT_FOUND);
+        assert_eq!(route(&Method::GET, "/", &m).status(), StatusCode::NOT_FOUND);
     }
 }

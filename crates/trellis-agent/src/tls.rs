@@ -6,10 +6,12 @@
 use std::sync::Arc;
 
 use rustls::client::Resumption;
+use rustls::client::danger::HandshakeSignatureValid;
 use rustls::crypto::CryptoProvider;
-use rustls::pki_types::CertificateDer;
+use rustls::pki_types::{CertificateDer, UnixTime};
 use rustls::server::WebPkiClientVerifier;
-use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{CertificateError, ClientConfig, DistinguishedName, RootCertStore, ServerConfig};
 
 use crate::identity::AgentIdentity;
 
@@ -78,14 +80,108 @@ fn roots(ca: &CertificateDer<'static>) -> Result<Arc<RootCertStore>, TlsError> {
     Ok(Arc::new(roots))
 }
 
-/// Server side of the tunnel: TLS 1.3 only, client certificate required and
-/// verified against the CA (which endpoint agent it is, is decided later from
-/// the certificate's hash and the config).
-pub fn tunnel_server_config(id: &AgentIdentity) -> Result<Arc<ServerConfig>, TlsError> {
+/// Decides whether a CA-verified tunnel peer may finish its handshake.
+pub trait PeerAdmission: Send + Sync + std::fmt::Debug {
+    /// `Err` refuses the handshake (the peer gets a TLS alert).
+    fn admit(&self, peer: &PeerIdentity) -> Result<(), Refusal>;
+}
+
+/// Why a tunnel handshake was refused after the certificate chain verified.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// The certificate belongs to a deleted agent.
+    Revoked,
+    /// The certificate names no (account, VPC) this gateway serves.
+    NotAConsumer,
+}
+
+/// Admits every agent certificate the CA signed (tests and tools; a gateway
+/// uses its config, see `gateway::admission`).
+#[derive(Debug)]
+pub struct AnyAgent;
+
+impl PeerAdmission for AnyAgent {
+    fn admit(&self, _peer: &PeerIdentity) -> Result<(), Refusal> {
+        Ok(())
+    }
+}
+
+/// The tunnel's client-certificate verifier: the CA's chain check (webpki),
+/// then the certificate must name a Trellis agent that `admission` accepts.
+#[derive(Debug)]
+struct AdmittingVerifier {
+    chain: Arc<dyn ClientCertVerifier>,
+    admission: Arc<dyn PeerAdmission>,
+}
+
+impl ClientCertVerifier for AdmittingVerifier {
+    fn offer_client_auth(&self) -> bool {
+        self.chain.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.chain.client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.chain.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let verified = self.chain.verify_client_cert(end_entity, intermediates, now)?;
+        let refused = |e| Err(rustls::Error::InvalidCertificate(e));
+        let Some(peer) = peer_identity(end_entity) else {
+            return refused(CertificateError::ApplicationVerificationFailure);
+        };
+        match self.admission.admit(&peer) {
+            Ok(()) => Ok(verified),
+            Err(Refusal::Revoked) => refused(CertificateError::Revoked),
+            Err(Refusal::NotAConsumer) => refused(CertificateError::ApplicationVerificationFailure),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.chain.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.chain.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.chain.supported_verify_schemes()
+    }
+}
+
+/// Server side of the tunnel: TLS 1.3 only, client certificate required,
+/// verified against the CA and then by `admission` (on a gateway: the
+/// certificate must name a consumer VPC of the current config and must not be
+/// revoked), so strangers never get past the handshake. Resumed sessions skip
+/// the verifier: the listener checks admission again after every handshake.
+pub fn tunnel_server_config(
+    id: &AgentIdentity,
+    admission: Arc<dyn PeerAdmission>,
+) -> Result<Arc<ServerConfig>, TlsError> {
     let provider = tunnel_provider();
-    let verifier = WebPkiClientVerifier::builder_with_provider(roots(&id.ca)?, provider.clone())
+    let chain = WebPkiClientVerifier::builder_with_provider(roots(&id.ca)?, provider.clone())
         .build()
         .map_err(|e| TlsError::BadCa(e.to_string()))?;
+    let verifier = Arc::new(AdmittingVerifier { chain, admission });
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(TlsError::BadIdentity)?

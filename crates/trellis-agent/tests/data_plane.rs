@@ -142,6 +142,11 @@ struct Setup {
 }
 
 async fn setup(allowed_endpoint: &str) -> Setup {
+    setup_with(allowed_endpoint, |o| o).await
+}
+
+/// [`setup`] with the gateway's options adjusted by `gateway_opts`.
+async fn setup_with(allowed_endpoint: &str, gateway_opts: impl FnOnce(DataPlaneOptions) -> DataPlaneOptions) -> Setup {
     let ca = TestCa::new();
     let gw_id = ca.issue(GW, "acct-000000000001", "vpc-00000000000000001");
     let ep_id = ca.issue(EP, CONSUMER_ACCT, CONSUMER_VPC);
@@ -149,16 +154,21 @@ async fn setup(allowed_endpoint: &str) -> Setup {
 
     let gateway_log = LogBuf::default();
     let (gateway_config, rx) = watch::channel(Arc::new(gateway_config(&ep_id, echo, allowed_endpoint)));
-    let opts = DataPlaneOptions {
+    let opts = gateway_opts(DataPlaneOptions {
         access_log: AccessLog::to_writer(Box::new(gateway_log.clone())),
         ..DataPlaneOptions::loopback()
-    };
+    });
     let gateway = start_data_plane(opts, &gw_id, rx).await.unwrap();
 
     let address = unique_loopback();
     let (endpoint_config, rx) =
-        watch::channel(Arc::new(endpoint_config(address, echo.port(), gateway.tunnel_addr(), GW)));
-    let endpoint = start_data_plane(DataPlaneOptions::loopback(), &ep_id, rx).await.unwrap();
+        watch::channel(Arc::new(endpoint_config(address, echo.port(), gateway.tunnel_addr().unwrap(), GW)));
+    // Endpoint-only: no tunnel listener at all.
+    let endpoint =
+        start_data_plane(DataPlaneOptions { tunnel_listen: None, ..DataPlaneOptions::loopback() }, &ep_id, rx)
+            .await
+            .unwrap();
+    assert_eq!(endpoint.tunnel_addr(), None);
     let served = endpoint.served();
     eventually("the endpoint listener", Duration::from_secs(5), || served.borrow().listeners.iter().any(|l| l.ready))
         .await;
@@ -276,7 +286,7 @@ async fn raw_tunnel(identity: &AgentIdentity, gateway: SocketAddr) -> tokio_rust
 #[tokio::test]
 async fn malformed_open_request_closes_only_that_connection() {
     let s = setup(VPCE).await;
-    let mut bad = raw_tunnel(&s.endpoint_identity, s.gateway.tunnel_addr()).await;
+    let mut bad = raw_tunnel(&s.endpoint_identity, s.gateway.tunnel_addr().unwrap()).await;
     bad.write_all(b"TRLS\x01\x01\x00\x03abc").await.unwrap();
     let mut answer = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(5), bad.read_to_end(&mut answer)).await.unwrap();
@@ -284,7 +294,7 @@ async fn malformed_open_request_closes_only_that_connection() {
     assert_eq!(resp.status, OpenStatus::BadRequest);
 
     // The gateway still serves the next connection, raw and through the endpoint.
-    let mut good = raw_tunnel(&s.endpoint_identity, s.gateway.tunnel_addr()).await;
+    let mut good = raw_tunnel(&s.endpoint_identity, s.gateway.tunnel_addr().unwrap()).await;
     let mut frame = Vec::new();
     let port = s.client_target.port();
     encode_open_request(
@@ -326,38 +336,13 @@ async fn malformed_open_request_closes_only_that_connection() {
 }
 
 #[tokio::test]
-async fn unknown_agent_certificate_is_denied() {
-    let s = setup(VPCE).await;
-    // Signed by the same CA, but of a VPC with no endpoint on this gateway.
-    let stranger = s.ca.issue("agent-0000000000000000c", CONSUMER_ACCT, "vpc-00000000000000009");
-    let mut tunnel = raw_tunnel(&stranger, s.gateway.tunnel_addr()).await;
-    let mut frame = Vec::new();
-    encode_open_request(
-        &OpenRequest {
-            vpc_endpoint_id: VPCE.into(),
-            resource_configuration_id: RCFG.into(),
-            port: s.client_target.port(),
-            client_addr: "192.0.2.7:5555".parse().unwrap(),
-        },
-        &mut frame,
-    )
-    .unwrap();
-    tunnel.write_all(&frame).await.unwrap();
-    let mut answer = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(5), tunnel.read_to_end(&mut answer)).await.unwrap();
-    let (resp, used) = decode_open_response(&answer).unwrap().unwrap();
-    assert_eq!(resp.status, OpenStatus::Denied);
-    assert_eq!(used, answer.len(), "a denied tunnel carried payload");
-    stop(s).await;
-}
-
-#[tokio::test]
 async fn a_gateway_can_never_open_toward_the_endpoint() {
     // A "gateway" with a valid certificate that answers an open request with one of its own.
     let ca = TestCa::new();
     let rogue_id = ca.issue(GW, "acct-000000000001", "vpc-00000000000000001");
     let ep_id = ca.issue(EP, CONSUMER_ACCT, CONSUMER_VPC);
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls::tunnel_server_config(&rogue_id).unwrap());
+    let acceptor =
+        tokio_rustls::TlsAcceptor::from(tls::tunnel_server_config(&rogue_id, Arc::new(tls::AnyAgent)).unwrap());
     let rogue = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let rogue_addr = rogue.local_addr().unwrap();
     let saw_request = Arc::new(AtomicU8::new(0));
@@ -555,5 +540,327 @@ async fn metrics_listener_serves_prometheus_text() {
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
     assert!(resp.contains("application/openmetrics-text"), "{resp}");
     assert!(resp.trim_end().ends_with("# EOF"), "{resp}");
+    agent.shutdown().await;
+}
+
+// ---- Hardening: who gets in, for how long, and how many ----
+
+fn open_request_frame(port: u16) -> Vec<u8> {
+    let mut frame = Vec::new();
+    encode_open_request(
+        &OpenRequest {
+            vpc_endpoint_id: VPCE.into(),
+            resource_configuration_id: RCFG.into(),
+            port,
+            client_addr: "192.0.2.7:5555".parse().unwrap(),
+        },
+        &mut frame,
+    )
+    .unwrap();
+    frame
+}
+
+/// Connects with `connector`'s identity, sends an open request, half-closes
+/// and reads what comes back until the gateway closes: `Ok(bytes)` or the error that ended the read.
+async fn try_open(
+    connector: &tokio_rustls::TlsConnector,
+    gateway: SocketAddr,
+    port: u16,
+) -> Result<Vec<u8>, std::io::Error> {
+    let tcp = TcpStream::connect(gateway).await?;
+    let mut tls = connector.connect(ServerName::try_from(agent_server_name(GW)).unwrap(), tcp).await?;
+    tls.write_all(&open_request_frame(port)).await?;
+    // Half-close, so an allowed stream ends once the echo target has seen EOF.
+    let _ = tls.shutdown().await;
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut got))
+        .await
+        .expect("the gateway did not close")?;
+    Ok(got)
+}
+
+fn connector_for(identity: &AgentIdentity) -> tokio_rustls::TlsConnector {
+    tokio_rustls::TlsConnector::from(tls::tunnel_client_config(identity).unwrap())
+}
+
+#[tokio::test]
+async fn certificates_of_strangers_and_deleted_agents_fail_at_the_handshake() {
+    let s = setup(VPCE).await;
+    let gateway = s.gateway.tunnel_addr().unwrap();
+    let port = s.client_target.port();
+    // Signed by the same CA, but of a VPC (or account) with no endpoint on this gateway.
+    for (agent, account, vpc) in [
+        ("agent-0000000000000000c", CONSUMER_ACCT, "vpc-00000000000000009"),
+        ("agent-0000000000000000d", "acct-000000000009", CONSUMER_VPC),
+    ] {
+        let stranger = s.ca.issue(agent, account, vpc);
+        let r = try_open(&connector_for(&stranger), gateway, port).await;
+        assert!(r.is_err(), "a stranger {account}/{vpc} got past the handshake: {r:?}");
+    }
+    // A deleted agent of the consumer VPC: its certificate is listed as revoked.
+    let deleted = s.ca.issue("agent-0000000000000000e", CONSUMER_ACCT, CONSUMER_VPC);
+    assert!(try_open(&connector_for(&deleted), gateway, port).await.is_ok_and(|b| !b.is_empty()), "before revocation");
+    s.gateway_config.send_modify(|c| {
+        let c = Arc::make_mut(c);
+        c.version += 1;
+        c.gateway.revoked_certs = vec![deleted.cert_sha256()];
+    });
+    let err = try_open(&connector_for(&deleted), gateway, port).await.unwrap_err();
+    assert!(err.to_string().to_lowercase().contains("revoked"), "{err}");
+    let metrics = s.gateway.metrics_text();
+    assert!(metrics.contains("trellis_tunnel_refusals_total{reason=\"not_a_consumer\"} 2"), "{metrics}");
+    assert!(metrics.contains("trellis_tunnel_refusals_total{reason=\"revoked_certificate\"} 1"), "{metrics}");
+    // The real endpoint agent is unaffected.
+    let mut client = TcpStream::connect(s.client_target).await.unwrap();
+    client.write_all(b"hello").await.unwrap();
+    let mut buf = [0u8; 5];
+    tokio::time::timeout(Duration::from_secs(10), client.read_exact(&mut buf)).await.unwrap().unwrap();
+    stop(s).await;
+}
+
+#[tokio::test]
+async fn a_resumed_session_of_a_revoked_certificate_is_refused_and_its_open_streams_closed() {
+    let s = setup(VPCE).await;
+    let gateway = s.gateway.tunnel_addr().unwrap();
+    let port = s.client_target.port();
+    let peer = s.ca.issue("agent-0000000000000000e", CONSUMER_ACCT, CONSUMER_VPC);
+    let connector = connector_for(&peer);
+    // An open stream of that agent (the session is cached for resumption on the way).
+    let tcp = TcpStream::connect(gateway).await.unwrap();
+    let mut open = connector.connect(ServerName::try_from(agent_server_name(GW)).unwrap(), tcp).await.unwrap();
+    open.write_all(&open_request_frame(port)).await.unwrap();
+    open.write_all(b"ping").await.unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 64];
+    while !got.ends_with(b"ping") {
+        let n = tokio::time::timeout(Duration::from_secs(10), open.read(&mut buf)).await.unwrap().unwrap();
+        assert!(n > 0, "closed before echoing");
+        got.extend_from_slice(&buf[..n]);
+    }
+
+    s.gateway_config.send_modify(|c| {
+        let c = Arc::make_mut(c);
+        c.version += 1;
+        c.gateway.revoked_certs = vec![peer.cert_sha256()];
+    });
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), open.read_to_end(&mut rest)).await.expect("open stream kept");
+    eventually("the revocation in the access log", Duration::from_secs(5), || {
+        s.gateway_log.lines().iter().any(|l| {
+            l["outcome"] == "revoked"
+                && l["message"].as_str().is_some_and(|m| m.contains("agent-0000000000000000e was revoked"))
+        })
+    })
+    .await;
+
+    // Resumption skips the certificate verifier; the gateway must refuse anyway.
+    let tcp = TcpStream::connect(gateway).await.unwrap();
+    let mut resumed = connector.connect(ServerName::try_from(agent_server_name(GW)).unwrap(), tcp).await.unwrap();
+    assert_eq!(resumed.get_ref().1.handshake_kind(), Some(rustls::HandshakeKind::Resumed));
+    let _ = resumed.write_all(&open_request_frame(port)).await;
+    let mut answer = Vec::new();
+    let r = tokio::time::timeout(Duration::from_secs(5), resumed.read_to_end(&mut answer)).await.unwrap();
+    assert!(r.is_err() || answer.is_empty(), "a revoked certificate was served after resuming: {answer:?}");
+    stop(s).await;
+}
+
+#[tokio::test]
+async fn a_connection_without_an_open_request_is_closed_within_the_timeout() {
+    let s = setup_with(VPCE, |o| DataPlaneOptions {
+        gateway_timeouts: trellis_agent::GatewayTimeouts { open_request: Duration::from_secs(1), ..Default::default() },
+        ..o
+    })
+    .await;
+    let tcp = TcpStream::connect(s.gateway.tunnel_addr().unwrap()).await.unwrap();
+    let mut idle = connector_for(&s.endpoint_identity)
+        .connect(ServerName::try_from(agent_server_name(GW)).unwrap(), tcp)
+        .await
+        .unwrap();
+    let since = Instant::now();
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), idle.read_to_end(&mut got)).await.expect("still open");
+    assert!(since.elapsed() < Duration::from_secs(3), "closed after {:?}", since.elapsed());
+    assert!(got.is_empty());
+    // The default is seconds, and warm pooled connections are replaced before it.
+    let open_request = trellis_agent::GatewayTimeouts::default().open_request;
+    assert!(open_request <= Duration::from_secs(10));
+    assert!(trellis_agent::PoolSettings::default().max_idle < open_request);
+    stop(s).await;
+}
+
+#[tokio::test]
+async fn an_idle_connection_of_a_peer_that_loses_access_is_closed_at_once() {
+    let s = setup(VPCE).await;
+    let tcp = TcpStream::connect(s.gateway.tunnel_addr().unwrap()).await.unwrap();
+    let mut idle = connector_for(&s.endpoint_identity)
+        .connect(ServerName::try_from(agent_server_name(GW)).unwrap(), tcp)
+        .await
+        .unwrap();
+    // Let the gateway finish its side of the handshake and start waiting.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let since = Instant::now();
+    s.gateway_config.send_modify(|c| {
+        let c = Arc::make_mut(c);
+        c.version += 1;
+        c.gateway.consumers.clear();
+        c.gateway.resources[0].allowed.clear();
+    });
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), idle.read_to_end(&mut got)).await.expect("still open");
+    assert!(since.elapsed() < Duration::from_secs(2), "closed after {:?}", since.elapsed());
+    stop(s).await;
+}
+
+#[tokio::test]
+async fn one_peer_cannot_take_more_than_its_share_of_connections() {
+    let limits = trellis_agent::Limits {
+        tunnel_connections: 16,
+        tunnel_connections_per_peer: 6,
+        tunnel_handshakes: 16,
+        pending_tunnels_per_peer: 4,
+        ..trellis_agent::Limits::from_open_files(1024)
+    };
+    let s = setup_with(VPCE, |o| DataPlaneOptions { limits, ..o }).await;
+    let gateway = s.gateway.tunnel_addr().unwrap();
+    let port = s.client_target.port();
+    let greedy = s.ca.issue("agent-0000000000000000e", CONSUMER_ACCT, CONSUMER_VPC);
+    let connector = connector_for(&greedy);
+    let name = || ServerName::try_from(agent_server_name(GW)).unwrap();
+    // Idle connections: at most 4 wait for an open request.
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        let tcp = TcpStream::connect(gateway).await.unwrap();
+        held.push(connector.connect(name(), tcp).await.unwrap());
+    }
+    let tcp = TcpStream::connect(gateway).await.unwrap();
+    let mut fifth = connector.connect(name(), tcp).await.unwrap();
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), fifth.read_to_end(&mut got)).await.expect("fifth idle kept");
+    // Open streams: at most 6 in all.
+    for conn in held.iter_mut().take(2) {
+        conn.write_all(&open_request_frame(port)).await.unwrap();
+    }
+    let mut streams = Vec::new();
+    for _ in 0..2 {
+        let tcp = TcpStream::connect(gateway).await.unwrap();
+        let mut c = connector.connect(name(), tcp).await.unwrap();
+        c.write_all(&open_request_frame(port)).await.unwrap();
+        streams.push(c);
+    }
+    for c in held.iter_mut().take(2).chain(streams.iter_mut()) {
+        let mut buf = [0u8; 64];
+        let n = tokio::time::timeout(Duration::from_secs(10), c.read(&mut buf)).await.unwrap().unwrap();
+        assert!(n > 0, "an open stream within the share was refused");
+    }
+    let over = try_open(&connector, gateway, port).await;
+    assert!(over.as_ref().is_ok_and(Vec::is_empty) || over.is_err(), "a seventh connection was served: {over:?}");
+    let metrics = s.gateway.metrics_text();
+    assert!(metrics.contains("trellis_tunnel_refusals_total{reason=\"peer_pending\"} 1"), "{metrics}");
+    assert!(metrics.contains("trellis_tunnel_refusals_total{reason=\"peer_connections\"} 1"), "{metrics}");
+    // Another agent still gets through, and so do real clients of the endpoint agent.
+    let other = s.ca.issue("agent-0000000000000000f", CONSUMER_ACCT, CONSUMER_VPC);
+    let answer = try_open(&connector_for(&other), gateway, port).await.unwrap();
+    let (resp, _) = decode_open_response(&answer).unwrap().unwrap();
+    assert_eq!(resp.status, OpenStatus::Ok);
+    let mut client = TcpStream::connect(s.client_target).await.unwrap();
+    client.write_all(b"fair").await.unwrap();
+    let mut buf = [0u8; 4];
+    tokio::time::timeout(Duration::from_secs(10), client.read_exact(&mut buf)).await.unwrap().unwrap();
+    stop(s).await;
+}
+
+/// An open connection through the endpoint agent, echoed once.
+async fn open_client(s: &Setup) -> TcpStream {
+    let mut client = TcpStream::connect(s.client_target).await.unwrap();
+    client.write_all(b"ping").await.unwrap();
+    let mut buf = [0u8; 4];
+    tokio::time::timeout(Duration::from_secs(10), client.read_exact(&mut buf)).await.unwrap().unwrap();
+    client
+}
+
+async fn revoked_message(s: &Setup) -> String {
+    eventually("a revoked line in the access log", Duration::from_secs(5), || {
+        s.gateway_log.lines().iter().any(|l| l["outcome"] == "revoked")
+    })
+    .await;
+    let lines = s.gateway_log.lines();
+    let line = lines.iter().find(|l| l["outcome"] == "revoked").unwrap();
+    line["message"].as_str().unwrap_or_default().to_string()
+}
+
+#[tokio::test]
+async fn the_access_log_says_what_was_revoked() {
+    // The control plane names the revocation: its reason is logged.
+    let s = setup(VPCE).await;
+    let mut client = open_client(&s).await;
+    s.gateway_config.send_modify(|c| {
+        let c = Arc::make_mut(c);
+        c.version += 1;
+        c.gateway.consumers.clear();
+        c.gateway.resources[0].allowed.clear();
+        c.gateway.revoked_endpoints = vec![trellis_proto::RevokedEndpoint {
+            vpc_endpoint_id: VPCE.into(),
+            reason: "the resource share was deleted".into(),
+        }];
+    });
+    assert!(read_all(&mut client, Duration::from_secs(5)).await.is_empty());
+    assert_eq!(revoked_message(&s).await, format!("endpoint {VPCE} was revoked: the resource share was deleted"));
+    stop(s).await;
+
+    // The endpoint vanished from the config.
+    let s = setup(VPCE).await;
+    let mut client = open_client(&s).await;
+    s.gateway_config.send_modify(|c| {
+        let c = Arc::make_mut(c);
+        c.version += 1;
+        c.gateway.consumers.clear();
+        c.gateway.resources[0].allowed.clear();
+    });
+    assert!(read_all(&mut client, Duration::from_secs(5)).await.is_empty());
+    assert_eq!(revoked_message(&s).await, format!("endpoint {VPCE} was deleted or its resource is no longer served"));
+    stop(s).await;
+}
+
+#[tokio::test]
+async fn the_metrics_listener_survives_idle_and_slow_clients() {
+    let ca = TestCa::new();
+    let id = ca.issue(GW, "acct-000000000001", "vpc-00000000000000001");
+    let (_tx, rx) = watch::channel(Arc::new(AgentConfig::default()));
+    let opts =
+        DataPlaneOptions { metrics_listen: Some("127.0.0.1:0".parse().unwrap()), ..DataPlaneOptions::loopback() };
+    let agent = start_data_plane(opts, &id, rx).await.unwrap();
+    let addr = agent.metrics_addr().unwrap();
+    // Idle clients that never send a byte, and slow ones that never finish their headers.
+    let mut idle = Vec::new();
+    for i in 0..40 {
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        if i % 2 == 0 {
+            c.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n").await.unwrap();
+        }
+        idle.push(c);
+    }
+    let get = |path: &'static str| async move {
+        let mut c = TcpStream::connect(addr).await.ok()?;
+        c.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes()).await.ok()?;
+        let mut resp = String::new();
+        tokio::time::timeout(Duration::from_secs(2), c.read_to_string(&mut resp)).await.ok()?.ok()?;
+        (!resp.is_empty()).then_some(resp)
+    };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let resp = loop {
+        if let Some(r) = get("/metrics").await {
+            break r;
+        }
+        assert!(Instant::now() < deadline, "the metrics listener never answered again");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    // Every idle or slow client was cut off.
+    for mut c in idle {
+        let mut sink = Vec::new();
+        let r = tokio::time::timeout(Duration::from_secs(10), c.read_to_end(&mut sink)).await;
+        assert!(r.is_ok(), "an idle metrics client is still connected");
+    }
+    assert!(get("/healthz").await.unwrap().starts_with("HTTP/1.1 404"));
     agent.shutdown().await;
 }

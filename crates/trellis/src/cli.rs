@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
+use ipnet::IpNet;
 use reqwest::Url;
 use trellis_proto::join_token::JoinToken;
 
@@ -216,7 +217,8 @@ pub struct AgentRunArgs {
     pub control_plane: Option<Url>,
 
     /// Join token from `trellis agent-token create`, needed on the first start only (later starts use the state
-    /// dir). Prefer the TRELLIS_JOIN_TOKEN environment variable: a flag's value is visible to every user in `ps`
+    /// dir; a different token for an enrolled state dir is an error). Prefer the TRELLIS_JOIN_TOKEN environment
+    /// variable: a flag's value is visible to every user in `ps`
     #[arg(long, env = "TRELLIS_JOIN_TOKEN", value_name = "TOKEN", hide_env_values = true)]
     pub join_token: Option<JoinToken>,
 
@@ -224,11 +226,11 @@ pub struct AgentRunArgs {
     #[arg(long, env = "TRELLIS_STATE_DIR", value_name = "DIR", required = true)]
     pub state_dir: Option<PathBuf>,
 
-    /// Address where this agent accepts tunnels from endpoint agents (gateway role)
-    #[arg(long, env = "TRELLIS_TUNNEL_LISTEN", value_name = "ADDR", default_value = "0.0.0.0:7443")]
-    pub tunnel_listen: SocketAddr,
+    /// Address where this agent accepts tunnels from endpoint agents (gateway role). Default: 0.0.0.0:7443 when --advertise is given; without either flag the agent binds no tunnel listener and serves endpoints only
+    #[arg(long, env = "TRELLIS_TUNNEL_LISTEN", value_name = "ADDR")]
+    pub tunnel_listen: Option<SocketAddr>,
 
-    /// host:port where endpoint agents reach the tunnel listener (default: the tunnel listen address)
+    /// host:port where endpoint agents reach the tunnel listener; what makes the agent a gateway (default: the tunnel listen address when it is a specific IP)
     #[arg(long, env = "TRELLIS_ADVERTISE", value_name = "HOST:PORT", value_parser = parse_host_port)]
     pub advertise: Option<String>,
 
@@ -239,6 +241,14 @@ pub struct AgentRunArgs {
     /// DNS server to forward other names to (default: the first nameserver in /etc/resolv.conf)
     #[arg(long, env = "TRELLIS_DNS_UPSTREAM", value_name = "ADDR")]
     pub dns_upstream: Option<SocketAddr>,
+
+    /// Networks whose clients the DNS server answers; others get REFUSED (default: loopback, 10/8, 172.16/12, 192.168/16, 100.64/10, fc00::/7, fe80::/10 and the subnet's address pool)
+    #[arg(long, env = "TRELLIS_DNS_ALLOW", value_name = "CIDR[,CIDR…]", value_delimiter = ',', value_parser = parse_network)]
+    pub dns_allow: Vec<IpNet>,
+
+    /// Where the access log (one JSON line per connection) goes: `-` for stdout, or a FILE appended to and reopened on SIGHUP
+    #[arg(long, env = "TRELLIS_ACCESS_LOG", value_name = "FILE", default_value = "-")]
+    pub access_log: PathBuf,
 
     /// Address for Prometheus /metrics (off when not set)
     #[arg(long, env = "TRELLIS_METRICS_LISTEN", value_name = "ADDR")]
@@ -259,10 +269,15 @@ pub struct AgentRunConfig {
     pub control_plane: Url,
     pub join_token: Option<JoinToken>,
     pub state_dir: PathBuf,
-    pub tunnel_listen: SocketAddr,
+    /// `None`: no tunnel listener (endpoint role only).
+    pub tunnel_listen: Option<SocketAddr>,
     pub advertise: Option<String>,
     pub dns_listen: Option<SocketAddr>,
     pub dns_upstream: Option<SocketAddr>,
+    /// `None`: the agent's default networks.
+    pub dns_allow: Option<Vec<IpNet>>,
+    /// `None`: stdout.
+    pub access_log: Option<PathBuf>,
     pub metrics_listen: Option<SocketAddr>,
     pub manage_routes: bool,
     pub report_interval: Duration,
@@ -276,10 +291,17 @@ impl AgentRunArgs {
             control_plane: self.control_plane.ok_or_else(|| missing("control-plane", "TRELLIS_CONTROL_PLANE"))?,
             join_token: self.join_token,
             state_dir: self.state_dir.ok_or_else(|| missing("state-dir", "TRELLIS_STATE_DIR"))?,
-            tunnel_listen: self.tunnel_listen,
+            // An advertised address needs a listener: the documented default one.
+            tunnel_listen: self.tunnel_listen.or_else(|| {
+                self.advertise
+                    .as_ref()
+                    .map(|_| trellis_agent::DEFAULT_TUNNEL_LISTEN.parse().expect("a literal socket address"))
+            }),
             advertise: self.advertise,
             dns_listen: self.dns_listen,
             dns_upstream: self.dns_upstream,
+            dns_allow: (!self.dns_allow.is_empty()).then_some(self.dns_allow),
+            access_log: (self.access_log.as_os_str() != "-").then_some(self.access_log),
             metrics_listen: self.metrics_listen,
             manage_routes: self.manage_routes,
             report_interval: self.report_interval,
@@ -366,6 +388,14 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         return Err("the duration must be greater than zero".into());
     }
     Ok(d)
+}
+
+/// A network (`10.0.0.0/8`) or one address (`10.0.0.5`).
+fn parse_network(s: &str) -> Result<IpNet, String> {
+    let s = s.trim();
+    s.parse::<IpNet>().or_else(|_| s.parse::<std::net::IpAddr>().map(IpNet::from)).map(|n| n.trunc()).map_err(|_| {
+        format!("{:?} is not a network; write e.g. 10.0.0.0/8 or 192.168.1.5", trellis_model::clip_echo(s))
+    })
 }
 
 /// `--advertise`: `host:port` with a non-empty host and a port in 1-65535; `[v6]:port` allowed.
@@ -537,15 +567,43 @@ mod tests {
             "--manage-routes",
             "--report-interval",
             "2s",
+            "--dns-allow",
+            "10.0.0.0/8,192.168.1.5",
+            "--access-log",
+            "/var/log/trellis/access.log",
         ])
         .unwrap();
         let Command::Agent(AgentCommand { verb: None, run }) = cli.command else { panic!("not agent run") };
         let cfg = run.validate().unwrap();
         assert_eq!(cfg.control_plane.as_str(), "https://127.0.0.1:8443/");
         assert_eq!(cfg.join_token.unwrap().token_id, "jt-0123456789abcdef");
+        assert_eq!(cfg.tunnel_listen, Some("127.0.0.1:0".parse().unwrap()));
         assert_eq!(cfg.advertise.as_deref(), Some("gw.example:7443"));
         assert!(cfg.manage_routes);
         assert_eq!(cfg.report_interval, Duration::from_secs(2));
+        let allow: Vec<String> = cfg.dns_allow.unwrap().iter().map(ToString::to_string).collect();
+        assert_eq!(allow, ["10.0.0.0/8", "192.168.1.5/32"]);
+        assert_eq!(cfg.access_log.unwrap(), PathBuf::from("/var/log/trellis/access.log"));
+    }
+
+    #[test]
+    fn only_an_agent_told_to_be_reachable_binds_a_tunnel_listener() {
+        let base = ["agent", "--control-plane", "https://h:1", "--state-dir", "/tmp/a"];
+        let run = |extra: &[&str]| {
+            let args: Vec<&str> = base.iter().chain(extra).copied().collect();
+            let Command::Agent(AgentCommand { run, .. }) = parse(&args).unwrap().command else { panic!("not agent") };
+            run.validate().unwrap()
+        };
+        let endpoint_only = run(&[]);
+        assert_eq!(endpoint_only.tunnel_listen, None);
+        assert_eq!(endpoint_only.access_log, None, "stdout by default");
+        assert_eq!(endpoint_only.dns_allow, None);
+        let advertised = run(&["--advertise", "gw1.example:7443"]);
+        assert_eq!(advertised.tunnel_listen, Some("0.0.0.0:7443".parse().unwrap()));
+        let explicit = run(&["--tunnel-listen", "10.0.0.5:9443"]);
+        assert_eq!(explicit.tunnel_listen, Some("10.0.0.5:9443".parse().unwrap()));
+        assert_eq!(run(&["--access-log", "-"]).access_log, None);
+        assert!(parse(&[&base[..], &["--dns-allow", "not-a-net"]].concat()).is_err());
     }
 
     #[test]

@@ -14,6 +14,11 @@ use crate::cli::AgentRunConfig;
 /// Runs `trellis agent` until a signal.
 pub async fn run(config: AgentRunConfig) -> Result<()> {
     let state_dir = config.state_dir.display().to_string();
+    let access_log = match &config.access_log {
+        Some(path) => AccessLog::append_to(path)
+            .with_context(|| format!("opening the access log {} (--access-log)", path.display()))?,
+        None => AccessLog::stdout(),
+    };
     let options = AgentOptions {
         control_plane: config.control_plane.to_string(),
         join_token: config.join_token.map(|t| t.to_string()),
@@ -22,14 +27,18 @@ pub async fn run(config: AgentRunConfig) -> Result<()> {
         advertise: config.advertise,
         dns_listen: config.dns_listen,
         dns_upstream: config.dns_upstream,
+        dns_allow: config.dns_allow,
         metrics_listen: config.metrics_listen,
         manage_routes: config.manage_routes,
         report_interval: config.report_interval,
     };
-    let agent = AgentHandle::start(AgentRole::Agent, options, AgentTuning::default())
+    let tuning = AgentTuning { access_log: access_log.clone(), ..AgentTuning::default() };
+    let mut agent = AgentHandle::start(AgentRole::Agent, options, tuning)
         .await
         .with_context(|| format!("starting the agent with state in {state_dir}"))?;
+    agent.access_log = config.access_log;
     tracing::info!("agent running: {}", agent.summary());
+    let _reopen = tokio::spawn(reopen_on_sighup(access_log));
     let outcome = tokio::select! {
         () = crate::shutdown::signal() => {
             tracing::info!("shutting down (Ctrl-C again to exit at once)");
@@ -39,6 +48,30 @@ pub async fn run(config: AgentRunConfig) -> Result<()> {
     };
     crate::shutdown::gracefully("agent", agent.shutdown()).await;
     outcome
+}
+
+/// Reopens the access-log file on every SIGHUP (after log rotation).
+async fn reopen_on_sighup(log: AccessLog) {
+    #[cfg(unix)]
+    if let Some(path) = log.path().map(Path::to_path_buf) {
+        let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!("cannot listen for SIGHUP, so the access log is never reopened: {e}");
+                return;
+            }
+        };
+        while hup.recv().await.is_some() {
+            match log.reopen() {
+                Ok(()) => tracing::info!(path = %path.display(), "SIGHUP: reopened the access log"),
+                Err(e) => {
+                    tracing::error!(path = %path.display(), "SIGHUP: cannot reopen the access log, still writing to the old file: {e}")
+                }
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = log;
 }
 
 /// What an agent is for; only names it in `trellis dev`'s output.
@@ -70,10 +103,11 @@ pub async fn start_for_dev(role: AgentRole, control_plane: &str, join_token: &st
         control_plane: control_plane.to_string(),
         join_token: Some(join_token.to_string()),
         state_dir: dir.join(format!("{role}-agent")),
-        tunnel_listen: loopback(0),
+        tunnel_listen: (role == AgentRole::Gateway).then(|| loopback(0)),
         advertise: None,
         dns_listen: (role == AgentRole::Endpoint).then(|| loopback(0)),
         dns_upstream: None,
+        dns_allow: None,
         metrics_listen: Some(loopback(0)),
         manage_routes: false,
         report_interval: Duration::from_secs(1),
@@ -111,15 +145,19 @@ impl AgentHandle {
     /// One line: id and bound addresses.
     pub fn summary(&self) -> String {
         let mut parts = vec![self.inner.agent_id().to_string()];
-        parts.push(format!("tunnel {}", self.inner.tunnel_addr()));
+        parts.push(match self.inner.tunnel_addr() {
+            Some(addr) => format!("tunnel {addr}"),
+            None => "no tunnel listener (endpoints only)".to_string(),
+        });
         if let Some(dns) = self.inner.dns_addr() {
             parts.push(format!("dns {dns}"));
         }
         if let Some(metrics) = self.inner.metrics_addr() {
             parts.push(format!("metrics http://{metrics}/metrics"));
         }
-        if let Some(log) = &self.access_log {
-            parts.push(format!("access log {}", log.display()));
+        match &self.access_log {
+            Some(log) => parts.push(format!("access log {}", log.display())),
+            None => parts.push("access log on stdout".to_string()),
         }
         parts.join(", ")
     }

@@ -3,6 +3,12 @@
 //! new listeners are bound, removed ones closed together with their
 //! connections. Readiness per (endpoint, resource) is published for reports.
 //!
+//! Bounded: an endpoint may have at most [`MAX_LISTENERS_PER_ENDPOINT`]
+//! listeners, and all endpoints together at most the agent's listener budget
+//! (from its open-files limit). An endpoint over either bound gets none of its
+//! listeners and reports why; the others keep all of theirs, whatever the ids.
+//! Endpoints already serving keep their share before new ones get any.
+//!
 //! Endpoint addresses come from the subnet's pool. An address must be local to
 //! this host before it can be bound; see [`super::routes`] for how the agent
 //! (or the operator) makes a pool local.
@@ -16,15 +22,12 @@ use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use trellis_proto::AgentConfig;
 use trellis_proto::agent_api::ListenerStatus;
+use trellis_proto::{AgentConfig, MAX_LISTENERS_PER_ENDPOINT};
 
 use super::pool::GatewayKey;
 use super::proxy::{EndpointContext, serve_client};
 use super::routes::RouteManager;
-
-/// Most ports one agent listens on, across all endpoints; beyond it listeners report an error.
-pub const MAX_LISTENING_PORTS: usize = 4096;
 
 /// What the endpoint role serves now: the config version applied and each listener's state.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -43,6 +46,7 @@ struct ListenerKey {
 /// Runs the endpoint role until `shutdown`, publishing what it serves on `served`.
 pub async fn run(
     ctx: Arc<EndpointContext>,
+    budget: usize,
     mut routes: RouteManager,
     served: watch::Sender<ServedState>,
     tracker: TaskTracker,
@@ -52,7 +56,7 @@ pub async fn run(
     let mut open: HashMap<ListenerKey, CancellationToken> = HashMap::new();
     loop {
         let config = config_rx.borrow_and_update().clone();
-        let state = reconcile(&config, &ctx, &mut routes, &mut open, &tracker, &shutdown);
+        let state = reconcile(&config, budget, &ctx, &mut routes, &mut open, &tracker, &shutdown);
         served.send_replace(state);
         tokio::select! {
             r = config_rx.changed() => if r.is_err() { break },
@@ -65,8 +69,78 @@ pub async fn run(
     routes.remove_all();
 }
 
+/// The listeners to hold for `config` within `budget`, and the error of each
+/// (endpoint, resource) pair that gets none. Pure.
+///
+/// Endpoints over [`MAX_LISTENERS_PER_ENDPOINT`] fail whole. The rest are
+/// granted whole or not at all: first those in `serving` (so a new endpoint
+/// never takes an old one's listeners), then the smallest first, by id on
+/// ties.
+fn plan(
+    config: &AgentConfig,
+    budget: usize,
+    serving: &HashSet<&str>,
+) -> (Vec<ListenerKey>, BTreeMap<(String, String), String>) {
+    let mut errors = BTreeMap::new();
+    let mut fail = |endpoint: &trellis_proto::EndpointConfig, why: &str| {
+        for r in &endpoint.resources {
+            errors.insert((endpoint.vpc_endpoint_id.clone(), r.resource_configuration_id.clone()), why.to_string());
+        }
+    };
+    let mut candidates = Vec::new();
+    for endpoint in &config.endpoints {
+        let asks: u64 =
+            endpoint.resources.iter().flat_map(|r| &r.port_ranges).map(|range| u64::from(range.len())).sum();
+        if asks > MAX_LISTENERS_PER_ENDPOINT as u64 {
+            fail(
+                endpoint,
+                &format!(
+                    "endpoint {} asks for {asks} listeners; an endpoint may have at most {MAX_LISTENERS_PER_ENDPOINT} (narrow the resource's port ranges)",
+                    endpoint.vpc_endpoint_id
+                ),
+            );
+            continue;
+        }
+        // At most MAX_LISTENERS_PER_ENDPOINT here.
+        let asks = asks as usize;
+        candidates.push((!serving.contains(endpoint.vpc_endpoint_id.as_str()), asks, endpoint));
+    }
+    candidates.sort_by(|a, b| (a.0, a.1, &a.2.vpc_endpoint_id).cmp(&(b.0, b.1, &b.2.vpc_endpoint_id)));
+    let mut used = 0usize;
+    let mut granted: HashSet<&str> = HashSet::new();
+    for (_, asks, endpoint) in candidates {
+        if used + asks <= budget {
+            used += asks;
+            granted.insert(endpoint.vpc_endpoint_id.as_str());
+        } else {
+            fail(
+                endpoint,
+                &format!(
+                    "endpoint {} asks for {asks} listeners, but this agent's other endpoints already use {used} of its {budget} (a budget from its open-files limit); raise the limit or serve the endpoint from another agent",
+                    endpoint.vpc_endpoint_id
+                ),
+            );
+        }
+    }
+    let desired = config
+        .endpoints
+        .iter()
+        .filter(|e| granted.contains(e.vpc_endpoint_id.as_str()))
+        .flat_map(|e| e.resources.iter().map(move |r| (e, r)))
+        .flat_map(|(e, r)| {
+            r.port_ranges.iter().flat_map(|range| range.ports()).map(move |port| ListenerKey {
+                vpc_endpoint_id: e.vpc_endpoint_id.clone(),
+                resource_configuration_id: r.resource_configuration_id.clone(),
+                addr: SocketAddr::new(r.address, port),
+            })
+        })
+        .collect();
+    (desired, errors)
+}
+
 fn reconcile(
     config: &AgentConfig,
+    budget: usize,
     ctx: &Arc<EndpointContext>,
     routes: &mut RouteManager,
     open: &mut HashMap<ListenerKey, CancellationToken>,
@@ -75,34 +149,18 @@ fn reconcile(
 ) -> ServedState {
     routes.apply(&config.address_pool, config.endpoints.iter().flat_map(|e| e.resources.iter().map(|r| r.address)));
 
-    // Desired listeners, in config order, capped.
-    let mut desired: Vec<ListenerKey> = Vec::new();
-    let mut errors: BTreeMap<(String, String), String> = BTreeMap::new();
+    let serving: HashSet<&str> = open.keys().map(|k| k.vpc_endpoint_id.as_str()).collect();
+    let (desired, mut errors) = plan(config, budget, &serving);
     let mut pairs: Vec<(String, String)> = Vec::new();
     let mut gateways: HashSet<GatewayKey> = HashSet::new();
     for endpoint in &config.endpoints {
         for resource in &endpoint.resources {
             let pair = (endpoint.vpc_endpoint_id.clone(), resource.resource_configuration_id.clone());
-            pairs.push(pair.clone());
             gateways.extend(resource.gateways.iter().map(GatewayKey::from));
             if resource.gateways.is_empty() {
-                errors.insert(pair.clone(), "no gateway agent serves this resource yet".into());
+                errors.entry(pair.clone()).or_insert_with(|| "no gateway agent serves this resource yet".into());
             }
-            for range in &resource.port_ranges {
-                for port in range.ports() {
-                    if desired.len() >= MAX_LISTENING_PORTS {
-                        errors.entry(pair.clone()).or_insert_with(|| {
-                            format!("this agent listens on at most {MAX_LISTENING_PORTS} ports; narrow the port ranges")
-                        });
-                        break;
-                    }
-                    desired.push(ListenerKey {
-                        vpc_endpoint_id: pair.0.clone(),
-                        resource_configuration_id: pair.1.clone(),
-                        addr: SocketAddr::new(resource.address, port),
-                    });
-                }
-            }
+            pairs.push(pair);
         }
     }
     ctx.pools.retain(&gateways);

@@ -7,6 +7,6 @@ pub mod pool;
 pub mod proxy;
 pub mod routes;
 
-pub use listeners::{MAX_LISTENING_PORTS, ServedState};
+pub use listeners::ServedState;
 pub use pool::{GatewayKey, GatewayPools, PoolSettings};
 pub use proxy::EndpointContext;

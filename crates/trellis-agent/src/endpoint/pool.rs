@@ -3,13 +3,17 @@
 //!
 //! One pool per gateway agent referenced by the config. A background task per
 //! pool keeps a few connections ready (TLS session resumption makes refills
-//! cheap), backs off while the gateway is unreachable, and drops connections
-//! before the gateway's idle deadline. Pools of gateways that leave the config
-//! are closed. A pool never sends anything on an idle connection: the first
+//! cheap), backs off while the gateway is unreachable, and replaces each
+//! connection before the gateway's open-request deadline (10 s) would close
+//! it, so a warm connection is always a few seconds old at most. The number of
+//! warm connections across all pools is capped (from the open-files limit);
+//! with many gateways each pool keeps fewer. Pools of gateways that leave the
+//! config are closed. A pool never sends anything on an idle connection: the first
 //! bytes on every tunnel connection are an `OpenRequest` from a real client.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -32,9 +36,12 @@ pub type Tunnel = TlsStream<ReadAhead>;
 /// Sizes and deadlines of the pools.
 #[derive(Clone, Copy, Debug)]
 pub struct PoolSettings {
-    /// Idle connections kept ready per gateway agent.
+    /// Idle connections kept ready per gateway agent (fewer when `max_warm_total` is short).
     pub warm: usize,
-    /// An idle connection older than this is dropped (below the gateway's open-request deadline).
+    /// Idle connections kept ready across all gateway agents.
+    pub max_warm_total: usize,
+    /// An idle connection older than this is replaced; below the gateway's
+    /// open-request deadline (`GatewayTimeouts::open_request`, 10 s).
     pub max_idle: Duration,
     /// TCP connect plus TLS handshake.
     pub connect_timeout: Duration,
@@ -42,7 +49,14 @@ pub struct PoolSettings {
 
 impl Default for PoolSettings {
     fn default() -> Self {
-        Self { warm: 2, max_idle: Duration::from_secs(240), connect_timeout: Duration::from_secs(5) }
+        Self { warm: 2, max_warm_total: 256, max_idle: Duration::from_secs(7), connect_timeout: Duration::from_secs(5) }
+    }
+}
+
+impl PoolSettings {
+    /// Warm connections per pool when there are `pools` of them.
+    fn warm_per_pool(&self, pools: usize) -> usize {
+        self.warm.min(self.max_warm_total / pools.max(1))
     }
 }
 
@@ -63,6 +77,8 @@ impl From<&GatewayTarget> for GatewayKey {
 
 struct Pool {
     key: GatewayKey,
+    /// How many idle connections to keep (changes with the number of pools).
+    warm: AtomicUsize,
     idle: Mutex<VecDeque<(Instant, Tunnel)>>,
     /// Wakes the refill task when a connection was taken.
     taken: Notify,
@@ -98,7 +114,13 @@ impl GatewayPools {
             }
             keep
         });
-        if self.settings.warm == 0 {
+        let warm = self.settings.warm_per_pool(wanted.len());
+        for pool in pools.values() {
+            if pool.warm.swap(warm, Ordering::Relaxed) != warm {
+                pool.taken.notify_one();
+            }
+        }
+        if warm == 0 {
             return;
         }
         for key in wanted {
@@ -107,6 +129,7 @@ impl GatewayPools {
             }
             let pool = Arc::new(Pool {
                 key: key.clone(),
+                warm: AtomicUsize::new(warm),
                 idle: Mutex::default(),
                 taken: Notify::new(),
                 cancel: self.shutdown.child_token(),
@@ -159,12 +182,16 @@ impl GatewayPools {
     async fn refill(&self, pool: Arc<Pool>) {
         let mut backoff = Duration::from_millis(200);
         loop {
-            let have = {
+            let warm = pool.warm.load(Ordering::Relaxed);
+            let (have, oldest) = {
                 let mut idle = pool.idle.lock().unwrap_or_else(|e| e.into_inner());
                 idle.retain(|(born, _)| born.elapsed() < self.settings.max_idle);
-                idle.len()
+                while idle.len() > warm {
+                    idle.pop_front();
+                }
+                (idle.len(), idle.front().map(|(born, _)| *born))
             };
-            if have < self.settings.warm {
+            if have < warm {
                 let attempt = tokio::select! {
                     r = self.connect(&pool.key) => r,
                     () = pool.cancel.cancelled() => return,
@@ -186,10 +213,12 @@ impl GatewayPools {
                     }
                 }
             }
-            // Full: wait for a take, or re-check ages periodically.
+            // Full: wait for a take, or until the oldest connection is due for replacement.
+            let due =
+                oldest.map_or_else(|| Instant::now() + self.settings.max_idle, |born| born + self.settings.max_idle);
             tokio::select! {
                 () = pool.taken.notified() => {}
-                () = tokio::time::sleep(self.settings.max_idle / 4) => {}
+                () = tokio::time::sleep_until(due) => {}
                 () = pool.cancel.cancelled() => return,
             }
         }
@@ -222,7 +251,8 @@ mod tests {
         let ca = TestCa::new();
         let gateway = ca.issue("agent-0000000000000000a", "acct-1", "vpc-1");
         let client = ca.issue("agent-0000000000000000b", "acct-2", "vpc-2");
-        let acceptor = tokio_rustls::TlsAcceptor::from(tls::tunnel_server_config(&gateway).unwrap());
+        let acceptor =
+            tokio_rustls::TlsAcceptor::from(tls::tunnel_server_config(&gateway, Arc::new(tls::AnyAgent)).unwrap());
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let key = GatewayKey {
             address: listener.local_addr().unwrap().to_string(),
@@ -272,7 +302,8 @@ mod tests {
         let ca = TestCa::new();
         let gateway = ca.issue("agent-0000000000000000a", "acct-1", "vpc-1");
         let client = ca.issue("agent-0000000000000000b", "acct-2", "vpc-2");
-        let acceptor = tokio_rustls::TlsAcceptor::from(tls::tunnel_server_config(&gateway).unwrap());
+        let acceptor =
+            tokio_rustls::TlsAcceptor::from(tls::tunnel_server_config(&gateway, Arc::new(tls::AnyAgent)).unwrap());
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let key = GatewayKey {
             address: listener.local_addr().unwrap().to_string(),

@@ -1,10 +1,13 @@
 //! The gateway's authorization check, pure: given the current config, the
-//! peer's certificate hash and an open request, allow (and say what to dial)
-//! or deny (and say why). Run for every new stream and again for every open
-//! stream whenever the config changes, so revocation closes live connections.
+//! peer's identity (from its certificate) and an open request, allow (and say
+//! what to dial) or deny (and say why). [`admit_peer`] runs at the TLS
+//! handshake and whenever the config changes for every connection;
+//! [`authorize`] runs for every new stream and [`recheck`] again for every open
+//! stream whenever the config changes, so revocation closes live connections
+//! and the access log says what was revoked.
 
 use trellis_proto::stream::OpenRequest;
-use trellis_proto::{AgentConfig, Target};
+use trellis_proto::{AgentConfig, GatewayRole, Target};
 
 use crate::tls::PeerIdentity;
 
@@ -36,20 +39,30 @@ pub enum Denial {
     /// The endpoint was revoked; the reason is the control plane's.
     #[error("endpoint {endpoint} was revoked: {reason}")]
     EndpointRevoked { endpoint: String, reason: String },
+    /// An open stream's endpoint left the config entirely (and is not among the revoked ones).
+    #[error("endpoint {0} was deleted or its resource is no longer served")]
+    EndpointGone(String),
     /// The port is outside the resource's port ranges.
     #[error("port {port} is not open on {resource}")]
     PortNotAllowed { port: u16, resource: String },
 }
 
-/// Checks `req` from `peer` against the gateway role of `config`.
-pub fn authorize(config: &AgentConfig, peer: &PeerIdentity, req: &OpenRequest) -> Result<Grant, Denial> {
-    let role = &config.gateway;
+/// Whether `peer` may hold tunnel connections to this gateway at all: its
+/// certificate is not revoked and names a consumer VPC of `role`.
+pub fn admit_peer(role: &GatewayRole, peer: &PeerIdentity) -> Result<(), Denial> {
     if role.revoked_certs.iter().any(|c| c.eq_ignore_ascii_case(&peer.cert_sha256)) {
         return Err(Denial::RevokedPeer(peer.agent_id.clone()));
     }
     if !role.knows_consumer(&peer.account_id, &peer.vpc_id) {
         return Err(Denial::UnknownPeer { account_id: peer.account_id.clone(), vpc_id: peer.vpc_id.clone() });
     }
+    Ok(())
+}
+
+/// Checks `req` from `peer` against the gateway role of `config`.
+pub fn authorize(config: &AgentConfig, peer: &PeerIdentity, req: &OpenRequest) -> Result<Grant, Denial> {
+    let role = &config.gateway;
+    admit_peer(role, peer)?;
     let resource = role
         .resources
         .iter()
@@ -78,6 +91,34 @@ pub fn authorize(config: &AgentConfig, peer: &PeerIdentity, req: &OpenRequest) -
         owner_account_id: resource.owner_account_id.clone(),
         peer_agent_id: peer.agent_id.clone(),
     })
+}
+
+/// [`authorize`] for a stream that was allowed until now: a denial that only
+/// says the peer, resource or endpoint is unknown is replaced by what happened
+/// to the endpoint, as far as the config tells (the control plane's reason
+/// when it lists the endpoint as revoked; deleted or no longer served when it
+/// vanished from every resource).
+pub fn recheck(config: &AgentConfig, peer: &PeerIdentity, req: &OpenRequest) -> Result<Grant, Denial> {
+    authorize(config, peer, req).map_err(|denial| explain(&config.gateway, req, denial))
+}
+
+fn explain(role: &GatewayRole, req: &OpenRequest, denial: Denial) -> Denial {
+    match denial {
+        Denial::UnknownPeer { .. } | Denial::UnknownResource(_) | Denial::EndpointNotAllowed { .. } => {
+            let endpoint = &req.vpc_endpoint_id;
+            if let Some(revoked) = role.revoked_endpoints.iter().find(|r| &r.vpc_endpoint_id == endpoint) {
+                Denial::EndpointRevoked { endpoint: endpoint.clone(), reason: revoked.reason.clone() }
+            } else if role.resources.iter().all(|r| r.allowed_endpoint(endpoint).is_none()) {
+                Denial::EndpointGone(endpoint.clone())
+            } else {
+                denial
+            }
+        }
+        Denial::RevokedPeer(_)
+        | Denial::EndpointRevoked { .. }
+        | Denial::EndpointGone(_)
+        | Denial::PortNotAllowed { .. } => denial,
+    }
 }
 
 #[cfg(test)]
@@ -190,5 +231,47 @@ mod tests {
             vec![RevokedEndpoint { vpc_endpoint_id: "vpce-1".into(), reason: "the resource share was deleted".into() }];
         let denial = authorize(&c, &peer("acct-c", "vpc-c"), &req("vpce-1", "rcfg-1", 5432)).unwrap_err();
         assert_eq!(denial.to_string(), "endpoint vpce-1 was revoked: the resource share was deleted");
+    }
+
+    #[test]
+    fn a_revoked_open_stream_says_what_was_revoked() {
+        let p = peer("acct-c", "vpc-c");
+        let r = req("vpce-1", "rcfg-1", 5432);
+        // The share was deleted: the endpoint left `allowed` and its VPC left `consumers`.
+        let mut c = config();
+        c.gateway.resources[0].allowed.retain(|a| a.vpc_endpoint_id != "vpce-1");
+        c.gateway.consumers.truncate(1);
+        c.gateway.revoked_endpoints =
+            vec![RevokedEndpoint { vpc_endpoint_id: "vpce-1".into(), reason: "the resource share was deleted".into() }];
+        assert_eq!(
+            recheck(&c, &p, &r).unwrap_err().to_string(),
+            "endpoint vpce-1 was revoked: the resource share was deleted"
+        );
+        // The endpoint was deleted: it is nowhere in the config any more.
+        c.gateway.revoked_endpoints.clear();
+        assert_eq!(
+            recheck(&c, &p, &r).unwrap_err().to_string(),
+            "endpoint vpce-1 was deleted or its resource is no longer served"
+        );
+        // The resource left the gateway.
+        let mut c = config();
+        c.gateway.resources.clear();
+        assert_eq!(recheck(&c, &p, &r).unwrap_err(), Denial::EndpointGone("vpce-1".into()));
+        // A deleted agent's certificate stays a certificate revocation.
+        let mut c = config();
+        c.gateway.revoked_certs = vec!["ab".repeat(32)];
+        assert!(matches!(recheck(&c, &p, &r), Err(Denial::RevokedPeer(_))));
+        // Still allowed: still granted.
+        assert!(recheck(&config(), &p, &r).is_ok());
+    }
+
+    #[test]
+    fn only_consumers_with_unrevoked_certificates_are_admitted() {
+        let role = config().gateway;
+        assert!(admit_peer(&role, &peer("acct-c", "vpc-c")).is_ok());
+        assert!(matches!(admit_peer(&role, &peer("acct-x", "vpc-c")), Err(Denial::UnknownPeer { .. })));
+        let mut revoked = role.clone();
+        revoked.revoked_certs = vec!["ab".repeat(32)];
+        assert!(matches!(admit_peer(&revoked, &peer("acct-c", "vpc-c")), Err(Denial::RevokedPeer(_))));
     }
 }

@@ -1,11 +1,18 @@
 //! The gateway's tunnel listener: mutual TLS 1.3, one stream per connection.
 //!
-//! Per connection: TLS handshake (client certificate verified against the CA),
-//! read the `OpenRequest` (pooled connections may sit idle a while before it
-//! arrives), authorize it against the *current* config, dial the resource,
-//! answer, then splice. Every open stream re-checks its grant whenever the
-//! config changes and is closed as soon as the grant is gone. Anything a peer
-//! does wrong closes that peer's connection only.
+//! Per connection: TLS handshake (client certificate verified against the CA
+//! and admitted only when it names a consumer VPC of the current config and is
+//! not revoked), read the `OpenRequest` (pooled connections wait a few seconds
+//! at most before it arrives), authorize it against the *current* config, dial
+//! the resource, answer, then splice. Every connection re-checks its peer, and
+//! every open stream its grant, whenever the config changes, and is closed as
+//! soon as either is gone. Anything a peer does wrong closes that peer's
+//! connection only.
+//!
+//! Bounded: a cap on all connections (accepting waits when it is reached), a
+//! smaller one on connections still in the handshake (more are closed at
+//! once), and per peer certificate a cap on connections and on connections
+//! still waiting for their open request (see [`super::admission`]).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -13,7 +20,7 @@ use std::time::{Duration, SystemTime};
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
@@ -21,7 +28,8 @@ use tokio_util::task::TaskTracker;
 use trellis_proto::AgentConfig;
 use trellis_proto::stream::{OpenRequest, OpenResponse, OpenStatus, decode_open_request, encode_open_response};
 
-use super::authorize::{Denial, authorize};
+use super::admission::{PeerLimit, PeerTable};
+use super::authorize::{Denial, admit_peer, authorize, recheck};
 use super::dial::{DialError, describe, dial};
 use crate::access_log::AccessLog;
 use crate::flow::{FlowInfo, OpenFlow, reject};
@@ -37,7 +45,8 @@ use crate::usage::{UsageKey, UsageTable};
 pub struct GatewayTimeouts {
     /// TLS handshake.
     pub handshake: Duration,
-    /// From handshake to `OpenRequest`; long, since endpoint agents keep connections warm.
+    /// From handshake to `OpenRequest`. Endpoint agents retire their warm
+    /// connections before this (see `PoolSettings::max_idle`).
     pub open_request: Duration,
     /// Connecting to the resource (resolution included).
     pub dial: Duration,
@@ -45,11 +54,7 @@ pub struct GatewayTimeouts {
 
 impl Default for GatewayTimeouts {
     fn default() -> Self {
-        Self {
-            handshake: Duration::from_secs(10),
-            open_request: Duration::from_secs(300),
-            dial: Duration::from_secs(5),
-        }
+        Self { handshake: Duration::from_secs(10), open_request: Duration::from_secs(10), dial: Duration::from_secs(5) }
     }
 }
 
@@ -62,6 +67,10 @@ pub struct GatewayContext {
     pub timeouts: GatewayTimeouts,
     /// Caps concurrent tunnel connections (idle pooled ones included).
     pub connections: Arc<Semaphore>,
+    /// Caps connections still in the TLS handshake.
+    pub handshakes: Arc<Semaphore>,
+    /// Caps connections per peer certificate.
+    pub peers: Arc<PeerTable>,
 }
 
 /// Accepts tunnel connections on `listener` until `shutdown`.
@@ -93,11 +102,16 @@ pub async fn serve(
             },
             () = shutdown.cancelled() => return,
         };
+        let Ok(handshake) = ctx.handshakes.clone().try_acquire_owned() else {
+            ctx.metrics.count_tunnel_refused("handshake_budget");
+            tracing::debug!(%peer, "too many tunnel handshakes in progress; closing");
+            continue;
+        };
         let ctx = ctx.clone();
         let acceptor = acceptor.clone();
         let cancel = shutdown.child_token();
         tracker.spawn(async move {
-            handle(tcp, peer, acceptor, ctx, cancel).await;
+            handle(tcp, peer, acceptor, handshake, ctx, cancel).await;
             drop(permit);
         });
     }
@@ -107,6 +121,7 @@ async fn handle(
     tcp: TcpStream,
     peer: SocketAddr,
     acceptor: TlsAcceptor,
+    handshake_permit: OwnedSemaphorePermit,
     ctx: Arc<GatewayContext>,
     cancel: CancellationToken,
 ) {
@@ -122,19 +137,57 @@ async fn handle(
             return;
         }
         Err(_) => {
+            ctx.metrics.count_tunnel_refused("handshake_timeout");
             tracing::debug!(%peer, "tunnel TLS handshake timed out");
             return;
         }
     };
+    drop(handshake_permit);
     let Some(peer_id) = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(peer_identity) else {
         // The verifier requires a CA-signed client certificate, and the CA names every agent in it.
         tracing::debug!(%peer, "tunnel peer certificate names no agent; closing");
         return;
     };
+    let mut config_rx = ctx.config.clone();
+    // Resumed sessions skip the certificate verifier: admit again.
+    if let Err(denial) = admit_peer(&config_rx.borrow_and_update().gateway, &peer_id) {
+        ctx.metrics.count_tunnel_refused(refusal_label(&denial));
+        tracing::debug!(%peer, agent = %peer_id.agent_id, reason = %denial, "refusing a resumed tunnel session");
+        return;
+    }
+    let mut slot = match ctx.peers.enter(&peer_id.cert_sha256) {
+        Ok(slot) => slot,
+        Err(limit) => {
+            ctx.metrics.count_tunnel_refused(match limit {
+                PeerLimit::Connections(_) => "peer_connections",
+                PeerLimit::Pending(_) => "peer_pending",
+            });
+            tracing::debug!(%peer, agent = %peer_id.agent_id, reason = %limit, "closing tunnel connection");
+            return;
+        }
+    };
+    // While waiting for the open request, a config that no longer admits the peer closes the connection.
+    let peer_dropped = async {
+        loop {
+            if config_rx.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+            if let Err(denial) = admit_peer(&config_rx.borrow_and_update().gateway, &peer_id) {
+                return denial;
+            }
+        }
+    };
     let read = tokio::select! {
         r = tokio::time::timeout(ctx.timeouts.open_request, read_frame(&mut tls, decode_open_request)) => r,
+        denial = peer_dropped => {
+            ctx.metrics.count_tunnel_refused(refusal_label(&denial));
+            tracing::debug!(%peer, agent = %peer_id.agent_id, reason = %denial, "closing idle tunnel connection");
+            let _ = tls.shutdown().await;
+            return;
+        }
         () = cancel.cancelled() => return,
     };
+    slot.opened();
     let started = SystemTime::now();
     let (req, leftover) = match read {
         Ok(Ok(x)) => x,
@@ -150,12 +203,12 @@ async fn handle(
             return;
         }
         Err(_) => {
+            ctx.metrics.count_tunnel_refused("open_request_timeout");
             tracing::debug!(%peer, "no open request in time; closing idle tunnel connection");
             let _ = tls.shutdown().await;
             return;
         }
     };
-    let mut config_rx = ctx.config.clone();
     let decision = authorize(&config_rx.borrow_and_update(), &peer_id, &req);
     let grant = match decision {
         Ok(g) => g,
@@ -223,7 +276,7 @@ async fn handle(
                 // The config publisher is gone: the agent is shutting down, which `cancel` covers.
                 std::future::pending::<()>().await;
             }
-            let still = authorize(&config_rx.borrow_and_update(), &peer_id, &req);
+            let still = recheck(&config_rx.borrow_and_update(), &peer_id, &req);
             if let Err(d) = still {
                 return d;
             }
@@ -293,6 +346,14 @@ fn deny(ctx: &GatewayContext, req: &OpenRequest, denial: &Denial, started: Syste
         "denied",
         Some(denial.to_string()),
     );
+}
+
+/// The metric label of a peer that is no longer admitted.
+fn refusal_label(denial: &Denial) -> &'static str {
+    match denial {
+        Denial::RevokedPeer(_) => "revoked_certificate",
+        _ => "not_a_consumer",
+    }
 }
 
 /// Sends an `OpenResponse`; false when the peer is gone.
