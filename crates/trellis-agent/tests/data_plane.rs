@@ -864,3 +864,180 @@ async fn the_metrics_listener_survives_idle_and_slow_clients() {
     assert!(get("/healthz").await.unwrap().starts_with("HTTP/1.1 404"));
     agent.shutdown().await;
 }
+
+/// A fake upstream resolver that answers every query with REFUSED and counts them.
+async fn counting_upstream() -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    use hickory_proto::op::{Message, ResponseCode};
+    let upstream = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = upstream.local_addr().unwrap();
+    let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = count.clone();
+    tokio::spawn(async move {
+        let mut buf = [0u8; 512];
+        while let Ok((n, from)) = upstream.recv_from(&mut buf).await {
+            seen.fetch_add(1, Ordering::SeqCst);
+            let Ok(q) = Message::from_vec(&buf[..n]) else { continue };
+            let mut r = Message::error_msg(q.id(), q.op_code(), ResponseCode::Refused);
+            r.add_queries(q.queries().iter().cloned());
+            let _ = upstream.send_to(&r.to_vec().unwrap(), from).await;
+        }
+    });
+    (addr, count)
+}
+
+async fn dns_agent(upstream: SocketAddr, allow: Option<Vec<ipnet::IpNet>>) -> RunningAgent {
+    let ca = TestCa::new();
+    let id = ca.issue(EP, CONSUMER_ACCT, CONSUMER_VPC);
+    let config = endpoint_config(unique_loopback(), 5432, "127.0.0.1:9".parse().unwrap(), GW);
+    let (tx, rx) = watch::channel(Arc::new(config));
+    // The sender lives as long as the test process: the agent keeps its config.
+    std::mem::forget(tx);
+    let opts = DataPlaneOptions {
+        tunnel_listen: None,
+        dns_listen: Some("127.0.0.1:0".parse().unwrap()),
+        dns_upstream: Some(upstream),
+        dns_allow: allow,
+        ..DataPlaneOptions::loopback()
+    };
+    start_data_plane(opts, &id, rx).await.unwrap()
+}
+
+/// Sends one UDP query from `from` and returns the answer, if one comes within 3 s.
+async fn udp_ask(
+    from: &str,
+    dns: SocketAddr,
+    id: u16,
+    name: &str,
+    ty: hickory_proto::rr::RecordType,
+) -> Option<hickory_proto::op::Message> {
+    use hickory_proto::op::{Message, MessageType, OpCode, Query};
+    use hickory_proto::rr::Name;
+    let sock = UdpSocket::bind(from).await.unwrap();
+    let mut msg = Message::new();
+    msg.set_id(id).set_message_type(MessageType::Query).set_op_code(OpCode::Query).set_recursion_desired(true);
+    msg.add_query(Query::query(Name::from_ascii(name).unwrap(), ty));
+    sock.send_to(&msg.to_vec().unwrap(), dns).await.unwrap();
+    let mut buf = [0u8; 1024];
+    let (n, _) = tokio::time::timeout(Duration::from_secs(3), sock.recv_from(&mut buf)).await.ok()?.ok()?;
+    Message::from_vec(&buf[..n]).ok()
+}
+
+#[tokio::test]
+async fn dns_refuses_sources_outside_the_allowed_networks_and_never_forwards_for_them() {
+    use hickory_proto::op::ResponseCode;
+    use hickory_proto::rr::RecordType;
+    let (upstream, forwarded) = counting_upstream().await;
+    let agent = dns_agent(upstream, Some(vec!["127.0.0.1/32".parse().unwrap()])).await;
+    let dns = agent.dns_addr().unwrap();
+    let name = "vpce-00000000000000001.rcfg-00000000000000001.local.trellis.internal.";
+
+    let refused = udp_ask("127.0.0.2:0", dns, 1, "example.org.", RecordType::A).await.expect("an answer");
+    assert_eq!(refused.response_code(), ResponseCode::Refused);
+    let refused = udp_ask("127.0.0.2:0", dns, 2, name, RecordType::A).await.expect("an answer");
+    assert_eq!(refused.response_code(), ResponseCode::Refused);
+    assert!(refused.answers().is_empty(), "an endpoint address leaked to a refused source");
+    // TCP from there is closed without an answer.
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+    let mut tcp = sock.connect(dns).await.unwrap();
+    let q = dns_query(3, "example.org.");
+    let _ = tcp.write_all(&(q.len() as u16).to_be_bytes()).await;
+    let _ = tcp.write_all(&q).await;
+    assert!(read_all(&mut tcp, Duration::from_secs(5)).await.is_empty());
+    assert_eq!(forwarded.load(Ordering::SeqCst), 0, "a refused source's query reached the upstream");
+    assert!(agent.metrics_text().contains("trellis_dns_queries_total{answer=\"refused_source\"} 3"));
+
+    // The allowed source is served as before.
+    let ok = udp_ask("127.0.0.1:0", dns, 4, name, RecordType::A).await.expect("an answer");
+    assert_eq!(ok.answers().len(), 1);
+    let fwd = udp_ask("127.0.0.1:0", dns, 5, "example.org.", RecordType::A).await.expect("an answer");
+    assert_eq!(fwd.response_code(), ResponseCode::Refused, "the fake upstream's answer");
+    assert_eq!(forwarded.load(Ordering::SeqCst), 1);
+    agent.shutdown().await;
+}
+
+#[tokio::test]
+async fn dns_never_forwards_any_queries() {
+    use hickory_proto::op::ResponseCode;
+    use hickory_proto::rr::RecordType;
+    let (upstream, forwarded) = counting_upstream().await;
+    let agent = dns_agent(upstream, None).await;
+    let dns = agent.dns_addr().unwrap();
+    let answer = udp_ask("127.0.0.1:0", dns, 1, "example.org.", RecordType::ANY).await.expect("an answer");
+    assert_eq!(answer.response_code(), ResponseCode::NotImp);
+    assert_eq!(forwarded.load(Ordering::SeqCst), 0, "ANY reached the upstream");
+    // Other types still are forwarded (the check above can fail).
+    udp_ask("127.0.0.1:0", dns, 2, "example.org.", RecordType::TXT).await.expect("an answer");
+    assert_eq!(forwarded.load(Ordering::SeqCst), 1);
+    agent.shutdown().await;
+}
+
+#[tokio::test]
+async fn idle_dns_tcp_connections_do_not_stop_udp_answers() {
+    use hickory_proto::rr::RecordType;
+    let (upstream, _) = counting_upstream().await;
+    let agent = dns_agent(upstream, None).await;
+    let dns = agent.dns_addr().unwrap();
+    let mut idle = Vec::new();
+    for _ in 0..300 {
+        idle.push(TcpStream::connect(dns).await.unwrap());
+    }
+    for id in 0..20u16 {
+        let answer = udp_ask("127.0.0.1:0", dns, id, "example.org.", RecordType::A).await;
+        assert!(answer.is_some(), "UDP query {id} went unanswered with 300 idle TCP connections");
+    }
+    let name = "vpce-00000000000000001.rcfg-00000000000000001.local.trellis.internal.";
+    assert!(udp_ask("127.0.0.1:0", dns, 99, name, RecordType::A).await.is_some());
+    // The idle TCP connections are closed (beyond the budget at once, the rest when idle too long).
+    let since = Instant::now();
+    for mut c in idle {
+        let mut sink = Vec::new();
+        let r = tokio::time::timeout(Duration::from_secs(15), c.read_to_end(&mut sink)).await;
+        assert!(r.is_ok(), "an idle DNS TCP connection is still open after {:?}", since.elapsed());
+    }
+    agent.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_endpoint_asking_for_too_many_ports_fails_whole_and_the_others_keep_serving() {
+    let s = setup(VPCE).await;
+    let greedy_addr = unique_loopback();
+    // Its id sorts first, so an id-ordered budget would hand it the ports first.
+    let greedy = "vpce-00000000000000000";
+    s.endpoint_config.send_modify(|c| {
+        let c = Arc::make_mut(c);
+        c.version += 1;
+        let mut big = c.endpoints[0].clone();
+        big.vpc_endpoint_id = greedy.into();
+        big.resources[0].address = greedy_addr;
+        big.resources[0].port_ranges = vec![PortRange::new(20000, 24999).unwrap()];
+        c.endpoints.insert(0, big);
+    });
+    let served = s.endpoint.served();
+    eventually("the new config", Duration::from_secs(10), || served.borrow().config_version == 2).await;
+    let state = served.borrow().clone();
+    let status = |id: &str| state.listeners.iter().find(|l| l.vpc_endpoint_id == id).unwrap().clone();
+    let failed = status(greedy);
+    assert!(!failed.ready);
+    assert_eq!(
+        failed.error.as_deref().unwrap_or_default(),
+        format!(
+            "endpoint {greedy} asks for 5000 listeners; an endpoint may have at most {} (narrow the resource's port ranges)",
+            trellis_proto::MAX_LISTENERS_PER_ENDPOINT
+        )
+    );
+    assert!(status(VPCE).ready, "{state:?}");
+    // None of its ports listen; the other endpoint serves.
+    for port in [20000, 22500, 24999] {
+        assert!(
+            std::net::TcpStream::connect_timeout(&SocketAddr::new(greedy_addr, port), Duration::from_millis(500))
+                .is_err(),
+            "port {port} of the failed endpoint listens"
+        );
+    }
+    let mut client = open_client(&s).await;
+    client.write_all(b"more").await.unwrap();
+    let mut buf = [0u8; 4];
+    tokio::time::timeout(Duration::from_secs(10), client.read_exact(&mut buf)).await.unwrap().unwrap();
+    stop(s).await;
+}

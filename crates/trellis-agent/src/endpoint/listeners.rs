@@ -245,3 +245,60 @@ async fn accept_loop(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use trellis_proto::{EndpointConfig, EndpointResource, PortRange};
+
+    fn endpoint(id: &str, ports: &[(u16, u16)]) -> EndpointConfig {
+        EndpointConfig {
+            vpc_endpoint_id: id.into(),
+            resources: ports
+                .iter()
+                .enumerate()
+                .map(|(i, (a, b))| EndpointResource {
+                    resource_configuration_id: format!("rcfg-{i}"),
+                    address: format!("127.77.0.{}", i + 1).parse().unwrap(),
+                    port_ranges: vec![PortRange::new(*a, *b).unwrap()],
+                    dns_names: vec![],
+                    gateways: vec![],
+                })
+                .collect(),
+        }
+    }
+
+    fn config(endpoints: Vec<EndpointConfig>) -> AgentConfig {
+        AgentConfig { version: 1, endpoints, ..Default::default() }
+    }
+
+    fn granted(desired: &[ListenerKey]) -> Vec<&str> {
+        let mut ids: Vec<&str> = desired.iter().map(|k| k.vpc_endpoint_id.as_str()).collect();
+        ids.dedup();
+        ids
+    }
+
+    #[test]
+    fn an_endpoint_over_its_cap_gets_nothing_and_costs_the_others_nothing() {
+        // Two resources that add up to more than the cap, though each alone would fit.
+        let c = config(vec![endpoint("vpce-a", &[(1, 1000), (2001, 2100)]), endpoint("vpce-b", &[(5432, 5432)])]);
+        let (desired, errors) = plan(&c, 10_000, &HashSet::new());
+        assert_eq!(granted(&desired), ["vpce-b"]);
+        assert_eq!(errors.len(), 2, "each pair of the failed endpoint says why: {errors:?}");
+        assert!(errors.values().all(|e| e.contains("asks for 1100 listeners")), "{errors:?}");
+    }
+
+    #[test]
+    fn the_agent_budget_is_granted_whole_endpoints_smallest_first_serving_ones_kept() {
+        let c =
+            config(vec![endpoint("vpce-a", &[(1, 10)]), endpoint("vpce-b", &[(1, 6)]), endpoint("vpce-c", &[(1, 3)])]);
+        let (desired, errors) = plan(&c, 12, &HashSet::new());
+        assert_eq!(granted(&desired), ["vpce-b", "vpce-c"]);
+        assert_eq!(desired.len(), 9, "no partial endpoint");
+        assert!(errors[&("vpce-a".to_string(), "rcfg-0".to_string())].contains("already use 9 of its 12"));
+        // An endpoint that is serving keeps its listeners when a smaller one arrives.
+        let serving = HashSet::from(["vpce-a"]);
+        let (desired, _) = plan(&c, 12, &serving);
+        assert_eq!(granted(&desired), ["vpce-a"]);
+    }
+}

@@ -297,6 +297,62 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn warm_connections_are_replaced_before_they_grow_old() {
+        let ca = TestCa::new();
+        let gateway = ca.issue("agent-0000000000000000a", "acct-1", "vpc-1");
+        let client = ca.issue("agent-0000000000000000b", "acct-2", "vpc-2");
+        let acceptor =
+            tokio_rustls::TlsAcceptor::from(tls::tunnel_server_config(&gateway, Arc::new(tls::AnyAgent)).unwrap());
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let key = GatewayKey {
+            address: listener.local_addr().unwrap().to_string(),
+            server_name: trellis_proto::agent_server_name(&gateway.agent_id),
+        };
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counter = accepted.clone();
+        let server = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((tcp, _)) = listener.accept().await {
+                if let Ok(tls) = acceptor.accept(tcp).await {
+                    counter.fetch_add(1, Ordering::SeqCst);
+                    held.push(tls);
+                }
+            }
+        });
+        let (shutdown, tracker) = (CancellationToken::new(), TaskTracker::new());
+        let max_idle = Duration::from_millis(300);
+        let pools = Arc::new(GatewayPools::new(
+            tls::tunnel_client_config(&client).unwrap(),
+            PoolSettings { warm: 2, max_idle, ..PoolSettings::default() },
+            tracker.clone(),
+            shutdown.clone(),
+        ));
+        pools.retain(&HashSet::from([key.clone()]));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while accepted.load(Ordering::SeqCst) < 6 {
+            assert!(Instant::now() < deadline, "warm connections were not replaced");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // Without a client taking any, the pool renewed them on its own and stays full.
+        assert_eq!(pools.idle_count(&key), 2);
+        let (_conn, warm) = pools.get(&key).await.unwrap();
+        assert!(warm);
+        shutdown.cancel();
+        tracker.close();
+        tracker.wait().await;
+        server.abort();
+    }
+
+    #[test]
+    fn many_gateways_share_the_warm_budget() {
+        let s = PoolSettings { warm: 2, max_warm_total: 10, ..PoolSettings::default() };
+        assert_eq!(s.warm_per_pool(1), 2);
+        assert_eq!(s.warm_per_pool(5), 2);
+        assert_eq!(s.warm_per_pool(6), 1);
+        assert_eq!(s.warm_per_pool(11), 0, "beyond the budget a gateway gets no warm connection");
+    }
+
+    #[tokio::test]
     async fn a_second_connection_resumes_the_tls_session() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let ca = TestCa::new();
