@@ -37,7 +37,8 @@ pub struct AgentOptions<'a> {
 pub struct Agent {
     pub proc: Proc,
     pub state_dir: PathBuf,
-    /// Where other agents reach this agent's tunnel listener (it advertises this).
+    /// Where other agents reach this agent's tunnel listener (it advertises
+    /// this); `0.0.0.0:0` for an agent started with [`Agent::start_endpoint_only`].
     pub tunnel_addr: SocketAddr,
     pub dns_addr: Option<SocketAddr>,
     pub metrics_addr: Option<SocketAddr>,
@@ -66,7 +67,8 @@ struct Launch {
 
 /// The addresses an agent process binds.
 struct Listen {
-    tunnel: SocketAddr,
+    /// `None`: no tunnel listener (an endpoint-only agent).
+    tunnel: Option<SocketAddr>,
     dns: SocketAddr,
     metrics: SocketAddr,
 }
@@ -82,7 +84,18 @@ impl Agent {
     /// Spawns the agent and waits until it has enrolled, bound its listeners
     /// and logged them (`…, tunnel ADDR, dns ADDR, metrics http://ADDR/metrics`).
     pub fn start(opts: AgentOptions<'_>) -> Agent {
-        let SpawnedAgent { proc, state_dir, netns, launch, dir } = Agent::spawn(opts);
+        Agent::start_with_tunnel(opts, true)
+    }
+
+    /// [`Agent::start`] without `--tunnel-listen` and `--advertise`: the agent
+    /// binds no tunnel listener and serves endpoints only, as on a host that
+    /// runs several agents.
+    pub fn start_endpoint_only(opts: AgentOptions<'_>) -> Agent {
+        Agent::start_with_tunnel(opts, false)
+    }
+
+    fn start_with_tunnel(opts: AgentOptions<'_>, tunnel: bool) -> Agent {
+        let SpawnedAgent { proc, state_dir, netns, launch, dir } = Agent::spawn_with_tunnel(opts, tunnel);
         let mut agent = Agent {
             proc,
             state_dir,
@@ -101,9 +114,10 @@ impl Agent {
     /// addresses it names.
     fn wait_started(&mut self) {
         let line = self.proc.wait_for_line("the agent to log its bound addresses", START_TIMEOUT, |l| {
-            addr_after(l, "tunnel ").map(|_| l.to_string())
+            l.contains("agent running: ").then(|| l.to_string())
         });
-        self.tunnel_addr = addr_after(&line, "tunnel ").expect("checked by the wait above");
+        self.tunnel_addr =
+            addr_after(&line, "tunnel ").unwrap_or(SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), 0));
         self.dns_addr = addr_after(&line, "dns ");
         self.metrics_addr = addr_after(&line, "metrics http://");
     }
@@ -112,6 +126,10 @@ impl Agent {
     /// Its listeners bind port 0 on `bind_ip`; with no `--advertise` the agent
     /// advertises the tunnel address it actually bound.
     pub fn spawn(opts: AgentOptions<'_>) -> SpawnedAgent {
+        Agent::spawn_with_tunnel(opts, true)
+    }
+
+    fn spawn_with_tunnel(opts: AgentOptions<'_>, tunnel: bool) -> SpawnedAgent {
         let dir = tempfile::Builder::new().prefix("trellis-e2e-agent-").tempdir().expect("temp dir for an agent");
         let state_dir = dir.path().join("state");
         let any_port = SocketAddr::new(opts.bind_ip, 0);
@@ -122,7 +140,7 @@ impl Agent {
             extra_args: opts.extra_args.clone(),
             starts: 1,
         };
-        let listen = Listen { tunnel: any_port, dns: any_port, metrics: any_port };
+        let listen = Listen { tunnel: tunnel.then_some(any_port), dns: any_port, metrics: any_port };
         let proc = spawn_process(&launch, netns.as_deref(), Some(opts.join_token), &state_dir, &listen, dir.path());
         SpawnedAgent { proc, state_dir, netns, launch, dir }
     }
@@ -142,7 +160,7 @@ impl Agent {
         self.proc.stop();
         self.launch.starts += 1;
         let listen = Listen {
-            tunnel: self.tunnel_addr,
+            tunnel: (self.tunnel_addr.port() != 0).then_some(self.tunnel_addr),
             dns: self.dns_addr.unwrap_or(SocketAddr::new(self.tunnel_addr.ip(), 0)),
             metrics: self.metrics_addr.unwrap_or(SocketAddr::new(self.tunnel_addr.ip(), 0)),
         };
@@ -150,6 +168,12 @@ impl Agent {
         // the old Proc is dropped here; it has already exited
         self.proc = spawn_process(&launch, self.netns.as_deref(), None, &self.state_dir, &listen, self.dir.path());
         self.wait_started();
+    }
+
+    /// TCP addresses the agent process listens on (from its sockets in
+    /// `/proc/PID/fd` and the listening sockets of its network namespace).
+    pub fn listening_tcp(&self) -> Vec<SocketAddr> {
+        listening_tcp(self.proc.pid())
     }
 
     /// The access-log records the current process wrote to stdout so far
@@ -204,10 +228,14 @@ fn spawn_process(
     }
     cmd.arg("--state-dir").arg(state_dir);
     // a listener named in the extra arguments replaces the harness's choice
-    for (flag, addr) in
-        [("--tunnel-listen", listen.tunnel), ("--dns-listen", listen.dns), ("--metrics-listen", listen.metrics)]
-    {
-        if !launch.extra_args.iter().any(|a| a == flag) {
+    for (flag, addr) in [
+        ("--tunnel-listen", listen.tunnel),
+        ("--dns-listen", Some(listen.dns)),
+        ("--metrics-listen", Some(listen.metrics)),
+    ] {
+        if let Some(addr) = addr
+            && !launch.extra_args.iter().any(|a| a == flag)
+        {
             cmd.args([flag, &addr.to_string()]);
         }
     }
@@ -216,6 +244,50 @@ fn spawn_process(
         .args(&launch.extra_args)
         .env("RUST_LOG", std::env::var("TRELLIS_E2E_LOG").unwrap_or_else(|_| "info".into()));
     Proc::spawn(&launch.name, cmd, &work_dir.join("logs"))
+}
+
+/// TCP addresses process `pid` listens on (Linux): the inodes of its sockets
+/// matched against the LISTEN entries of `/proc/PID/net/tcp{,6}`.
+pub fn listening_tcp(pid: u32) -> Vec<SocketAddr> {
+    let inodes: std::collections::HashSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|dir| {
+            dir.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+                .filter_map(|t| t.to_str()?.strip_prefix("socket:[")?.strip_suffix(']').map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut out = Vec::new();
+    for (file, v6) in [("tcp", false), ("tcp6", true)] {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/net/{file}")).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode
+            if f.len() < 10 || f[3] != "0A" || !inodes.contains(f[9]) {
+                continue;
+            }
+            if let Some(addr) = parse_proc_addr(f[1], v6) {
+                out.push(addr);
+            }
+        }
+    }
+    out
+}
+
+/// `0100007F:1F90` (or the 32-hex-digit IPv6 form) as in `/proc/net/tcp`.
+fn parse_proc_addr(field: &str, v6: bool) -> Option<SocketAddr> {
+    let (ip, port) = field.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    let ip: IpAddr = if v6 {
+        let mut bytes = [0u8; 16];
+        for (i, word) in (0..4).map(|i| &ip[i * 8..i * 8 + 8]).enumerate() {
+            let w = u32::from_str_radix(word, 16).ok()?;
+            bytes[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+        }
+        std::net::Ipv6Addr::from(bytes).into()
+    } else {
+        std::net::Ipv4Addr::from(u32::from_str_radix(ip, 16).ok()?.to_ne_bytes()).into()
+    };
+    Some(SocketAddr::new(ip, port))
 }
 
 /// A minimal plain-HTTP GET (HTTP/1.0, connection closed by the server).
@@ -246,5 +318,16 @@ mod tests {
         assert_eq!(addr_after(line, "dns "), Some("127.0.0.1:53000".parse().unwrap()));
         assert_eq!(addr_after(line, "metrics http://"), Some("127.0.0.1:9100".parse().unwrap()));
         assert_eq!(addr_after("tunnel TLS handshake failed", "tunnel "), None);
+        let endpoint_only = "INFO agent running: agent-0123, no tunnel listener (endpoints only), dns 127.0.0.1:53000";
+        assert_eq!(addr_after(endpoint_only, "tunnel "), None);
+    }
+
+    #[test]
+    fn proc_net_tcp_addresses_parse() {
+        assert_eq!(super::parse_proc_addr("0100007F:1F90", false), Some("127.0.0.1:8080".parse().unwrap()));
+        assert_eq!(
+            super::parse_proc_addr("00000000000000000000000001000000:0035", true),
+            Some("[::1]:53".parse().unwrap())
+        );
     }
 }

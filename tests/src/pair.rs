@@ -20,6 +20,8 @@ const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 pub struct PairOptions {
     pub owner_agent_args: Vec<String>,
     pub consumer_agent_args: Vec<String>,
+    /// Start the consumer's agent without a tunnel listener (endpoint role only).
+    pub consumer_endpoint_only: bool,
 }
 
 /// An owner and a consumer on loopback, ready to share.
@@ -39,15 +41,16 @@ pub struct LoopbackPair {
     pub consumer_pool: String,
 }
 
-fn start_agent(cp: &ControlPlane, name: &str, token: &str, extra_args: Vec<String>) -> Agent {
-    Agent::start(AgentOptions {
+fn start_agent(cp: &ControlPlane, name: &str, token: &str, extra_args: Vec<String>, tunnel: bool) -> Agent {
+    let opts = AgentOptions {
         name,
         control_plane_url: &cp.url,
         join_token: token,
         bind_ip: LOCALHOST,
         netns: None,
         extra_args,
-    })
+    };
+    if tunnel { Agent::start(opts) } else { Agent::start_endpoint_only(opts) }
 }
 
 impl LoopbackPair {
@@ -63,7 +66,8 @@ impl LoopbackPair {
         let owner_vpc = owner.create_vpc("owner-prod");
         let (owner_pool, _) = loopback_pool();
         let owner_subnet = owner.create_subnet(&owner_vpc, "z1", &owner_pool);
-        let owner_agent = start_agent(&cp, "owner-agent", &owner.join_token(&owner_subnet), opts.owner_agent_args);
+        let owner_agent =
+            start_agent(&cp, "owner-agent", &owner.join_token(&owner_subnet), opts.owner_agent_args, true);
         owner.wait_agent_online(&owner_subnet);
         let gateway = owner.create_gateway("owner-gw", &owner_vpc, &[&owner_subnet]);
         let gateway_id = gateway["id"].as_str().unwrap_or_else(|| panic!("no gateway id in {gateway}")).to_string();
@@ -71,8 +75,13 @@ impl LoopbackPair {
         let consumer_vpc = consumer.create_vpc("consumer-app");
         let (consumer_pool, _) = loopback_pool();
         let consumer_subnet = consumer.create_subnet(&consumer_vpc, "z1", &consumer_pool);
-        let consumer_agent =
-            start_agent(&cp, "consumer-agent", &consumer.join_token(&consumer_subnet), opts.consumer_agent_args);
+        let consumer_agent = start_agent(
+            &cp,
+            "consumer-agent",
+            &consumer.join_token(&consumer_subnet),
+            opts.consumer_agent_args,
+            !opts.consumer_endpoint_only,
+        );
         consumer.wait_agent_online(&consumer_subnet);
 
         LoopbackPair {
