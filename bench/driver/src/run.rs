@@ -185,8 +185,13 @@ pub fn main(args: RunArgs) -> Res<()> {
         return Err("--trellis-bin is required for the trellis path (or leave it out with --paths)".into());
     }
     let (soft, _) = nofile_limit().ok_or("cannot read the open-files limit from /proc/self/limits")?;
-    // Each tunnel process holds two descriptors per proxied connection, plus its own.
-    let idle_cap = (soft.saturating_sub(300) / 2 / 100 * 100) as usize;
+    // Each tunnel process holds two descriptors per proxied connection, plus its own; and a
+    // trellis gateway gives one peer agent at most 15/16 of its tunnel connections (256
+    // descriptors reserved; see docs/security.md), less the endpoint agent's warm ones.
+    let tunnels = soft.saturating_sub(256) / 2;
+    let per_peer = tunnels - tunnels / 16;
+    let idle_cap = (soft.saturating_sub(300) / 2).min(per_peer.saturating_sub(50)) / 100 * 100;
+    let idle_cap = idle_cap as usize;
     let settings = args.settings(idle_cap);
     if settings.idle_connections < args.idle_connections.min(if args.quick { 2000 } else { usize::MAX }) {
         say(&format!(
