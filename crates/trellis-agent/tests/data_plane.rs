@@ -137,6 +137,7 @@ struct Setup {
     endpoint: RunningAgent,
     endpoint_config: watch::Sender<Arc<AgentConfig>>,
     endpoint_identity: AgentIdentity,
+    endpoint_log: LogBuf,
     /// Where clients connect: the endpoint address and the resource's port.
     client_target: SocketAddr,
 }
@@ -164,10 +165,13 @@ async fn setup_with(allowed_endpoint: &str, gateway_opts: impl FnOnce(DataPlaneO
     let (endpoint_config, rx) =
         watch::channel(Arc::new(endpoint_config(address, echo.port(), gateway.tunnel_addr().unwrap(), GW)));
     // Endpoint-only: no tunnel listener at all.
-    let endpoint =
-        start_data_plane(DataPlaneOptions { tunnel_listen: None, ..DataPlaneOptions::loopback() }, &ep_id, rx)
-            .await
-            .unwrap();
+    let endpoint_log = LogBuf::default();
+    let endpoint_opts = DataPlaneOptions {
+        tunnel_listen: None,
+        access_log: AccessLog::to_writer(Box::new(endpoint_log.clone())),
+        ..DataPlaneOptions::loopback()
+    };
+    let endpoint = start_data_plane(endpoint_opts, &ep_id, rx).await.unwrap();
     assert_eq!(endpoint.tunnel_addr(), None);
     let served = endpoint.served();
     eventually("the endpoint listener", Duration::from_secs(5), || served.borrow().listeners.iter().any(|l| l.ready))
@@ -180,6 +184,7 @@ async fn setup_with(allowed_endpoint: &str, gateway_opts: impl FnOnce(DataPlaneO
         endpoint,
         endpoint_config,
         endpoint_identity: ep_id,
+        endpoint_log,
         client_target: SocketAddr::new(address, echo.port()),
     }
 }
@@ -659,8 +664,12 @@ async fn a_resumed_session_of_a_revoked_certificate_is_refused_and_its_open_stre
     assert_eq!(resumed.get_ref().1.handshake_kind(), Some(rustls::HandshakeKind::Resumed));
     let _ = resumed.write_all(&open_request_frame(port)).await;
     let mut answer = Vec::new();
-    let r = tokio::time::timeout(Duration::from_secs(5), resumed.read_to_end(&mut answer)).await.unwrap();
-    assert!(r.is_err() || answer.is_empty(), "a revoked certificate was served after resuming: {answer:?}");
+    let _ = tokio::time::timeout(Duration::from_secs(5), resumed.read_to_end(&mut answer)).await.unwrap();
+    // Authenticated but not admitted: told why, and nothing else.
+    let (resp, used) = decode_open_response(&answer).unwrap().expect("an answer");
+    assert_eq!(resp.status, OpenStatus::Denied);
+    assert!(resp.message.contains("agent-0000000000000000e was revoked"), "{resp:?}");
+    assert_eq!(used, answer.len(), "a revoked certificate got payload after resuming");
     stop(s).await;
 }
 
@@ -1039,5 +1048,31 @@ async fn an_endpoint_asking_for_too_many_ports_fails_whole_and_the_others_keep_s
     client.write_all(b"more").await.unwrap();
     let mut buf = [0u8; 4];
     tokio::time::timeout(Duration::from_secs(10), client.read_exact(&mut buf)).await.unwrap().unwrap();
+    stop(s).await;
+}
+
+#[tokio::test]
+async fn an_endpoint_agent_refused_at_the_handshake_says_why() {
+    let s = setup(VPCE).await;
+    // The gateway has not (or no longer) got this consumer VPC.
+    s.gateway_config.send_modify(|c| {
+        let c = Arc::make_mut(c);
+        c.version += 1;
+        c.gateway.consumers.clear();
+        c.gateway.resources[0].allowed.clear();
+    });
+    let mut client = TcpStream::connect(s.client_target).await.unwrap();
+    let _ = client.write_all(b"hello").await;
+    assert!(read_all(&mut client, Duration::from_secs(10)).await.is_empty());
+    eventually("the refusal in the endpoint's access log", Duration::from_secs(10), || {
+        // A full handshake is refused with a TLS alert; a resumed session gets a denial.
+        s.endpoint_log.lines().iter().any(|l| {
+            let message = l["message"].as_str().unwrap_or_default();
+            (l["outcome"] == "unreachable" && message.contains("refused this agent's certificate"))
+                || (l["outcome"] == "denied"
+                    && message.contains(&format!("no endpoint of VPC {CONSUMER_VPC} (account {CONSUMER_ACCT})")))
+        })
+    })
+    .await;
     stop(s).await;
 }

@@ -181,17 +181,37 @@ async fn exchange(
     timeout: Duration,
 ) -> Result<(OpenResponse, Vec<u8>), ExchangeError> {
     if let Err(e) = tunnel.write_all(frame).await.and(tunnel.flush().await) {
-        return Err(ExchangeError::Dead(e.to_string()));
+        return Err(ExchangeError::Dead(describe_io(&e)));
     }
     match tokio::time::timeout(timeout, read_frame(tunnel, decode_open_response)).await {
         Err(_) => Err(ExchangeError::Other(format!("no answer within {timeout:?}"))),
         Ok(Ok(x)) => Ok(x),
         Ok(Err(ReadFrameError::Closed)) => Err(ExchangeError::Dead("closed before answering".into())),
-        Ok(Err(ReadFrameError::Io(e))) => Err(ExchangeError::Dead(e.to_string())),
+        Ok(Err(ReadFrameError::Io(e))) => Err(ExchangeError::Dead(describe_io(&e))),
         Ok(Err(ReadFrameError::Protocol(e))) => {
             tracing::warn!(error = %e, "gateway agent broke the stream protocol; closing that connection");
             Err(ExchangeError::Other(e.to_string()))
         }
+    }
+}
+
+/// An I/O error on a tunnel connection, with what it means when the gateway
+/// refused this agent's certificate (its verdict arrives as a TLS alert after
+/// the client's side of the handshake is done).
+fn describe_io(e: &std::io::Error) -> String {
+    use rustls::AlertDescription;
+    let alert = e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()).and_then(|r| match r {
+        rustls::Error::AlertReceived(a) => Some(*a),
+        _ => None,
+    });
+    match alert {
+        Some(AlertDescription::AccessDenied) => {
+            "the gateway agent refused this agent's certificate: no endpoint of this VPC is allowed on it (yet)".into()
+        }
+        Some(AlertDescription::CertificateRevoked) => {
+            "the gateway agent refused this agent's certificate as revoked (this agent was deleted)".into()
+        }
+        _ => e.to_string(),
     }
 }
 
@@ -208,5 +228,14 @@ mod tests {
         let gws = [gw("a", "z2"), gw("b", "z1"), gw("c", "z3"), gw("d", "z1")];
         let ids: Vec<&str> = order_gateways(&gws, "z1").iter().map(|g| g.agent_id.as_str()).collect();
         assert_eq!(ids, ["b", "d", "a", "c"]);
+    }
+
+    #[test]
+    fn a_refused_certificate_is_explained() {
+        let alert = |a| std::io::Error::new(std::io::ErrorKind::InvalidData, rustls::Error::AlertReceived(a));
+        assert!(describe_io(&alert(rustls::AlertDescription::AccessDenied)).contains("no endpoint of this VPC"));
+        assert!(describe_io(&alert(rustls::AlertDescription::CertificateRevoked)).contains("revoked"));
+        let other = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset");
+        assert_eq!(describe_io(&other), "reset");
     }
 }

@@ -149,10 +149,14 @@ async fn handle(
         return;
     };
     let mut config_rx = ctx.config.clone();
-    // Resumed sessions skip the certificate verifier: admit again.
-    if let Err(denial) = admit_peer(&config_rx.borrow_and_update().gateway, &peer_id) {
+    // Resumed sessions skip the certificate verifier: admit again. The peer is
+    // authenticated, so it is told why (its open request gets this answer).
+    let admitted = admit_peer(&config_rx.borrow_and_update().gateway, &peer_id);
+    if let Err(denial) = admitted {
         ctx.metrics.count_tunnel_refused(refusal_label(&denial));
         tracing::debug!(%peer, agent = %peer_id.agent_id, reason = %denial, "refusing a resumed tunnel session");
+        respond(&mut tls, OpenStatus::Denied, denial.to_string()).await;
+        let _ = tls.shutdown().await;
         return;
     }
     let mut slot = match ctx.peers.enter(&peer_id.cert_sha256) {
