@@ -161,13 +161,6 @@ pub struct GatewayTarget {
     pub server_name: String,
 }
 
-/// Most listening sockets (address × port) one endpoint may ask an agent for.
-/// An endpoint whose resources add up to more fails as a whole on the agent
-/// (it never gets some of its ports), and the control plane refuses such
-/// configurations, so one provider's port ranges cannot use up a consumer
-/// agent's sockets at the expense of its other endpoints.
-pub const MAX_LISTENERS_PER_ENDPOINT: usize = 1024;
-
 /// The DNS SAN the control plane's CA puts in an agent's certificate.
 pub fn agent_server_name(agent_id: &str) -> String {
     format!("{agent_id}.agents.trellis.internal")

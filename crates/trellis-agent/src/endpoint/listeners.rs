@@ -91,7 +91,7 @@ fn plan(
     for endpoint in &config.endpoints {
         let asks: u64 =
             endpoint.resources.iter().flat_map(|r| &r.port_ranges).map(|range| u64::from(range.len())).sum();
-        if asks > MAX_LISTENERS_PER_ENDPOINT as u64 {
+        if asks > u64::from(MAX_LISTENERS_PER_ENDPOINT) {
             fail(
                 endpoint,
                 &format!(
