@@ -11,6 +11,10 @@
 /// DNS, metrics, state files, logs.
 pub const RESERVED_FILES: u64 = 256;
 
+/// Budgets stop growing here (an "unlimited" hard limit would otherwise
+/// overflow the semaphores that enforce them).
+const MAX_COUNTED_FILES: u64 = 1 << 22;
+
 /// Budgets of the data plane.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {
@@ -42,7 +46,9 @@ impl Limits {
     /// endpoint listeners; a thirty-second to warm connections. One peer may
     /// take all but a sixteenth of the tunnel connections.
     pub fn from_open_files(open_files: u64) -> Self {
-        let usable = usize::try_from(open_files.saturating_sub(RESERVED_FILES)).unwrap_or(usize::MAX).max(64);
+        let counted = open_files.min(MAX_COUNTED_FILES).saturating_sub(RESERVED_FILES);
+        // At most MAX_COUNTED_FILES, which fits any usize of 32 bits or more.
+        let usable = usize::try_from(counted).unwrap_or(usize::MAX).max(64);
         let tunnel_connections = usable / 2;
         Self {
             open_files,
@@ -118,6 +124,8 @@ mod tests {
             assert!(l.tunnel_connections_per_peer < l.tunnel_connections, "{l}");
             assert!(l.pending_tunnels_per_peer <= l.tunnel_connections_per_peer, "{l}");
             assert!(l.tunnel_handshakes >= 8 && l.endpoint_listeners >= 16 && l.warm_tunnels >= 2, "{l}");
+            // Each becomes a semaphore.
+            assert!(l.tunnel_connections <= tokio::sync::Semaphore::MAX_PERMITS, "{l}");
         }
     }
 
