@@ -221,7 +221,7 @@ fn gateway_role(snap: &mut Snapshot<'_>, agent: &Agent) -> Result<GatewayRole, S
                     .tx
                     .list_obj::<VpcEndpoint>(&Filter::reference(shared.as_str()))?
                     .into_iter()
-                    .filter(|e| e.resource_configuration_id == shared)
+                    .filter(|e| e.is_for_configuration(&shared))
                     .collect();
                 let shares = snap.share_index(&owner, &shared)?;
                 per_shared.insert(shared.clone(), (endpoints, shares));
@@ -339,7 +339,8 @@ fn endpoint_role(
         // (address, dns names) of each resource of this endpoint in this subnet.
         let mut here: BTreeMap<String, (Option<IpAddr>, BTreeSet<String>)> = BTreeMap::new();
         for entry in ep.dns_entries.iter().filter(|e| e.subnet_id == agent.subnet_id) {
-            let slot = here.entry(entry.resource_configuration_id.to_string()).or_default();
+            let Some(resource) = &entry.resource_configuration_id else { continue };
+            let slot = here.entry(resource.to_string()).or_default();
             if slot.0.is_none() {
                 slot.0 = entry.ip_addresses.first().copied();
             }

@@ -88,14 +88,14 @@ pub fn plan_dns_entries(
         for subnet in subnets {
             let ip = IpAddr::V4(pools.allocate(subnet)?);
             entries.push(DnsEntry {
-                resource_configuration_id: resource.id.clone(),
+                resource_configuration_id: Some(resource.id.clone()),
                 dns_name: endpoint_dns_name(endpoint, &resource.id, region),
                 ip_addresses: vec![ip],
                 subnet_id: subnet.id.clone(),
             });
             if let (true, Some(custom)) = (private_dns_enabled, &resource.custom_domain_name) {
                 entries.push(DnsEntry {
-                    resource_configuration_id: resource.id.clone(),
+                    resource_configuration_id: Some(resource.id.clone()),
                     dns_name: custom.clone(),
                     ip_addresses: vec![ip],
                     subnet_id: subnet.id.clone(),

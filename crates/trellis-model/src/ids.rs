@@ -222,6 +222,11 @@ define_id!(
     VpcEndpointId, "vpce-", "VPC endpoint", Body::LowerHex(17), "vpce- followed by 17 lowercase hex digits"
 );
 define_id!(
+    /// `vpce-svc-` + 17 lowercase hex.
+    VpcEndpointServiceId, "vpce-svc-", "VPC endpoint service", Body::LowerHex(17),
+    "vpce-svc- followed by 17 lowercase hex digits"
+);
+define_id!(
     /// `dv-` + 17 lowercase hex.
     DomainVerificationId, "dv-", "domain verification", Body::LowerHex(17),
     "dv- followed by 17 lowercase hex digits"

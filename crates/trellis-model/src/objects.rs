@@ -378,17 +378,20 @@ impl ResourceShareInvitation {
     }
 }
 
-/// Kind of VPC endpoint. Only `Resource` exists so far.
+/// Kind of VPC endpoint: to a resource configuration, or to an endpoint service.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum VpcEndpointType {
     Resource,
+    Interface,
 }
 
-/// One name and address of one resource of an endpoint in one subnet.
+/// One name and address of one resource (or of the service) of an endpoint in one subnet.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct DnsEntry {
-    pub resource_configuration_id: ResourceConfigurationId,
+    /// The resource (a `Resource` endpoint's SINGLE or CHILD); none on an `Interface` endpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resource_configuration_id: Option<ResourceConfigurationId>,
     pub dns_name: String,
     pub ip_addresses: Vec<IpAddr>,
     pub subnet_id: SubnetId,
@@ -410,7 +413,8 @@ pub enum PrivateDnsPreference {
     SpecifiedDomainsOnly,
 }
 
-/// A consumer's entry point to a resource configuration, inside its VPC.
+/// A consumer's entry point, inside its VPC, to a resource configuration
+/// (`Resource`) or to an endpoint service (`Interface`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct VpcEndpoint {
@@ -421,10 +425,20 @@ pub struct VpcEndpoint {
     pub vpc_endpoint_type: VpcEndpointType,
     pub vpc_id: VpcId,
     pub subnet_ids: Vec<SubnetId>,
-    pub resource_configuration_arn: String,
-    pub resource_configuration_id: ResourceConfigurationId,
-    /// The account that owns the configuration.
-    pub resource_configuration_owner_id: AccountId,
+    /// `Resource` endpoints: the SINGLE or GROUP configuration and its owner.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resource_configuration_arn: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resource_configuration_id: Option<ResourceConfigurationId>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resource_configuration_owner_id: Option<AccountId>,
+    /// `Interface` endpoints: the endpoint service and its provider.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_id: Option<VpcEndpointServiceId>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_owner_id: Option<AccountId>,
     pub private_dns_enabled: bool,
     #[serde(default)]
     pub private_dns_preference: PrivateDnsPreference,
@@ -451,10 +465,20 @@ impl VpcEndpoint {
 
     /// Ids of the resources (SINGLE or CHILD configurations) this endpoint reaches.
     pub fn resource_ids(&self) -> Vec<ResourceConfigurationId> {
-        let mut ids: Vec<_> = self.dns_entries.iter().map(|e| e.resource_configuration_id.clone()).collect();
+        let mut ids: Vec<_> = self.dns_entries.iter().filter_map(|e| e.resource_configuration_id.clone()).collect();
         ids.sort();
         ids.dedup();
         ids
+    }
+
+    /// Whether this is a `Resource` endpoint to `config` (a SINGLE or GROUP id).
+    pub fn is_for_configuration(&self, config: &ResourceConfigurationId) -> bool {
+        self.resource_configuration_id.as_ref() == Some(config)
+    }
+
+    /// The account whose resource or service this endpoint reaches.
+    pub fn provider(&self) -> Option<&AccountId> {
+        self.resource_configuration_owner_id.as_ref().or(self.service_owner_id.as_ref())
     }
 }
 

@@ -128,13 +128,16 @@ impl Object for VpcEndpoint {
     fn account_id(&self) -> &str {
         self.account_id.as_str()
     }
-    /// The VPC, its subnets, the configuration, every resource in its DNS
-    /// entries (the CHILD configurations of a GROUP endpoint) and the owner account.
+    /// The VPC, its subnets, the configuration or service, every resource in
+    /// its DNS entries (the CHILD configurations of a GROUP endpoint) and the
+    /// owner (provider) account.
     fn refs(&self) -> Vec<String> {
-        let mut refs = vec![self.vpc_id.to_string(), self.resource_configuration_id.to_string()];
+        let mut refs = vec![self.vpc_id.to_string()];
+        refs.extend(self.resource_configuration_id.iter().map(|r| r.to_string()));
+        refs.extend(self.service_id.iter().map(|s| s.to_string()));
         refs.extend(self.subnet_ids.iter().map(|s| s.to_string()));
         refs.extend(self.resource_ids().iter().map(|r| r.to_string()));
-        refs.push(self.resource_configuration_owner_id.to_string());
+        refs.extend(self.provider().map(|p| p.to_string()));
         refs.sort();
         refs.dedup();
         refs

@@ -199,7 +199,8 @@ pub fn apply_report(
 
 /// Whether the endpoint's account may still use its configuration.
 fn endpoint_has_access(tx: &mut dyn Tx, endpoint: &VpcEndpoint) -> Result<bool, ApiError> {
-    let Some(config) = tx.get_obj::<ResourceConfiguration>(endpoint.resource_configuration_id.as_str())? else {
+    let Some(config_id) = &endpoint.resource_configuration_id else { return Ok(true) };
+    let Some(config) = tx.get_obj::<ResourceConfiguration>(config_id.as_str())? else {
         return Ok(false);
     };
     let Some(consumer) = tx.get_obj::<Account>(endpoint.account_id.as_str())? else { return Ok(false) };
@@ -273,10 +274,7 @@ fn consumer_of(
         return Ok(AccountId::parse(&consumer.account_id).ok());
     }
     let shared = crate::access::shared_id(resource);
-    Ok(tx
-        .get_obj::<VpcEndpoint>(endpoint.as_str())?
-        .filter(|e| &e.resource_configuration_id == shared)
-        .map(|e| e.account_id))
+    Ok(tx.get_obj::<VpcEndpoint>(endpoint.as_str())?.filter(|e| e.is_for_configuration(shared)).map(|e| e.account_id))
 }
 
 fn apply_usage(

@@ -124,7 +124,9 @@ async fn update(
             let own = tx.list_obj::<VpcEndpoint>(&Filter::account(account.id.as_str()))?;
             let on_mine = tx.list_obj::<VpcEndpoint>(&Filter::reference(account.id.as_str()))?;
             for e in own.into_iter().chain(on_mine) {
-                consumers.entry(e.resource_configuration_id).or_default().insert(e.account_id);
+                if let Some(config) = e.resource_configuration_id {
+                    consumers.entry(config).or_default().insert(e.account_id);
+                }
             }
             for (config, accounts) in &consumers {
                 reassess_endpoints_of(tx, config, &accounts.iter().cloned().collect::<Vec<_>>())?;

@@ -279,7 +279,7 @@ fn add_child_to_endpoints(
     region: &str,
 ) -> Result<(), ApiError> {
     let endpoints = tx.list_obj::<VpcEndpoint>(&Filter::reference(group.id.as_str()))?;
-    for mut endpoint in endpoints.into_iter().filter(|e| e.resource_configuration_id == group.id) {
+    for mut endpoint in endpoints.into_iter().filter(|e| e.is_for_configuration(&group.id)) {
         let mut subnets = Vec::new();
         let mut used = Vec::new();
         let mut full = None;
@@ -456,7 +456,7 @@ async fn update(
             // Endpoints that now ask for too many listeners fail (and recover) on their own.
             let shared = crate::access::shared_id(&config).clone();
             for mut endpoint in tx.list_obj::<VpcEndpoint>(&Filter::reference(shared.as_str()))? {
-                if endpoint.resource_configuration_id == shared {
+                if endpoint.is_for_configuration(&shared) {
                     reassess_listener_budget(tx, &mut endpoint)?;
                 }
             }
@@ -501,7 +501,7 @@ async fn delete(
             ConfigurationType::Child => {
                 // Free the child's addresses in its group's endpoints.
                 for mut endpoint in endpoints.iter().cloned() {
-                    endpoint.dns_entries.retain(|e| e.resource_configuration_id != config.id);
+                    endpoint.dns_entries.retain(|e| e.resource_configuration_id.as_ref() != Some(&config.id));
                     tx.update_obj(&endpoint)?;
                 }
             }
@@ -509,7 +509,7 @@ async fn delete(
         }
         if config.config_type != ConfigurationType::Child {
             // Consumers' endpoints stay (theirs to delete) but serve nothing and hold no addresses.
-            for mut endpoint in endpoints.into_iter().filter(|e| e.resource_configuration_id == config.id) {
+            for mut endpoint in endpoints.into_iter().filter(|e| e.is_for_configuration(&config.id)) {
                 endpoint.dns_entries.clear();
                 endpoint.state =
                     endpoint.state.transition(trellis_model::EndpointState::Failed).unwrap_or(endpoint.state);

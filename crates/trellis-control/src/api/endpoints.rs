@@ -198,9 +198,12 @@ async fn create(
                     vpc_endpoint_type: VpcEndpointType::Resource,
                     vpc_id: vpc.id,
                     subnet_ids: subnet_ids.clone(),
-                    resource_configuration_arn: config.arn.clone(),
-                    resource_configuration_id: config.id.clone(),
-                    resource_configuration_owner_id: config.account_id.clone(),
+                    resource_configuration_arn: Some(config.arn.clone()),
+                    resource_configuration_id: Some(config.id.clone()),
+                    resource_configuration_owner_id: Some(config.account_id.clone()),
+                    service_id: None,
+                    service_name: None,
+                    service_owner_id: None,
                     private_dns_enabled: body.private_dns_enabled,
                     private_dns_preference: dns_preference,
                     private_dns_specified_domains: dns_domains.clone(),
@@ -272,7 +275,7 @@ pub fn reassess_endpoints_of(
         }
         let endpoints =
             tx.list_obj::<VpcEndpoint>(&Filter::account_and_reference(consumer_id.as_str(), config.as_str()))?;
-        for mut endpoint in endpoints.into_iter().filter(|e| &e.resource_configuration_id == config) {
+        for mut endpoint in endpoints.into_iter().filter(|e| e.is_for_configuration(config)) {
             if endpoint.state == EndpointState::Failed {
                 continue;
             }
