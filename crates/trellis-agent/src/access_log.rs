@@ -113,9 +113,23 @@ impl AccessLog {
     }
 
     pub fn write(&self, record: &AccessRecord) {
-        let Some(sink) = &self.sink else { return };
         // A record of strings and numbers always serializes.
-        let mut line = serde_json::to_vec(record).expect("access record serializes");
+        self.write_line(serde_json::to_vec(record).expect("access record serializes"));
+    }
+
+    /// Writes an event that is not a connection (a service target's health
+    /// changing): one JSON object with an `event` field and the time.
+    pub fn write_event(&self, event: &serde_json::Value) {
+        let mut event = event.clone();
+        if let Some(map) = event.as_object_mut() {
+            map.insert("time".into(), rfc3339(std::time::SystemTime::now()).into());
+        }
+        // A JSON value always serializes.
+        self.write_line(serde_json::to_vec(&event).expect("event serializes"));
+    }
+
+    fn write_line(&self, mut line: Vec<u8>) {
+        let Some(sink) = &self.sink else { return };
         line.push(b'\n');
         let mut w = sink.lock().unwrap_or_else(|e| e.into_inner());
         if let Err(e) = w.write_all(&line).and_then(|()| w.flush()) {

@@ -58,10 +58,14 @@ impl NameTable {
         let mut names: HashMap<String, Vec<IpAddr>> = HashMap::new();
         for endpoint in &config.endpoints {
             for resource in &endpoint.resources {
-                for name in &resource.dns_names {
+                let records = resource.dns_names.iter().map(|n| (n, std::slice::from_ref(&resource.address)));
+                let others = resource.dns_records.iter().map(|r| (&r.name, r.addresses.as_slice()));
+                for (name, addresses) in records.chain(others) {
                     let addrs = names.entry(normalize(name)).or_default();
-                    if !addrs.contains(&resource.address) {
-                        addrs.push(resource.address);
+                    for address in addresses {
+                        if !addrs.contains(address) {
+                            addrs.push(*address);
+                        }
                     }
                 }
             }
@@ -483,6 +487,7 @@ mod tests {
                     address: "127.77.0.5".parse().unwrap(),
                     port_ranges: vec![],
                     dns_names: vec!["vpce-1.rcfg-1.local.trellis.internal".into(), "DB.Example.com".into()],
+                    dns_records: vec![],
                     gateways: vec![],
                 }],
             }],

@@ -227,6 +227,7 @@ pub struct RunningAgent {
     served: watch::Receiver<ServedState>,
     metrics: Arc<metrics::Metrics>,
     usage: Arc<usage::UsageTable>,
+    services: Arc<gateway::services::ServiceRuntime>,
     tracker: TaskTracker,
     shutdown: CancellationToken,
     fatal: Arc<std::sync::Mutex<Option<String>>>,
@@ -357,7 +358,16 @@ async fn start_with_listener(
     let usage = Arc::new(usage::UsageTable::default());
     let limits = opts.limits;
     let fatal = Arc::new(std::sync::Mutex::new(None));
+    let services = Arc::new(gateway::services::ServiceRuntime::default());
     if let Some(tunnel) = tunnel {
+        tracker.spawn(gateway::services::run_health_checks(
+            config.clone(),
+            services.clone(),
+            metrics.clone(),
+            opts.access_log.clone(),
+            tracker.clone(),
+            shutdown.clone(),
+        ));
         let gateway_ctx = Arc::new(gateway::GatewayContext {
             config: config.clone(),
             metrics: metrics.clone(),
@@ -370,6 +380,8 @@ async fn start_with_listener(
                 limits.tunnel_connections_per_peer,
                 limits.pending_tunnels_per_peer,
             )),
+            services: services.clone(),
+            consumers: Arc::new(gateway::consumers::ConsumerLimiter::default()),
         });
         let (fatal, shutdown, tracker2) = (fatal.clone(), shutdown.clone(), tracker.clone());
         tracker.spawn(async move {
@@ -424,6 +436,7 @@ async fn start_with_listener(
         served: served_rx,
         metrics,
         usage,
+        services,
         tracker,
         shutdown,
         fatal,
@@ -513,6 +526,7 @@ pub async fn start_tuned(opts: AgentOptions, tuning: AgentTuning) -> Result<Runn
         advertise,
         agent.served(),
         agent.usage.clone(),
+        agent.services.clone(),
         control_plane_back,
         shutdown.clone(),
     ));

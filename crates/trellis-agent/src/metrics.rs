@@ -69,6 +69,10 @@ pub struct Metrics {
     pub bytes_out: Family<FlowLabels, Counter>,
     pub dns_queries: Family<Vec<(String, String)>, Counter>,
     pub tunnel_refusals: Family<Vec<(String, String)>, Counter>,
+    /// 1 when a service target is healthy (or not checked yet), 0 when unhealthy.
+    pub target_healthy: Family<Vec<(String, String)>, Gauge>,
+    /// Connections and bytes a consumer's limits refused or slowed.
+    pub limited: Family<Vec<(String, String)>, Counter>,
 }
 
 impl Default for Metrics {
@@ -102,6 +106,18 @@ impl Metrics {
             "Tunnel connections refused or closed before an open request, by reason",
             tunnel_refusals.clone(),
         );
+        let target_healthy = Family::<Vec<(String, String)>, Gauge>::default();
+        registry.register(
+            "service_target_healthy",
+            "1 while an endpoint service's target passes its health checks (or has no result yet), 0 while it fails them",
+            target_healthy.clone(),
+        );
+        let limited = Family::<Vec<(String, String)>, Counter>::default();
+        registry.register(
+            "consumer_limited",
+            "Connections refused (limit=connections) and pauses to pace bytes (limit=bandwidth) under a consumer's limits",
+            limited.clone(),
+        );
         Self {
             registry,
             active_connections,
@@ -111,6 +127,8 @@ impl Metrics {
             bytes_out,
             dns_queries,
             tunnel_refusals,
+            target_healthy,
+            limited,
         }
     }
 
@@ -124,6 +142,42 @@ impl Metrics {
 
     pub(crate) fn count_dns(&self, how: &str) {
         self.dns_queries.get_or_create(&vec![("answer".to_string(), how.to_string())]).inc();
+    }
+
+    fn target_labels(service: &str, target: &str, port: u16) -> Vec<(String, String)> {
+        vec![
+            ("service".to_string(), service.to_string()),
+            ("target".to_string(), target.to_string()),
+            ("port".to_string(), port.to_string()),
+        ]
+    }
+
+    /// Records a service target's health (labels come from the config, never from a peer).
+    pub(crate) fn set_target_health(
+        &self,
+        service: &str,
+        target: &str,
+        port: u16,
+        health: trellis_policy::health::Health,
+    ) {
+        let value = i64::from(health.serves());
+        self.target_healthy.get_or_create(&Self::target_labels(service, target, port)).set(value);
+    }
+
+    /// Drops a target that left the config.
+    pub(crate) fn forget_target(&self, service: &str, target: &str, port: u16) {
+        self.target_healthy.remove(&Self::target_labels(service, target, port));
+    }
+
+    /// Counts a consumer limit at work: `limit` is `connections` or `bandwidth`.
+    pub(crate) fn count_limited(&self, target: &str, consumer: &str, limit: &'static str) {
+        self.limited
+            .get_or_create(&vec![
+                ("resource".to_string(), target.to_string()),
+                ("consumer_account".to_string(), consumer.to_string()),
+                ("limit".to_string(), limit.to_string()),
+            ])
+            .inc();
     }
 
     /// Counts a tunnel connection refused before its open request; `reason` is one of a fixed set.

@@ -19,10 +19,11 @@ use std::time::Duration;
 
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
-use trellis_proto::agent_api::{AgentReport, UsageCounters};
+use trellis_proto::agent_api::{AgentReport, TargetHealthReport, UsageCounters};
 
 use crate::control_client::ControlClient;
 use crate::endpoint::ServedState;
+use crate::gateway::services::ServiceRuntime;
 use crate::usage::UsageTable;
 
 /// Signalled when the control plane answers again after a failure; the
@@ -38,7 +39,7 @@ fn usage_key(u: &UsageCounters) -> UsageKey {
     (u.vpc_endpoint_id.clone(), u.resource_configuration_id.clone(), u.consumer_account_id.clone())
 }
 
-/// The report for the current state, with every usage counter.
+/// The report for the current state, with every usage counter (and no target health).
 pub fn build_report(boot_id: &str, advertise: Option<&str>, served: &ServedState, usage: &UsageTable) -> AgentReport {
     AgentReport {
         config_version: served.config_version,
@@ -46,6 +47,7 @@ pub fn build_report(boot_id: &str, advertise: Option<&str>, served: &ServedState
         listeners: served.listeners.clone(),
         usage: usage.snapshot(),
         advertise: advertise.map(str::to_string),
+        target_health: Vec::new(),
     }
 }
 
@@ -64,6 +66,15 @@ pub fn split_report(report: AgentReport, acknowledged: &HashMap<UsageKey, UsageC
             listeners: listeners.next().map(<[_]>::to_vec).unwrap_or_default(),
             usage: usage.next().map(<[_]>::to_vec).unwrap_or_default(),
             advertise: report.advertise.clone(),
+            // The health of every target goes in the first part whole: the control plane replaces it.
+            target_health: Vec::new(),
+        })
+        .enumerate()
+        .map(|(i, mut part)| {
+            if i == 0 {
+                part.target_health.clone_from(&report.target_health);
+            }
+            part
         })
         .collect()
 }
@@ -78,13 +89,22 @@ pub async fn run_reporter(
     advertise: Option<String>,
     mut served: watch::Receiver<ServedState>,
     usage: Arc<UsageTable>,
+    services: Arc<ServiceRuntime>,
     control_plane_back: ControlPlaneBack,
     shutdown: CancellationToken,
 ) {
     let mut failures: u64 = 0;
     let mut acknowledged: HashMap<UsageKey, UsageCounters> = HashMap::new();
+    let mut health_changed = services.subscribe();
+    // Target health is sent whole when it changed since the control plane last took it.
+    let mut health_sent: Option<Vec<TargetHealthReport>> = None;
     loop {
-        let report = build_report(&boot_id, advertise.as_deref(), &served.borrow_and_update(), &usage);
+        let mut report = build_report(&boot_id, advertise.as_deref(), &served.borrow_and_update(), &usage);
+        health_changed.borrow_and_update();
+        let health = services.report();
+        if health_sent.as_ref() != Some(&health) {
+            report.target_health.clone_from(&health);
+        }
         let mut sent = Ok(());
         for part in split_report(report, &acknowledged) {
             sent = tokio::select! {
@@ -93,6 +113,9 @@ pub async fn run_reporter(
             };
             if sent.is_err() {
                 break;
+            }
+            if !part.target_health.is_empty() {
+                health_sent = Some(part.target_health.clone());
             }
             acknowledged.extend(part.usage.into_iter().map(|u| (usage_key(&u), u)));
         }
@@ -115,6 +138,7 @@ pub async fn run_reporter(
         tokio::select! {
             () = tokio::time::sleep(interval) => {}
             r = served.changed() => if r.is_err() { return },
+            r = health_changed.changed() => if r.is_err() { return },
             () = shutdown.cancelled() => return,
         }
     }

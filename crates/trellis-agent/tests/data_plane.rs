@@ -73,6 +73,8 @@ fn gateway_config(peer: &AgentIdentity, target: SocketAddr, allowed_endpoint: &s
                 target: Target::Ip { address: target.ip() },
                 port_ranges: vec![PortRange::single(target.port()).unwrap()],
                 allowed: vec![AllowedEndpoint { vpc_endpoint_id: allowed_endpoint.into(), consumer: 0 }],
+                proxy_protocol: false,
+                limits: None,
             }],
             ..Default::default()
         },
@@ -96,6 +98,7 @@ fn endpoint_config(address: IpAddr, port: u16, gateway: SocketAddr, gateway_id: 
                 address,
                 port_ranges: vec![PortRange::single(port).unwrap()],
                 dns_names: vec![format!("{VPCE}.{RCFG}.local.trellis.internal")],
+                dns_records: vec![],
                 gateways: vec![GatewayTarget {
                     agent_id: gateway_id.into(),
                     address: gateway.to_string(),

@@ -22,12 +22,14 @@ use std::net::IpAddr;
 
 use trellis_model::{
     Access, Account, AccountId, Agent, AgentStatus, ConfigurationType, EndpointState, PrivateDnsPreference,
-    ResourceConfiguration, ResourceConfigurationId, ResourceDefinition, ResourceGateway, Subnet, VpcEndpoint,
-    is_reserved_dns_name, name_is_under,
+    ProxyProtocol, ResourceConfiguration, ResourceConfigurationId, ResourceDefinition, ResourceGateway, ServiceState,
+    ServiceTarget, Subnet, VpcEndpoint, VpcEndpointService, interface_regional_name, is_reserved_dns_name,
+    name_is_under,
 };
 use trellis_proto::{
-    AgentConfig, AllowedEndpoint, ConsumerVpc, EndpointConfig, EndpointResource, GatewayResource, GatewayRole,
-    GatewayTarget, MAX_LISTENERS_PER_ENDPOINT, PortRange, RevokedEndpoint, Target, agent_server_name,
+    AgentConfig, AllowedEndpoint, ConsumerVpc, DnsRecord, EndpointConfig, EndpointResource, GatewayResource,
+    GatewayRole, GatewayService, GatewayTarget, MAX_LISTENERS_PER_ENDPOINT, PortRange, RevokedEndpoint, Target,
+    agent_server_name,
 };
 use trellis_store::{Filter, StoreError, Tx, TxExt};
 
@@ -236,10 +238,7 @@ fn gateway_role(snap: &mut Snapshot<'_>, agent: &Agent) -> Result<GatewayRole, S
                     revoked.insert(ep.id.to_string(), reason);
                     continue;
                 }
-                let next = consumers.len() as u32;
-                let consumer = *consumers
-                    .entry(ConsumerVpc { account_id: ep.account_id.to_string(), vpc_id: ep.vpc_id.to_string() })
-                    .or_insert(next);
+                let consumer = consumer_index(&mut consumers, &ep.account_id, &ep.vpc_id);
                 allowed.push(AllowedEndpoint { vpc_endpoint_id: ep.id.to_string(), consumer });
             }
             allowed.sort_by(|a, b| a.vpc_endpoint_id.cmp(&b.vpc_endpoint_id));
@@ -250,16 +249,19 @@ fn gateway_role(snap: &mut Snapshot<'_>, agent: &Agent) -> Result<GatewayRole, S
                 target,
                 port_ranges: port_ranges(&config.port_ranges),
                 allowed,
+                proxy_protocol: config.proxy_protocol == ProxyProtocol::V2,
+                limits: config.per_consumer_limits,
             });
         }
     }
     resources.sort_by(|a, b| a.resource_configuration_id.cmp(&b.resource_configuration_id));
+    let mut services = services_role(snap, agent, &mut consumers, &mut revoked)?;
     // Number consumers in sorted order so equal state compiles to an equal config.
     let renumber: HashMap<u32, u32> = consumers.values().enumerate().map(|(i, old)| (*old, i as u32)).collect();
-    for resource in &mut resources {
-        for a in &mut resource.allowed {
-            a.consumer = renumber[&a.consumer];
-        }
+    for allowed in
+        resources.iter_mut().flat_map(|r| &mut r.allowed).chain(services.iter_mut().flat_map(|s| &mut s.allowed))
+    {
+        allowed.consumer = renumber[&allowed.consumer];
     }
     // Revocations are few (deleted agents' certificates until they expire):
     // one read of them all beats one read per consumer VPC.
@@ -273,8 +275,12 @@ fn gateway_role(snap: &mut Snapshot<'_>, agent: &Agent) -> Result<GatewayRole, S
         }
     }
     // An endpoint allowed for one resource and refused for another (a GROUP) is listed as allowed only.
-    let allowed: BTreeSet<&str> =
-        resources.iter().flat_map(|r| r.allowed.iter().map(|a| a.vpc_endpoint_id.as_str())).collect();
+    let allowed: BTreeSet<&str> = resources
+        .iter()
+        .flat_map(|r| r.allowed.iter())
+        .chain(services.iter().flat_map(|s| s.allowed.iter()))
+        .map(|a| a.vpc_endpoint_id.as_str())
+        .collect();
     let revoked_endpoints = revoked
         .iter()
         .filter(|(id, _)| !allowed.contains(id.as_str()))
@@ -283,9 +289,85 @@ fn gateway_role(snap: &mut Snapshot<'_>, agent: &Agent) -> Result<GatewayRole, S
     Ok(GatewayRole {
         consumers: consumers.into_keys().collect(),
         resources,
+        services,
         revoked_certs: revoked_certs.into_iter().collect(),
         revoked_endpoints,
     })
+}
+
+/// Number `vpc` of `account` in the consumers table.
+fn consumer_index(consumers: &mut BTreeMap<ConsumerVpc, u32>, account: &AccountId, vpc: &trellis_model::VpcId) -> u32 {
+    let next = consumers.len() as u32;
+    *consumers.entry(ConsumerVpc { account_id: account.to_string(), vpc_id: vpc.to_string() }).or_insert(next)
+}
+
+/// Why an interface endpoint may not connect to `service`, if so.
+fn service_refusal(ep: &VpcEndpoint, service: &VpcEndpointService) -> Option<String> {
+    if ep.state == EndpointState::PendingAcceptance {
+        return Some(format!("the endpoint waits for {} to accept it", service.id));
+    }
+    if !endpoint_serves(ep.state) {
+        return Some(match &ep.failure_reason {
+            Some(reason) => format!("the endpoint is {:?}: {reason}", ep.state),
+            None => format!("the endpoint is {:?}", ep.state),
+        });
+    }
+    if !service.allows(&ep.account_id) {
+        return Some(format!("account {} is no longer allowed to use service {}", ep.account_id, service.id));
+    }
+    None
+}
+
+/// Endpoint services run by agents of `agent`'s subnet, with their allowed
+/// interface endpoints (their VPCs join `consumers`; refused ones go to `revoked`).
+fn services_role(
+    snap: &mut Snapshot<'_>,
+    agent: &Agent,
+    consumers: &mut BTreeMap<ConsumerVpc, u32>,
+    revoked: &mut BTreeMap<String, String>,
+) -> Result<Vec<GatewayService>, StoreError> {
+    let services: Vec<VpcEndpointService> =
+        snap.tx.list_obj(&Filter::account_and_reference(agent.account_id.as_str(), agent.subnet_id.as_str()))?;
+    let mut out = Vec::new();
+    for service in services {
+        if service.state != ServiceState::Available || !service.subnet_ids.contains(&agent.subnet_id) {
+            continue;
+        }
+        let endpoints: Vec<VpcEndpoint> = snap.tx.list_obj(&Filter::reference(service.id.as_str()))?;
+        let mut allowed = Vec::new();
+        for ep in endpoints.iter().filter(|e| e.service_id.as_ref() == Some(&service.id)) {
+            match service_refusal(ep, &service) {
+                Some(reason) => {
+                    revoked.insert(ep.id.to_string(), reason);
+                }
+                None => allowed.push(AllowedEndpoint {
+                    vpc_endpoint_id: ep.id.to_string(),
+                    consumer: consumer_index(consumers, &ep.account_id, &ep.vpc_id),
+                }),
+            }
+        }
+        allowed.sort_by(|a, b| a.vpc_endpoint_id.cmp(&b.vpc_endpoint_id));
+        out.push(GatewayService {
+            service_id: service.id.to_string(),
+            owner_account_id: service.account_id.to_string(),
+            targets: service
+                .targets
+                .iter()
+                .map(|t| match t {
+                    ServiceTarget::IpAddress(ip) => Target::Ip { address: *ip },
+                    ServiceTarget::DomainName(name) => Target::Dns { domain_name: name.clone() },
+                })
+                .collect(),
+            ports: service.ports.clone(),
+            load_balancing: service.load_balancing,
+            health_check: service.health_check.clone(),
+            proxy_protocol: service.proxy_protocol == ProxyProtocol::V2,
+            limits: service.per_consumer_limits,
+            allowed,
+        });
+    }
+    out.sort_by(|a, b| a.service_id.cmp(&b.service_id));
+    Ok(out)
 }
 
 /// A CHILD serves only while its GROUP exists and serves.
@@ -334,6 +416,13 @@ fn endpoint_role(
     let mut out = Vec::new();
     for ep in endpoints {
         if !endpoint_serves(ep.state) || !ep.subnet_ids.contains(&agent.subnet_id) {
+            continue;
+        }
+        if let Some(service_id) = &ep.service_id {
+            if let Some(config) = interface_endpoint(snap, &ep, service_id, agent, (zone, region), &mut claimed_names)?
+            {
+                out.push(config);
+            }
             continue;
         }
         // (address, dns names) of each resource of this endpoint in this subnet.
@@ -385,6 +474,7 @@ fn endpoint_role(
                 address,
                 port_ranges: port_ranges(&config.port_ranges),
                 dns_names: names,
+                dns_records: Vec::new(),
                 gateways,
             });
         }
@@ -394,6 +484,92 @@ fn endpoint_role(
     }
     out.sort_by(|a, b| a.vpc_endpoint_id.cmp(&b.vpc_endpoint_id));
     Ok(out)
+}
+
+/// What an endpoint agent serves of an interface endpoint: its address in
+/// the agent's subnet on the service's ports, the endpoint's regional and
+/// zonal names (and the service's private DNS name where the consumer's
+/// preference allows it), and the provider's agents to tunnel to.
+fn interface_endpoint(
+    snap: &mut Snapshot<'_>,
+    ep: &VpcEndpoint,
+    service_id: &trellis_model::VpcEndpointServiceId,
+    agent: &Agent,
+    (zone, region): (&str, &str),
+    claimed_names: &mut BTreeSet<String>,
+) -> Result<Option<EndpointConfig>, StoreError> {
+    let Some(service) = snap.tx.get_obj::<VpcEndpointService>(service_id.as_str())? else { return Ok(None) };
+    if service.state != ServiceState::Available || service_refusal(ep, &service).is_some() {
+        return Ok(None);
+    }
+    let Some(address) = ep.addresses_in(&agent.subnet_id).next() else { return Ok(None) };
+    // Names: each entry is (name, address, subnet); a name with one address here is this agent's.
+    let mut by_name: BTreeMap<&str, Vec<IpAddr>> = BTreeMap::new();
+    for entry in &ep.dns_entries {
+        let addrs = by_name.entry(entry.dns_name.as_str()).or_default();
+        for ip in &entry.ip_addresses {
+            if !addrs.contains(ip) {
+                addrs.push(*ip);
+            }
+        }
+    }
+    let mut dns_records: Vec<DnsRecord> =
+        by_name.into_iter().map(|(name, addresses)| DnsRecord { name: name.to_string(), addresses }).collect();
+    if let Some(name) = &service.private_dns_name
+        && ep.private_dns_enabled
+        && private_name_allowed(snap, ep, &service.account_id, name)?
+        && claimed_names.insert(name.clone())
+    {
+        let regional = interface_regional_name(&ep.id, &service.id, region);
+        let addresses =
+            dns_records.iter().find(|r| r.name == regional).map_or_else(|| vec![address], |r| r.addresses.clone());
+        dns_records.push(DnsRecord { name: name.clone(), addresses });
+    }
+    let gateways = service_gateways(snap, &service, zone)?;
+    let port_ranges = service.ports.iter().filter_map(|p| PortRange::single(p.port).ok()).collect();
+    Ok(Some(EndpointConfig {
+        vpc_endpoint_id: ep.id.to_string(),
+        resources: vec![EndpointResource {
+            resource_configuration_id: service.id.to_string(),
+            address,
+            port_ranges,
+            dns_names: Vec::new(),
+            dns_records,
+            gateways,
+        }],
+    }))
+}
+
+/// Whether a provider's custom name (a service's private DNS name) may be
+/// answered for `ep`: never a reserved name; then the consumer's preference.
+fn private_name_allowed(
+    snap: &mut Snapshot<'_>,
+    ep: &VpcEndpoint,
+    owner: &AccountId,
+    name: &str,
+) -> Result<bool, StoreError> {
+    if is_reserved_dns_name(name) {
+        return Ok(false);
+    }
+    Ok(match ep.private_dns_preference {
+        PrivateDnsPreference::AllDomains => true,
+        PrivateDnsPreference::SpecifiedDomainsOnly => {
+            ep.private_dns_specified_domains.iter().any(|d| name_is_under(name, d))
+        }
+        PrivateDnsPreference::VerifiedDomainsOnly => {
+            snap.verified_domains(owner)?.iter().any(|d| name_is_under(name, d))
+        }
+    })
+}
+
+/// The provider's agents that run `service` (in its subnets, advertising a
+/// tunnel address): own zone first, online before offline.
+fn service_gateways(
+    snap: &mut Snapshot<'_>,
+    service: &VpcEndpointService,
+    zone: &str,
+) -> Result<Vec<GatewayTarget>, StoreError> {
+    agents_as_targets(snap, &service.account_id, &service.subnet_ids, zone)
 }
 
 /// The agents of `gw`'s subnets that advertise a tunnel address: own zone
@@ -406,10 +582,21 @@ fn gateway_targets(
     if !compiles(gw.status) {
         return Ok(Vec::new());
     }
+    agents_as_targets(snap, &gw.account_id, &gw.subnet_ids, zone)
+}
+
+/// `account`'s agents in `subnets` that advertise a tunnel address, as
+/// tunnel targets: own zone first, then online before offline, then by zone and id.
+fn agents_as_targets(
+    snap: &mut Snapshot<'_>,
+    account: &AccountId,
+    subnets: &[trellis_model::SubnetId],
+    zone: &str,
+) -> Result<Vec<GatewayTarget>, StoreError> {
     let mut agents = Vec::new();
-    for subnet in &gw.subnet_ids {
+    for subnet in subnets {
         for a in snap.agents_in(subnet.as_str())? {
-            if a.account_id == gw.account_id && a.advertise.is_some() {
+            if &a.account_id == account && a.advertise.is_some() {
                 agents.push(a.clone());
             }
         }

@@ -103,6 +103,8 @@ mod tests {
             port_ranges: vec![],
             protocol: Protocol::Tcp,
             custom_domain_name: None,
+            proxy_protocol: Default::default(),
+            per_consumer_limits: None,
             created_at: Timestamp::from_unix_seconds(0),
         }
     }

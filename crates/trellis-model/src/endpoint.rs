@@ -4,12 +4,56 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr};
 
-use crate::ids::{ResourceConfigurationId, SubnetId, VpcEndpointId};
+use crate::ids::{ResourceConfigurationId, SubnetId, VpcEndpointId, VpcEndpointServiceId};
 use crate::objects::{DnsEntry, ResourceConfiguration, Subnet};
 
 /// DNS name of one resource of an endpoint: `<vpce>.<rcfg>.<region>.trellis.internal`.
 pub fn endpoint_dns_name(endpoint: &VpcEndpointId, resource: &ResourceConfigurationId, region: &str) -> String {
     format!("{endpoint}.{resource}.{region}.trellis.internal")
+}
+
+/// The regional DNS name of an interface endpoint (all its addresses):
+/// `<vpce>.<vpce-svc>.<region>.trellis.internal`.
+pub fn interface_regional_name(endpoint: &VpcEndpointId, service: &VpcEndpointServiceId, region: &str) -> String {
+    format!("{endpoint}.{service}.{region}.trellis.internal")
+}
+
+/// The zonal DNS name of an interface endpoint (its address in `zone`):
+/// `<vpce>-<zone>.<vpce-svc>.<region>.trellis.internal`.
+pub fn interface_zonal_name(
+    endpoint: &VpcEndpointId,
+    zone: &str,
+    service: &VpcEndpointServiceId,
+    region: &str,
+) -> String {
+    format!("{endpoint}-{zone}.{service}.{region}.trellis.internal")
+}
+
+/// The DNS entries of an interface endpoint in `subnets`: one address per
+/// subnet, named by the regional name (every subnet's entry) and the subnet's zonal name.
+pub fn plan_interface_entries(
+    endpoint: &VpcEndpointId,
+    service: &VpcEndpointServiceId,
+    region: &str,
+    subnets: &[Subnet],
+    pools: &mut Pools,
+) -> Result<Vec<DnsEntry>, PlacementError> {
+    let mut entries = Vec::new();
+    for subnet in subnets {
+        let ip = IpAddr::V4(pools.allocate(subnet)?);
+        for dns_name in [
+            interface_regional_name(endpoint, service, region),
+            interface_zonal_name(endpoint, &subnet.zone, service, region),
+        ] {
+            entries.push(DnsEntry {
+                resource_configuration_id: None,
+                dns_name,
+                ip_addresses: vec![ip],
+                subnet_id: subnet.id.clone(),
+            });
+        }
+    }
+    Ok(entries)
 }
 
 /// Why an endpoint cannot be placed.
@@ -142,8 +186,32 @@ mod tests {
             port_ranges: vec![],
             protocol: Protocol::Tcp,
             custom_domain_name: custom.map(String::from),
+            proxy_protocol: Default::default(),
+            per_consumer_limits: None,
             created_at: Timestamp::from_unix_seconds(0),
         }
+    }
+
+    #[test]
+    fn an_interface_endpoint_has_a_regional_name_everywhere_and_a_zonal_name_per_subnet() {
+        let ep = VpcEndpointId::generate(&[5; 16]);
+        let svc = VpcEndpointServiceId::generate(&[6; 16]);
+        let subnets = [subnet(1, "z1", "10.0.9.0/24"), subnet(2, "z2", "10.0.10.0/24")];
+        let entries = plan_interface_entries(&ep, &svc, "local", &subnets, &mut Pools::default()).unwrap();
+        let regional = interface_regional_name(&ep, &svc, "local");
+        assert_eq!(regional, format!("{ep}.{svc}.local.trellis.internal"));
+        let names: Vec<(&str, String)> =
+            entries.iter().map(|e| (e.dns_name.as_str(), e.ip_addresses[0].to_string())).collect();
+        assert_eq!(
+            names,
+            [
+                (regional.as_str(), "10.0.9.1".to_string()),
+                (format!("{ep}-z1.{svc}.local.trellis.internal").as_str(), "10.0.9.1".to_string()),
+                (regional.as_str(), "10.0.10.1".to_string()),
+                (format!("{ep}-z2.{svc}.local.trellis.internal").as_str(), "10.0.10.1".to_string()),
+            ]
+        );
+        assert!(entries.iter().all(|e| e.resource_configuration_id.is_none()));
     }
 
     #[test]

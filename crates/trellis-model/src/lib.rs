@@ -30,7 +30,10 @@ pub use domain::{
     CheckOutcome, DomainNameError, DomainVerification, DomainVerificationStatus, covers, validate_custom_domain_name,
     validate_verification_domain,
 };
-pub use endpoint::{PlacementError, Pools, check_zone_overlap, endpoint_dns_name, plan_dns_entries};
+pub use endpoint::{
+    PlacementError, Pools, check_zone_overlap, endpoint_dns_name, interface_regional_name, interface_zonal_name,
+    plan_dns_entries, plan_interface_entries,
+};
 pub use ids::*;
 pub use objects::*;
 pub use pool::{AddressPool, PoolError};

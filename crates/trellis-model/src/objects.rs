@@ -270,6 +270,12 @@ pub struct ResourceConfiguration {
     pub protocol: Protocol,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub custom_domain_name: Option<String>,
+    /// Whether gateways send a PROXY protocol v2 header to the resource first.
+    #[serde(default)]
+    pub proxy_protocol: crate::service::ProxyProtocol,
+    /// What one consumer account may use, on each gateway agent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_consumer_limits: Option<crate::service::ConsumerLimits>,
     pub created_at: Timestamp,
 }
 
@@ -543,6 +549,8 @@ mod tests {
             port_ranges: vec!["5432".parse().unwrap()],
             protocol: Protocol::Tcp,
             custom_domain_name: None,
+            proxy_protocol: Default::default(),
+            per_consumer_limits: None,
             created_at: now(),
         };
         let v = serde_json::to_value(&cfg).unwrap();

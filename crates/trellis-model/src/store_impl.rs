@@ -5,6 +5,7 @@ use trellis_store::Object;
 
 use crate::domain::DomainVerification;
 use crate::objects::*;
+use crate::service::VpcEndpointService;
 
 impl Object for Account {
     const KIND: &'static str = "account";
@@ -168,5 +169,19 @@ impl Object for DomainVerification {
     /// The domain (lowercase), to find an account's verification of a domain.
     fn refs(&self) -> Vec<String> {
         vec![self.domain_name.to_ascii_lowercase()]
+    }
+}
+
+impl Object for VpcEndpointService {
+    const KIND: &'static str = "vpc-endpoint-service";
+    fn id(&self) -> &str {
+        self.id.as_str()
+    }
+    fn account_id(&self) -> &str {
+        self.account_id.as_str()
+    }
+    /// The VPC and the subnets whose agents run the service.
+    fn refs(&self) -> Vec<String> {
+        std::iter::once(self.vpc_id.to_string()).chain(self.subnet_ids.iter().map(|s| s.to_string())).collect()
     }
 }

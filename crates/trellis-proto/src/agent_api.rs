@@ -47,6 +47,25 @@ pub struct AgentReport {
     /// the address given at enrollment (an agent restarted on another port).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub advertise: Option<String>,
+    /// Health of the targets of the endpoint services this agent runs, as its
+    /// checks see them (sent when it changes).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub target_health: Vec<TargetHealthReport>,
+}
+
+/// One target of one service, as an agent's health checks see it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TargetHealthReport {
+    pub service_id: String,
+    /// The target as configured (IP or DNS name).
+    pub target: String,
+    pub target_port: u16,
+    /// `INITIAL`, `HEALTHY` or `UNHEALTHY`.
+    pub state: String,
+    /// The last failed check's error, while unhealthy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

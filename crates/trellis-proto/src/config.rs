@@ -10,6 +10,7 @@ use std::net::IpAddr;
 use serde::{Deserialize, Serialize};
 
 use crate::PortRange;
+pub use trellis_model::{ConsumerLimits, HealthCheck, HealthCheckProtocol, LoadBalancing, ServicePort};
 
 /// The whole config of one agent, with a version.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -48,6 +49,10 @@ pub struct GatewayRole {
     /// Resources reachable through this gateway agent.
     #[serde(default)]
     pub resources: Vec<GatewayResource>,
+    /// Endpoint services this agent runs: it balances their connections
+    /// over their targets and checks the targets' health.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<GatewayService>,
     /// Lower-case hex SHA-256 of certificates of deleted agents of the
     /// consumer VPCs that have not expired yet: refused even though the CA signed them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -90,6 +95,47 @@ pub struct GatewayResource {
     pub port_ranges: Vec<PortRange>,
     /// Endpoints allowed to reach this resource right now, sorted by id.
     pub allowed: Vec<AllowedEndpoint>,
+    /// Send a PROXY protocol v2 header to the target before any byte.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub proxy_protocol: bool,
+    /// What one consumer account may use, on this gateway agent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<ConsumerLimits>,
+}
+
+/// One endpoint service run by a gateway agent.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewayService {
+    pub service_id: String,
+    pub owner_account_id: String,
+    /// Where connections go: IPs, or DNS names resolved in the provider's network.
+    pub targets: Vec<Target>,
+    /// Consumer-facing ports and the target ports they map to.
+    pub ports: Vec<ServicePort>,
+    pub load_balancing: LoadBalancing,
+    pub health_check: HealthCheck,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub proxy_protocol: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<ConsumerLimits>,
+    /// Interface endpoints allowed to connect right now, sorted by id.
+    pub allowed: Vec<AllowedEndpoint>,
+}
+
+impl GatewayService {
+    /// The allowed entry of `vpc_endpoint_id` (binary search: `allowed` is sorted).
+    pub fn allowed_endpoint(&self, vpc_endpoint_id: &str) -> Option<&AllowedEndpoint> {
+        self.allowed
+            .binary_search_by(|a| a.vpc_endpoint_id.as_str().cmp(vpc_endpoint_id))
+            .ok()
+            .map(|i| &self.allowed[i])
+    }
+
+    /// The target port of consumer-facing `port`.
+    pub fn target_port(&self, port: u16) -> Option<u16> {
+        self.ports.iter().find(|p| p.port == port).map(|p| p.target_port)
+    }
 }
 
 impl GatewayResource {
@@ -145,8 +191,20 @@ pub struct EndpointResource {
     pub port_ranges: Vec<PortRange>,
     /// Names the agent's DNS listener answers with `address`.
     pub dns_names: Vec<String>,
+    /// Names answered with other addresses: an interface endpoint's regional
+    /// name (every subnet's address) and its zonal names (each zone's).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dns_records: Vec<DnsRecord>,
     /// Gateway agents to tunnel to, own zone first.
     pub gateways: Vec<GatewayTarget>,
+}
+
+/// A name and the addresses the agent's DNS answers for it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DnsRecord {
+    pub name: String,
+    pub addresses: Vec<IpAddr>,
 }
 
 /// A gateway agent an endpoint agent can dial.
@@ -242,6 +300,8 @@ mod tests {
                 .enumerate()
                 .map(|(i, id)| AllowedEndpoint { vpc_endpoint_id: id.to_string(), consumer: i as u32 })
                 .collect(),
+            proxy_protocol: false,
+            limits: None,
         };
         assert_eq!(resource.allowed_endpoint("vpce-b").map(|a| a.consumer), Some(1));
         assert_eq!(resource.allowed_endpoint("vpce-d"), None);

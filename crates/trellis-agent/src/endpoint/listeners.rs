@@ -262,6 +262,7 @@ mod tests {
                     address: format!("127.77.0.{}", i + 1).parse().unwrap(),
                     port_ranges: vec![PortRange::new(*a, *b).unwrap()],
                     dns_names: vec![],
+                    dns_records: vec![],
                     gateways: vec![],
                 })
                 .collect(),

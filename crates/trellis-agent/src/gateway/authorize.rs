@@ -7,18 +7,33 @@
 //! and the access log says what was revoked.
 
 use trellis_proto::stream::OpenRequest;
-use trellis_proto::{AgentConfig, GatewayRole, Target};
+use trellis_proto::{AgentConfig, ConsumerLimits, ConsumerVpc, GatewayRole, Target};
 
 use crate::tls::PeerIdentity;
+
+/// Where an allowed stream goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Destination {
+    /// A resource: its target, on the port asked for.
+    Resource { target: Target, port: u16 },
+    /// An endpoint service: a healthy target picked by its balancer, on the
+    /// target port the asked port maps to.
+    Service { service_id: String, port: u16 },
+}
 
 /// What an allowed stream may do, and whom to account it to.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Grant {
-    pub target: Target,
+    pub destination: Destination,
     pub consumer_account_id: String,
+    pub consumer_vpc_id: String,
     pub owner_account_id: String,
     /// The endpoint agent that opened the stream.
     pub peer_agent_id: String,
+    /// Send a PROXY protocol v2 header to the target first.
+    pub proxy_protocol: bool,
+    /// The owner's limits on one consumer account.
+    pub limits: Option<ConsumerLimits>,
 }
 
 /// Why a stream is refused. The message is sent to the (authenticated) endpoint agent.
@@ -30,7 +45,7 @@ pub enum Denial {
     /// The peer's certificate belongs to a deleted agent.
     #[error("the certificate of agent {0} was revoked (the agent was deleted)")]
     RevokedPeer(String),
-    /// The resource is not served by this gateway (any more).
+    /// The resource or service is not served by this gateway (any more).
     #[error("resource {0} is not served by this gateway")]
     UnknownResource(String),
     /// The endpoint is not (or no longer) allowed to reach the resource.
@@ -59,38 +74,54 @@ pub fn admit_peer(role: &GatewayRole, peer: &PeerIdentity) -> Result<(), Denial>
     Ok(())
 }
 
-/// Checks `req` from `peer` against the gateway role of `config`.
+/// Checks `req` from `peer` against the gateway role of `config`: a resource
+/// or an endpoint service (whose id the open request carries in place of a
+/// resource id) this gateway serves, an endpoint allowed on it from the
+/// peer's VPC, and a port it opens.
 pub fn authorize(config: &AgentConfig, peer: &PeerIdentity, req: &OpenRequest) -> Result<Grant, Denial> {
     let role = &config.gateway;
     admit_peer(role, peer)?;
-    let resource = role
-        .resources
-        .iter()
-        .find(|r| r.resource_configuration_id == req.resource_configuration_id)
-        .ok_or_else(|| Denial::UnknownResource(req.resource_configuration_id.clone()))?;
+    let id = &req.resource_configuration_id;
     let not_allowed = || match role.revoked_endpoints.iter().find(|r| r.vpc_endpoint_id == req.vpc_endpoint_id) {
         Some(revoked) => {
             Denial::EndpointRevoked { endpoint: req.vpc_endpoint_id.clone(), reason: revoked.reason.clone() }
         }
-        None => Denial::EndpointNotAllowed {
-            endpoint: req.vpc_endpoint_id.clone(),
-            resource: req.resource_configuration_id.clone(),
-        },
+        None => Denial::EndpointNotAllowed { endpoint: req.vpc_endpoint_id.clone(), resource: id.clone() },
     };
-    let consumer = resource
+    let peers_vpc = |c: &&ConsumerVpc| c.vpc_id == peer.vpc_id && c.account_id == peer.account_id;
+    let grant = |destination, consumer: &ConsumerVpc, owner: &str, proxy_protocol, limits| Grant {
+        destination,
+        consumer_account_id: consumer.account_id.clone(),
+        consumer_vpc_id: consumer.vpc_id.clone(),
+        owner_account_id: owner.to_string(),
+        peer_agent_id: peer.agent_id.clone(),
+        proxy_protocol,
+        limits,
+    };
+    if let Some(resource) = role.resources.iter().find(|r| &r.resource_configuration_id == id) {
+        let consumer = resource
+            .allowed_endpoint(&req.vpc_endpoint_id)
+            .and_then(|a| role.consumer(a))
+            .filter(peers_vpc)
+            .ok_or_else(not_allowed)?;
+        if !resource.port_ranges.iter().any(|r| r.contains(req.port)) {
+            return Err(Denial::PortNotAllowed { port: req.port, resource: id.clone() });
+        }
+        let destination = Destination::Resource { target: resource.target.clone(), port: req.port };
+        return Ok(grant(destination, consumer, &resource.owner_account_id, resource.proxy_protocol, resource.limits));
+    }
+    let service =
+        role.services.iter().find(|s| &s.service_id == id).ok_or_else(|| Denial::UnknownResource(id.clone()))?;
+    let consumer = service
         .allowed_endpoint(&req.vpc_endpoint_id)
         .and_then(|a| role.consumer(a))
-        .filter(|c| c.vpc_id == peer.vpc_id && c.account_id == peer.account_id)
+        .filter(peers_vpc)
         .ok_or_else(not_allowed)?;
-    if !resource.port_ranges.iter().any(|r| r.contains(req.port)) {
-        return Err(Denial::PortNotAllowed { port: req.port, resource: req.resource_configuration_id.clone() });
+    if service.target_port(req.port).is_none() {
+        return Err(Denial::PortNotAllowed { port: req.port, resource: id.clone() });
     }
-    Ok(Grant {
-        target: resource.target.clone(),
-        consumer_account_id: consumer.account_id.clone(),
-        owner_account_id: resource.owner_account_id.clone(),
-        peer_agent_id: peer.agent_id.clone(),
-    })
+    let destination = Destination::Service { service_id: id.clone(), port: req.port };
+    Ok(grant(destination, consumer, &service.owner_account_id, service.proxy_protocol, service.limits))
 }
 
 /// [`authorize`] for a stream that was allowed until now: a denial that only
@@ -108,7 +139,9 @@ fn explain(role: &GatewayRole, req: &OpenRequest, denial: Denial) -> Denial {
             let endpoint = &req.vpc_endpoint_id;
             if let Some(revoked) = role.revoked_endpoints.iter().find(|r| &r.vpc_endpoint_id == endpoint) {
                 Denial::EndpointRevoked { endpoint: endpoint.clone(), reason: revoked.reason.clone() }
-            } else if role.resources.iter().all(|r| r.allowed_endpoint(endpoint).is_none()) {
+            } else if role.resources.iter().all(|r| r.allowed_endpoint(endpoint).is_none())
+                && role.services.iter().all(|s| s.allowed_endpoint(endpoint).is_none())
+            {
                 Denial::EndpointGone(endpoint.clone())
             } else {
                 denial
@@ -144,7 +177,10 @@ mod tests {
                         AllowedEndpoint { vpc_endpoint_id: "vpce-1".into(), consumer: 1 },
                         AllowedEndpoint { vpc_endpoint_id: "vpce-b".into(), consumer: 0 },
                     ],
+                    proxy_protocol: false,
+                    limits: None,
                 }],
+                services: vec![],
                 revoked_certs: vec![],
                 revoked_endpoints: vec![],
             },

@@ -29,8 +29,10 @@ use trellis_proto::AgentConfig;
 use trellis_proto::stream::{OpenRequest, OpenResponse, OpenStatus, decode_open_request, encode_open_response};
 
 use super::admission::{PeerLimit, PeerTable};
-use super::authorize::{Denial, admit_peer, authorize, recheck};
+use super::authorize::{Denial, Destination, Grant, admit_peer, authorize, recheck};
+use super::consumers::{ConsumerLimiter, Paced};
 use super::dial::{DialError, describe, dial};
+use super::services::{ActiveGuard, ServiceDialError, ServiceRuntime};
 use crate::access_log::AccessLog;
 use crate::flow::{FlowInfo, OpenFlow, reject};
 use crate::frame_io::{ReadFrameError, read_frame};
@@ -71,6 +73,10 @@ pub struct GatewayContext {
     pub handshakes: Arc<Semaphore>,
     /// Caps connections per peer certificate.
     pub peers: Arc<PeerTable>,
+    /// Endpoint services: target health, open connections, balancers.
+    pub services: Arc<ServiceRuntime>,
+    /// Per-consumer limits of resources and services.
+    pub consumers: Arc<ConsumerLimiter>,
 }
 
 /// Accepts tunnel connections on `listener` until `shutdown`.
@@ -223,50 +229,76 @@ async fn handle(
             return;
         }
     };
-    let info = FlowInfo {
+    let mut info = FlowInfo {
         role: Role::Gateway,
         vpc_endpoint_id: req.vpc_endpoint_id.clone(),
         resource_configuration_id: req.resource_configuration_id.clone(),
         consumer_account_id: grant.consumer_account_id.clone(),
         client_addr: req.client_addr.to_string(),
-        target: describe(&grant.target, req.port),
+        target: match &grant.destination {
+            Destination::Resource { target, port } => describe(target, *port),
+            Destination::Service { service_id, .. } => service_id.clone(),
+        },
     };
     let usage = ctx.usage.cell(UsageKey {
         vpc_endpoint_id: req.vpc_endpoint_id.clone(),
         resource_configuration_id: req.resource_configuration_id.clone(),
         consumer_account_id: grant.consumer_account_id.clone(),
     });
+    let refuse = |info: &FlowInfo, status: OpenStatus, message: String| {
+        reject(
+            info,
+            &info.labels(),
+            &ctx.metrics,
+            Some(&usage),
+            &ctx.access_log,
+            started,
+            status.as_str(),
+            Some(message),
+        );
+    };
+    // The owner's limit on this consumer's connections, counted until the flow ends.
+    let slot = match &grant.limits {
+        Some(limits) => match ctx.consumers.enter(&req.resource_configuration_id, &grant.consumer_account_id, limits) {
+            Ok(slot) => Some(slot),
+            Err(too_many) => {
+                ctx.metrics.count_limited(&req.resource_configuration_id, &grant.consumer_account_id, "connections");
+                refuse(&info, OpenStatus::Denied, too_many.to_string());
+                respond(&mut tls, OpenStatus::Denied, too_many.to_string()).await;
+                let _ = tls.shutdown().await;
+                return;
+            }
+        },
+        None => None,
+    };
     let dialed = tokio::select! {
-        r = Box::pin(dial(&grant.target, req.port, ctx.timeouts.dial)) => r,
+        r = Box::pin(connect(&ctx, &config_rx, &grant.destination, req.client_addr)) => r,
         () = cancel.cancelled() => return,
     };
-    let target = match dialed {
+    let (mut target, described, _on_target) = match dialed {
         Ok(t) => t,
-        Err(e) => {
-            let status = match e {
-                DialError::Timeout { .. } => OpenStatus::Timeout,
-                DialError::Unreachable { .. } => OpenStatus::Unreachable,
-            };
-            reject(
-                &info,
-                &info.labels(),
-                &ctx.metrics,
-                Some(&usage),
-                &ctx.access_log,
-                started,
-                status.as_str(),
-                Some(e.to_string()),
-            );
-            respond(&mut tls, status, e.to_string()).await;
+        Err((status, message)) => {
+            refuse(&info, status, message.clone());
+            respond(&mut tls, status, message).await;
             let _ = tls.shutdown().await;
             return;
         }
     };
+    info.target = described;
+    if grant.proxy_protocol {
+        let header = proxy_header(&req, &grant, &target);
+        if let Err(e) = target.write_all(&header).await {
+            let message = format!("the target closed before the PROXY header was written: {e}");
+            refuse(&info, OpenStatus::Unreachable, message.clone());
+            respond(&mut tls, OpenStatus::Unreachable, message).await;
+            let _ = tls.shutdown().await;
+            return;
+        }
+    }
     if !respond(&mut tls, OpenStatus::Ok, String::new()).await {
         return;
     }
     let flow = OpenFlow::open(info, ctx.metrics.clone(), Some(usage), ctx.access_log.clone(), started);
-    let mut target = target;
     if !leftover.is_empty() {
         if let Err(e) = target.write_all(&leftover).await {
             flow.finish("error", Some(e.to_string()));
@@ -294,7 +326,20 @@ async fn handle(
             () = cancel.cancelled() => {}
         }
     };
-    let end = splice(tls, target, |n| flow.add_in(n), |n| flow.add_out(n), stop).await;
+    let end = match slot.as_ref().and_then(|s| s.pace.clone()) {
+        Some(pace) => {
+            let paced = Paced::new(
+                target,
+                pace,
+                ctx.metrics.clone(),
+                &req.resource_configuration_id,
+                &grant.consumer_account_id,
+            );
+            splice(tls, paced, |n| flow.add_in(n), |n| flow.add_out(n), stop).await
+        }
+        None => splice(tls, target, |n| flow.add_in(n), |n| flow.add_out(n), stop).await,
+    };
+    drop(slot);
     match (end, revocation) {
         (SpliceEnd::Closed, _) => flow.finish("closed", None),
         (SpliceEnd::Error(e), _) => flow.finish("error", Some(e.to_string())),
@@ -304,6 +349,53 @@ async fn handle(
         }
         (SpliceEnd::Stopped, None) => flow.finish("shutdown", None),
     }
+}
+
+/// Connects to where `destination` says: the resource's target, or a healthy
+/// target of the service picked by its balancer. Returns the stream, the
+/// target for the access log, and (for a service) the hold on the target
+/// that counts the connection for least-connections.
+async fn connect(
+    ctx: &GatewayContext,
+    config: &watch::Receiver<Arc<AgentConfig>>,
+    destination: &Destination,
+    client: SocketAddr,
+) -> Result<(TcpStream, String, Option<ActiveGuard>), (OpenStatus, String)> {
+    let status_of = |e: &DialError| match e {
+        DialError::Timeout { .. } => OpenStatus::Timeout,
+        DialError::Unreachable { .. } => OpenStatus::Unreachable,
+    };
+    match destination {
+        Destination::Resource { target, port } => match dial(target, *port, ctx.timeouts.dial).await {
+            Ok(stream) => Ok((stream, describe(target, *port), None)),
+            Err(e) => Err((status_of(&e), e.to_string())),
+        },
+        Destination::Service { service_id, port } => {
+            let service = config.borrow().gateway.services.iter().find(|s| &s.service_id == service_id).cloned();
+            let Some(service) = service else {
+                return Err((OpenStatus::Denied, format!("service {service_id} is not served by this gateway")));
+            };
+            match ctx.services.connect(&service, *port, client.ip(), ctx.timeouts.dial).await {
+                Ok((stream, target, guard)) => Ok((stream, target, Some(guard))),
+                Err(ServiceDialError::Dial(e)) => Err((status_of(&e), e.to_string())),
+                Err(e @ ServiceDialError::NoHealthyTarget(_)) => Err((OpenStatus::Unreachable, e.to_string())),
+            }
+        }
+    }
+}
+
+/// The PROXY protocol v2 header for a stream: the consumer's client, the
+/// target dialed, and TLVs naming the endpoint, the consumer and what it reached.
+fn proxy_header(req: &OpenRequest, grant: &Grant, target: &TcpStream) -> Vec<u8> {
+    let dialed = target.peer_addr().unwrap_or_else(|_| SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), 0));
+    trellis_proto::proxy_v2::encode(&trellis_proto::proxy_v2::Caller {
+        client: req.client_addr,
+        target: dialed,
+        vpc_endpoint_id: &req.vpc_endpoint_id,
+        consumer_account_id: &grant.consumer_account_id,
+        consumer_vpc_id: &grant.consumer_vpc_id,
+        target_id: &req.resource_configuration_id,
+    })
 }
 
 /// Counts and logs a denied request. Metric labels and usage keys use ids

@@ -4,8 +4,10 @@
 
 pub mod admission;
 pub mod authorize;
+pub mod consumers;
 pub mod dial;
 pub mod listener;
+pub mod services;
 
 pub use listener::{GatewayContext, GatewayTimeouts};
 

@@ -120,6 +120,8 @@ pub(crate) fn configuration(
         port_ranges: ports.iter().map(|p| p.parse().unwrap()).collect(),
         protocol: Protocol::Tcp,
         custom_domain_name: None,
+        proxy_protocol: Default::default(),
+        per_consumer_limits: None,
         created_at: t0(),
     }
 }
@@ -643,6 +645,7 @@ async fn reports_move_endpoints_and_usage_adds_up_over_boots() {
         listeners: vec![listener(false, None)],
         usage: vec![],
         advertise: None,
+        target_health: vec![],
     };
     assert_eq!(api.report(&consumer_cert, &report).await, StatusCode::NO_CONTENT);
     assert_eq!(endpoint_state(&api).state, EndpointState::Pending);
@@ -678,6 +681,7 @@ async fn reports_move_endpoints_and_usage_adds_up_over_boots() {
         listeners: vec![],
         usage: vec![c],
         advertise: None,
+        target_health: vec![],
     };
     assert_eq!(api.report(&gw_cert, &usage("boot-1", counters(w, 5, 2, 100))).await, StatusCode::NO_CONTENT);
     assert_eq!(api.report(&gw_cert, &usage("boot-1", counters(w, 7, 3, 150))).await, StatusCode::NO_CONTENT);

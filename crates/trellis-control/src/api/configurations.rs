@@ -249,6 +249,8 @@ async fn create(
                     port_ranges,
                     protocol: Protocol::Tcp,
                     custom_domain_name: checked.custom_domain_name.clone(),
+                    proxy_protocol: Default::default(),
+                    per_consumer_limits: None,
                     created_at: now,
                 };
                 tx.insert_obj(&config)?;
