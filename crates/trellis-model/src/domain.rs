@@ -32,6 +32,7 @@ pub const MAX_VERIFIABLE_DOMAIN_LEN: usize = MAX_NAME_LEN - TXT_RECORD_LABEL.len
 
 /// Where a domain verification is (AWS spelling).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum DomainVerificationStatus {
     /// The TXT record has not been seen yet; the control plane keeps looking.
@@ -54,6 +55,7 @@ impl fmt::Display for DomainVerificationStatus {
 
 /// An account's claim on a domain, proven by a TXT record.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct DomainVerification {
     pub id: DomainVerificationId,

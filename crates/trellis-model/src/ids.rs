@@ -42,6 +42,16 @@ impl Body {
         s.len() == len && s.bytes().all(ok)
     }
 
+    /// The regular expression of this body, for the ids' JSON Schema.
+    #[cfg(feature = "schema")]
+    fn pattern(self) -> String {
+        match self {
+            Body::Digits(n) => format!("[0-9]{{{n}}}"),
+            Body::LowerHex(n) => format!("[0-9a-f]{{{n}}}"),
+            Body::LowerAlnum(n) => format!("[0-9a-z]{{{n}}}"),
+        }
+    }
+
     fn generate(self, seed: &Seed) -> String {
         match self {
             Body::Digits(n) => {
@@ -170,6 +180,17 @@ macro_rules! define_id {
             fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
                 let s = String::deserialize(d)?;
                 <Self as Id>::parse(&s).map_err(serde::de::Error::custom)
+            }
+        }
+
+        #[cfg(feature = "schema")]
+        impl schemars::JsonSchema for $name {
+            fn schema_name() -> std::borrow::Cow<'static, str> {
+                stringify!($name).into()
+            }
+
+            fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+                crate::schema::string(&format!("^{}{}$", $prefix, $body.pattern()), None, $expected)
             }
         }
     };

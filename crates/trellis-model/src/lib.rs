@@ -3,7 +3,8 @@
 //!
 //! Pure: no clock, no randomness, no I/O. Callers pass `now` and random
 //! [`ids::Seed`] bytes. With the `store` feature the stored objects implement
-//! `trellis_store::Object`.
+//! `trellis_store::Object`; with the `schema` feature the API objects
+//! implement `schemars::JsonSchema` (for the OpenAPI document).
 #![forbid(unsafe_code)]
 
 pub mod access;
@@ -20,6 +21,8 @@ pub mod status;
 pub mod time;
 pub mod validate;
 
+#[cfg(feature = "schema")]
+pub mod schema;
 #[cfg(feature = "store")]
 mod store_impl;
 

@@ -20,6 +20,7 @@ fn arn(kind: (&str, &str), region: &str, account: &str, id: &str) -> String {
 
 /// A tenant. API keys belong to it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct Account {
     pub id: AccountId,
@@ -62,6 +63,7 @@ pub struct ApiKey {
 
 /// Accounts whose shares to each other need no invitation.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct Organization {
     pub id: OrganizationId,
@@ -85,6 +87,7 @@ impl Organization {
 
 /// A network where agents run.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct Vpc {
     pub id: VpcId,
@@ -110,6 +113,7 @@ impl Vpc {
 
 /// One zone of a VPC, with the address pool endpoints in that zone draw from.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct Subnet {
     pub id: SubnetId,
@@ -156,6 +160,7 @@ impl Subnet {
 
 /// IP address family of a gateway or a DNS resource.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum IpAddressType {
     #[default]
@@ -166,6 +171,7 @@ pub enum IpAddressType {
 
 /// Point of ingress into the owner's VPC, in one or more of its subnets.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct ResourceGateway {
     pub id: ResourceGatewayId,
@@ -208,6 +214,7 @@ impl ResourceGateway {
 
 /// SINGLE (one resource), GROUP (a set of CHILD resources shared together) or CHILD.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum ConfigurationType {
     Single,
@@ -217,6 +224,7 @@ pub enum ConfigurationType {
 
 /// Transport protocol of a resource; TCP only.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum Protocol {
     #[default]
@@ -225,6 +233,7 @@ pub enum Protocol {
 
 /// Where a resource is: `{"ipResource": {...}}` or `{"dnsResource": {...}}`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub enum ResourceDefinition {
     IpResource(IpResource),
@@ -232,12 +241,14 @@ pub enum ResourceDefinition {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct IpResource {
     pub ip_address: IpAddr,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct DnsResource {
     /// RFC 1123 name, resolved by the gateway agent in the owner's network.
@@ -248,6 +259,7 @@ pub struct DnsResource {
 
 /// A resource (SINGLE, CHILD) or a group of resources (GROUP) behind a gateway.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct ResourceConfiguration {
     pub id: ResourceConfigurationId,
@@ -292,6 +304,7 @@ impl ResourceConfiguration {
 
 /// Shares resource configurations with accounts.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct ResourceShare {
     pub id: ResourceShareId,
@@ -346,6 +359,7 @@ impl ResourceShare {
 /// An offer of a share to one account outside the owner's organization.
 /// Owned (in the store) by the receiver.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct ResourceShareInvitation {
     pub id: ResourceShareInvitationId,
@@ -386,6 +400,7 @@ impl ResourceShareInvitation {
 
 /// Kind of VPC endpoint: to a resource configuration, or to an endpoint service.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub enum VpcEndpointType {
     Resource,
     Interface,
@@ -393,6 +408,7 @@ pub enum VpcEndpointType {
 
 /// One name and address of one resource (or of the service) of an endpoint in one subnet.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct DnsEntry {
     /// The resource (a `Resource` endpoint's SINGLE or CHILD); none on an `Interface` endpoint.
@@ -408,6 +424,7 @@ pub struct DnsEntry {
 /// `privateDnsPreference`). Names Trellis generates are always answered;
 /// reserved names never are.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum PrivateDnsPreference {
     /// Only names under a domain the resource's owner verified (the default).
@@ -422,6 +439,7 @@ pub enum PrivateDnsPreference {
 /// A consumer's entry point, inside its VPC, to a resource configuration
 /// (`Resource`) or to an endpoint service (`Interface`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct VpcEndpoint {
     pub id: VpcEndpointId,
@@ -490,6 +508,7 @@ impl VpcEndpoint {
 
 /// An enrolled data-plane process in one subnet.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct Agent {
     pub id: AgentId,

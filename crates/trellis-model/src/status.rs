@@ -15,6 +15,7 @@ pub struct TransitionError {
 
 /// Status of resource gateways and resource configurations.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum ResourceStatus {
     CreateInProgress,
@@ -78,6 +79,7 @@ impl fmt::Display for ResourceStatus {
 /// `Pending` at creation; an agent's report moves it to `Available` (listener
 /// ready) or `Failed` (with a reason), and back as listeners recover or fail.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub enum EndpointState {
     PendingAcceptance,
     Pending,
@@ -117,6 +119,7 @@ impl fmt::Display for EndpointState {
 
 /// Status of a resource share invitation: only `PENDING` ever moves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum InvitationStatus {
     Pending,
@@ -145,6 +148,7 @@ impl fmt::Display for InvitationStatus {
 
 /// Status of a resource share.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum ShareStatus {
     Active,
@@ -153,6 +157,7 @@ pub enum ShareStatus {
 
 /// Whether an agent talks to the control plane.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum AgentStatus {
     Online,

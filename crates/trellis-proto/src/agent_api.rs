@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 /// `POST /v1/agents/enroll`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct EnrollRequest {
     /// The whole join token as printed by `trellis agent-token create`.
@@ -20,6 +21,7 @@ pub struct EnrollRequest {
 
 /// Answer to a successful enrollment.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct EnrollResponse {
     pub agent_id: String,
@@ -33,6 +35,7 @@ pub struct EnrollResponse {
 
 /// `POST /v1/agents/self/report`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct AgentReport {
     /// The config version the agent is serving.
@@ -69,6 +72,7 @@ pub struct TargetHealthReport {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct ListenerStatus {
     pub vpc_endpoint_id: String,
@@ -80,6 +84,7 @@ pub struct ListenerStatus {
 
 /// Counters a gateway agent keeps per (endpoint, resource).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct UsageCounters {
     pub vpc_endpoint_id: String,

@@ -14,6 +14,7 @@ pub use trellis_model::{ConsumerLimits, HealthCheck, HealthCheckProtocol, LoadBa
 
 /// The whole config of one agent, with a version.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct AgentConfig {
     /// Names this content for the long-poll, which answers when the control
@@ -40,6 +41,7 @@ pub struct AgentConfig {
 /// `consumers`, and each allowed endpoint refers to its VPC by index, so the
 /// config grows by one short entry per consumer and one per endpoint.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct GatewayRole {
     /// Consumer VPCs with at least one endpoint allowed here. An agent whose
@@ -78,6 +80,7 @@ impl GatewayRole {
 
 /// A consumer VPC (and its account) that has endpoints allowed on a gateway.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct ConsumerVpc {
     pub account_id: String,
@@ -86,6 +89,7 @@ pub struct ConsumerVpc {
 
 /// One SINGLE or CHILD resource configuration served by a gateway agent.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct GatewayResource {
     pub resource_configuration_id: String,
@@ -150,6 +154,7 @@ impl GatewayResource {
 
 /// Where a gateway dials: an IP, or a DNS name resolved in the owner's network.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", rename_all_fields = "camelCase", tag = "type")]
 pub enum Target {
     Ip { address: IpAddr },
@@ -158,6 +163,7 @@ pub enum Target {
 
 /// An endpoint allowed to use a resource, with the index of its VPC in [`GatewayRole::consumers`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct AllowedEndpoint {
     pub vpc_endpoint_id: String,
@@ -166,6 +172,7 @@ pub struct AllowedEndpoint {
 
 /// An endpoint that exists but may not connect, and why (as the control plane knows it).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct RevokedEndpoint {
     pub vpc_endpoint_id: String,
@@ -174,6 +181,7 @@ pub struct RevokedEndpoint {
 
 /// A VPC endpoint served by this (endpoint) agent.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct EndpointConfig {
     pub vpc_endpoint_id: String,
@@ -182,6 +190,7 @@ pub struct EndpointConfig {
 
 /// One resource reachable through an endpoint, at its own address and ports.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct EndpointResource {
     pub resource_configuration_id: String,
@@ -209,6 +218,7 @@ pub struct DnsRecord {
 
 /// A gateway agent an endpoint agent can dial.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct GatewayTarget {
     pub agent_id: String,

@@ -1,0 +1,52 @@
+//! VPC endpoints of type `Resource`: a consumer's addresses and DNS names for
+//! a resource configuration it owns or that is shared with it.
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use trellis_model::schema::DomainName;
+use trellis_model::{SubnetId, VpcEndpoint, VpcId};
+
+use crate::list::{Page, VpcListQuery};
+use crate::route::Caller::Account;
+use crate::route::{Route, RouteInfo, delete, get, post};
+
+const TAG: &str = "vpcendpoints";
+
+pub const CREATE: Route<CreateEndpoint, (), VpcEndpoint> =
+    post(TAG, "/v1/vpcendpoints", Account, "Create a Resource VPC endpoint").body().created();
+pub const LIST: Route<(), VpcListQuery, Page<VpcEndpoint>> =
+    get(TAG, "/v1/vpcendpoints", Account, "List VPC endpoints (?vpcId=)").query().json();
+pub const GET: Route<(), (), VpcEndpoint> = get(TAG, "/v1/vpcendpoints/{id}", Account, "Read a VPC endpoint").json();
+pub const DELETE: Route = delete(TAG, "/v1/vpcendpoints/{id}", Account, "Delete a VPC endpoint and free its addresses");
+
+pub const ROUTES: &[RouteInfo] = &[CREATE.info, LIST.info, GET.info, DELETE.info];
+
+/// `POST /v1/vpcendpoints`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CreateEndpoint {
+    /// `Resource`, the only type so far.
+    #[schemars(extend("enum" = ["Resource"]))]
+    pub vpc_endpoint_type: String,
+    #[schemars(with = "VpcId")]
+    pub vpc_id: String,
+    /// Subnets of that VPC to get addresses in, one per zone.
+    #[schemars(with = "Vec<SubnetId>")]
+    pub subnet_ids: Vec<String>,
+    /// The resource configuration (ARN or id) shared with the account.
+    pub resource_configuration_arn: String,
+    /// Also answer the configuration's custom domain name.
+    #[serde(default)]
+    pub private_dns_enabled: bool,
+    /// `VERIFIED_DOMAINS_ONLY` (default), `ALL_DOMAINS` or `SPECIFIED_DOMAINS_ONLY`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("enum" = ["VERIFIED_DOMAINS_ONLY", "ALL_DOMAINS", "SPECIFIED_DOMAINS_ONLY", null]))]
+    pub private_dns_preference: Option<String>,
+    /// The domains of `SPECIFIED_DOMAINS_ONLY` (at most 10).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<Vec<DomainName>>")]
+    pub private_dns_specified_domains: Option<Vec<String>>,
+    /// Idempotency token: a repeated create with the same token answers the first one's endpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_token: Option<String>,
+}
