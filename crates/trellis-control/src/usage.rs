@@ -10,44 +10,20 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use axum::Router;
 use axum::extract::State;
-use axum::routing::get;
-use serde::{Deserialize, Serialize};
+pub use trellis_api::configurations::{UsageItem, UsageReport};
 use trellis_model::{Agent, AgentStatus, Id, ResourceConfiguration, ResourceConfigurationId};
 use trellis_store::{Filter, Tx, TxExt};
 
 use crate::agents::records::{AgentRuntime, UsageRecord};
-use crate::api::{Json, PathId, get_owned, path_id};
+use crate::api::{Json, PathId, Routes, get_owned, path_id};
 use crate::auth::AccountAuth;
 use crate::error::ApiError;
 use crate::state::AppState;
 
 /// Routes of usage reporting.
-pub fn router() -> Router<AppState> {
-    Router::new().route("/v1/resourceconfigurations/{id}/usage", get(usage))
-}
-
-/// Usage of one resource by one endpoint.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct UsageItem {
-    pub consumer_account_id: String,
-    pub vpc_endpoint_id: String,
-    pub resource_configuration_id: String,
-    pub active_connections: u64,
-    pub total_connections: u64,
-    pub rejected_connections: u64,
-    pub bytes_in: u64,
-    pub bytes_out: u64,
-}
-
-/// The answer of the usage route.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct UsageReport {
-    pub resource_configuration_id: String,
-    pub items: Vec<UsageItem>,
+pub fn routes() -> Routes {
+    Routes::new().at(&trellis_api::configurations::USAGE, usage)
 }
 
 /// Sums the usage of `config` (and, for a GROUP, of its children).

@@ -9,7 +9,8 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode, header};
 use serde_json::{Value, json};
 use tower::ServiceExt;
-use trellis_control::api::openapi::ROUTES;
+use trellis_api::check::validate_answer;
+use trellis_api::{Caller, Method, RouteInfo};
 use trellis_control::pki::Ca;
 use trellis_control::{AppState, Settings, api_router, bootstrap_admin};
 use trellis_store::sqlite::SqliteStore;
@@ -697,16 +698,175 @@ async fn every_documented_route_is_served() {
     let (status, doc) = api.send(Request::get("/v1/openapi.json").body(Body::empty()).unwrap()).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(doc["openapi"], "3.1.0");
-    for route in ROUTES {
-        assert!(doc["paths"][route.path][route.method].is_object(), "{} {}", route.method, route.path);
+    for route in trellis_api::routes() {
+        let method = route.method.as_str();
+        assert!(doc["paths"][route.path][method].is_object(), "{method} {}", route.path);
         let path = route.path.replace("{id}", "x");
-        let req =
-            Request::builder().method(route.method.to_uppercase().as_str()).uri(&path).body(Body::empty()).unwrap();
+        let req = Request::builder().method(method.to_uppercase().as_str()).uri(&path).body(Body::empty()).unwrap();
         let (status, body) = api.send(req).await;
         let unrouted = status == StatusCode::METHOD_NOT_ALLOWED
             || (status == StatusCode::NOT_FOUND && body["message"].as_str().is_some_and(|m| m.starts_with("no route")));
-        assert!(!unrouted, "{} {} is documented but not routed ({status}: {body})", route.method, route.path);
+        assert!(!unrouted, "{method} {} is documented but not routed ({status}: {body})", route.path);
     }
+    assert_eq!(doc, trellis_api::openapi::document(), "the server serves the generated document");
+}
+
+#[test]
+fn every_served_route_is_documented() {
+    let key = |r: &RouteInfo| (r.method, r.path);
+    let mut served: Vec<_> = trellis_control::api::routes().served().iter().map(key).collect();
+    let mut documented: Vec<_> = trellis_api::routes().map(key).collect();
+    served.sort();
+    documented.sort();
+    assert_eq!(served, documented);
+}
+
+/// The backticked names of an error such as serde's "unknown field `x`,
+/// expected one of `a`, `b`" after `after`.
+fn ticked_after(message: &str, after: &str) -> Vec<String> {
+    let rest = message.split_once(after).map_or("", |(_, rest)| rest);
+    rest.split('`').skip(1).step_by(2).map(str::to_string).collect()
+}
+
+/// Each handler deserializes its route's documented body type: a body with
+/// an unknown field is refused with the list of the fields the handler
+/// knows, which must be the schema's; a body-less call names a required field.
+#[tokio::test]
+async fn handlers_take_the_documented_body_types() {
+    let api = Api::new();
+    let acct = api.account("acme").await;
+    let doc = trellis_api::openapi::document();
+    let mut checked = 0;
+    for route in trellis_api::routes().filter(|r| r.body.is_some() && r.caller != Caller::AgentCert) {
+        let method = route.method.as_str();
+        let schema = &doc["paths"][route.path][method]["requestBody"]["content"]["application/json"]["schema"];
+        let schema = &doc["components"]["schemas"][s(&schema["$ref"]).rsplit('/').next().unwrap()];
+        let key = if route.caller == Caller::Admin { api.admin.clone() } else { acct.key.clone() };
+        let path = route.path.replace("{id}", "x");
+        let upper = method.to_uppercase();
+        if schema["additionalProperties"] == false {
+            let (status, err) = api.call(&upper, &path, &key, Some(json!({"notAField": 1}))).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{method} {}: {err}", route.path);
+            let mut known = ticked_after(s(&err["message"]), "expected");
+            let mut documented: Vec<String> = schema["properties"].as_object().unwrap().keys().cloned().collect();
+            known.sort();
+            documented.sort();
+            assert_eq!(known, documented, "{method} {}: {err}", route.path);
+        } else {
+            let (status, err) = api.call(&upper, &path, &key, Some(json!({}))).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{method} {}: {err}", route.path);
+            let missing = ticked_after(s(&err["message"]), "missing field");
+            let required = schema["required"].as_array().unwrap();
+            assert!(required.contains(&json!(missing[0])), "{method} {}: {err} vs {required:?}", route.path);
+        }
+        checked += 1;
+    }
+    assert!(checked >= 12, "only {checked} bodies checked");
+}
+
+/// Calls `route` and checks the status and the answer against the route's documented schema.
+async fn documented(api: &Api, route: &RouteInfo, id: &str, key: &str, body: Option<Value>) -> Value {
+    let path = route.path.replace("{id}", id);
+    let method = route.method.as_str();
+    let (status, answer) = api.call(&method.to_uppercase(), &path, key, body).await;
+    assert_eq!(status.as_u16(), route.status, "{method} {path}: {answer}");
+    let doc = trellis_api::openapi::document();
+    let schema = &doc["paths"][route.path][method]["responses"][route.status.to_string()]["content"]["application/json"]
+        ["schema"];
+    if route.method != Method::Delete {
+        validate_answer(&doc, schema, &answer)
+            .unwrap_or_else(|e| panic!("{method} {path} answered off its schema: {e}\n{answer}"));
+    }
+    answer
+}
+
+/// Every answer of the owner → consumer flow fits its route's documented schema.
+#[tokio::test]
+async fn answers_fit_their_documented_schemas() {
+    use trellis_api::{
+        accounts, agents, configurations, domains, endpoints, gateways, invitations, organizations, shares, subnets,
+        vpcs,
+    };
+    let api = Api::new();
+    let admin = api.admin.clone();
+    let org = documented(&api, &organizations::CREATE, "", &admin, Some(json!({"name": "org"}))).await;
+    documented(&api, &organizations::LIST, "", &admin, None).await;
+    documented(&api, &organizations::GET, s(&org["id"]), &admin, None).await;
+    let owner = documented(&api, &accounts::CREATE, "", &admin, Some(json!({"name": "acme"}))).await;
+    let consumer = documented(&api, &accounts::CREATE, "", &admin, Some(json!({"name": "globex"}))).await;
+    let (o, c) = (s(&owner["apiKey"]).to_string(), s(&consumer["apiKey"]).to_string());
+    let owner_id = s(&owner["id"]);
+    documented(&api, &accounts::LIST, "", &admin, None).await;
+    documented(&api, &accounts::GET, owner_id, &admin, None).await;
+    documented(&api, &accounts::CREATE_API_KEY, owner_id, &admin, None).await;
+    let patch = json!({"organizationId": org["id"]});
+    documented(&api, &accounts::UPDATE, owner_id, &admin, Some(patch)).await;
+    documented(&api, &accounts::UPDATE, owner_id, &admin, Some(json!({"organizationId": null}))).await;
+
+    let vpc = documented(&api, &vpcs::CREATE, "", &o, Some(json!({"name": "prod"}))).await;
+    documented(&api, &vpcs::UPDATE, s(&vpc["id"]), &o, Some(json!({"name": "next"}))).await;
+    documented(&api, &vpcs::LIST, "", &o, None).await;
+    documented(&api, &vpcs::GET, s(&vpc["id"]), &o, None).await;
+    let body = json!({"vpcId": vpc["id"], "zone": "z1", "cidrBlock": "10.0.9.0/24", "name": "a"});
+    let subnet = documented(&api, &subnets::CREATE, "", &o, Some(body)).await;
+    documented(&api, &subnets::LIST, "", &o, None).await;
+    documented(&api, &subnets::GET, s(&subnet["id"]), &o, None).await;
+    let token = documented(&api, &agents::CREATE_TOKEN, "", &o, Some(json!({"subnetId": subnet["id"]}))).await;
+    documented(&api, &agents::LIST_TOKENS, "", &o, None).await;
+    documented(&api, &agents::GET_TOKEN, s(&token["id"]), &o, None).await;
+    documented(&api, &agents::LIST, "", &o, None).await;
+    let body = json!({"name": "gw", "vpcIdentifier": vpc["id"], "subnetIds": [subnet["id"]]});
+    let gw = documented(&api, &gateways::CREATE, "", &o, Some(body)).await;
+    documented(&api, &gateways::LIST, "", &o, None).await;
+    documented(&api, &gateways::GET, s(&gw["id"]), &o, None).await;
+    let body =
+        json!({"name": "grp", "type": "GROUP", "resourceGatewayIdentifier": gw["id"], "portRanges": ["5000-6000"]});
+    let group = documented(&api, &configurations::CREATE, "", &o, Some(body)).await;
+    let body = json!({
+        "name": "web", "type": "CHILD", "resourceConfigurationGroupIdentifier": group["id"],
+        "resourceConfigurationDefinition": {"dnsResource": {"domainName": "web.internal"}},
+        "customDomainName": "web.example.com", "clientToken": "t-1"
+    });
+    let child = documented(&api, &configurations::CREATE, "", &o, Some(body)).await;
+    let body =
+        json!({"resourceConfigurationDefinition": {"ipResource": {"ipAddress": "10.0.0.11"}}, "portRanges": ["5432"]});
+    documented(&api, &configurations::UPDATE, s(&child["id"]), &o, Some(body)).await;
+    documented(&api, &configurations::LIST, "", &o, None).await;
+    documented(&api, &configurations::GET, s(&group["id"]), &o, None).await;
+    documented(&api, &configurations::USAGE, s(&group["id"]), &o, None).await;
+    let body = json!({"name": "s", "resourceArns": [group["arn"]], "principals": [consumer["id"]]});
+    let share = documented(&api, &shares::CREATE, "", &o, Some(body)).await;
+    documented(&api, &shares::LIST, "", &o, None).await;
+    documented(&api, &shares::GET, s(&share["id"]), &o, None).await;
+    let pending = documented(&api, &invitations::LIST, "", &c, None).await;
+    let invitation = s(&pending["items"][0]["id"]).to_string();
+    documented(&api, &invitations::GET, &invitation, &c, None).await;
+    documented(&api, &invitations::ACCEPT, &invitation, &c, None).await;
+    documented(&api, &configurations::LIST, "", &c, None).await;
+
+    let cvpc = documented(&api, &vpcs::CREATE, "", &c, Some(json!({"name": "mine"}))).await;
+    let body = json!({"vpcId": cvpc["id"], "zone": "z1", "cidrBlock": "10.0.9.0/24"});
+    let csubnet = documented(&api, &subnets::CREATE, "", &c, Some(body)).await;
+    let body = json!({
+        "vpcEndpointType": "Resource", "vpcId": cvpc["id"], "subnetIds": [csubnet["id"]],
+        "resourceConfigurationArn": group["arn"], "privateDnsEnabled": true, "privateDnsPreference": "ALL_DOMAINS"
+    });
+    let endpoint = documented(&api, &endpoints::CREATE, "", &c, Some(body)).await;
+    documented(&api, &endpoints::LIST, "", &c, None).await;
+    documented(&api, &endpoints::GET, s(&endpoint["id"]), &c, None).await;
+    let dv = documented(&api, &domains::CREATE, "", &o, Some(json!({"domainName": "example.com"}))).await;
+    documented(&api, &domains::LIST, "", &o, None).await;
+    documented(&api, &domains::GET, s(&dv["id"]), &o, None).await;
+
+    documented(&api, &domains::DELETE, s(&dv["id"]), &o, None).await;
+    documented(&api, &endpoints::DELETE, s(&endpoint["id"]), &c, None).await;
+    documented(&api, &shares::DELETE, s(&share["id"]), &o, None).await;
+    documented(&api, &configurations::DELETE, s(&child["id"]), &o, None).await;
+    documented(&api, &configurations::DELETE, s(&group["id"]), &o, None).await;
+    documented(&api, &gateways::DELETE, s(&gw["id"]), &o, None).await;
+    documented(&api, &agents::DELETE_TOKEN, s(&token["id"]), &o, None).await;
+    documented(&api, &subnets::DELETE, s(&subnet["id"]), &o, None).await;
+    documented(&api, &vpcs::DELETE, s(&vpc["id"]), &o, None).await;
 }
 
 /// Attack (issue 6.5): a provider PATCHed a shared configuration's ports to

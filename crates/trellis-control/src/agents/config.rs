@@ -12,11 +12,11 @@ use axum::Extension;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde::Deserialize;
-
 use std::sync::Arc;
 
 use trellis_model::AgentId;
+
+pub use trellis_api::agents::ConfigQuery;
 
 use super::AgentAuth;
 use crate::api::Query;
@@ -27,19 +27,6 @@ use crate::tls::ShutdownSignal;
 
 pub const DEFAULT_WAIT_SECONDS: u64 = 25;
 pub const MAX_WAIT_SECONDS: u64 = 60;
-
-#[derive(Clone, Debug, Default, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ConfigQuery {
-    /// The version the agent has; 0 (or absent) for none.
-    pub after: Option<u64>,
-    /// How long to wait for a different config (default 25, at most 60).
-    pub wait_seconds: Option<u64>,
-    /// SHA-256 of the content the agent holds as `after` (its JSON with
-    /// version 0): when it equals the current content, the agent keeps its
-    /// version and nothing is resent (after a control-plane restart).
-    pub have: Option<String>,
-}
 
 /// The agent's config when its version differs from `after` (after letting
 /// an agent that proves it holds the current content keep its version).

@@ -13,16 +13,16 @@ pub mod records;
 pub mod report;
 pub mod tokens;
 
-use axum::Router;
 use axum::extract::{FromRequestParts, State};
 use axum::http::StatusCode;
 use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use trellis_api::AgentListQuery;
+use trellis_api::agents as api;
 use trellis_model::{Agent, AgentId, Id};
 use trellis_store::{Filter, Tx, TxExt};
 
-use crate::api::{Json, ListQuery, Page, PathId, Query, get_owned, list_page, path_id};
+use crate::api::{Json, Page, Paged, PathId, Query, Routes, get_owned, list_page, path_id};
 use crate::auth::AccountAuth;
 use crate::error::ApiError;
 use crate::state::{AppState, now};
@@ -30,15 +30,18 @@ use crate::tls::PeerIdentity;
 use records::{AgentCert, AgentRuntime, RevokedCert};
 
 /// Routes of agent tokens, agents and the agent-facing API.
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/v1/agent-tokens", post(tokens::create).get(tokens::list))
-        .route("/v1/agent-tokens/{id}", get(tokens::get).delete(tokens::delete))
-        .route("/v1/agents", get(list))
-        .route("/v1/agents/{id}", get(get_one).delete(delete))
-        .route("/v1/agents/enroll", post(enroll::enroll))
-        .route("/v1/agents/self/config", get(config::config))
-        .route("/v1/agents/self/report", post(report::report))
+pub fn routes() -> Routes {
+    Routes::new()
+        .at(&api::CREATE_TOKEN, tokens::create)
+        .at(&api::LIST_TOKENS, tokens::list)
+        .at(&api::GET_TOKEN, tokens::get)
+        .at(&api::DELETE_TOKEN, tokens::delete)
+        .at(&api::LIST, list)
+        .at(&api::GET, get_one)
+        .at(&api::DELETE, delete)
+        .at(&api::ENROLL, enroll::enroll)
+        .at(&api::CONFIG, config::config)
+        .at(&api::REPORT, report::report)
 }
 
 /// The agent a request comes from, found by its client certificate.
@@ -79,16 +82,6 @@ impl FromRequestParts<AppState> for AgentAuth {
     }
 }
 
-/// Query of `GET /v1/agents`.
-#[derive(Clone, Debug, Default, serde::Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct AgentListQuery {
-    pub max_results: Option<usize>,
-    pub next_token: Option<String>,
-    pub vpc_id: Option<String>,
-    pub subnet_id: Option<String>,
-}
-
 /// The agent as the API shows it: liveness and the served config version
 /// come from its runtime record (reports write there, not to the agent).
 fn with_runtime(tx: &mut dyn Tx, mut agent: Agent) -> Result<Agent, ApiError> {
@@ -104,7 +97,7 @@ async fn list(
     AccountAuth(account): AccountAuth,
     Query(query): Query<AgentListQuery>,
 ) -> Result<Response, ApiError> {
-    let page = ListQuery { max_results: query.max_results, next_token: query.next_token, ..ListQuery::default() };
+    let page = query.paging();
     let page = state
         .read(move |tx| {
             // Subnet ids and VPC ids are both refs of an agent; the subnet is the narrower.

@@ -13,8 +13,8 @@ use std::time::Duration;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use serde::{Deserialize, Serialize};
-use trellis_model::{AgentId, Id, JoinTokenId, Subnet, SubnetId, Timestamp, VpcId};
+use trellis_api::agents::{CreateAgentToken, CreatedToken, TokenView};
+use trellis_model::{Id, JoinTokenId, Subnet, SubnetId, Timestamp};
 use trellis_proto::join_token::JoinToken;
 use trellis_store::{Filter, TxExt};
 
@@ -29,68 +29,33 @@ pub const DEFAULT_EXPIRES_IN_SECONDS: u64 = 3600;
 pub const MIN_EXPIRES_IN_SECONDS: u64 = 60;
 pub const MAX_EXPIRES_IN_SECONDS: u64 = 86_400;
 
-/// `POST /v1/agent-tokens`.
-#[derive(Clone, Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct CreateTokenRequest {
-    pub subnet_id: String,
-    pub expires_in_seconds: Option<u64>,
-}
-
-/// A token as the API shows it: never the secret.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct TokenView {
-    pub id: JoinTokenId,
-    pub token_id: JoinTokenId,
-    pub account_id: String,
-    pub vpc_id: VpcId,
-    pub subnet_id: SubnetId,
-    pub expires_at: Timestamp,
-    pub created_at: Timestamp,
-    /// `VALID`, `USED` or `EXPIRED`.
-    pub state: String,
-    pub used_at: Option<Timestamp>,
-    pub agent_id: Option<AgentId>,
-}
-
-impl TokenView {
-    pub fn of(token: &AgentToken, now: Timestamp) -> Self {
-        let state = if token.used_at.is_some() {
-            "USED"
-        } else if token.expires_at <= now {
-            "EXPIRED"
-        } else {
-            "VALID"
-        };
-        Self {
-            id: token.id.clone(),
-            token_id: token.id.clone(),
-            account_id: token.account_id.to_string(),
-            vpc_id: token.vpc_id.clone(),
-            subnet_id: token.subnet_id.clone(),
-            expires_at: token.expires_at,
-            created_at: token.created_at,
-            state: state.to_string(),
-            used_at: token.used_at,
-            agent_id: token.agent_id.clone(),
-        }
+/// A token as the API shows it at `now`: never the secret.
+pub fn view(token: &AgentToken, now: Timestamp) -> TokenView {
+    let state = if token.used_at.is_some() {
+        "USED"
+    } else if token.expires_at <= now {
+        "EXPIRED"
+    } else {
+        "VALID"
+    };
+    TokenView {
+        id: token.id.clone(),
+        token_id: token.id.clone(),
+        account_id: token.account_id.to_string(),
+        vpc_id: token.vpc_id.clone(),
+        subnet_id: token.subnet_id.clone(),
+        expires_at: token.expires_at,
+        created_at: token.created_at,
+        state: state.to_string(),
+        used_at: token.used_at,
+        agent_id: token.agent_id.clone(),
     }
-}
-
-/// The answer to a create: the view plus the whole token, shown this once.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct CreatedToken {
-    #[serde(flatten)]
-    pub view: TokenView,
-    pub token: String,
 }
 
 pub(super) async fn create(
     State(state): State<AppState>,
     AccountAuth(account): AccountAuth,
-    Json(req): Json<CreateTokenRequest>,
+    Json(req): Json<CreateAgentToken>,
 ) -> Result<Response, ApiError> {
     let expires_in = req.expires_in_seconds.unwrap_or(DEFAULT_EXPIRES_IN_SECONDS);
     if !(MIN_EXPIRES_IN_SECONDS..=MAX_EXPIRES_IN_SECONDS).contains(&expires_in) {
@@ -127,7 +92,7 @@ pub(super) async fn create(
         })
         .await?;
     let token = JoinToken { token_id: token_id.to_string(), secret, ca_sha256: state.ca.cert_sha256_hex().to_string() };
-    let body = CreatedToken { view: TokenView::of(&stored, created_at), token: token.to_string() };
+    let body = CreatedToken { view: view(&stored, created_at), token: token.to_string() };
     Ok((StatusCode::CREATED, Json(body)).into_response())
 }
 
@@ -138,7 +103,7 @@ pub(super) async fn list(
 ) -> Result<Json<crate::api::Page<TokenView>>, ApiError> {
     let tokens = state.read(move |tx| Ok(tx.list_obj::<AgentToken>(&Filter::account(account.id.as_str()))?)).await?;
     let now = now();
-    let views = tokens.iter().map(|t| TokenView::of(t, now)).collect();
+    let views = tokens.iter().map(|t| view(t, now)).collect();
     Ok(Json(paginate(views, |t: &TokenView| t.id.to_string(), &query)?))
 }
 
@@ -149,7 +114,7 @@ pub(super) async fn get(
 ) -> Result<Json<TokenView>, ApiError> {
     let id: JoinTokenId = path_id(&raw)?;
     let token = state.read(move |tx| get_owned::<AgentToken>(tx, &account.id, id.as_str(), JoinTokenId::KIND)).await?;
-    Ok(Json(TokenView::of(&token, now())))
+    Ok(Json(view(&token, now())))
 }
 
 /// Deletes a token; an unused one can no longer enroll. Agents it enrolled stay.

@@ -4,43 +4,26 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use axum::extract::State;
+use axum::http::StatusCode;
 use axum::response::Response;
-use axum::routing::{get, post};
-use axum::{Router, http::StatusCode};
-use serde::{Deserialize, Deserializer, Serialize};
+use trellis_api::accounts::{self as api, AccountWithKey, CreateAccount, NewKey, UpdateAccount};
 use trellis_model::{Account, AccountId, Organization, OrganizationId, VpcEndpoint, validate_name};
 use trellis_store::{Filter, Tx, TxExt};
 
 use super::endpoints::reassess_endpoints_of;
 use super::idempotency::{ADMIN_SCOPE, create_once};
-use super::{ClientToken, Json, ListQuery, Page, PathId, Query, created, paginate, path_id};
+use super::{ClientToken, Json, ListQuery, Page, PathId, Query, Routes, created, paginate, path_id};
 use crate::auth::{AdminAuth, generate_key, insert_key};
 use crate::error::ApiError;
 use crate::state::{AppState, now, seed};
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/v1/accounts", post(create).get(list))
-        .route("/v1/accounts/{id}", get(read).patch(update))
-        .route("/v1/accounts/{id}/apikeys", post(create_key))
-}
-
-#[derive(Debug, Deserialize, Serialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct CreateAccount {
-    pub name: String,
-    pub organization_id: Option<String>,
-    pub client_token: Option<String>,
-}
-
-/// An account with the key created with it (absent when a clientToken replays the create).
-#[derive(Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct AccountWithKey {
-    #[serde(flatten)]
-    pub account: Account,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub api_key: Option<String>,
+pub fn routes() -> Routes {
+    Routes::new()
+        .at(&api::CREATE, create)
+        .at(&api::LIST, list)
+        .at(&api::GET, read)
+        .at(&api::UPDATE, update)
+        .at(&api::CREATE_API_KEY, create_key)
 }
 
 fn organization_ref(tx: &mut dyn Tx, raw: &str) -> Result<OrganizationId, ApiError> {
@@ -92,19 +75,6 @@ async fn read(State(st): State<AppState>, _: AdminAuth, PathId(raw): PathId) -> 
         .map(Json)
 }
 
-/// Distinguishes an absent field (`None`) from `null` (`Some(None)`).
-fn double_option<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Option<String>>, D::Error> {
-    Option::<String>::deserialize(d).map(Some)
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct UpdateAccount {
-    /// An organization id to join, or `null` to leave the current one.
-    #[serde(default, deserialize_with = "double_option")]
-    pub organization_id: Option<Option<String>>,
-}
-
 async fn update(
     State(st): State<AppState>,
     _: AdminAuth,
@@ -136,13 +106,6 @@ async fn update(
     })
     .await
     .map(Json)
-}
-
-#[derive(Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct NewKey {
-    pub account_id: AccountId,
-    pub api_key: String,
 }
 
 async fn create_key(

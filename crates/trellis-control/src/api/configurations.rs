@@ -9,86 +9,52 @@
 
 use std::collections::BTreeMap;
 
-use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::Response;
-use axum::routing::{get, post};
-use serde::{Deserialize, Serialize};
+use trellis_api::configurations::{self as api, CreateConfiguration, DefinitionInput, UpdateConfiguration};
 use trellis_model::{
-    Access, Account, ConfigurationType, DnsResource, EndpointState, IpAddressType, IpResource, Pools, Protocol,
-    ResourceConfiguration, ResourceConfigurationId, ResourceDefinition, ResourceGateway, ResourceGatewayId,
-    ResourceShare, ResourceStatus, ShareStatus, Subnet, VpcEndpoint, kinds, parse_identifier, parse_port_ranges,
-    plan_dns_entries, ranges_cover, validate_domain_name, validate_name, validate_resource_ip,
+    Access, Account, ConfigurationType, DnsResource, EndpointState, IpResource, Pools, Protocol, ResourceConfiguration,
+    ResourceConfigurationId, ResourceDefinition, ResourceGateway, ResourceGatewayId, ResourceShare, ResourceStatus,
+    ShareStatus, Subnet, VpcEndpoint, kinds, parse_identifier, parse_port_ranges, plan_dns_entries, ranges_cover,
+    validate_domain_name, validate_name, validate_resource_ip,
 };
 use trellis_store::{Filter, Tx, TxExt};
 
 use super::endpoints::reassess_listener_budget;
 use super::idempotency::create_once;
 use super::subnets::used_addresses;
-use super::{ClientToken, Json, ListQuery, Page, PathId, Query, created, get_owned, page_of, page_size, path_id};
+use super::{
+    ClientToken, Json, ListQuery, Page, PathId, Query, Routes, created, get_owned, page_of, page_size, path_id,
+};
 use crate::auth::AccountAuth;
 use crate::error::{ApiError, invalid_reference};
 use crate::state::{AppState, now, seed};
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/v1/resourceconfigurations", post(create).get(list))
-        .route("/v1/resourceconfigurations/{id}", get(read).patch(update).delete(delete))
+pub fn routes() -> Routes {
+    Routes::new()
+        .at(&api::CREATE, create)
+        .at(&api::LIST, list)
+        .at(&api::GET, read)
+        .at(&api::UPDATE, update)
+        .at(&api::DELETE, delete)
 }
 
-#[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct IpInput {
-    pub ip_address: String,
-}
-
-#[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct DnsInput {
-    pub domain_name: String,
-    pub ip_address_type: Option<IpAddressType>,
-}
-
-/// `{"ipResource": {...}}` or `{"dnsResource": {...}}`, checked to hold exactly one.
-#[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct DefinitionInput {
-    pub ip_resource: Option<IpInput>,
-    pub dns_resource: Option<DnsInput>,
-}
-
-impl DefinitionInput {
-    pub fn validate(&self) -> Result<ResourceDefinition, ApiError> {
-        match (&self.ip_resource, &self.dns_resource) {
-            (Some(ip), None) => {
-                Ok(ResourceDefinition::IpResource(IpResource { ip_address: validate_resource_ip(&ip.ip_address)? }))
-            }
-            (None, Some(dns)) => Ok(ResourceDefinition::DnsResource(DnsResource {
-                domain_name: validate_domain_name(&dns.domain_name)?,
-                ip_address_type: dns.ip_address_type.unwrap_or_default(),
-            })),
-            _ => Err(ApiError::invalid(
-                "ValidationError",
-                "resourceConfigurationDefinition must hold exactly one of ipResource or dnsResource",
-            )),
+/// The definition a `resourceConfigurationDefinition` gives: exactly one of `ipResource` or `dnsResource`.
+pub fn definition(input: &DefinitionInput) -> Result<ResourceDefinition, ApiError> {
+    match (&input.ip_resource, &input.dns_resource) {
+        (Some(ip), None) => {
+            Ok(ResourceDefinition::IpResource(IpResource { ip_address: validate_resource_ip(&ip.ip_address)? }))
         }
+        (None, Some(dns)) => Ok(ResourceDefinition::DnsResource(DnsResource {
+            domain_name: validate_domain_name(&dns.domain_name)?,
+            ip_address_type: dns.ip_address_type.unwrap_or_default(),
+        })),
+        _ => Err(ApiError::invalid(
+            "ValidationError",
+            "resourceConfigurationDefinition must hold exactly one of ipResource or dnsResource",
+        )),
     }
-}
-
-#[derive(Debug, Deserialize, Serialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct CreateConfiguration {
-    pub name: String,
-    #[serde(rename = "type")]
-    pub config_type: String,
-    pub resource_gateway_identifier: Option<String>,
-    pub resource_configuration_group_identifier: Option<String>,
-    pub resource_configuration_definition: Option<DefinitionInput>,
-    pub port_ranges: Option<Vec<String>>,
-    pub protocol: Option<String>,
-    pub custom_domain_name: Option<String>,
-    pub client_token: Option<String>,
 }
 
 fn parse_type(raw: &str) -> Result<ConfigurationType, ApiError> {
@@ -128,7 +94,7 @@ fn check(body: &CreateConfiguration) -> Result<Checked, ApiError> {
         .map(|g| parse_identifier::<ResourceConfigurationId>(g, kinds::RESOURCE_CONFIGURATION))
         .transpose()
         .map_err(|e| invalid_reference("resourceConfigurationGroupIdentifier", e))?;
-    let definition = body.resource_configuration_definition.as_ref().map(DefinitionInput::validate).transpose()?;
+    let definition = body.resource_configuration_definition.as_ref().map(definition).transpose()?;
     let port_ranges = body.port_ranges.as_deref().map(parse_port_ranges).transpose()?;
     let custom_domain_name = body.custom_domain_name.as_deref().map(validate_domain_name).transpose()?;
     if let Some(name) = custom_domain_name.as_deref().filter(|n| trellis_model::is_reserved_dns_name(n)) {
@@ -392,13 +358,6 @@ async fn read(
     st.read(move |tx| get_visible(tx, &me, id.as_str())).await.map(Json)
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct UpdateConfiguration {
-    pub port_ranges: Option<Vec<String>>,
-    pub resource_configuration_definition: Option<DefinitionInput>,
-}
-
 async fn update(
     State(st): State<AppState>,
     AccountAuth(me): AccountAuth,
@@ -407,7 +366,7 @@ async fn update(
 ) -> Result<Json<ResourceConfiguration>, ApiError> {
     let id: ResourceConfigurationId = path_id(&raw)?;
     let ranges = body.port_ranges.as_deref().map(parse_port_ranges).transpose()?;
-    let definition = body.resource_configuration_definition.as_ref().map(DefinitionInput::validate).transpose()?;
+    let definition = body.resource_configuration_definition.as_ref().map(definition).transpose()?;
     st.write(move |tx| {
         let mut config = get_owned::<ResourceConfiguration>(tx, &me.id, id.as_str(), "resource configuration")?;
         if let Some(definition) = &definition {

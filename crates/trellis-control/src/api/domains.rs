@@ -4,17 +4,15 @@
 //! VERIFICATION_TIMED_OUT. Private to the account; one verification per
 //! domain and account; at most [`MAX_PER_ACCOUNT`] per account.
 
-use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::Response;
-use axum::routing::{get, post};
-use serde::{Deserialize, Serialize};
+use trellis_api::domains::{self as api, CreateDomainVerification};
 use trellis_model::{DomainVerification, DomainVerificationId, validate_verification_domain};
 use trellis_store::{Filter, TxExt};
 
 use super::idempotency::create_once;
-use super::{ClientToken, Json, PathId, created, get_owned, path_id};
+use super::{ClientToken, Json, PathId, Routes, created, get_owned, path_id};
 use crate::auth::AccountAuth;
 use crate::error::ApiError;
 use crate::state::{AppState, now, seed};
@@ -22,17 +20,12 @@ use crate::state::{AppState, now, seed};
 /// Verifications one account may hold (each costs periodic DNS lookups).
 pub const MAX_PER_ACCOUNT: usize = 100;
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/v1/domainverifications", post(create).get(super::list_owned::<DomainVerification>))
-        .route("/v1/domainverifications/{id}", get(super::read_owned::<DomainVerification>).delete(delete))
-}
-
-#[derive(Debug, Deserialize, Serialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct CreateDomainVerification {
-    pub domain_name: String,
-    pub client_token: Option<String>,
+pub fn routes() -> Routes {
+    Routes::new()
+        .at(&api::CREATE, create)
+        .at(&api::LIST, super::list_owned::<DomainVerification>)
+        .at(&api::GET, super::read_owned::<DomainVerification>)
+        .at(&api::DELETE, delete)
 }
 
 async fn create(

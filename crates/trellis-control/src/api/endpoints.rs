@@ -6,12 +6,11 @@
 //! endpoint starts `Pending` and turns `Available` when an agent reports its
 //! listeners ready. Deleting the endpoint frees its addresses.
 
-use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::Response;
-use axum::routing::{get, post};
-use serde::{Deserialize, Serialize};
+use trellis_api::VpcListQuery;
+use trellis_api::endpoints::{self as api, CreateEndpoint};
 use trellis_model::{
     Account, AccountId, ConfigurationType, EndpointState, Pools, PrivateDnsPreference, ResourceConfiguration,
     ResourceConfigurationId, ResourceGateway, Subnet, Vpc, VpcEndpoint, VpcEndpointId, VpcEndpointType, VpcId,
@@ -23,32 +22,20 @@ use super::configurations::{access_to, children};
 use super::gateways::{parse_subnet_ids, subnets_in_vpc};
 use super::idempotency::create_once;
 use super::subnets::used_addresses;
-use super::{ClientToken, Json, ListQuery, Page, PathId, Query, created, get_owned, list_page, no_duplicates, path_id};
+use super::{
+    ClientToken, Json, Page, Paged, PathId, Query, Routes, created, get_owned, list_page, no_duplicates, path_id,
+};
 use crate::auth::AccountAuth;
 use crate::compile::{LISTENER_BUDGET_REASON, listener_budget_exceeded};
 use crate::error::{ApiError, invalid_reference};
 use crate::state::{AppState, now, seed};
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/v1/vpcendpoints", post(create).get(list))
-        .route("/v1/vpcendpoints/{id}", get(super::read_owned::<VpcEndpoint>).delete(delete))
-}
-
-#[derive(Debug, Deserialize, Serialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct CreateEndpoint {
-    pub vpc_endpoint_type: String,
-    pub vpc_id: String,
-    pub subnet_ids: Vec<String>,
-    pub resource_configuration_arn: String,
-    #[serde(default)]
-    pub private_dns_enabled: bool,
-    /// `VERIFIED_DOMAINS_ONLY` (default), `ALL_DOMAINS` or `SPECIFIED_DOMAINS_ONLY`.
-    pub private_dns_preference: Option<String>,
-    /// The domains of `SPECIFIED_DOMAINS_ONLY`.
-    pub private_dns_specified_domains: Option<Vec<String>>,
-    pub client_token: Option<String>,
+pub fn routes() -> Routes {
+    Routes::new()
+        .at(&api::CREATE, create)
+        .at(&api::LIST, list)
+        .at(&api::GET, super::read_owned::<VpcEndpoint>)
+        .at(&api::DELETE, delete)
 }
 
 /// Most domains an endpoint may list in `privateDnsSpecifiedDomains`.
@@ -223,7 +210,7 @@ async fn create(
 async fn list(
     State(st): State<AppState>,
     AccountAuth(me): AccountAuth,
-    Query(q): Query<ListQuery>,
+    Query(q): Query<VpcListQuery>,
 ) -> Result<Json<Page<VpcEndpoint>>, ApiError> {
     let vpc =
         q.vpc_id.as_deref().map(VpcId::parse).transpose().map_err(|e| ApiError::bad_request(format!("vpcId: {e}")))?;
@@ -233,7 +220,7 @@ async fn list(
                 Some(v) => Filter::account_and_reference(me.id.as_str(), v.as_str()),
                 None => Filter::account(me.id.as_str()),
             };
-            list_page::<VpcEndpoint>(tx, filter, &q)
+            list_page::<VpcEndpoint>(tx, filter, &q.paging())
         })
         .await?;
     Ok(Json(page))

@@ -1,11 +1,9 @@
 //! Resource gateways: points of ingress into an owner's VPC, in one or more of its subnets.
 
-use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::Response;
-use axum::routing::{get, post};
-use serde::{Deserialize, Serialize};
+use trellis_api::gateways::{self as api, CreateGateway};
 use trellis_model::{
     AccountId, IpAddressType, ResourceConfiguration, ResourceGateway, ResourceGatewayId, ResourceStatus, Subnet,
     SubnetId, Vpc, VpcId, kinds, parse_identifier, validate_name,
@@ -14,25 +12,17 @@ use trellis_store::{Object, Tx, TxExt};
 
 use super::idempotency::create_once;
 use super::vpcs::count_refs;
-use super::{ClientToken, Json, PathId, created, get_owned, no_duplicates, path_id};
+use super::{ClientToken, Json, PathId, Routes, created, get_owned, no_duplicates, path_id};
 use crate::auth::AccountAuth;
 use crate::error::{ApiError, invalid_reference};
 use crate::state::{AppState, now, seed};
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/v1/resourcegateways", post(create).get(super::list_owned::<ResourceGateway>))
-        .route("/v1/resourcegateways/{id}", get(super::read_owned::<ResourceGateway>).delete(delete))
-}
-
-#[derive(Debug, Deserialize, Serialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct CreateGateway {
-    pub name: String,
-    pub vpc_identifier: String,
-    pub subnet_ids: Vec<String>,
-    pub ip_address_type: Option<IpAddressType>,
-    pub client_token: Option<String>,
+pub fn routes() -> Routes {
+    Routes::new()
+        .at(&api::CREATE, create)
+        .at(&api::LIST, super::list_owned::<ResourceGateway>)
+        .at(&api::GET, super::read_owned::<ResourceGateway>)
+        .at(&api::DELETE, delete)
 }
 
 /// Loads the subnets of `ids`, all owned by `me` and in `vpc`.

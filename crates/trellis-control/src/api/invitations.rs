@@ -7,49 +7,21 @@
 
 use std::collections::BTreeMap;
 
-use axum::Router;
 use axum::extract::State;
-use axum::routing::{get, post};
-use serde::Serialize;
+use trellis_api::invitations::{self as api, InvitationListQuery, InvitationView, SharedResource};
 use trellis_model::{
-    Account, ConfigurationType, InvitationStatus, ResourceConfiguration, ResourceConfigurationId, ResourceShare,
-    ResourceShareInvitation, ResourceShareInvitationId, kinds, parse_identifier,
+    Account, InvitationStatus, ResourceConfiguration, ResourceConfigurationId, ResourceShare, ResourceShareInvitation,
+    ResourceShareInvitationId, kinds, parse_identifier,
 };
 use trellis_store::{Filter, Tx, TxExt};
 
-use super::{Json, ListQuery, Page, PathId, Query, paginate, path_id};
+use super::{Json, Page, Paged, PathId, Query, Routes, paginate, path_id};
 use crate::auth::AccountAuth;
 use crate::error::ApiError;
 use crate::state::AppState;
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/v1/resourceshareinvitations", get(list))
-        .route("/v1/resourceshareinvitations/{id}", get(read))
-        .route("/v1/resourceshareinvitations/{id}/accept", post(accept))
-        .route("/v1/resourceshareinvitations/{id}/reject", post(reject))
-}
-
-/// An invitation as the API shows it: the stored record and the resources of its share.
-#[derive(Clone, Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct InvitationView {
-    #[serde(flatten)]
-    pub invitation: ResourceShareInvitation,
-    /// The resource configurations the share holds now.
-    pub resources: Vec<SharedResource>,
-}
-
-/// One resource configuration of a share, as an invitation shows it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct SharedResource {
-    pub id: ResourceConfigurationId,
-    pub arn: String,
-    pub name: String,
-    #[serde(rename = "type")]
-    pub config_type: ConfigurationType,
-    pub owner_account_id: String,
+pub fn routes() -> Routes {
+    Routes::new().at(&api::LIST, list).at(&api::GET, read).at(&api::ACCEPT, accept).at(&api::REJECT, reject)
 }
 
 /// The invitation with the resources its share holds now.
@@ -87,7 +59,7 @@ fn parse_status(raw: &str) -> Result<InvitationStatus, ApiError> {
 async fn list(
     State(st): State<AppState>,
     AccountAuth(me): AccountAuth,
-    Query(q): Query<ListQuery>,
+    Query(q): Query<InvitationListQuery>,
 ) -> Result<Json<Page<InvitationView>>, ApiError> {
     let status = q.status.as_deref().map(parse_status).transpose()?;
     let page = st
@@ -100,7 +72,7 @@ async fn list(
                     out.insert(i.id.to_string(), i);
                 }
             }
-            let page = paginate(out.into_values().collect(), |i| i.id.to_string(), &q)?;
+            let page = paginate(out.into_values().collect(), |i| i.id.to_string(), &q.paging())?;
             let items = page.items.into_iter().map(|i| view(tx, i)).collect::<Result<Vec<_>, _>>()?;
             Ok(Page { items, next_token: page.next_token })
         })

@@ -1,6 +1,11 @@
 //! The user-facing HTTP API: one module per resource, the router that joins
 //! them with the agent and usage routes, and helpers they share.
 //!
+//! What each route takes and answers is declared in `trellis_api` (one
+//! constant per route, with its body, query and answer types); each module
+//! here registers its handlers on those constants with [`Routes::at`], so the
+//! router serves exactly the routes the OpenAPI document lists.
+//!
 //! Every handler runs its whole effect in one store transaction, so a failed
 //! call leaves nothing behind; ids and `now` are drawn before the transaction.
 
@@ -19,10 +24,11 @@ pub mod subnets;
 pub mod vpcs;
 
 use axum::Router;
+use axum::handler::Handler;
 use axum::http::{StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
+use trellis_api::{Method, Route, RouteInfo};
 use trellis_model::{AccountId, Id};
 use trellis_store::{Object, Tx, TxExt};
 
@@ -30,28 +36,75 @@ use crate::error::ApiError;
 use crate::state::AppState;
 pub use extract::{Json, PathId, Query};
 pub use idempotency::{ClientToken, Created};
+pub use trellis_api::list::{DEFAULT_MAX_RESULTS, MAX_MAX_RESULTS};
+pub use trellis_api::{ListQuery, Page, Paged};
+
+/// Routes with their handlers, each registered on its `trellis_api` constant,
+/// and the list of what was registered (which a test holds to the document).
+#[derive(Default)]
+pub struct Routes {
+    router: Router<AppState>,
+    served: Vec<RouteInfo>,
+}
+
+impl Routes {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Serves `route` (its method and path) with `handler`.
+    pub fn at<B, Q, R, H, T>(mut self, route: &Route<B, Q, R>, handler: H) -> Self
+    where
+        H: Handler<T, AppState>,
+        T: 'static,
+    {
+        let method_router = match route.method {
+            Method::Get => axum::routing::get(handler),
+            Method::Post => axum::routing::post(handler),
+            Method::Patch => axum::routing::patch(handler),
+            Method::Delete => axum::routing::delete(handler),
+        };
+        self.router = self.router.route(route.path, method_router);
+        self.served.push(route.info);
+        self
+    }
+
+    /// These routes and `other`'s.
+    pub fn merge(mut self, other: Routes) -> Self {
+        self.router = self.router.merge(other.router);
+        self.served.extend(other.served);
+        self
+    }
+
+    /// Every route registered so far.
+    pub fn served(&self) -> &[RouteInfo] {
+        &self.served
+    }
+}
+
+/// Every route of the API with its handler.
+pub fn routes() -> Routes {
+    Routes::new()
+        .merge(accounts::routes())
+        .merge(organizations::routes())
+        .merge(vpcs::routes())
+        .merge(subnets::routes())
+        .merge(gateways::routes())
+        .merge(configurations::routes())
+        .merge(shares::routes())
+        .merge(invitations::routes())
+        .merge(endpoints::routes())
+        .merge(domains::routes())
+        .merge(crate::agents::routes())
+        .merge(crate::usage::routes())
+        .at(&trellis_api::meta::OPENAPI, openapi::serve)
+        .at(&trellis_api::meta::CA_PEM, ca_pem)
+        .at(&trellis_api::meta::HEALTHZ, || async { "ok" })
+}
 
 /// The whole API: user routes, agent routes, usage, OpenAPI, health and the CA certificate.
 pub fn api_router(state: AppState) -> Router {
-    Router::new()
-        .merge(accounts::router())
-        .merge(organizations::router())
-        .merge(vpcs::router())
-        .merge(subnets::router())
-        .merge(gateways::router())
-        .merge(configurations::router())
-        .merge(shares::router())
-        .merge(invitations::router())
-        .merge(endpoints::router())
-        .merge(domains::router())
-        .merge(crate::agents::router())
-        .merge(crate::usage::router())
-        .route("/v1/openapi.json", get(openapi::serve))
-        .route("/v1/ca.pem", get(ca_pem))
-        .route("/healthz", get(|| async { "ok" }))
-        .fallback(not_found)
-        .method_not_allowed_fallback(method_not_allowed)
-        .with_state(state)
+    routes().router.fallback(not_found).method_not_allowed_fallback(method_not_allowed).with_state(state)
 }
 
 async fn ca_pem(axum::extract::State(state): axum::extract::State<AppState>) -> Response {
@@ -78,29 +131,6 @@ pub fn created<T: Serialize>(outcome: Created<T>) -> Response {
     let status = if outcome.is_new() { StatusCode::CREATED } else { StatusCode::OK };
     (status, Json(outcome.into_inner())).into_response()
 }
-
-/// Query of list routes: pagination plus the filters some routes take.
-#[derive(Clone, Debug, Default, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ListQuery {
-    pub max_results: Option<usize>,
-    pub next_token: Option<String>,
-    /// `GET /v1/subnets?vpcId=`, `GET /v1/vpcendpoints?vpcId=`.
-    pub vpc_id: Option<String>,
-    /// `GET /v1/resourceshareinvitations?status=`.
-    pub status: Option<String>,
-}
-
-/// `{"items": [...], "nextToken": ...}`.
-#[derive(Clone, Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Page<T> {
-    pub items: Vec<T>,
-    pub next_token: Option<String>,
-}
-
-pub const DEFAULT_MAX_RESULTS: usize = 100;
-pub const MAX_MAX_RESULTS: usize = 1000;
 
 /// The page size a list query asks for, checked.
 pub fn page_size(query: &ListQuery) -> Result<usize, ApiError> {

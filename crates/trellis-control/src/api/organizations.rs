@@ -1,28 +1,19 @@
 //! Organizations (admin only): accounts in one organization share without invitations.
 
-use axum::Router;
 use axum::extract::State;
 use axum::response::Response;
-use axum::routing::{get, post};
-use serde::{Deserialize, Serialize};
+use trellis_api::organizations::{self as api, CreateOrganization};
 use trellis_model::{Organization, OrganizationId, validate_name};
 use trellis_store::{Filter, TxExt};
 
 use super::idempotency::{ADMIN_SCOPE, create_once};
-use super::{ClientToken, Json, ListQuery, Page, PathId, Query, created, paginate, path_id};
+use super::{ClientToken, Json, ListQuery, Page, PathId, Query, Routes, created, paginate, path_id};
 use crate::auth::AdminAuth;
 use crate::error::ApiError;
 use crate::state::{AppState, now, seed};
 
-pub fn router() -> Router<AppState> {
-    Router::new().route("/v1/organizations", post(create).get(list)).route("/v1/organizations/{id}", get(read))
-}
-
-#[derive(Debug, Deserialize, Serialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct CreateOrganization {
-    pub name: String,
-    pub client_token: Option<String>,
+pub fn routes() -> Routes {
+    Routes::new().at(&api::CREATE, create).at(&api::LIST, list).at(&api::GET, read)
 }
 
 async fn create(

@@ -4,12 +4,10 @@
 //! revokes it: consumers' endpoints stay but turn `Failed` with a reason,
 //! and agents drop them from their next config.
 
-use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::Response;
-use axum::routing::{get, post};
-use serde::{Deserialize, Serialize};
+use trellis_api::shares::{self as api, CreateShare};
 use trellis_model::{
     Account, AccountId, ConfigurationType, ResourceConfiguration, ResourceConfigurationId, ResourceShare,
     ResourceShareId, ResourceShareInvitation, ResourceShareInvitationId, Seed, kinds, parse_identifier,
@@ -19,7 +17,7 @@ use trellis_store::{Filter, TxExt};
 
 use super::endpoints::reassess_endpoints_of;
 use super::idempotency::create_once;
-use super::{ClientToken, Json, PathId, created, get_owned, no_duplicates, path_id};
+use super::{ClientToken, Json, PathId, Routes, created, get_owned, no_duplicates, path_id};
 use crate::auth::AccountAuth;
 use crate::error::{ApiError, invalid_reference};
 use crate::state::{AppState, now, seed};
@@ -27,21 +25,12 @@ use crate::state::{AppState, now, seed};
 /// Most principals one share may name.
 pub const MAX_PRINCIPALS: usize = 5_000;
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/v1/resourceshares", post(create).get(super::list_owned::<ResourceShare>))
-        .route("/v1/resourceshares/{id}", get(super::read_owned::<ResourceShare>).delete(delete))
-}
-
-#[derive(Debug, Deserialize, Serialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct CreateShare {
-    pub name: String,
-    #[serde(default)]
-    pub resource_arns: Vec<String>,
-    #[serde(default)]
-    pub principals: Vec<String>,
-    pub client_token: Option<String>,
+pub fn routes() -> Routes {
+    Routes::new()
+        .at(&api::CREATE, create)
+        .at(&api::LIST, super::list_owned::<ResourceShare>)
+        .at(&api::GET, super::read_owned::<ResourceShare>)
+        .at(&api::DELETE, delete)
 }
 
 async fn create(

@@ -3,18 +3,17 @@
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr};
 
-use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::Response;
-use axum::routing::{get, post};
-use serde::{Deserialize, Serialize};
+use trellis_api::VpcListQuery;
+use trellis_api::subnets::{self as api, CreateSubnet};
 use trellis_model::{AddressPool, ResourceGateway, Subnet, SubnetId, VpcEndpoint, VpcId, validate_name, validate_zone};
 use trellis_store::{Filter, Object, Tx, TxExt};
 
 use super::idempotency::create_once;
 use super::vpcs::{AGENT_KIND, count_refs};
-use super::{ClientToken, Json, ListQuery, Page, PathId, Query, created, get_owned, list_page, path_id};
+use super::{ClientToken, Json, Page, Paged, PathId, Query, Routes, created, get_owned, list_page, path_id};
 use crate::auth::AccountAuth;
 use crate::error::{ApiError, invalid_reference};
 use crate::state::{AppState, now, seed};
@@ -22,18 +21,8 @@ use crate::state::{AppState, now, seed};
 /// Record kind of the agent routes' join tokens (which reference their subnet).
 const AGENT_TOKEN_KIND: &str = "agent-token";
 
-pub fn router() -> Router<AppState> {
-    Router::new().route("/v1/subnets", post(create).get(list)).route("/v1/subnets/{id}", get(read).delete(delete))
-}
-
-#[derive(Debug, Deserialize, Serialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct CreateSubnet {
-    pub vpc_id: String,
-    pub zone: String,
-    pub cidr_block: String,
-    pub name: Option<String>,
-    pub client_token: Option<String>,
+pub fn routes() -> Routes {
+    Routes::new().at(&api::CREATE, create).at(&api::LIST, list).at(&api::GET, read).at(&api::DELETE, delete)
 }
 
 /// Pool addresses held by endpoints in `subnet` (any account's).
@@ -120,7 +109,7 @@ async fn create(
 async fn list(
     State(st): State<AppState>,
     AccountAuth(me): AccountAuth,
-    Query(q): Query<ListQuery>,
+    Query(q): Query<VpcListQuery>,
 ) -> Result<Json<Page<Subnet>>, ApiError> {
     let vpc =
         q.vpc_id.as_deref().map(VpcId::parse).transpose().map_err(|e| ApiError::bad_request(format!("vpcId: {e}")))?;
@@ -130,7 +119,7 @@ async fn list(
                 Some(v) => Filter::account_and_reference(me.id.as_str(), v.as_str()),
                 None => Filter::account(me.id.as_str()),
             };
-            let page = list_page::<Subnet>(tx, filter, &q)?;
+            let page = list_page::<Subnet>(tx, filter, &q.paging())?;
             let items = page.items.into_iter().map(|s| with_count(tx, s)).collect::<Result<Vec<_>, _>>()?;
             Ok(Page { items, next_token: page.next_token })
         })

@@ -1,16 +1,14 @@
 //! VPCs: networks of an account where agents run.
 
-use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::Response;
-use axum::routing::{get, post};
-use serde::{Deserialize, Serialize};
+use trellis_api::vpcs::{self as api, CreateVpc, UpdateVpc};
 use trellis_model::{AccountId, ResourceGateway, Subnet, Vpc, VpcEndpoint, VpcId, validate_name};
 use trellis_store::{Filter, Object, Tx, TxExt};
 
 use super::idempotency::create_once;
-use super::{ClientToken, Json, PathId, created, get_owned, path_id};
+use super::{ClientToken, Json, PathId, Routes, created, get_owned, path_id};
 use crate::auth::AccountAuth;
 use crate::error::ApiError;
 use crate::state::{AppState, now, seed};
@@ -18,17 +16,13 @@ use crate::state::{AppState, now, seed};
 /// Record kind of B's agents; counted raw so this module does not depend on their shape.
 pub const AGENT_KIND: &str = <trellis_model::Agent as Object>::KIND;
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/v1/vpcs", post(create).get(super::list_owned::<Vpc>))
-        .route("/v1/vpcs/{id}", get(super::read_owned::<Vpc>).patch(update).delete(delete))
-}
-
-#[derive(Debug, Deserialize, Serialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct CreateVpc {
-    pub name: String,
-    pub client_token: Option<String>,
+pub fn routes() -> Routes {
+    Routes::new()
+        .at(&api::CREATE, create)
+        .at(&api::LIST, super::list_owned::<Vpc>)
+        .at(&api::GET, super::read_owned::<Vpc>)
+        .at(&api::UPDATE, update)
+        .at(&api::DELETE, delete)
 }
 
 async fn create(
@@ -49,12 +43,6 @@ async fn create(
         })
         .await?;
     Ok(created(outcome))
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct UpdateVpc {
-    pub name: Option<String>,
 }
 
 async fn update(
