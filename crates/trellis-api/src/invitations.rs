@@ -4,7 +4,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use trellis_model::{ConfigurationType, ResourceConfigurationId, ResourceShareInvitation};
 
-use crate::list::{ListQuery, Page, Paged};
+use crate::list::{Page, list_query};
 use crate::route::Caller::Account;
 use crate::route::{Route, RouteInfo, get, post};
 
@@ -21,26 +21,12 @@ pub const REJECT: Route<(), (), InvitationView> =
 
 pub const ROUTES: &[RouteInfo] = &[LIST.info, GET.info, ACCEPT.info, REJECT.info];
 
-/// Paging and `?status=`.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct InvitationListQuery {
-    /// At most this many items (1-1000, default 100).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1, max = 1000))]
-    pub max_results: Option<usize>,
-    /// The `nextToken` of the previous page: continue after it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub next_token: Option<String>,
-    /// Only the invitations in this status.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(extend("enum" = ["PENDING", "ACCEPTED", "REJECTED", null]))]
-    pub status: Option<String>,
-}
-
-impl Paged for InvitationListQuery {
-    fn paging(&self) -> ListQuery {
-        ListQuery { max_results: self.max_results, next_token: self.next_token.clone() }
+list_query! {
+    /// Paging and `?status=`.
+    InvitationListQuery {
+        /// Only the invitations in this status.
+        #[schemars(extend("enum" = ["PENDING", "ACCEPTED", "REJECTED", null]))]
+        status: Option<String>,
     }
 }
 

@@ -1,8 +1,9 @@
 //! Lists: the paging every list route takes, the filters some add, and the
 //! `{"items": [...], "nextToken": ...}` page they answer.
 //!
-//! Each query type spells its fields out (no `#[serde(flatten)]`): a query
-//! string's values are all text, and only a struct's own numeric fields parse them.
+//! [`list_query!`] writes the paging fields into each query type rather than
+//! flattening a shared struct: a query string's values are all text, and
+//! only a struct's own numeric fields parse them.
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -13,77 +14,76 @@ pub const MAX_MAX_RESULTS: usize = 1000;
 /// Items in a page when `maxResults` is absent.
 pub const DEFAULT_MAX_RESULTS: usize = 100;
 
-/// `?maxResults=&nextToken=`: the paging of every list.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct ListQuery {
-    /// At most this many items (1-1000, default 100).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1, max = 1000))]
-    pub max_results: Option<usize>,
-    /// The `nextToken` of the previous page: continue after it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub next_token: Option<String>,
+/// A list query: the paging every list takes (`maxResults`, `nextToken`)
+/// and the filters given, all optional, with [`Paged`].
+///
+/// ```ignore
+/// list_query! {
+///     /// Paging and `?vpcId=`.
+///     VpcListQuery {
+///         /// Only the objects in this VPC.
+///         #[schemars(with = "Option<VpcId>")]
+///         vpc_id: Option<String>,
+///     }
+/// }
+/// ```
+macro_rules! list_query {
+    ($(#[$doc:meta])* $name:ident { $($(#[$field_attr:meta])* $field:ident: $ty:ty,)* }) => {
+        $(#[$doc])*
+        #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
+        #[serde(rename_all = "camelCase")]
+        pub struct $name {
+            /// At most this many items (1-1000, default 100).
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            #[schemars(range(min = 1, max = 1000))]
+            pub max_results: Option<usize>,
+            /// The `nextToken` of the previous page: continue after it.
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            pub next_token: Option<String>,
+            $(
+                $(#[$field_attr])*
+                #[serde(default, skip_serializing_if = "Option::is_none")]
+                pub $field: $ty,
+            )*
+        }
+
+        impl $crate::list::Paged for $name {
+            fn paging(&self) -> $crate::list::ListQuery {
+                $crate::list::ListQuery { max_results: self.max_results, next_token: self.next_token.clone() }
+            }
+        }
+    };
 }
+pub(crate) use list_query;
 
 /// A list query's paging, whatever filters it has.
 pub trait Paged {
     fn paging(&self) -> ListQuery;
 }
 
-impl Paged for ListQuery {
-    fn paging(&self) -> ListQuery {
-        self.clone()
+list_query! {
+    /// `?maxResults=&nextToken=`: the paging of every list.
+    ListQuery {}
+}
+
+list_query! {
+    /// Paging and `?vpcId=`: lists of objects in a VPC (subnets, VPC endpoints).
+    VpcListQuery {
+        /// Only the objects in this VPC.
+        #[schemars(with = "Option<VpcId>")]
+        vpc_id: Option<String>,
     }
 }
 
-/// Paging and `?vpcId=`: lists of objects in a VPC (subnets, VPC endpoints).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct VpcListQuery {
-    /// At most this many items (1-1000, default 100).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1, max = 1000))]
-    pub max_results: Option<usize>,
-    /// The `nextToken` of the previous page: continue after it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub next_token: Option<String>,
-    /// Only the objects in this VPC.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(with = "Option<VpcId>")]
-    pub vpc_id: Option<String>,
-}
-
-impl Paged for VpcListQuery {
-    fn paging(&self) -> ListQuery {
-        ListQuery { max_results: self.max_results, next_token: self.next_token.clone() }
-    }
-}
-
-/// Paging and `?vpcId=&subnetId=`: the agents list.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct AgentListQuery {
-    /// At most this many items (1-1000, default 100).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1, max = 1000))]
-    pub max_results: Option<usize>,
-    /// The `nextToken` of the previous page: continue after it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub next_token: Option<String>,
-    /// Only the agents in this VPC.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(with = "Option<VpcId>")]
-    pub vpc_id: Option<String>,
-    /// Only the agents in this subnet.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(with = "Option<SubnetId>")]
-    pub subnet_id: Option<String>,
-}
-
-impl Paged for AgentListQuery {
-    fn paging(&self) -> ListQuery {
-        ListQuery { max_results: self.max_results, next_token: self.next_token.clone() }
+list_query! {
+    /// Paging and `?vpcId=&subnetId=`: the agents list.
+    AgentListQuery {
+        /// Only the agents in this VPC.
+        #[schemars(with = "Option<VpcId>")]
+        vpc_id: Option<String>,
+        /// Only the agents in this subnet.
+        #[schemars(with = "Option<SubnetId>")]
+        subnet_id: Option<String>,
     }
 }
 

@@ -7,7 +7,7 @@ use serde_json::Value;
 
 use crate::cli::{GlobalArgs, OutputFormat};
 use crate::client::{ApiClient, ApiRequest, CaSource, ClientError};
-use crate::nouns::{VpcEndpointVerb, encode_segment};
+use crate::nouns::VpcEndpointVerb;
 use crate::output::render_table;
 
 /// Builds the API client from `--url`, `--api-key` and `--ca-cert`, saying what is missing.
@@ -115,8 +115,8 @@ pub async fn resolve_identifiers(client: &ApiClient, verb: &mut VpcEndpointVerb)
     if let VpcEndpointVerb::Create { resource_configuration, .. } = verb
         && !resource_configuration.starts_with("arn:")
     {
-        let path = format!("/v1/resourceconfigurations/{}", encode_segment(resource_configuration));
-        let rcfg = client.call(&ApiRequest::get(&path)).await.map_err(at_the_cli(&path))?;
+        let req = ApiRequest::at(&trellis_api::configurations::GET, resource_configuration);
+        let rcfg = client.call(&req).await.map_err(at_the_cli(&req.path))?;
         match rcfg.get("arn").and_then(Value::as_str) {
             Some(arn) => *resource_configuration = arn.to_string(),
             None => {
@@ -219,14 +219,14 @@ mod tests {
     #[test]
     fn deletes_with_an_empty_answer_say_what_was_deleted() {
         assert_eq!(
-            hints(&ApiRequest::delete("/v1/vpcs/vpc-1"), &Value::Null, "https://h:1", "trellis"),
+            hints(&ApiRequest::at(&trellis_api::vpcs::DELETE, "vpc-1"), &Value::Null, "https://h:1", "trellis"),
             "Deleted vpc-1.\n"
         );
     }
 
     #[test]
     fn secrets_shown_once_get_a_hint() {
-        let req = ApiRequest::post("/v1/agent-tokens", json!({}));
+        let req = ApiRequest::send(&trellis_api::agents::CREATE_TOKEN, &Default::default());
         let hint = hints(&req, &json!({"token": "trellis1.x"}), "https://h:1", "/opt/trellis");
         assert!(
             hint.contains(
@@ -235,7 +235,7 @@ mod tests {
             "the token goes in the environment, not in a flag `ps` shows: {hint}"
         );
         assert!(!hint.contains("--join-token"), "{hint}");
-        let req = ApiRequest::post("/v1/accounts", json!({}));
+        let req = ApiRequest::send(&trellis_api::accounts::CREATE, &Default::default());
         assert!(hints(&req, &json!({"apiKey": "k"}), "https://h:1", "trellis").contains("shown once"));
     }
 }

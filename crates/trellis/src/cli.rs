@@ -106,6 +106,7 @@ pub enum OutputFormat {
 }
 
 #[derive(Debug, Subcommand)]
+#[allow(clippy::large_enum_variant, reason = "parsed once per process; boxing would only complicate the matches")]
 pub enum Command {
     /// Run the control plane (API, CA, store), or replace its admin key (`trellis server reset-admin-key`)
     Server(ServerCommand),

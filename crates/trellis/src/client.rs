@@ -10,11 +10,16 @@ use std::time::Duration;
 use reqwest::{Method, StatusCode, Url};
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
+use serde::Serialize;
 use serde_json::Value;
+use trellis_api::{Route, RouteInfo};
 
 use crate::secret::ApiKey;
 
 /// One API call: method, path under the base URL, query and JSON body.
+///
+/// Built only from a `trellis_api` route constant and that route's own body
+/// and query types, so the CLI sends what the handlers take.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ApiRequest {
     pub method: Method,
@@ -24,29 +29,68 @@ pub struct ApiRequest {
 }
 
 impl ApiRequest {
-    pub fn get(path: &str) -> Self {
-        Self { method: Method::GET, path: path.to_string(), query: Vec::new(), body: None }
+    fn new(route: &RouteInfo, id: Option<&str>, body: Option<Value>) -> Self {
+        debug_assert_eq!(route.has_id(), id.is_some(), "{} takes {{id}} exactly when an id is given", route.path);
+        let method = match route.method {
+            trellis_api::Method::Get => Method::GET,
+            trellis_api::Method::Post => Method::POST,
+            trellis_api::Method::Patch => Method::PATCH,
+            trellis_api::Method::Delete => Method::DELETE,
+        };
+        let path = id.map_or_else(|| route.path.to_string(), |id| route.path_with(&encode_segment(id)));
+        // A POST without a body type (accept, reject, a new API key) still sends `{}`.
+        let body = body.or_else(|| (method == Method::POST).then(|| Value::Object(Default::default())));
+        Self { method, path, query: Vec::new(), body }
     }
 
-    pub fn post(path: &str, body: Value) -> Self {
-        Self { method: Method::POST, path: path.to_string(), query: Vec::new(), body: Some(body) }
+    /// `route` (a collection) with `body`.
+    pub fn send<B: Serialize, Q, R>(route: &Route<B, Q, R>, body: &B) -> Self {
+        Self::new(route, None, Some(json_of(body)))
     }
 
-    pub fn patch(path: &str, body: Value) -> Self {
-        Self { method: Method::PATCH, path: path.to_string(), query: Vec::new(), body: Some(body) }
+    /// `route` for the object `id`, with `body`.
+    pub fn send_to<B: Serialize, Q, R>(route: &Route<B, Q, R>, id: &str, body: &B) -> Self {
+        Self::new(route, Some(id), Some(json_of(body)))
     }
 
-    pub fn delete(path: &str) -> Self {
-        Self { method: Method::DELETE, path: path.to_string(), query: Vec::new(), body: None }
+    /// `route` for the object `id`, without a body.
+    pub fn at<Q, R>(route: &Route<(), Q, R>, id: &str) -> Self {
+        Self::new(route, Some(id), None)
     }
 
-    /// Adds `key=value` to the query when `value` is set.
-    pub fn query_opt(mut self, key: &str, value: Option<String>) -> Self {
-        if let Some(v) = value {
-            self.query.push((key.to_string(), v));
+    /// `route` (a list) with `query`: its fields that are set, in order.
+    pub fn list<Q: Serialize, R>(route: &Route<(), Q, R>, query: &Q) -> Self {
+        let mut req = Self::new(route, None, None);
+        if let Value::Object(fields) = json_of(query) {
+            for (key, value) in fields {
+                match value {
+                    Value::Null => {}
+                    Value::String(text) => req.query.push((key, text)),
+                    other => req.query.push((key, other.to_string())),
+                }
+            }
         }
-        self
+        req
     }
+}
+
+/// A request type as JSON. Request types are plain structs of strings,
+/// numbers, lists and options, which always serialize.
+fn json_of<T: Serialize>(value: &T) -> Value {
+    serde_json::to_value(value).expect("API request types serialize to JSON")
+}
+
+/// Percent-encodes one path segment (ids are plain; ARNs carry `:` and `/`).
+pub fn encode_segment(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 /// A successful answer: the body exactly as the server sent it.
@@ -315,7 +359,8 @@ mod tests {
     #[test]
     fn urls_keep_a_base_path_and_encode_the_query() {
         let client = ApiClient::new("http://h:1/prefix/".parse().unwrap(), None, &CaSource::None).unwrap();
-        let req = ApiRequest::get("/v1/subnets").query_opt("vpcId", Some("vpc-1 2".into()));
+        let query = trellis_api::VpcListQuery { vpc_id: Some("vpc-1 2".into()), ..Default::default() };
+        let req = ApiRequest::list(&trellis_api::subnets::LIST, &query);
         assert_eq!(client.url_for(&req).unwrap().as_str(), "http://h:1/prefix/v1/subnets?vpcId=vpc-1+2");
     }
 
@@ -325,7 +370,7 @@ mod tests {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let client =
             ApiClient::new(format!("http://127.0.0.1:{port}").parse().unwrap(), None, &CaSource::None).unwrap();
-        let err = client.send(&ApiRequest::get("/v1/vpcs")).await.unwrap_err();
+        let err = client.send(&ApiRequest::list(&trellis_api::vpcs::LIST, &Default::default())).await.unwrap_err();
         let text = err.to_string();
         assert!(
             text.starts_with(&format!("cannot reach the control plane at http://127.0.0.1:{port}/v1/vpcs: ")),

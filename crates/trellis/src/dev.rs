@@ -18,11 +18,19 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow, bail};
 use serde_json::{Value, json};
 use tokio::time::Instant;
+use trellis_api::accounts::CreateAccount;
+use trellis_api::agents::CreateAgentToken;
+use trellis_api::configurations::{CreateConfiguration, DefinitionInput, DnsInput, IpInput};
+use trellis_api::endpoints::CreateEndpoint;
+use trellis_api::gateways::CreateGateway;
+use trellis_api::shares::CreateShare;
+use trellis_api::subnets::CreateSubnet;
+use trellis_api::vpcs::CreateVpc;
+use trellis_api::{Route, accounts, agents, configurations, endpoints, gateways, invitations, shares, subnets, vpcs};
 
 use crate::cli::{DevArgs, OutputFormat, ShareHost, ShareTarget};
 use crate::client::{ApiClient, ApiRequest, CaSource};
 use crate::demo_service::DemoService;
-use crate::nouns::encode_segment;
 use crate::program::shell_quote;
 use crate::run_agent::{AgentHandle, AgentRole};
 use crate::run_server::ServerHandle;
@@ -184,11 +192,10 @@ async fn set_up(args: &DevArgs, dir: &Path, parts: &mut Parts) -> Result<Summary
     let (consumer, consumer_api) = create_account(&admin, CONSUMER_ACCOUNT, dir).await?;
 
     // Owner side: a VPC whose agent is the resource gateway.
-    let owner_vpc = id_of(&call(&owner_api, ApiRequest::post("/v1/vpcs", json!({"name": "customer-vpc"}))).await?)?;
+    let owner_vpc = create_vpc(&owner_api, "customer-vpc").await?;
     let owner_subnet = create_subnet(&owner_api, &owner_vpc, OWNER_POOL).await?;
     // Consumer side: a VPC whose agent serves the endpoint.
-    let consumer_vpc =
-        id_of(&call(&consumer_api, ApiRequest::post("/v1/vpcs", json!({"name": "provider-vpc"}))).await?)?;
+    let consumer_vpc = create_vpc(&consumer_api, "provider-vpc").await?;
     let consumer_subnet = create_subnet(&consumer_api, &consumer_vpc, CONSUMER_POOL).await?;
 
     let owner_token = join_token(&owner_api, &owner_subnet).await?;
@@ -201,49 +208,47 @@ async fn set_up(args: &DevArgs, dir: &Path, parts: &mut Parts) -> Result<Summary
     parts.agents.push(endpoint_agent);
 
     // The owner shares the resource.
-    let gateway = call(
-        &owner_api,
-        ApiRequest::post(
-            "/v1/resourcegateways",
-            json!({"name": "customer-gateway", "vpcIdentifier": owner_vpc, "subnetIds": [owner_subnet]}),
-        ),
-    )
-    .await?;
+    let gateway = CreateGateway {
+        name: "customer-gateway".into(),
+        vpc_identifier: owner_vpc,
+        subnet_ids: vec![owner_subnet],
+        ..Default::default()
+    };
+    let gateway = call(&owner_api, ApiRequest::send(&gateways::CREATE, &gateway)).await?;
     let gateway_id = id_of(&gateway)?;
-    wait_for_status(&owner_api, "/v1/resourcegateways", &gateway_id, "status", "ACTIVE").await?;
+    wait_for_status(&owner_api, &gateways::GET, &gateway_id, "status", "ACTIVE").await?;
 
     let definition = match &target.host {
-        ShareHost::Ip(ip) => json!({"ipResource": {"ipAddress": ip.to_string()}}),
-        ShareHost::Dns(name) => json!({"dnsResource": {"domainName": name}}),
+        ShareHost::Ip(ip) => {
+            DefinitionInput { ip_resource: Some(IpInput { ip_address: ip.to_string() }), ..Default::default() }
+        }
+        ShareHost::Dns(name) => DefinitionInput {
+            dns_resource: Some(DnsInput { domain_name: name.clone(), ip_address_type: None }),
+            ..Default::default()
+        },
     };
     let rcfg_name = if args.share.is_some() { "shared-service" } else { "demo-service" };
-    let rcfg = call(
-        &owner_api,
-        ApiRequest::post(
-            "/v1/resourceconfigurations",
-            json!({
-                "name": rcfg_name,
-                "type": "SINGLE",
-                "resourceGatewayIdentifier": gateway_id,
-                "resourceConfigurationDefinition": definition,
-                "portRanges": [target.port.to_string()],
-                "protocol": "TCP",
-            }),
-        ),
-    )
-    .await?;
+    let rcfg = CreateConfiguration {
+        name: rcfg_name.into(),
+        config_type: "SINGLE".into(),
+        resource_gateway_identifier: Some(gateway_id),
+        resource_configuration_definition: Some(definition),
+        port_ranges: Some(vec![target.port.to_string()]),
+        protocol: Some("TCP".into()),
+        ..Default::default()
+    };
+    let rcfg = call(&owner_api, ApiRequest::send(&configurations::CREATE, &rcfg)).await?;
     let rcfg_id = id_of(&rcfg)?;
     let rcfg_arn = str_field(&rcfg, "arn")?;
-    wait_for_status(&owner_api, "/v1/resourceconfigurations", &rcfg_id, "status", "ACTIVE").await?;
+    wait_for_status(&owner_api, &configurations::GET, &rcfg_id, "status", "ACTIVE").await?;
 
-    let share = call(
-        &owner_api,
-        ApiRequest::post(
-            "/v1/resourceshares",
-            json!({"name": "customer-share", "resourceArns": [rcfg_arn], "principals": [consumer.id]}),
-        ),
-    )
-    .await?;
+    let share = CreateShare {
+        name: "customer-share".into(),
+        resource_arns: vec![rcfg_arn.clone()],
+        principals: vec![consumer.id.clone()],
+        client_token: None,
+    };
+    let share = call(&owner_api, ApiRequest::send(&shares::CREATE, &share)).await?;
     let share_arn = share
         .get("resourceShareArn")
         .or_else(|| share.get("arn"))
@@ -253,21 +258,16 @@ async fn set_up(args: &DevArgs, dir: &Path, parts: &mut Parts) -> Result<Summary
 
     // The consumer accepts and creates its endpoint.
     accept_invitation(&consumer_api, &share_arn).await?;
-    let endpoint = call(
-        &consumer_api,
-        ApiRequest::post(
-            "/v1/vpcendpoints",
-            json!({
-                "vpcEndpointType": "Resource",
-                "vpcId": consumer_vpc,
-                "subnetIds": [consumer_subnet],
-                "resourceConfigurationArn": rcfg_arn,
-            }),
-        ),
-    )
-    .await?;
+    let endpoint = CreateEndpoint {
+        vpc_endpoint_type: "Resource".into(),
+        vpc_id: consumer_vpc,
+        subnet_ids: vec![consumer_subnet],
+        resource_configuration_arn: rcfg_arn,
+        ..Default::default()
+    };
+    let endpoint = call(&consumer_api, ApiRequest::send(&endpoints::CREATE, &endpoint)).await?;
     let endpoint_id = id_of(&endpoint)?;
-    let endpoint = wait_for_status(&consumer_api, "/v1/vpcendpoints", &endpoint_id, "state", "Available").await?;
+    let endpoint = wait_for_status(&consumer_api, &endpoints::GET, &endpoint_id, "state", "Available").await?;
     let (dns_name, ip) = dns_entry(&endpoint)?;
 
     Ok(Summary {
@@ -307,7 +307,9 @@ fn id_of(value: &Value) -> Result<String> {
 
 /// Creates an account as admin and stores its API key in `DIR/<name>.key` (mode 0600).
 async fn create_account(admin: &ApiClient, name: &'static str, dir: &Path) -> Result<(Account, ApiClient)> {
-    let account = call(admin, ApiRequest::post("/v1/accounts", json!({"name": name}))).await?;
+    let account =
+        call(admin, ApiRequest::send(&accounts::CREATE, &CreateAccount { name: name.into(), ..Default::default() }))
+            .await?;
     let id = account
         .get("accountId")
         .or_else(|| account.get("id"))
@@ -331,22 +333,33 @@ fn write_secret(path: &Path, secret: &str) -> Result<()> {
         .with_context(|| format!("writing {}", path.display()))
 }
 
+async fn create_vpc(api: &ApiClient, name: &str) -> Result<String> {
+    id_of(&call(api, ApiRequest::send(&vpcs::CREATE, &CreateVpc { name: name.into(), client_token: None })).await?)
+}
+
 async fn create_subnet(api: &ApiClient, vpc: &str, pool: &str) -> Result<String> {
-    id_of(&call(api, ApiRequest::post("/v1/subnets", json!({"vpcId": vpc, "zone": ZONE, "cidrBlock": pool}))).await?)
+    let subnet =
+        CreateSubnet { vpc_id: vpc.into(), zone: ZONE.into(), cidr_block: pool.into(), name: None, client_token: None };
+    id_of(&call(api, ApiRequest::send(&subnets::CREATE, &subnet)).await?)
 }
 
 async fn join_token(api: &ApiClient, subnet: &str) -> Result<String> {
-    let token = call(api, ApiRequest::post("/v1/agent-tokens", json!({"subnetId": subnet}))).await?;
-    str_field(&token, "token")
+    let token = CreateAgentToken { subnet_id: subnet.into(), expires_in_seconds: None };
+    str_field(&call(api, ApiRequest::send(&agents::CREATE_TOKEN, &token)).await?, "token")
 }
 
-/// Polls `collection/id` until `field` is `want`; fails at once on a failed state.
-async fn wait_for_status(api: &ApiClient, collection: &str, id: &str, field: &str, want: &str) -> Result<Value> {
+/// Polls `route` (a read) for `id` until `field` is `want`; fails at once on a failed state.
+async fn wait_for_status<R>(
+    api: &ApiClient,
+    route: &Route<(), (), R>,
+    id: &str,
+    field: &str,
+    want: &str,
+) -> Result<Value> {
     let deadline = Instant::now() + STEP_TIMEOUT;
-    let path = format!("{collection}/{}", encode_segment(id));
     let mut delay = Duration::from_millis(50);
     loop {
-        let object = call(api, ApiRequest::get(&path)).await?;
+        let object = call(api, ApiRequest::at(route, id)).await?;
         let state = object.get(field).and_then(Value::as_str).unwrap_or_default();
         if state == want {
             return Ok(object);
@@ -368,14 +381,13 @@ async fn wait_for_status(api: &ApiClient, collection: &str, id: &str, field: &st
 async fn accept_invitation(api: &ApiClient, share_arn: &str) -> Result<()> {
     let deadline = Instant::now() + STEP_TIMEOUT;
     loop {
-        let list = call(api, ApiRequest::get("/v1/resourceshareinvitations")).await?;
+        let list = call(api, ApiRequest::list(&invitations::LIST, &Default::default())).await?;
         let items = list.get("items").and_then(Value::as_array).cloned().unwrap_or_default();
         let invitation = items.iter().find(|i| i.get("resourceShareArn").and_then(Value::as_str) == Some(share_arn));
         if let Some(invitation) = invitation {
             let id = id_of(invitation)?;
             if invitation.get("status").and_then(Value::as_str) == Some("PENDING") {
-                let path = format!("/v1/resourceshareinvitations/{}/accept", encode_segment(&id));
-                call(api, ApiRequest::post(&path, json!({}))).await?;
+                call(api, ApiRequest::at(&invitations::ACCEPT, &id)).await?;
             }
             return Ok(());
         }

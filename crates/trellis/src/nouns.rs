@@ -1,11 +1,30 @@
 //! The API verbs, `trellis <noun> <verb>`: their flags and the HTTP request each
 //! one makes. Flags are kebab-case versions of the API's camelCase fields.
 //!
+//! Each verb fills in its route's request type from `trellis_api` and sends
+//! it to that route's constant, so a body can only hold the fields the
+//! handler takes (see `docs/contributing-api.md` for adding a noun).
+//!
 //! Pure: turning a parsed verb into an [`ApiRequest`] does no I/O, so every
 //! route is tested without a server.
 
 use clap::{ArgGroup, Args, Subcommand, ValueEnum};
-use serde_json::{Map, Value};
+use trellis_api::accounts::{CreateAccount, UpdateAccount};
+use trellis_api::agents::CreateAgentToken;
+use trellis_api::configurations::{CreateConfiguration, DefinitionInput, DnsInput, IpInput, UpdateConfiguration};
+use trellis_api::domains::CreateDomainVerification;
+use trellis_api::endpoints::CreateEndpoint;
+use trellis_api::gateways::CreateGateway;
+use trellis_api::invitations::InvitationListQuery;
+use trellis_api::organizations::CreateOrganization;
+use trellis_api::shares::CreateShare;
+use trellis_api::subnets::CreateSubnet;
+use trellis_api::vpcs::{CreateVpc, UpdateVpc};
+use trellis_api::{
+    AgentListQuery, ListQuery, VpcListQuery, accounts, agents, configurations, domains, endpoints, gateways,
+    invitations, organizations, shares, subnets, vpcs,
+};
+use trellis_model::IpAddressType;
 use trellis_proto::PortRange;
 
 use crate::client::ApiRequest;
@@ -191,8 +210,8 @@ pub enum ResourceGatewayVerb {
         #[arg(long = "subnet", visible_alias = "subnet-id", value_name = "SUBNET_ID", required = true)]
         subnet_ids: Vec<String>,
         /// Address type
-        #[arg(long, value_name = "TYPE")]
-        ip_address_type: Option<String>,
+        #[arg(long, value_name = "TYPE", value_parser = parse_ip_address_type)]
+        ip_address_type: Option<IpAddressType>,
         #[command(flatten)]
         create: CreateArgs,
     },
@@ -236,20 +255,20 @@ pub struct DefinitionArgs {
     pub dns_name: Option<String>,
 
     /// Address type to resolve --dns-name to (IPV4, IPV6, DUALSTACK)
-    #[arg(long, value_name = "TYPE", requires = "dns_name")]
-    pub dns_ip_address_type: Option<String>,
+    #[arg(long, value_name = "TYPE", requires = "dns_name", value_parser = parse_ip_address_type)]
+    pub dns_ip_address_type: Option<IpAddressType>,
 }
 
 impl DefinitionArgs {
-    fn to_json(&self) -> Option<Value> {
+    fn input(&self) -> Option<DefinitionInput> {
         if let Some(ip) = self.ip {
-            return Some(serde_json::json!({"ipResource": {"ipAddress": ip.to_string()}}));
+            return Some(DefinitionInput {
+                ip_resource: Some(IpInput { ip_address: ip.to_string() }),
+                dns_resource: None,
+            });
         }
-        let name = self.dns_name.as_ref()?;
-        let mut dns = Map::new();
-        dns.insert("domainName".into(), name.clone().into());
-        put_opt(&mut dns, "ipAddressType", self.dns_ip_address_type.clone());
-        Some(serde_json::json!({ "dnsResource": dns }))
+        let dns = DnsInput { domain_name: self.dns_name.clone()?, ip_address_type: self.dns_ip_address_type };
+        Some(DefinitionInput { ip_resource: None, dns_resource: Some(dns) })
     }
 }
 
@@ -398,167 +417,158 @@ fn parse_expiry(s: &str) -> Result<u64, String> {
     Ok(secs)
 }
 
-fn put_opt(map: &mut Map<String, Value>, key: &str, value: Option<impl Into<Value>>) {
-    if let Some(v) = value {
-        map.insert(key.to_string(), v.into());
+/// `IPV4`, `IPV6` or `DUALSTACK` (any case), as the API spells them.
+fn parse_ip_address_type(s: &str) -> Result<IpAddressType, String> {
+    serde_json::from_value(s.to_ascii_uppercase().into())
+        .map_err(|_| format!("{s:?} is not an address type; write IPV4, IPV6 or DUALSTACK"))
+}
+
+impl ListArgs {
+    fn query(&self) -> ListQuery {
+        ListQuery { max_results: self.max_results.map(|n| n as usize), next_token: self.next_token.clone() }
+    }
+
+    /// The paging, and only the objects of `vpc_id` when given.
+    fn in_vpc(&self, vpc_id: Option<String>) -> VpcListQuery {
+        let ListQuery { max_results, next_token } = self.query();
+        VpcListQuery { max_results, next_token, vpc_id }
     }
 }
 
-/// A create body: the given fields plus `clientToken` when set.
-fn create_body(fields: Value, create: &CreateArgs) -> Value {
-    let mut map = match fields {
-        Value::Object(map) => map,
-        _ => unreachable!("create bodies are built from json! objects"),
-    };
-    map.retain(|_, v| !v.is_null());
-    put_opt(&mut map, "clientToken", create.client_token.clone());
-    Value::Object(map)
-}
-
-fn port_ranges_json(ranges: &[PortRange]) -> Value {
-    ranges.iter().map(|r| Value::String(r.to_string())).collect()
-}
-
-fn list(path: &str, args: &ListArgs) -> ApiRequest {
-    ApiRequest::get(path)
-        .query_opt("maxResults", args.max_results.map(|n| n.to_string()))
-        .query_opt("nextToken", args.next_token.clone())
-}
-
-fn item(collection: &str, id: &str) -> String {
-    format!("{collection}/{}", encode_segment(id))
-}
-
-/// Percent-encodes one path segment (ids are plain; ARNs carry `:` and `/`).
-pub fn encode_segment(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
+impl CreateArgs {
+    fn token(&self) -> Option<String> {
+        self.client_token.clone()
     }
-    out
 }
 
 impl AccountVerb {
     pub fn request(&self) -> ApiRequest {
-        const C: &str = "/v1/accounts";
         match self {
-            Self::Create { name, organization_id, create } => ApiRequest::post(
-                C,
-                create_body(serde_json::json!({"name": name, "organizationId": organization_id}), create),
+            Self::Create { name, organization_id, create } => ApiRequest::send(
+                &accounts::CREATE,
+                &CreateAccount {
+                    name: name.clone(),
+                    organization_id: organization_id.clone(),
+                    client_token: create.token(),
+                },
             ),
-            Self::List(l) => list(C, l),
-            Self::Get(t) => ApiRequest::get(&item(C, &t.id)),
-            Self::Update { target, organization_id, no_organization: _ } => {
-                // `--no-organization` sends an explicit null: leave the organization.
-                ApiRequest::patch(&item(C, &target.id), serde_json::json!({"organizationId": organization_id}))
-            }
-            Self::CreateApiKey(t) => ApiRequest::post(&format!("{}/apikeys", item(C, &t.id)), serde_json::json!({})),
+            Self::List(l) => ApiRequest::list(&accounts::LIST, &l.query()),
+            Self::Get(t) => ApiRequest::at(&accounts::GET, &t.id),
+            // `--no-organization` sends an explicit null: leave the organization.
+            Self::Update { target, organization_id, no_organization: _ } => ApiRequest::send_to(
+                &accounts::UPDATE,
+                &target.id,
+                &UpdateAccount { organization_id: Some(organization_id.clone()) },
+            ),
+            Self::CreateApiKey(t) => ApiRequest::at(&accounts::CREATE_API_KEY, &t.id),
         }
     }
 }
 
 impl OrganizationVerb {
     pub fn request(&self) -> ApiRequest {
-        const C: &str = "/v1/organizations";
         match self {
-            Self::Create { name, create } => {
-                ApiRequest::post(C, create_body(serde_json::json!({"name": name}), create))
-            }
-            Self::List(l) => list(C, l),
-            Self::Get(t) => ApiRequest::get(&item(C, &t.id)),
+            Self::Create { name, create } => ApiRequest::send(
+                &organizations::CREATE,
+                &CreateOrganization { name: name.clone(), client_token: create.token() },
+            ),
+            Self::List(l) => ApiRequest::list(&organizations::LIST, &l.query()),
+            Self::Get(t) => ApiRequest::at(&organizations::GET, &t.id),
         }
     }
 }
 
 impl VpcVerb {
     pub fn request(&self) -> ApiRequest {
-        const C: &str = "/v1/vpcs";
         match self {
             Self::Create { name, create } => {
-                ApiRequest::post(C, create_body(serde_json::json!({"name": name}), create))
+                ApiRequest::send(&vpcs::CREATE, &CreateVpc { name: name.clone(), client_token: create.token() })
             }
-            Self::List(l) => list(C, l),
-            Self::Get(t) => ApiRequest::get(&item(C, &t.id)),
-            Self::Update { target, name } => ApiRequest::patch(&item(C, &target.id), serde_json::json!({"name": name})),
-            Self::Delete(t) => ApiRequest::delete(&item(C, &t.id)),
+            Self::List(l) => ApiRequest::list(&vpcs::LIST, &l.query()),
+            Self::Get(t) => ApiRequest::at(&vpcs::GET, &t.id),
+            Self::Update { target, name } => {
+                ApiRequest::send_to(&vpcs::UPDATE, &target.id, &UpdateVpc { name: Some(name.clone()) })
+            }
+            Self::Delete(t) => ApiRequest::at(&vpcs::DELETE, &t.id),
         }
     }
 }
 
 impl SubnetVerb {
     pub fn request(&self) -> ApiRequest {
-        const C: &str = "/v1/subnets";
         match self {
-            Self::Create { vpc_id, zone, cidr_block, name, create } => ApiRequest::post(
-                C,
-                create_body(
-                    serde_json::json!({"vpcId": vpc_id, "zone": zone, "cidrBlock": cidr_block, "name": name}),
-                    create,
-                ),
+            Self::Create { vpc_id, zone, cidr_block, name, create } => ApiRequest::send(
+                &subnets::CREATE,
+                &CreateSubnet {
+                    vpc_id: vpc_id.clone(),
+                    zone: zone.clone(),
+                    cidr_block: cidr_block.clone(),
+                    name: name.clone(),
+                    client_token: create.token(),
+                },
             ),
-            Self::List { vpc_id, list: l } => list(C, l).query_opt("vpcId", vpc_id.clone()),
-            Self::Get(t) => ApiRequest::get(&item(C, &t.id)),
-            Self::Delete(t) => ApiRequest::delete(&item(C, &t.id)),
+            Self::List { vpc_id, list } => ApiRequest::list(&subnets::LIST, &list.in_vpc(vpc_id.clone())),
+            Self::Get(t) => ApiRequest::at(&subnets::GET, &t.id),
+            Self::Delete(t) => ApiRequest::at(&subnets::DELETE, &t.id),
         }
     }
 }
 
 impl AgentTokenVerb {
     pub fn request(&self) -> ApiRequest {
-        const C: &str = "/v1/agent-tokens";
         match self {
-            Self::Create { subnet_id, expires_in, create } => ApiRequest::post(
-                C,
-                create_body(serde_json::json!({"subnetId": subnet_id, "expiresInSeconds": expires_in}), create),
+            // Join tokens take no clientToken (a replay could not show the secret again).
+            Self::Create { subnet_id, expires_in, create: _ } => ApiRequest::send(
+                &agents::CREATE_TOKEN,
+                &CreateAgentToken { subnet_id: subnet_id.clone(), expires_in_seconds: *expires_in },
             ),
-            Self::List(l) => list(C, l),
-            Self::Get(t) => ApiRequest::get(&item(C, &t.id)),
-            Self::Delete(t) => ApiRequest::delete(&item(C, &t.id)),
+            Self::List(l) => ApiRequest::list(&agents::LIST_TOKENS, &l.query()),
+            Self::Get(t) => ApiRequest::at(&agents::GET_TOKEN, &t.id),
+            Self::Delete(t) => ApiRequest::at(&agents::DELETE_TOKEN, &t.id),
         }
     }
 }
 
 impl AgentVerb {
     pub fn request(&self) -> ApiRequest {
-        const C: &str = "/v1/agents";
         match self {
-            Self::List(l) => list(C, l),
-            Self::Get(t) => ApiRequest::get(&item(C, &t.id)),
-            Self::Delete(t) => ApiRequest::delete(&item(C, &t.id)),
+            Self::List(l) => {
+                let ListQuery { max_results, next_token } = l.query();
+                ApiRequest::list(&agents::LIST, &AgentListQuery { max_results, next_token, ..Default::default() })
+            }
+            Self::Get(t) => ApiRequest::at(&agents::GET, &t.id),
+            Self::Delete(t) => ApiRequest::at(&agents::DELETE, &t.id),
         }
     }
 }
 
 impl ResourceGatewayVerb {
     pub fn request(&self) -> ApiRequest {
-        const C: &str = "/v1/resourcegateways";
         match self {
-            Self::Create { name, vpc_identifier, subnet_ids, ip_address_type, create } => ApiRequest::post(
-                C,
-                create_body(
-                    serde_json::json!({
-                        "name": name,
-                        "vpcIdentifier": vpc_identifier,
-                        "subnetIds": subnet_ids,
-                        "ipAddressType": ip_address_type,
-                    }),
-                    create,
-                ),
+            Self::Create { name, vpc_identifier, subnet_ids, ip_address_type, create } => ApiRequest::send(
+                &gateways::CREATE,
+                &CreateGateway {
+                    name: name.clone(),
+                    vpc_identifier: vpc_identifier.clone(),
+                    subnet_ids: subnet_ids.clone(),
+                    ip_address_type: *ip_address_type,
+                    client_token: create.token(),
+                },
             ),
-            Self::List(l) => list(C, l),
-            Self::Get(t) => ApiRequest::get(&item(C, &t.id)),
-            Self::Delete(t) => ApiRequest::delete(&item(C, &t.id)),
+            Self::List(l) => ApiRequest::list(&gateways::LIST, &l.query()),
+            Self::Get(t) => ApiRequest::at(&gateways::GET, &t.id),
+            Self::Delete(t) => ApiRequest::at(&gateways::DELETE, &t.id),
         }
     }
 }
 
+/// `--port-range` flags as the API's `portRanges`: absent when none is given.
+fn port_ranges(ranges: &[PortRange]) -> Option<Vec<String>> {
+    (!ranges.is_empty()).then(|| ranges.iter().map(PortRange::to_string).collect())
+}
+
 impl ResourceConfigurationVerb {
     pub fn request(&self) -> ApiRequest {
-        const C: &str = "/v1/resourceconfigurations";
         match self {
             Self::Create {
                 name,
@@ -566,111 +576,107 @@ impl ResourceConfigurationVerb {
                 resource_gateway_identifier,
                 resource_configuration_group_identifier,
                 definition,
-                port_ranges,
+                port_ranges: ranges,
                 protocol,
                 custom_domain_name,
                 create,
-            } => {
-                let ports = (!port_ranges.is_empty()).then(|| port_ranges_json(port_ranges));
-                ApiRequest::post(
-                    C,
-                    create_body(
-                        serde_json::json!({
-                            "name": name,
-                            "type": config_type.as_api(),
-                            "resourceGatewayIdentifier": resource_gateway_identifier,
-                            "resourceConfigurationGroupIdentifier": resource_configuration_group_identifier,
-                            "resourceConfigurationDefinition": definition.to_json(),
-                            "portRanges": ports,
-                            "protocol": protocol,
-                            "customDomainName": custom_domain_name,
-                        }),
-                        create,
-                    ),
-                )
-            }
-            Self::List(l) => list(C, l),
-            Self::Get(t) => ApiRequest::get(&item(C, &t.id)),
-            Self::Update { target, port_ranges, definition } => {
-                let mut body = Map::new();
-                if !port_ranges.is_empty() {
-                    body.insert("portRanges".into(), port_ranges_json(port_ranges));
-                }
-                put_opt(&mut body, "resourceConfigurationDefinition", definition.to_json());
-                ApiRequest::patch(&item(C, &target.id), Value::Object(body))
-            }
-            Self::Delete(t) => ApiRequest::delete(&item(C, &t.id)),
-            Self::Usage(t) => ApiRequest::get(&format!("{}/usage", item(C, &t.id))),
+            } => ApiRequest::send(
+                &configurations::CREATE,
+                &CreateConfiguration {
+                    name: name.clone(),
+                    config_type: config_type.as_api().to_string(),
+                    resource_gateway_identifier: resource_gateway_identifier.clone(),
+                    resource_configuration_group_identifier: resource_configuration_group_identifier.clone(),
+                    resource_configuration_definition: definition.input(),
+                    port_ranges: port_ranges(ranges),
+                    protocol: Some(protocol.clone()),
+                    custom_domain_name: custom_domain_name.clone(),
+                    client_token: create.token(),
+                },
+            ),
+            Self::List(l) => ApiRequest::list(&configurations::LIST, &l.query()),
+            Self::Get(t) => ApiRequest::at(&configurations::GET, &t.id),
+            Self::Update { target, port_ranges: ranges, definition } => ApiRequest::send_to(
+                &configurations::UPDATE,
+                &target.id,
+                &UpdateConfiguration {
+                    port_ranges: port_ranges(ranges),
+                    resource_configuration_definition: definition.input(),
+                },
+            ),
+            Self::Delete(t) => ApiRequest::at(&configurations::DELETE, &t.id),
+            Self::Usage(t) => ApiRequest::at(&configurations::USAGE, &t.id),
         }
     }
 }
 
 impl ResourceShareVerb {
     pub fn request(&self) -> ApiRequest {
-        const C: &str = "/v1/resourceshares";
         match self {
-            Self::Create { name, resource_arns, principals, create } => ApiRequest::post(
-                C,
-                create_body(
-                    serde_json::json!({"name": name, "resourceArns": resource_arns, "principals": principals}),
-                    create,
-                ),
+            Self::Create { name, resource_arns, principals, create } => ApiRequest::send(
+                &shares::CREATE,
+                &CreateShare {
+                    name: name.clone(),
+                    resource_arns: resource_arns.clone(),
+                    principals: principals.clone(),
+                    client_token: create.token(),
+                },
             ),
-            Self::List(l) => list(C, l),
-            Self::Get(t) => ApiRequest::get(&item(C, &t.id)),
-            Self::Delete(t) => ApiRequest::delete(&item(C, &t.id)),
+            Self::List(l) => ApiRequest::list(&shares::LIST, &l.query()),
+            Self::Get(t) => ApiRequest::at(&shares::GET, &t.id),
+            Self::Delete(t) => ApiRequest::at(&shares::DELETE, &t.id),
         }
     }
 }
 
 impl InvitationVerb {
     pub fn request(&self) -> ApiRequest {
-        const C: &str = "/v1/resourceshareinvitations";
         match self {
-            Self::List(l) => list(C, l),
-            Self::Get(t) => ApiRequest::get(&item(C, &t.id)),
-            Self::Accept(t) => ApiRequest::post(&format!("{}/accept", item(C, &t.id)), serde_json::json!({})),
-            Self::Reject(t) => ApiRequest::post(&format!("{}/reject", item(C, &t.id)), serde_json::json!({})),
+            Self::List(l) => {
+                let ListQuery { max_results, next_token } = l.query();
+                ApiRequest::list(&invitations::LIST, &InvitationListQuery { max_results, next_token, status: None })
+            }
+            Self::Get(t) => ApiRequest::at(&invitations::GET, &t.id),
+            Self::Accept(t) => ApiRequest::at(&invitations::ACCEPT, &t.id),
+            Self::Reject(t) => ApiRequest::at(&invitations::REJECT, &t.id),
         }
     }
 }
 
 impl VpcEndpointVerb {
     pub fn request(&self) -> ApiRequest {
-        const C: &str = "/v1/vpcendpoints";
         match self {
             Self::Create { vpc_id, subnet_ids, resource_configuration, private_dns_enabled, create } => {
-                ApiRequest::post(
-                    C,
-                    create_body(
-                        serde_json::json!({
-                            "vpcEndpointType": "Resource",
-                            "vpcId": vpc_id,
-                            "subnetIds": subnet_ids,
-                            "resourceConfigurationArn": resource_configuration,
-                            "privateDnsEnabled": private_dns_enabled,
-                        }),
-                        create,
-                    ),
+                ApiRequest::send(
+                    &endpoints::CREATE,
+                    &CreateEndpoint {
+                        vpc_endpoint_type: "Resource".into(),
+                        vpc_id: vpc_id.clone(),
+                        subnet_ids: subnet_ids.clone(),
+                        resource_configuration_arn: resource_configuration.clone(),
+                        private_dns_enabled: *private_dns_enabled,
+                        client_token: create.token(),
+                        ..Default::default()
+                    },
                 )
             }
-            Self::List(l) => list(C, l),
-            Self::Get(t) => ApiRequest::get(&item(C, &t.id)),
-            Self::Delete(t) => ApiRequest::delete(&item(C, &t.id)),
+            Self::List(l) => ApiRequest::list(&endpoints::LIST, &l.in_vpc(None)),
+            Self::Get(t) => ApiRequest::at(&endpoints::GET, &t.id),
+            Self::Delete(t) => ApiRequest::at(&endpoints::DELETE, &t.id),
         }
     }
 }
 
 impl DomainVerificationVerb {
     pub fn request(&self) -> ApiRequest {
-        const C: &str = "/v1/domainverifications";
         match self {
-            Self::Create { domain_name, create } => {
-                ApiRequest::post(C, create_body(serde_json::json!({"domainName": domain_name}), create))
-            }
-            Self::List(l) => list(C, l),
-            Self::Get(t) => ApiRequest::get(&item(C, &t.id)),
-            Self::Delete(t) => ApiRequest::delete(&item(C, &t.id)),
+            Self::Create { domain_name, create } => ApiRequest::send(
+                &domains::CREATE,
+                &CreateDomainVerification { domain_name: domain_name.clone(), client_token: create.token() },
+            ),
+            Self::List(l) => ApiRequest::list(&domains::LIST, &l.query()),
+            Self::Get(t) => ApiRequest::at(&domains::GET, &t.id),
+            Self::Delete(t) => ApiRequest::at(&domains::DELETE, &t.id),
         }
     }
 }
@@ -710,12 +716,14 @@ mod tests {
         assert_eq!(req.body, body, "trellis {args}");
     }
 
-    #[test]
-    fn every_noun_and_verb_maps_to_its_route() {
+    type Case = (&'static str, Method, &'static str, Option<serde_json::Value>);
+
+    /// A verb, and the method, path and body it must send.
+    fn cases() -> Vec<Case> {
         use Method as M;
         let none = None;
         let empty = Some(json!({}));
-        let cases: Vec<(&str, Method, &str, Option<serde_json::Value>)> = vec![
+        vec![
             ("account create --name acme", M::POST, "/v1/accounts", Some(json!({"name": "acme"}))),
             ("account list", M::GET, "/v1/accounts", none.clone()),
             ("account get acct-000000000001", M::GET, "/v1/accounts/acct-000000000001", none.clone()),
@@ -851,9 +859,68 @@ mod tests {
             ("domain-verification list", M::GET, "/v1/domainverifications", none.clone()),
             ("domain-verification get dv-1", M::GET, "/v1/domainverifications/dv-1", none.clone()),
             ("domain-verification delete dv-1", M::DELETE, "/v1/domainverifications/dv-1", none),
-        ];
-        for (args, method, path, body) in cases {
+        ]
+    }
+
+    #[test]
+    fn every_noun_and_verb_maps_to_its_route() {
+        for (args, method, path, body) in cases() {
             check(args, method, path, body);
+        }
+    }
+
+    /// The documented route a request goes to (`{id}` matches any segment).
+    fn route_of(req: &ApiRequest) -> &'static trellis_api::RouteInfo {
+        let segments = |p: &str| p.split('/').map(str::to_string).collect::<Vec<_>>();
+        let sent = segments(&req.path);
+        trellis_api::routes()
+            .find(|r| {
+                let route = segments(r.path);
+                r.method.as_str().eq_ignore_ascii_case(req.method.as_str())
+                    && route.len() == sent.len()
+                    && route.iter().zip(&sent).all(|(a, b)| a == "{id}" || a == b)
+            })
+            .unwrap_or_else(|| panic!("{} {} is no documented route", req.method, req.path))
+    }
+
+    /// Every body a verb sends fits its route's documented request schema, and
+    /// every route that takes a body (but the agents' own) is sent by a verb.
+    #[test]
+    fn every_body_fits_its_routes_documented_schema() {
+        let doc = trellis_api::openapi::document();
+        let mut sent = std::collections::BTreeSet::new();
+        let extra = [
+            "resource-gateway create --name gw --vpc v --subnet s --ip-address-type ipv4 --client-token t",
+            "resource-configuration update rcfg-1 --dns-name db.internal --dns-ip-address-type DUALSTACK --port-range 1",
+            "subnet create --vpc v --zone z --cidr-block 10.0.0.0/24 --name n --client-token t",
+            "account create --name a --organization-id o-1 --client-token t",
+            "agent-token create --subnet s",
+        ];
+        let verbs = cases().into_iter().map(|c| c.0).chain(extra);
+        for args in verbs {
+            let req = request(args);
+            let route = route_of(&req);
+            sent.insert(route.path.to_string() + " " + route.method.as_str());
+            let op = &doc["paths"][route.path][route.method.as_str()];
+            match (&req.body, route.body) {
+                (Some(body), Some(_)) => {
+                    let schema = &op["requestBody"]["content"]["application/json"]["schema"];
+                    trellis_api::check::validate(&doc, schema, body)
+                        .unwrap_or_else(|e| panic!("`trellis {args}` sends a body off its schema: {e}\n{body}"));
+                }
+                (body, None) => assert!(body.is_none() || body == &Some(json!({})), "`trellis {args}`: {body:?}"),
+                (None, Some(_)) => panic!("`trellis {args}` sends no body to {}", route.path),
+            }
+        }
+        let by_users =
+            |r: &&trellis_api::RouteInfo| matches!(r.caller, trellis_api::Caller::Account | trellis_api::Caller::Admin);
+        for route in trellis_api::routes().filter(|r| r.body.is_some()).filter(by_users) {
+            assert!(
+                sent.contains(&(route.path.to_string() + " " + route.method.as_str())),
+                "no verb sends {} {}",
+                route.method.as_str(),
+                route.path
+            );
         }
     }
 

@@ -18,7 +18,7 @@ use axum::http::StatusCode;
 use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
 use trellis_api::AgentListQuery;
-use trellis_api::agents as api;
+use trellis_api::agents;
 use trellis_model::{Agent, AgentId, Id};
 use trellis_store::{Filter, Tx, TxExt};
 
@@ -32,16 +32,16 @@ use records::{AgentCert, AgentRuntime, RevokedCert};
 /// Routes of agent tokens, agents and the agent-facing API.
 pub fn routes() -> Routes {
     Routes::new()
-        .at(&api::CREATE_TOKEN, tokens::create)
-        .at(&api::LIST_TOKENS, tokens::list)
-        .at(&api::GET_TOKEN, tokens::get)
-        .at(&api::DELETE_TOKEN, tokens::delete)
-        .at(&api::LIST, list)
-        .at(&api::GET, get_one)
-        .at(&api::DELETE, delete)
-        .at(&api::ENROLL, enroll::enroll)
-        .at(&api::CONFIG, config::config)
-        .at(&api::REPORT, report::report)
+        .at(&agents::CREATE_TOKEN, tokens::create)
+        .at(&agents::LIST_TOKENS, tokens::list)
+        .at(&agents::GET_TOKEN, tokens::get)
+        .at(&agents::DELETE_TOKEN, tokens::delete)
+        .at(&agents::LIST, list)
+        .at(&agents::GET, get_one)
+        .at(&agents::DELETE, delete)
+        .at(&agents::ENROLL, enroll::enroll)
+        .at(&agents::CONFIG, config::config)
+        .at(&agents::REPORT, report::report)
 }
 
 /// The agent a request comes from, found by its client certificate.

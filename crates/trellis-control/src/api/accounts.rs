@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::Response;
-use trellis_api::accounts::{self as api, AccountWithKey, CreateAccount, NewKey, UpdateAccount};
+use trellis_api::accounts::{self, AccountWithKey, CreateAccount, NewKey, UpdateAccount};
 use trellis_model::{Account, AccountId, Organization, OrganizationId, VpcEndpoint, validate_name};
 use trellis_store::{Filter, Tx, TxExt};
 
@@ -19,11 +19,11 @@ use crate::state::{AppState, now, seed};
 
 pub fn routes() -> Routes {
     Routes::new()
-        .at(&api::CREATE, create)
-        .at(&api::LIST, list)
-        .at(&api::GET, read)
-        .at(&api::UPDATE, update)
-        .at(&api::CREATE_API_KEY, create_key)
+        .at(&accounts::CREATE, create)
+        .at(&accounts::LIST, list)
+        .at(&accounts::GET, read)
+        .at(&accounts::UPDATE, update)
+        .at(&accounts::CREATE_API_KEY, create_key)
 }
 
 fn organization_ref(tx: &mut dyn Tx, raw: &str) -> Result<OrganizationId, ApiError> {

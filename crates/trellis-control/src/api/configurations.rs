@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::Response;
-use trellis_api::configurations::{self as api, CreateConfiguration, DefinitionInput, UpdateConfiguration};
+use trellis_api::configurations::{self, CreateConfiguration, DefinitionInput, UpdateConfiguration};
 use trellis_model::{
     Access, Account, ConfigurationType, DnsResource, EndpointState, IpResource, Pools, Protocol, ResourceConfiguration,
     ResourceConfigurationId, ResourceDefinition, ResourceGateway, ResourceGatewayId, ResourceShare, ResourceStatus,
@@ -33,11 +33,11 @@ use crate::state::{AppState, now, seed};
 
 pub fn routes() -> Routes {
     Routes::new()
-        .at(&api::CREATE, create)
-        .at(&api::LIST, list)
-        .at(&api::GET, read)
-        .at(&api::UPDATE, update)
-        .at(&api::DELETE, delete)
+        .at(&configurations::CREATE, create)
+        .at(&configurations::LIST, list)
+        .at(&configurations::GET, read)
+        .at(&configurations::UPDATE, update)
+        .at(&configurations::DELETE, delete)
 }
 
 /// The definition a `resourceConfigurationDefinition` gives: exactly one of `ipResource` or `dnsResource`.

@@ -7,7 +7,7 @@
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::Response;
-use trellis_api::domains::{self as api, CreateDomainVerification};
+use trellis_api::domains::{self, CreateDomainVerification};
 use trellis_model::{DomainVerification, DomainVerificationId, validate_verification_domain};
 use trellis_store::{Filter, TxExt};
 
@@ -22,10 +22,10 @@ pub const MAX_PER_ACCOUNT: usize = 100;
 
 pub fn routes() -> Routes {
     Routes::new()
-        .at(&api::CREATE, create)
-        .at(&api::LIST, super::list_owned::<DomainVerification>)
-        .at(&api::GET, super::read_owned::<DomainVerification>)
-        .at(&api::DELETE, delete)
+        .at(&domains::CREATE, create)
+        .at(&domains::LIST, super::list_owned::<DomainVerification>)
+        .at(&domains::GET, super::read_owned::<DomainVerification>)
+        .at(&domains::DELETE, delete)
 }
 
 async fn create(

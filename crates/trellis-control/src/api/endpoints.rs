@@ -10,7 +10,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::Response;
 use trellis_api::VpcListQuery;
-use trellis_api::endpoints::{self as api, CreateEndpoint};
+use trellis_api::endpoints::{self, CreateEndpoint};
 use trellis_model::{
     Account, AccountId, ConfigurationType, EndpointState, Pools, PrivateDnsPreference, ResourceConfiguration,
     ResourceConfigurationId, ResourceGateway, Subnet, Vpc, VpcEndpoint, VpcEndpointId, VpcEndpointType, VpcId,
@@ -32,10 +32,10 @@ use crate::state::{AppState, now, seed};
 
 pub fn routes() -> Routes {
     Routes::new()
-        .at(&api::CREATE, create)
-        .at(&api::LIST, list)
-        .at(&api::GET, super::read_owned::<VpcEndpoint>)
-        .at(&api::DELETE, delete)
+        .at(&endpoints::CREATE, create)
+        .at(&endpoints::LIST, list)
+        .at(&endpoints::GET, super::read_owned::<VpcEndpoint>)
+        .at(&endpoints::DELETE, delete)
 }
 
 /// Most domains an endpoint may list in `privateDnsSpecifiedDomains`.

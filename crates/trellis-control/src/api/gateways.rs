@@ -3,7 +3,7 @@
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::Response;
-use trellis_api::gateways::{self as api, CreateGateway};
+use trellis_api::gateways::{self, CreateGateway};
 use trellis_model::{
     AccountId, IpAddressType, ResourceConfiguration, ResourceGateway, ResourceGatewayId, ResourceStatus, Subnet,
     SubnetId, Vpc, VpcId, kinds, parse_identifier, validate_name,
@@ -19,10 +19,10 @@ use crate::state::{AppState, now, seed};
 
 pub fn routes() -> Routes {
     Routes::new()
-        .at(&api::CREATE, create)
-        .at(&api::LIST, super::list_owned::<ResourceGateway>)
-        .at(&api::GET, super::read_owned::<ResourceGateway>)
-        .at(&api::DELETE, delete)
+        .at(&gateways::CREATE, create)
+        .at(&gateways::LIST, super::list_owned::<ResourceGateway>)
+        .at(&gateways::GET, super::read_owned::<ResourceGateway>)
+        .at(&gateways::DELETE, delete)
 }
 
 /// Loads the subnets of `ids`, all owned by `me` and in `vpc`.

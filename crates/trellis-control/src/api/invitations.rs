@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 
 use axum::extract::State;
-use trellis_api::invitations::{self as api, InvitationListQuery, InvitationView, SharedResource};
+use trellis_api::invitations::{self, InvitationListQuery, InvitationView, SharedResource};
 use trellis_model::{
     Account, InvitationStatus, ResourceConfiguration, ResourceConfigurationId, ResourceShare, ResourceShareInvitation,
     ResourceShareInvitationId, kinds, parse_identifier,
@@ -21,7 +21,11 @@ use crate::error::ApiError;
 use crate::state::AppState;
 
 pub fn routes() -> Routes {
-    Routes::new().at(&api::LIST, list).at(&api::GET, read).at(&api::ACCEPT, accept).at(&api::REJECT, reject)
+    Routes::new()
+        .at(&invitations::LIST, list)
+        .at(&invitations::GET, read)
+        .at(&invitations::ACCEPT, accept)
+        .at(&invitations::REJECT, reject)
 }
 
 /// The invitation with the resources its share holds now.

@@ -2,7 +2,7 @@
 
 use axum::extract::State;
 use axum::response::Response;
-use trellis_api::organizations::{self as api, CreateOrganization};
+use trellis_api::organizations::{self, CreateOrganization};
 use trellis_model::{Organization, OrganizationId, validate_name};
 use trellis_store::{Filter, TxExt};
 
@@ -13,7 +13,7 @@ use crate::error::ApiError;
 use crate::state::{AppState, now, seed};
 
 pub fn routes() -> Routes {
-    Routes::new().at(&api::CREATE, create).at(&api::LIST, list).at(&api::GET, read)
+    Routes::new().at(&organizations::CREATE, create).at(&organizations::LIST, list).at(&organizations::GET, read)
 }
 
 async fn create(

@@ -7,7 +7,7 @@
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::Response;
-use trellis_api::shares::{self as api, CreateShare};
+use trellis_api::shares::{self, CreateShare};
 use trellis_model::{
     Account, AccountId, ConfigurationType, ResourceConfiguration, ResourceConfigurationId, ResourceShare,
     ResourceShareId, ResourceShareInvitation, ResourceShareInvitationId, Seed, kinds, parse_identifier,
@@ -27,10 +27,10 @@ pub const MAX_PRINCIPALS: usize = 5_000;
 
 pub fn routes() -> Routes {
     Routes::new()
-        .at(&api::CREATE, create)
-        .at(&api::LIST, super::list_owned::<ResourceShare>)
-        .at(&api::GET, super::read_owned::<ResourceShare>)
-        .at(&api::DELETE, delete)
+        .at(&shares::CREATE, create)
+        .at(&shares::LIST, super::list_owned::<ResourceShare>)
+        .at(&shares::GET, super::read_owned::<ResourceShare>)
+        .at(&shares::DELETE, delete)
 }
 
 async fn create(

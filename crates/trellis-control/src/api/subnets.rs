@@ -7,7 +7,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::Response;
 use trellis_api::VpcListQuery;
-use trellis_api::subnets::{self as api, CreateSubnet};
+use trellis_api::subnets::{self, CreateSubnet};
 use trellis_model::{AddressPool, ResourceGateway, Subnet, SubnetId, VpcEndpoint, VpcId, validate_name, validate_zone};
 use trellis_store::{Filter, Object, Tx, TxExt};
 
@@ -22,7 +22,11 @@ use crate::state::{AppState, now, seed};
 const AGENT_TOKEN_KIND: &str = "agent-token";
 
 pub fn routes() -> Routes {
-    Routes::new().at(&api::CREATE, create).at(&api::LIST, list).at(&api::GET, read).at(&api::DELETE, delete)
+    Routes::new()
+        .at(&subnets::CREATE, create)
+        .at(&subnets::LIST, list)
+        .at(&subnets::GET, read)
+        .at(&subnets::DELETE, delete)
 }
 
 /// Pool addresses held by endpoints in `subnet` (any account's).

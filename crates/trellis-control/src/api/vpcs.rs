@@ -3,7 +3,7 @@
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::Response;
-use trellis_api::vpcs::{self as api, CreateVpc, UpdateVpc};
+use trellis_api::vpcs::{self, CreateVpc, UpdateVpc};
 use trellis_model::{AccountId, ResourceGateway, Subnet, Vpc, VpcEndpoint, VpcId, validate_name};
 use trellis_store::{Filter, Object, Tx, TxExt};
 
@@ -18,11 +18,11 @@ pub const AGENT_KIND: &str = <trellis_model::Agent as Object>::KIND;
 
 pub fn routes() -> Routes {
     Routes::new()
-        .at(&api::CREATE, create)
-        .at(&api::LIST, super::list_owned::<Vpc>)
-        .at(&api::GET, super::read_owned::<Vpc>)
-        .at(&api::UPDATE, update)
-        .at(&api::DELETE, delete)
+        .at(&vpcs::CREATE, create)
+        .at(&vpcs::LIST, super::list_owned::<Vpc>)
+        .at(&vpcs::GET, super::read_owned::<Vpc>)
+        .at(&vpcs::UPDATE, update)
+        .at(&vpcs::DELETE, delete)
 }
 
 async fn create(
