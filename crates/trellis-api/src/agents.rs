@@ -31,7 +31,7 @@ pub const CONFIG: Route<(), ConfigQuery, AgentConfig> =
     get(TAG, "/v1/agents/self/config", AgentCert, "Long-poll the agent's config (?after=&waitSeconds=)")
         .query()
         .json()
-        .or(304, "no newer config within waitSeconds");
+        .or(&[(304, "no newer config within waitSeconds")]);
 pub const REPORT: Route<AgentReport> =
     post(TAG, "/v1/agents/self/report", AgentCert, "Report listener readiness and usage").body().no_content();
 

@@ -158,15 +158,17 @@ fn operation(route: &RouteInfo, g: &mut Generators) -> Value {
             json!({"description": "the object an earlier create with the same clientToken made", "content": content}),
         );
     }
-    if let Some((status, description)) = route.also {
-        responses.insert(status.to_string(), json!({"description": description}));
-    }
     let error = g.answers.subschema_for::<ErrorBody>().to_value();
+    let error = |description: &str| json!({"description": description, "content": {"application/json": {"schema": error.clone()}}});
     for code in ["400", "401", "403", "404", "409", "422"] {
-        responses.insert(
-            code.into(),
-            json!({"description": "error", "content": {"application/json": {"schema": error.clone()}}}),
-        );
+        responses.insert(code.into(), error("error"));
+    }
+    if route.body.is_some() {
+        responses.insert("413".into(), error("the body is over the listener's limit"));
+    }
+    for (status, description) in route.also {
+        let answer = if *status >= 400 { error(description) } else { json!({"description": description}) };
+        responses.insert(status.to_string(), answer);
     }
     op.insert("responses".into(), Value::Object(responses));
     Value::Object(op)

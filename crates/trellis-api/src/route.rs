@@ -82,8 +82,8 @@ pub struct RouteInfo {
     /// Schema of the query string (an object of optional fields), when the route takes one.
     pub query: Option<SchemaFn>,
     pub answer: Answer,
-    /// One more documented outcome (status, description), e.g. the long-poll's 304.
-    pub also: Option<(u16, &'static str)>,
+    /// More documented outcomes (status, description), e.g. the long-poll's 304.
+    pub also: &'static [(u16, &'static str)],
 }
 
 impl RouteInfo {
@@ -150,7 +150,7 @@ const fn route(method: Method, tag: &'static str, path: &'static str, caller: Ca
             body: None,
             query: None,
             answer: Answer::Empty,
-            also: None,
+            also: &[],
         },
         types: PhantomData,
     }
@@ -226,10 +226,10 @@ impl<B, Q, R> Route<B, Q, R> {
         Self::with(info)
     }
 
-    /// One more documented outcome besides the success and the errors.
-    pub const fn or(self, status: u16, description: &'static str) -> Self {
+    /// More documented outcomes besides the success and the errors every route may answer.
+    pub const fn or(self, outcomes: &'static [(u16, &'static str)]) -> Self {
         let mut info = self.info;
-        info.also = Some((status, description));
+        info.also = outcomes;
         Self::with(info)
     }
 }

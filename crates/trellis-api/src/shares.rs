@@ -12,7 +12,10 @@ use crate::route::{Route, RouteInfo, delete, get, post};
 const TAG: &str = "resourceshares";
 
 pub const CREATE: Route<CreateShare, (), ResourceShare> =
-    post(TAG, "/v1/resourceshares", Account, "Share resource configurations with accounts").body().created();
+    post(TAG, "/v1/resourceshares", Account, "Share resource configurations with accounts")
+        .body()
+        .created()
+        .or(&[(429, "the account creates shares faster than its rate limit; the message says when to retry")]);
 pub const LIST: Route<(), ListQuery, Page<ResourceShare>> =
     get(TAG, "/v1/resourceshares", Account, "List own resource shares").query().json();
 pub const GET: Route<(), (), ResourceShare> =

@@ -67,6 +67,20 @@ fn every_route_is_documented_once() {
 }
 
 #[test]
+fn outcomes_beside_success_are_documented() {
+    let doc = document();
+    let responses = |path: &str, method: &str| doc["paths"][path][method]["responses"].clone();
+    let create = responses("/v1/vpcs", "post");
+    assert_eq!(create["200"]["content"], create["201"]["content"], "a clientToken replay answers the same object");
+    assert!(create["413"].is_object() && create["422"]["content"].is_object());
+    assert!(responses("/v1/resourceshares", "post")["429"]["content"].is_object());
+    assert!(responses("/v1/agents/self/config", "get")["304"].is_object());
+    let token = responses("/v1/agent-tokens", "post");
+    assert!(token["200"].is_null(), "join tokens take no clientToken, so are never replayed");
+    assert!(responses("/v1/vpcs/{id}", "get")["413"].is_null(), "no body, no 413");
+}
+
+#[test]
 fn every_body_and_answer_is_an_object_schema_with_fields() {
     let doc = document();
     for route in trellis_api::routes() {
