@@ -2,7 +2,7 @@
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Deserializer, Serialize};
-use trellis_model::schema::Name;
+use trellis_model::schema::{ClientToken, Name};
 use trellis_model::{Account, AccountId, OrganizationId};
 
 use crate::list::{ListQuery, Page};
@@ -34,6 +34,7 @@ pub struct CreateAccount {
     pub organization_id: Option<String>,
     /// Idempotency token: a repeated create with the same token answers the first one's account.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<ClientToken>")]
     pub client_token: Option<String>,
 }
 

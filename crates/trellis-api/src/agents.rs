@@ -57,6 +57,7 @@ pub struct CreateAgentToken {
     pub subnet_id: String,
     /// How long the token stays valid: 60 to 86400 seconds (default 3600).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 60, max = 86400))]
     pub expires_in_seconds: Option<u64>,
 }
 

@@ -3,8 +3,8 @@
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-use trellis_model::schema::{DomainName, Name};
-use trellis_model::{IpAddressType, PortRange, ResourceConfiguration};
+use trellis_model::schema::{ClientToken, DomainName, IdOrArn, Name};
+use trellis_model::{IpAddressType, PortRange, ResourceConfiguration, ResourceConfigurationId, ResourceGatewayId};
 
 use crate::list::{ListQuery, Page};
 use crate::route::Caller::Account;
@@ -71,16 +71,18 @@ pub struct CreateConfiguration {
     pub config_type: String,
     /// The gateway (id or ARN) of a SINGLE or GROUP; a CHILD inherits its GROUP's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<IdOrArn<ResourceGatewayId>>")]
     pub resource_gateway_identifier: Option<String>,
     /// The GROUP (id or ARN) of a CHILD.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<IdOrArn<ResourceConfigurationId>>")]
     pub resource_configuration_group_identifier: Option<String>,
     /// Where the resource is (SINGLE, CHILD); a GROUP has none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resource_configuration_definition: Option<DefinitionInput>,
     /// Ports of the resource (required for SINGLE and GROUP; a CHILD's default to, and lie within, its GROUP's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(with = "Option<Vec<PortRange>>")]
+    #[schemars(with = "Option<Vec<PortRange>>", length(min = 1))]
     pub port_ranges: Option<Vec<String>>,
     /// TCP, the only protocol.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -92,6 +94,7 @@ pub struct CreateConfiguration {
     pub custom_domain_name: Option<String>,
     /// Idempotency token: a repeated create with the same token answers the first one's configuration.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<ClientToken>")]
     pub client_token: Option<String>,
 }
 
@@ -100,7 +103,7 @@ pub struct CreateConfiguration {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct UpdateConfiguration {
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(with = "Option<Vec<PortRange>>")]
+    #[schemars(with = "Option<Vec<PortRange>>", length(min = 1))]
     pub port_ranges: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resource_configuration_definition: Option<DefinitionInput>,

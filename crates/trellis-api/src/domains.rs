@@ -4,7 +4,7 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use trellis_model::DomainVerification;
-use trellis_model::schema::DomainName;
+use trellis_model::schema::{ClientToken, VerifiableDomain};
 
 use crate::list::{ListQuery, Page};
 use crate::route::Caller::Account;
@@ -34,9 +34,10 @@ pub const ROUTES: &[RouteInfo] = &[CREATE.info, LIST.info, GET.info, DELETE.info
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CreateDomainVerification {
     /// The domain; a verification covers every name under it.
-    #[schemars(with = "DomainName")]
+    #[schemars(with = "VerifiableDomain")]
     pub domain_name: String,
     /// Idempotency token: a repeated create with the same token answers the first one's verification.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<ClientToken>")]
     pub client_token: Option<String>,
 }

@@ -3,8 +3,8 @@
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-use trellis_model::schema::DomainName;
-use trellis_model::{SubnetId, VpcEndpoint, VpcId};
+use trellis_model::schema::{ClientToken, DomainName, IdOrArn};
+use trellis_model::{ResourceConfigurationId, SubnetId, VpcEndpoint, VpcId};
 
 use crate::list::{Page, VpcListQuery};
 use crate::route::Caller::Account;
@@ -31,9 +31,10 @@ pub struct CreateEndpoint {
     #[schemars(with = "VpcId")]
     pub vpc_id: String,
     /// Subnets of that VPC to get addresses in, one per zone.
-    #[schemars(with = "Vec<SubnetId>")]
+    #[schemars(with = "Vec<SubnetId>", length(min = 1), extend("uniqueItems" = true))]
     pub subnet_ids: Vec<String>,
     /// The resource configuration (ARN or id) shared with the account.
+    #[schemars(with = "IdOrArn<ResourceConfigurationId>")]
     pub resource_configuration_arn: String,
     /// Also answer the configuration's custom domain name.
     #[serde(default)]
@@ -48,5 +49,6 @@ pub struct CreateEndpoint {
     pub private_dns_specified_domains: Option<Vec<String>>,
     /// Idempotency token: a repeated create with the same token answers the first one's endpoint.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<ClientToken>")]
     pub client_token: Option<String>,
 }

@@ -2,8 +2,8 @@
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-use trellis_model::schema::Name;
-use trellis_model::{IpAddressType, ResourceGateway, SubnetId};
+use trellis_model::schema::{ClientToken, IdOrArn, Name};
+use trellis_model::{IpAddressType, ResourceGateway, SubnetId, VpcId};
 
 use crate::list::{ListQuery, Page};
 use crate::route::Caller::Account;
@@ -28,14 +28,16 @@ pub struct CreateGateway {
     #[schemars(with = "Name")]
     pub name: String,
     /// The VPC, by id or ARN.
+    #[schemars(with = "IdOrArn<VpcId>")]
     pub vpc_identifier: String,
     /// Subnets (zones) of that VPC whose agents serve the gateway; at least one.
-    #[schemars(with = "Vec<SubnetId>")]
+    #[schemars(with = "Vec<SubnetId>", length(min = 1), extend("uniqueItems" = true))]
     pub subnet_ids: Vec<String>,
     /// IPV4 (the default; the only type supported so far).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ip_address_type: Option<IpAddressType>,
     /// Idempotency token: a repeated create with the same token answers the first one's gateway.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<ClientToken>")]
     pub client_token: Option<String>,
 }

@@ -7,7 +7,7 @@
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-use trellis_model::{SubnetId, VpcId};
+use trellis_model::VpcId;
 
 /// Most items one page may hold (`maxResults`).
 pub const MAX_MAX_RESULTS: usize = 1000;
@@ -76,13 +76,11 @@ list_query! {
 }
 
 list_query! {
-    /// Paging and `?vpcId=&subnetId=`: the agents list.
+    /// Paging and `?vpcId=&subnetId=`: the agents list (another value matches no agent).
     AgentListQuery {
         /// Only the agents in this VPC.
-        #[schemars(with = "Option<VpcId>")]
         vpc_id: Option<String>,
         /// Only the agents in this subnet.
-        #[schemars(with = "Option<SubnetId>")]
         subnet_id: Option<String>,
     }
 }

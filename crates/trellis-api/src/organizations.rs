@@ -3,7 +3,7 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use trellis_model::Organization;
-use trellis_model::schema::Name;
+use trellis_model::schema::{ClientToken, Name};
 
 use crate::list::{ListQuery, Page};
 use crate::route::Caller::Admin;
@@ -27,5 +27,6 @@ pub struct CreateOrganization {
     pub name: String,
     /// Idempotency token: a repeated create with the same token answers the first one's organization.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<ClientToken>")]
     pub client_token: Option<String>,
 }

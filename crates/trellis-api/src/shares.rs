@@ -2,8 +2,8 @@
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-use trellis_model::schema::Name;
-use trellis_model::{AccountId, ResourceShare};
+use trellis_model::schema::{ClientToken, IdOrArn, Name};
+use trellis_model::{AccountId, ResourceConfigurationId, ResourceShare};
 
 use crate::list::{ListQuery, Page};
 use crate::route::Caller::Account;
@@ -32,12 +32,14 @@ pub struct CreateShare {
     pub name: String,
     /// ARNs (or ids) of the owner's SINGLE or GROUP configurations.
     #[serde(default)]
+    #[schemars(with = "Vec<IdOrArn<ResourceConfigurationId>>", extend("uniqueItems" = true))]
     pub resource_arns: Vec<String>,
     /// Accounts to share with (at most 5000).
     #[serde(default)]
-    #[schemars(with = "Vec<AccountId>")]
+    #[schemars(with = "Vec<AccountId>", length(max = 5000), extend("uniqueItems" = true))]
     pub principals: Vec<String>,
     /// Idempotency token: a repeated create with the same token answers the first one's share.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<ClientToken>")]
     pub client_token: Option<String>,
 }

@@ -2,7 +2,7 @@
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-use trellis_model::schema::{Name, Zone};
+use trellis_model::schema::{ClientToken, Name, Zone};
 use trellis_model::{AddressPool, Subnet, VpcId};
 
 use crate::list::{Page, VpcListQuery};
@@ -37,5 +37,6 @@ pub struct CreateSubnet {
     pub name: Option<String>,
     /// Idempotency token: a repeated create with the same token answers the first one's subnet.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<ClientToken>")]
     pub client_token: Option<String>,
 }

@@ -3,7 +3,7 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use trellis_model::Vpc;
-use trellis_model::schema::Name;
+use trellis_model::schema::{ClientToken, Name};
 
 use crate::list::{ListQuery, Page};
 use crate::route::Caller::Account;
@@ -27,6 +27,7 @@ pub struct CreateVpc {
     pub name: String,
     /// Idempotency token: a repeated create with the same token answers the first one's VPC.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<ClientToken>")]
     pub client_token: Option<String>,
 }
 

@@ -3,14 +3,19 @@
 //! OpenAPI document says what the API takes. Ids get theirs from
 //! `define_id!` in [`crate::ids`].
 //!
-//! [`Name`], [`Zone`] and [`DomainName`] are schemas only, for request fields
-//! that stay `String` so the handlers' validators word the errors
+//! [`Name`], [`Zone`], [`DomainName`], [`VerifiableDomain`], [`ClientToken`]
+//! and [`IdOrArn`] are schemas only, for request fields that stay `String`
+//! so the handlers' validators word the errors
 //! (`#[schemars(with = "trellis_model::schema::Name")]`).
 
 use std::borrow::Cow;
+use std::marker::PhantomData;
 
 use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
 
+use crate::arn::kinds;
+use crate::domain::MAX_VERIFIABLE_DOMAIN_LEN;
+use crate::ids::{ResourceConfigurationId, ResourceGatewayId, VpcId};
 use crate::pool::{AddressPool, MAX_PREFIX, MIN_PREFIX};
 use crate::ports::PortRange;
 use crate::time::Timestamp;
@@ -59,6 +64,11 @@ impl JsonSchema for Zone {
     }
 }
 
+/// One DNS label: 1-63 letters, digits and inner hyphens.
+const LABEL: &str = "[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?";
+/// The last label, which is not all digits (the name would look like an IPv4 address).
+const LAST_LABEL: &str = r"(?![0-9]+\.?$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?";
+
 /// A DNS name as [`crate::validate_domain_name`] accepts it.
 pub struct DomainName;
 
@@ -68,14 +78,87 @@ impl JsonSchema for DomainName {
     }
 
     fn json_schema(_: &mut SchemaGenerator) -> Schema {
-        let label = "[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?";
         let mut schema = string(
-            &format!(r"^({label}\.)*{label}\.?$"),
+            &format!(r"^({LABEL}\.)*{LAST_LABEL}\.?$"),
             None,
             "DNS name of at most 253 characters, e.g. db.example.com",
         );
         schema.insert("maxLength".into(), 254.into());
         schema
+    }
+}
+
+/// A domain as [`crate::validate_verification_domain`] accepts it.
+pub struct VerifiableDomain;
+
+impl JsonSchema for VerifiableDomain {
+    fn schema_name() -> Cow<'static, str> {
+        "VerifiableDomain".into()
+    }
+
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        let mut schema = string(
+            &format!(r"^({LABEL}\.)+{LAST_LABEL}\.?$"),
+            None,
+            &format!(
+                "a domain of two labels or more, at most {MAX_VERIFIABLE_DOMAIN_LEN} characters, e.g. example.com"
+            ),
+        );
+        schema.insert("maxLength".into(), (MAX_VERIFIABLE_DOMAIN_LEN + 1).into());
+        schema
+    }
+}
+
+/// A `clientToken`: 1-64 printable ASCII characters without spaces.
+pub struct ClientToken;
+
+impl JsonSchema for ClientToken {
+    fn schema_name() -> Cow<'static, str> {
+        "ClientToken".into()
+    }
+
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        string(
+            "^[!-~]{1,64}$",
+            None,
+            "idempotency token: a create repeated with the same token and body answers the first one's object",
+        )
+    }
+}
+
+/// An id type whose objects have ARNs, with the ARN's service and resource type.
+pub trait ArnKind {
+    const KIND: (&'static str, &'static str);
+}
+
+impl ArnKind for VpcId {
+    const KIND: (&'static str, &'static str) = kinds::VPC;
+}
+
+impl ArnKind for ResourceGatewayId {
+    const KIND: (&'static str, &'static str) = kinds::RESOURCE_GATEWAY;
+}
+
+impl ArnKind for ResourceConfigurationId {
+    const KIND: (&'static str, &'static str) = kinds::RESOURCE_CONFIGURATION;
+}
+
+/// An object named by its id (of type `T`) or by its ARN, as identifier
+/// fields take it ([`crate::parse_identifier`]).
+pub struct IdOrArn<T>(PhantomData<T>);
+
+impl<T: JsonSchema + ArnKind> JsonSchema for IdOrArn<T> {
+    fn schema_name() -> Cow<'static, str> {
+        format!("{}OrArn", T::schema_name()).into()
+    }
+
+    fn json_schema(generator: &mut SchemaGenerator) -> Schema {
+        let id_pattern = T::json_schema(generator).get("pattern").and_then(|p| p.as_str()).map(str::to_string);
+        let id_pattern = id_pattern.as_deref().map_or("[^/]+$", |p| p.trim_start_matches('^'));
+        let (service, resource_type) = T::KIND;
+        let arn = format!("^arn:trellis:{service}:[^:]*:[^:]*:{resource_type}/{id_pattern}");
+        let id = generator.subschema_for::<T>();
+        json_schema!({"anyOf": [id, {"type": "string", "pattern": arn, "description": "the object's ARN"}]})
     }
 }
 
@@ -96,7 +179,7 @@ impl JsonSchema for AddressPool {
 
     fn json_schema(_: &mut SchemaGenerator) -> Schema {
         string(
-            r"^[0-9]{1,3}(\.[0-9]{1,3}){3}/[0-9]{1,2}$",
+            r"^[0-9]{1,3}(\.[0-9]{1,3}){3}/(1[6-9]|2[0-8])$",
             None,
             &format!("IPv4 CIDR block from /{MIN_PREFIX} to /{MAX_PREFIX} without host bits, e.g. 10.0.9.0/24"),
         )
@@ -109,7 +192,8 @@ impl JsonSchema for PortRange {
     }
 
     fn json_schema(_: &mut SchemaGenerator) -> Schema {
-        string(r"^[0-9]{1,5}(-[0-9]{1,5})?$", None, "TCP port \"N\" or range \"N-M\", ports 1-65535, N <= M")
+        let port = "0*(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[1-9][0-9]{0,3})";
+        string(&format!("^{port}(-{port})?$"), None, "TCP port \"N\" or range \"N-M\", ports 1-65535, N <= M")
     }
 }
 
