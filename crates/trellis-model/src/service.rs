@@ -23,6 +23,7 @@ pub const MAX_PRINCIPALS: usize = 5_000;
 /// Where a service's traffic goes: an IP, or a DNS name resolved by the
 /// provider's agents in the provider's network.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub enum ServiceTarget {
     IpAddress(IpAddr),
@@ -40,6 +41,7 @@ impl std::fmt::Display for ServiceTarget {
 
 /// A port consumers connect to and the target port it maps to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct ServicePort {
     pub port: u16,
@@ -48,6 +50,7 @@ pub struct ServicePort {
 
 /// How new connections spread over healthy targets.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum LoadBalancing {
     #[default]
@@ -58,6 +61,7 @@ pub enum LoadBalancing {
 
 /// How targets are checked.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum HealthCheckProtocol {
     /// A TCP connection that opens.
@@ -69,6 +73,7 @@ pub enum HealthCheckProtocol {
 
 /// Active health checks run by the provider's agents (AWS target-group fields).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct HealthCheck {
     pub protocol: HealthCheckProtocol,
@@ -102,6 +107,7 @@ impl Default for HealthCheck {
 
 /// Whether targets get a PROXY protocol header first.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum ProxyProtocol {
     #[default]
@@ -111,6 +117,7 @@ pub enum ProxyProtocol {
 
 /// What one consumer account may use of a service or resource, per gateway agent.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct ConsumerLimits {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -121,6 +128,7 @@ pub struct ConsumerLimits {
 
 /// State of an endpoint service (AWS names).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub enum ServiceState {
     Available,
     Deleting,
@@ -128,6 +136,7 @@ pub enum ServiceState {
 
 /// A target's health as the provider's agents last reported it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct TargetHealthView {
     pub target: String,
@@ -142,6 +151,7 @@ pub struct TargetHealthView {
 
 /// A provider's endpoint service.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct VpcEndpointService {
     pub id: VpcEndpointServiceId,

@@ -58,6 +58,7 @@ pub struct AgentReport {
 
 /// One target of one service, as an agent's health checks see it.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct TargetHealthReport {
     pub service_id: String,

@@ -109,6 +109,7 @@ pub struct GatewayResource {
 
 /// One endpoint service run by a gateway agent.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct GatewayService {
     pub service_id: String,
@@ -210,6 +211,7 @@ pub struct EndpointResource {
 
 /// A name and the addresses the agent's DNS answers for it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct DnsRecord {
     pub name: String,
