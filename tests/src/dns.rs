@@ -45,8 +45,8 @@ fn fqdn(name: &str) -> Name {
 /// A recursive query for `name` of type `record_type`, as a stub resolver sends it.
 pub fn build_query(id: u16, name: &str, record_type: RecordType) -> Vec<u8> {
     let name = fqdn(name);
-    let mut msg = Message::new();
-    msg.set_id(id).set_message_type(MessageType::Query).set_op_code(OpCode::Query).set_recursion_desired(true);
+    let mut msg = Message::new(id, MessageType::Query, OpCode::Query);
+    msg.metadata.recursion_desired = true;
     msg.add_query(Query::query(name, record_type));
     msg.to_vec().expect("a query encodes")
 }
@@ -69,23 +69,28 @@ pub fn query(
     }
     .map_err(|e| format!("DNS {transport:?} query for {name} to {server}: {e}"))?;
     let message = Message::from_vec(&bytes).map_err(|e| format!("unparseable DNS answer from {server}: {e}"))?;
-    if message.id() != id || message.message_type() != MessageType::Response {
+    if message.metadata.id != id || message.metadata.message_type != MessageType::Response {
         return Err(format!("{server} answered something else than query {id}: {message:?}"));
     }
     let asked = fqdn(name);
-    if message.queries().first().map(Query::name) != Some(&asked) {
-        return Err(format!("{server} answered another question: {:?}", message.queries()));
+    if message.queries.first().map(Query::name) != Some(&asked) {
+        return Err(format!("{server} answered another question: {:?}", message.queries));
     }
     let addresses = message
-        .answers()
+        .answers
         .iter()
-        .filter_map(|r| match r.data() {
+        .filter_map(|r| match &r.data {
             RData::A(a) => Some(IpAddr::V4(a.0)),
             RData::AAAA(a) => Some(IpAddr::V6(a.0)),
             _ => None,
         })
         .collect();
-    Ok(DnsAnswer { response_code: message.response_code(), authoritative: message.authoritative(), addresses, message })
+    Ok(DnsAnswer {
+        response_code: message.metadata.response_code,
+        authoritative: message.metadata.authoritative,
+        addresses,
+        message,
+    })
 }
 
 /// The IPv4 addresses `server` gives for `name` over UDP; `Err` unless the
@@ -178,17 +183,13 @@ fn serve_stub(sock: &UdpSocket, table: &HashMap<String, Ipv4Addr>, queries: &Ato
         let Ok((n, from)) = sock.recv_from(&mut buf) else { continue };
         let Ok(request) = Message::from_vec(&buf[..n]) else { continue };
         queries.fetch_add(1, Ordering::Relaxed);
-        let Some(question) = request.queries().first() else { continue };
+        let Some(question) = request.queries.first() else { continue };
         let name = question.name().to_ascii().trim_end_matches('.').to_ascii_lowercase();
         let Some(ip) = table.get(&name) else { continue };
-        let mut response = Message::new();
-        response
-            .set_id(request.id())
-            .set_message_type(MessageType::Response)
-            .set_op_code(OpCode::Query)
-            .set_recursion_desired(request.recursion_desired())
-            .set_recursion_available(true)
-            .set_response_code(ResponseCode::NoError);
+        let mut response = Message::response(request.metadata.id, OpCode::Query);
+        response.metadata.recursion_desired = request.metadata.recursion_desired;
+        response.metadata.recursion_available = true;
+        response.metadata.response_code = ResponseCode::NoError;
         response.add_query(question.clone());
         if question.query_type() == RecordType::A {
             response.add_answer(Record::from_rdata(question.name().clone(), 60, RData::A(A(*ip))));

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use hickory_proto::op::{Message, MessageType, OpCode, ResponseCode};
+use hickory_proto::op::{Message, OpCode, ResponseCode};
 use hickory_proto::rr::rdata::TXT;
 use hickory_proto::rr::{RData, Record, RecordType};
 use trellis_e2e::{ControlPlane, wait_until};
@@ -48,7 +48,7 @@ impl HeldTxtResolver {
             while !s.load(Ordering::Relaxed) {
                 let Ok((n, from)) = sock.recv_from(&mut buf) else { continue };
                 let Ok(request) = Message::from_vec(&buf[..n]) else { continue };
-                let Some(question) = request.queries().first().cloned() else { continue };
+                let Some(question) = request.queries.first().cloned() else { continue };
                 q.fetch_add(1, Ordering::Relaxed);
                 let asked = question.name().to_ascii().trim_end_matches('.').to_ascii_lowercase();
                 let held_until = Instant::now() + HOLD;
@@ -59,8 +59,7 @@ impl HeldTxtResolver {
                     }
                     std::thread::sleep(Duration::from_millis(20));
                 };
-                let mut response = Message::new();
-                response.set_id(request.id()).set_message_type(MessageType::Response).set_op_code(OpCode::Query);
+                let mut response = Message::response(request.metadata.id, OpCode::Query);
                 response.add_query(question.clone());
                 match answer {
                     Some(value) => {
@@ -71,7 +70,7 @@ impl HeldTxtResolver {
                         ));
                     }
                     None => {
-                        response.set_response_code(ResponseCode::NXDomain);
+                        response.metadata.response_code = ResponseCode::NXDomain;
                     }
                 }
                 let _ = sock.send_to(&response.to_vec().unwrap(), from);

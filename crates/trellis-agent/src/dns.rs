@@ -92,14 +92,15 @@ pub enum Answer {
 /// Decides the answer to `packet` from `table`. Pure, so it is tested without sockets.
 pub fn answer(table: &NameTable, packet: &[u8]) -> Answer {
     let Ok(request) = Message::from_vec(packet) else { return Answer::Drop };
-    if request.message_type() != MessageType::Query {
+    let head = request.metadata;
+    if head.message_type != MessageType::Query {
         return Answer::Drop;
     }
-    if request.op_code() != OpCode::Query {
-        return reply(Message::error_msg(request.id(), request.op_code(), ResponseCode::NotImp));
+    if head.op_code != OpCode::Query {
+        return reply(Message::error_msg(head.id, head.op_code, ResponseCode::NotImp));
     }
-    let [query] = request.queries() else {
-        return reply(Message::error_msg(request.id(), request.op_code(), ResponseCode::FormErr));
+    let [query] = request.queries.as_slice() else {
+        return reply(Message::error_msg(head.id, head.op_code, ResponseCode::FormErr));
     };
     let name = query.name().to_ascii();
     let normalized = normalize(&name);
@@ -108,23 +109,20 @@ pub fn answer(table: &NameTable, packet: &[u8]) -> Answer {
         None if normalized == INTERNAL_SUFFIX || normalized.ends_with(&format!(".{INTERNAL_SUFFIX}")) => &[][..],
         // ANY is an amplification tool, never forwarded.
         None if query.query_type() == RecordType::ANY => {
-            let mut msg = Message::error_msg(request.id(), request.op_code(), ResponseCode::NotImp);
+            let mut msg = Message::error_msg(head.id, head.op_code, ResponseCode::NotImp);
             msg.add_query(query.clone());
-            msg.set_recursion_desired(request.recursion_desired()).set_recursion_available(true);
+            msg.metadata.recursion_desired = head.recursion_desired;
+            msg.metadata.recursion_available = true;
             return reply(msg);
         }
         None => return Answer::Forward,
     };
     let known = table.lookup(&normalized).is_some();
-    let mut response = Message::new();
-    response
-        .set_id(request.id())
-        .set_message_type(MessageType::Response)
-        .set_op_code(OpCode::Query)
-        .set_authoritative(true)
-        .set_recursion_desired(request.recursion_desired())
-        .set_recursion_available(true)
-        .set_response_code(if known { ResponseCode::NoError } else { ResponseCode::NXDomain });
+    let mut response = Message::response(head.id, OpCode::Query);
+    response.metadata.authoritative = true;
+    response.metadata.recursion_desired = head.recursion_desired;
+    response.metadata.recursion_available = true;
+    response.metadata.response_code = if known { ResponseCode::NoError } else { ResponseCode::NXDomain };
     response.add_query(query.clone());
     if query.query_class() == DNSClass::IN {
         for addr in addrs {
@@ -244,12 +242,13 @@ impl DnsContext {
     /// REFUSED for `packet` (a parseable query).
     fn refused(packet: &[u8]) -> Option<Vec<u8>> {
         let request = Message::from_vec(packet).ok()?;
-        if request.message_type() != MessageType::Query {
+        let head = request.metadata;
+        if head.message_type != MessageType::Query {
             return None;
         }
-        let mut msg = Message::error_msg(request.id(), request.op_code(), ResponseCode::Refused);
-        msg.add_queries(request.queries().iter().cloned());
-        msg.set_recursion_desired(request.recursion_desired());
+        let mut msg = Message::error_msg(head.id, head.op_code, ResponseCode::Refused);
+        msg.add_queries(request.queries);
+        msg.metadata.recursion_desired = head.recursion_desired;
         msg.to_vec().ok()
     }
 
@@ -266,9 +265,11 @@ impl DnsContext {
     /// SERVFAIL for `packet` (a parseable query), when the upstream cannot help.
     fn servfail(packet: &[u8]) -> Option<Vec<u8>> {
         let request = Message::from_vec(packet).ok()?;
-        let mut msg = Message::error_msg(request.id(), request.op_code(), ResponseCode::ServFail);
-        msg.add_queries(request.queries().iter().cloned());
-        msg.set_recursion_desired(request.recursion_desired()).set_recursion_available(true);
+        let head = request.metadata;
+        let mut msg = Message::error_msg(head.id, head.op_code, ResponseCode::ServFail);
+        msg.add_queries(request.queries);
+        msg.metadata.recursion_desired = head.recursion_desired;
+        msg.metadata.recursion_available = true;
         msg.to_vec().ok()
     }
 }
@@ -496,8 +497,8 @@ mod tests {
     }
 
     fn query(name: &str, ty: RecordType) -> Vec<u8> {
-        let mut msg = Message::new();
-        msg.set_id(4242).set_message_type(MessageType::Query).set_op_code(OpCode::Query).set_recursion_desired(true);
+        let mut msg = Message::new(4242, MessageType::Query, OpCode::Query);
+        msg.metadata.recursion_desired = true;
         msg.add_query(Query::query(Name::from_ascii(name).unwrap(), ty));
         msg.to_vec().unwrap()
     }
@@ -513,25 +514,25 @@ mod tests {
     fn configured_name_gets_its_address_case_insensitively() {
         let table = NameTable::from_config(&config());
         let msg = reply_of(answer(&table, &query("db.example.COM.", RecordType::A)));
-        assert_eq!(msg.id(), 4242);
-        assert_eq!(msg.response_code(), ResponseCode::NoError);
-        assert_eq!(msg.answers().len(), 1);
-        assert_eq!(msg.answers()[0].data(), &RData::A(A("127.77.0.5".parse().unwrap())));
+        assert_eq!(msg.metadata.id, 4242);
+        assert_eq!(msg.metadata.response_code, ResponseCode::NoError);
+        assert_eq!(msg.answers.len(), 1);
+        assert_eq!(&msg.answers[0].data, &RData::A(A("127.77.0.5".parse().unwrap())));
     }
 
     #[test]
     fn aaaa_for_an_ipv4_endpoint_is_empty_not_an_error() {
         let table = NameTable::from_config(&config());
         let msg = reply_of(answer(&table, &query("vpce-1.rcfg-1.local.trellis.internal.", RecordType::AAAA)));
-        assert_eq!(msg.response_code(), ResponseCode::NoError);
-        assert!(msg.answers().is_empty());
+        assert_eq!(msg.metadata.response_code, ResponseCode::NoError);
+        assert!(msg.answers.is_empty());
     }
 
     #[test]
     fn unknown_internal_name_is_nxdomain_and_others_are_forwarded() {
         let table = NameTable::from_config(&config());
         let msg = reply_of(answer(&table, &query("vpce-9.rcfg-9.local.trellis.internal.", RecordType::A)));
-        assert_eq!(msg.response_code(), ResponseCode::NXDomain);
+        assert_eq!(msg.metadata.response_code, ResponseCode::NXDomain);
         assert_eq!(answer(&table, &query("example.org.", RecordType::A)), Answer::Forward);
     }
 
@@ -539,11 +540,11 @@ mod tests {
     fn any_is_answered_locally_never_forwarded() {
         let table = NameTable::from_config(&config());
         let msg = reply_of(answer(&table, &query("example.org.", RecordType::ANY)));
-        assert_eq!(msg.response_code(), ResponseCode::NotImp);
-        assert!(msg.answers().is_empty());
+        assert_eq!(msg.metadata.response_code, ResponseCode::NotImp);
+        assert!(msg.answers.is_empty());
         // An endpoint name still gets its addresses.
         let msg = reply_of(answer(&table, &query("db.example.com.", RecordType::ANY)));
-        assert_eq!(msg.answers().len(), 1);
+        assert_eq!(msg.answers.len(), 1);
     }
 
     #[test]

@@ -455,8 +455,8 @@ async fn endpoint_fails_over_to_a_gateway_in_another_zone() {
 fn dns_query(id: u16, name: &str) -> Vec<u8> {
     use hickory_proto::op::{Message, MessageType, OpCode, Query};
     use hickory_proto::rr::{Name, RecordType};
-    let mut msg = Message::new();
-    msg.set_id(id).set_message_type(MessageType::Query).set_op_code(OpCode::Query).set_recursion_desired(true);
+    let mut msg = Message::new(id, MessageType::Query, OpCode::Query);
+    msg.metadata.recursion_desired = true;
     msg.add_query(Query::query(Name::from_ascii(name).unwrap(), RecordType::A));
     msg.to_vec().unwrap()
 }
@@ -473,8 +473,8 @@ async fn dns_answers_configured_names_forwards_others_and_survives_garbage() {
         let mut buf = [0u8; 512];
         while let Ok((n, from)) = upstream.recv_from(&mut buf).await {
             let Ok(q) = Message::from_vec(&buf[..n]) else { continue };
-            let mut r = Message::error_msg(q.id(), q.op_code(), ResponseCode::Refused);
-            r.add_queries(q.queries().iter().cloned());
+            let mut r = Message::error_msg(q.metadata.id, q.metadata.op_code, ResponseCode::Refused);
+            r.add_queries(q.queries);
             let _ = upstream.send_to(&r.to_vec().unwrap(), from).await;
         }
     });
@@ -507,7 +507,7 @@ async fn dns_answers_configured_names_forwards_others_and_survives_garbage() {
             loop {
                 let n = tokio::time::timeout(Duration::from_secs(5), sock.recv(&mut buf)).await.unwrap().unwrap();
                 let m = Message::from_vec(&buf[..n]).unwrap();
-                if m.id() == id {
+                if m.metadata.id == id {
                     return m;
                 }
             }
@@ -515,11 +515,11 @@ async fn dns_answers_configured_names_forwards_others_and_survives_garbage() {
     };
     let name = "vpce-00000000000000001.rcfg-00000000000000001.local.trellis.internal.";
     let answer = ask(7, name).await;
-    assert_eq!(answer.response_code(), ResponseCode::NoError);
+    assert_eq!(answer.metadata.response_code, ResponseCode::NoError);
     let IpAddr::V4(v4) = address else { unreachable!() };
-    assert_eq!(answer.answers()[0].data(), &RData::A(hickory_proto::rr::rdata::A(v4)));
+    assert_eq!(&answer.answers[0].data, &RData::A(hickory_proto::rr::rdata::A(v4)));
     let forwarded = ask(8, "example.org.").await;
-    assert_eq!(forwarded.response_code(), ResponseCode::Refused, "not answered by the fake upstream");
+    assert_eq!(forwarded.metadata.response_code, ResponseCode::Refused, "not answered by the fake upstream");
 
     // TCP on the same port.
     let mut tcp = TcpStream::connect(dns).await.unwrap();
@@ -529,7 +529,7 @@ async fn dns_answers_configured_names_forwards_others_and_survives_garbage() {
     let len = tcp.read_u16().await.unwrap();
     let mut buf = vec![0u8; usize::from(len)];
     tcp.read_exact(&mut buf).await.unwrap();
-    assert_eq!(Message::from_vec(&buf).unwrap().answers().len(), 1);
+    assert_eq!(Message::from_vec(&buf).unwrap().answers.len(), 1);
     agent.shutdown().await;
 }
 
@@ -889,8 +889,8 @@ async fn counting_upstream() -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>
         while let Ok((n, from)) = upstream.recv_from(&mut buf).await {
             seen.fetch_add(1, Ordering::SeqCst);
             let Ok(q) = Message::from_vec(&buf[..n]) else { continue };
-            let mut r = Message::error_msg(q.id(), q.op_code(), ResponseCode::Refused);
-            r.add_queries(q.queries().iter().cloned());
+            let mut r = Message::error_msg(q.metadata.id, q.metadata.op_code, ResponseCode::Refused);
+            r.add_queries(q.queries);
             let _ = upstream.send_to(&r.to_vec().unwrap(), from).await;
         }
     });
@@ -925,8 +925,8 @@ async fn udp_ask(
     use hickory_proto::op::{Message, MessageType, OpCode, Query};
     use hickory_proto::rr::Name;
     let sock = UdpSocket::bind(from).await.unwrap();
-    let mut msg = Message::new();
-    msg.set_id(id).set_message_type(MessageType::Query).set_op_code(OpCode::Query).set_recursion_desired(true);
+    let mut msg = Message::new(id, MessageType::Query, OpCode::Query);
+    msg.metadata.recursion_desired = true;
     msg.add_query(Query::query(Name::from_ascii(name).unwrap(), ty));
     sock.send_to(&msg.to_vec().unwrap(), dns).await.unwrap();
     let mut buf = [0u8; 1024];
@@ -944,10 +944,10 @@ async fn dns_refuses_sources_outside_the_allowed_networks_and_never_forwards_for
     let name = "vpce-00000000000000001.rcfg-00000000000000001.local.trellis.internal.";
 
     let refused = udp_ask("127.0.0.2:0", dns, 1, "example.org.", RecordType::A).await.expect("an answer");
-    assert_eq!(refused.response_code(), ResponseCode::Refused);
+    assert_eq!(refused.metadata.response_code, ResponseCode::Refused);
     let refused = udp_ask("127.0.0.2:0", dns, 2, name, RecordType::A).await.expect("an answer");
-    assert_eq!(refused.response_code(), ResponseCode::Refused);
-    assert!(refused.answers().is_empty(), "an endpoint address leaked to a refused source");
+    assert_eq!(refused.metadata.response_code, ResponseCode::Refused);
+    assert!(refused.answers.is_empty(), "an endpoint address leaked to a refused source");
     // TCP from there is closed without an answer.
     let sock = tokio::net::TcpSocket::new_v4().unwrap();
     sock.bind("127.0.0.2:0".parse().unwrap()).unwrap();
@@ -961,9 +961,9 @@ async fn dns_refuses_sources_outside_the_allowed_networks_and_never_forwards_for
 
     // The allowed source is served as before.
     let ok = udp_ask("127.0.0.1:0", dns, 4, name, RecordType::A).await.expect("an answer");
-    assert_eq!(ok.answers().len(), 1);
+    assert_eq!(ok.answers.len(), 1);
     let fwd = udp_ask("127.0.0.1:0", dns, 5, "example.org.", RecordType::A).await.expect("an answer");
-    assert_eq!(fwd.response_code(), ResponseCode::Refused, "the fake upstream's answer");
+    assert_eq!(fwd.metadata.response_code, ResponseCode::Refused, "the fake upstream's answer");
     assert_eq!(forwarded.load(Ordering::SeqCst), 1);
     agent.shutdown().await;
 }
@@ -976,7 +976,7 @@ async fn dns_never_forwards_any_queries() {
     let agent = dns_agent(upstream, None).await;
     let dns = agent.dns_addr().unwrap();
     let answer = udp_ask("127.0.0.1:0", dns, 1, "example.org.", RecordType::ANY).await.expect("an answer");
-    assert_eq!(answer.response_code(), ResponseCode::NotImp);
+    assert_eq!(answer.metadata.response_code, ResponseCode::NotImp);
     assert_eq!(forwarded.load(Ordering::SeqCst), 0, "ANY reached the upstream");
     // Other types still are forwarded (the check above can fail).
     udp_ask("127.0.0.1:0", dns, 2, "example.org.", RecordType::TXT).await.expect("an answer");

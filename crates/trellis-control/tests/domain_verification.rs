@@ -11,7 +11,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::Body;
 use axum::http::{Request, StatusCode, header};
-use hickory_proto::op::{Message, MessageType, OpCode, ResponseCode};
+use hickory_proto::op::{Message, OpCode, ResponseCode};
 use hickory_proto::rr::rdata::TXT;
 use hickory_proto::rr::{RData, Record};
 use serde_json::{Value, json};
@@ -393,22 +393,21 @@ async fn stub_resolver() -> (SocketAddr, Arc<Mutex<HashMap<String, String>>>, Ar
         let mut buf = [0u8; 512];
         while let Ok((n, from)) = socket.recv_from(&mut buf).await {
             let Ok(query) = Message::from_vec(&buf[..n]) else { continue };
-            let Some(q) = query.queries().first().cloned() else { continue };
+            let Some(q) = query.queries.first().cloned() else { continue };
             let name = q.name().to_ascii().trim_end_matches('.').to_ascii_lowercase();
             if name.contains("hostile") {
                 *count.lock().unwrap() += 1;
                 continue;
             }
             let value = table.lock().unwrap().get(&name).cloned();
-            let mut reply = Message::new();
-            reply.set_id(query.id()).set_message_type(MessageType::Response).set_op_code(OpCode::Query);
+            let mut reply = Message::response(query.metadata.id, OpCode::Query);
             reply.add_query(q.clone());
             match value {
                 Some(v) => {
                     reply.add_answer(Record::from_rdata(q.name().clone(), 60, RData::TXT(TXT::new(vec![v]))));
                 }
                 None => {
-                    reply.set_response_code(ResponseCode::NXDomain);
+                    reply.metadata.response_code = ResponseCode::NXDomain;
                 }
             }
             let _ = socket.send_to(&reply.to_vec().unwrap(), from).await;

@@ -62,8 +62,8 @@ pub enum Reply {
 
 /// A recursive query for the TXT records of `name` (a fully qualified name).
 pub fn build_query(id: u16, name: &Name) -> Vec<u8> {
-    let mut msg = Message::new();
-    msg.set_id(id).set_message_type(MessageType::Query).set_op_code(OpCode::Query).set_recursion_desired(true);
+    let mut msg = Message::new(id, MessageType::Query, OpCode::Query);
+    msg.metadata.recursion_desired = true;
     msg.add_query(Query::query(name.clone(), RecordType::TXT));
     // Encoding a message with one valid name and no records cannot fail.
     msg.to_vec().expect("a TXT query encodes")
@@ -72,17 +72,18 @@ pub fn build_query(id: u16, name: &Name) -> Vec<u8> {
 /// Reads one message received for the query `id` about `name`. Pure.
 pub fn read_reply(id: u16, name: &Name, bytes: &[u8]) -> Reply {
     let Ok(msg) = Message::from_vec(bytes) else { return Reply::Ignore };
-    if msg.id() != id || msg.message_type() != MessageType::Response || msg.op_code() != OpCode::Query {
+    let head = msg.metadata;
+    if head.id != id || head.message_type != MessageType::Response || head.op_code != OpCode::Query {
         return Reply::Ignore;
     }
-    let [query] = msg.queries() else { return Reply::Ignore };
+    let [query] = msg.queries.as_slice() else { return Reply::Ignore };
     if query.name() != name || query.query_type() != RecordType::TXT || query.query_class() != DNSClass::IN {
         return Reply::Ignore;
     }
-    if msg.truncated() {
+    if head.truncation {
         return Reply::Truncated;
     }
-    match msg.response_code() {
+    match head.response_code {
         ResponseCode::NoError => Reply::Records(txt_records(&msg, name)),
         ResponseCode::NXDomain => Reply::Records(Vec::new()),
         code => Reply::Error(code),
@@ -94,9 +95,9 @@ fn txt_records(msg: &Message, name: &Name) -> Vec<Vec<u8>> {
     let mut owners = vec![name.clone()];
     for _ in 0..MAX_CNAME_HOPS {
         let before = owners.len();
-        for record in msg.answers() {
-            if let RData::CNAME(target) = record.data()
-                && owners.contains(record.name())
+        for record in &msg.answers {
+            if let RData::CNAME(target) = &record.data
+                && owners.contains(&record.name)
                 && !owners.contains(&target.0)
             {
                 owners.push(target.0.clone());
@@ -106,11 +107,11 @@ fn txt_records(msg: &Message, name: &Name) -> Vec<Vec<u8>> {
             break;
         }
     }
-    msg.answers()
+    msg.answers
         .iter()
-        .filter(|r| r.dns_class() == DNSClass::IN && owners.contains(r.name()))
-        .filter_map(|r| match r.data() {
-            RData::TXT(txt) => Some(txt.txt_data().concat()),
+        .filter(|r| r.dns_class == DNSClass::IN && owners.contains(&r.name))
+        .filter_map(|r| match &r.data {
+            RData::TXT(txt) => Some(txt.txt_data.concat()),
             _ => None,
         })
         .take(MAX_TXT_RECORDS)
@@ -207,10 +208,9 @@ mod tests {
     /// The answer a resolver would give to `query` with these records.
     fn answer_to(query: &[u8], code: ResponseCode, records: Vec<Record>) -> Message {
         let q = Message::from_vec(query).unwrap();
-        let mut msg = Message::new();
-        msg.set_id(q.id()).set_message_type(MessageType::Response).set_op_code(OpCode::Query);
-        msg.set_response_code(code);
-        msg.add_queries(q.queries().iter().cloned());
+        let mut msg = Message::response(q.metadata.id, OpCode::Query);
+        msg.metadata.response_code = code;
+        msg.add_queries(q.queries);
         msg.add_answers(records);
         msg
     }
@@ -266,9 +266,9 @@ mod tests {
         let q = build_query(9, &name(N));
         let good = answer_to(&q, ResponseCode::NoError, vec![txt(N, &["v"])]);
         let mut wrong_id = good.clone();
-        wrong_id.set_id(10);
+        wrong_id.metadata.id = 10;
         let mut not_a_response = good.clone();
-        not_a_response.set_message_type(MessageType::Query);
+        not_a_response.metadata.message_type = MessageType::Query;
         let other_question =
             answer_to(&build_query(9, &name("_trellis-verification.evil.net.")), ResponseCode::NoError, vec![]);
         for junk in [
@@ -282,7 +282,7 @@ mod tests {
             assert_eq!(read_reply(9, &name(N), &junk), Reply::Ignore, "{junk:?}");
         }
         let mut truncated = good.clone();
-        truncated.set_truncated(true);
+        truncated.metadata.truncation = true;
         assert_eq!(read_reply(9, &name(N), &truncated.to_vec().unwrap()), Reply::Truncated);
     }
 
@@ -317,10 +317,10 @@ mod tests {
         let tcp_queries = Arc::new(AtomicUsize::new(0));
         let answer = move |query: &[u8], truncated: bool| {
             let q = Message::from_vec(query).unwrap();
-            let owner = q.queries()[0].name().clone();
+            let owner = q.queries[0].name().clone();
             let record = Record::from_rdata(owner, 60, RData::TXT(TXT::new(strings.clone())));
             let mut msg = answer_to(query, ResponseCode::NoError, if truncated { vec![] } else { vec![record] });
-            msg.set_truncated(truncated);
+            msg.metadata.truncation = truncated;
             msg.to_vec().unwrap()
         };
         let counter = tcp_queries.clone();
