@@ -9,6 +9,7 @@ use trellis_model::{IpAddressType, PortRange, ResourceConfiguration, ResourceCon
 use crate::list::{ListQuery, Page};
 use crate::route::Caller::Account;
 use crate::route::{Route, RouteInfo, delete, get, patch, post};
+use crate::services::LimitsInput;
 
 const TAG: &str = "resourceconfigurations";
 
@@ -92,6 +93,14 @@ pub struct CreateConfiguration {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(with = "Option<DomainName>")]
     pub custom_domain_name: Option<String>,
+    /// `NONE` (default) or `V2`: the gateway sends a PROXY v2 header (consumer account, VPC,
+    /// endpoint) to the resource before the first byte. A CHILD has its own setting.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("enum" = ["NONE", "V2", null]))]
+    pub proxy_protocol: Option<String>,
+    /// What one consumer account may use on each gateway agent. A CHILD has its own limits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_consumer_limits: Option<LimitsInput>,
     /// Idempotency token: a repeated create with the same token answers the first one's configuration.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(with = "Option<ClientToken>")]
@@ -107,6 +116,12 @@ pub struct UpdateConfiguration {
     pub port_ranges: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resource_configuration_definition: Option<DefinitionInput>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("enum" = ["NONE", "V2", null]))]
+    pub proxy_protocol: Option<String>,
+    /// Replaces the limits; `{}` removes them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_consumer_limits: Option<LimitsInput>,
 }
 
 /// Usage of one resource by one endpoint, summed over agents and their restarts.

@@ -1,5 +1,6 @@
-//! VPC endpoints of type `Resource`: a consumer's addresses and DNS names for
-//! a resource configuration it owns or that is shared with it.
+//! VPC endpoints: a consumer's addresses and DNS names for a resource
+//! configuration shared with it (`Resource`) or an endpoint service that
+//! allows it (`Interface`).
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -13,7 +14,7 @@ use crate::route::{Route, RouteInfo, delete, get, post};
 const TAG: &str = "vpcendpoints";
 
 pub const CREATE: Route<CreateEndpoint, (), VpcEndpoint> =
-    post(TAG, "/v1/vpcendpoints", Account, "Create a Resource VPC endpoint").body().created();
+    post(TAG, "/v1/vpcendpoints", Account, "Create a Resource or Interface VPC endpoint").body().created();
 pub const LIST: Route<(), VpcListQuery, Page<VpcEndpoint>> =
     get(TAG, "/v1/vpcendpoints", Account, "List VPC endpoints (?vpcId=)").query().json();
 pub const GET: Route<(), (), VpcEndpoint> = get(TAG, "/v1/vpcendpoints/{id}", Account, "Read a VPC endpoint").json();
@@ -25,18 +26,22 @@ pub const ROUTES: &[RouteInfo] = &[CREATE.info, LIST.info, GET.info, DELETE.info
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CreateEndpoint {
-    /// `Resource`, the only type so far.
-    #[schemars(extend("enum" = ["Resource"]))]
+    /// `Resource` (a shared resource configuration) or `Interface` (an endpoint service).
+    #[schemars(extend("enum" = ["Resource", "Interface"]))]
     pub vpc_endpoint_type: String,
     #[schemars(with = "VpcId")]
     pub vpc_id: String,
     /// Subnets of that VPC to get addresses in, one per zone.
     #[schemars(with = "Vec<SubnetId>", length(min = 1), extend("uniqueItems" = true))]
     pub subnet_ids: Vec<String>,
-    /// The resource configuration (ARN or id) shared with the account.
-    #[schemars(with = "IdOrArn<ResourceConfigurationId>")]
-    pub resource_configuration_arn: String,
-    /// Also answer the configuration's custom domain name.
+    /// For `Resource`: the resource configuration (ARN or id) shared with the account.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<IdOrArn<ResourceConfigurationId>>")]
+    pub resource_configuration_arn: Option<String>,
+    /// For `Interface`: the service's name (`trellis.vpce.<region>.vpce-svc-…`) or id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_name: Option<String>,
+    /// Also answer the configuration's custom domain name, or the service's private DNS name.
     #[serde(default)]
     pub private_dns_enabled: bool,
     /// `VERIFIED_DOMAINS_ONLY` (default), `ALL_DOMAINS` or `SPECIFIED_DOMAINS_ONLY`.

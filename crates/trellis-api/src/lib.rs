@@ -45,6 +45,7 @@ pub mod meta;
 pub mod openapi;
 pub mod organizations;
 pub mod route;
+pub mod services;
 pub mod shares;
 pub mod subnets;
 pub mod vpcs;
@@ -64,6 +65,7 @@ pub fn routes() -> impl Iterator<Item = &'static RouteInfo> {
         configurations::ROUTES,
         shares::ROUTES,
         invitations::ROUTES,
+        services::ROUTES,
         endpoints::ROUTES,
         domains::ROUTES,
         meta::ROUTES,

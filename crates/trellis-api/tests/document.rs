@@ -181,7 +181,7 @@ fn the_documented_flow_bodies_fit_their_schemas() {
         (&shares::CREATE.info, json!({"name": "s", "principals": null}), "not of type"),
         (
             &endpoints::CREATE.info,
-            json!({"vpcEndpointType": "Interface", "vpcId": "v", "subnetIds": [], "resourceConfigurationArn": "a"}),
+            json!({"vpcEndpointType": "Gateway", "vpcId": "v", "subnetIds": [], "resourceConfigurationArn": "a"}),
             "not one of",
         ),
     ];

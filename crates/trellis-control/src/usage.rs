@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use axum::extract::State;
 pub use trellis_api::configurations::{UsageItem, UsageReport};
-use trellis_model::{Agent, AgentStatus, Id, ResourceConfiguration, ResourceConfigurationId};
+use trellis_model::{AccountId, Agent, AgentStatus, Id, ResourceConfiguration, ResourceConfigurationId};
 use trellis_store::{Filter, Tx, TxExt};
 
 use crate::agents::records::{AgentRuntime, UsageRecord};
@@ -28,8 +28,15 @@ pub fn routes() -> Routes {
 
 /// Sums the usage of `config` (and, for a GROUP, of its children).
 pub fn aggregate(tx: &mut dyn Tx, config: &ResourceConfiguration) -> Result<UsageReport, ApiError> {
-    let records: Vec<UsageRecord> =
-        tx.list_obj(&Filter::account_and_reference(config.account_id.as_str(), config.id.as_str()))?;
+    let items = sum(tx, &config.account_id, config.id.as_str())?;
+    Ok(UsageReport { resource_configuration_id: config.id.to_string(), items })
+}
+
+/// Sums the usage records of `owner` that reference `subject` (a resource
+/// configuration, its GROUP, or an endpoint service) per consumer account,
+/// endpoint and resource, over agents and boots.
+pub fn sum(tx: &mut dyn Tx, owner: &AccountId, subject: &str) -> Result<Vec<UsageItem>, ApiError> {
+    let records: Vec<UsageRecord> = tx.list_obj(&Filter::account_and_reference(owner.as_str(), subject))?;
     // Per agent: the boot whose active connections count now (None: none count).
     let mut live_boot: HashMap<String, Option<String>> = HashMap::new();
     let mut items: BTreeMap<(String, String, String), UsageItem> = BTreeMap::new();
@@ -45,7 +52,7 @@ pub fn aggregate(tx: &mut dyn Tx, config: &ResourceConfiguration) -> Result<Usag
         }
         let live = live_boot[&agent_id].as_deref() == Some(r.boot_id.as_str());
         let key =
-            (r.consumer_account_id.to_string(), r.vpc_endpoint_id.to_string(), r.resource_configuration_id.to_string());
+            (r.consumer_account_id.to_string(), r.vpc_endpoint_id.to_string(), r.resource_configuration_id.clone());
         let item = items.entry(key.clone()).or_insert_with(|| UsageItem {
             consumer_account_id: key.0,
             vpc_endpoint_id: key.1,
@@ -61,7 +68,7 @@ pub fn aggregate(tx: &mut dyn Tx, config: &ResourceConfiguration) -> Result<Usag
         item.bytes_in = item.bytes_in.saturating_add(totals.bytes_in);
         item.bytes_out = item.bytes_out.saturating_add(totals.bytes_out);
     }
-    Ok(UsageReport { resource_configuration_id: config.id.to_string(), items: items.into_values().collect() })
+    Ok(items.into_values().collect())
 }
 
 async fn usage(

@@ -784,8 +784,8 @@ async fn documented(api: &Api, route: &RouteInfo, id: &str, key: &str, body: Opt
 #[tokio::test]
 async fn answers_fit_their_documented_schemas() {
     use trellis_api::{
-        accounts, agents, configurations, domains, endpoints, gateways, invitations, organizations, shares, subnets,
-        vpcs,
+        accounts, agents, configurations, domains, endpoints, gateways, invitations, organizations, services, shares,
+        subnets, vpcs,
     };
     let api = Api::new();
     let admin = api.admin.clone();
@@ -857,6 +857,32 @@ async fn answers_fit_their_documented_schemas() {
     let dv = documented(&api, &domains::CREATE, "", &o, Some(json!({"domainName": "example.com"}))).await;
     documented(&api, &domains::LIST, "", &o, None).await;
     documented(&api, &domains::GET, s(&dv["id"]), &o, None).await;
+
+    let body = json!({
+        "name": "orders", "vpcId": vpc["id"], "subnetIds": [subnet["id"]],
+        "targets": [{"ipAddress": "10.0.1.5"}, {"domainName": "api.internal"}], "ports": [{"port": 443}],
+        "healthCheck": {"protocol": "HTTP"}, "proxyProtocol": "V2", "perConsumerLimits": {"maxConnections": 9}
+    });
+    let svc = documented(&api, &services::CREATE, "", &o, Some(body)).await;
+    let sid = s(&svc["id"]).to_string();
+    documented(&api, &services::LIST, "", &o, None).await;
+    documented(&api, &services::GET, &sid, &o, None).await;
+    documented(&api, &services::UPDATE, &sid, &o, Some(json!({"loadBalancing": "SOURCE_HASH"}))).await;
+    let body = json!({"addAllowedPrincipals": [consumer["id"]]});
+    documented(&api, &services::MODIFY_PERMISSIONS, &sid, &o, Some(body)).await;
+    documented(&api, &services::PERMISSIONS, &sid, &o, None).await;
+    documented(&api, &services::AVAILABLE, "", &c, None).await;
+    let body = json!({
+        "vpcEndpointType": "Interface", "vpcId": cvpc["id"], "subnetIds": [csubnet["id"]],
+        "serviceName": svc["serviceName"]
+    });
+    let iface = documented(&api, &endpoints::CREATE, "", &c, Some(body)).await;
+    documented(&api, &services::CONNECTIONS, &sid, &o, None).await;
+    documented(&api, &services::ACCEPT, &sid, &o, Some(json!({"vpcEndpointIds": [iface["id"]]}))).await;
+    documented(&api, &services::USAGE, &sid, &o, None).await;
+    documented(&api, &services::REJECT, &sid, &o, Some(json!({"vpcEndpointIds": [iface["id"]]}))).await;
+    documented(&api, &endpoints::DELETE, s(&iface["id"]), &c, None).await;
+    documented(&api, &services::DELETE, &sid, &o, None).await;
 
     documented(&api, &domains::DELETE, s(&dv["id"]), &o, None).await;
     documented(&api, &endpoints::DELETE, s(&endpoint["id"]), &c, None).await;

@@ -196,6 +196,11 @@ pub fn parse_service_name(region: &str, name: &str) -> Option<VpcEndpointService
 }
 
 impl VpcEndpointService {
+    pub fn arn_for(region: &str, account_id: &AccountId, id: &VpcEndpointServiceId) -> String {
+        crate::arn::Arn::new(crate::arn::kinds::VPC_ENDPOINT_SERVICE, region, account_id.as_str(), id.as_str())
+            .to_string()
+    }
+
     /// Whether `account` may see the service and connect to it.
     pub fn allows(&self, account: &AccountId) -> bool {
         &self.account_id == account || self.allowed_principals.iter().any(|p| p == "*" || p == account.as_str())

@@ -95,9 +95,9 @@ impl EndpointState {
         matches!(
             (self, to),
             (PendingAcceptance, Pending | Rejected | Deleting)
-                | (Pending, Available | Failed | Deleting)
-                | (Available, Failed | Pending | Deleting)
-                | (Failed, Available | Pending | Deleting)
+                | (Pending, Available | Failed | Rejected | Deleting)
+                | (Available, Failed | Pending | Rejected | Deleting)
+                | (Failed, Available | Pending | Rejected | Deleting)
                 | (Rejected, Deleting)
         )
     }

@@ -180,8 +180,12 @@ impl Object for VpcEndpointService {
     fn account_id(&self) -> &str {
         self.account_id.as_str()
     }
-    /// The VPC and the subnets whose agents run the service.
+    /// The VPC, the subnets whose agents run the service, and the allowed
+    /// principals (so a consumer's `available` list is one lookup by its id, or `*`).
     fn refs(&self) -> Vec<String> {
-        std::iter::once(self.vpc_id.to_string()).chain(self.subnet_ids.iter().map(|s| s.to_string())).collect()
+        std::iter::once(self.vpc_id.to_string())
+            .chain(self.subnet_ids.iter().map(|s| s.to_string()))
+            .chain(self.allowed_principals.iter().cloned())
+            .collect()
     }
 }

@@ -7,7 +7,7 @@ use serde_json::Value;
 
 use crate::cli::{GlobalArgs, OutputFormat};
 use crate::client::{ApiClient, ApiRequest, CaSource, ClientError};
-use crate::nouns::VpcEndpointVerb;
+use crate::nouns::{EndpointTargetArgs, VpcEndpointVerb};
 use crate::output::render_table;
 
 /// Builds the API client from `--url`, `--api-key` and `--ca-cert`, saying what is missing.
@@ -48,6 +48,20 @@ const FLAG_OF_FIELD: &[(&str, &str)] = &[
     ("resourceArns", "--resource-arn"),
     ("principals", "--principal"),
     ("resourceConfigurationArn", "--resource-configuration"),
+    ("serviceName", "--service-name"),
+    ("targets", "--target"),
+    ("ports", "--port"),
+    ("acceptanceRequired", "--acceptance-required"),
+    ("loadBalancing", "--load-balancing"),
+    ("healthCheck", "--health-check-*"),
+    ("proxyProtocol", "--proxy-protocol"),
+    ("perConsumerLimits", "--max-connections or --max-bits-per-second"),
+    ("maxConnections", "--max-connections"),
+    ("maxBitsPerSecond", "--max-bits-per-second"),
+    ("privateDnsName", "--private-dns-name"),
+    ("addAllowedPrincipals", "--add-principal"),
+    ("removeAllowedPrincipals", "--remove-principal"),
+    ("vpcEndpointIds", "--endpoint"),
     ("expiresInSeconds", "--expires-in"),
     ("organizationId", "--organization-id"),
     ("privateDnsEnabled", "--private-dns-enabled"),
@@ -112,7 +126,10 @@ pub fn at_the_cli(path: &str) -> impl FnOnce(ClientError) -> ClientError + '_ {
 
 /// `vpc-endpoint create --resource-configuration` takes an id too; the API field wants the ARN.
 pub async fn resolve_identifiers(client: &ApiClient, verb: &mut VpcEndpointVerb) -> Result<(), ClientError> {
-    if let VpcEndpointVerb::Create { resource_configuration, .. } = verb
+    if let VpcEndpointVerb::Create {
+        target: EndpointTargetArgs { resource_configuration: Some(resource_configuration), .. },
+        ..
+    } = verb
         && !resource_configuration.starts_with("arn:")
     {
         let req = ApiRequest::at(&trellis_api::configurations::GET, resource_configuration);

@@ -14,8 +14,9 @@ use reqwest::Url;
 use trellis_proto::join_token::JoinToken;
 
 use crate::nouns::{
-    AccountVerb, AgentTokenVerb, AgentVerb, DomainVerificationVerb, InvitationVerb, OrganizationVerb,
-    ResourceConfigurationVerb, ResourceGatewayVerb, ResourceShareVerb, SubnetVerb, VpcEndpointVerb, VpcVerb,
+    AccountVerb, AgentTokenVerb, AgentVerb, DomainVerificationVerb, EndpointServiceVerb, InvitationVerb,
+    OrganizationVerb, ResourceConfigurationVerb, ResourceGatewayVerb, ResourceShareVerb, SubnetVerb, VpcEndpointVerb,
+    VpcVerb,
 };
 use crate::secret::ApiKey;
 
@@ -143,7 +144,10 @@ pub enum Command {
     /// Resource share invitations received (or sent)
     #[command(subcommand)]
     Invitation(InvitationVerb),
-    /// VPC endpoints: a consumer's addresses and DNS names for a shared resource
+    /// Endpoint services: publish a service to other accounts' VPCs (load-balanced, health-checked)
+    #[command(subcommand)]
+    EndpointService(EndpointServiceVerb),
+    /// VPC endpoints: a consumer's addresses and DNS names for a shared resource or an endpoint service
     #[command(subcommand)]
     VpcEndpoint(VpcEndpointVerb),
     /// Domain verifications: prove with a TXT record that you own a domain used in custom DNS names

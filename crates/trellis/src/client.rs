@@ -60,7 +60,15 @@ impl ApiRequest {
 
     /// `route` (a list) with `query`: its fields that are set, in order.
     pub fn list<Q: Serialize, R>(route: &Route<(), Q, R>, query: &Q) -> Self {
-        let mut req = Self::new(route, None, None);
+        Self::listed(Self::new(route, None, None), query)
+    }
+
+    /// `route` (a list under the object `id`) with `query`.
+    pub fn list_at<Q: Serialize, R>(route: &Route<(), Q, R>, id: &str, query: &Q) -> Self {
+        Self::listed(Self::new(route, Some(id), None), query)
+    }
+
+    fn listed<Q: Serialize>(mut req: Self, query: &Q) -> Self {
         if let Value::Object(fields) = json_of(query) {
             for (key, value) in fields {
                 match value {

@@ -262,7 +262,7 @@ async fn set_up(args: &DevArgs, dir: &Path, parts: &mut Parts) -> Result<Summary
         vpc_endpoint_type: "Resource".into(),
         vpc_id: consumer_vpc,
         subnet_ids: vec![consumer_subnet],
-        resource_configuration_arn: rcfg_arn,
+        resource_configuration_arn: Some(rcfg_arn),
         ..Default::default()
     };
     let endpoint = call(&consumer_api, ApiRequest::send(&endpoints::CREATE, &endpoint)).await?;
@@ -552,12 +552,21 @@ mod tests {
             let mut verb = crate::nouns::VpcEndpointVerb::Create {
                 vpc_id: "vpc-x".into(),
                 subnet_ids: vec!["subnet-x".into()],
-                resource_configuration: summary.resource_configuration_id.clone(),
+                target: crate::nouns::EndpointTargetArgs {
+                    resource_configuration: Some(summary.resource_configuration_id.clone()),
+                    service_name: None,
+                },
                 private_dns_enabled: false,
                 create: Default::default(),
             };
             crate::api_cmd::resolve_identifiers(&consumer, &mut verb).await?;
-            let crate::nouns::VpcEndpointVerb::Create { resource_configuration, .. } = &verb else { unreachable!() };
+            let crate::nouns::VpcEndpointVerb::Create {
+                target: crate::nouns::EndpointTargetArgs { resource_configuration: Some(resource_configuration), .. },
+                ..
+            } = &verb
+            else {
+                unreachable!()
+            };
             assert!(resource_configuration.starts_with("arn:"), "{resource_configuration}");
             assert!(resource_configuration.ends_with(&summary.resource_configuration_id), "{resource_configuration}");
 

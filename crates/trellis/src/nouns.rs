@@ -17,12 +17,16 @@ use trellis_api::endpoints::CreateEndpoint;
 use trellis_api::gateways::CreateGateway;
 use trellis_api::invitations::InvitationListQuery;
 use trellis_api::organizations::CreateOrganization;
+use trellis_api::services::{
+    ConnectionIds, CreateService, HealthCheckInput, LimitsInput, ModifyPermissions, PortInput, TargetInput,
+    UpdateService,
+};
 use trellis_api::shares::CreateShare;
 use trellis_api::subnets::CreateSubnet;
 use trellis_api::vpcs::{CreateVpc, UpdateVpc};
 use trellis_api::{
     AgentListQuery, ListQuery, VpcListQuery, accounts, agents, configurations, domains, endpoints, gateways,
-    invitations, organizations, shares, subnets, vpcs,
+    invitations, organizations, services, shares, subnets, vpcs,
 };
 use trellis_model::IpAddressType;
 use trellis_proto::PortRange;
@@ -300,14 +304,18 @@ pub enum ResourceConfigurationVerb {
         #[arg(long, value_name = "NAME")]
         custom_domain_name: Option<String>,
         #[command(flatten)]
+        consumers: ConsumerArgs,
+        #[command(flatten)]
         create: CreateArgs,
     },
     /// List resource configurations (yours and those shared with you)
     List(ListArgs),
     /// Show one resource configuration
     Get(IdArg),
-    /// Change a configuration's ports or definition
-    #[command(group(ArgGroup::new("change").required(true).multiple(true).args(["port_ranges", "ip", "dns_name"])))]
+    /// Change a configuration's ports, definition, PROXY protocol or per-consumer limits
+    #[command(group(ArgGroup::new("change").required(true).multiple(true).args([
+        "port_ranges", "ip", "dns_name", "proxy_protocol", "max_connections", "max_bits_per_second"
+    ])))]
     Update {
         #[command(flatten)]
         target: IdArg,
@@ -316,6 +324,8 @@ pub enum ResourceConfigurationVerb {
         port_ranges: Vec<PortRange>,
         #[command(flatten)]
         definition: DefinitionArgs,
+        #[command(flatten)]
+        consumers: ConsumerArgs,
     },
     /// Delete a resource configuration
     Delete(IdArg),
@@ -361,7 +371,7 @@ pub enum InvitationVerb {
 
 #[derive(Debug, Subcommand)]
 pub enum VpcEndpointVerb {
-    /// Create a Resource endpoint for a configuration shared with you
+    /// Create a Resource endpoint (a configuration shared with you) or an Interface endpoint (a service)
     Create {
         /// VPC of the endpoint
         #[arg(long = "vpc", visible_alias = "vpc-id", value_name = "VPC_ID")]
@@ -369,10 +379,9 @@ pub enum VpcEndpointVerb {
         /// Subnet to get an address in (repeatable)
         #[arg(long = "subnet", visible_alias = "subnet-id", value_name = "SUBNET_ID", required = true)]
         subnet_ids: Vec<String>,
-        /// Resource configuration, by ARN or id
-        #[arg(long = "resource-configuration", visible_alias = "resource-configuration-arn", value_name = "ARN|ID")]
-        resource_configuration: String,
-        /// Also serve the configuration's custom domain name
+        #[command(flatten)]
+        target: EndpointTargetArgs,
+        /// Also serve the configuration's custom domain name, or the service's private DNS name
         #[arg(long)]
         private_dns_enabled: bool,
         #[command(flatten)]
@@ -384,6 +393,290 @@ pub enum VpcEndpointVerb {
     Get(IdArg),
     /// Delete a VPC endpoint
     Delete(IdArg),
+}
+
+/// What an endpoint connects to: exactly one of the two.
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+pub struct EndpointTargetArgs {
+    /// Resource configuration, by ARN or id (a Resource endpoint)
+    #[arg(long = "resource-configuration", visible_alias = "resource-configuration-arn", value_name = "ARN|ID")]
+    pub resource_configuration: Option<String>,
+    /// Endpoint service, by name (trellis.vpce.<region>.vpce-svc-…) or id (an Interface endpoint)
+    #[arg(long = "service-name", value_name = "NAME|ID")]
+    pub service_name: Option<String>,
+}
+
+/// A `--target`: an IP address, or a DNS name resolved in the provider's network.
+fn parse_target(s: &str) -> Result<TargetInput, String> {
+    if s.is_empty() {
+        return Err("give an IP address or a DNS name".into());
+    }
+    Ok(match s.parse::<std::net::IpAddr>() {
+        Ok(ip) => TargetInput { ip_address: Some(ip.to_string()), domain_name: None },
+        Err(_) => TargetInput { ip_address: None, domain_name: Some(s.to_string()) },
+    })
+}
+
+/// A `--port`: `443`, or `443:8443` (consumers' port : targets' port).
+fn parse_port(s: &str) -> Result<PortInput, String> {
+    let num = |p: &str| p.parse::<u16>().ok().filter(|&p| p > 0).map(u32::from);
+    let bad = || format!("{s:?} is not a port (1-65535) or PORT:TARGET_PORT, e.g. 443:8443");
+    match s.split_once(':') {
+        None => Ok(PortInput { port: num(s).ok_or_else(bad)?, target_port: None }),
+        Some((p, t)) => Ok(PortInput { port: num(p).ok_or_else(bad)?, target_port: Some(num(t).ok_or_else(bad)?) }),
+    }
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+#[value(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum LoadBalancingArg {
+    LeastConnections,
+    RoundRobin,
+    SourceHash,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+#[value(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum HealthProtocolArg {
+    Tcp,
+    Http,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+#[value(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum ProxyProtocolArg {
+    None,
+    V2,
+}
+
+/// Shows a `ValueEnum` as the API writes it.
+fn api_value(v: impl ValueEnum) -> String {
+    v.to_possible_value().map(|p| p.get_name().to_string()).unwrap_or_default()
+}
+
+/// `--proxy-protocol` and per-consumer limits: services and resource configurations.
+#[derive(Debug, Args, Default)]
+pub struct ConsumerArgs {
+    /// NONE or V2: send a PROXY v2 header (consumer account, VPC and endpoint) before the first byte
+    #[arg(long, value_enum, ignore_case = true, value_name = "NONE|V2")]
+    proxy_protocol: Option<ProxyProtocolArg>,
+    /// Most concurrent connections of one consumer account (per gateway agent)
+    #[arg(long, value_name = "N")]
+    max_connections: Option<u32>,
+    /// Most bits per second of one consumer account, each way (per gateway agent)
+    #[arg(long, value_name = "BPS")]
+    max_bits_per_second: Option<u64>,
+}
+
+impl ConsumerArgs {
+    fn proxy_protocol(&self) -> Option<String> {
+        self.proxy_protocol.map(api_value)
+    }
+
+    fn limits(&self) -> Option<LimitsInput> {
+        (self.max_connections.is_some() || self.max_bits_per_second.is_some()).then_some(LimitsInput {
+            max_connections: self.max_connections,
+            max_bits_per_second: self.max_bits_per_second,
+        })
+    }
+}
+
+/// The settings of an endpoint service that create and update share.
+#[derive(Debug, Args)]
+pub struct ServiceSettingsArgs {
+    /// A target: an IP address or a DNS name resolved in your network (repeatable)
+    #[arg(long = "target", value_name = "IP|NAME", value_parser = parse_target)]
+    targets: Vec<TargetInput>,
+    /// A port consumers connect to, optionally mapped: 443 or 443:8443 (repeatable)
+    #[arg(long = "port", value_name = "PORT[:TARGET_PORT]", value_parser = parse_port)]
+    ports: Vec<PortInput>,
+    /// Whether you accept each endpoint before it connects (default true)
+    #[arg(long, value_name = "BOOL")]
+    acceptance_required: Option<bool>,
+    /// How connections spread over healthy targets
+    #[arg(long, value_enum, ignore_case = true)]
+    load_balancing: Option<LoadBalancingArg>,
+    /// Health check protocol: TCP connect, or HTTP GET expecting 2xx/3xx
+    #[arg(long, value_enum, ignore_case = true)]
+    health_check_protocol: Option<HealthProtocolArg>,
+    /// Port to check (default each target port)
+    #[arg(long, value_name = "PORT")]
+    health_check_port: Option<u32>,
+    /// Path of an HTTP check (default /)
+    #[arg(long, value_name = "PATH")]
+    health_check_path: Option<String>,
+    /// Seconds between checks (5-300, default 30)
+    #[arg(long, value_name = "SECONDS")]
+    health_check_interval: Option<u32>,
+    /// Seconds a check may take (2-120, default 10)
+    #[arg(long, value_name = "SECONDS")]
+    health_check_timeout: Option<u32>,
+    /// Passes before a target is healthy (2-10, default 5)
+    #[arg(long, value_name = "N")]
+    healthy_threshold: Option<u32>,
+    /// Failures before a target is unhealthy (2-10, default 2)
+    #[arg(long, value_name = "N")]
+    unhealthy_threshold: Option<u32>,
+    #[command(flatten)]
+    consumers: ConsumerArgs,
+    /// A name under a verified domain of yours, answered in consumers' VPCs that enable private DNS
+    #[arg(long, value_name = "NAME")]
+    private_dns_name: Option<String>,
+}
+
+impl ServiceSettingsArgs {
+    fn health_check(&self) -> Option<HealthCheckInput> {
+        let input = HealthCheckInput {
+            protocol: self.health_check_protocol.map(api_value),
+            port: self.health_check_port,
+            path: self.health_check_path.clone(),
+            interval_seconds: self.health_check_interval,
+            timeout_seconds: self.health_check_timeout,
+            healthy_threshold_count: self.healthy_threshold,
+            unhealthy_threshold_count: self.unhealthy_threshold,
+        };
+        (input != HealthCheckInput::default()).then_some(input)
+    }
+
+    fn update(&self) -> UpdateService {
+        UpdateService {
+            targets: (!self.targets.is_empty()).then(|| self.targets.clone()),
+            ports: (!self.ports.is_empty()).then(|| self.ports.clone()),
+            acceptance_required: self.acceptance_required,
+            load_balancing: self.load_balancing.map(api_value),
+            health_check: self.health_check(),
+            proxy_protocol: self.consumers.proxy_protocol(),
+            per_consumer_limits: self.consumers.limits(),
+            private_dns_name: self.private_dns_name.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum EndpointServiceVerb {
+    /// Publish an endpoint service: targets behind one name, balanced and health-checked by your agents
+    Create {
+        /// Service name
+        #[arg(long)]
+        name: String,
+        /// Your VPC
+        #[arg(long = "vpc", visible_alias = "vpc-id", value_name = "VPC_ID")]
+        vpc_id: String,
+        /// Subnet whose agents (started with --advertise) run the service (repeatable)
+        #[arg(long = "subnet", visible_alias = "subnet-id", value_name = "SUBNET_ID", required = true)]
+        subnet_ids: Vec<String>,
+        #[command(flatten)]
+        settings: ServiceSettingsArgs,
+        #[command(flatten)]
+        create: CreateArgs,
+    },
+    /// List your endpoint services
+    List(ListArgs),
+    /// List the endpoint services you may connect to
+    Available(ListArgs),
+    /// Show one endpoint service, with its targets' health
+    Get(IdArg),
+    /// Change a service's targets, ports or settings (the flags given replace the old values)
+    Update {
+        #[command(flatten)]
+        target: IdArg,
+        #[command(flatten)]
+        settings: ServiceSettingsArgs,
+    },
+    /// Delete an endpoint service (reject its endpoints first)
+    Delete(IdArg),
+    /// Show the principals allowed to connect
+    Permissions(IdArg),
+    /// Allow or disallow accounts (* = any account); disallowed accounts' endpoints stop working
+    #[command(group(ArgGroup::new("change").required(true).multiple(true).args(["add", "remove"])))]
+    ModifyPermissions {
+        #[command(flatten)]
+        target: IdArg,
+        /// Account id or * to allow (repeatable)
+        #[arg(long = "add-principal", value_name = "ACCOUNT_ID|*")]
+        add: Vec<String>,
+        /// Account id or * to disallow (repeatable)
+        #[arg(long = "remove-principal", value_name = "ACCOUNT_ID|*")]
+        remove: Vec<String>,
+    },
+    /// List the endpoints connected (or asking to connect) to a service
+    Connections {
+        #[command(flatten)]
+        target: IdArg,
+        #[command(flatten)]
+        list: ListArgs,
+    },
+    /// Accept endpoints waiting for acceptance
+    Accept {
+        #[command(flatten)]
+        target: IdArg,
+        /// Endpoint id (repeatable)
+        #[arg(long = "endpoint", value_name = "VPCE_ID", required = true)]
+        endpoints: Vec<String>,
+    },
+    /// Reject endpoints: they stop working and their open connections close
+    Reject {
+        #[command(flatten)]
+        target: IdArg,
+        /// Endpoint id (repeatable)
+        #[arg(long = "endpoint", value_name = "VPCE_ID", required = true)]
+        endpoints: Vec<String>,
+    },
+    /// Who uses the service: connections and bytes per consumer account and endpoint
+    Usage(IdArg),
+}
+
+impl EndpointServiceVerb {
+    pub fn request(&self) -> ApiRequest {
+        match self {
+            Self::Create { name, vpc_id, subnet_ids, settings, create } => {
+                let u = settings.update();
+                ApiRequest::send(
+                    &services::CREATE,
+                    &CreateService {
+                        name: name.clone(),
+                        vpc_id: vpc_id.clone(),
+                        subnet_ids: subnet_ids.clone(),
+                        targets: u.targets.unwrap_or_default(),
+                        ports: u.ports.unwrap_or_default(),
+                        acceptance_required: u.acceptance_required,
+                        load_balancing: u.load_balancing,
+                        health_check: u.health_check,
+                        proxy_protocol: u.proxy_protocol,
+                        per_consumer_limits: u.per_consumer_limits,
+                        private_dns_name: u.private_dns_name,
+                        client_token: create.token(),
+                    },
+                )
+            }
+            Self::List(l) => ApiRequest::list(&services::LIST, &l.query()),
+            Self::Available(l) => ApiRequest::list(&services::AVAILABLE, &l.query()),
+            Self::Get(t) => ApiRequest::at(&services::GET, &t.id),
+            Self::Update { target, settings } => ApiRequest::send_to(&services::UPDATE, &target.id, &settings.update()),
+            Self::Delete(t) => ApiRequest::at(&services::DELETE, &t.id),
+            Self::Permissions(t) => ApiRequest::at(&services::PERMISSIONS, &t.id),
+            Self::ModifyPermissions { target, add, remove } => ApiRequest::send_to(
+                &services::MODIFY_PERMISSIONS,
+                &target.id,
+                &ModifyPermissions { add_allowed_principals: add.clone(), remove_allowed_principals: remove.clone() },
+            ),
+            Self::Connections { target, list } => {
+                ApiRequest::list_at(&services::CONNECTIONS, &target.id, &list.query())
+            }
+            Self::Accept { target, endpoints } => ApiRequest::send_to(
+                &services::ACCEPT,
+                &target.id,
+                &ConnectionIds { vpc_endpoint_ids: endpoints.clone() },
+            ),
+            Self::Reject { target, endpoints } => ApiRequest::send_to(
+                &services::REJECT,
+                &target.id,
+                &ConnectionIds { vpc_endpoint_ids: endpoints.clone() },
+            ),
+            Self::Usage(t) => ApiRequest::at(&services::USAGE, &t.id),
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -579,6 +872,7 @@ impl ResourceConfigurationVerb {
                 port_ranges: ranges,
                 protocol,
                 custom_domain_name,
+                consumers,
                 create,
             } => ApiRequest::send(
                 &configurations::CREATE,
@@ -591,17 +885,21 @@ impl ResourceConfigurationVerb {
                     port_ranges: port_ranges(ranges),
                     protocol: Some(protocol.clone()),
                     custom_domain_name: custom_domain_name.clone(),
+                    proxy_protocol: consumers.proxy_protocol(),
+                    per_consumer_limits: consumers.limits(),
                     client_token: create.token(),
                 },
             ),
             Self::List(l) => ApiRequest::list(&configurations::LIST, &l.query()),
             Self::Get(t) => ApiRequest::at(&configurations::GET, &t.id),
-            Self::Update { target, port_ranges: ranges, definition } => ApiRequest::send_to(
+            Self::Update { target, port_ranges: ranges, definition, consumers } => ApiRequest::send_to(
                 &configurations::UPDATE,
                 &target.id,
                 &UpdateConfiguration {
                     port_ranges: port_ranges(ranges),
                     resource_configuration_definition: definition.input(),
+                    proxy_protocol: consumers.proxy_protocol(),
+                    per_consumer_limits: consumers.limits(),
                 },
             ),
             Self::Delete(t) => ApiRequest::at(&configurations::DELETE, &t.id),
@@ -646,14 +944,16 @@ impl InvitationVerb {
 impl VpcEndpointVerb {
     pub fn request(&self) -> ApiRequest {
         match self {
-            Self::Create { vpc_id, subnet_ids, resource_configuration, private_dns_enabled, create } => {
+            Self::Create { vpc_id, subnet_ids, target, private_dns_enabled, create } => {
+                let kind = if target.service_name.is_some() { "Interface" } else { "Resource" };
                 ApiRequest::send(
                     &endpoints::CREATE,
                     &CreateEndpoint {
-                        vpc_endpoint_type: "Resource".into(),
+                        vpc_endpoint_type: kind.into(),
                         vpc_id: vpc_id.clone(),
                         subnet_ids: subnet_ids.clone(),
-                        resource_configuration_arn: resource_configuration.clone(),
+                        resource_configuration_arn: target.resource_configuration.clone(),
+                        service_name: target.service_name.clone(),
                         private_dns_enabled: *private_dns_enabled,
                         client_token: create.token(),
                         ..Default::default()
@@ -706,6 +1006,7 @@ mod tests {
             Command::Invitation(v) => v.request(),
             Command::VpcEndpoint(v) => v.request(),
             Command::DomainVerification(v) => v.request(),
+            Command::EndpointService(v) => v.request(),
             other => panic!("`trellis {args}` is not an API verb: {other:?}"),
         }
     }
@@ -847,8 +1148,77 @@ mod tests {
                     "resourceConfigurationArn": "arn:x", "privateDnsEnabled": true,
                 })),
             ),
+            (
+                "vpc-endpoint create --vpc vpc-2 --subnet subnet-9 --service-name trellis.vpce.local.vpce-svc-1",
+                M::POST,
+                "/v1/vpcendpoints",
+                Some(json!({
+                    "vpcEndpointType": "Interface", "vpcId": "vpc-2", "subnetIds": ["subnet-9"],
+                    "serviceName": "trellis.vpce.local.vpce-svc-1", "privateDnsEnabled": false,
+                })),
+            ),
             ("vpc-endpoint list", M::GET, "/v1/vpcendpoints", none.clone()),
             ("vpc-endpoint get vpce-1", M::GET, "/v1/vpcendpoints/vpce-1", none.clone()),
+            (
+                "endpoint-service create --name orders --vpc vpc-1 --subnet subnet-1 --target 10.0.1.5 \
+                 --target api-2.internal --port 443:8443 --acceptance-required false --load-balancing round_robin \
+                 --health-check-protocol http --health-check-path /healthz --health-check-interval 5 \
+                 --health-check-timeout 2 --healthy-threshold 2 --unhealthy-threshold 2 --proxy-protocol v2 \
+                 --max-connections 10 --max-bits-per-second 1000000 --private-dns-name api.orders.example",
+                M::POST,
+                "/v1/vpcendpointservices",
+                Some(json!({
+                    "name": "orders", "vpcId": "vpc-1", "subnetIds": ["subnet-1"],
+                    "targets": [{"ipAddress": "10.0.1.5"}, {"domainName": "api-2.internal"}],
+                    "ports": [{"port": 443, "targetPort": 8443}], "acceptanceRequired": false,
+                    "loadBalancing": "ROUND_ROBIN",
+                    "healthCheck": {"protocol": "HTTP", "path": "/healthz", "intervalSeconds": 5, "timeoutSeconds": 2,
+                                    "healthyThresholdCount": 2, "unhealthyThresholdCount": 2},
+                    "proxyProtocol": "V2", "perConsumerLimits": {"maxConnections": 10, "maxBitsPerSecond": 1000000},
+                    "privateDnsName": "api.orders.example",
+                })),
+            ),
+            ("endpoint-service list", M::GET, "/v1/vpcendpointservices", none.clone()),
+            ("endpoint-service available", M::GET, "/v1/vpcendpointservices/available", none.clone()),
+            ("endpoint-service get vpce-svc-1", M::GET, "/v1/vpcendpointservices/vpce-svc-1", none.clone()),
+            (
+                "endpoint-service update vpce-svc-1 --target 10.0.1.6 --port 80",
+                M::PATCH,
+                "/v1/vpcendpointservices/vpce-svc-1",
+                Some(json!({"targets": [{"ipAddress": "10.0.1.6"}], "ports": [{"port": 80}]})),
+            ),
+            ("endpoint-service delete vpce-svc-1", M::DELETE, "/v1/vpcendpointservices/vpce-svc-1", none.clone()),
+            (
+                "endpoint-service permissions vpce-svc-1",
+                M::GET,
+                "/v1/vpcendpointservices/vpce-svc-1/permissions",
+                none.clone(),
+            ),
+            (
+                "endpoint-service modify-permissions vpce-svc-1 --add-principal acct-000000000002 --remove-principal *",
+                M::POST,
+                "/v1/vpcendpointservices/vpce-svc-1/permissions",
+                Some(json!({"addAllowedPrincipals": ["acct-000000000002"], "removeAllowedPrincipals": ["*"]})),
+            ),
+            (
+                "endpoint-service connections vpce-svc-1",
+                M::GET,
+                "/v1/vpcendpointservices/vpce-svc-1/connections",
+                none.clone(),
+            ),
+            (
+                "endpoint-service accept vpce-svc-1 --endpoint vpce-1",
+                M::POST,
+                "/v1/vpcendpointservices/vpce-svc-1/connections/accept",
+                Some(json!({"vpcEndpointIds": ["vpce-1"]})),
+            ),
+            (
+                "endpoint-service reject vpce-svc-1 --endpoint vpce-1 --endpoint vpce-2",
+                M::POST,
+                "/v1/vpcendpointservices/vpce-svc-1/connections/reject",
+                Some(json!({"vpcEndpointIds": ["vpce-1", "vpce-2"]})),
+            ),
+            ("endpoint-service usage vpce-svc-1", M::GET, "/v1/vpcendpointservices/vpce-svc-1/usage", none.clone()),
             ("vpc-endpoint delete vpce-1", M::DELETE, "/v1/vpcendpoints/vpce-1", none.clone()),
             (
                 "domain-verification create --domain-name example.com --client-token t-2",
@@ -895,6 +1265,9 @@ mod tests {
             "subnet create --vpc v --zone z --cidr-block 10.0.0.0/24 --name n --client-token t",
             "account create --name a --organization-id o-1 --client-token t",
             "agent-token create --subnet s",
+            "resource-configuration update rcfg-1 --proxy-protocol V2 --max-connections 5",
+            "resource-configuration create --name db --type SINGLE --gateway g --ip 10.0.0.1 --port-range 1 \
+             --proxy-protocol none --max-bits-per-second 64000",
         ];
         let verbs = cases().into_iter().map(|c| c.0).chain(extra);
         for args in verbs {
@@ -966,6 +1339,12 @@ mod tests {
             "account update acct-1 --organization-id o --no-organization",
             "resource-share create --name s --principal acct-1",
             "vpc-endpoint create --vpc v --resource-configuration arn:x",
+            "vpc-endpoint create --vpc v --subnet s",
+            "vpc-endpoint create --vpc v --subnet s --resource-configuration arn:x --service-name n",
+            "endpoint-service create --name s --vpc v --subnet s --port 0",
+            "endpoint-service create --name s --vpc v --subnet s --port 1:x",
+            "endpoint-service modify-permissions vpce-svc-1",
+            "endpoint-service accept vpce-svc-1",
             "vpc list --max-results 0",
         ] {
             let argv = std::iter::once("trellis").chain(bad.split_whitespace());
@@ -988,6 +1367,23 @@ mod tests {
             ("resource-share", &["create", "list", "get", "delete"]),
             ("invitation", &["list", "get", "accept", "reject"]),
             ("vpc-endpoint", &["create", "list", "get", "delete"]),
+            (
+                "endpoint-service",
+                &[
+                    "create",
+                    "list",
+                    "available",
+                    "get",
+                    "update",
+                    "delete",
+                    "permissions",
+                    "modify-permissions",
+                    "connections",
+                    "accept",
+                    "reject",
+                    "usage",
+                ],
+            ),
             ("domain-verification", &["create", "list", "get", "delete"]),
         ];
         let cmd = Cli::command();

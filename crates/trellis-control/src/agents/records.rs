@@ -136,7 +136,8 @@ pub struct UsageRecord {
     /// The boot the current counters belong to.
     pub boot_id: String,
     pub vpc_endpoint_id: VpcEndpointId,
-    pub resource_configuration_id: ResourceConfigurationId,
+    /// The resource configuration (a SINGLE or CHILD), or the endpoint service.
+    pub resource_configuration_id: String,
     /// The GROUP of a CHILD resource, so group usage finds its children's.
     pub resource_configuration_group_id: Option<ResourceConfigurationId>,
     pub consumer_account_id: AccountId,
@@ -174,7 +175,7 @@ impl BootTotals {
 }
 
 impl UsageRecord {
-    pub fn record_id(agent: &AgentId, endpoint: &VpcEndpointId, resource: &ResourceConfigurationId) -> String {
+    pub fn record_id(agent: &AgentId, endpoint: &VpcEndpointId, resource: &str) -> String {
         format!("{agent}/{endpoint}/{resource}")
     }
 }
@@ -188,12 +189,40 @@ impl Object for UsageRecord {
         self.account_id.as_str()
     }
     fn refs(&self) -> Vec<String> {
-        let mut refs = vec![
-            self.resource_configuration_id.to_string(),
-            self.vpc_endpoint_id.to_string(),
-            self.agent_id.to_string(),
-        ];
+        let mut refs =
+            vec![self.resource_configuration_id.clone(), self.vpc_endpoint_id.to_string(), self.agent_id.to_string()];
         refs.extend(self.resource_configuration_group_id.iter().map(|g| g.to_string()));
+        refs
+    }
+}
+
+/// The health of the service targets one agent checks, as its last report
+/// with health said (agents send it when it changes): one record per agent.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TargetHealthRecord {
+    /// The agent's id.
+    pub id: String,
+    /// The provider (the agent's account).
+    pub account_id: AccountId,
+    pub agent_id: AgentId,
+    pub targets: Vec<trellis_proto::agent_api::TargetHealthReport>,
+    pub updated_at: Timestamp,
+}
+
+impl Object for TargetHealthRecord {
+    const KIND: &'static str = "target-health";
+    fn id(&self) -> &str {
+        &self.id
+    }
+    fn account_id(&self) -> &str {
+        self.account_id.as_str()
+    }
+    /// The services whose targets it holds, so a service's view is one lookup.
+    fn refs(&self) -> Vec<String> {
+        let mut refs: Vec<String> = self.targets.iter().map(|t| t.service_id.clone()).collect();
+        refs.sort();
+        refs.dedup();
         refs
     }
 }

@@ -23,14 +23,14 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use trellis_model::{
     Account, AccountId, Agent, AgentId, AgentStatus, EndpointState, ResourceConfiguration, ResourceConfigurationId,
-    Timestamp, VpcEndpoint, VpcEndpointId,
+    Timestamp, VpcEndpoint, VpcEndpointId, VpcEndpointService, VpcEndpointServiceId,
 };
 use trellis_proto::AgentConfig;
 use trellis_proto::agent_api::{AgentReport, ListenerStatus, UsageCounters};
 use trellis_store::{Tx, TxExt};
 
 use super::AgentAuth;
-use super::records::{AgentRuntime, BootTotals, UsageRecord};
+use super::records::{AgentRuntime, BootTotals, TargetHealthRecord, UsageRecord};
 use crate::api::Json;
 use crate::error::ApiError;
 use crate::state::{AppState, now};
@@ -106,9 +106,23 @@ fn within_config(config: &AgentConfig, mut report: AgentReport) -> AgentReport {
         })
         .collect();
     report.listeners.retain(|l| served.contains(&(l.vpc_endpoint_id.as_str(), l.resource_configuration_id.as_str())));
-    let resources: HashSet<&str> =
-        config.gateway.resources.iter().map(|r| r.resource_configuration_id.as_str()).collect();
+    let services: HashSet<&str> = config.gateway.services.iter().map(|s| s.service_id.as_str()).collect();
+    let resources: HashSet<&str> = config
+        .gateway
+        .resources
+        .iter()
+        .map(|r| r.resource_configuration_id.as_str())
+        .chain(services.iter().copied())
+        .collect();
     report.usage.retain(|u| resources.contains(u.resource_configuration_id.as_str()));
+    report.target_health.retain(|t| services.contains(t.service_id.as_str()));
+    for t in &mut report.target_health {
+        t.target = t.target.chars().take(MAX_ERROR_LEN).collect();
+        t.state = t.state.chars().take(16).collect();
+        if let Some(reason) = &mut t.reason {
+            *reason = reason.chars().filter(|c| !c.is_control()).take(MAX_ERROR_LEN).collect();
+        }
+    }
     report.listeners.sort_by(|a, b| {
         (&a.vpc_endpoint_id, &a.resource_configuration_id).cmp(&(&b.vpc_endpoint_id, &b.resource_configuration_id))
     });
@@ -121,7 +135,10 @@ pub(super) async fn report(
     Json(report): Json<AgentReport>,
 ) -> Result<StatusCode, ApiError> {
     validate_boot_id(&report.boot_id)?;
-    if report.listeners.len() > MAX_REPORT_ENTRIES || report.usage.len() > MAX_REPORT_ENTRIES {
+    if report.listeners.len() > MAX_REPORT_ENTRIES
+        || report.usage.len() > MAX_REPORT_ENTRIES
+        || report.target_health.len() > MAX_REPORT_ENTRIES
+    {
         return Err(ApiError::invalid(
             "ValidationError",
             format!(
@@ -143,7 +160,10 @@ pub(super) async fn report(
         written_at: Instant::now(),
     };
     let liveness_every = (state.settings.offline_after / 4).max(Duration::from_secs(1));
-    if report.usage.is_empty() && state.reports.unchanged(&agent.id, &seen, liveness_every) {
+    if report.usage.is_empty()
+        && report.target_health.is_empty()
+        && state.reports.unchanged(&agent.id, &seen, liveness_every)
+    {
         return Ok(StatusCode::NO_CONTENT);
     }
     let (now, config) = (now(), compiled.config.clone());
@@ -191,14 +211,32 @@ pub fn apply_report(
     }
 
     apply_listeners(tx, &agent, &report.listeners)?;
+    if !report.target_health.is_empty() {
+        let record = TargetHealthRecord {
+            id: agent.id.to_string(),
+            account_id: agent.account_id.clone(),
+            agent_id: agent.id.clone(),
+            targets: report.target_health.clone(),
+            updated_at: now,
+        };
+        if tx.get_obj::<TargetHealthRecord>(agent.id.as_str())?.is_some() {
+            tx.update_obj(&record)?;
+        } else {
+            tx.insert_obj(&record)?;
+        }
+    }
     for counters in &report.usage {
         apply_usage(tx, &agent, config, &report.boot_id, counters, now)?;
     }
     Ok(())
 }
 
-/// Whether the endpoint's account may still use its configuration.
+/// Whether the endpoint's account may still use its configuration or service.
 fn endpoint_has_access(tx: &mut dyn Tx, endpoint: &VpcEndpoint) -> Result<bool, ApiError> {
+    if let Some(service_id) = &endpoint.service_id {
+        let service = tx.get_obj::<VpcEndpointService>(service_id.as_str())?;
+        return Ok(service.is_some_and(|s| s.allows(&endpoint.account_id)));
+    }
     let Some(config_id) = &endpoint.resource_configuration_id else { return Ok(true) };
     let Some(config) = tx.get_obj::<ResourceConfiguration>(config_id.as_str())? else {
         return Ok(false);
@@ -285,19 +323,33 @@ fn apply_usage(
     counters: &UsageCounters,
     now: Timestamp,
 ) -> Result<(), ApiError> {
-    let (Ok(endpoint_id), Ok(resource_id)) = (
-        VpcEndpointId::parse(&counters.vpc_endpoint_id),
-        ResourceConfigurationId::parse(&counters.resource_configuration_id),
-    ) else {
-        return Ok(());
-    };
-    let Some(resource) = tx.get_obj::<ResourceConfiguration>(resource_id.as_str())? else { return Ok(()) };
-    if resource.account_id != agent.account_id {
-        return Ok(());
-    }
-    let id = UsageRecord::record_id(&agent.id, &endpoint_id, &resource_id);
+    let Ok(endpoint_id) = VpcEndpointId::parse(&counters.vpc_endpoint_id) else { return Ok(()) };
+    let subject = counters.resource_configuration_id.as_str();
+    let id = UsageRecord::record_id(&agent.id, &endpoint_id, subject);
     let known = tx.get_obj::<UsageRecord>(&id)?;
-    let Some(consumer) = consumer_of(tx, config, &endpoint_id, &resource, known.as_ref())? else { return Ok(()) };
+    let (group, consumer) = if let Ok(service_id) = VpcEndpointServiceId::parse(subject) {
+        let Some(service) = tx.get_obj::<VpcEndpointService>(service_id.as_str())? else { return Ok(()) };
+        if service.account_id != agent.account_id {
+            return Ok(());
+        }
+        let consumer = match &known {
+            Some(r) => Some(r.consumer_account_id.clone()),
+            None => tx
+                .get_obj::<VpcEndpoint>(endpoint_id.as_str())?
+                .filter(|e| e.service_id.as_ref() == Some(&service.id))
+                .map(|e| e.account_id),
+        };
+        (None, consumer)
+    } else {
+        let Ok(resource_id) = ResourceConfigurationId::parse(subject) else { return Ok(()) };
+        let Some(resource) = tx.get_obj::<ResourceConfiguration>(resource_id.as_str())? else { return Ok(()) };
+        if resource.account_id != agent.account_id {
+            return Ok(());
+        }
+        let consumer = consumer_of(tx, config, &endpoint_id, &resource, known.as_ref())?;
+        (resource.resource_configuration_group_id.clone(), consumer)
+    };
+    let Some(consumer) = consumer else { return Ok(()) };
     let previous_boots = match &known {
         Some(r) if r.boot_id != boot_id => r.previous_boots.plus_boot_of(r),
         Some(r) => r.previous_boots,
@@ -305,12 +357,12 @@ fn apply_usage(
     };
     let record = UsageRecord {
         id,
-        account_id: resource.account_id.clone(),
+        account_id: agent.account_id.clone(),
         agent_id: agent.id.clone(),
         boot_id: boot_id.to_string(),
         vpc_endpoint_id: endpoint_id,
-        resource_configuration_id: resource_id,
-        resource_configuration_group_id: resource.resource_configuration_group_id.clone(),
+        resource_configuration_id: subject.to_string(),
+        resource_configuration_group_id: group,
         consumer_account_id: consumer,
         active_connections: counters.active_connections,
         total_connections: counters.total_connections,

@@ -14,15 +14,16 @@ use axum::http::StatusCode;
 use axum::response::Response;
 use trellis_api::configurations::{self, CreateConfiguration, DefinitionInput, UpdateConfiguration};
 use trellis_model::{
-    Access, Account, ConfigurationType, DnsResource, EndpointState, IpResource, Pools, Protocol, ResourceConfiguration,
-    ResourceConfigurationId, ResourceDefinition, ResourceGateway, ResourceGatewayId, ResourceShare, ResourceStatus,
-    ShareStatus, Subnet, VpcEndpoint, kinds, parse_identifier, parse_port_ranges, plan_dns_entries, ranges_cover,
-    validate_domain_name, validate_name, validate_resource_ip,
+    Access, Account, ConfigurationType, ConsumerLimits, DnsResource, EndpointState, IpResource, Pools, Protocol,
+    ProxyProtocol, ResourceConfiguration, ResourceConfigurationId, ResourceDefinition, ResourceGateway,
+    ResourceGatewayId, ResourceShare, ResourceStatus, ShareStatus, Subnet, VpcEndpoint, kinds, parse_identifier,
+    parse_port_ranges, plan_dns_entries, ranges_cover, validate_domain_name, validate_name, validate_resource_ip,
 };
 use trellis_store::{Filter, Tx, TxExt};
 
 use super::endpoints::reassess_listener_budget;
 use super::idempotency::create_once;
+use super::services::{checked_limits, parse_proxy_protocol};
 use super::subnets::used_addresses;
 use super::{
     ClientToken, Json, ListQuery, Page, PathId, Query, Routes, created, get_owned, page_of, page_size, path_id,
@@ -74,6 +75,8 @@ struct Checked {
     definition: Option<ResourceDefinition>,
     port_ranges: Option<Vec<trellis_model::PortRange>>,
     custom_domain_name: Option<String>,
+    proxy_protocol: ProxyProtocol,
+    per_consumer_limits: Option<ConsumerLimits>,
 }
 
 fn check(body: &CreateConfiguration) -> Result<Checked, ApiError> {
@@ -142,7 +145,25 @@ fn check(body: &CreateConfiguration) -> Result<Checked, ApiError> {
         }
         _ => {}
     }
-    Ok(Checked { config_type, gateway, group, definition, port_ranges, custom_domain_name })
+    let proxy_protocol = body.proxy_protocol.as_deref().map(parse_proxy_protocol).transpose()?.unwrap_or_default();
+    let per_consumer_limits = body.per_consumer_limits.as_ref().map(checked_limits).transpose()?.flatten();
+    if config_type == ConfigurationType::Group
+        && (proxy_protocol != ProxyProtocol::None || per_consumer_limits.is_some())
+    {
+        return invalid(
+            "a GROUP carries no traffic itself; set proxyProtocol and perConsumerLimits on its CHILD configurations",
+        );
+    }
+    Ok(Checked {
+        config_type,
+        gateway,
+        group,
+        definition,
+        port_ranges,
+        custom_domain_name,
+        proxy_protocol,
+        per_consumer_limits,
+    })
 }
 
 async fn create(
@@ -215,8 +236,8 @@ async fn create(
                     port_ranges,
                     protocol: Protocol::Tcp,
                     custom_domain_name: checked.custom_domain_name.clone(),
-                    proxy_protocol: Default::default(),
-                    per_consumer_limits: None,
+                    proxy_protocol: checked.proxy_protocol,
+                    per_consumer_limits: checked.per_consumer_limits,
                     created_at: now,
                 };
                 tx.insert_obj(&config)?;
@@ -367,8 +388,24 @@ async fn update(
     let id: ResourceConfigurationId = path_id(&raw)?;
     let ranges = body.port_ranges.as_deref().map(parse_port_ranges).transpose()?;
     let definition = body.resource_configuration_definition.as_ref().map(definition).transpose()?;
+    let proxy_protocol = body.proxy_protocol.as_deref().map(parse_proxy_protocol).transpose()?;
+    let limits = body.per_consumer_limits.as_ref().map(checked_limits).transpose()?;
     st.write(move |tx| {
         let mut config = get_owned::<ResourceConfiguration>(tx, &me.id, id.as_str(), "resource configuration")?;
+        if (proxy_protocol.is_some_and(|p| p != ProxyProtocol::None) || limits.is_some_and(|l| l.is_some()))
+            && config.config_type == ConfigurationType::Group
+        {
+            return Err(ApiError::invalid(
+                "ValidationError",
+                "a GROUP carries no traffic itself; set proxyProtocol and perConsumerLimits on its CHILD configurations",
+            ));
+        }
+        if let Some(p) = proxy_protocol {
+            config.proxy_protocol = p;
+        }
+        if let Some(l) = limits {
+            config.per_consumer_limits = l;
+        }
         if let Some(definition) = &definition {
             if config.config_type == ConfigurationType::Group {
                 return Err(ApiError::invalid(

@@ -13,14 +13,16 @@ use trellis_api::VpcListQuery;
 use trellis_api::endpoints::{self, CreateEndpoint};
 use trellis_model::{
     Account, AccountId, ConfigurationType, EndpointState, Pools, PrivateDnsPreference, ResourceConfiguration,
-    ResourceConfigurationId, ResourceGateway, Subnet, Vpc, VpcEndpoint, VpcEndpointId, VpcEndpointType, VpcId,
-    check_zone_overlap, kinds, parse_identifier, plan_dns_entries, validate_domain_name,
+    ResourceConfigurationId, ResourceGateway, Subnet, Vpc, VpcEndpoint, VpcEndpointId, VpcEndpointServiceId,
+    VpcEndpointType, VpcId, check_zone_overlap, clip_echo, kinds, parse_identifier, parse_service_name,
+    plan_dns_entries, plan_interface_entries, validate_domain_name,
 };
 use trellis_store::{Filter, Tx, TxExt};
 
 use super::configurations::{access_to, children};
 use super::gateways::{parse_subnet_ids, subnets_in_vpc};
 use super::idempotency::create_once;
+use super::services::visible_service;
 use super::subnets::used_addresses;
 use super::{
     ClientToken, Json, Page, Paged, PathId, Query, Routes, created, get_owned, list_page, no_duplicates, path_id,
@@ -75,6 +77,57 @@ pub fn private_dns_settings(
     }
 }
 
+/// What an endpoint connects to.
+enum Target {
+    Resource(ResourceConfigurationId),
+    Service(VpcEndpointServiceId),
+}
+
+fn no_service(name: &str) -> ApiError {
+    ApiError::invalid(
+        "InvalidServiceName",
+        format!(
+            "service {name:?} was not found or does not allow your account; \
+             GET /v1/vpcendpointservices/available lists the services you may connect to"
+        ),
+    )
+}
+
+/// Creates an Interface endpoint to a service that allows `me`: one address
+/// per subnet, a regional and a zonal name per subnet; `PendingAcceptance`
+/// when the provider accepts each endpoint (its own endpoints excepted).
+fn create_interface(
+    tx: &mut dyn Tx,
+    me: &Account,
+    mut endpoint: VpcEndpoint,
+    subnets: &[Subnet],
+    region: &str,
+) -> Result<VpcEndpoint, ApiError> {
+    let Some(service_id) = endpoint.service_id.clone() else {
+        return Err(ApiError::internal("an Interface endpoint without a service"));
+    };
+    let service = visible_service(tx, me, &service_id).map_err(|_| no_service(service_id.as_str()))?;
+    let mut service_subnets = Vec::new();
+    for sid in &service.subnet_ids {
+        service_subnets.extend(tx.get_obj::<Subnet>(sid.as_str())?);
+    }
+    check_zone_overlap(subnets, &service_subnets)?;
+    let mut used = Vec::new();
+    for s in subnets {
+        used.extend(used_addresses(tx, &s.id)?.into_iter().map(|ip| (s.id.clone(), ip.into())));
+    }
+    endpoint.dns_entries = plan_interface_entries(&endpoint.id, &service.id, region, subnets, &mut Pools::new(used))?;
+    endpoint.service_name = Some(service.service_name.clone());
+    endpoint.service_owner_id = Some(service.account_id.clone());
+    endpoint.state = if service.acceptance_required && service.account_id != me.id {
+        EndpointState::PendingAcceptance
+    } else {
+        EndpointState::Pending
+    };
+    tx.insert_obj(&endpoint)?;
+    Ok(endpoint)
+}
+
 fn not_shared(id: &str) -> ApiError {
     ApiError::invalid(
         "ResourceNotShared",
@@ -90,17 +143,39 @@ async fn create(
     AccountAuth(me): AccountAuth,
     Json(body): Json<CreateEndpoint>,
 ) -> Result<Response, ApiError> {
-    if body.vpc_endpoint_type != "Resource" {
-        return Err(ApiError::invalid(
-            "ValidationError",
-            format!("vpcEndpointType {:?} is not supported; use \"Resource\"", body.vpc_endpoint_type),
-        ));
-    }
+    let kind = match body.vpc_endpoint_type.as_str() {
+        "Resource" => VpcEndpointType::Resource,
+        "Interface" => VpcEndpointType::Interface,
+        other => {
+            return Err(ApiError::invalid(
+                "ValidationError",
+                format!("vpcEndpointType {:?} is not supported; use \"Resource\" or \"Interface\"", clip_echo(other)),
+            ));
+        }
+    };
     let vpc_id = VpcId::parse(&body.vpc_id).map_err(|e| invalid_reference("vpcId", e))?;
     let subnet_ids = parse_subnet_ids(&body.subnet_ids)?;
-    let config_id: ResourceConfigurationId =
-        parse_identifier(&body.resource_configuration_arn, kinds::RESOURCE_CONFIGURATION)
-            .map_err(|e| invalid_reference("resourceConfigurationArn", e))?;
+    let target = match (kind, &body.resource_configuration_arn, &body.service_name) {
+        (VpcEndpointType::Resource, Some(arn), None) => Target::Resource(
+            parse_identifier(arn, kinds::RESOURCE_CONFIGURATION)
+                .map_err(|e| invalid_reference("resourceConfigurationArn", e))?,
+        ),
+        (VpcEndpointType::Interface, None, Some(name)) => {
+            Target::Service(parse_service_name(st.region(), name).ok_or_else(|| no_service(&clip_echo(name)))?)
+        }
+        (VpcEndpointType::Resource, _, _) => {
+            return Err(ApiError::invalid(
+                "ValidationError",
+                "a Resource endpoint takes resourceConfigurationArn (and no serviceName)",
+            ));
+        }
+        (VpcEndpointType::Interface, _, _) => {
+            return Err(ApiError::invalid(
+                "ValidationError",
+                "an Interface endpoint takes serviceName (and no resourceConfigurationArn)",
+            ));
+        }
+    };
     let (dns_preference, dns_domains) =
         private_dns_settings(body.private_dns_preference.as_deref(), body.private_dns_specified_domains.as_deref())?;
     let token = ClientToken::new(me.id.as_str(), "vpcendpoints", body.client_token.as_deref(), &body)?;
@@ -121,6 +196,34 @@ async fn create(
                         ));
                     }
                 }
+                let config_id = match &target {
+                    Target::Resource(config_id) => config_id,
+                    Target::Service(service_id) => {
+                        let endpoint = VpcEndpoint {
+                            arn: VpcEndpoint::arn_for(&region, &me.id, &id),
+                            vpc_endpoint_id: id.clone(),
+                            id: id.clone(),
+                            account_id: me.id.clone(),
+                            vpc_endpoint_type: VpcEndpointType::Interface,
+                            vpc_id: vpc.id.clone(),
+                            subnet_ids: subnet_ids.clone(),
+                            resource_configuration_arn: None,
+                            resource_configuration_id: None,
+                            resource_configuration_owner_id: None,
+                            service_id: Some(service_id.clone()),
+                            service_name: None,
+                            service_owner_id: None,
+                            private_dns_enabled: body.private_dns_enabled,
+                            private_dns_preference: dns_preference,
+                            private_dns_specified_domains: dns_domains.clone(),
+                            state: EndpointState::Pending,
+                            failure_reason: None,
+                            dns_entries: Vec::new(),
+                            created_at: now,
+                        };
+                        return create_interface(tx, &me, endpoint, &subnets, &region);
+                    }
+                };
                 let config = tx
                     .get_obj::<ResourceConfiguration>(config_id.as_str())?
                     .ok_or_else(|| not_shared(config_id.as_str()))?;

@@ -19,6 +19,7 @@ pub mod idempotency;
 pub mod invitations;
 pub mod openapi;
 pub mod organizations;
+pub mod services;
 pub mod shares;
 pub mod subnets;
 pub mod vpcs;
@@ -93,6 +94,7 @@ pub fn routes() -> Routes {
         .merge(configurations::routes())
         .merge(shares::routes())
         .merge(invitations::routes())
+        .merge(services::routes())
         .merge(endpoints::routes())
         .merge(domains::routes())
         .merge(crate::agents::routes())
