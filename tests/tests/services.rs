@@ -243,3 +243,60 @@ fn per_consumer_limits_refuse_one_consumers_extra_connection_and_pace_its_bytes(
     let off = (elapsed.as_secs_f64() - expected).abs() / expected;
     assert!(off <= 0.15, "3 MB at 1 MB/s took {elapsed:?} (expected {expected} s ± 15 %)");
 }
+
+/// haproxy answering every HTTP request with what it parsed from the PROXY
+/// v2 header (`accept-proxy`): the client address, and the unique id TLV.
+struct Haproxy {
+    proc: trellis_e2e::Proc,
+    _dir: tempfile::TempDir,
+}
+
+impl Haproxy {
+    fn start(addr: SocketAddr) -> Option<Haproxy> {
+        let program =
+            ["/usr/sbin/haproxy", "/usr/bin/haproxy"].into_iter().find(|p| std::path::Path::new(p).exists())?;
+        let dir = tempfile::tempdir().expect("haproxy dir");
+        let config = format!(
+            "defaults\n  mode http\n  timeout connect 5s\n  timeout client 10s\n  timeout server 10s\n\
+             frontend fe\n  bind {addr} accept-proxy\n  \
+             http-request return status 200 content-type text/plain lf-string \"client=%ci unique=%[fc_pp_unique_id]\\n\"\n"
+        );
+        let path = dir.path().join("haproxy.cfg");
+        std::fs::write(&path, config).expect("write haproxy.cfg");
+        let mut cmd = std::process::Command::new(program);
+        cmd.arg("-db").arg("-f").arg(&path);
+        let proc = trellis_e2e::Proc::spawn("haproxy", cmd, dir.path());
+        Some(Haproxy { proc, _dir: dir })
+    }
+}
+
+#[test]
+fn an_unmodified_haproxy_learns_the_consumer_account_and_endpoint_from_proxy_v2() {
+    let ip: IpAddr = Ipv4Addr::new(127, 0, 0, 7).into();
+    let port = free_port(ip);
+    let Some(mut haproxy) = Haproxy::start(SocketAddr::new(ip, port)) else {
+        assert!(std::env::var("CI").is_err(), "haproxy is missing on CI: scripts/test installs it");
+        eprintln!("skipped: no haproxy (scripts/test installs Debian's haproxy)");
+        return;
+    };
+    wait_until("haproxy to listen", Duration::from_secs(10), || {
+        haproxy.proc.assert_running();
+        TcpStream::connect(SocketAddr::new(ip, port)).ok()
+    });
+    let pair = LoopbackPair::start();
+    let service = publish(&pair, "proxied", &[ip], port, json!({"acceptanceRequired": false, "proxyProtocol": "V2"}));
+    allow(&pair, s(&service["serviceId"]), pair.consumer.id());
+    let endpoint = interface_endpoint(&pair.consumer, &pair.consumer_vpc, &pair.consumer_subnet, &service);
+    let eid = s(&endpoint["id"]).to_string();
+    pair.consumer.wait_status(&format!("/v1/vpcendpoints/{eid}"), "state", "Available");
+    let addr = SocketAddr::new(address_of(&endpoint), port);
+
+    let body = wait_until("haproxy to answer through the endpoint", Duration::from_secs(15), || {
+        trellis_e2e::agent::http_get_plain(addr, "/").ok()
+    });
+    let consumer = pair.consumer.id();
+    assert!(body.contains(&format!("unique={consumer} {eid} ")), "haproxy did not see the caller: {body}");
+    // The client address haproxy read from the header is the consumer's client, not the gateway.
+    let client = body.split_whitespace().find_map(|w| w.strip_prefix("client=")).unwrap_or_default();
+    assert!(client.starts_with("127."), "{body}");
+}

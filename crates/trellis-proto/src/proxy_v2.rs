@@ -23,6 +23,9 @@ pub const TLV_TRELLIS: u8 = 0xE0;
 pub const TRELLIS_ACCOUNT_ID: u8 = 0x01;
 pub const TRELLIS_VPC_ID: u8 = 0x02;
 pub const TRELLIS_TARGET_ID: u8 = 0x03;
+/// The standard `PP2_TYPE_UNIQUE_ID` (at most 128 bytes, no subtype): what
+/// proxies without custom-TLV support (haproxy's `fc_pp_unique_id`) can log.
+pub const TLV_UNIQUE_ID: u8 = 0x05;
 
 /// Who is calling, as the target is told.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -36,6 +39,8 @@ pub struct Caller<'a> {
     pub consumer_vpc_id: &'a str,
     /// The endpoint service or resource configuration reached.
     pub target_id: &'a str,
+    /// This gateway's number for the connection (unique while it runs).
+    pub connection: u64,
 }
 
 fn mapped(ip: IpAddr) -> std::net::Ipv6Addr {
@@ -76,6 +81,12 @@ pub fn encode(caller: &Caller<'_>) -> Vec<u8> {
     tlv(&mut body, TLV_TRELLIS, TRELLIS_ACCOUNT_ID, caller.consumer_account_id);
     tlv(&mut body, TLV_TRELLIS, TRELLIS_VPC_ID, caller.consumer_vpc_id);
     tlv(&mut body, TLV_TRELLIS, TRELLIS_TARGET_ID, caller.target_id);
+    // `<account> <endpoint> <connection>`: ids are short ASCII, so it fits the 128 bytes the spec allows.
+    let unique = format!("{} {} {:x}", caller.consumer_account_id, caller.vpc_endpoint_id, caller.connection);
+    let unique = &unique.as_bytes()[..unique.len().min(128)];
+    body.push(TLV_UNIQUE_ID);
+    body.extend_from_slice(&(unique.len() as u16).to_be_bytes());
+    body.extend_from_slice(unique);
     let mut out = Vec::with_capacity(16 + body.len());
     out.extend_from_slice(&SIGNATURE);
     out.push(VERSION_PROXY);
@@ -183,6 +194,7 @@ mod tests {
             consumer_account_id: "acct-905337148260",
             consumer_vpc_id: "vpc-0d4c3b2a1f0e9d8c7",
             target_id: "vpce-svc-0a1b2c3d4e5f60718",
+            connection: 0x2a,
         }
     }
 
@@ -204,6 +216,8 @@ mod tests {
         assert_eq!(d.text(TLV_TRELLIS, TRELLIS_ACCOUNT_ID), Some("acct-905337148260"));
         assert_eq!(d.text(TLV_TRELLIS, TRELLIS_VPC_ID), Some("vpc-0d4c3b2a1f0e9d8c7"));
         assert_eq!(d.text(TLV_TRELLIS, TRELLIS_TARGET_ID), Some("vpce-svc-0a1b2c3d4e5f60718"));
+        let unique = d.tlvs.iter().find(|(k, _)| *k == TLV_UNIQUE_ID).map(|(_, v)| v.as_slice());
+        assert_eq!(unique, Some(&b"acct-905337148260 vpce-0123456789abcdef0 2a"[..]));
     }
 
     #[test]

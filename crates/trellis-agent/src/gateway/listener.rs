@@ -386,6 +386,9 @@ async fn connect(
 
 /// The PROXY protocol v2 header for a stream: the consumer's client, the
 /// target dialed, and TLVs naming the endpoint, the consumer and what it reached.
+/// Numbers connections for the PROXY header's unique id.
+static NEXT_CONNECTION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
 fn proxy_header(req: &OpenRequest, grant: &Grant, target: &TcpStream) -> Vec<u8> {
     let dialed = target.peer_addr().unwrap_or_else(|_| SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), 0));
     trellis_proto::proxy_v2::encode(&trellis_proto::proxy_v2::Caller {
@@ -395,6 +398,7 @@ fn proxy_header(req: &OpenRequest, grant: &Grant, target: &TcpStream) -> Vec<u8>
         consumer_account_id: &grant.consumer_account_id,
         consumer_vpc_id: &grant.consumer_vpc_id,
         target_id: &req.resource_configuration_id,
+        connection: NEXT_CONNECTION.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
     })
 }
 
