@@ -208,3 +208,35 @@ impl Drop for StubUpstream {
         }
     }
 }
+
+/// dnsmasq answering TXT records on 127.0.0.1:`port` (and nothing else);
+/// stopped by PID on drop.
+pub struct Dnsmasq {
+    pub proc: crate::Proc,
+    _logs: tempfile::TempDir,
+}
+
+impl Dnsmasq {
+    pub fn start(port: u16, txt_records: &[(&str, &str)]) -> Dnsmasq {
+        let program = ["/usr/sbin/dnsmasq", "/usr/bin/dnsmasq"]
+            .into_iter()
+            .find(|p| std::path::Path::new(p).exists())
+            .expect("dnsmasq is missing: install Debian's dnsmasq-base (scripts/test does)");
+        let mut cmd = std::process::Command::new(program);
+        cmd.args([
+            "--no-daemon",
+            &format!("--port={port}"),
+            "--listen-address=127.0.0.1",
+            "--bind-interfaces",
+            "--no-resolv",
+            "--no-hosts",
+            "--conf-file=/dev/null",
+            "--pid-file=",
+        ]);
+        for (name, value) in txt_records {
+            cmd.arg(format!("--txt-record={name},{value}"));
+        }
+        let logs = tempfile::Builder::new().prefix("trellis-e2e-dnsmasq-").tempdir().expect("dnsmasq log dir");
+        Dnsmasq { proc: crate::Proc::spawn("dnsmasq", cmd, logs.path()), _logs: logs }
+    }
+}

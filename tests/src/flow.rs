@@ -170,7 +170,12 @@ impl Tenant {
 
     /// GETs `path` until `field == want`; fails fast on a `*FAILED`/`Failed` state.
     pub fn wait_status(&self, path: &str, field: &str, want: &str) -> Value {
-        wait_until(&format!("{path} to reach {field}={want}"), STATE_TIMEOUT, || {
+        self.wait_status_for(path, field, want, STATE_TIMEOUT)
+    }
+
+    /// [`Tenant::wait_status`] with its own deadline.
+    pub fn wait_status_for(&self, path: &str, field: &str, want: &str, timeout: Duration) -> Value {
+        wait_until(&format!("{path} to reach {field}={want}"), timeout, || {
             let v = self.api.get(path).ok(path);
             let state = v[field].as_str().unwrap_or("");
             assert!(!state.to_ascii_uppercase().contains("FAILED"), "{path} failed: {v}");

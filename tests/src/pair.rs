@@ -22,6 +22,8 @@ pub struct PairOptions {
     pub consumer_agent_args: Vec<String>,
     /// Start the consumer's agent without a tunnel listener (endpoint role only).
     pub consumer_endpoint_only: bool,
+    /// Extra arguments for `trellis server` (e.g. `--dns-resolver`).
+    pub server_args: Vec<String>,
 }
 
 /// An owner and a consumer on loopback, ready to share.
@@ -59,7 +61,8 @@ impl LoopbackPair {
     }
 
     pub fn start_with(opts: PairOptions) -> LoopbackPair {
-        let cp = ControlPlane::start(LOCALHOST);
+        let server_args: Vec<&str> = opts.server_args.iter().map(String::as_str).collect();
+        let cp = ControlPlane::start_with_args(LOCALHOST, &server_args);
         let owner = Tenant::create(&cp, "owner-co");
         let consumer = Tenant::create(&cp, "consumer-co");
 

@@ -300,3 +300,61 @@ fn an_unmodified_haproxy_learns_the_consumer_account_and_endpoint_from_proxy_v2(
     let client = body.split_whitespace().find_map(|w| w.strip_prefix("client=")).unwrap_or_default();
     assert!(client.starts_with("127."), "{body}");
 }
+
+#[test]
+fn the_consumers_dns_answers_regional_zonal_and_verified_private_names() {
+    let resolver_port = free_port(LOCALHOST);
+    let opts = trellis_e2e::PairOptions {
+        server_args: vec!["--dns-resolver".into(), format!("127.0.0.1:{resolver_port}")],
+        ..Default::default()
+    };
+    let pair = LoopbackPair::start_with(opts);
+    let ip: IpAddr = Ipv4Addr::new(127, 0, 0, 8).into();
+    let port = free_port(ip);
+    let _target = TcpService::greeter("named", SocketAddr::new(ip, port), "named", None);
+    let mut service = publish(&pair, "named", &[ip], port, json!({"acceptanceRequired": false}));
+    let sid = s(&service["serviceId"]).to_string();
+    allow(&pair, &sid, pair.consumer.id());
+
+    // The private name needs a verified domain first.
+    let path = format!("/v1/vpcendpointservices/{sid}");
+    let refused = pair.owner.api.patch(&path, &json!({"privateDnsName": "api.orders.example"}));
+    assert_eq!(refused.status, 422, "an unverified name: {}", refused.text);
+    assert!(refused.message().contains("verified domain"), "{}", refused.text);
+    let dv = pair.owner.api.post("/v1/domainverifications", &json!({"domainName": "orders.example"})).ok("verify");
+    let _dnsmasq =
+        trellis_e2e::dns::Dnsmasq::start(resolver_port, &[(s(&dv["txtRecordName"]), s(&dv["txtRecordValue"]))]);
+    // The first check ran before dnsmasq did; the verifier retries after 30 s.
+    pair.owner.wait_status_for(
+        &format!("/v1/domainverifications/{}", s(&dv["id"])),
+        "status",
+        "VERIFIED",
+        Duration::from_secs(90),
+    );
+    service = pair.owner.api.patch(&path, &json!({"privateDnsName": "api.orders.example"})).ok("set the private name");
+    assert_eq!(service["privateDnsName"], "api.orders.example");
+
+    let body = json!({
+        "vpcEndpointType": "Interface", "vpcId": pair.consumer_vpc, "subnetIds": [pair.consumer_subnet],
+        "serviceName": service["serviceName"], "privateDnsEnabled": true,
+    });
+    let endpoint = pair.consumer.create_endpoint_from(&body);
+    let address = match address_of(&endpoint) {
+        IpAddr::V4(v4) => v4,
+        other => panic!("an IPv4 endpoint address, not {other}"),
+    };
+    let dns = pair.consumer_agent.dns_addr.expect("the consumer agent's DNS listener");
+    let eid = s(&endpoint["id"]);
+    for name in [
+        format!("{eid}.{sid}.local.trellis.internal"),
+        format!("{eid}-z1.{sid}.local.trellis.internal"),
+        "api.orders.example".to_string(),
+    ] {
+        let answer = wait_until(&format!("{name} in the consumer's DNS"), Duration::from_secs(15), || {
+            trellis_e2e::dns::resolve_a(dns, &name).ok().filter(|a| !a.is_empty())
+        });
+        assert_eq!(answer, vec![address], "{name}");
+        let greeting = greeting(SocketAddr::new(answer[0].into(), port));
+        assert_eq!(greeting.as_deref(), Some("named"), "connecting by {name}");
+    }
+}
