@@ -33,11 +33,21 @@ pub struct DemoService {
 impl DemoService {
     /// Binds `addr` (use port 0) and starts answering.
     pub async fn start(addr: SocketAddr) -> std::io::Result<Self> {
+        Self::start_greeting(addr, GREETING.into()).await
+    }
+
+    /// Like [`DemoService::start`], with `name` in its greeting (so a client
+    /// of a load-balanced service sees which target answered).
+    pub async fn start_named(addr: SocketAddr, name: &str) -> std::io::Result<Self> {
+        Self::start_greeting(addr, greeting_of(name).into()).await
+    }
+
+    async fn start_greeting(addr: SocketAddr, greeting: Arc<str>) -> std::io::Result<Self> {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let cancel = CancellationToken::new();
         let tasks = TaskTracker::new();
-        tasks.spawn(accept_loop(listener, cancel.clone(), tasks.clone()));
+        tasks.spawn(accept_loop(listener, greeting, cancel.clone(), tasks.clone()));
         Ok(Self { addr, cancel, tasks })
     }
 
@@ -53,7 +63,12 @@ impl DemoService {
     }
 }
 
-async fn accept_loop(listener: TcpListener, cancel: CancellationToken, tasks: TaskTracker) {
+/// The greeting of a named demo service.
+pub fn greeting_of(name: &str) -> String {
+    format!("hello from the trellis demo service ({name}), you said: ")
+}
+
+async fn accept_loop(listener: TcpListener, greeting: Arc<str>, cancel: CancellationToken, tasks: TaskTracker) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let permit = tokio::select! {
@@ -73,11 +88,11 @@ async fn accept_loop(listener: TcpListener, cancel: CancellationToken, tasks: Ta
                 }
             },
         };
-        let cancel = cancel.clone();
+        let (cancel, greeting) = (cancel.clone(), greeting.clone());
         tasks.spawn(async move {
             tokio::select! {
                 () = cancel.cancelled() => {}
-                result = serve(stream) => if let Err(e) = result {
+                result = serve(stream, &greeting) => if let Err(e) = result {
                     tracing::debug!("demo service: connection ended: {e}");
                 },
             }
@@ -105,6 +120,7 @@ async fn answer_http(
     lines: &mut BufReader<tokio::net::tcp::OwnedReadHalf>,
     write: &mut tokio::net::tcp::OwnedWriteHalf,
     request_line: &str,
+    greeting: &str,
 ) -> std::io::Result<()> {
     let mut header = Vec::new();
     for _ in 0..100 {
@@ -118,7 +134,7 @@ async fn answer_http(
         }
     }
     let words: Vec<&str> = request_line.split(' ').take(2).collect();
-    let body = format!("{GREETING}{}\n", words.join(" "));
+    let body = format!("{greeting}{}\n", words.join(" "));
     let head = format!(
         "HTTP/1.1 200 OK\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
         body.len()
@@ -128,7 +144,7 @@ async fn answer_http(
     write.shutdown().await
 }
 
-async fn serve(stream: TcpStream) -> std::io::Result<()> {
+async fn serve(stream: TcpStream, greeting: &str) -> std::io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut lines = BufReader::new(read);
     let mut line = Vec::new();
@@ -151,9 +167,9 @@ async fn serve(stream: TcpStream) -> std::io::Result<()> {
         let text = text.trim_end_matches(['\r', '\n']);
         if std::mem::take(&mut first) && is_http_request_line(text) {
             let request_line = text.to_string();
-            return answer_http(&mut lines, &mut write, &request_line).await;
+            return answer_http(&mut lines, &mut write, &request_line, greeting).await;
         }
-        write.write_all(format!("{GREETING}{text}\n").as_bytes()).await?;
+        write.write_all(format!("{greeting}{text}\n").as_bytes()).await?;
     }
     write.shutdown().await
 }

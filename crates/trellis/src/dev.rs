@@ -23,10 +23,15 @@ use trellis_api::agents::CreateAgentToken;
 use trellis_api::configurations::{CreateConfiguration, DefinitionInput, DnsInput, IpInput};
 use trellis_api::endpoints::CreateEndpoint;
 use trellis_api::gateways::CreateGateway;
+use trellis_api::services::{
+    ConnectionIds, CreateService, HealthCheckInput, ModifyPermissions, PortInput, TargetInput,
+};
 use trellis_api::shares::CreateShare;
 use trellis_api::subnets::CreateSubnet;
 use trellis_api::vpcs::CreateVpc;
-use trellis_api::{Route, accounts, agents, configurations, endpoints, gateways, invitations, shares, subnets, vpcs};
+use trellis_api::{
+    Route, accounts, agents, configurations, endpoints, gateways, invitations, services, shares, subnets, vpcs,
+};
 
 use crate::cli::{DevArgs, OutputFormat, ShareHost, ShareTarget};
 use crate::client::{ApiClient, ApiRequest, CaSource};
@@ -70,6 +75,8 @@ pub async fn run(args: DevArgs, output: OutputFormat) -> Result<()> {
 #[derive(Default)]
 struct Parts {
     demo: Option<DemoService>,
+    /// The two targets of the demo endpoint service.
+    service_targets: Vec<DemoService>,
     server: Option<ServerHandle>,
     agents: Vec<AgentHandle>,
 }
@@ -100,6 +107,9 @@ impl Parts {
         }
         if let Some(demo) = self.demo.take() {
             demo.stop().await;
+        }
+        for target in self.service_targets.drain(..) {
+            target.stop().await;
         }
     }
 }
@@ -154,6 +164,17 @@ struct Summary {
     dns_name: String,
     dns_listen: Option<SocketAddr>,
     agents: Vec<(AgentRole, String)>,
+    service: ServiceDemo,
+}
+
+/// The demo endpoint service and the consumer's Interface endpoint to it.
+#[derive(Debug)]
+struct ServiceDemo {
+    service_id: String,
+    endpoint_id: String,
+    endpoint_addr: SocketAddr,
+    dns_name: String,
+    targets: Vec<SocketAddr>,
 }
 
 #[derive(Debug, Clone)]
@@ -210,8 +231,8 @@ async fn set_up(args: &DevArgs, dir: &Path, parts: &mut Parts) -> Result<Summary
     // The owner shares the resource.
     let gateway = CreateGateway {
         name: "customer-gateway".into(),
-        vpc_identifier: owner_vpc,
-        subnet_ids: vec![owner_subnet],
+        vpc_identifier: owner_vpc.clone(),
+        subnet_ids: vec![owner_subnet.clone()],
         ..Default::default()
     };
     let gateway = call(&owner_api, ApiRequest::send(&gateways::CREATE, &gateway)).await?;
@@ -260,8 +281,8 @@ async fn set_up(args: &DevArgs, dir: &Path, parts: &mut Parts) -> Result<Summary
     accept_invitation(&consumer_api, &share_arn).await?;
     let endpoint = CreateEndpoint {
         vpc_endpoint_type: "Resource".into(),
-        vpc_id: consumer_vpc,
-        subnet_ids: vec![consumer_subnet],
+        vpc_id: consumer_vpc.clone(),
+        subnet_ids: vec![consumer_subnet.clone()],
         resource_configuration_arn: Some(rcfg_arn),
         ..Default::default()
     };
@@ -269,6 +290,10 @@ async fn set_up(args: &DevArgs, dir: &Path, parts: &mut Parts) -> Result<Summary
     let endpoint_id = id_of(&endpoint)?;
     let endpoint = wait_for_status(&consumer_api, &endpoints::GET, &endpoint_id, "state", "Available").await?;
     let (dns_name, ip) = dns_entry(&endpoint)?;
+
+    let provider = (&owner_api, owner_vpc.as_str(), owner_subnet.as_str());
+    let customer = (&consumer_api, consumer.id.as_str(), consumer_vpc.as_str(), consumer_subnet.as_str());
+    let service = publish_demo_service(parts, provider, customer).await?;
 
     Ok(Summary {
         url,
@@ -286,7 +311,77 @@ async fn set_up(args: &DevArgs, dir: &Path, parts: &mut Parts) -> Result<Summary
         dns_name,
         dns_listen,
         agents,
+        service,
     })
+}
+
+/// Two demo targets on one port, at 127.0.0.1 and 127.0.0.2 (retrying when
+/// the second address has the port taken).
+async fn two_demo_targets() -> Result<Vec<DemoService>> {
+    let mut last_error = None;
+    for _ in 0..20 {
+        let first = DemoService::start_named(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)), "target 1")
+            .await
+            .context("starting a demo service target on 127.0.0.1")?;
+        let port = first.local_addr().port();
+        match DemoService::start_named(SocketAddr::from((Ipv4Addr::new(127, 0, 0, 2), port)), "target 2").await {
+            Ok(second) => return Ok(vec![first, second]),
+            Err(e) => {
+                last_error = Some(e);
+                first.stop().await;
+            }
+        }
+    }
+    Err(anyhow!("no port free on both 127.0.0.1 and 127.0.0.2 for the demo service's targets: {last_error:?}"))
+}
+
+/// The provider → customer direction: the owner publishes an endpoint service
+/// with two targets, allows the consumer, which connects with an Interface
+/// endpoint; the owner accepts it (acceptance is required, as on AWS).
+async fn publish_demo_service(
+    parts: &mut Parts,
+    (owner_api, owner_vpc, owner_subnet): (&ApiClient, &str, &str),
+    (consumer_api, consumer_id, consumer_vpc, consumer_subnet): (&ApiClient, &str, &str, &str),
+) -> Result<ServiceDemo> {
+    let targets = two_demo_targets().await?;
+    let addrs: Vec<SocketAddr> = targets.iter().map(DemoService::local_addr).collect();
+    parts.service_targets.extend(targets);
+    let port = addrs[0].port();
+    let service = CreateService {
+        name: "demo-endpoint-service".into(),
+        vpc_id: owner_vpc.into(),
+        subnet_ids: vec![owner_subnet.into()],
+        targets: addrs
+            .iter()
+            .map(|a| TargetInput { ip_address: Some(a.ip().to_string()), domain_name: None })
+            .collect(),
+        ports: vec![PortInput { port: u32::from(port), target_port: None }],
+        health_check: Some(HealthCheckInput {
+            interval_seconds: Some(5),
+            timeout_seconds: Some(2),
+            healthy_threshold_count: Some(2),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let service = call(owner_api, ApiRequest::send(&services::CREATE, &service)).await?;
+    let service_id = id_of(&service)?;
+    let allow = ModifyPermissions { add_allowed_principals: vec![consumer_id.into()], ..Default::default() };
+    call(owner_api, ApiRequest::send_to(&services::MODIFY_PERMISSIONS, &service_id, &allow)).await?;
+    let endpoint = CreateEndpoint {
+        vpc_endpoint_type: "Interface".into(),
+        vpc_id: consumer_vpc.into(),
+        subnet_ids: vec![consumer_subnet.into()],
+        service_name: Some(str_field(&service, "serviceName")?),
+        ..Default::default()
+    };
+    let endpoint = call(consumer_api, ApiRequest::send(&endpoints::CREATE, &endpoint)).await?;
+    let endpoint_id = id_of(&endpoint)?;
+    let accept = ConnectionIds { vpc_endpoint_ids: vec![endpoint_id.clone()] };
+    call(owner_api, ApiRequest::send_to(&services::ACCEPT, &service_id, &accept)).await?;
+    let endpoint = wait_for_status(consumer_api, &endpoints::GET, &endpoint_id, "state", "Available").await?;
+    let (dns_name, ip) = dns_entry(&endpoint)?;
+    Ok(ServiceDemo { service_id, endpoint_id, endpoint_addr: SocketAddr::new(ip, port), dns_name, targets: addrs })
 }
 
 async fn call(api: &ApiClient, req: ApiRequest) -> Result<Value> {
@@ -466,6 +561,13 @@ fn summary_text(s: &Summary, output: OutputFormat, program: &str) -> String {
             "dnsListen": s.dns_listen.map(|a| a.to_string()),
             "target": target_text(&s.target),
             "demo": s.demo,
+            "endpointService": {
+                "serviceId": s.service.service_id,
+                "vpcEndpointId": s.service.endpoint_id,
+                "endpointAddress": s.service.endpoint_addr.to_string(),
+                "dnsName": s.service.dns_name,
+                "targets": s.service.targets.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            },
             "program": program,
         });
         return format!("{summary}\n");
@@ -496,16 +598,32 @@ fn summary_text(s: &Summary, output: OutputFormat, program: &str) -> String {
     for command in commands {
         out.push_str(&format!("  {command}\n"));
     }
+    let svc = &s.service;
+    out.push_str(&format!(
+        "\n{} also publishes endpoint service {} with two targets ({}); {} connected with\n\
+         Interface endpoint {}, which {} accepted. Each request goes to the next healthy target:\n\n",
+        s.owner.name,
+        svc.service_id,
+        svc.targets.iter().map(ToString::to_string).collect::<Vec<_>>().join(" and "),
+        s.consumer.name,
+        svc.endpoint_id,
+        s.owner.name
+    ));
+    out.push_str(&format!("  address    {}\n  DNS name   {}\n", svc.endpoint_addr, svc.dns_name));
+    out.push_str(&format!("\nTry it:\n  for i in 1 2 3 4; do curl -s http://{}/; done\n", svc.endpoint_addr));
     out.push_str(&format!(
         "\nUse the CLI as the consumer ({}):\n  {}\n  {program} invitation list\n  {program} vpc-endpoint list\n",
         s.consumer.name,
         exports(s, &s.consumer.key_file)
     ));
     out.push_str(&format!(
-        "\nAs the owner ({}):\n  {}\n  {program} resource-configuration usage {}\n",
+        "\nAs the owner ({}):\n  {}\n  {program} resource-configuration usage {}\n  \
+         {program} endpoint-service get {}        (targets' health)\n  {program} endpoint-service connections {}\n",
         s.owner.name,
         exports(s, &s.owner.key_file),
-        s.resource_configuration_id
+        s.resource_configuration_id,
+        s.service.service_id,
+        s.service.service_id
     ));
     out.push_str(&format!("\nAs the admin:\n  {}\n  {program} account list\n", exports(s, &s.admin_key_file)));
     out.push_str(
@@ -598,6 +716,23 @@ mod tests {
             let json: Value = serde_json::from_str(&summary_text(&summary, OutputFormat::Json, "trellis"))?;
             assert_eq!(json["endpointAddress"], summary.endpoint_addr.to_string());
             assert_eq!(json["dnsName"], summary.dns_name);
+
+            // The demo endpoint service: requests through its Interface endpoint reach both targets.
+            let svc = &summary.service;
+            assert!(text.contains(&format!("curl -s http://{}/", svc.endpoint_addr)), "{text}");
+            assert_eq!(json["endpointService"]["serviceId"], svc.service_id);
+            let mut seen = std::collections::BTreeSet::new();
+            for _ in 0..6 {
+                let mut conn = tokio::net::TcpStream::connect(svc.endpoint_addr).await?;
+                conn.write_all(b"hi\n").await?;
+                conn.shutdown().await?;
+                let mut answer = String::new();
+                tokio::time::timeout(Duration::from_secs(20), conn.read_to_string(&mut answer)).await??;
+                seen.insert(answer);
+            }
+            let both: std::collections::BTreeSet<String> =
+                ["target 1", "target 2"].map(|t| format!("{}hi\n", crate::demo_service::greeting_of(t))).into();
+            assert_eq!(seen, both, "the load balancer spreads requests over both targets");
             anyhow::Ok(())
         }
         .await;
