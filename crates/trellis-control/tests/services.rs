@@ -256,3 +256,39 @@ async fn resource_configurations_take_proxy_protocol_and_consumer_limits() {
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
     assert!(str_of(&err, "message").contains("maxBitsPerSecond"), "{err}");
 }
+
+#[tokio::test]
+async fn available_pages_through_services_allowed_by_id_by_star_and_owned() {
+    let api = Api::new();
+    let (provider, consumer) = (api.account("saas").await, api.account("acme").await);
+    let (vpc, subnet) = network(&api, &provider, "z1", "10.0.9.0/24").await;
+    let mut ids = Vec::new();
+    for principal in [consumer.id.as_str(), "*", consumer.id.as_str()] {
+        let service = api.create("/v1/vpcendpointservices", &provider.key, service_body(&vpc, &subnet)).await;
+        let id = str_of(&service, "id").to_string();
+        let perms = format!("/v1/vpcendpointservices/{id}/permissions");
+        api.call("POST", &perms, &provider.key, Some(json!({"addAllowedPrincipals": [principal]}))).await;
+        ids.push(id);
+    }
+    let (cvpc, csubnet) = network(&api, &consumer, "z1", "10.1.9.0/24").await;
+    let mut own = service_body(&cvpc, &csubnet);
+    own["name"] = json!("own");
+    ids.push(str_of(&api.create("/v1/vpcendpointservices", &consumer.key, own).await, "id").to_string());
+    ids.sort();
+
+    let mut seen = Vec::new();
+    let mut path = "/v1/vpcendpointservices/available?maxResults=3".to_string();
+    loop {
+        let (status, page) = api.get(&path, &consumer.key).await;
+        assert_eq!(status, StatusCode::OK, "{page}");
+        seen.extend(page["items"].as_array().unwrap().iter().map(|i| str_of(i, "serviceId").to_string()));
+        match page["nextToken"].as_str() {
+            Some(token) => path = format!("/v1/vpcendpointservices/available?maxResults=3&nextToken={token}"),
+            None => break,
+        }
+    }
+    assert_eq!(seen, ids, "every allowed or own service once, in order");
+    let stranger = api.account("x").await;
+    let (_, page) = api.get("/v1/vpcendpointservices/available", &stranger.key).await;
+    assert_eq!(page["items"].as_array().unwrap().len(), 1, "a stranger sees only the * service: {page}");
+}

@@ -33,7 +33,7 @@ use trellis_store::{Filter, Tx, TxExt};
 
 use super::gateways::{parse_subnet_ids, subnets_in_vpc};
 use super::idempotency::create_once;
-use super::{ClientToken, Json, ListQuery, Page, PathId, Query, Routes, created, get_owned, paginate, path_id};
+use super::{ClientToken, Json, ListQuery, Page, PathId, Query, Routes, created, get_owned, path_id};
 use crate::agents::records::TargetHealthRecord;
 use crate::auth::AccountAuth;
 use crate::error::{ApiError, invalid_reference};
@@ -65,6 +65,9 @@ impl From<ServiceSettingError> for ApiError {
         ApiError::invalid("ValidationError", e.to_string())
     }
 }
+
+/// Most subnets whose agents run one service.
+const MAX_SERVICE_SUBNETS: usize = 16;
 
 fn invalid(message: impl Into<String>) -> ApiError {
     ApiError::invalid("ValidationError", message.into())
@@ -184,6 +187,9 @@ async fn create(
     validate_name(&body.name)?;
     let vpc_id = trellis_model::VpcId::parse(&body.vpc_id).map_err(|e| invalid_reference("vpcId", e))?;
     let subnet_ids = parse_subnet_ids(&body.subnet_ids)?;
+    if subnet_ids.len() > MAX_SERVICE_SUBNETS {
+        return Err(invalid(format!("subnetIds: at most {MAX_SERVICE_SUBNETS} subnets (one per zone is enough)")));
+    }
     let targets = checked_targets(&body.targets)?;
     let ports = checked_ports(&body.ports)?;
     let health_check = checked_health(body.health_check.as_ref(), &HealthCheck::default())?;
@@ -452,14 +458,24 @@ async fn available(
 ) -> Result<Json<Page<AvailableService>>, ApiError> {
     let page = st
         .read(move |tx| {
+            // One page from each list the account can be in (by its id, by `*`, its own),
+            // merged by id: at most three pages read, however many services exist.
+            let max = super::page_size(&q)?;
+            let after = q.next_token.as_deref();
             let mut found: BTreeMap<String, VpcEndpointService> = BTreeMap::new();
-            for principal in [me.id.as_str(), "*"] {
-                for s in tx.list_obj::<VpcEndpointService>(&Filter::reference(principal))? {
+            let filters = [
+                Filter::reference(me.id.as_str()).page(after, max + 1),
+                Filter::reference("*").page(after, max + 1),
+                Filter::account(me.id.as_str()).page(after, max + 1),
+            ];
+            for filter in &filters {
+                for s in tx.list_obj::<VpcEndpointService>(filter)? {
                     if s.allows(&me.id) && s.state == ServiceState::Available {
                         found.insert(s.id.to_string(), s);
                     }
                 }
             }
+            let found: BTreeMap<String, VpcEndpointService> = found.into_iter().take(max + 1).collect();
             let mut items = Vec::with_capacity(found.len());
             for s in found.into_values() {
                 let mut zones = BTreeSet::new();
@@ -477,7 +493,7 @@ async fn available(
                     private_dns_name: s.private_dns_name.clone(),
                 });
             }
-            paginate(items, |s| s.service_id.to_string(), &q)
+            Ok(super::page_of(items, |s: &AvailableService| s.service_id.to_string(), max))
         })
         .await?;
     Ok(Json(page))
