@@ -196,31 +196,34 @@ async fn create(
                         ));
                     }
                 }
+                // Everything but what it connects to, its names and addresses.
+                let mut endpoint = VpcEndpoint {
+                    arn: VpcEndpoint::arn_for(&region, &me.id, &id),
+                    vpc_endpoint_id: id.clone(),
+                    id: id.clone(),
+                    account_id: me.id.clone(),
+                    vpc_endpoint_type: VpcEndpointType::Resource,
+                    vpc_id: vpc.id.clone(),
+                    subnet_ids: subnet_ids.clone(),
+                    resource_configuration_arn: None,
+                    resource_configuration_id: None,
+                    resource_configuration_owner_id: None,
+                    service_id: None,
+                    service_name: None,
+                    service_owner_id: None,
+                    private_dns_enabled: body.private_dns_enabled,
+                    private_dns_preference: dns_preference,
+                    private_dns_specified_domains: dns_domains.clone(),
+                    state: EndpointState::Pending,
+                    failure_reason: None,
+                    dns_entries: Vec::new(),
+                    created_at: now,
+                };
                 let config_id = match &target {
                     Target::Resource(config_id) => config_id,
                     Target::Service(service_id) => {
-                        let endpoint = VpcEndpoint {
-                            arn: VpcEndpoint::arn_for(&region, &me.id, &id),
-                            vpc_endpoint_id: id.clone(),
-                            id: id.clone(),
-                            account_id: me.id.clone(),
-                            vpc_endpoint_type: VpcEndpointType::Interface,
-                            vpc_id: vpc.id.clone(),
-                            subnet_ids: subnet_ids.clone(),
-                            resource_configuration_arn: None,
-                            resource_configuration_id: None,
-                            resource_configuration_owner_id: None,
-                            service_id: Some(service_id.clone()),
-                            service_name: None,
-                            service_owner_id: None,
-                            private_dns_enabled: body.private_dns_enabled,
-                            private_dns_preference: dns_preference,
-                            private_dns_specified_domains: dns_domains.clone(),
-                            state: EndpointState::Pending,
-                            failure_reason: None,
-                            dns_entries: Vec::new(),
-                            created_at: now,
-                        };
+                        endpoint.vpc_endpoint_type = VpcEndpointType::Interface;
+                        endpoint.service_id = Some(service_id.clone());
                         return create_interface(tx, &me, endpoint, &subnets, &region);
                     }
                 };
@@ -280,28 +283,10 @@ async fn create(
                 let refs: Vec<&ResourceConfiguration> = resources.iter().collect();
                 let dns_entries =
                     plan_dns_entries(&id, &region, &refs, &subnets, body.private_dns_enabled, &mut Pools::new(used))?;
-                let endpoint = VpcEndpoint {
-                    arn: VpcEndpoint::arn_for(&region, &me.id, &id),
-                    vpc_endpoint_id: id.clone(),
-                    id: id.clone(),
-                    account_id: me.id.clone(),
-                    vpc_endpoint_type: VpcEndpointType::Resource,
-                    vpc_id: vpc.id,
-                    subnet_ids: subnet_ids.clone(),
-                    resource_configuration_arn: Some(config.arn.clone()),
-                    resource_configuration_id: Some(config.id.clone()),
-                    resource_configuration_owner_id: Some(config.account_id.clone()),
-                    service_id: None,
-                    service_name: None,
-                    service_owner_id: None,
-                    private_dns_enabled: body.private_dns_enabled,
-                    private_dns_preference: dns_preference,
-                    private_dns_specified_domains: dns_domains.clone(),
-                    state: EndpointState::Pending,
-                    failure_reason: None,
-                    dns_entries,
-                    created_at: now,
-                };
+                endpoint.resource_configuration_arn = Some(config.arn.clone());
+                endpoint.resource_configuration_id = Some(config.id.clone());
+                endpoint.resource_configuration_owner_id = Some(config.account_id.clone());
+                endpoint.dns_entries = dns_entries;
                 tx.insert_obj(&endpoint)?;
                 Ok(endpoint)
             })
