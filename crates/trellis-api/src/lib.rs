@@ -42,6 +42,7 @@ pub mod gateways;
 pub mod invitations;
 pub mod list;
 pub mod meta;
+pub mod notifications;
 pub mod openapi;
 pub mod organizations;
 pub mod route;
@@ -68,6 +69,7 @@ pub fn routes() -> impl Iterator<Item = &'static RouteInfo> {
         services::ROUTES,
         endpoints::ROUTES,
         domains::ROUTES,
+        notifications::ROUTES,
         meta::ROUTES,
     ]
     .into_iter()

@@ -25,6 +25,7 @@ use crate::auth::AdminKeyError;
 use crate::conn_limits::{ConnLimits, ListenerLimits, ListenerStats};
 use crate::data_dir::DataDirError;
 use crate::domain_verification::VerificationSettings;
+use crate::notify::WebhookSettings;
 use crate::pki::{Ca, PkiError};
 use crate::state::{AppState, Settings, now};
 use crate::tls::TlsError;
@@ -54,6 +55,8 @@ pub struct ServerOptions {
     pub limits: ListenerLimits,
     /// The DNS resolver, retry intervals and deadline of domain verification.
     pub domain_verification: VerificationSettings,
+    /// Where connection-notification webhooks may go, their retries and deadline.
+    pub webhooks: WebhookSettings,
 }
 
 impl ServerOptions {
@@ -67,6 +70,7 @@ impl ServerOptions {
             offline_after: DEFAULT_OFFLINE_AFTER,
             limits: ListenerLimits::default(),
             domain_verification: VerificationSettings::default(),
+            webhooks: WebhookSettings::default(),
         }
     }
 
@@ -214,6 +218,7 @@ pub async fn start(opts: ServerOptions) -> Result<RunningServer, ServerError> {
     }
     opts.limits.validate().map_err(ServerError::InvalidOption)?;
     opts.domain_verification.validate().map_err(ServerError::InvalidOption)?;
+    opts.webhooks.validate().map_err(ServerError::InvalidOption)?;
     let names = opts.certificate_names();
     for name in &names {
         crate::pki::check_server_name(name)
@@ -248,7 +253,11 @@ pub async fn start(opts: ServerOptions) -> Result<RunningServer, ServerError> {
     let ca_sha256 = ca.cert_sha256_hex().to_string();
     let state = AppState::new(
         Arc::new(store),
-        Settings { region: opts.region.clone(), offline_after: opts.offline_after },
+        Settings {
+            region: opts.region.clone(),
+            offline_after: opts.offline_after,
+            allow_private_webhooks: opts.webhooks.allow_private,
+        },
         Arc::new(ca),
     );
     let shutdown = CancellationToken::new();
@@ -261,8 +270,9 @@ pub async fn start(opts: ServerOptions) -> Result<RunningServer, ServerError> {
         opts.domain_verification.clone(),
         shutdown.clone(),
     ));
+    let webhooks = tokio::spawn(crate::notify::run(state.clone(), opts.webhooks.clone(), shutdown.clone()));
     tracing::info!(%local_addr, region = %opts.region, ca_sha256 = %ca_sha256, "control plane listening");
-    let tasks = vec![serve, offline, verifier];
+    let tasks = vec![serve, offline, verifier, webhooks];
     Ok(RunningServer { local_addr, data_dir, ca_pem, ca_sha256, admin_key_created, state, conns, shutdown, tasks })
 }
 

@@ -6,9 +6,9 @@ use std::time::{Duration, SystemTime};
 
 use ring::rand::SecureRandom;
 use tokio::sync::{Notify, Semaphore};
-use trellis_model::{Seed, Timestamp};
-use trellis_store::track::{Mode, Tracked, Work};
-use trellis_store::{Store, Tx, read_with, write_with};
+use trellis_model::{NotificationDelivery, Seed, Timestamp};
+use trellis_store::track::{Key, Mode, Tracked, Work};
+use trellis_store::{Object, Store, Tx, read_with, write_with};
 
 use crate::agents::report::ReportMemo;
 use crate::configs::ConfigCache;
@@ -23,11 +23,14 @@ pub struct Settings {
     pub region: String,
     /// Agents silent for this long become OFFLINE.
     pub offline_after: Duration,
+    /// Webhook URLs may name loopback, link-local and private addresses
+    /// (`trellis server --allow-private-webhooks`).
+    pub allow_private_webhooks: bool,
 }
 
 impl Default for Settings {
     fn default() -> Self {
-        Self { region: "local".to_string(), offline_after: Duration::from_secs(60) }
+        Self { region: "local".to_string(), offline_after: Duration::from_secs(60), allow_private_webhooks: false }
     }
 }
 
@@ -43,6 +46,8 @@ pub struct AppState {
     pub reports: Arc<ReportMemo>,
     /// Wakes the domain verifier when a verification is created.
     pub domain_checks: Arc<Notify>,
+    /// Wakes the webhook worker after a write that recorded or changed deliveries.
+    pub webhooks: Arc<Notify>,
     /// Shares (and so invitations to other accounts) an account may create.
     pub share_rate: Arc<RateLimit>,
     /// Bounds the store work in flight, so requests wait their turn as tasks
@@ -78,6 +83,7 @@ impl AppState {
             ca,
             reports: Arc::new(ReportMemo::default()),
             domain_checks: Arc::new(Notify::new()),
+            webhooks: Arc::new(Notify::new()),
             share_rate: Arc::new(RateLimit::new(SHARES_PER_MINUTE, SHARES_BURST)),
             io: Arc::new(IoLimits { reads: Semaphore::new(MAX_CONCURRENT_READS), writes: Semaphore::new(1) }),
         }
@@ -121,6 +127,10 @@ impl AppState {
         })
         .await
         .map_err(|e| ApiError::internal(format!("write task failed: {e}")))??;
+        // `notify::record` writes deliveries inside handlers' transactions: wake the worker.
+        if keys.contains(&Key::Kind(<NotificationDelivery as Object>::KIND.to_string())) {
+            self.webhooks.notify_one();
+        }
         self.configs.invalidate(revision, keys);
         Ok((value, work))
     }

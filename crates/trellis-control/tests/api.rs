@@ -784,8 +784,8 @@ async fn documented(api: &Api, route: &RouteInfo, id: &str, key: &str, body: Opt
 #[tokio::test]
 async fn answers_fit_their_documented_schemas() {
     use trellis_api::{
-        accounts, agents, configurations, domains, endpoints, gateways, invitations, organizations, services, shares,
-        subnets, vpcs,
+        accounts, agents, configurations, domains, endpoints, gateways, invitations, notifications, organizations,
+        services, shares, subnets, vpcs,
     };
     let api = Api::new();
     let admin = api.admin.clone();
@@ -834,8 +834,18 @@ async fn answers_fit_their_documented_schemas() {
     documented(&api, &configurations::LIST, "", &o, None).await;
     documented(&api, &configurations::GET, s(&group["id"]), &o, None).await;
     documented(&api, &configurations::USAGE, s(&group["id"]), &o, None).await;
+    let body = json!({"connectionEvents": ["ResourceShareInvitation"], "url": "https://hooks.example.com/t",
+                      "secret": "s3cret"});
+    let nfn = documented(&api, &notifications::CREATE, "", &c, Some(body)).await;
     let body = json!({"name": "s", "resourceArns": [group["arn"]], "principals": [consumer["id"]]});
     let share = documented(&api, &shares::CREATE, "", &o, Some(body)).await;
+    documented(&api, &notifications::LIST, "", &c, None).await;
+    documented(&api, &notifications::GET, s(&nfn["id"]), &c, None).await;
+    let log = documented(&api, &notifications::DELIVERIES, s(&nfn["id"]), &c, None).await;
+    assert_eq!(log["items"][0]["eventType"], "ResourceShareInvitation", "{log}");
+    let body = json!({"url": "https://hooks.example.com/u", "secret": "n3w"});
+    documented(&api, &notifications::UPDATE, s(&nfn["id"]), &c, Some(body)).await;
+    documented(&api, &notifications::DELETE, s(&nfn["id"]), &c, None).await;
     documented(&api, &shares::LIST, "", &o, None).await;
     documented(&api, &shares::GET, s(&share["id"]), &o, None).await;
     let pending = documented(&api, &invitations::LIST, "", &c, None).await;

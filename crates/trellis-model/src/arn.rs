@@ -45,6 +45,7 @@ pub mod kinds {
     pub const RESOURCE_SHARE_INVITATION: (&str, &str) = ("ram", "resource-share-invitation");
     pub const DOMAIN_VERIFICATION: (&str, &str) = ("vpc-lattice", "domainverification");
     pub const VPC_ENDPOINT_SERVICE: (&str, &str) = ("ec2", "vpc-endpoint-service");
+    pub const CONNECTION_NOTIFICATION: (&str, &str) = ("ec2", "vpc-endpoint-connection-notification");
 }
 
 impl Arn {

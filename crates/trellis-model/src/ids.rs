@@ -248,6 +248,11 @@ define_id!(
     "vpce-svc- followed by 17 lowercase hex digits"
 );
 define_id!(
+    /// `vpce-nfn-` + 17 lowercase hex.
+    ConnectionNotificationId, "vpce-nfn-", "connection notification", Body::LowerHex(17),
+    "vpce-nfn- followed by 17 lowercase hex digits"
+);
+define_id!(
     /// `dv-` + 17 lowercase hex.
     DomainVerificationId, "dv-", "domain verification", Body::LowerHex(17),
     "dv- followed by 17 lowercase hex digits"

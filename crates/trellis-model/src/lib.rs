@@ -13,6 +13,7 @@ pub mod dns;
 pub mod domain;
 pub mod endpoint;
 pub mod ids;
+pub mod notification;
 pub mod objects;
 pub mod pool;
 pub mod ports;
@@ -38,6 +39,7 @@ pub use endpoint::{
     plan_dns_entries, plan_interface_entries,
 };
 pub use ids::*;
+pub use notification::*;
 pub use objects::*;
 pub use pool::{AddressPool, PoolError};
 pub use ports::{PortRange, PortRangeError, PortRangesError, parse_port_ranges, ranges_cover};

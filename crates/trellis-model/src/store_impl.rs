@@ -4,6 +4,7 @@
 use trellis_store::Object;
 
 use crate::domain::DomainVerification;
+use crate::notification::*;
 use crate::objects::*;
 use crate::service::VpcEndpointService;
 
@@ -187,5 +188,48 @@ impl Object for VpcEndpointService {
             .chain(self.subnet_ids.iter().map(|s| s.to_string()))
             .chain(self.allowed_principals.iter().cloned())
             .collect()
+    }
+}
+
+impl Object for ConnectionNotification {
+    const KIND: &'static str = "connection-notification";
+    fn id(&self) -> &str {
+        self.id.as_str()
+    }
+    fn account_id(&self) -> &str {
+        self.account_id.as_str()
+    }
+    /// The watched service or endpoint, or [`ACCOUNT_WIDE_REF`]: the one
+    /// indexed list that finds a scope's subscribers.
+    fn refs(&self) -> Vec<String> {
+        vec![self.scope().store_ref()]
+    }
+}
+
+impl Object for ConnectionNotificationSecret {
+    const KIND: &'static str = "connection-notification-secret";
+    fn id(&self) -> &str {
+        self.id.as_str()
+    }
+    fn account_id(&self) -> &str {
+        self.account_id.as_str()
+    }
+}
+
+impl Object for NotificationDelivery {
+    const KIND: &'static str = "connection-notification-delivery";
+    fn id(&self) -> &str {
+        &self.event_id
+    }
+    fn account_id(&self) -> &str {
+        self.account_id.as_str()
+    }
+    /// The notification, and [`PENDING_DELIVERY_REF`] while pending (the outbox).
+    fn refs(&self) -> Vec<String> {
+        let mut refs = vec![self.connection_notification_id.to_string()];
+        if self.state == DeliveryState::Pending {
+            refs.push(PENDING_DELIVERY_REF.to_string());
+        }
+        refs
     }
 }

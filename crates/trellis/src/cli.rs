@@ -14,9 +14,9 @@ use reqwest::Url;
 use trellis_proto::join_token::JoinToken;
 
 use crate::nouns::{
-    AccountVerb, AgentTokenVerb, AgentVerb, DomainVerificationVerb, EndpointServiceVerb, InvitationVerb,
-    OrganizationVerb, ResourceConfigurationVerb, ResourceGatewayVerb, ResourceShareVerb, SubnetVerb, VpcEndpointVerb,
-    VpcVerb,
+    AccountVerb, AgentTokenVerb, AgentVerb, ConnectionNotificationVerb, DomainVerificationVerb, EndpointServiceVerb,
+    InvitationVerb, OrganizationVerb, ResourceConfigurationVerb, ResourceGatewayVerb, ResourceShareVerb, SubnetVerb,
+    VpcEndpointVerb, VpcVerb,
 };
 use crate::secret::ApiKey;
 
@@ -153,6 +153,9 @@ pub enum Command {
     /// Domain verifications: prove with a TXT record that you own a domain used in custom DNS names
     #[command(subcommand)]
     DomainVerification(DomainVerificationVerb),
+    /// Connection notifications: signed webhooks for connection events, with a log of every delivery
+    #[command(subcommand)]
+    ConnectionNotification(ConnectionNotificationVerb),
 }
 
 /// `trellis server`: without a verb it runs the control plane.
@@ -200,6 +203,10 @@ pub struct ServerArgs {
     /// DNS resolver that domain verification asks for TXT records, IP:PORT (default: the first nameserver in /etc/resolv.conf)
     #[arg(long, env = "TRELLIS_DNS_RESOLVER", value_name = "IP:PORT", value_parser = parse_resolver)]
     pub dns_resolver: Option<SocketAddr>,
+
+    /// Deliver connection-notification webhooks to loopback, link-local and private addresses too (refused by default)
+    #[arg(long, env = "TRELLIS_ALLOW_PRIVATE_WEBHOOKS")]
+    pub allow_private_webhooks: bool,
 }
 
 /// `trellis agent`: with a verb it manages agents through the API; without one it runs an agent.

@@ -78,7 +78,7 @@ impl ApiRequest {
                 }
             }
         }
-        req
+        self
     }
 }
 

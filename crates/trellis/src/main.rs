@@ -95,6 +95,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Invitation(verb) => verb.request(),
         Command::DomainVerification(verb) => verb.request(),
         Command::EndpointService(verb) => verb.request(),
+        Command::ConnectionNotification(verb) => verb.request(),
         Command::VpcEndpoint(mut verb) => {
             let client = api_cmd::client_from_flags(&global)?;
             api_cmd::resolve_identifiers(&client, &mut verb).await?;

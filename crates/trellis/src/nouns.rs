@@ -16,6 +16,7 @@ use trellis_api::domains::CreateDomainVerification;
 use trellis_api::endpoints::CreateEndpoint;
 use trellis_api::gateways::CreateGateway;
 use trellis_api::invitations::InvitationListQuery;
+use trellis_api::notifications::{CreateConnectionNotification, UpdateConnectionNotification};
 use trellis_api::organizations::CreateOrganization;
 use trellis_api::services::{
     ConnectionIds, CreateService, HealthCheckInput, LimitsInput, ModifyPermissions, PortInput, TargetInput,
@@ -26,7 +27,7 @@ use trellis_api::subnets::CreateSubnet;
 use trellis_api::vpcs::{CreateVpc, UpdateVpc};
 use trellis_api::{
     AgentListQuery, ListQuery, VpcListQuery, accounts, agents, configurations, domains, endpoints, gateways,
-    invitations, organizations, services, shares, subnets, vpcs,
+    invitations, notifications, organizations, services, shares, subnets, vpcs,
 };
 use trellis_model::IpAddressType;
 use trellis_proto::PortRange;
@@ -697,6 +698,60 @@ pub enum DomainVerificationVerb {
     Delete(IdArg),
 }
 
+#[derive(Debug, Subcommand)]
+pub enum ConnectionNotificationVerb {
+    /// Subscribe a webhook to events of your endpoint service or endpoint, or account-wide (neither)
+    #[command(group(ArgGroup::new("scope").args(["service_id", "vpc_endpoint_id"])))]
+    Create {
+        /// Endpoint service of yours: events about endpoints connecting to it
+        #[arg(long, value_name = "VPCE_SVC_ID")]
+        service_id: Option<String>,
+        /// Endpoint of yours: events about it
+        #[arg(long, value_name = "VPCE_ID")]
+        vpc_endpoint_id: Option<String>,
+        /// Event to send (repeatable): Connect, Accept, Reject, Delete (service or endpoint);
+        /// ResourceShareInvitation, ResourceEndpointCreate (account-wide)
+        #[arg(long = "event", value_name = "EVENT", required = true)]
+        connection_events: Vec<String>,
+        /// http(s) URL the events are POSTed to
+        #[arg(long, value_name = "URL")]
+        url: String,
+        /// Secret that signs every delivery (Trellis-Signature), 1-256 characters; never shown again
+        #[arg(long, env = "TRELLIS_WEBHOOK_SECRET", value_name = "SECRET", hide_env_values = true)]
+        secret: String,
+        #[command(flatten)]
+        create: CreateArgs,
+    },
+    /// List your connection notifications
+    List(ListArgs),
+    /// Show one connection notification (never its secret)
+    Get(IdArg),
+    /// Change a notification's URL, events or secret
+    #[command(group(ArgGroup::new("change").required(true).multiple(true).args(["connection_events", "url", "secret"])))]
+    Update {
+        #[command(flatten)]
+        target: IdArg,
+        /// Events, replacing the old list (repeatable)
+        #[arg(long = "event", value_name = "EVENT")]
+        connection_events: Vec<String>,
+        /// New http(s) URL
+        #[arg(long, value_name = "URL")]
+        url: Option<String>,
+        /// New secret (from now on every attempt is signed with it)
+        #[arg(long, value_name = "SECRET")]
+        secret: Option<String>,
+    },
+    /// Delete a connection notification, its pending deliveries and its log
+    Delete(IdArg),
+    /// The deliveries log, newest first: each event and every attempt's status
+    Deliveries {
+        #[command(flatten)]
+        target: IdArg,
+        #[command(flatten)]
+        list: ListArgs,
+    },
+}
+
 fn parse_expiry(s: &str) -> Result<u64, String> {
     let secs = match s.parse::<u64>() {
         Ok(n) => n,
@@ -981,6 +1036,37 @@ impl DomainVerificationVerb {
     }
 }
 
+impl ConnectionNotificationVerb {
+    pub fn request(&self) -> ApiRequest {
+        match self {
+            Self::Create { service_id, vpc_endpoint_id, connection_events, url, secret, create } => ApiRequest::send(
+                &notifications::CREATE,
+                &CreateConnectionNotification {
+                    service_id: service_id.clone(),
+                    vpc_endpoint_id: vpc_endpoint_id.clone(),
+                    connection_events: connection_events.clone(),
+                    url: url.clone(),
+                    secret: secret.clone(),
+                    client_token: create.token(),
+                },
+            ),
+            Self::List(l) => ApiRequest::list(&notifications::LIST, &l.query()),
+            Self::Get(t) => ApiRequest::at(&notifications::GET, &t.id),
+            Self::Update { target, connection_events, url, secret } => ApiRequest::send_to(
+                &notifications::UPDATE,
+                &target.id,
+                &UpdateConnectionNotification {
+                    connection_events: (!connection_events.is_empty()).then(|| connection_events.clone()),
+                    url: url.clone(),
+                    secret: secret.clone(),
+                },
+            ),
+            Self::Delete(t) => ApiRequest::at(&notifications::DELETE, &t.id),
+            Self::Deliveries { target, list } => ApiRequest::list_at(&notifications::DELIVERIES, &target.id, &list.query()),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use reqwest::Method;
@@ -1007,6 +1093,7 @@ mod tests {
             Command::VpcEndpoint(v) => v.request(),
             Command::DomainVerification(v) => v.request(),
             Command::EndpointService(v) => v.request(),
+            Command::ConnectionNotification(v) => v.request(),
             other => panic!("`trellis {args}` is not an API verb: {other:?}"),
         }
     }
@@ -1228,7 +1315,38 @@ mod tests {
             ),
             ("domain-verification list", M::GET, "/v1/domainverifications", none.clone()),
             ("domain-verification get dv-1", M::GET, "/v1/domainverifications/dv-1", none.clone()),
-            ("domain-verification delete dv-1", M::DELETE, "/v1/domainverifications/dv-1", none),
+            ("domain-verification delete dv-1", M::DELETE, "/v1/domainverifications/dv-1", none.clone()),
+            (
+                "connection-notification create --service-id vpce-svc-0123456789abcdef0 --event Connect --event Accept \
+                 --url https://hooks.example.com/t --secret s3cret --client-token t-3",
+                M::POST,
+                "/v1/connectionnotifications",
+                Some(json!({
+                    "serviceId": "vpce-svc-0123456789abcdef0", "connectionEvents": ["Connect", "Accept"],
+                    "url": "https://hooks.example.com/t", "secret": "s3cret", "clientToken": "t-3",
+                })),
+            ),
+            (
+                "connection-notification create --event ResourceShareInvitation --url http://h/x --secret s",
+                M::POST,
+                "/v1/connectionnotifications",
+                Some(json!({"connectionEvents": ["ResourceShareInvitation"], "url": "http://h/x", "secret": "s"})),
+            ),
+            ("connection-notification list", M::GET, "/v1/connectionnotifications", none.clone()),
+            ("connection-notification get vpce-nfn-1", M::GET, "/v1/connectionnotifications/vpce-nfn-1", none.clone()),
+            (
+                "connection-notification update vpce-nfn-1 --event Reject --url https://h/y --secret n",
+                M::PATCH,
+                "/v1/connectionnotifications/vpce-nfn-1",
+                Some(json!({"connectionEvents": ["Reject"], "url": "https://h/y", "secret": "n"})),
+            ),
+            ("connection-notification delete vpce-nfn-1", M::DELETE, "/v1/connectionnotifications/vpce-nfn-1", none.clone()),
+            (
+                "connection-notification deliveries vpce-nfn-1",
+                M::GET,
+                "/v1/connectionnotifications/vpce-nfn-1/deliveries",
+                none,
+            ),
         ]
     }
 
@@ -1346,6 +1464,9 @@ mod tests {
             "endpoint-service modify-permissions vpce-svc-1",
             "endpoint-service accept vpce-svc-1",
             "vpc list --max-results 0",
+            "connection-notification create --service-id s --vpc-endpoint-id e --event Connect --url u --secret s",
+            "connection-notification create --url u --secret s",
+            "connection-notification update vpce-nfn-1",
         ] {
             let argv = std::iter::once("trellis").chain(bad.split_whitespace());
             assert!(Cli::try_parse_from(argv).is_err(), "`trellis {bad}` should be rejected");
@@ -1385,6 +1506,7 @@ mod tests {
                 ],
             ),
             ("domain-verification", &["create", "list", "get", "delete"]),
+            ("connection-notification", &["create", "list", "get", "update", "delete", "deliveries"]),
         ];
         let cmd = Cli::command();
         for (noun, verbs) in expected {

@@ -18,8 +18,15 @@ use crate::secret::ApiKey;
 /// Runs `trellis server` until a signal.
 pub async fn run(args: ServerArgs) -> Result<()> {
     let data_dir = args.data_dir.clone().ok_or_else(|| anyhow!("`trellis server` needs --data-dir DIR"))?;
-    let server = start(args.listen, data_dir, &args.region, args.tls_names.clone(), args.dns_resolver)
-        .await
+    let server = start(
+        args.listen,
+        data_dir,
+        &args.region,
+        args.tls_names.clone(),
+        args.dns_resolver,
+        args.allow_private_webhooks,
+    )
+    .await
         .with_context(|| format!("starting the control plane on {}", args.listen))?;
     print!("{}", banner(&server, &args.tls_names, &crate::program::command_name()));
     crate::shutdown::signal().await;
@@ -45,9 +52,10 @@ pub fn maintain(verb: ServerVerb) -> Result<()> {
     }
 }
 
-/// Starts the control plane for `trellis dev`: loopback, no extra TLS names.
+/// Starts the control plane for `trellis dev`: loopback, no extra TLS names,
+/// webhooks allowed to loopback and private addresses (receivers on the laptop).
 pub async fn start_for_dev(listen: SocketAddr, data_dir: PathBuf, region: &str) -> Result<ServerHandle> {
-    start(listen, data_dir, region, Vec::new(), None).await
+    start(listen, data_dir, region, Vec::new(), None, true).await
 }
 
 async fn start(
@@ -56,11 +64,13 @@ async fn start(
     region: &str,
     tls_names: Vec<String>,
     dns_resolver: Option<SocketAddr>,
+    allow_private_webhooks: bool,
 ) -> Result<ServerHandle> {
     let mut options = ServerOptions::new(listen, &data_dir);
     options.region = region.to_string();
     options.tls_names = tls_names;
     options.domain_verification.resolver = dns_resolver;
+    options.webhooks.allow_private = allow_private_webhooks;
     let inner = trellis_control::server::start(options).await?;
     Ok(ServerHandle { inner })
 }
@@ -180,7 +190,7 @@ mod tests {
     async fn the_banner_says_where_the_admin_key_is_and_never_prints_it() {
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("cp data");
-        let first = start("127.0.0.1:0".parse().unwrap(), data.clone(), "local", vec![], None).await.unwrap();
+        let first = start("127.0.0.1:0".parse().unwrap(), data.clone(), "local", vec![], None, false).await.unwrap();
         let key = first.admin_key().unwrap();
         let text = banner(&first, &[], "trellis");
         assert!(!text.contains(key.expose()), "the admin key is not printed:\n{text}");
@@ -190,7 +200,7 @@ mod tests {
         assert!(text.contains(&format!("TRELLIS_API_KEY=$(cat '{}')", key_file.display())), "{text}");
         first.shutdown().await;
 
-        let again = start("127.0.0.1:0".parse().unwrap(), data.clone(), "local", vec![], None).await.unwrap();
+        let again = start("127.0.0.1:0".parse().unwrap(), data.clone(), "local", vec![], None, false).await.unwrap();
         let text = banner(&again, &[], "/opt/trellis/bin/trellis");
         assert!(text.contains(&format!("Admin API key   {}\n", key_file.display())), "{text}");
         std::fs::remove_file(&key_file).unwrap();

@@ -288,6 +288,7 @@ async fn create(
                 endpoint.resource_configuration_owner_id = Some(config.account_id.clone());
                 endpoint.dns_entries = dns_entries;
                 tx.insert_obj(&endpoint)?;
+                crate::notify::record(tx, &crate::notify::Event::resource_endpoint_created(&endpoint), now)?;
                 Ok(endpoint)
             })
         })

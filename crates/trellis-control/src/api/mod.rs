@@ -17,6 +17,7 @@ pub mod extract;
 pub mod gateways;
 pub mod idempotency;
 pub mod invitations;
+pub mod notifications;
 pub mod openapi;
 pub mod organizations;
 pub mod services;
@@ -97,6 +98,7 @@ pub fn routes() -> Routes {
         .merge(services::routes())
         .merge(endpoints::routes())
         .merge(domains::routes())
+        .merge(notifications::routes())
         .merge(crate::agents::routes())
         .merge(crate::usage::routes())
         .at(&trellis_api::meta::OPENAPI, openapi::serve)

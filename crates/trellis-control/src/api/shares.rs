@@ -20,6 +20,7 @@ use super::idempotency::create_once;
 use super::{ClientToken, Json, PathId, Routes, created, get_owned, no_duplicates, path_id};
 use crate::auth::AccountAuth;
 use crate::error::{ApiError, invalid_reference};
+use crate::notify::{self, Event};
 use crate::state::{AppState, now, seed};
 
 /// Most principals one share may name.
@@ -120,6 +121,7 @@ async fn create(
                         now,
                     );
                     tx.insert_obj(&invitation)?;
+                    notify::record(tx, &Event::invitation(&invitation), now)?;
                 }
                 Ok(share)
             })
