@@ -6,7 +6,9 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use trellis_model::schema::ClientToken;
-use trellis_model::{ConnectionEvent, ConnectionNotification, NotificationDelivery, VpcEndpointId, VpcEndpointServiceId};
+use trellis_model::{
+    ConnectionEvent, ConnectionNotification, NotificationDelivery, VpcEndpointId, VpcEndpointServiceId,
+};
 
 use crate::list::{ListQuery, Page};
 use crate::route::Caller::Account;
@@ -26,14 +28,10 @@ pub const LIST: Route<(), ListQuery, Page<ConnectionNotification>> =
     get(TAG, "/v1/connectionnotifications", Account, "List connection notifications").query().json();
 pub const GET: Route<(), (), ConnectionNotification> =
     get(TAG, "/v1/connectionnotifications/{id}", Account, "Read a connection notification").json();
-pub const UPDATE: Route<UpdateConnectionNotification, (), ConnectionNotification> = patch(
-    TAG,
-    "/v1/connectionnotifications/{id}",
-    Account,
-    "Change a connection notification's URL, events or secret",
-)
-.body()
-.json();
+pub const UPDATE: Route<UpdateConnectionNotification, (), ConnectionNotification> =
+    patch(TAG, "/v1/connectionnotifications/{id}", Account, "Change a connection notification's URL, events or secret")
+        .body()
+        .json();
 pub const DELETE: Route = delete(
     TAG,
     "/v1/connectionnotifications/{id}",

@@ -263,7 +263,8 @@ fn python_example_verifies(got: &Got, secret: &str) -> Option<bool> {
     let code = doc.split("<!-- verify-python -->\n```python\n").nth(1)?.split("```").next()?;
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("verify.py");
-    let main = "\nimport sys\nsys.exit(0 if verify(sys.argv[1].encode(), sys.argv[2], sys.stdin.buffer.read()) else 1)\n";
+    let main =
+        "\nimport sys\nsys.exit(0 if verify(sys.argv[1].encode(), sys.argv[2], sys.stdin.buffer.read()) else 1)\n";
     std::fs::write(&file, format!("{code}{main}")).unwrap();
     let run = |body: &[u8]| -> Option<bool> {
         use std::io::Write;
@@ -383,9 +384,7 @@ async fn a_receiver_that_never_answers_does_not_slow_the_api() {
     let log = api.deliveries(&provider, &id).await;
     assert_eq!(log[0]["attemptCount"], 0, "the attempt is still in flight: {log:#?}");
     assert!(started.elapsed() < timeout, "API calls waited for the receiver: {:?}", started.elapsed());
-    let log = api
-        .deliveries_until(&provider, &id, "the timed-out attempt", |d| d[0]["attemptCount"] == 1)
-        .await;
+    let log = api.deliveries_until(&provider, &id, "the timed-out attempt", |d| d[0]["attemptCount"] == 1).await;
     let error = s(&log[0]["attempts"][0]["error"]);
     assert!(error.contains("timed out") || error.contains("timeout"), "{error}");
     assert_eq!(log[0]["state"], "Pending", "retried later");
@@ -447,7 +446,8 @@ async fn share_invitations_and_resource_endpoints_notify_the_accounts_they_conce
     assert_eq!(body["senderAccountId"], owner.id.as_str());
     assert_eq!(body["accountId"], consumer.id.as_str());
     let inv_id = s(&body["resourceShareInvitationId"]).to_string();
-    let (status, v) = api.call("POST", &format!("/v1/resourceshareinvitations/{inv_id}/accept"), &consumer.key, None).await;
+    let (status, v) =
+        api.call("POST", &format!("/v1/resourceshareinvitations/{inv_id}/accept"), &consumer.key, None).await;
     assert_eq!(status, StatusCode::OK, "the event names the invitation to accept: {v}");
 
     // Consumer: an endpoint to the owner's configuration.
@@ -511,20 +511,68 @@ async fn bad_input_is_refused_naming_the_field_and_creates_nothing() {
     let ok_url = "https://hooks.example.com/trellis";
     let cases = [
         (json!({"connectionEvents": ["Connect"], "url": ok_url, "secret": "s"}), 422, "connectionEvents"),
-        (json!({"serviceId": service.id, "connectionEvents": ["connect"], "url": ok_url, "secret": "s"}), 422, "connectionEvents"),
-        (json!({"serviceId": service.id, "connectionEvents": ["ResourceShareInvitation"], "url": ok_url, "secret": "s"}), 422, "connectionEvents"),
-        (json!({"serviceId": service.id, "connectionEvents": [], "url": ok_url, "secret": "s"}), 422, "connectionEvents"),
-        (json!({"serviceId": service.id, "connectionEvents": ["Connect"], "url": "ftp://example.com/x", "secret": "s"}), 400, "url"),
-        (json!({"serviceId": service.id, "connectionEvents": ["Connect"], "url": "example.com/x", "secret": "s"}), 400, "url"),
-        (json!({"serviceId": service.id, "connectionEvents": ["Connect"], "url": "http://127.0.0.1:8080/", "secret": "s"}), 400, "--allow-private-webhooks"),
-        (json!({"serviceId": service.id, "connectionEvents": ["Connect"], "url": "http://169.254.169.254/latest", "secret": "s"}), 400, "link-local"),
+        (
+            json!({"serviceId": service.id, "connectionEvents": ["connect"], "url": ok_url, "secret": "s"}),
+            422,
+            "connectionEvents",
+        ),
+        (
+            json!({"serviceId": service.id, "connectionEvents": ["ResourceShareInvitation"], "url": ok_url, "secret": "s"}),
+            422,
+            "connectionEvents",
+        ),
+        (
+            json!({"serviceId": service.id, "connectionEvents": [], "url": ok_url, "secret": "s"}),
+            422,
+            "connectionEvents",
+        ),
+        (
+            json!({"serviceId": service.id, "connectionEvents": ["Connect"], "url": "ftp://example.com/x", "secret": "s"}),
+            400,
+            "url",
+        ),
+        (
+            json!({"serviceId": service.id, "connectionEvents": ["Connect"], "url": "example.com/x", "secret": "s"}),
+            400,
+            "url",
+        ),
+        (
+            json!({"serviceId": service.id, "connectionEvents": ["Connect"], "url": "http://127.0.0.1:8080/", "secret": "s"}),
+            400,
+            "--allow-private-webhooks",
+        ),
+        (
+            json!({"serviceId": service.id, "connectionEvents": ["Connect"], "url": "http://169.254.169.254/latest", "secret": "s"}),
+            400,
+            "link-local",
+        ),
         (json!({"serviceId": service.id, "connectionEvents": ["Connect"], "url": ok_url, "secret": ""}), 422, "secret"),
-        (json!({"serviceId": service.id, "connectionEvents": ["Connect"], "url": ok_url, "secret": "x".repeat(257)}), 422, "secret"),
-        (json!({"serviceId": service.id, "vpcEndpointId": endpoint.id, "connectionEvents": ["Connect"], "url": ok_url, "secret": "s"}), 422, "not both"),
-        (json!({"serviceId": "vpce-svc-nope", "connectionEvents": ["Connect"], "url": ok_url, "secret": "s"}), 422, "serviceId"),
-        (json!({"serviceId": "vpce-svc-00000000000000000", "connectionEvents": ["Connect"], "url": ok_url, "secret": "s"}), 404, "serviceId"),
+        (
+            json!({"serviceId": service.id, "connectionEvents": ["Connect"], "url": ok_url, "secret": "x".repeat(257)}),
+            422,
+            "secret",
+        ),
+        (
+            json!({"serviceId": service.id, "vpcEndpointId": endpoint.id, "connectionEvents": ["Connect"], "url": ok_url, "secret": "s"}),
+            422,
+            "not both",
+        ),
+        (
+            json!({"serviceId": "vpce-svc-nope", "connectionEvents": ["Connect"], "url": ok_url, "secret": "s"}),
+            422,
+            "serviceId",
+        ),
+        (
+            json!({"serviceId": "vpce-svc-00000000000000000", "connectionEvents": ["Connect"], "url": ok_url, "secret": "s"}),
+            404,
+            "serviceId",
+        ),
         // b's endpoint, not a's: a cannot watch it.
-        (json!({"vpcEndpointId": endpoint.id, "connectionEvents": ["Connect"], "url": ok_url, "secret": "s"}), 404, "vpcEndpointId"),
+        (
+            json!({"vpcEndpointId": endpoint.id, "connectionEvents": ["Connect"], "url": ok_url, "secret": "s"}),
+            404,
+            "vpcEndpointId",
+        ),
         (json!({"connectionEvents": ["ResourceShareInvitation"], "url": ok_url}), 400, "secret"),
     ];
     for (body, status, needle) in cases {

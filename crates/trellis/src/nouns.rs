@@ -1062,7 +1062,9 @@ impl ConnectionNotificationVerb {
                 },
             ),
             Self::Delete(t) => ApiRequest::at(&notifications::DELETE, &t.id),
-            Self::Deliveries { target, list } => ApiRequest::list_at(&notifications::DELIVERIES, &target.id, &list.query()),
+            Self::Deliveries { target, list } => {
+                ApiRequest::list_at(&notifications::DELIVERIES, &target.id, &list.query())
+            }
         }
     }
 }
@@ -1340,7 +1342,12 @@ mod tests {
                 "/v1/connectionnotifications/vpce-nfn-1",
                 Some(json!({"connectionEvents": ["Reject"], "url": "https://h/y", "secret": "n"})),
             ),
-            ("connection-notification delete vpce-nfn-1", M::DELETE, "/v1/connectionnotifications/vpce-nfn-1", none.clone()),
+            (
+                "connection-notification delete vpce-nfn-1",
+                M::DELETE,
+                "/v1/connectionnotifications/vpce-nfn-1",
+                none.clone(),
+            ),
             (
                 "connection-notification deliveries vpce-nfn-1",
                 M::GET,

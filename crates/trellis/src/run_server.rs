@@ -27,7 +27,7 @@ pub async fn run(args: ServerArgs) -> Result<()> {
         args.allow_private_webhooks,
     )
     .await
-        .with_context(|| format!("starting the control plane on {}", args.listen))?;
+    .with_context(|| format!("starting the control plane on {}", args.listen))?;
     print!("{}", banner(&server, &args.tls_names, &crate::program::command_name()));
     crate::shutdown::signal().await;
     tracing::info!("shutting down (Ctrl-C again to exit at once)");

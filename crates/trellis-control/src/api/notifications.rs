@@ -69,9 +69,9 @@ async fn create(
                  makes an account-wide notification",
             ));
         }
-        (Some(s), None) => NotificationScope::Service(
-            VpcEndpointServiceId::parse(s).map_err(|e| invalid_reference("serviceId", e))?,
-        ),
+        (Some(s), None) => {
+            NotificationScope::Service(VpcEndpointServiceId::parse(s).map_err(|e| invalid_reference("serviceId", e))?)
+        }
         (None, Some(e)) => {
             NotificationScope::Endpoint(VpcEndpointId::parse(e).map_err(|e| invalid_reference("vpcEndpointId", e))?)
         }
@@ -96,8 +96,7 @@ async fn create(
                     }
                     NotificationScope::Account => {}
                 }
-                let count =
-                    tx.list(<ConnectionNotification as Object>::KIND, &Filter::account(me.id.as_str()))?.len();
+                let count = tx.list(<ConnectionNotification as Object>::KIND, &Filter::account(me.id.as_str()))?.len();
                 if count >= MAX_PER_ACCOUNT {
                     return Err(ApiError::conflict(
                         "LimitExceeded",

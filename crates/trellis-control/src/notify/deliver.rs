@@ -122,8 +122,7 @@ impl Worker {
         let read = self
             .state
             .read(move |tx| {
-                let pending =
-                    tx.list_obj::<NotificationDelivery>(&Filter::reference(PENDING_DELIVERY_REF))?;
+                let pending = tx.list_obj::<NotificationDelivery>(&Filter::reference(PENDING_DELIVERY_REF))?;
                 // The oldest pending delivery of each notification not being attempted.
                 let mut heads: HashMap<ConnectionNotificationId, NotificationDelivery> = HashMap::new();
                 for d in pending {

@@ -177,7 +177,9 @@ mod tests {
     fn urls_must_be_http_with_a_host_and_public_unless_allowed() {
         assert!(check_url("https://hooks.example.com/x", false).is_ok());
         assert!(check_url("http://93.184.216.34:8080/x", false).is_ok());
-        for bad in ["ftp://example.com/", "file:///etc/passwd", "not a url", "https://user:pw@example.com/", "mailto:a@b"] {
+        for bad in
+            ["ftp://example.com/", "file:///etc/passwd", "not a url", "https://user:pw@example.com/", "mailto:a@b"]
+        {
             let err = check_url(bad, false).unwrap_err();
             assert!(err.starts_with("url"), "{bad}: {err}");
         }
