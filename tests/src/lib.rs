@@ -27,6 +27,7 @@ pub mod prometheus;
 pub mod tcp_service;
 pub mod tunnel;
 pub mod wait;
+pub mod webhook;
 
 pub use agent::{Agent, AgentOptions};
 pub use api::{Api, Response};
@@ -39,6 +40,7 @@ pub use postgres::Postgres;
 pub use process::Proc;
 pub use tcp_service::TcpService;
 pub use wait::wait_until;
+pub use webhook::WebhookReceiver;
 
 /// Skips the calling test (returns early) with a printed reason unless the
 /// test process runs as root; network namespaces need root.

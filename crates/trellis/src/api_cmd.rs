@@ -75,6 +75,10 @@ const FLAG_OF_FIELD_ON: &[(&str, &str, &str)] = &[
     ("/v1/domainverifications", "domainName", "--domain-name"),
     ("/v1/resourcegateways", "ipAddressType", "--ip-address-type"),
     ("/v1/resourceconfigurations", "ipAddressType", "--dns-ip-address-type"),
+    ("/v1/connectionnotifications", "url", "--webhook-url"),
+    ("/v1/connectionnotifications", "connectionEvents", "--event"),
+    ("/v1/connectionnotifications", "serviceId", "--service-id"),
+    ("/v1/connectionnotifications", "vpcEndpointId", "--vpc-endpoint-id"),
 ];
 
 /// The flag that fills API field `field` in a request to `path`.
@@ -222,6 +226,12 @@ mod tests {
         // The same field is a different flag on another route.
         assert_eq!(flag_names("domainName: bad", "/v1/domainverifications"), "--domain-name: bad");
         assert_eq!(flag_names("domainName: bad", RCFG), "--dns-name: bad");
+        const NFN: &str = "/v1/connectionnotifications/vpce-nfn-0123456789abcdef0";
+        assert_eq!(
+            flag_names("url: 127.0.0.1 is a loopback address", NFN),
+            "--webhook-url: 127.0.0.1 is a loopback address"
+        );
+        assert_eq!(flag_names("connectionEvents lists Accept twice", NFN), "--event lists Accept twice");
         assert_eq!(flag_names("ipAddressType is bad", "/v1/resourcegateways"), "--ip-address-type is bad");
         assert_eq!(flag_names("ipAddressType is bad", RCFG), "--dns-ip-address-type is bad");
 

@@ -713,9 +713,9 @@ pub enum ConnectionNotificationVerb {
         /// ResourceShareInvitation, ResourceEndpointCreate (account-wide)
         #[arg(long = "event", value_name = "EVENT", required = true)]
         connection_events: Vec<String>,
-        /// http(s) URL the events are POSTed to
+        /// http(s) URL the events are POSTed to (the API's `url`)
         #[arg(long, value_name = "URL")]
-        url: String,
+        webhook_url: String,
         /// Secret that signs every delivery (Trellis-Signature), 1-256 characters; never shown again
         #[arg(long, env = "TRELLIS_WEBHOOK_SECRET", value_name = "SECRET", hide_env_values = true)]
         secret: String,
@@ -727,16 +727,16 @@ pub enum ConnectionNotificationVerb {
     /// Show one connection notification (never its secret)
     Get(IdArg),
     /// Change a notification's URL, events or secret
-    #[command(group(ArgGroup::new("change").required(true).multiple(true).args(["connection_events", "url", "secret"])))]
+    #[command(group(ArgGroup::new("change").required(true).multiple(true).args(["connection_events", "webhook_url", "secret"])))]
     Update {
         #[command(flatten)]
         target: IdArg,
         /// Events, replacing the old list (repeatable)
         #[arg(long = "event", value_name = "EVENT")]
         connection_events: Vec<String>,
-        /// New http(s) URL
+        /// New http(s) URL (the API's `url`)
         #[arg(long, value_name = "URL")]
-        url: Option<String>,
+        webhook_url: Option<String>,
         /// New secret (from now on every attempt is signed with it)
         #[arg(long, value_name = "SECRET")]
         secret: Option<String>,
@@ -1039,25 +1039,27 @@ impl DomainVerificationVerb {
 impl ConnectionNotificationVerb {
     pub fn request(&self) -> ApiRequest {
         match self {
-            Self::Create { service_id, vpc_endpoint_id, connection_events, url, secret, create } => ApiRequest::send(
-                &notifications::CREATE,
-                &CreateConnectionNotification {
-                    service_id: service_id.clone(),
-                    vpc_endpoint_id: vpc_endpoint_id.clone(),
-                    connection_events: connection_events.clone(),
-                    url: url.clone(),
-                    secret: secret.clone(),
-                    client_token: create.token(),
-                },
-            ),
+            Self::Create { service_id, vpc_endpoint_id, connection_events, webhook_url, secret, create } => {
+                ApiRequest::send(
+                    &notifications::CREATE,
+                    &CreateConnectionNotification {
+                        service_id: service_id.clone(),
+                        vpc_endpoint_id: vpc_endpoint_id.clone(),
+                        connection_events: connection_events.clone(),
+                        url: webhook_url.clone(),
+                        secret: secret.clone(),
+                        client_token: create.token(),
+                    },
+                )
+            }
             Self::List(l) => ApiRequest::list(&notifications::LIST, &l.query()),
             Self::Get(t) => ApiRequest::at(&notifications::GET, &t.id),
-            Self::Update { target, connection_events, url, secret } => ApiRequest::send_to(
+            Self::Update { target, connection_events, webhook_url, secret } => ApiRequest::send_to(
                 &notifications::UPDATE,
                 &target.id,
                 &UpdateConnectionNotification {
                     connection_events: (!connection_events.is_empty()).then(|| connection_events.clone()),
-                    url: url.clone(),
+                    url: webhook_url.clone(),
                     secret: secret.clone(),
                 },
             ),
@@ -1320,7 +1322,7 @@ mod tests {
             ("domain-verification delete dv-1", M::DELETE, "/v1/domainverifications/dv-1", none.clone()),
             (
                 "connection-notification create --service-id vpce-svc-0123456789abcdef0 --event Connect --event Accept \
-                 --url https://hooks.example.com/t --secret s3cret --client-token t-3",
+                 --webhook-url https://hooks.example.com/t --secret s3cret --client-token t-3",
                 M::POST,
                 "/v1/connectionnotifications",
                 Some(json!({
@@ -1329,7 +1331,7 @@ mod tests {
                 })),
             ),
             (
-                "connection-notification create --event ResourceShareInvitation --url http://h/x --secret s",
+                "connection-notification create --event ResourceShareInvitation --webhook-url http://h/x --secret s",
                 M::POST,
                 "/v1/connectionnotifications",
                 Some(json!({"connectionEvents": ["ResourceShareInvitation"], "url": "http://h/x", "secret": "s"})),
@@ -1337,7 +1339,7 @@ mod tests {
             ("connection-notification list", M::GET, "/v1/connectionnotifications", none.clone()),
             ("connection-notification get vpce-nfn-1", M::GET, "/v1/connectionnotifications/vpce-nfn-1", none.clone()),
             (
-                "connection-notification update vpce-nfn-1 --event Reject --url https://h/y --secret n",
+                "connection-notification update vpce-nfn-1 --event Reject --webhook-url https://h/y --secret n",
                 M::PATCH,
                 "/v1/connectionnotifications/vpce-nfn-1",
                 Some(json!({"connectionEvents": ["Reject"], "url": "https://h/y", "secret": "n"})),
@@ -1471,8 +1473,8 @@ mod tests {
             "endpoint-service modify-permissions vpce-svc-1",
             "endpoint-service accept vpce-svc-1",
             "vpc list --max-results 0",
-            "connection-notification create --service-id s --vpc-endpoint-id e --event Connect --url u --secret s",
-            "connection-notification create --url u --secret s",
+            "connection-notification create --service-id s --vpc-endpoint-id e --event Connect --webhook-url u --secret s",
+            "connection-notification create --webhook-url u --secret s",
             "connection-notification update vpce-nfn-1",
         ] {
             let argv = std::iter::once("trellis").chain(bad.split_whitespace());
