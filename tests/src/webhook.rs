@@ -47,8 +47,9 @@ impl WebhookReceiver {
         let addr = listener.local_addr().unwrap();
         let got: Arc<Mutex<Vec<Delivery>>> = Arc::default();
         let stop = Arc::new(AtomicBool::new(false));
-        let (g, s, mut script) = (got.clone(), stop.clone(), statuses.to_vec().into_iter());
+        let (g, s, script) = (got.clone(), stop.clone(), statuses.to_vec());
         let thread = std::thread::spawn(move || {
+            let mut script = script.into_iter();
             while !s.load(Ordering::Relaxed) {
                 match listener.accept() {
                     Ok((stream, _)) => {
