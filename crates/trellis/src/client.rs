@@ -78,7 +78,7 @@ impl ApiRequest {
                 }
             }
         }
-        self
+        req
     }
 }
 
