@@ -62,6 +62,8 @@ async fn create(
     AccountAuth(me): AccountAuth,
     Json(body): Json<CreateConnectionNotification>,
 ) -> Result<Response, ApiError> {
+    // A URL the server will not call is a 400 (as a malformed body), before the field rules' 422s.
+    let url = checked_url(&st, &body.url)?;
     let scope = match (&body.service_id, &body.vpc_endpoint_id) {
         (Some(_), Some(_)) => {
             return Err(validation(
@@ -79,7 +81,6 @@ async fn create(
     };
     let events = parse_events(&body.connection_events)?;
     scope.check_events(&events).map_err(validation)?;
-    let url = checked_url(&st, &body.url)?;
     checked_secret(&body.secret)?;
     let token = ClientToken::new(me.id.as_str(), "connectionnotifications", body.client_token.as_deref(), &body)?;
     let (id, now, region) = (ConnectionNotificationId::generate(&seed()?), now(), st.region().to_string());
@@ -150,8 +151,8 @@ async fn update(
     Json(body): Json<UpdateConnectionNotification>,
 ) -> Result<Json<ConnectionNotification>, ApiError> {
     let id: ConnectionNotificationId = path_id(&raw)?;
-    let events = body.connection_events.as_deref().map(parse_events).transpose()?;
     let url = body.url.as_deref().map(|u| checked_url(&st, u)).transpose()?;
+    let events = body.connection_events.as_deref().map(parse_events).transpose()?;
     if let Some(secret) = &body.secret {
         checked_secret(secret)?;
     }
