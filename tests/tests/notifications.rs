@@ -119,3 +119,87 @@ fn without_the_flag_a_loopback_or_non_http_url_is_refused_naming_url() {
     let list = cli.json(&["connection-notification", "list"]);
     assert_eq!(list["items"], json!([]), "nothing was created");
 }
+
+/// The test 5 with an endpoint service: the provider's notification on
+/// its service gets Connect (after two failed attempts, on a retry) and then
+/// Accept, in order and signed; the deliveries log shows all three attempts.
+#[test]
+fn a_services_connect_and_accept_arrive_in_order_signed_and_retried() {
+    let cp = ControlPlane::start_with_args(LOCALHOST, &["--allow-private-webhooks"]);
+    let receiver = WebhookReceiver::start(&[500, 502]);
+    let provider = cp.create_account("provider");
+    let consumer = cp.create_account("consumer");
+    let (papi, capi) = (cp.api(&provider.api_key), cp.api(&consumer.api_key));
+    let network = |api: &trellis_e2e::Api, cidr: &str| {
+        let vpc = api.post("/v1/vpcs", &json!({"name": "net"})).ok("vpc");
+        let subnet =
+            api.post("/v1/subnets", &json!({"vpcId": vpc["id"], "zone": "z1", "cidrBlock": cidr})).ok("subnet");
+        (s(&vpc["id"]).to_string(), s(&subnet["id"]).to_string())
+    };
+    let (pvpc, psubnet) = network(&papi, "10.0.9.0/24");
+    let service = papi
+        .post(
+            "/v1/vpcendpointservices",
+            &json!({"name": "api", "vpcId": pvpc, "subnetIds": [psubnet],
+                    "targets": [{"ipAddress": "10.0.1.5"}], "ports": [{"port": 443}]}),
+        )
+        .ok("service");
+    let sid = s(&service["id"]).to_string();
+    papi.post(&format!("/v1/vpcendpointservices/{sid}/permissions"), &json!({"addAllowedPrincipals": [consumer.id]}))
+        .ok("allow");
+    let cli = cp.cli(Some(&provider.api_key));
+    let n = cli.json(&[
+        "connection-notification",
+        "create",
+        "--service-id",
+        &sid,
+        "--event",
+        "Connect",
+        "--event",
+        "Accept",
+        "--webhook-url",
+        &receiver.url("/hooks"),
+        "--secret",
+        "svc-secret",
+    ]);
+    let nid = s(&n["id"]).to_string();
+
+    let (cvpc, csubnet) = network(&capi, "10.1.9.0/24");
+    let endpoint = capi
+        .post(
+            "/v1/vpcendpoints",
+            &json!({"vpcEndpointType": "Interface", "vpcId": cvpc, "subnetIds": [csubnet], "serviceName": service["serviceName"]}),
+        )
+        .ok("endpoint");
+    let eid = s(&endpoint["id"]).to_string();
+    papi.post(&format!("/v1/vpcendpointservices/{sid}/connections/accept"), &json!({"vpcEndpointIds": [eid]}))
+        .ok("accept");
+
+    let got = receiver.wait_for(4, Duration::from_secs(30));
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
+    for d in &got {
+        assert!(verify(b"svc-secret", d.header("trellis-signature"), &d.body, now), "{d:?}");
+    }
+    let events: Vec<(String, String)> = got
+        .iter()
+        .map(|d| {
+            (d.json()["eventType"].as_str().unwrap_or_default().to_string(), d.json()["vpcEndpointId"].to_string())
+        })
+        .collect();
+    let connect = ("Connect".to_string(), format!("\"{eid}\""));
+    let accept = ("Accept".to_string(), format!("\"{eid}\""));
+    assert_eq!(events, [connect.clone(), connect.clone(), connect, accept], "Connect retried twice, then Accept");
+    assert_eq!(got[3].json()["vpcEndpointState"], "Pending", "{:?}", got[3].json());
+
+    let log = wait_until("both deliveries delivered", Duration::from_secs(10), || {
+        let page = cli.json(&["connection-notification", "deliveries", &nid]);
+        let items = page["items"].as_array()?.clone();
+        (items.len() == 2 && items.iter().all(|i| i["state"] == "Delivered")).then_some(items)
+    });
+    let codes = |i: &Value| -> Vec<u64> {
+        i["attempts"].as_array().unwrap().iter().map(|a| a["statusCode"].as_u64().unwrap_or(0)).collect()
+    };
+    // Newest first: Accept, then Connect with its three attempts.
+    assert_eq!((log[0]["eventType"].as_str(), codes(&log[0])), (Some("Accept"), vec![204]));
+    assert_eq!((log[1]["eventType"].as_str(), codes(&log[1])), (Some("Connect"), vec![500, 502, 204]));
+}

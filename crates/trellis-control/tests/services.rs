@@ -292,3 +292,48 @@ async fn available_pages_through_services_allowed_by_id_by_star_and_owned() {
     let (_, page) = api.get("/v1/vpcendpointservices/available", &stranger.key).await;
     assert_eq!(page["items"].as_array().unwrap().len(), 1, "a stranger sees only the * service: {page}");
 }
+
+#[tokio::test]
+async fn the_service_lifecycle_records_connect_accept_reject_and_delete_in_order() {
+    let api = Api::new();
+    let (provider, consumer) = (api.account("saas").await, api.account("acme").await);
+    let (pvpc, psubnet) = network(&api, &provider, "z1", "10.0.9.0/24").await;
+    let service = api.create("/v1/vpcendpointservices", &provider.key, service_body(&pvpc, &psubnet)).await;
+    let sid = str_of(&service, "id").to_string();
+    let perms = format!("/v1/vpcendpointservices/{sid}/permissions");
+    api.call("POST", &perms, &provider.key, Some(json!({"addAllowedPrincipals": [consumer.id]}))).await;
+    let n = api
+        .create(
+            "/v1/connectionnotifications",
+            &provider.key,
+            json!({"serviceId": sid, "connectionEvents": ["Connect", "Accept", "Reject", "Delete"],
+                   "url": "https://hooks.example.com/trellis", "secret": "s"}),
+        )
+        .await;
+    let (cvpc, csubnet) = network(&api, &consumer, "z1", "10.1.9.0/24").await;
+    let endpoint =
+        api.create("/v1/vpcendpoints", &consumer.key, endpoint_body(&cvpc, &csubnet, &service["serviceName"])).await;
+    let eid = str_of(&endpoint, "id");
+    for verb in ["accept", "reject"] {
+        let path = format!("/v1/vpcendpointservices/{sid}/connections/{verb}");
+        let (status, _) = api.call("POST", &path, &provider.key, Some(json!({"vpcEndpointIds": [eid]}))).await;
+        assert_eq!(status, StatusCode::OK);
+    }
+    let (status, _) = api.call("DELETE", &format!("/v1/vpcendpoints/{eid}"), &consumer.key, None).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+
+    let path = format!("/v1/connectionnotifications/{}/deliveries", str_of(&n, "id"));
+    let (status, log) = api.get(&path, &provider.key).await;
+    assert_eq!(status, StatusCode::OK, "{log}");
+    let mut events: Vec<(String, String)> = log["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| (str_of(d, "eventType").to_string(), str_of(&d["event"], "vpcEndpointState").to_string()))
+        .collect();
+    events.reverse(); // the log is newest first
+    let expected =
+        [("Connect", "PendingAcceptance"), ("Accept", "Pending"), ("Reject", "Rejected"), ("Delete", "Rejected")]
+            .map(|(e, s)| (e.to_string(), s.to_string()));
+    assert_eq!(events, expected, "{log}");
+}

@@ -13,7 +13,7 @@ use trellis_api::VpcListQuery;
 use trellis_api::endpoints::{self, CreateEndpoint};
 use trellis_model::{
     Account, AccountId, ConfigurationType, EndpointState, Pools, PrivateDnsPreference, ResourceConfiguration,
-    ResourceConfigurationId, ResourceGateway, Subnet, Vpc, VpcEndpoint, VpcEndpointId, VpcEndpointServiceId,
+    ResourceConfigurationId, ResourceGateway, Subnet, Timestamp, Vpc, VpcEndpoint, VpcEndpointId, VpcEndpointServiceId,
     VpcEndpointType, VpcId, check_zone_overlap, clip_echo, kinds, parse_identifier, parse_service_name,
     plan_dns_entries, plan_interface_entries, validate_domain_name,
 };
@@ -30,6 +30,7 @@ use super::{
 use crate::auth::AccountAuth;
 use crate::compile::{LISTENER_BUDGET_REASON, listener_budget_exceeded};
 use crate::error::{ApiError, invalid_reference};
+use crate::notify::{self, Event, EventKind};
 use crate::state::{AppState, now, seed};
 
 pub fn routes() -> Routes {
@@ -102,6 +103,7 @@ fn create_interface(
     mut endpoint: VpcEndpoint,
     subnets: &[Subnet],
     region: &str,
+    now: Timestamp,
 ) -> Result<VpcEndpoint, ApiError> {
     let Some(service_id) = endpoint.service_id.clone() else {
         return Err(ApiError::internal("an Interface endpoint without a service"));
@@ -125,6 +127,11 @@ fn create_interface(
         EndpointState::Pending
     };
     tx.insert_obj(&endpoint)?;
+    // Connect, then Accept at once when nobody needs to accept it (as AWS's auto-accept does).
+    notify::record(tx, &Event::endpoint(EventKind::Connect, &endpoint), now)?;
+    if endpoint.state == EndpointState::Pending {
+        notify::record(tx, &Event::endpoint(EventKind::Accept, &endpoint), now)?;
+    }
     Ok(endpoint)
 }
 
@@ -224,7 +231,7 @@ async fn create(
                     Target::Service(service_id) => {
                         endpoint.vpc_endpoint_type = VpcEndpointType::Interface;
                         endpoint.service_id = Some(service_id.clone());
-                        return create_interface(tx, &me, endpoint, &subnets, &region);
+                        return create_interface(tx, &me, endpoint, &subnets, &region, now);
                     }
                 };
                 let config = tx
@@ -288,7 +295,7 @@ async fn create(
                 endpoint.resource_configuration_owner_id = Some(config.account_id.clone());
                 endpoint.dns_entries = dns_entries;
                 tx.insert_obj(&endpoint)?;
-                crate::notify::record(tx, &crate::notify::Event::resource_endpoint_created(&endpoint), now)?;
+                notify::record(tx, &Event::resource_endpoint_created(&endpoint), now)?;
                 Ok(endpoint)
             })
         })
@@ -321,8 +328,10 @@ async fn delete(
     PathId(raw): PathId,
 ) -> Result<StatusCode, ApiError> {
     let id: VpcEndpointId = path_id(&raw)?;
+    let now = now();
     st.write(move |tx| {
         let endpoint = get_owned::<VpcEndpoint>(tx, &me.id, id.as_str(), "VPC endpoint")?;
+        notify::record(tx, &Event::endpoint(EventKind::Delete, &endpoint), now)?;
         // The record goes at once, with its addresses; agents stop serving it from their next config.
         endpoint.state.transition(EndpointState::Deleting)?;
         tx.delete_obj::<VpcEndpoint>(endpoint.id.as_str())?;

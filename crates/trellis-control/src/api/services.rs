@@ -37,6 +37,7 @@ use super::{ClientToken, Json, ListQuery, Page, PathId, Query, Routes, created, 
 use crate::agents::records::TargetHealthRecord;
 use crate::auth::AccountAuth;
 use crate::error::{ApiError, invalid_reference};
+use crate::notify::{self, Event, EventKind};
 use crate::state::{AppState, now, seed};
 
 pub fn routes() -> Routes {
@@ -554,6 +555,7 @@ async fn decide(
         .collect::<Result<_, _>>()
         .map_err(|e| invalid_reference("vpcEndpointIds", e))?;
     super::no_duplicates("vpcEndpointIds", &ids)?;
+    let now = now();
     let outcome = st
         .write(move |tx| {
             let service = get_owned::<VpcEndpointService>(tx, &me.id, id.as_str(), "endpoint service")?;
@@ -585,6 +587,11 @@ async fn decide(
                         endpoint.state = state;
                         endpoint.failure_reason = None;
                         tx.update_obj(&endpoint)?;
+                        let kind = match decision {
+                            Decision::Accept => EventKind::Accept,
+                            Decision::Reject => EventKind::Reject,
+                        };
+                        notify::record(tx, &Event::endpoint(kind, &endpoint), now)?;
                     }
                     Err(e) => unsuccessful.push(fail(e.to_string())),
                 }
