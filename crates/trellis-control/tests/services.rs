@@ -106,9 +106,14 @@ async fn a_consumer_connects_once_allowed_and_accepted_and_nobody_else_sees_the_
 
     let accept_path = format!("/v1/vpcendpointservices/{sid}/connections/accept");
     let accept = |ids: Value| api.call("POST", &accept_path, &provider.key, Some(json!({"vpcEndpointIds": ids})));
-    let (status, outcome) = accept(json!([eid, "vpce-0123456789abcdef0"])).await;
-    assert_eq!(status, StatusCode::OK, "{outcome}");
-    assert_eq!(outcome["unsuccessful"][0]["vpcEndpointId"], "vpce-0123456789abcdef0", "{outcome}");
+    // An id that is not an endpoint of this service (another provider's, or none): 422, nothing moves.
+    let (status, refused) = accept(json!([eid, "vpce-0123456789abcdef0"])).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{refused}");
+    assert!(str_of(&refused, "message").contains("vpcEndpointIds: vpce-0123456789abcdef0"), "{refused}");
+    let (_, endpoint) = api.get(&format!("/v1/vpcendpoints/{eid}"), &consumer.key).await;
+    assert_eq!(endpoint["state"], "PendingAcceptance", "nothing moved");
+    let (status, outcome) = accept(json!([eid])).await;
+    assert_eq!((status, &outcome["unsuccessful"]), (StatusCode::OK, &json!([])), "{outcome}");
     let (_, endpoint) = api.get(&format!("/v1/vpcendpoints/{eid}"), &consumer.key).await;
     assert_eq!(endpoint["state"], "Pending", "accepted: the consumer's agent brings it to Available");
 

@@ -560,14 +560,24 @@ async fn decide(
         .write(move |tx| {
             let service = get_owned::<VpcEndpointService>(tx, &me.id, id.as_str(), "endpoint service")?;
             let mut unsuccessful = Vec::new();
+            // Every id must name an endpoint of this service, or nothing moves.
+            let mut endpoints = Vec::with_capacity(ids.len());
             for ep_id in &ids {
+                match tx.get_obj::<VpcEndpoint>(ep_id.as_str())?.filter(|e| e.service_id.as_ref() == Some(&service.id))
+                {
+                    Some(endpoint) => endpoints.push(endpoint),
+                    None => {
+                        return Err(invalid(format!(
+                            "vpcEndpointIds: {ep_id} is not an endpoint of service {}; \
+                             GET /v1/vpcendpointservices/{}/connections lists them",
+                            service.id, service.id
+                        )));
+                    }
+                }
+            }
+            for mut endpoint in endpoints {
+                let ep_id = endpoint.id.clone();
                 let fail = |error: String| UnsuccessfulItem { vpc_endpoint_id: ep_id.to_string(), error };
-                let Some(mut endpoint) =
-                    tx.get_obj::<VpcEndpoint>(ep_id.as_str())?.filter(|e| e.service_id.as_ref() == Some(&service.id))
-                else {
-                    unsuccessful.push(fail(format!("endpoint {ep_id} is not an endpoint of service {}", service.id)));
-                    continue;
-                };
                 let target = match decision {
                     Decision::Accept if endpoint.state == EndpointState::PendingAcceptance => EndpointState::Pending,
                     Decision::Accept => {
