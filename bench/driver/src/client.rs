@@ -269,3 +269,79 @@ async fn open_many(addr: SocketAddr, n: usize) -> Res<Vec<tokio::net::TcpStream>
     }
     Ok(streams)
 }
+
+/// One connection of a [`ShortConnections`] stream: when it started (since the stream began)
+/// and, if it failed, why.
+#[derive(Clone, Debug)]
+pub struct Attempt {
+    pub at: Duration,
+    pub error: Option<String>,
+}
+
+/// A steady stream of short connections, each: connect, the greeting, one byte echoed, close.
+/// Runs in its own threads while the caller does something to the path.
+pub struct ShortConnections {
+    started: Instant,
+    stop: Arc<AtomicBool>,
+    workers: Vec<thread::JoinHandle<Vec<Attempt>>>,
+}
+
+impl ShortConnections {
+    /// Starts `per_second` connections a second to `addr`, spread over `workers` threads
+    /// (a worker whose connection hangs falls behind; the others keep their pace).
+    pub fn start(addr: SocketAddr, per_second: f64, workers: usize) -> ShortConnections {
+        let workers = workers.max(1);
+        let gap = Duration::from_secs_f64(workers as f64 / per_second.max(1.0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let started = Instant::now();
+        let handles = (0..workers)
+            .map(|w| {
+                let stop = stop.clone();
+                let first = started + gap.mul_f64(w as f64 / workers as f64);
+                thread::spawn(move || {
+                    let mut attempts = Vec::new();
+                    let mut next = first;
+                    while !stop.load(Ordering::Relaxed) {
+                        let now = Instant::now();
+                        if next > now {
+                            thread::sleep(next - now);
+                        }
+                        next += gap;
+                        let at = Instant::now() - started;
+                        attempts.push(Attempt { at, error: short_exchange(addr).err().map(|e| e.to_string()) });
+                    }
+                    attempts
+                })
+            })
+            .collect();
+        ShortConnections { started, stop, workers: handles }
+    }
+
+    /// When the stream began: [`Attempt::at`] counts from here.
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
+    /// Stops the stream and returns every attempt, in the order they started.
+    pub fn finish(self) -> Res<Vec<Attempt>> {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut all = Vec::new();
+        for h in self.workers {
+            all.extend(h.join().map_err(|_| "a short-connection worker panicked".to_string())?);
+        }
+        all.sort_by_key(|a| a.at);
+        Ok(all)
+    }
+}
+
+/// Connect, read the greeting, send one byte and read it back, close.
+fn short_exchange(addr: SocketAddr) -> io::Result<()> {
+    let (mut stream, _) = first_byte(addr, Duration::from_secs(2))?;
+    stream.write_all(b"f")?;
+    let mut byte = [0u8; 1];
+    stream.read_exact(&mut byte)?;
+    if byte[0] != b'f' {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, format!("echoed {:#04x} for 0x66", byte[0])));
+    }
+    Ok(())
+}

@@ -9,7 +9,11 @@ use std::time::Duration;
 use crate::Res;
 use crate::proc::{self, Daemon};
 
-/// Starts `iperf3 -s` on 127.0.0.1 at a free port.
+/// Starts `iperf3 -s` at a free port on every loopback address (`0.0.0.0%lo`: bound to the
+/// loopback device, so nothing outside this host reaches it), and returns it with its address
+/// on 127.0.0.1. One process behind 127.0.0.1 and 127.0.0.2: the `trellis-service` path
+/// balances each iperf3 connection (control and streams) over both targets, and one test's
+/// connections must all reach the same iperf3 process.
 pub fn start_server(bin: &Path, logs: &Path) -> Res<(Daemon, SocketAddr)> {
     let mut last_error = String::new();
     // The port is picked by binding port 0 and released before iperf3 binds it: retry if someone took it meanwhile.
@@ -19,7 +23,7 @@ pub fn start_server(bin: &Path, logs: &Path) -> Res<(Daemon, SocketAddr)> {
             .map_err(|e| format!("pick a port for iperf3: {e}"))?
             .port();
         let mut cmd = Command::new(bin);
-        cmd.args(["-s", "-B", "127.0.0.1", "-p", &port.to_string(), "--forceflush"]);
+        cmd.args(["-s", "-B", "0.0.0.0%lo", "-p", &port.to_string(), "--forceflush"]);
         let mut daemon = Daemon::spawn(&format!("iperf3-server-{attempt}"), cmd, logs, "TERM")?;
         let wanted = format!("Server listening on {port}");
         match daemon.wait_for_log("iperf3 -s to listen", Duration::from_secs(10), |l| l.contains(&wanted).then_some(()))

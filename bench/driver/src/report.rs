@@ -1,5 +1,6 @@
 //! Figures of a run: samples per (metric, path), medians with min–max, the
-//! Trellis ratios, the table on stdout and the JSON file.
+//! Trellis ratios (against the baselines, and of the service path against the
+//! resource path), the table on stdout and the JSON file.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -48,9 +49,15 @@ pub const METRICS: &[Metric] = &[
     m(REVOKE_TO_REFUSED, "share revoke → refused", "ms", false),
 ];
 
-/// The paths compared with Trellis in the ratio columns.
-pub const BASELINES: &[&str] = &["haproxy-2hop", "rathole-tls"];
 pub const TRELLIS: &str = "trellis";
+pub const TRELLIS_SERVICE: &str = "trellis-service";
+
+/// The ratio columns: (path, divided by path, JSON key under `ratios`).
+pub const RATIOS: &[(&str, &str, &str)] = &[
+    (TRELLIS, "haproxy-2hop", "trellisOver_haproxy-2hop"),
+    (TRELLIS, "rathole-tls", "trellisOver_rathole-tls"),
+    (TRELLIS_SERVICE, TRELLIS, "trellisServiceOver_trellis"),
+];
 
 #[derive(Default)]
 pub struct Cell {
@@ -111,16 +118,16 @@ impl Results {
         summarize(&self.cell(metric, path)?.samples).map(|s| s.median)
     }
 
-    /// Trellis's median divided by the baseline's median.
-    pub fn ratio(&self, metric: &str, baseline: &str) -> Option<f64> {
+    /// `path`'s median divided by the baseline's median.
+    pub fn ratio_of(&self, metric: &str, path: &str, baseline: &str) -> Option<f64> {
         let base = self.median(metric, baseline)?;
-        let ours = self.median(metric, TRELLIS)?;
+        let ours = self.median(metric, path)?;
         (base != 0.0).then(|| ours / base)
     }
 
-    /// Per-repetition ratios (Trellis sample i ÷ baseline sample i), measured close together in time.
-    fn paired_ratios(&self, metric: &str, baseline: &str) -> Vec<f64> {
-        let (Some(ours), Some(base)) = (self.cell(metric, TRELLIS), self.cell(metric, baseline)) else {
+    /// Per-repetition ratios (`path`'s sample i ÷ baseline sample i), measured close together in time.
+    fn paired_ratios(&self, metric: &str, path: &str, baseline: &str) -> Vec<f64> {
+        let (Some(ours), Some(base)) = (self.cell(metric, path), self.cell(metric, baseline)) else {
             return Vec::new();
         };
         ours.samples.iter().zip(&base.samples).filter(|(_, b)| **b != 0.0).map(|(o, b)| o / b).collect()
@@ -130,12 +137,12 @@ impl Results {
     pub fn table(&self, paths: &[&str], idle_n: usize) -> String {
         let mut header = vec!["metric".to_string()];
         header.extend(paths.iter().map(|p| p.to_string()));
-        let ratio_cols: Vec<&str> = if paths.contains(&TRELLIS) {
-            BASELINES.iter().copied().filter(|b| paths.contains(b)).collect()
-        } else {
-            vec![]
-        };
-        header.extend(ratio_cols.iter().map(|b| format!("trellis ÷ {b}")));
+        let ratio_cols: Vec<(&str, &str)> = RATIOS
+            .iter()
+            .filter(|(p, b, _)| paths.contains(p) && paths.contains(b))
+            .map(|(p, b, _)| (*p, *b))
+            .collect();
+        header.extend(ratio_cols.iter().map(|(p, b)| format!("{p} ÷ {b}")));
         let mut rows = vec![header];
         for metric in METRICS {
             if !paths.iter().any(|p| self.cell(metric.key, p).is_some()) {
@@ -157,8 +164,8 @@ impl Results {
                     },
                 });
             }
-            for b in &ratio_cols {
-                row.push(self.ratio(metric.key, b).map(|r| format!("{}×", num(r))).unwrap_or_else(|| "–".into()));
+            for (p, b) in &ratio_cols {
+                row.push(self.ratio_of(metric.key, p, b).map(|r| format!("{}×", num(r))).unwrap_or_else(|| "–".into()));
             }
             rows.push(row);
         }
@@ -217,12 +224,12 @@ impl Results {
                 continue;
             }
             let mut ratios = serde_json::Map::new();
-            for b in BASELINES {
-                if let Some(r) = self.ratio(metric.key, b) {
-                    let paired = self.paired_ratios(metric.key, b);
+            for (p, b, key) in RATIOS {
+                if let Some(r) = self.ratio_of(metric.key, p, b) {
+                    let paired = self.paired_ratios(metric.key, p, b);
                     let spread = summarize(&paired);
                     ratios.insert(
-                        format!("trellisOver_{b}"),
+                        key.to_string(),
                         json!({
                             "ratioOfMedians": r,
                             "perRepetition": paired,
@@ -266,7 +273,26 @@ mod tests {
         for v in [6.0, 9.0, 7.5] {
             r.add(RR_P50, TRELLIS, v);
         }
-        assert_eq!(r.ratio(RR_P50, "haproxy-2hop"), Some(2.5));
-        assert_eq!(r.ratio(RR_P50, "rathole-tls"), None);
+        assert_eq!(r.ratio_of(RR_P50, TRELLIS, "haproxy-2hop"), Some(2.5));
+        assert_eq!(r.ratio_of(RR_P50, TRELLIS, "rathole-tls"), None);
+    }
+
+    #[test]
+    fn the_service_path_is_compared_with_the_resource_path_in_table_and_json() {
+        let mut r = Results::default();
+        for (trellis, service) in [(8.0, 7.8), (10.0, 9.0), (9.0, 9.9)] {
+            r.add(TPUT_1_UP, TRELLIS, trellis);
+            r.add(TPUT_1_UP, TRELLIS_SERVICE, service);
+        }
+        assert_eq!(r.ratio_of(TPUT_1_UP, TRELLIS_SERVICE, TRELLIS), Some(1.0));
+        let table = r.table(&[TRELLIS, TRELLIS_SERVICE], 100);
+        let header = table.lines().next().unwrap();
+        assert!(header.ends_with("trellis-service ÷ trellis"), "{header}");
+        assert!(!header.contains("haproxy"), "no baseline measured, no baseline column: {header}");
+        assert!(table.lines().nth(2).unwrap().ends_with("1.00×"), "{table}");
+        let json = r.json(&[TRELLIS, TRELLIS_SERVICE]);
+        let ratio = &json[TPUT_1_UP]["ratios"]["trellisServiceOver_trellis"];
+        assert_eq!(ratio["ratioOfMedians"], 1.0);
+        assert_eq!(ratio["perRepetition"].as_array().unwrap().len(), 3);
     }
 }

@@ -3,21 +3,22 @@
 //! paths so that a noisy moment on the shared machine does not land on one
 //! path only; then print the table and write the JSON.
 
+use std::cell::RefCell;
 use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path as FsPath, PathBuf};
-use std::process::Command;
+use std::rc::Rc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use clap::Args;
 use serde_json::json;
 
 use crate::paths::{self, Backends, Loopback, Path};
-use crate::proc::{self, Daemon};
+use crate::proc;
 use crate::report::{self, Results};
-use crate::{Res, client, iperf};
+use crate::{Res, client, echo, iperf};
 
-const ALL_PATHS: &[&str] = &["direct", "haproxy-2hop", "rathole-tls", "trellis"];
+const ALL_PATHS: &[&str] = &["direct", "haproxy-2hop", "rathole-tls", "trellis", "trellis-service"];
 
 #[derive(Args, Debug)]
 pub struct RunArgs {
@@ -33,8 +34,10 @@ pub struct RunArgs {
     iperf3_bin: PathBuf,
     #[arg(long, value_name = "FILE", default_value = "openssl")]
     openssl_bin: PathBuf,
-    /// Paths to measure, comma-separated.
-    #[arg(long, value_delimiter = ',', default_value = "direct,haproxy-2hop,rathole-tls,trellis")]
+    /// Paths to measure, comma-separated: direct, haproxy-2hop, rathole-tls, trellis (a resource
+    /// endpoint), trellis-service (an Interface endpoint to a service with two targets; also
+    /// measures health-check failover once, at the end).
+    #[arg(long, value_delimiter = ',', default_value = "direct,haproxy-2hop,rathole-tls,trellis,trellis-service")]
     paths: Vec<String>,
     /// Repetitions of every measurement; the report gives the median and min–max.
     #[arg(long, default_value_t = 5)]
@@ -181,8 +184,8 @@ pub fn main(args: RunArgs) -> Res<()> {
             return Err(format!("unknown path {p:?}; choose from {}", ALL_PATHS.join(", ")));
         }
     }
-    if args.paths.iter().any(|p| p == "trellis") && args.trellis_bin.is_none() {
-        return Err("--trellis-bin is required for the trellis path (or leave it out with --paths)".into());
+    if args.paths.iter().any(|p| p.starts_with("trellis")) && args.trellis_bin.is_none() {
+        return Err("--trellis-bin is required for the trellis paths (or leave them out with --paths)".into());
     }
     let (soft, _) = nofile_limit().ok_or("cannot read the open-files limit from /proc/self/limits")?;
     // Each tunnel process holds two descriptors per proxied connection, plus its own; and a
@@ -225,18 +228,16 @@ fn run(args: &RunArgs, s: &Settings, work: &FsPath, stamp: &str) -> Res<()> {
     let ips = Loopback { run: random_byte() };
 
     // The servers every path leads to.
-    let mut echo_cmd = Command::new(crate::self_exe()?);
-    echo_cmd.args(["echo-server", "--listen", "127.0.0.1:0"]);
-    let mut echo = Daemon::spawn("echo-server", echo_cmd, &logs, "TERM")?;
-    let echo_addr: SocketAddr = echo.wait_for_log("the echo server to listen", Duration::from_secs(10), |l| {
-        l.strip_prefix("listening ")?.trim().parse().ok()
-    })?;
+    let with_service = args.paths.iter().any(|p| p == "trellis-service");
+    let (mut echo, mut echo_second) = start_echo_servers(&logs, with_service)?;
     let (mut iperf_server, iperf_addr) = iperf::start_server(&args.iperf3_bin, &logs)?;
-    let backends = Backends { echo: echo_addr, iperf: iperf_addr };
+    let backends = Backends { echo: echo.addr, iperf: iperf_addr };
 
     // Every path, set up once. A path that cannot be set up is reported and left out.
     let mut paths: Vec<Box<dyn Path>> = Vec::new();
     let mut setup_errors: Vec<(String, String)> = Vec::new();
+    // Both Trellis paths run through one control plane and one pair of agents.
+    let mut trellis: Option<Result<Rc<RefCell<paths::trellis::Trellis>>, String>> = None;
     for name in ALL_PATHS.iter().filter(|n| args.paths.iter().any(|p| p == *n)) {
         say(&format!("setting up {name} …"));
         let t = Instant::now();
@@ -251,9 +252,21 @@ fn run(args: &RunArgs, s: &Settings, work: &FsPath, stamp: &str) -> Res<()> {
                 paths::rathole::RatholeTls::start(&args.rathole_bin, &args.openssl_bin, &dir, ips, backends)
                     .map(|p| Box::new(p) as Box<dyn Path>)
             }
-            "trellis" => {
+            "trellis" | "trellis-service" => {
                 let bin = args.trellis_bin.as_deref().expect("checked in main");
-                paths::trellis::Trellis::start(bin, &dir, ips, backends).map(|p| Box::new(p) as Box<dyn Path>)
+                let setup = trellis
+                    .get_or_insert_with(|| {
+                        paths::trellis::Trellis::start(bin, &work.join("trellis"), ips, backends).map(|t| t.shared())
+                    })
+                    .clone();
+                setup.and_then(|setup| {
+                    if *name == "trellis" {
+                        Ok(Box::new(paths::trellis::ResourcePath(setup)) as Box<dyn Path>)
+                    } else {
+                        paths::trellis_service::TrellisService::start(setup, backends)
+                            .map(|p| Box::new(p) as Box<dyn Path>)
+                    }
+                })
             }
             _ => unreachable!("names come from ALL_PATHS"),
         };
@@ -368,7 +381,27 @@ fn run(args: &RunArgs, s: &Settings, work: &FsPath, stamp: &str) -> Res<()> {
             },
         );
         echo.check_running()?;
+        if let Some(second) = echo_second.as_mut() {
+            second.check_running()?;
+        }
         load.push(json!({"when": format!("after repetition {}", rep + 1), "loadavg": loadavg()}));
+    }
+
+    // Failover last: it stops a target, and the target takes a few checks to come back.
+    let mut failovers = Vec::new();
+    if let Some(second) = echo_second.as_mut() {
+        for (i, path) in paths.iter_mut().enumerate() {
+            if dead[i] {
+                continue;
+            }
+            let name = path.name();
+            say(&format!("failover on {name} (about 30 s) …"));
+            let Some(outcome) = path.failover(second) else { continue };
+            if let Err(e) = &outcome {
+                say(&format!("  failover on {name} failed: {e}"));
+            }
+            failovers.push((name, outcome));
+        }
     }
     let elapsed = run_start.elapsed();
 
@@ -387,6 +420,12 @@ fn run(args: &RunArgs, s: &Settings, work: &FsPath, stamp: &str) -> Res<()> {
     }
     for line in results.error_lines() {
         println!("error: {line}");
+    }
+    for (name, outcome) in &failovers {
+        match outcome {
+            Ok(f) => f.lines().iter().for_each(|l| println!("{l}")),
+            Err(e) => println!("failover ({name}): failed: {e}"),
+        }
     }
 
     let versions: serde_json::Map<String, serde_json::Value> = paths
@@ -416,6 +455,13 @@ fn run(args: &RunArgs, s: &Settings, work: &FsPath, stamp: &str) -> Res<()> {
         "paths": names,
         "notMeasured": setup_errors.iter().map(|(n, e)| json!({"path": n, "error": e})).collect::<Vec<_>>(),
         "metrics": results.json(&names),
+        "failover": failovers
+            .iter()
+            .map(|(name, f)| match f {
+                Ok(f) => f.json(),
+                Err(e) => json!({"path": name, "error": e}),
+            })
+            .collect::<Vec<_>>(),
         "table": table,
     });
     let json_file = args.json.clone().or_else(|| args.out_dir.as_ref().map(|d| d.join(format!("bench-{stamp}.json"))));
@@ -431,5 +477,24 @@ fn run(args: &RunArgs, s: &Settings, work: &FsPath, stamp: &str) -> Res<()> {
     drop(paths);
     drop(iperf_server);
     drop(echo);
+    drop(echo_second);
     Ok(())
+}
+
+/// The echo server on 127.0.0.1 at a free port and, for the `trellis-service` path, a second one
+/// on its second target (127.0.0.2) at the same port; a port taken there means a new pick.
+fn start_echo_servers(logs: &FsPath, second: bool) -> Res<(echo::Server, Option<echo::Server>)> {
+    let mut last_error = String::new();
+    for _ in 0..5 {
+        let first = echo::Server::start("echo-server", SocketAddr::from(([127, 0, 0, 1], 0)), logs)?;
+        if !second {
+            return Ok((first, None));
+        }
+        let at = SocketAddr::new(paths::trellis_service::SECOND_TARGET, first.addr.port());
+        match echo::Server::start("echo-server-2", at, logs) {
+            Ok(s) => return Ok((first, Some(s))),
+            Err(e) => last_error = e,
+        }
+    }
+    Err(format!("no port free for echo servers on both 127.0.0.1 and 127.0.0.2: {last_error}"))
 }

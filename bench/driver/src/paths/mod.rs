@@ -6,6 +6,7 @@ pub mod direct;
 pub mod haproxy;
 pub mod rathole;
 pub mod trellis;
+pub mod trellis_service;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::thread;
@@ -16,7 +17,7 @@ use crate::client;
 
 /// What every path offers to the measurements.
 pub trait Path {
-    /// The name in the report: `direct`, `haproxy-2hop`, `rathole-tls`, `trellis`.
+    /// The name in the report: `direct`, `haproxy-2hop`, `rathole-tls`, `trellis`, `trellis-service`.
     fn name(&self) -> &'static str;
     /// Where the client connects for the echo server.
     fn echo_addr(&self) -> SocketAddr;
@@ -30,6 +31,11 @@ pub trait Path {
     fn check(&mut self) -> Res<()>;
     /// The endpoint lifecycle figures, for paths that have endpoints (Trellis).
     fn lifecycle(&mut self, _rep: usize) -> Option<Res<trellis::Lifecycle>> {
+        None
+    }
+    /// Health-check failover, for paths that balance over targets (a Trellis endpoint service):
+    /// `second` is the echo server of the target to stop, restarted afterwards.
+    fn failover(&mut self, _second: &mut crate::echo::Server) -> Option<Res<trellis_service::Failover>> {
         None
     }
     /// The version of the tunnel software, for the report.

@@ -2,10 +2,16 @@
 //! user would: a real control plane, two accounts, the owner's VPC and gateway
 //! agent, the consumer's VPC and endpoint agent, a share, an accepted
 //! invitation and a resource endpoint, all through the `trellis` CLI.
+//!
+//! [`Trellis`] is that set-up; [`ResourcePath`] is the `trellis` path through
+//! it. The `trellis-service` path ([`super::trellis_service`]) runs through the
+//! same control plane and agents, so the two differ only in what the agents do.
 
+use std::cell::RefCell;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path as FsPath, PathBuf};
 use std::process::Command;
+use std::rc::Rc;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -15,12 +21,12 @@ use super::{Backends, Loopback, Path, wait_ready};
 use crate::proc::{self, Daemon};
 use crate::{Res, client};
 
-const STATE_TIMEOUT: Duration = Duration::from_secs(60);
+pub(super) const STATE_TIMEOUT: Duration = Duration::from_secs(60);
 const TUNNEL_PORT: u16 = 7443;
 
 /// One API call through the CLI, as one account.
 #[derive(Clone)]
-struct Cli {
+pub(super) struct Cli {
     bin: PathBuf,
     url: String,
     ca: PathBuf,
@@ -33,7 +39,7 @@ impl Cli {
     }
 
     /// `trellis ARGS --output json`, parsed; Err with the CLI's message on failure.
-    fn json(&self, args: &[&str]) -> Res<Value> {
+    pub(super) fn json(&self, args: &[&str]) -> Res<Value> {
         let mut cmd = Command::new(&self.bin);
         cmd.args(args)
             .args(["--output", "json"])
@@ -59,7 +65,7 @@ impl Cli {
     }
 
     /// Repeats `args` until `accept` returns Some, for at most `timeout`.
-    fn wait<T>(&self, args: &[&str], what: &str, accept: impl Fn(&Value) -> Option<T>) -> Res<T> {
+    pub(super) fn wait<T>(&self, args: &[&str], what: &str, accept: impl Fn(&Value) -> Option<T>) -> Res<T> {
         let deadline = Instant::now() + STATE_TIMEOUT;
         loop {
             let v = self.json(args)?;
@@ -74,7 +80,7 @@ impl Cli {
     }
 
     /// Waits until the object's `field` is `want`, failing at once on a FAILED state.
-    fn wait_state(&self, noun: &str, id: &str, field: &str, want: &str) -> Res<Value> {
+    pub(super) fn wait_state(&self, noun: &str, id: &str, field: &str, want: &str) -> Res<Value> {
         self.wait(&[noun, "get", id], &format!("{noun} {id} to be {want}"), |v| {
             let state = v[field].as_str().unwrap_or_default();
             (state == want || state.to_ascii_uppercase().contains("FAILED")).then(|| v.clone())
@@ -83,12 +89,12 @@ impl Cli {
     }
 }
 
-fn field(v: &Value, names: &[&str]) -> Res<String> {
+pub(super) fn field(v: &Value, names: &[&str]) -> Res<String> {
     names.iter().find_map(|n| v[*n].as_str()).map(str::to_string).ok_or_else(|| format!("none of {names:?} in {v}"))
 }
 
 /// The endpoint's first address, from `dnsEntries[].ipAddresses[]`.
-fn endpoint_ip(v: &Value) -> Option<IpAddr> {
+pub(super) fn endpoint_ip(v: &Value) -> Option<IpAddr> {
     v["dnsEntries"].as_array()?.iter().find_map(|e| e["ipAddresses"].as_array()?.first()?.as_str()?.parse().ok())
 }
 
@@ -98,17 +104,20 @@ pub struct Lifecycle {
     pub revoke_to_refused: Duration,
 }
 
+/// The control plane, both accounts, their VPCs and agents, and the resource endpoint.
 pub struct Trellis {
     bin: PathBuf,
     dir: PathBuf,
     backends: Backends,
     ips: Loopback,
     url: String,
-    owner: Cli,
-    consumer: Cli,
-    consumer_account: String,
-    consumer_vpc: String,
-    consumer_subnet: String,
+    pub(super) owner: Cli,
+    pub(super) consumer: Cli,
+    pub(super) consumer_account: String,
+    pub(super) owner_vpc: String,
+    pub(super) owner_subnet: String,
+    pub(super) consumer_vpc: String,
+    pub(super) consumer_subnet: String,
     probe_arn: String,
     gateway_token: String,
     endpoint_token: String,
@@ -177,6 +186,8 @@ impl Trellis {
             owner,
             consumer,
             consumer_account,
+            owner_vpc: owner_vpc.clone(),
+            owner_subnet: owner_subnet.clone(),
             consumer_vpc,
             consumer_subnet: consumer_subnet.clone(),
             probe_arn: String::new(),
@@ -235,8 +246,13 @@ impl Trellis {
         let endpoint = path.consumer.wait_state("vpc-endpoint", &endpoint, "state", "Available")?;
         path.entry =
             endpoint_ip(&endpoint).ok_or_else(|| format!("the Available endpoint has no address: {endpoint}"))?;
-        wait_ready(path.echo_addr(), STATE_TIMEOUT)?;
+        wait_ready(SocketAddr::new(path.entry, backends.echo.port()), STATE_TIMEOUT)?;
         Ok(path)
+    }
+
+    /// Shares the set-up between the paths that run through it.
+    pub fn shared(self) -> Rc<RefCell<Trellis>> {
+        Rc::new(RefCell::new(self))
     }
 
     fn agent_command(&self, name: &str, token: &str, host: u8) -> Command {
@@ -346,44 +362,69 @@ fn wait_online(cli: &Cli, subnet: &str) -> Res<()> {
     })
 }
 
-impl Path for Trellis {
-    fn name(&self) -> &'static str {
-        "trellis"
-    }
-
-    fn echo_addr(&self) -> SocketAddr {
-        SocketAddr::new(self.entry, self.backends.echo.port())
-    }
-
-    fn iperf_addr(&self) -> SocketAddr {
-        SocketAddr::new(self.entry, self.backends.iperf.port())
-    }
-
-    fn tunnel_pids(&self) -> Vec<u32> {
+impl Trellis {
+    pub(super) fn tunnel_pids(&self) -> Vec<u32> {
         self.gateway_agent.iter().chain(self.endpoint_agent.iter()).map(Daemon::pid).collect()
     }
 
-    fn restart(&mut self) -> Res<()> {
+    /// Restarts both agents, then waits until `probe` answers through them.
+    pub(super) fn restart(&mut self, probe: SocketAddr) -> Res<()> {
         self.start_agents()?;
-        wait_ready(self.echo_addr(), STATE_TIMEOUT).map_err(|e| {
+        wait_ready(probe, STATE_TIMEOUT).map_err(|e| {
             let logs: Vec<String> =
                 self.gateway_agent.iter().chain(self.endpoint_agent.iter()).map(Daemon::log_tail).collect();
             format!("{e}; {}", logs.join("; "))
         })
     }
 
-    fn lifecycle(&mut self, rep: usize) -> Option<Res<Lifecycle>> {
-        Some(self.run_lifecycle(rep))
+    pub(super) fn version(&self) -> String {
+        crate::first_line_of(&self.bin, &["version"])
     }
 
-    fn version(&self) -> Option<String> {
-        Some(crate::first_line_of(&self.bin, &["version"]))
-    }
-
-    fn check(&mut self) -> Res<()> {
+    pub(super) fn check(&mut self) -> Res<()> {
         for d in self.gateway_agent.iter_mut().chain(self.endpoint_agent.iter_mut()) {
             d.check_running()?;
         }
         Ok(())
+    }
+}
+
+/// The `trellis` path: through the resource endpoint of the shared set-up.
+pub struct ResourcePath(pub Rc<RefCell<Trellis>>);
+
+impl Path for ResourcePath {
+    fn name(&self) -> &'static str {
+        "trellis"
+    }
+
+    fn echo_addr(&self) -> SocketAddr {
+        let t = self.0.borrow();
+        SocketAddr::new(t.entry, t.backends.echo.port())
+    }
+
+    fn iperf_addr(&self) -> SocketAddr {
+        let t = self.0.borrow();
+        SocketAddr::new(t.entry, t.backends.iperf.port())
+    }
+
+    fn tunnel_pids(&self) -> Vec<u32> {
+        self.0.borrow().tunnel_pids()
+    }
+
+    fn restart(&mut self) -> Res<()> {
+        let probe = self.echo_addr();
+        self.0.borrow_mut().restart(probe)
+    }
+
+    fn lifecycle(&mut self, rep: usize) -> Option<Res<Lifecycle>> {
+        Some(self.0.borrow_mut().run_lifecycle(rep))
+    }
+
+    fn version(&self) -> Option<String> {
+        Some(self.0.borrow().version())
+    }
+
+    fn check(&mut self) -> Res<()> {
+        self.0.borrow_mut().check()
     }
 }
