@@ -9,12 +9,15 @@ use std::time::Duration;
 use crate::Res;
 use crate::proc::{self, Daemon};
 
-/// Starts `iperf3 -s` at a free port on every loopback address (`0.0.0.0%lo`: bound to the
-/// loopback device, so nothing outside this host reaches it), and returns it with its address
-/// on 127.0.0.1. One process behind 127.0.0.1 and 127.0.0.2: the `trellis-service` path
-/// balances each iperf3 connection (control and streams) over both targets, and one test's
-/// connections must all reach the same iperf3 process.
-pub fn start_server(bin: &Path, logs: &Path) -> Res<(Daemon, SocketAddr)> {
+/// Starts `iperf3 -s` on 127.0.0.1 at a free port, or with `all_loopback` on every loopback
+/// address (`0.0.0.0%lo`: bound to the loopback device, so nothing outside this host reaches
+/// it); returns it with its address on 127.0.0.1.
+///
+/// All loopback addresses is for the `trellis-service` path's targets, 127.0.0.1 and
+/// 127.0.0.2: one iperf3 test is several connections (control, one per stream) that least
+/// connections spreads over both targets, and they must all reach the same iperf3 process.
+/// Its port then is taken on every loopback address, so no path's entry may use it.
+pub fn start_server(bin: &Path, logs: &Path, name: &str, all_loopback: bool) -> Res<(Daemon, SocketAddr)> {
     let mut last_error = String::new();
     // The port is picked by binding port 0 and released before iperf3 binds it: retry if someone took it meanwhile.
     for attempt in 1..=5 {
@@ -23,8 +26,9 @@ pub fn start_server(bin: &Path, logs: &Path) -> Res<(Daemon, SocketAddr)> {
             .map_err(|e| format!("pick a port for iperf3: {e}"))?
             .port();
         let mut cmd = Command::new(bin);
-        cmd.args(["-s", "-B", "0.0.0.0%lo", "-p", &port.to_string(), "--forceflush"]);
-        let mut daemon = Daemon::spawn(&format!("iperf3-server-{attempt}"), cmd, logs, "TERM")?;
+        let bind = if all_loopback { "0.0.0.0%lo" } else { "127.0.0.1" };
+        cmd.args(["-s", "-B", bind, "-p", &port.to_string(), "--forceflush"]);
+        let mut daemon = Daemon::spawn(&format!("{name}-{attempt}"), cmd, logs, "TERM")?;
         let wanted = format!("Server listening on {port}");
         match daemon.wait_for_log("iperf3 -s to listen", Duration::from_secs(10), |l| l.contains(&wanted).then_some(()))
         {

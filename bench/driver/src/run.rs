@@ -230,7 +230,12 @@ fn run(args: &RunArgs, s: &Settings, work: &FsPath, stamp: &str) -> Res<()> {
     // The servers every path leads to.
     let with_service = args.paths.iter().any(|p| p == "trellis-service");
     let (mut echo, mut echo_second) = start_echo_servers(&logs, with_service)?;
-    let (mut iperf_server, iperf_addr) = iperf::start_server(&args.iperf3_bin, &logs)?;
+    let (mut iperf_server, iperf_addr) = iperf::start_server(&args.iperf3_bin, &logs, "iperf3-server", false)?;
+    // The service's targets' iperf3 server, behind 127.0.0.1 and 127.0.0.2 (see `iperf::start_server`).
+    let mut service_iperf = match with_service {
+        true => Some(iperf::start_server(&args.iperf3_bin, &logs, "iperf3-service-server", true)?),
+        false => None,
+    };
     let backends = Backends { echo: echo.addr, iperf: iperf_addr };
 
     // Every path, set up once. A path that cannot be set up is reported and left out.
@@ -263,7 +268,8 @@ fn run(args: &RunArgs, s: &Settings, work: &FsPath, stamp: &str) -> Res<()> {
                     if *name == "trellis" {
                         Ok(Box::new(paths::trellis::ResourcePath(setup)) as Box<dyn Path>)
                     } else {
-                        paths::trellis_service::TrellisService::start(setup, backends)
+                        let iperf_target_port = service_iperf.as_ref().map_or(iperf_addr.port(), |(_, a)| a.port());
+                        paths::trellis_service::TrellisService::start(setup, backends, iperf_target_port)
                             .map(|p| Box::new(p) as Box<dyn Path>)
                     }
                 })
@@ -343,6 +349,9 @@ fn run(args: &RunArgs, s: &Settings, work: &FsPath, stamp: &str) -> Res<()> {
                 )?]))
             });
             iperf_server.check_running()?;
+            if let Some((server, _)) = service_iperf.as_mut() {
+                server.check_running()?;
+            }
         }
         measure(&[report::RR_P50, report::RR_P99], "request/response 1 B", &mut results, &mut |p| {
             let r = client::request_response(p.echo_addr(), s.rr)?;
@@ -395,10 +404,10 @@ fn run(args: &RunArgs, s: &Settings, work: &FsPath, stamp: &str) -> Res<()> {
                 continue;
             }
             let name = path.name();
-            say(&format!("failover on {name} (about 30 s) …"));
             let Some(outcome) = path.failover(second) else { continue };
-            if let Err(e) = &outcome {
-                say(&format!("  failover on {name} failed: {e}"));
+            match &outcome {
+                Ok(f) => f.lines().iter().for_each(|l| say(l)),
+                Err(e) => say(&format!("failover on {name} failed: {e}")),
             }
             failovers.push((name, outcome));
         }
@@ -476,6 +485,7 @@ fn run(args: &RunArgs, s: &Settings, work: &FsPath, stamp: &str) -> Res<()> {
     // Stop the paths before the servers they lead to.
     drop(paths);
     drop(iperf_server);
+    drop(service_iperf);
     drop(echo);
     drop(echo_second);
     Ok(())

@@ -5,12 +5,16 @@
 //! in what the agents do per connection: a resource endpoint dials its one
 //! address, a service endpoint picks a healthy target (least connections).
 //!
-//! The service's targets are the run's servers on 127.0.0.1 and 127.0.0.2 at the
-//! same ports: two echo servers, and the one iperf3 server, which listens on
-//! every loopback address (an iperf3 test is several connections that must all
+//! The service's targets are 127.0.0.1 and 127.0.0.2. Its echo port leads to the
+//! run's echo server and a second one on 127.0.0.2 at the same port. Its iperf3
+//! port (the same number as the iperf3 server's, so the entry is at the server's
+//! own port as on every path) maps to a second iperf3 server that listens on
+//! every loopback address: an iperf3 test is several connections that must all
 //! reach the same process, and least connections spreads them over both
-//! targets). Health is checked on the echo port only, so iperf3 never sees a
-//! check, and a stopped echo server takes its target out for both ports.
+//! targets; the run's own iperf3 server cannot listen there, since a wildcard
+//! listener takes its port on every loopback address, entries included. Health
+//! is checked on the echo port only, so iperf3 never sees a check, and a stopped
+//! echo server takes its target out for both ports.
 
 use std::cell::RefCell;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -55,10 +59,12 @@ pub struct TrellisService {
 impl TrellisService {
     /// Publishes the service (the owner's), allows the consumer, creates the consumer's
     /// Interface endpoint (no acceptance needed) and waits until traffic goes through it.
-    pub fn start(setup: Rc<RefCell<Trellis>>, backends: Backends) -> Res<Self> {
+    /// `iperf_target_port`: where the targets' iperf3 server listens (on every loopback address).
+    pub fn start(setup: Rc<RefCell<Trellis>>, backends: Backends, iperf_target_port: u16) -> Res<Self> {
         let (service_id, entry) = {
             let t = setup.borrow();
-            let (echo_port, iperf_port) = (backends.echo.port().to_string(), backends.iperf.port().to_string());
+            let echo_port = backends.echo.port().to_string();
+            let iperf_port = format!("{}:{iperf_target_port}", backends.iperf.port());
             let (first, second) = (backends.echo.ip().to_string(), SECOND_TARGET.to_string());
             let (interval, timeout) = (CHECK_INTERVAL_S.to_string(), CHECK_TIMEOUT_S.to_string());
             let (healthy, unhealthy) = (HEALTHY_THRESHOLD.to_string(), UNHEALTHY_THRESHOLD.to_string());
@@ -137,6 +143,7 @@ impl TrellisService {
     /// Stops the second target's echo server under a stream of short connections; see [`Failover`].
     fn run_failover(&mut self, second: &mut echo::Server) -> Res<Failover> {
         let window = detection_window();
+        eprintln!("failover on {} (about 30 s) …", self.name());
         let stream = ShortConnections::start(self.echo_addr(), FAILOVER_RATE, FAILOVER_WORKERS);
         thread::sleep(LEAD_IN);
         second.stop();
