@@ -128,7 +128,12 @@ impl Gateway {
 }
 
 fn target(id: &str, address: SocketAddr, zone: &str) -> GatewayTarget {
-    GatewayTarget { agent_id: id.into(), address: address.to_string(), zone: zone.into(), server_name: agent_server_name(id) }
+    GatewayTarget {
+        agent_id: id.into(),
+        address: address.to_string(),
+        zone: zone.into(),
+        server_name: agent_server_name(id),
+    }
 }
 
 struct Endpoint {
@@ -236,10 +241,8 @@ async fn flows_spread_over_the_gateways_of_the_own_zone() {
     let echo = echo_server().await;
     let a = gateway(&ca, GW_A, &ep_id, echo, "127.0.0.1:0".parse().unwrap()).await;
     let b = gateway(&ca, GW_B, &ep_id, echo, "127.0.0.1:0".parse().unwrap()).await;
-    let gateways = vec![
-        target(GW_A, a.agent.tunnel_addr().unwrap(), "z1"),
-        target(GW_B, b.agent.tunnel_addr().unwrap(), "z1"),
-    ];
+    let gateways =
+        vec![target(GW_A, a.agent.tunnel_addr().unwrap(), "z1"), target(GW_B, b.agent.tunnel_addr().unwrap(), "z1")];
     let ep = endpoint(&ep_id, echo, gateways, Duration::from_millis(200)).await;
     for i in 0..10 {
         ep.echo(format!("flow {i}").as_bytes()).await.unwrap_or_else(|e| panic!("flow {i}: {e}"));
@@ -282,8 +285,7 @@ async fn a_silent_gateway_costs_one_timeout_not_one_per_connection() {
     let skipped = ep.metric("trellis_gateway_skipped_total", GW_A).unwrap_or(0.0);
     assert!(skipped >= (FLOWS - 1) as f64, "only {skipped} flows skipped the silent gateway");
     // A flow that paid the timeout says so in its access-log line.
-    let failed_over: Vec<serde_json::Value> =
-        ep.log.lines().into_iter().filter(|l| l.get("tried").is_some()).collect();
+    let failed_over: Vec<serde_json::Value> = ep.log.lines().into_iter().filter(|l| l.get("tried").is_some()).collect();
     assert!(failed_over.len() <= 1, "{failed_over:?}");
     for line in &failed_over {
         let tried = line["tried"][0].as_str().unwrap_or_default();
