@@ -40,6 +40,10 @@ pub struct AccessRecord {
     /// Detail for failures.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// Endpoint side: gateway agents tried before this one that failed,
+    /// each as `tried agent-… (host:port): what happened`; absent when the first one answered.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tried: Vec<String>,
 }
 
 /// Formats a time as RFC 3339 with milliseconds, UTC.
@@ -173,6 +177,7 @@ mod tests {
             duration_ms: 0,
             outcome: "closed".into(),
             message: None,
+            tried: Vec::new(),
         };
         log.write(&rec);
         log.write(&rec);
@@ -206,6 +211,7 @@ mod tests {
             duration_ms: 0,
             outcome: outcome.into(),
             message: None,
+            tried: Vec::new(),
         };
         log.clone().write(&rec("first"));
         let rotated = dir.path().join("access.log.1");

@@ -32,6 +32,8 @@ pub(crate) struct OpenFlow {
     started_at: Instant,
     bytes_in: AtomicU64,
     bytes_out: AtomicU64,
+    /// Gateway agents that failed before this flow opened (endpoint side).
+    tried: Vec<String>,
     finished: bool,
 }
 
@@ -54,6 +56,22 @@ pub(crate) fn reject(
     outcome: &str,
     message: Option<String>,
 ) {
+    reject_after_tries(info, labels, metrics, usage, access_log, started, outcome, message, Vec::new());
+}
+
+/// [`reject`] for a flow that tried gateway agents (`tried`, for the access log).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn reject_after_tries(
+    info: &FlowInfo,
+    labels: &FlowLabels,
+    metrics: &Metrics,
+    usage: Option<&UsageCell>,
+    access_log: &AccessLog,
+    started: SystemTime,
+    outcome: &str,
+    message: Option<String>,
+    tried: Vec<String>,
+) {
     metrics.rejected_connections.get_or_create(labels).inc();
     if let Some(u) = usage {
         u.rejected.fetch_add(1, Ordering::Relaxed);
@@ -73,6 +91,7 @@ pub(crate) fn reject(
         duration_ms: millis(end.duration_since(started).unwrap_or_default()),
         outcome: outcome.to_string(),
         message,
+        tried,
     });
 }
 
@@ -101,8 +120,15 @@ impl OpenFlow {
             started_at: Instant::now(),
             bytes_in: AtomicU64::new(0),
             bytes_out: AtomicU64::new(0),
+            tried: Vec::new(),
             finished: false,
         }
+    }
+
+    /// Notes the gateway agents that failed before this flow opened.
+    pub fn with_tried(mut self, tried: Vec<String>) -> Self {
+        self.tried = tried;
+        self
     }
 
     /// Bytes moved from the consumer toward the resource.
@@ -152,6 +178,7 @@ impl OpenFlow {
             duration_ms: millis(self.started_at.elapsed()),
             outcome: outcome.to_string(),
             message,
+            tried: std::mem::take(&mut self.tried),
         });
     }
 }

@@ -396,7 +396,13 @@ async fn start_with_listener(
     }
 
     let pool_settings = PoolSettings { max_warm_total: limits.warm_tunnels, ..opts.pool };
-    let pools = Arc::new(endpoint::GatewayPools::new(client_tls, pool_settings, tracker.clone(), shutdown.clone()));
+    let pools = Arc::new(endpoint::GatewayPools::new(
+        client_tls,
+        pool_settings,
+        metrics.clone(),
+        tracker.clone(),
+        shutdown.clone(),
+    ));
     let endpoint_ctx = Arc::new(endpoint::EndpointContext {
         config: config.clone(),
         pools,

@@ -73,6 +73,10 @@ pub struct Metrics {
     pub target_healthy: Family<Vec<(String, String)>, Gauge>,
     /// Connections and bytes a consumer's limits refused or slowed.
     pub limited: Family<Vec<(String, String)>, Counter>,
+    /// Endpoint side: 1 while a gateway agent is believed reachable, 0 while it is skipped.
+    pub gateway_up: Family<Vec<(String, String)>, Gauge>,
+    /// Endpoint side: flows that skipped a gateway agent because it was down.
+    pub gateway_skipped: Family<Vec<(String, String)>, Counter>,
 }
 
 impl Default for Metrics {
@@ -118,6 +122,18 @@ impl Metrics {
             "Connections refused (limit=connections) and pauses to pace bytes (limit=bandwidth) under a consumer's limits",
             limited.clone(),
         );
+        let gateway_up = Family::<Vec<(String, String)>, Gauge>::default();
+        registry.register(
+            "gateway_up",
+            "Endpoint side: 1 while a gateway agent answers, 0 while it is marked down and probed in the background",
+            gateway_up.clone(),
+        );
+        let gateway_skipped = Family::<Vec<(String, String)>, Counter>::default();
+        registry.register(
+            "gateway_skipped",
+            "Endpoint side: new flows that skipped a gateway agent at once because it was marked down",
+            gateway_skipped.clone(),
+        );
         Self {
             registry,
             active_connections,
@@ -129,6 +145,8 @@ impl Metrics {
             tunnel_refusals,
             target_healthy,
             limited,
+            gateway_up,
+            gateway_skipped,
         }
     }
 
@@ -178,6 +196,27 @@ impl Metrics {
                 ("limit".to_string(), limit.to_string()),
             ])
             .inc();
+    }
+
+    fn gateway_labels(agent_id: &str, address: &str) -> Vec<(String, String)> {
+        vec![("gateway".to_string(), agent_id.to_string()), ("address".to_string(), address.to_string())]
+    }
+
+    /// Records whether a gateway agent is believed reachable (labels come from the config).
+    pub(crate) fn set_gateway_up(&self, agent_id: &str, address: &str, up: bool) {
+        self.gateway_up.get_or_create(&Self::gateway_labels(agent_id, address)).set(i64::from(up));
+    }
+
+    /// Counts a flow that skipped a down gateway agent.
+    pub(crate) fn count_gateway_skipped(&self, agent_id: &str, address: &str) {
+        self.gateway_skipped.get_or_create(&Self::gateway_labels(agent_id, address)).inc();
+    }
+
+    /// Drops the series of a gateway agent that left the config.
+    pub(crate) fn forget_gateway(&self, agent_id: &str, address: &str) {
+        let labels = Self::gateway_labels(agent_id, address);
+        self.gateway_up.remove(&labels);
+        self.gateway_skipped.remove(&labels);
     }
 
     /// Counts a tunnel connection refused before its open request; `reason` is one of a fixed set.

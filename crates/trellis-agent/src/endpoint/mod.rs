@@ -2,6 +2,7 @@
 //! tunnel each client connection to a gateway agent. The endpoint side is the
 //! only side that opens streams.
 
+pub mod health;
 pub mod listeners;
 pub mod pool;
 pub mod proxy;

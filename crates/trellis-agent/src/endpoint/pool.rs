@@ -10,6 +10,11 @@
 //! with many gateways each pool keeps fewer. Pools of gateways that leave the
 //! config are closed. A pool never sends anything on an idle connection: the first
 //! bytes on every tunnel connection are an `OpenRequest` from a real client.
+//!
+//! The pools also keep the health memory of `health.rs`: a gateway that fails
+//! to connect is marked down, its warm connections are dropped and its pool
+//! stops refilling; one probe task per down gateway reconnects with backoff
+//! and marks it up (handing the probe's connection to the pool) once it answers.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io;
@@ -27,7 +32,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use trellis_proto::GatewayTarget;
 
+use super::health::{HealthTable, Plan};
 use crate::gateway::listener::set_keepalive;
+use crate::metrics::Metrics;
 use crate::read_ahead::ReadAhead;
 
 /// A tunnel connection to a gateway agent.
@@ -45,11 +52,22 @@ pub struct PoolSettings {
     pub max_idle: Duration,
     /// TCP connect plus TLS handshake.
     pub connect_timeout: Duration,
+    /// First probe of a gateway marked down, after this; later ones wait twice as long…
+    pub probe_first: Duration,
+    /// … up to this.
+    pub probe_max: Duration,
 }
 
 impl Default for PoolSettings {
     fn default() -> Self {
-        Self { warm: 2, max_warm_total: 256, max_idle: Duration::from_secs(7), connect_timeout: Duration::from_secs(5) }
+        Self {
+            warm: 2,
+            max_warm_total: 256,
+            max_idle: Duration::from_secs(7),
+            connect_timeout: Duration::from_secs(5),
+            probe_first: Duration::from_secs(1),
+            probe_max: Duration::from_secs(30),
+        }
     }
 }
 
@@ -63,6 +81,7 @@ impl PoolSettings {
 /// Identifies a gateway agent to connect to.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct GatewayKey {
+    pub agent_id: String,
     /// `host:port` the gateway advertised.
     pub address: String,
     /// DNS SAN its certificate must carry.
@@ -71,7 +90,7 @@ pub struct GatewayKey {
 
 impl From<&GatewayTarget> for GatewayKey {
     fn from(g: &GatewayTarget) -> Self {
-        Self { address: g.address.clone(), server_name: g.server_name.clone() }
+        Self { agent_id: g.agent_id.clone(), address: g.address.clone(), server_name: g.server_name.clone() }
     }
 }
 
@@ -82,6 +101,8 @@ struct Pool {
     idle: Mutex<VecDeque<(Instant, Tunnel)>>,
     /// Wakes the refill task when a connection was taken.
     taken: Notify,
+    /// Wakes the refill task when the gateway answers again after being down.
+    recovered: Notify,
     cancel: CancellationToken,
 }
 
@@ -90,22 +111,64 @@ pub struct GatewayPools {
     connector: TlsConnector,
     settings: PoolSettings,
     pools: Mutex<HashMap<GatewayKey, Arc<Pool>>>,
+    health: Mutex<HealthTable>,
+    metrics: Arc<Metrics>,
     tracker: TaskTracker,
     shutdown: CancellationToken,
+}
+
+/// Counts one open flow through a gateway agent until dropped (for balancing).
+pub struct FlowSlot<'a> {
+    pools: &'a GatewayPools,
+    key: GatewayKey,
+}
+
+impl Drop for FlowSlot<'_> {
+    fn drop(&mut self) {
+        self.pools.health().flow_closed(&self.key);
+    }
+}
+
+/// Whether a failed connect says the gateway agent is not answering (as
+/// opposed to a mistake on this side, like a malformed server name).
+pub(super) fn is_unreachable(e: &io::Error) -> bool {
+    e.kind() != io::ErrorKind::InvalidInput
 }
 
 impl GatewayPools {
     pub fn new(
         tls: Arc<rustls::ClientConfig>,
         settings: PoolSettings,
+        metrics: Arc<Metrics>,
         tracker: TaskTracker,
         shutdown: CancellationToken,
     ) -> Self {
-        Self { connector: TlsConnector::from(tls), settings, pools: Mutex::default(), tracker, shutdown }
+        Self {
+            connector: TlsConnector::from(tls),
+            settings,
+            pools: Mutex::default(),
+            health: Mutex::new(HealthTable::new(settings.probe_first, settings.probe_max)),
+            metrics,
+            tracker,
+            shutdown,
+        }
     }
 
-    /// Keeps pools for exactly the gateways in `wanted`: starts missing ones, closes the rest.
+    fn health(&self) -> std::sync::MutexGuard<'_, HealthTable> {
+        self.health.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Keeps pools and health for exactly the gateways in `wanted`: starts missing ones, closes the rest.
     pub fn retain(self: &Arc<Self>, wanted: &HashSet<GatewayKey>) {
+        {
+            let mut health = self.health();
+            for gone in health.retain(wanted) {
+                self.metrics.forget_gateway(&gone.agent_id, &gone.address);
+            }
+            for key in wanted {
+                self.metrics.set_gateway_up(&key.agent_id, &key.address, !health.is_down(key));
+            }
+        }
         let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
         pools.retain(|key, pool| {
             let keep = wanted.contains(key);
@@ -132,6 +195,7 @@ impl GatewayPools {
                 warm: AtomicUsize::new(warm),
                 idle: Mutex::default(),
                 taken: Notify::new(),
+                recovered: Notify::new(),
                 cancel: self.shutdown.child_token(),
             });
             pools.insert(key.clone(), pool.clone());
@@ -179,9 +243,101 @@ impl GatewayPools {
         })?
     }
 
-    async fn refill(&self, pool: Arc<Pool>) {
+    /// The order in which a new flow tries `candidates` (see `health.rs`).
+    pub fn plan<'a>(&self, candidates: &'a [GatewayTarget], zone: &str) -> Plan<'a> {
+        self.health().plan(candidates, zone)
+    }
+
+    pub fn is_down(&self, key: &GatewayKey) -> bool {
+        self.health().is_down(key)
+    }
+
+    /// Counts a flow through `key` until the slot drops.
+    pub fn open_flow(&self, key: &GatewayKey) -> FlowSlot<'_> {
+        self.health().flow_opened(key);
+        FlowSlot { pools: self, key: key.clone() }
+    }
+
+    /// Counts a flow that skipped `key` because it is down.
+    pub fn count_skipped(&self, key: &GatewayKey) {
+        self.metrics.count_gateway_skipped(&key.agent_id, &key.address);
+    }
+
+    /// Records that `key` did not answer: new flows skip it, its warm
+    /// connections are dropped, and a probe brings it back once it answers.
+    pub fn mark_down(self: &Arc<Self>, key: &GatewayKey, reason: &str) {
+        if !self.health().mark_down(key, reason, std::time::Instant::now()) {
+            return;
+        }
+        tracing::warn!(gateway = %key.agent_id, address = %key.address, reason, "gateway agent marked down: new flows skip it while it is probed in the background");
+        self.metrics.set_gateway_up(&key.agent_id, &key.address, false);
+        if let Some(pool) = self.pools.lock().unwrap_or_else(|e| e.into_inner()).get(key) {
+            pool.idle.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        }
+        let this = self.clone();
+        let key = key.clone();
+        self.tracker.spawn(async move { this.probe(key).await });
+    }
+
+    /// Records that `key` answered.
+    pub fn mark_up(&self, key: &GatewayKey) {
+        if !self.health().mark_up(key) {
+            return;
+        }
+        tracing::info!(gateway = %key.agent_id, address = %key.address, "gateway agent answers again");
+        self.metrics.set_gateway_up(&key.agent_id, &key.address, true);
+        if let Some(pool) = self.pools.lock().unwrap_or_else(|e| e.into_inner()).get(key) {
+            pool.recovered.notify_one();
+        }
+    }
+
+    /// Reconnects to a down gateway with backoff until it answers, it leaves
+    /// the config, or something else marked it up.
+    async fn probe(self: Arc<Self>, key: GatewayKey) {
+        loop {
+            let Some(wait) = self.health().probe_in(&key, std::time::Instant::now()) else { return };
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                () = self.shutdown.cancelled() => return,
+            }
+            if !self.is_down(&key) {
+                return;
+            }
+            let attempt = tokio::select! {
+                r = self.connect(&key) => r,
+                () = self.shutdown.cancelled() => return,
+            };
+            match attempt {
+                Ok(conn) => {
+                    self.mark_up(&key);
+                    // The probe's connection is as good as a warm one.
+                    if let Some(pool) = self.pools.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+                        let mut idle = pool.idle.lock().unwrap_or_else(|e| e.into_inner());
+                        if idle.len() < pool.warm.load(Ordering::Relaxed) {
+                            idle.push_back((Instant::now(), conn));
+                        }
+                    }
+                    return;
+                }
+                Err(e) => {
+                    tracing::debug!(gateway = %key.agent_id, address = %key.address, error = %e, "gateway agent still down");
+                    self.health().probe_failed(&key, &e.to_string(), std::time::Instant::now());
+                }
+            }
+        }
+    }
+
+    async fn refill(self: &Arc<Self>, pool: Arc<Pool>) {
         let mut backoff = Duration::from_millis(200);
         loop {
+            if self.is_down(&pool.key) {
+                // The probe task reconnects; the pool waits for its verdict.
+                tokio::select! {
+                    () = pool.recovered.notified() => {}
+                    () = pool.cancel.cancelled() => return,
+                }
+                continue;
+            }
             let warm = pool.warm.load(Ordering::Relaxed);
             let (have, oldest) = {
                 let mut idle = pool.idle.lock().unwrap_or_else(|e| e.into_inner());
@@ -204,6 +360,10 @@ impl GatewayPools {
                     }
                     Err(e) => {
                         tracing::debug!(gateway = %pool.key.address, error = %e, "could not pre-connect to gateway agent");
+                        if is_unreachable(&e) {
+                            self.mark_down(&pool.key, &e.to_string());
+                            continue;
+                        }
                         tokio::select! {
                             () = tokio::time::sleep(backoff) => {}
                             () = pool.cancel.cancelled() => return,
@@ -255,6 +415,7 @@ mod tests {
             tokio_rustls::TlsAcceptor::from(tls::tunnel_server_config(&gateway, Arc::new(tls::AnyAgent)).unwrap());
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let key = GatewayKey {
+            agent_id: gateway.agent_id.clone(),
             address: listener.local_addr().unwrap().to_string(),
             server_name: trellis_proto::agent_server_name(&gateway.agent_id),
         };
@@ -271,6 +432,7 @@ mod tests {
         let pools = Arc::new(GatewayPools::new(
             tls::tunnel_client_config(&client).unwrap(),
             PoolSettings { warm: 2, ..PoolSettings::default() },
+            Arc::default(),
             tracker.clone(),
             shutdown.clone(),
         ));
@@ -305,6 +467,7 @@ mod tests {
             tokio_rustls::TlsAcceptor::from(tls::tunnel_server_config(&gateway, Arc::new(tls::AnyAgent)).unwrap());
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let key = GatewayKey {
+            agent_id: gateway.agent_id.clone(),
             address: listener.local_addr().unwrap().to_string(),
             server_name: trellis_proto::agent_server_name(&gateway.agent_id),
         };
@@ -324,6 +487,7 @@ mod tests {
         let pools = Arc::new(GatewayPools::new(
             tls::tunnel_client_config(&client).unwrap(),
             PoolSettings { warm: 2, max_idle, ..PoolSettings::default() },
+            Arc::default(),
             tracker.clone(),
             shutdown.clone(),
         ));
@@ -337,6 +501,76 @@ mod tests {
         assert_eq!(pools.idle_count(&key), 2);
         let (_conn, warm) = pools.get(&key).await.unwrap();
         assert!(warm);
+        shutdown.cancel();
+        tracker.close();
+        tracker.wait().await;
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn a_failing_gateway_is_probed_with_backoff_not_hammered_and_comes_back() {
+        let ca = TestCa::new();
+        let gateway = ca.issue("agent-0000000000000000a", "acct-1", "vpc-1");
+        let client = ca.issue("agent-0000000000000000b", "acct-2", "vpc-2");
+        let acceptor =
+            tokio_rustls::TlsAcceptor::from(tls::tunnel_server_config(&gateway, Arc::new(tls::AnyAgent)).unwrap());
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let key = GatewayKey {
+            agent_id: gateway.agent_id.clone(),
+            address: listener.local_addr().unwrap().to_string(),
+            server_name: trellis_proto::agent_server_name(&gateway.agent_id),
+        };
+        // Until `answer` is set, the "gateway" accepts TCP and closes at once: every handshake fails.
+        let answer = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let (answer2, counter) = (answer.clone(), accepted.clone());
+        let server = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((tcp, _)) = listener.accept().await {
+                counter.fetch_add(1, Ordering::SeqCst);
+                if !answer2.load(Ordering::SeqCst) {
+                    drop(tcp);
+                } else if let Ok(tls) = acceptor.accept(tcp).await {
+                    held.push(tls);
+                }
+            }
+        });
+        let (shutdown, tracker) = (CancellationToken::new(), TaskTracker::new());
+        let metrics = Arc::new(Metrics::new());
+        let probe_first = Duration::from_millis(400);
+        let pools = Arc::new(GatewayPools::new(
+            tls::tunnel_client_config(&client).unwrap(),
+            PoolSettings { warm: 2, probe_first, probe_max: Duration::from_secs(30), ..PoolSettings::default() },
+            metrics.clone(),
+            tracker.clone(),
+            shutdown.clone(),
+        ));
+        pools.retain(&HashSet::from([key.clone()]));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !pools.is_down(&key) {
+            assert!(Instant::now() < deadline, "a gateway whose handshakes fail was never marked down");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(metrics.encode().contains("trellis_gateway_up{gateway=\"agent-0000000000000000a\""));
+        assert!(metrics.encode().lines().any(|l| l.starts_with("trellis_gateway_up{") && l.ends_with(" 0")));
+        // Probes at 0.4 s, then 0.8 s later (1.2 s), then 1.6 s later (2.8 s): in 2 s
+        // the pool and the probe together connect at most three times, where a pool
+        // retrying on its own (every 0.2 s, doubling) would have tried five or more.
+        let marked = Instant::now();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let during = accepted.load(Ordering::SeqCst);
+        assert!(during <= 3, "{during} connects in the first 2 s of an outage");
+        assert_eq!(pools.idle_count(&key), 0);
+
+        answer.store(true, Ordering::SeqCst);
+        while pools.is_down(&key) || pools.idle_count(&key) < 2 {
+            assert!(Instant::now() < deadline, "the gateway was not probed back, or its pool did not refill");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(marked.elapsed() < Duration::from_secs(6), "back within the next probe (at 2.8 s or 6 s)");
+        assert!(metrics.encode().lines().any(|l| l.starts_with("trellis_gateway_up{") && l.ends_with(" 1")));
+        pools.retain(&HashSet::new());
+        assert!(!metrics.encode().contains("trellis_gateway_up{"), "a gateway that left the config has no series");
         shutdown.cancel();
         tracker.close();
         tracker.wait().await;
@@ -362,6 +596,7 @@ mod tests {
             tokio_rustls::TlsAcceptor::from(tls::tunnel_server_config(&gateway, Arc::new(tls::AnyAgent)).unwrap());
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let key = GatewayKey {
+            agent_id: gateway.agent_id.clone(),
             address: listener.local_addr().unwrap().to_string(),
             server_name: trellis_proto::agent_server_name(&gateway.agent_id),
         };
@@ -378,6 +613,7 @@ mod tests {
         let pools = GatewayPools::new(
             tls::tunnel_client_config(&client).unwrap(),
             PoolSettings::default(),
+            Arc::default(),
             TaskTracker::new(),
             CancellationToken::new(),
         );

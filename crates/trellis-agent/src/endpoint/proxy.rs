@@ -1,7 +1,10 @@
 //! One client connection on an endpoint address: pick a gateway agent (own
-//! zone first, others on failure), send the `OpenRequest`, wait for the
-//! `OpenResponse`, then splice. A refused open resets the client connection,
-//! so the client sees a failure instead of an empty, clean close.
+//! zone first, the least loaded of those that answer, others on failure; see
+//! `health.rs`), send the `OpenRequest`, wait for the `OpenResponse`, then
+//! splice. A gateway that does not answer is marked down, so the next flows
+//! skip it without paying the timeout again; when every gateway is down they
+//! are all tried at once. A refused open resets the client connection, so the
+//! client sees a failure instead of an empty, clean close.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -10,13 +13,14 @@ use std::time::{Duration, SystemTime};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use trellis_proto::stream::{OpenRequest, OpenResponse, OpenStatus, decode_open_response, encode_open_request};
 use trellis_proto::{AgentConfig, GatewayTarget};
 
 use super::pool::{GatewayKey, GatewayPools, Tunnel};
 use crate::access_log::AccessLog;
-use crate::flow::{FlowInfo, OpenFlow, reject};
+use crate::flow::{FlowInfo, OpenFlow, reject_after_tries};
 use crate::frame_io::{ReadFrameError, read_frame};
 use crate::metrics::{Metrics, Role};
 use crate::splice::{SpliceEnd, splice};
@@ -36,17 +40,36 @@ pub struct EndpointContext {
 enum OpenError {
     /// Could not connect or talk to the gateway agent: try another one.
     #[error("gateway agent {gateway}: {reason}")]
-    Gateway { gateway: String, reason: String },
+    Gateway {
+        gateway: String,
+        reason: String,
+        /// The gateway did not answer at all (timeout, refused): mark it down.
+        silent: bool,
+    },
     /// The gateway answered with a refusal.
     #[error("gateway agent {gateway} answered {}: {}", .response.status, .response.message)]
     Refused { gateway: String, response: OpenResponse },
+    /// Every gateway agent was marked down; all were tried at once and none opened.
+    #[error(
+        "every gateway agent of this resource was marked down after failing to answer; tried all {} at once: {}",
+        .tried.len(), .tried.join("; ")
+    )]
+    AllDown { tried: Vec<String> },
 }
 
-/// Gateways ordered for failover: those in `zone` first, config order otherwise.
-pub fn order_gateways<'a>(gateways: &'a [GatewayTarget], zone: &str) -> Vec<&'a GatewayTarget> {
-    let mut ordered: Vec<&GatewayTarget> = gateways.iter().collect();
-    ordered.sort_by_key(|g| g.zone != zone);
-    ordered
+/// `agent-… (host:port)`: how logs name a gateway agent.
+fn name(gateway: &GatewayTarget) -> String {
+    format!("{} ({})", gateway.agent_id, gateway.address)
+}
+
+/// What the access log says about one failed attempt.
+fn attempt_note(gateway: &GatewayTarget, e: &OpenError) -> String {
+    let what = match e {
+        OpenError::Gateway { reason, .. } => reason.clone(),
+        OpenError::Refused { response, .. } => format!("answered {}: {}", response.status, response.message),
+        OpenError::AllDown { .. } => e.to_string(),
+    };
+    format!("tried {}: {what}", name(gateway))
 }
 
 /// Serves one accepted client until it closes or `cancel` fires.
@@ -68,8 +91,9 @@ pub async fn serve_client(
         .filter(|e| e.vpc_endpoint_id == vpc_endpoint_id)
         .flat_map(|e| e.resources.iter())
         .filter(|r| r.resource_configuration_id == resource_configuration_id)
-        .flat_map(|r| order_gateways(&r.gateways, &config.zone).into_iter().cloned())
+        .flat_map(|r| r.gateways.iter().cloned())
         .collect();
+    let plan = ctx.pools.plan(&gateways, &config.zone);
     let mut info = FlowInfo {
         role: Role::Endpoint,
         vpc_endpoint_id: vpc_endpoint_id.clone(),
@@ -81,7 +105,9 @@ pub async fn serve_client(
     let req = OpenRequest { vpc_endpoint_id, resource_configuration_id, port, client_addr };
     let mut last: Option<OpenError> = None;
     let mut opened = None;
-    for gateway in &gateways {
+    let mut tried: Vec<String> = Vec::new();
+    let mut final_answer = false;
+    for gateway in &plan.tries {
         let attempt = tokio::select! {
             // Boxed: the handshake state of a fresh connection must not stay in this task's memory.
             r = Box::pin(open(&ctx, gateway, &req)) => r,
@@ -89,14 +115,17 @@ pub async fn serve_client(
         };
         match attempt {
             Ok(x) => {
-                info.target = gateway.address.clone();
-                opened = Some(x);
+                opened = Some((*gateway, x));
                 break;
             }
             Err(e) => {
                 tracing::debug!(error = %e, "open through gateway agent failed");
+                if let OpenError::Gateway { reason, silent: true, .. } = &e {
+                    ctx.pools.mark_down(&GatewayKey::from(*gateway), reason);
+                }
+                tried.push(attempt_note(gateway, &e));
                 // Denied and BadRequest are the same answer from any gateway: stop there.
-                let final_answer = matches!(
+                final_answer = matches!(
                     &e,
                     OpenError::Refused { response, .. }
                         if matches!(response.status, OpenStatus::Denied | OpenStatus::BadRequest)
@@ -108,7 +137,23 @@ pub async fn serve_client(
             }
         }
     }
-    let Some((tunnel, leftover)) = opened else {
+    if opened.is_none() && !final_answer && !plan.down.is_empty() {
+        // Only gateways marked down are left: a memory must not turn a recovered
+        // network into an outage, so try them all at once (one timeout, not one each).
+        let attempt = tokio::select! {
+            r = Box::pin(open_any(&ctx, &plan.down, &req, &mut tried)) => r,
+            () = cancel.cancelled() => return,
+        };
+        match attempt {
+            Ok((gateway, x)) => opened = Some((gateway, x)),
+            Err(e) => last = Some(e),
+        }
+    } else {
+        for gateway in &plan.down {
+            ctx.pools.count_skipped(&GatewayKey::from(*gateway));
+        }
+    }
+    let Some((gateway, (tunnel, leftover))) = opened else {
         let (outcome, message) = match &last {
             Some(OpenError::Refused { response, .. }) => {
                 (response.status.as_str(), last.as_ref().map(|e| e.to_string()))
@@ -117,13 +162,28 @@ pub async fn serve_client(
             None => ("unreachable", Some("no gateway agent serves this resource".to_string())),
         };
         tracing::info!(endpoint = %req.vpc_endpoint_id, resource = %req.resource_configuration_id, client = %client_addr, outcome, message = message.as_deref().unwrap_or(""), "refusing client connection");
-        reject(&info, &info.labels(), &ctx.metrics, None, &ctx.access_log, started, outcome, message);
+        reject_after_tries(
+            &info,
+            &info.labels(),
+            &ctx.metrics,
+            None,
+            &ctx.access_log,
+            started,
+            outcome,
+            message,
+            tried,
+        );
         // Reset rather than close cleanly: the client must see that nothing answered.
         let _ = client.set_zero_linger();
         drop(client);
         return;
     };
-    let flow = OpenFlow::open(info, ctx.metrics.clone(), None, ctx.access_log.clone(), started);
+    if !tried.is_empty() {
+        tracing::info!(endpoint = %req.vpc_endpoint_id, client = %client_addr, gateway = %gateway.agent_id, tried = %tried.join("; "), "flow failed over");
+    }
+    info.target = gateway.address.clone();
+    let _slot = ctx.pools.open_flow(&GatewayKey::from(gateway));
+    let flow = OpenFlow::open(info, ctx.metrics.clone(), None, ctx.access_log.clone(), started).with_tried(tried);
     let mut client = client;
     if !leftover.is_empty() {
         if let Err(e) = client.write_all(&leftover).await {
@@ -150,29 +210,102 @@ async fn open(
     req: &OpenRequest,
 ) -> Result<(Tunnel, Vec<u8>), OpenError> {
     let key = GatewayKey::from(gateway);
-    let fail = |reason: String| OpenError::Gateway { gateway: gateway.address.clone(), reason };
+    let (tunnel, warm) = ctx.pools.get(&key).await.map_err(|e| connect_failed(gateway, &e))?;
+    open_on(ctx, gateway, req, tunnel, warm).await
+}
+
+fn connect_failed(gateway: &GatewayTarget, e: &std::io::Error) -> OpenError {
+    OpenError::Gateway {
+        gateway: gateway.address.clone(),
+        reason: e.to_string(),
+        silent: super::pool::is_unreachable(e),
+    }
+}
+
+/// Sends the open request on `tunnel` and waits for the answer.
+async fn open_on(
+    ctx: &EndpointContext,
+    gateway: &GatewayTarget,
+    req: &OpenRequest,
+    mut tunnel: Tunnel,
+    mut warm: bool,
+) -> Result<(Tunnel, Vec<u8>), OpenError> {
+    let key = GatewayKey::from(gateway);
+    let fail = |reason: String, silent: bool| OpenError::Gateway { gateway: gateway.address.clone(), reason, silent };
     let mut frame = Vec::new();
-    encode_open_request(req, &mut frame).map_err(|e| fail(e.to_string()))?;
-    let (mut tunnel, mut warm) = ctx.pools.get(&key).await.map_err(|e| fail(e.to_string()))?;
+    encode_open_request(req, &mut frame).map_err(|e| fail(e.to_string(), false))?;
     loop {
         match exchange(&mut tunnel, &frame, ctx.open_timeout).await {
             Ok((response, leftover)) if response.status == OpenStatus::Ok => return Ok((tunnel, leftover)),
             Ok((response, _)) => return Err(OpenError::Refused { gateway: gateway.address.clone(), response }),
             Err(ExchangeError::Dead(reason)) if warm => {
                 tracing::debug!(gateway = %gateway.address, reason, "warm tunnel connection was dead; reconnecting");
-                tunnel = ctx.pools.connect(&key).await.map_err(|e| fail(e.to_string()))?;
+                tunnel = ctx.pools.connect(&key).await.map_err(|e| connect_failed(gateway, &e))?;
                 warm = false;
             }
-            Err(ExchangeError::Dead(reason) | ExchangeError::Other(reason)) => return Err(fail(reason)),
+            Err(ExchangeError::Silent(reason)) => return Err(fail(reason, true)),
+            Err(ExchangeError::Dead(reason) | ExchangeError::Protocol(reason)) => return Err(fail(reason, false)),
         }
     }
+}
+
+/// Connects to every gateway of `down` at once; the first to complete its
+/// handshake is marked up and gets the open request. Failed attempts are
+/// added to `notes`.
+async fn open_any<'a>(
+    ctx: &Arc<EndpointContext>,
+    down: &[&'a GatewayTarget],
+    req: &OpenRequest,
+    notes: &mut Vec<String>,
+) -> Result<(&'a GatewayTarget, (Tunnel, Vec<u8>)), OpenError> {
+    let mut connects = JoinSet::new();
+    for (i, gateway) in down.iter().enumerate() {
+        let (pools, key) = (ctx.pools.clone(), GatewayKey::from(*gateway));
+        connects.spawn(async move { (i, pools.connect(&key).await) });
+    }
+    let mut tried = Vec::new();
+    while let Some(joined) = connects.join_next().await {
+        // A connect task only ends by returning: nothing aborts it while the set is alive.
+        let Ok((i, result)) = joined else { continue };
+        let gateway = down[i];
+        match result {
+            Ok(tunnel) => {
+                // The others are dropped (aborted) with the set.
+                drop(connects);
+                let key = GatewayKey::from(gateway);
+                ctx.pools.mark_up(&key);
+                return match open_on(ctx, gateway, req, tunnel, false).await {
+                    Ok(x) => Ok((gateway, x)),
+                    Err(e) => {
+                        if let OpenError::Gateway { reason, silent: true, .. } = &e {
+                            ctx.pools.mark_down(&key, reason);
+                        }
+                        notes.push(attempt_note(gateway, &e));
+                        tried.push(attempt_note(gateway, &e));
+                        match e {
+                            OpenError::Refused { .. } => Err(e),
+                            _ => Err(OpenError::AllDown { tried }),
+                        }
+                    }
+                };
+            }
+            Err(e) => {
+                let note = attempt_note(gateway, &connect_failed(gateway, &e));
+                notes.push(note.clone());
+                tried.push(note);
+            }
+        }
+    }
+    Err(OpenError::AllDown { tried })
 }
 
 enum ExchangeError {
     /// The connection was closed or broken before any answer: safe to retry elsewhere.
     Dead(String),
-    /// Timeout or protocol violation.
-    Other(String),
+    /// No answer within the deadline: the gateway agent does not answer.
+    Silent(String),
+    /// The gateway broke the stream protocol.
+    Protocol(String),
 }
 
 async fn exchange(
@@ -184,13 +317,13 @@ async fn exchange(
         return Err(ExchangeError::Dead(describe_io(&e)));
     }
     match tokio::time::timeout(timeout, read_frame(tunnel, decode_open_response)).await {
-        Err(_) => Err(ExchangeError::Other(format!("no answer within {timeout:?}"))),
+        Err(_) => Err(ExchangeError::Silent(format!("no answer to the open request within {timeout:?}"))),
         Ok(Ok(x)) => Ok(x),
         Ok(Err(ReadFrameError::Closed)) => Err(ExchangeError::Dead("closed before answering".into())),
         Ok(Err(ReadFrameError::Io(e))) => Err(ExchangeError::Dead(describe_io(&e))),
         Ok(Err(ReadFrameError::Protocol(e))) => {
             tracing::warn!(error = %e, "gateway agent broke the stream protocol; closing that connection");
-            Err(ExchangeError::Other(e.to_string()))
+            Err(ExchangeError::Protocol(e.to_string()))
         }
     }
 }
@@ -218,17 +351,6 @@ fn describe_io(e: &std::io::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn gw(id: &str, zone: &str) -> GatewayTarget {
-        GatewayTarget { agent_id: id.into(), address: format!("{id}:7443"), zone: zone.into(), server_name: id.into() }
-    }
-
-    #[test]
-    fn own_zone_gateways_come_first_in_config_order() {
-        let gws = [gw("a", "z2"), gw("b", "z1"), gw("c", "z3"), gw("d", "z1")];
-        let ids: Vec<&str> = order_gateways(&gws, "z1").iter().map(|g| g.agent_id.as_str()).collect();
-        assert_eq!(ids, ["b", "d", "a", "c"]);
-    }
 
     #[test]
     fn a_refused_certificate_is_explained() {

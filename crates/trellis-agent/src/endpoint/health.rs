@@ -1,0 +1,291 @@
+//! What the endpoint agent remembers about each gateway agent it tunnels to,
+//! and the order in which a new flow tries them.
+//!
+//! A gateway whose connect, TLS handshake or open request timed out or was
+//! refused is *down*: new flows skip it without waiting, and a background
+//! probe (1 s, doubling to 30 s) brings it back as soon as it answers. Among
+//! the gateways that are up, a flow prefers those of the agent's own zone and,
+//! within a zone group, the one with the fewest open flows (ties rotate, so
+//! short flows spread evenly too); other zones follow in the same order.
+//!
+//! Pure: time is passed in, nothing here connects or sleeps. The I/O (connects,
+//! probes, metrics) lives in `pool.rs` and `proxy.rs`. The memory must never
+//! turn a recovered network into an outage: when every gateway is down the
+//! plan still names them all, for the caller to try at once.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use trellis_proto::GatewayTarget;
+
+use super::pool::GatewayKey;
+
+/// Why and since when a gateway is skipped.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Down {
+    pub since: Instant,
+    /// What the last attempt saw (`connecting … timed out`, `connection refused`).
+    pub reason: String,
+    /// Wait before the next probe; doubles after each failed one.
+    backoff: Duration,
+    next_probe: Instant,
+}
+
+#[derive(Debug, Default)]
+struct Entry {
+    open_flows: usize,
+    down: Option<Down>,
+}
+
+/// The order a flow tries gateways in.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Plan<'a> {
+    /// Gateways believed up: own zone first, each zone group least-loaded first.
+    pub tries: Vec<&'a GatewayTarget>,
+    /// Gateways believed down, skipped unless every other one fails.
+    pub down: Vec<&'a GatewayTarget>,
+}
+
+/// Health and load of every gateway agent in the config.
+#[derive(Debug)]
+pub struct HealthTable {
+    entries: HashMap<GatewayKey, Entry>,
+    rotation: usize,
+    first_probe: Duration,
+    max_probe: Duration,
+}
+
+impl HealthTable {
+    /// A table whose probes start `first_probe` after a failure and back off to `max_probe`.
+    pub fn new(first_probe: Duration, max_probe: Duration) -> Self {
+        Self { entries: HashMap::new(), rotation: 0, first_probe, max_probe: max_probe.max(first_probe) }
+    }
+
+    /// Forgets gateways not in `wanted` (they left the config); returns them.
+    pub fn retain(&mut self, wanted: &HashSet<GatewayKey>) -> Vec<GatewayKey> {
+        let gone: Vec<GatewayKey> = self.entries.keys().filter(|k| !wanted.contains(*k)).cloned().collect();
+        for key in &gone {
+            self.entries.remove(key);
+        }
+        for key in wanted {
+            self.entries.entry(key.clone()).or_default();
+        }
+        gone
+    }
+
+    pub fn down(&self, key: &GatewayKey) -> Option<&Down> {
+        self.entries.get(key).and_then(|e| e.down.as_ref())
+    }
+
+    pub fn is_down(&self, key: &GatewayKey) -> bool {
+        self.down(key).is_some()
+    }
+
+    /// Records a failed attempt. Returns `true` when the gateway was up until
+    /// now (the caller starts a probe); a gateway already down keeps its probe schedule.
+    pub fn mark_down(&mut self, key: &GatewayKey, reason: &str, now: Instant) -> bool {
+        let entry = self.entries.entry(key.clone()).or_default();
+        if entry.down.is_some() {
+            return false;
+        }
+        entry.down = Some(Down {
+            since: now,
+            reason: reason.to_string(),
+            backoff: self.first_probe,
+            next_probe: now + self.first_probe,
+        });
+        true
+    }
+
+    /// Records an answer. Returns `true` when the gateway was down until now.
+    pub fn mark_up(&mut self, key: &GatewayKey) -> bool {
+        self.entries.get_mut(key).is_some_and(|e| e.down.take().is_some())
+    }
+
+    /// How long until the next probe of a down gateway; `None` when it is up or unknown.
+    pub fn probe_in(&self, key: &GatewayKey, now: Instant) -> Option<Duration> {
+        self.down(key).map(|d| d.next_probe.saturating_duration_since(now))
+    }
+
+    /// Records a failed probe: the next one waits twice as long (up to the maximum).
+    pub fn probe_failed(&mut self, key: &GatewayKey, reason: &str, now: Instant) {
+        let max = self.max_probe;
+        if let Some(down) = self.entries.get_mut(key).and_then(|e| e.down.as_mut()) {
+            down.backoff = (down.backoff * 2).min(max);
+            down.next_probe = now + down.backoff;
+            down.reason = reason.to_string();
+        }
+    }
+
+    pub fn flow_opened(&mut self, key: &GatewayKey) {
+        self.entries.entry(key.clone()).or_default().open_flows += 1;
+    }
+
+    pub fn flow_closed(&mut self, key: &GatewayKey) {
+        if let Some(e) = self.entries.get_mut(key) {
+            e.open_flows = e.open_flows.saturating_sub(1);
+        }
+    }
+
+    pub fn open_flows(&self, key: &GatewayKey) -> usize {
+        self.entries.get(key).map_or(0, |e| e.open_flows)
+    }
+
+    /// The order in which a new flow tries `candidates`, for an agent in `zone`.
+    pub fn plan<'a>(&mut self, candidates: &'a [GatewayTarget], zone: &str) -> Plan<'a> {
+        let rotation = self.rotation;
+        self.rotation = self.rotation.wrapping_add(1);
+        let (down, up): (Vec<&GatewayTarget>, Vec<&GatewayTarget>) =
+            candidates.iter().partition(|g| self.is_down(&GatewayKey::from(*g)));
+        let (mut tries, others): (Vec<&GatewayTarget>, Vec<&GatewayTarget>) = up.iter().partition(|g| g.zone == zone);
+        self.balance(&mut tries, rotation);
+        let mut others = others;
+        self.balance(&mut others, rotation);
+        tries.extend(others);
+        let (mut down_own, down_other): (Vec<&GatewayTarget>, Vec<&GatewayTarget>) =
+            down.into_iter().partition(|g| g.zone == zone);
+        down_own.extend(down_other);
+        Plan { tries, down: down_own }
+    }
+
+    /// Sorts `group` by open flows; equals rotate with `rotation` so that
+    /// consecutive flows start at different gateways.
+    fn balance(&self, group: &mut [&GatewayTarget], rotation: usize) {
+        let n = group.len();
+        if n < 2 {
+            return;
+        }
+        let start = rotation % n;
+        let mut keyed: Vec<(usize, usize, &GatewayTarget)> = group
+            .iter()
+            .enumerate()
+            .map(|(i, g)| (self.open_flows(&GatewayKey::from(*g)), (i + n - start) % n, *g))
+            .collect();
+        keyed.sort_by_key(|(flows, turn, _)| (*flows, *turn));
+        for (slot, (_, _, g)) in group.iter_mut().zip(keyed) {
+            *slot = g;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gw(id: &str, zone: &str) -> GatewayTarget {
+        GatewayTarget { agent_id: id.into(), address: format!("{id}:7443"), zone: zone.into(), server_name: id.into() }
+    }
+
+    fn key(g: &GatewayTarget) -> GatewayKey {
+        GatewayKey::from(g)
+    }
+
+    fn ids(list: &[&GatewayTarget]) -> Vec<String> {
+        list.iter().map(|g| g.agent_id.clone()).collect()
+    }
+
+    fn table() -> HealthTable {
+        HealthTable::new(Duration::from_secs(1), Duration::from_secs(30))
+    }
+
+    #[test]
+    fn short_flows_alternate_over_the_gateways_of_the_own_zone() {
+        let gws = [gw("a", "z1"), gw("b", "z1"), gw("c", "z2")];
+        let mut t = table();
+        let firsts: Vec<String> = (0..6).map(|_| t.plan(&gws, "z1").tries[0].agent_id.clone()).collect();
+        assert_eq!(firsts, ["a", "b", "a", "b", "a", "b"]);
+        for _ in 0..4 {
+            let plan = t.plan(&gws, "z1");
+            assert_eq!(plan.tries.len(), 3);
+            assert_eq!(plan.tries[2].agent_id, "c", "another zone only after every gateway of the own zone");
+            assert!(plan.down.is_empty());
+        }
+    }
+
+    #[test]
+    fn a_new_flow_goes_to_the_gateway_with_the_fewest_open_flows() {
+        let gws = [gw("a", "z1"), gw("b", "z1"), gw("c", "z1")];
+        let mut t = table();
+        t.flow_opened(&key(&gws[0]));
+        t.flow_opened(&key(&gws[0]));
+        t.flow_opened(&key(&gws[1]));
+        for _ in 0..3 {
+            assert_eq!(ids(&t.plan(&gws, "z1").tries), ["c", "b", "a"]);
+        }
+        t.flow_closed(&key(&gws[0]));
+        t.flow_closed(&key(&gws[0]));
+        assert_eq!(t.open_flows(&key(&gws[0])), 0);
+        assert_eq!(t.plan(&gws, "z1").tries[0].agent_id, "a");
+        t.flow_closed(&key(&gws[0]));
+        assert_eq!(t.open_flows(&key(&gws[0])), 0, "never below zero");
+    }
+
+    #[test]
+    fn a_down_gateway_is_skipped_until_it_answers_again() {
+        let gws = [gw("a", "z1"), gw("b", "z1"), gw("c", "z2")];
+        let mut t = table();
+        let now = Instant::now();
+        assert!(t.mark_down(&key(&gws[0]), "timed out", now));
+        assert!(!t.mark_down(&key(&gws[0]), "timed out again", now), "already down");
+        for _ in 0..4 {
+            let plan = t.plan(&gws, "z1");
+            assert_eq!(ids(&plan.tries), ["b", "c"]);
+            assert_eq!(ids(&plan.down), ["a"]);
+        }
+        assert_eq!(t.down(&key(&gws[0])).map(|d| d.reason.as_str()), Some("timed out"));
+        assert!(t.mark_up(&key(&gws[0])));
+        assert!(!t.mark_up(&key(&gws[0])), "already up");
+        assert_eq!(t.plan(&gws, "z1").tries.len(), 3);
+    }
+
+    #[test]
+    fn when_the_own_zone_is_down_other_zones_take_the_flows_and_all_down_still_names_every_gateway() {
+        let gws = [gw("a", "z1"), gw("b", "z2"), gw("c", "z2"), gw("d", "z1")];
+        let mut t = table();
+        let now = Instant::now();
+        t.mark_down(&key(&gws[0]), "refused", now);
+        t.mark_down(&key(&gws[3]), "refused", now);
+        let firsts: Vec<String> = (0..4).map(|_| t.plan(&gws, "z1").tries[0].agent_id.clone()).collect();
+        assert_eq!(firsts, ["b", "c", "b", "c"]);
+        t.mark_down(&key(&gws[1]), "refused", now);
+        t.mark_down(&key(&gws[2]), "refused", now);
+        let plan = t.plan(&gws, "z1");
+        assert!(plan.tries.is_empty());
+        assert_eq!(ids(&plan.down), ["a", "d", "b", "c"], "own zone first, for the caller to try them all");
+    }
+
+    #[test]
+    fn probes_back_off_from_one_to_thirty_seconds_and_restart_after_recovery() {
+        let g = gw("a", "z1");
+        let mut t = table();
+        let t0 = Instant::now();
+        assert_eq!(t.probe_in(&key(&g), t0), None, "an unknown gateway is up");
+        t.mark_down(&key(&g), "refused", t0);
+        assert_eq!(t.probe_in(&key(&g), t0), Some(Duration::from_secs(1)));
+        let mut now = t0;
+        let mut waits = Vec::new();
+        for _ in 0..7 {
+            now += t.probe_in(&key(&g), now).unwrap();
+            t.probe_failed(&key(&g), "still refused", now);
+            waits.push(t.probe_in(&key(&g), now).unwrap().as_secs());
+        }
+        assert_eq!(waits, [2, 4, 8, 16, 30, 30, 30]);
+        assert_eq!(t.probe_in(&key(&g), now + Duration::from_secs(60)), Some(Duration::ZERO), "overdue: probe now");
+        assert_eq!(t.down(&key(&g)).unwrap().since, t0, "down since the first failure");
+        t.mark_up(&key(&g));
+        assert_eq!(t.probe_in(&key(&g), now), None);
+        t.mark_down(&key(&g), "refused", now);
+        assert_eq!(t.probe_in(&key(&g), now), Some(Duration::from_secs(1)), "a new outage starts at 1 s again");
+    }
+
+    #[test]
+    fn gateways_that_leave_the_config_are_forgotten() {
+        let gws = [gw("a", "z1"), gw("b", "z1")];
+        let mut t = table();
+        t.retain(&gws.iter().map(key).collect());
+        t.mark_down(&key(&gws[0]), "refused", Instant::now());
+        let gone = t.retain(&HashSet::from([key(&gws[1])]));
+        assert_eq!(gone, [key(&gws[0])]);
+        assert!(!t.is_down(&key(&gws[0])), "forgotten, so up if it comes back");
+    }
+}
