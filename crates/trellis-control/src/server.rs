@@ -51,6 +51,8 @@ pub struct ServerOptions {
     pub tls_names: Vec<String>,
     /// Agents silent for this long become OFFLINE.
     pub offline_after: Duration,
+    /// Shares one account may create per minute (after a burst of twice as many).
+    pub shares_per_minute: u32,
     /// Time, size and connection limits of the HTTPS listener.
     pub limits: ListenerLimits,
     /// The DNS resolver, retry intervals and deadline of domain verification.
@@ -68,6 +70,7 @@ impl ServerOptions {
             region: Settings::default().region,
             tls_names: Vec::new(),
             offline_after: DEFAULT_OFFLINE_AFTER,
+            shares_per_minute: Settings::default().shares_per_minute,
             limits: ListenerLimits::default(),
             domain_verification: VerificationSettings::default(),
             webhooks: WebhookSettings::default(),
@@ -216,6 +219,9 @@ pub async fn start(opts: ServerOptions) -> Result<RunningServer, ServerError> {
     if opts.offline_after < Duration::from_secs(5) {
         return Err(ServerError::InvalidOption("the offline timeout must be at least 5 seconds".into()));
     }
+    if opts.shares_per_minute == 0 {
+        return Err(ServerError::InvalidOption("--shares-per-minute must be at least 1".into()));
+    }
     opts.limits.validate().map_err(ServerError::InvalidOption)?;
     opts.domain_verification.validate().map_err(ServerError::InvalidOption)?;
     opts.webhooks.validate().map_err(ServerError::InvalidOption)?;
@@ -257,6 +263,7 @@ pub async fn start(opts: ServerOptions) -> Result<RunningServer, ServerError> {
             region: opts.region.clone(),
             offline_after: opts.offline_after,
             allow_private_webhooks: opts.webhooks.allow_private,
+            shares_per_minute: opts.shares_per_minute,
         },
         Arc::new(ca),
     );
@@ -376,6 +383,17 @@ mod tests {
         let err = start(opts).await.unwrap_err();
         assert!(matches!(err, ServerError::InvalidOption(_)), "{err}");
         assert!(err.to_string().contains("--region"), "{err}");
+        assert!(!data.exists());
+    }
+
+    #[tokio::test]
+    async fn a_share_rate_of_zero_is_rejected_before_anything_is_created() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let mut opts = ServerOptions::new("127.0.0.1:0".parse().unwrap(), &data);
+        opts.shares_per_minute = 0;
+        let err = start(opts).await.unwrap_err();
+        assert!(err.to_string().contains("--shares-per-minute"), "{err}");
         assert!(!data.exists());
     }
 

@@ -26,11 +26,18 @@ pub struct Settings {
     /// Webhook URLs may name loopback, link-local and private addresses
     /// (`trellis server --allow-private-webhooks`).
     pub allow_private_webhooks: bool,
+    /// Shares one account may create per minute, after a burst of twice as many.
+    pub shares_per_minute: u32,
 }
 
 impl Default for Settings {
     fn default() -> Self {
-        Self { region: "local".to_string(), offline_after: Duration::from_secs(60), allow_private_webhooks: false }
+        Self {
+            region: "local".to_string(),
+            offline_after: Duration::from_secs(60),
+            allow_private_webhooks: false,
+            shares_per_minute: SHARES_PER_MINUTE,
+        }
     }
 }
 
@@ -60,9 +67,9 @@ struct IoLimits {
     writes: Semaphore,
 }
 
-/// Shares one account may create per minute, after a burst of [`SHARES_BURST`].
+/// Shares one account may create per minute by default ([`Settings::shares_per_minute`]),
+/// after a burst of twice as many.
 pub const SHARES_PER_MINUTE: u32 = 30;
-pub const SHARES_BURST: u32 = 60;
 
 /// Concurrent read transactions (each on a blocking thread).
 const MAX_CONCURRENT_READS: usize = 16;
@@ -76,6 +83,7 @@ impl std::fmt::Debug for AppState {
 impl AppState {
     pub fn new(store: Arc<dyn Store>, settings: Settings, ca: Arc<Ca>) -> Self {
         let revision = store.revision().unwrap_or(0);
+        let shares = settings.shares_per_minute.max(1);
         Self {
             store,
             settings: Arc::new(settings),
@@ -84,7 +92,7 @@ impl AppState {
             reports: Arc::new(ReportMemo::default()),
             domain_checks: Arc::new(Notify::new()),
             webhooks: Arc::new(Notify::new()),
-            share_rate: Arc::new(RateLimit::new(SHARES_PER_MINUTE, SHARES_BURST)),
+            share_rate: Arc::new(RateLimit::new(shares, shares.saturating_mul(2))),
             io: Arc::new(IoLimits { reads: Semaphore::new(MAX_CONCURRENT_READS), writes: Semaphore::new(1) }),
         }
     }

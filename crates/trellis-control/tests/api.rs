@@ -28,11 +28,15 @@ struct Acct {
 
 impl Api {
     fn new() -> Self {
+        Self::with_settings(Settings::default())
+    }
+
+    fn with_settings(settings: Settings) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open_in_memory().unwrap();
         let admin = bootstrap_admin(&store).unwrap().unwrap();
         let ca = Ca::load_or_create(dir.path()).unwrap();
-        let state = AppState::new(Arc::new(store), Settings::default(), Arc::new(ca));
+        let state = AppState::new(Arc::new(store), settings, Arc::new(ca));
         Self { router: api_router(state), admin, _dir: dir }
     }
 
@@ -1056,4 +1060,24 @@ async fn shares_do_not_reveal_accounts_and_are_rate_limited() {
     let (status, v) =
         api.post("/v1/resourceshares", &real.key, json!({"name": "mine", "resourceArns": [], "principals": []})).await;
     assert_eq!(status, StatusCode::CREATED, "{v}");
+}
+
+/// An operator who onboards many consumers raises the share rate
+/// (`trellis server --shares-per-minute`): the burst is twice the rate, and
+/// the 429 names the rate in force.
+#[tokio::test]
+async fn the_share_rate_limit_follows_the_server_setting() {
+    for (per_minute, burst) in [(3, 6), (100, 200)] {
+        let api = Api::with_settings(Settings { shares_per_minute: per_minute, ..Settings::default() });
+        let owner = api.account("acme").await;
+        let consumer = api.account("globex").await;
+        let body = json!({"name": "s", "resourceArns": [], "principals": [consumer.id]});
+        for i in 0..burst {
+            let (status, v) = api.post("/v1/resourceshares", &owner.key, body.clone()).await;
+            assert_eq!(status, StatusCode::CREATED, "share {i} of a burst of {burst}: {v}");
+        }
+        let (status, v) = api.post("/v1/resourceshares", &owner.key, body).await;
+        assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{v}");
+        assert!(s(&v["message"]).contains(&format!("faster than {per_minute} a minute")), "{v}");
+    }
 }

@@ -207,6 +207,11 @@ pub struct ServerArgs {
     /// Deliver connection-notification webhooks to loopback, link-local and private addresses too (refused by default)
     #[arg(long, env = "TRELLIS_ALLOW_PRIVATE_WEBHOOKS")]
     pub allow_private_webhooks: bool,
+
+    /// Resource shares one account may create per minute, after a burst of twice as many
+    #[arg(long, env = "TRELLIS_SHARES_PER_MINUTE", value_name = "N", default_value_t = 30,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub shares_per_minute: u32,
 }
 
 /// `trellis agent`: with a verb it manages agents through the API; without one it runs an agent.
@@ -533,6 +538,24 @@ mod tests {
         for bad in ["dns.example:53", "10.0.0.2:0", "0.0.0.0:53", "10.0.0.2:x"] {
             let err = parse(&["server", "--data-dir", "/tmp/x", "--dns-resolver", bad]).unwrap_err();
             assert!(err.to_string().contains("--dns-resolver"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn server_takes_a_share_rate_of_at_least_one() {
+        let rate = |args: &[&str]| {
+            let mut argv = vec!["server", "--data-dir", "/tmp/x"];
+            argv.extend_from_slice(args);
+            parse(&argv).map(|cli| match cli.command {
+                Command::Server(s) => s.run.shares_per_minute,
+                _ => panic!("not server"),
+            })
+        };
+        assert_eq!(rate(&[]).unwrap(), 30);
+        assert_eq!(rate(&["--shares-per-minute", "100000"]).unwrap(), 100_000);
+        for bad in ["0", "many", "4294967296"] {
+            let err = rate(&["--shares-per-minute", bad]).unwrap_err();
+            assert!(err.to_string().contains("--shares-per-minute"), "{bad}: {err}");
         }
     }
 

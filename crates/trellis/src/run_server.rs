@@ -18,16 +18,11 @@ use crate::secret::ApiKey;
 /// Runs `trellis server` until a signal.
 pub async fn run(args: ServerArgs) -> Result<()> {
     let data_dir = args.data_dir.clone().ok_or_else(|| anyhow!("`trellis server` needs --data-dir DIR"))?;
-    let server = start(
-        args.listen,
-        data_dir,
-        &args.region,
-        args.tls_names.clone(),
-        args.dns_resolver,
-        args.allow_private_webhooks,
-    )
-    .await
-    .with_context(|| format!("starting the control plane on {}", args.listen))?;
+    let mut options = ServerOptions::new(args.listen, &data_dir);
+    options.shares_per_minute = args.shares_per_minute;
+    let server = start(options, &args.region, args.tls_names.clone(), args.dns_resolver, args.allow_private_webhooks)
+        .await
+        .with_context(|| format!("starting the control plane on {}", args.listen))?;
     print!("{}", banner(&server, &args.tls_names, &crate::program::command_name()));
     crate::shutdown::signal().await;
     tracing::info!("shutting down (Ctrl-C again to exit at once)");
@@ -55,18 +50,16 @@ pub fn maintain(verb: ServerVerb) -> Result<()> {
 /// Starts the control plane for `trellis dev`: loopback, no extra TLS names,
 /// webhooks allowed to loopback and private addresses (receivers on the laptop).
 pub async fn start_for_dev(listen: SocketAddr, data_dir: PathBuf, region: &str) -> Result<ServerHandle> {
-    start(listen, data_dir, region, Vec::new(), None, true).await
+    start(ServerOptions::new(listen, data_dir), region, Vec::new(), None, true).await
 }
 
 async fn start(
-    listen: SocketAddr,
-    data_dir: PathBuf,
+    mut options: ServerOptions,
     region: &str,
     tls_names: Vec<String>,
     dns_resolver: Option<SocketAddr>,
     allow_private_webhooks: bool,
 ) -> Result<ServerHandle> {
-    let mut options = ServerOptions::new(listen, &data_dir);
     options.region = region.to_string();
     options.tls_names = tls_names;
     options.domain_verification.resolver = dns_resolver;
@@ -190,7 +183,9 @@ mod tests {
     async fn the_banner_says_where_the_admin_key_is_and_never_prints_it() {
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("cp data");
-        let first = start("127.0.0.1:0".parse().unwrap(), data.clone(), "local", vec![], None, false).await.unwrap();
+        let first = start(ServerOptions::new("127.0.0.1:0".parse().unwrap(), &data), "local", vec![], None, false)
+            .await
+            .unwrap();
         let key = first.admin_key().unwrap();
         let text = banner(&first, &[], "trellis");
         assert!(!text.contains(key.expose()), "the admin key is not printed:\n{text}");
@@ -200,7 +195,9 @@ mod tests {
         assert!(text.contains(&format!("TRELLIS_API_KEY=$(cat '{}')", key_file.display())), "{text}");
         first.shutdown().await;
 
-        let again = start("127.0.0.1:0".parse().unwrap(), data.clone(), "local", vec![], None, false).await.unwrap();
+        let again = start(ServerOptions::new("127.0.0.1:0".parse().unwrap(), &data), "local", vec![], None, false)
+            .await
+            .unwrap();
         let text = banner(&again, &[], "/opt/trellis/bin/trellis");
         assert!(text.contains(&format!("Admin API key   {}\n", key_file.display())), "{text}");
         std::fs::remove_file(&key_file).unwrap();

@@ -66,9 +66,12 @@ async fn create(
             format!("principals lists {} accounts; a share may name at most {MAX_PRINCIPALS}", principals.len()),
         ));
     }
-    st.share_rate
-        .take(me.id.as_str(), std::time::Instant::now())
-        .map_err(|wait| ApiError::too_many_requests("this account creates shares faster than 30 a minute", wait))?;
+    st.share_rate.take(me.id.as_str(), std::time::Instant::now()).map_err(|wait| {
+        ApiError::too_many_requests(
+            format!("this account creates shares faster than {} a minute", st.settings.shares_per_minute.max(1)),
+            wait,
+        )
+    })?;
     let token = ClientToken::new(me.id.as_str(), "resourceshares", body.client_token.as_deref(), &body)?;
     let id = ResourceShareId::generate(&seed()?);
     let invitation_seeds = principals.iter().map(|_| seed()).collect::<Result<Vec<Seed>, _>>()?;
