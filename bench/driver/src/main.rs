@@ -3,6 +3,9 @@
 //! client and server on every path. `bench/run` installs the tools, builds
 //! everything in release mode and calls `trellis-bench run`.
 //!
+//! `trellis-bench scale` (through `bench/scale`) measures the control plane
+//! with thousands of consumers of one resource and 50 real agents.
+//!
 //! It reports figures with their spread and ratios; it never asserts a time.
 
 mod client;
@@ -12,6 +15,7 @@ mod paths;
 mod proc;
 mod report;
 mod run;
+mod scale;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -34,6 +38,8 @@ struct Cli {
 enum Cmd {
     /// Run the benchmark (normally through `bench/run`).
     Run(Box<run::RunArgs>),
+    /// Run the control plane's scale benchmark (normally through `bench/scale`).
+    Scale(Box<scale::ScaleArgs>),
     /// The echo server every path leads to (started by `run`).
     EchoServer {
         #[arg(long, default_value = "127.0.0.1:0")]
@@ -63,6 +69,7 @@ fn main() {
     let cli = Cli::parse();
     let outcome = match cli.command {
         Cmd::Run(args) => run::main(*args),
+        Cmd::Scale(args) => scale::main(*args),
         Cmd::EchoServer { listen } => echo::serve(listen),
     };
     if proc::interrupted() {

@@ -108,6 +108,11 @@ impl Daemon {
         self.pid
     }
 
+    /// The file the process's stderr goes to (where `trellis` logs).
+    pub fn stderr_path(&self) -> &Path {
+        &self.stderr
+    }
+
     /// Both log files, stdout first.
     pub fn log_text(&self) -> String {
         let mut s = std::fs::read_to_string(&self.stdout).unwrap_or_default();

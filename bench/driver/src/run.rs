@@ -107,14 +107,14 @@ impl RunArgs {
 }
 
 /// The open-files limit (soft, hard) of this process.
-fn nofile_limit() -> Option<(u64, u64)> {
+pub(crate) fn nofile_limit() -> Option<(u64, u64)> {
     let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
     let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
     let mut nums = line["Max open files".len()..].split_whitespace().map(|n| n.parse::<u64>().ok());
     Some((nums.next()??, nums.next()??))
 }
 
-fn random_byte() -> u8 {
+pub(crate) fn random_byte() -> u8 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u32(std::process::id());
@@ -122,7 +122,7 @@ fn random_byte() -> u8 {
 }
 
 /// `YYYYMMDDTHHMMSSZ` for a UNIX time (UTC).
-fn timestamp(secs: u64) -> String {
+pub(crate) fn timestamp(secs: u64) -> String {
     let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
     // Civil-from-days (Howard Hinnant's algorithm).
     let z = days + 719_468;
@@ -137,7 +137,7 @@ fn timestamp(secs: u64) -> String {
     format!("{y:04}{m:02}{d:02}T{:02}{:02}{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
 }
 
-fn loadavg() -> String {
+pub(crate) fn loadavg() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .unwrap_or_default()
         .split_whitespace()
@@ -147,7 +147,7 @@ fn loadavg() -> String {
 }
 
 /// Stops every child on Ctrl-C or SIGTERM, wherever the main thread is, removes the work dir, exits 130.
-fn install_signal_handler(work_dir: PathBuf, remove: bool) {
+pub(crate) fn install_signal_handler(work_dir: PathBuf, remove: bool) {
     std::thread::spawn(move || {
         let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
         let name = rt.block_on(async {
@@ -169,7 +169,7 @@ fn install_signal_handler(work_dir: PathBuf, remove: bool) {
     });
 }
 
-fn say(line: &str) {
+pub(crate) fn say(line: &str) {
     eprintln!("{line}");
     let _ = std::io::stderr().flush();
 }
