@@ -75,14 +75,36 @@ const GET: &str = "SELECT account_id, refs, body FROM records WHERE kind = ?1 AN
 /// partial conditions let SQLite pick the index of whichever filter is set.
 const LIST: &str = "SELECT id, account_id, refs, body FROM records \
      WHERE kind = ?1 AND id > ?4 ORDER BY id LIMIT ?5";
-const LIST_BY_ACCOUNT: &str = "SELECT id, account_id, refs, body FROM records \
+/// `INDEXED BY`: without statistics SQLite walks the primary key instead, in
+/// the id order the `ORDER BY` asks for, and reads every record of the kind to
+/// find one account's few. The account index is in id order too (an index of
+/// a `WITHOUT ROWID` table ends with the primary key).
+const LIST_BY_ACCOUNT: &str = "SELECT id, account_id, refs, body FROM records INDEXED BY records_by_account \
      WHERE kind = ?1 AND account_id = ?2 AND id > ?4 ORDER BY id LIMIT ?5";
 const LIST_BY_REF: &str = "SELECT r.id, r.account_id, r.refs, r.body FROM refs x \
      JOIN records r ON r.kind = x.kind AND r.id = x.id \
      WHERE x.kind = ?1 AND x.ref = ?3 AND x.id > ?4 ORDER BY x.id LIMIT ?5";
+/// A list by account and reference starts from the smaller side (see
+/// [`SqliteTx::account_and_ref_list`]): from the records that reference the id
+/// (a consumer's invitations to one share), or from the account's records (one
+/// consumer's endpoints of a configuration that thousands of endpoints use).
 const LIST_BY_ACCOUNT_AND_REF: &str = "SELECT r.id, r.account_id, r.refs, r.body FROM refs x \
      JOIN records r ON r.kind = x.kind AND r.id = x.id \
      WHERE x.kind = ?1 AND x.ref = ?3 AND r.account_id = ?2 AND x.id > ?4 ORDER BY x.id LIMIT ?5";
+const LIST_BY_ACCOUNT_AND_REF_FROM_ACCOUNT: &str = "SELECT r.id, r.account_id, r.refs, r.body \
+     FROM records r INDEXED BY records_by_account \
+     WHERE r.kind = ?1 AND r.account_id = ?2 AND r.id > ?4 \
+     AND EXISTS (SELECT 1 FROM refs x WHERE x.kind = r.kind AND x.id = r.id AND x.ref = ?3) \
+     ORDER BY r.id LIMIT ?5";
+/// Index entries on either side of an account-and-reference list, counted up
+/// to [`PROBE`] without reading a record: `kind`, the id, the cursor, the cap.
+const COUNT_BY_REF: &str =
+    "SELECT count(*) FROM (SELECT 1 FROM refs WHERE kind = ?1 AND ref = ?2 AND id > ?3 LIMIT ?4)";
+const COUNT_BY_ACCOUNT: &str = "SELECT count(*) FROM (SELECT 1 FROM records INDEXED BY records_by_account \
+     WHERE kind = ?1 AND account_id = ?2 AND id > ?3 LIMIT ?4)";
+/// Below this many records referencing the id, a list by account and
+/// reference starts from them without looking at the account's side.
+const PROBE: i64 = 256;
 const INSERT: &str = "INSERT INTO records (kind, id, account_id, refs, body) VALUES (?1, ?2, ?3, ?4, ?5) \
      ON CONFLICT (kind, id) DO NOTHING";
 const UPDATE: &str = "UPDATE records SET account_id = ?3, refs = ?4, body = ?5 WHERE kind = ?1 AND id = ?2";
@@ -422,6 +444,30 @@ impl SqliteTx<'_> {
         Ok(records)
     }
 
+    /// Index entries of `sql` (a `COUNT_BY_*`) for `key` after the cursor, up to [`PROBE`].
+    fn probe(&self, sql: &str, kind: &str, key: &str, after: &str) -> Result<i64, StoreError> {
+        let mut stmt = self.conn.prepare_cached(sql).map_err(backend("prepare a count"))?;
+        stmt.query_row(params![kind, key, after, PROBE], |row| row.get(0)).map_err(backend("count records"))
+    }
+
+    /// The statement of a list by `account` and `reference`: from the records
+    /// referencing the id unless the account has fewer of the kind. Counting
+    /// both sides costs at most two short index scans.
+    fn account_and_ref_list(
+        &self,
+        kind: &str,
+        account: &str,
+        reference: &str,
+        after: &str,
+    ) -> Result<&'static str, StoreError> {
+        let by_ref = self.probe(COUNT_BY_REF, kind, reference, after)?;
+        if by_ref < PROBE {
+            return Ok(LIST_BY_ACCOUNT_AND_REF);
+        }
+        let by_account = self.probe(COUNT_BY_ACCOUNT, kind, account, after)?;
+        Ok(if by_account < by_ref { LIST_BY_ACCOUNT_AND_REF_FROM_ACCOUNT } else { LIST_BY_ACCOUNT_AND_REF })
+    }
+
     fn write_refs(&self, record: &Record) -> Result<(), StoreError> {
         let mut stmt = self.conn.prepare_cached(INSERT_REF).map_err(backend("prepare a reference insert"))?;
         for reference in &record.refs {
@@ -466,7 +512,9 @@ impl Tx for SqliteTx<'_> {
             (None, None) => LIST,
             (Some(_), None) => LIST_BY_ACCOUNT,
             (None, Some(_)) => LIST_BY_REF,
-            (Some(_), Some(_)) => LIST_BY_ACCOUNT_AND_REF,
+            (Some(account), Some(reference)) => {
+                self.account_and_ref_list(kind, account, reference, filter.after.unwrap_or(""))?
+            }
         };
         let limit = filter.limit.map_or(-1, |l| i64::try_from(l).unwrap_or(i64::MAX));
         let params: [&dyn rusqlite::ToSql; 5] = [
@@ -549,6 +597,105 @@ mod tests {
 
     fn marks(path: &Path) -> (i32, i64) {
         read_marks(&Connection::open(path).expect("raw connection")).expect("marks")
+    }
+
+    /// Runs one list statement (parameters ?1..?5) on `conn`: the ids it returns and the VM steps it took.
+    fn steps_of(
+        conn: &Connection,
+        sql: &str,
+        kind: &str,
+        account: &str,
+        reference: &str,
+        after: &str,
+    ) -> (Vec<String>, i32) {
+        let mut stmt = conn.prepare(sql).expect("prepare");
+        let ids = stmt
+            .query_map(params![kind, account, reference, after, -1], |row| row.get::<_, String>(0))
+            .expect("query")
+            .collect::<Result<Vec<_>, _>>()
+            .expect("rows");
+        (ids, stmt.get_status(rusqlite::StatementStatus::VmStep))
+    }
+
+    /// 1,000 `vpc-endpoint`s of `acct-big` referencing `rcfg-popular`; `acct-a` has two of
+    /// those and one referencing `rcfg-other`; `acct-big` has one `resource-share` referencing
+    /// `rcfg-rare` among 1,000 referencing others.
+    fn skewed_store() -> SqliteStore {
+        let store = SqliteStore::open_in_memory().expect("open");
+        let rec = |kind: &str, id: String, account: &str, reference: String| Record {
+            kind: kind.into(),
+            account_id: account.into(),
+            refs: vec![reference],
+            body: json!({"id": id}).to_string(),
+            id,
+        };
+        write_with(&store, |tx| {
+            for i in 0..1000 {
+                tx.insert(&rec("vpc-endpoint", format!("vpce-b{i:04}"), "acct-big", "rcfg-popular".into()))?;
+                tx.insert(&rec("resource-share", format!("rs-b{i:04}"), "acct-big", format!("rcfg-{i}")))?;
+            }
+            tx.insert(&rec("vpc-endpoint", "vpce-a1".into(), "acct-a", "rcfg-popular".into()))?;
+            tx.insert(&rec("vpc-endpoint", "vpce-a2".into(), "acct-a", "rcfg-popular".into()))?;
+            tx.insert(&rec("vpc-endpoint", "vpce-a3".into(), "acct-a", "rcfg-other".into()))?;
+            tx.insert(&rec("resource-share", "rs-rare".into(), "acct-big", "rcfg-rare".into()))
+        })
+        .expect("fill");
+        store
+    }
+
+    #[test]
+    fn a_list_by_account_reads_only_that_accounts_records() {
+        let store = skewed_store();
+        let conn = store.writer().expect("writer");
+        let (ids, steps) = steps_of(&conn, LIST_BY_ACCOUNT, "vpc-endpoint", "acct-a", "", "");
+        assert_eq!(ids, ["vpce-a1", "vpce-a2", "vpce-a3"]);
+        assert!(steps < 200, "listing 3 of 1,003 records took {steps} VM steps");
+        let (ids, _) = steps_of(&conn, LIST_BY_ACCOUNT, "vpc-endpoint", "acct-a", "", "vpce-a1");
+        assert_eq!(ids, ["vpce-a2", "vpce-a3"], "in id order after the cursor");
+    }
+
+    #[test]
+    fn a_list_by_account_and_reference_starts_from_the_smaller_side() {
+        let store = skewed_store();
+        let conn = store.writer().expect("writer");
+        let tx = SqliteTx { conn: &conn, writable: false, wrote: false };
+        let plan = |kind: &str, account: &str, reference: &str| {
+            tx.account_and_ref_list(kind, account, reference, "").expect("choose")
+        };
+        // One consumer's endpoints of a configuration a thousand endpoints use: from the account.
+        assert_eq!(plan("vpc-endpoint", "acct-a", "rcfg-popular"), LIST_BY_ACCOUNT_AND_REF_FROM_ACCOUNT);
+        // One of a thousand shares of an account that references a rare id: from the reference.
+        assert_eq!(plan("resource-share", "acct-big", "rcfg-rare"), LIST_BY_ACCOUNT_AND_REF);
+        // Both sides large: from the reference, as before.
+        assert_eq!(plan("vpc-endpoint", "acct-big", "rcfg-popular"), LIST_BY_ACCOUNT_AND_REF);
+
+        let (from_account, account_steps) =
+            steps_of(&conn, LIST_BY_ACCOUNT_AND_REF_FROM_ACCOUNT, "vpc-endpoint", "acct-a", "rcfg-popular", "");
+        let (from_ref, ref_steps) =
+            steps_of(&conn, LIST_BY_ACCOUNT_AND_REF, "vpc-endpoint", "acct-a", "rcfg-popular", "");
+        assert_eq!(from_account, ["vpce-a1", "vpce-a2"]);
+        assert_eq!(from_account, from_ref, "both statements list the same records");
+        assert!(
+            account_steps * 10 < ref_steps,
+            "from the account {account_steps} steps, from the reference {ref_steps}"
+        );
+
+        // Both statements agree on every cursor, and the store answers with them.
+        for after in ["", "vpce-a1", "vpce-a2", "vpce-b0500"] {
+            let a =
+                steps_of(&conn, LIST_BY_ACCOUNT_AND_REF_FROM_ACCOUNT, "vpc-endpoint", "acct-a", "rcfg-popular", after)
+                    .0;
+            let r = steps_of(&conn, LIST_BY_ACCOUNT_AND_REF, "vpc-endpoint", "acct-a", "rcfg-popular", after).0;
+            assert_eq!(a, r, "after {after:?}");
+        }
+        drop(conn);
+        let ids = |filter: &Filter<'_>| -> Vec<String> {
+            read_with(&store, |tx| tx.list("vpc-endpoint", filter)).expect("list").into_iter().map(|r| r.id).collect()
+        };
+        assert_eq!(ids(&Filter::account_and_reference("acct-a", "rcfg-popular")), ["vpce-a1", "vpce-a2"]);
+        assert_eq!(ids(&Filter::account_and_reference("acct-a", "rcfg-popular").page(Some("vpce-a1"), 5)), ["vpce-a2"]);
+        assert_eq!(ids(&Filter::account_and_reference("acct-a", "rcfg-popular").page(None, 1)), ["vpce-a1"]);
+        assert_eq!(ids(&Filter::account_and_reference("acct-big", "rcfg-popular")).len(), 1000);
     }
 
     #[test]
