@@ -49,7 +49,7 @@ pub struct ScaleArgs {
     /// Consumers built at once during set-up.
     #[arg(long, default_value_t = 16)]
     concurrency: usize,
-    /// Timed calls of each read (one after the other, the four reads interleaved).
+    /// Timed calls of each read (one after the other, the five reads interleaved).
     #[arg(long, default_value_t = 300)]
     samples: usize,
     /// Timed endpoint creates of the spare consumer (one after the other).
@@ -453,7 +453,7 @@ fn cpu_per_op(cpu: Duration, wall: Duration, idle_rate: f64, ops: usize) -> f64 
     ((cpu.as_secs_f64() - idle_rate * wall.as_secs_f64()).max(0.0) / ops.max(1) as f64) * 1e3
 }
 
-/// Read latency: four GETs, interleaved, one call at a time, as consumers (rotating) and as the owner.
+/// Read latency: five GETs, interleaved, one call at a time, as consumers (rotating) and as the owner.
 fn measure_reads(
     rt: &tokio::runtime::Runtime,
     api: &Api,
@@ -463,27 +463,29 @@ fn measure_reads(
     idle_rate: f64,
     out: &mut NResult,
 ) -> Res<()> {
-    say(&format!("  reads: {} of each of four GETs (load {})", s.samples, loadavg()));
+    say(&format!("  reads: {} of each of five GETs (load {})", s.samples, loadavg()));
     let plain = &world.consumers[s.consumer_agents + 1..];
     let owner = &world.owner.key;
     let config_path = format!("/v1/resourceconfigurations/{}", world.config_id);
-    let kinds = ["read_config", "list_configs_consumer", "list_configs_owner", "list_shares_owner"];
+    let kinds = ["read_config", "list_configs_consumer", "list_configs_owner", "list_shares_owner", "list_endpoints"];
     let mut samples: Vec<Vec<f64>> = vec![Vec::new(); kinds.len()];
     let (cpu0, t0) = (clock.now(), Instant::now());
     rt.block_on(async {
         // A few untimed rounds first: connections, the database's page cache.
         for round in 0..s.samples + 10 {
             let consumer = &plain[round % plain.len()].account.key;
-            let calls: [(&str, &str); 4] = [
+            let calls: [(&str, &str); 5] = [
                 (&config_path, consumer),
                 ("/v1/resourceconfigurations", consumer),
                 ("/v1/resourceconfigurations", owner),
                 ("/v1/resourceshares", owner),
+                ("/v1/vpcendpoints", consumer),
             ];
             for (k, (path, key)) in calls.iter().enumerate() {
                 let (took, v) = api.timed(Method::GET, path, key, None).await?;
-                if k == 3 && v["items"].as_array().map_or(0, Vec::len) != 100 {
-                    return Err(format!("the owner's first page of shares has not 100 items: {v}"));
+                let items = v["items"].as_array().map_or(0, Vec::len);
+                if (k == 3 && items != 100) || (k == 4 && items != 1) {
+                    return Err(format!("GET {path}: unexpected number of items: {v}"));
                 }
                 if round >= 10 {
                     samples[k].push(ms(took));
@@ -494,11 +496,12 @@ fn measure_reads(
     })?;
     let (cpu, wall) = (clock.now() - cpu0, t0.elapsed());
     out.set("cpu_per_read_ms", cpu_per_op(cpu, wall, idle_rate, (s.samples + 10) * kinds.len()));
-    let keys: [(&str, &str, &str); 4] = [
+    let keys: [(&str, &str, &str); 5] = [
         ("read_config_ms", "read_config_p50_ms", "read_config_p99_ms"),
         ("list_configs_consumer_ms", "list_configs_consumer_p50_ms", "list_configs_consumer_p99_ms"),
         ("list_configs_owner_ms", "list_configs_owner_p50_ms", "list_configs_owner_p99_ms"),
         ("list_shares_owner_ms", "list_shares_owner_p50_ms", "list_shares_owner_p99_ms"),
+        ("list_endpoints_ms", "list_endpoints_p50_ms", "list_endpoints_p99_ms"),
     ];
     for ((name, p50, p99), samples) in keys.into_iter().zip(samples) {
         out.latencies(name, p50, p99, samples);
@@ -531,7 +534,7 @@ fn measure_creates(
     let body = endpoint_body(world, spare);
     fleet.poll_all();
     let gateway_before = fleet.gateway.applied.len();
-    let (cpu0, t0) = (clock.now(), Instant::now());
+    let (cpu0, t0, started) = (clock.now(), Instant::now(), SystemTime::now());
     let samples = rt.block_on(async {
         let mut samples = Vec::new();
         for _ in 0..s.creates {
@@ -540,6 +543,7 @@ fn measure_creates(
         }
         Ok::<_, String>(samples)
     })?;
+    let creates_took = t0.elapsed();
     // Until the gateway agent has taken the last of them: no new config for 2 s.
     let mut last = (fleet.gateway.applied.len(), Instant::now());
     wait_for(
@@ -560,6 +564,12 @@ fn measure_creates(
     // The quiet tail after the last config was idle time: count its idle CPU out too.
     out.set("cpu_per_create_ms", cpu_per_op(cpu, wall + last.1.elapsed(), idle_rate, s.creates));
     let applied = fleet.gateway.applied.len() - gateway_before;
+    // With a write every few milliseconds, how long the gateway agent went without any new config.
+    let first = fleet.gateway.applied[gateway_before].1.and_then(|at| at.duration_since(started).ok());
+    out.set("creates_duration_ms", ms(creates_took));
+    if let Some(first) = first {
+        out.set("creates_first_gateway_config_ms", ms(first));
+    }
     out.set("gateway_configs_per_100_creates", applied as f64 * 100.0 / s.creates as f64);
     out.latencies("create_endpoint_ms", "create_endpoint_p50_ms", "create_endpoint_p99_ms", samples);
     Ok(())
