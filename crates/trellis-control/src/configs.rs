@@ -108,6 +108,8 @@ struct Entry {
     failure: Option<ApiError>,
     /// Bumped whenever the entry changes (stale, compiled, failed): long-polls wait on it.
     changed: watch::Sender<u64>,
+    /// Compilations installed so far (a caller waits for one that started after it asked).
+    installs: u64,
 }
 
 impl Entry {
@@ -119,6 +121,7 @@ impl Entry {
             compiling: false,
             failure: None,
             changed: watch::channel(0).0,
+            installs: 0,
         }
     }
 
@@ -250,12 +253,23 @@ impl ConfigCache {
 
     /// The agent's current config, compiling it first when it is missing or
     /// stale. Concurrent callers share one compilation.
+    ///
+    /// Under a steady stream of writes to what the config reads, every
+    /// compilation ends stale; waiting for a fresh one would starve the agent.
+    /// So a caller takes the first compilation that *started* after it asked,
+    /// stale or not: it holds every write committed before the call, and the
+    /// next call compiles again.
     pub async fn current(&self, state: &AppState, agent: &AgentId) -> Result<Arc<Compiled>, ApiError> {
+        let mut enough: Option<u64> = None;
         loop {
             let mut changed = {
                 let mut inner = self.lock();
                 let entry = inner.entries.entry(agent.to_string()).or_insert_with(Entry::new);
-                if let (false, Some(compiled)) = (entry.stale, &entry.compiled) {
+                // One running now started before this call: the one after it is ours.
+                let enough = *enough.get_or_insert(entry.installs + if entry.compiling { 2 } else { 1 });
+                if let Some(compiled) = &entry.compiled
+                    && (!entry.stale || entry.installs >= enough)
+                {
                     return Ok(compiled.clone());
                 }
                 if let Some(failure) = entry.failure.take() {
@@ -316,6 +330,7 @@ impl ConfigCache {
         match outcome {
             Ok(compiled) => {
                 entry.compiled = Some(Arc::new(compiled));
+                entry.installs += 1;
                 entry.stale = stale;
                 entry.failure = None;
                 entry.deps = deps.into_iter().collect();

@@ -325,3 +325,53 @@ async fn a_share_deletion_costs_work_in_proportion_to_what_it_affects() {
         );
     }
 }
+
+/// Writes that keep touching what the gateway's config reads (a provider's
+/// consumers creating endpoints one after another) never starve its agent:
+/// every compilation ends stale, and the agent still gets the first one that
+/// started after it asked, instead of waiting for a quiet moment that never comes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_steady_stream_of_writes_does_not_starve_a_config() {
+    let dir = tempfile::tempdir().unwrap();
+    // A file store: its reads run beside writes, as in production.
+    let store = Arc::new(SqliteStore::open(&dir.path().join("store.db")).unwrap());
+    let world = build(&*store, 2_000);
+    let ca = Ca::load_or_create(dir.path()).unwrap();
+    let state = AppState::new(store.clone(), Settings { region: REGION.into(), ..Settings::default() }, Arc::new(ca));
+    state.configs.current(&state, &world.gateway_agent).await.unwrap();
+
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (wrote, mut first_write) = tokio::sync::watch::channel(0u64);
+    let writer = {
+        let (state, stop) = (state.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut n = 0;
+            while !stop.load(Ordering::Relaxed) {
+                state
+                    .write(|tx| {
+                        let configs = tx.list_obj::<ResourceConfiguration>(&Filter::default())?;
+                        tx.update_obj(&configs[0])?;
+                        Ok(())
+                    })
+                    .await
+                    .unwrap();
+                n += 1;
+                let _ = wrote.send(n);
+                tokio::task::yield_now().await;
+            }
+            n
+        })
+    };
+    first_write.changed().await.unwrap();
+    for _ in 0..3 {
+        let got = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            state.configs.current(&state, &world.gateway_agent),
+        )
+        .await;
+        assert!(matches!(got, Ok(Ok(_))), "the gateway's config starved under a stream of writes");
+    }
+    stop.store(true, Ordering::Relaxed);
+    let writes = writer.await.unwrap();
+    assert!(writes > 3, "the writer kept writing meanwhile ({writes} writes)");
+}
