@@ -8,76 +8,31 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
-use axum::body::{Body, Bytes};
+use axum::body::Bytes;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, Request, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode};
 use serde_json::{Value, json};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tower::ServiceExt;
+use trellis_control::Settings;
 use trellis_control::notify::sign::verify;
 use trellis_control::notify::{self, Event, EventKind, WebhookSettings};
-use trellis_control::pki::Ca;
-use trellis_control::{AppState, Settings, api_router, bootstrap_admin};
 use trellis_model::{RetrySchedule, VpcEndpoint, VpcEndpointService};
 use trellis_store::TxExt;
-use trellis_store::sqlite::SqliteStore;
+
+mod support;
+
+use support::{Acct, Api};
 
 const NFN: &str = "/v1/connectionnotifications";
-
-struct Api {
-    router: Router,
-    state: AppState,
-    admin: String,
-    _dir: tempfile::TempDir,
-}
-
-struct Acct {
-    id: String,
-    key: String,
-}
 
 fn s(v: &Value) -> &str {
     v.as_str().unwrap_or_else(|| panic!("not a string: {v}"))
 }
 
 impl Api {
-    fn new(allow_private_webhooks: bool) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open_in_memory().unwrap();
-        let admin = bootstrap_admin(&store).unwrap().unwrap();
-        let ca = Ca::load_or_create(dir.path()).unwrap();
-        let settings = Settings { allow_private_webhooks, ..Settings::default() };
-        let state = AppState::new(Arc::new(store), settings, Arc::new(ca));
-        Self { router: api_router(state.clone()), state, admin, _dir: dir }
-    }
-
-    async fn call(&self, method: &str, path: &str, key: &str, body: Option<Value>) -> (StatusCode, Value) {
-        let mut req =
-            Request::builder().method(method).uri(path).header(header::AUTHORIZATION, format!("Bearer {key}"));
-        let body = match body {
-            Some(v) => {
-                req = req.header(header::CONTENT_TYPE, "application/json");
-                Body::from(v.to_string())
-            }
-            None => Body::empty(),
-        };
-        let resp = self.router.clone().oneshot(req.body(body).unwrap()).await.unwrap();
-        let status = resp.status();
-        let bytes = axum::body::to_bytes(resp.into_body(), 1 << 22).await.unwrap();
-        let value = if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).unwrap() };
-        (status, value)
-    }
-
-    async fn create(&self, path: &str, key: &str, body: Value) -> Value {
-        let (status, v) = self.call("POST", path, key, Some(body)).await;
-        assert_eq!(status, StatusCode::CREATED, "POST {path}: {v}");
-        v
-    }
-
-    async fn account(&self, name: &str) -> Acct {
-        let v = self.create("/v1/accounts", &self.admin.clone(), json!({"name": name})).await;
-        Acct { id: s(&v["accountId"]).into(), key: s(&v["apiKey"]).into() }
+    fn with_webhooks(allow_private_webhooks: bool) -> Self {
+        Api::with_settings(Settings { allow_private_webhooks, ..Settings::default() })
     }
 
     async fn notification(&self, a: &Acct, body: Value) -> String {
@@ -286,7 +241,7 @@ fn python_example_verifies(got: &Got, secret: &str) -> Option<bool> {
 
 #[tokio::test]
 async fn a_receiver_gets_connect_then_accept_signed_and_a_failing_one_gets_it_on_the_third_attempt() {
-    let api = Api::new(true);
+    let api = Api::with_webhooks(true);
     let (receiver, base) = Receiver::start().await;
     let _worker = api.start_worker(Duration::from_secs(5));
     let provider = api.account("provider").await;
@@ -359,7 +314,7 @@ async fn a_receiver_gets_connect_then_accept_signed_and_a_failing_one_gets_it_on
 
 #[tokio::test]
 async fn a_receiver_that_never_answers_does_not_slow_the_api() {
-    let api = Api::new(true);
+    let api = Api::with_webhooks(true);
     let (receiver, base) = Receiver::start().await;
     let timeout = Duration::from_secs(3);
     let _worker = api.start_worker(timeout);
@@ -393,7 +348,7 @@ async fn a_receiver_that_never_answers_does_not_slow_the_api() {
 
 #[tokio::test]
 async fn share_invitations_and_resource_endpoints_notify_the_accounts_they_concern() {
-    let api = Api::new(true);
+    let api = Api::with_webhooks(true);
     let (receiver, base) = Receiver::start().await;
     let _worker = api.start_worker(Duration::from_secs(5));
     let owner = api.account("owner").await;
@@ -489,7 +444,7 @@ async fn share_invitations_and_resource_endpoints_notify_the_accounts_they_conce
 
 #[tokio::test]
 async fn an_event_nobody_subscribes_to_costs_one_list_per_scope() {
-    let api = Api::new(true);
+    let api = Api::with_webhooks(true);
     let provider = api.account("provider").await;
     let consumer = api.account("consumer").await;
     let (_, endpoint) = api.service_and_endpoint(&provider, &consumer).await;
@@ -504,7 +459,7 @@ async fn an_event_nobody_subscribes_to_costs_one_list_per_scope() {
 
 #[tokio::test]
 async fn bad_input_is_refused_naming_the_field_and_creates_nothing() {
-    let api = Api::new(false);
+    let api = Api::with_webhooks(false);
     let a = api.account("a").await;
     let b = api.account("b").await;
     let (service, endpoint) = api.service_and_endpoint(&a, &b).await;
@@ -586,7 +541,7 @@ async fn bad_input_is_refused_naming_the_field_and_creates_nothing() {
 
 #[tokio::test]
 async fn only_the_owner_sees_a_notification_and_never_its_secret() {
-    let api = Api::new(false);
+    let api = Api::with_webhooks(false);
     let a = api.account("a").await;
     let b = api.account("b").await;
     let body = json!({"connectionEvents": ["ResourceShareInvitation"], "url": "https://hooks.example.com/x",
@@ -641,7 +596,7 @@ async fn only_the_owner_sees_a_notification_and_never_its_secret() {
 
 #[tokio::test]
 async fn the_log_pages_newest_first_and_keeps_the_last_thousand() {
-    let api = Api::new(false);
+    let api = Api::with_webhooks(false);
     let a = api.account("a").await;
     let b = api.account("b").await;
     let (service, endpoint) = api.service_and_endpoint(&a, &b).await;

@@ -14,6 +14,7 @@ use trellis_store::sqlite::SqliteStore;
 
 pub struct Api {
     pub router: Router,
+    pub state: AppState,
     pub admin: String,
     _dir: tempfile::TempDir,
 }
@@ -25,12 +26,16 @@ pub struct Acct {
 
 impl Api {
     pub fn new() -> Self {
+        Self::with_settings(Settings::default())
+    }
+
+    pub fn with_settings(settings: Settings) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open_in_memory().unwrap();
         let admin = bootstrap_admin(&store).unwrap().unwrap();
         let ca = Ca::load_or_create(dir.path()).unwrap();
-        let state = AppState::new(Arc::new(store), Settings::default(), Arc::new(ca));
-        Self { router: api_router(state), admin, _dir: dir }
+        let state = AppState::new(Arc::new(store), settings, Arc::new(ca));
+        Self { router: api_router(state.clone()), state, admin, _dir: dir }
     }
 
     pub async fn call(&self, method: &str, path: &str, key: &str, body: Option<Value>) -> (StatusCode, Value) {
@@ -45,7 +50,7 @@ impl Api {
         };
         let resp = self.router.clone().oneshot(req.body(body).unwrap()).await.unwrap();
         let status = resp.status();
-        let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20).await.unwrap();
+        let bytes = axum::body::to_bytes(resp.into_body(), 1 << 22).await.unwrap();
         let value = if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).unwrap() };
         (status, value)
     }
