@@ -52,6 +52,8 @@ struct Seen {
     advertise: Option<String>,
     config_version: u64,
     listeners: u64,
+    /// Digest of the last target health the agent sent (reports without health keep it).
+    health: Option<u64>,
     written_at: Instant,
 }
 
@@ -63,12 +65,17 @@ impl ReportMemo {
                 && s.advertise == now.advertise
                 && s.config_version == now.config_version
                 && s.listeners == now.listeners
+                && (now.health.is_none() || s.health == now.health)
                 && s.written_at.elapsed() < liveness_every
         })
     }
 
-    fn record(&self, agent: &AgentId, now: Seen) {
-        self.seen.lock().unwrap_or_else(PoisonError::into_inner).insert(agent.to_string(), now);
+    fn record(&self, agent: &AgentId, mut now: Seen) {
+        let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
+        if now.health.is_none() {
+            now.health = seen.get(agent.as_str()).and_then(|s| s.health);
+        }
+        seen.insert(agent.to_string(), now);
     }
 
     /// Forgets a deleted agent.
@@ -157,13 +164,15 @@ pub(super) async fn report(
         advertise: report.advertise.clone(),
         config_version: report.config_version,
         listeners: digest(&report.listeners),
+        health: (!report.target_health.is_empty()).then(|| {
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            report.target_health.hash(&mut h);
+            h.finish()
+        }),
         written_at: Instant::now(),
     };
     let liveness_every = (state.settings.offline_after / 4).max(Duration::from_secs(1));
-    if report.usage.is_empty()
-        && report.target_health.is_empty()
-        && state.reports.unchanged(&agent.id, &seen, liveness_every)
-    {
+    if report.usage.is_empty() && state.reports.unchanged(&agent.id, &seen, liveness_every) {
         return Ok(StatusCode::NO_CONTENT);
     }
     let (now, config) = (now(), compiled.config.clone());
@@ -212,17 +221,17 @@ pub fn apply_report(
 
     apply_listeners(tx, &agent, &report.listeners)?;
     if !report.target_health.is_empty() {
-        let record = TargetHealthRecord {
-            id: agent.id.to_string(),
-            account_id: agent.account_id.clone(),
-            agent_id: agent.id.clone(),
-            targets: report.target_health.clone(),
-            updated_at: now,
-        };
-        if tx.get_obj::<TargetHealthRecord>(agent.id.as_str())?.is_some() {
-            tx.update_obj(&record)?;
-        } else {
-            tx.insert_obj(&record)?;
+        let stored = tx.get_obj::<TargetHealthRecord>(agent.id.as_str())?;
+        // An agent that repeats the same health (a restart, a retried report) writes nothing.
+        if stored.as_ref().map(|r| &r.targets) != Some(&report.target_health) {
+            let record = TargetHealthRecord {
+                id: agent.id.to_string(),
+                account_id: agent.account_id.clone(),
+                agent_id: agent.id.clone(),
+                targets: report.target_health.clone(),
+                updated_at: now,
+            };
+            if stored.is_some() { tx.update_obj(&record)? } else { tx.insert_obj(&record)? }
         }
     }
     for counters in &report.usage {

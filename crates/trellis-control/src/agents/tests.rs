@@ -17,7 +17,7 @@ use trellis_proto::join_token::JoinToken;
 use trellis_store::sqlite::SqliteStore;
 use trellis_store::{Filter, Tx, TxExt, read_with, write_with};
 
-use super::records::{AgentToken, UsageRecord};
+use super::records::{AgentToken, TargetHealthRecord, UsageRecord};
 use crate::pki::{Ca, sha256_hex};
 use crate::state::{AppState, Settings};
 use crate::tls::PeerIdentity;
@@ -900,4 +900,46 @@ async fn reports_cannot_grow_the_store() {
         assert_eq!(api.report(&gw_cert, &quiet).await, StatusCode::NO_CONTENT);
     }
     assert_eq!(api.state.store.revision().unwrap(), revision, "idle reports wrote to the store");
+}
+
+#[tokio::test]
+async fn target_health_reports_hold_only_the_agents_own_services_and_repeat_for_free() {
+    use trellis_proto::agent_api::TargetHealthReport;
+    let api = Api::new();
+    let w = &api.world;
+    let (_, gw_cert) = api.enrolled(&api.owner_key, &w.owner_subnets[0], Some("192.0.2.9:7443")).await;
+    let body = json!({"name": "svc", "vpcId": w.owner_vpc.id, "subnetIds": [w.owner_subnets[0].id],
+                      "targets": [{"ipAddress": "10.0.1.5"}], "ports": [{"port": 443}]});
+    let (status, service) = api.call("POST", "/v1/vpcendpointservices", Some(&api.owner_key), None, Some(body)).await;
+    assert_eq!(status, StatusCode::CREATED, "{service}");
+    let sid = service["id"].as_str().unwrap().to_string();
+    let health = |service_id: &str, state: &str| TargetHealthReport {
+        service_id: service_id.into(),
+        target: "10.0.1.5".into(),
+        target_port: 443,
+        state: state.into(),
+        reason: Some("x".repeat(5_000)),
+    };
+    // Another provider's (or an invented) service is dropped; reasons are cut.
+    let report = AgentReport {
+        boot_id: "boot-1".into(),
+        target_health: vec![health(&sid, "UNHEALTHY"), health("vpce-svc-0123456789abcdef0", "HEALTHY")],
+        ..AgentReport::default()
+    };
+    assert_eq!(api.report(&gw_cert, &report).await, StatusCode::NO_CONTENT);
+    let (_, view) = api.call("GET", &format!("/v1/vpcendpointservices/{sid}"), Some(&api.owner_key), None, None).await;
+    let seen = view["targetHealth"].as_array().unwrap();
+    assert_eq!(seen.len(), 1, "{view}");
+    assert_eq!((seen[0]["state"].as_str(), seen[0]["agents"].as_u64()), (Some("UNHEALTHY"), Some(1)));
+    assert!(seen[0]["reason"].as_str().unwrap().len() <= 500, "the agent's text is cut");
+    let records = api.read(|tx| tx.list_obj::<TargetHealthRecord>(&Filter::default()));
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0].targets.len(), 1, "only the services the agent's config runs");
+
+    // The same health again writes nothing.
+    let revision = api.state.store.revision().unwrap();
+    for _ in 0..3 {
+        assert_eq!(api.report(&gw_cert, &report).await, StatusCode::NO_CONTENT);
+    }
+    assert_eq!(api.state.store.revision().unwrap(), revision, "a repeated health report wrote to the store");
 }
