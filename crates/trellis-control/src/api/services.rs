@@ -25,9 +25,8 @@ use trellis_api::services::{
 use trellis_model::{
     Account, AccountId, Agent, AgentStatus, ConsumerLimits, EndpointState, HealthCheck, HealthCheckProtocol,
     LoadBalancing, ProxyProtocol, ServiceSettingError, ServiceState, ServiceTarget, Subnet, TargetHealthView,
-    Timestamp, VpcEndpoint, VpcEndpointId, VpcEndpointService, VpcEndpointServiceId, name_is_under,
-    validate_health_check, validate_limits, validate_name, validate_ports, validate_principals,
-    validate_private_dns_name, validate_targets,
+    VpcEndpoint, VpcEndpointId, VpcEndpointService, VpcEndpointServiceId, name_is_under, validate_health_check,
+    validate_limits, validate_name, validate_ports, validate_principals, validate_private_dns_name, validate_targets,
 };
 use trellis_store::{Filter, Tx, TxExt};
 
@@ -396,7 +395,6 @@ async fn modify_permissions(
     if let Some(both) = add.iter().find(|p| remove.contains(p)) {
         return Err(invalid(format!("{both} is both added and removed; list it once")));
     }
-    let now = now();
     let service = st
         .write(move |tx| {
             let mut service = get_owned::<VpcEndpointService>(tx, &me.id, id.as_str(), "endpoint service")?;
@@ -414,7 +412,7 @@ async fn modify_permissions(
             service.allowed_principals = principals.into_iter().collect();
             tx.update_obj(&service)?;
             if !remove.is_empty() {
-                fail_disallowed_endpoints(tx, &service, now)?;
+                fail_disallowed_endpoints(tx, &service)?;
             }
             Ok(service)
         })
@@ -426,7 +424,7 @@ async fn modify_permissions(
 /// longer allows; their agents' next configs revoke them. Re-allowing the
 /// account lets them serve again (the consumer's agent reports them back to
 /// `Available`).
-fn fail_disallowed_endpoints(tx: &mut dyn Tx, service: &VpcEndpointService, _now: Timestamp) -> Result<(), ApiError> {
+fn fail_disallowed_endpoints(tx: &mut dyn Tx, service: &VpcEndpointService) -> Result<(), ApiError> {
     for mut endpoint in endpoints_of(tx, &service.id)? {
         if service.allows(&endpoint.account_id) || !endpoint.state.can_move_to(EndpointState::Failed) {
             continue;
