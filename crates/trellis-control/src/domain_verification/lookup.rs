@@ -374,7 +374,9 @@ mod tests {
             while black_hole.recv_from(&mut buf).await.is_ok() {}
         });
         let stub = stub_resolver(vec!["trellis-verification=abc".into()], false).await;
-        let timeout = Duration::from_millis(800);
+        // Long enough that a loaded machine (tests run in parallel) answers the
+        // good lookup well within half of it.
+        let timeout = Duration::from_secs(3);
         let started = tokio::time::Instant::now();
         let hanging: Vec<_> = (0..8)
             .map(|i| {
@@ -392,7 +394,7 @@ mod tests {
         for h in hanging {
             let err = h.await.unwrap().unwrap_err();
             assert!(matches!(err, LookupError::Timeout { .. }), "{err}");
-            assert!(err.to_string().contains("within 800ms"), "{err}");
+            assert!(err.to_string().contains("within 3s"), "{err}");
         }
         assert!(started.elapsed() < timeout * 3, "every lookup ends at its deadline");
     }
