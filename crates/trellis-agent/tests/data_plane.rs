@@ -104,6 +104,7 @@ fn endpoint_config(address: IpAddr, port: u16, gateway: SocketAddr, gateway_id: 
                     address: gateway.to_string(),
                     zone: "z1".into(),
                     server_name: agent_server_name(gateway_id),
+                    relays: vec![],
                 }],
             }],
         }],
@@ -440,6 +441,7 @@ async fn endpoint_fails_over_to_a_gateway_in_another_zone() {
             address: dead.to_string(),
             zone: "z1".into(),
             server_name: agent_server_name("agent-0000000000000000d"),
+            relays: vec![],
         });
     });
     let served = s.endpoint.served();

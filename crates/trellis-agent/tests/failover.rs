@@ -133,6 +133,7 @@ fn target(id: &str, address: SocketAddr, zone: &str) -> GatewayTarget {
         address: address.to_string(),
         zone: zone.into(),
         server_name: agent_server_name(id),
+        relays: vec![],
     }
 }
 

@@ -166,6 +166,7 @@ pub fn compile(tx: &mut dyn Tx, agent: &Agent, region: &str) -> Result<AgentConf
         address_pool,
         gateway,
         endpoints,
+        relays: Vec::new(),
     })
 }
 
@@ -613,6 +614,7 @@ fn agents_as_targets(
             agent_id: a.id.to_string(),
             address: a.advertise.clone().unwrap_or_default(),
             zone: a.zone.clone(),
+            relays: Vec::new(),
         })
         .collect())
 }

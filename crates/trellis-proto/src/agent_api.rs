@@ -99,3 +99,51 @@ pub struct UsageCounters {
     /// Bytes from the resource to the consumer.
     pub bytes_out: u64,
 }
+
+/// `POST /v1/relays/enroll`: like an agent's enrollment, with a relay join
+/// token (`POST /v1/relay-tokens`, admin).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(rename_all = "camelCase")]
+pub struct RelayEnrollRequest {
+    /// The whole join token as printed by `trellis relay-token create`.
+    pub join_token: String,
+    /// PEM certificate signing request; the key never leaves the relay's host.
+    pub csr_pem: String,
+    /// `host:port` where agents reach the relay.
+    pub advertise: String,
+    pub hostname: String,
+}
+
+/// Answer to a relay's enrollment.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(rename_all = "camelCase")]
+pub struct RelayEnrollResponse {
+    pub relay_id: String,
+    pub zone: String,
+    /// The relay's certificate, signed by the control plane's CA; it names
+    /// the relay (`trellis:relay/<id>`, `<id>.relays.trellis.internal`).
+    pub certificate_pem: String,
+    pub ca_pem: String,
+}
+
+/// `POST /v1/relays/self/report`, every few seconds: keeps the relay's
+/// `lastSeenAt` and health current.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(rename_all = "camelCase")]
+pub struct RelayReport {
+    /// The config version the relay is serving.
+    pub config_version: u64,
+    /// Random id chosen at relay start.
+    pub boot_id: String,
+    /// `host:port` where the relay is reachable now (updates the enrollment's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub advertise: Option<String>,
+    /// Gateway agents with at least one attached connection now, sorted.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub attached: Vec<String>,
+    /// Relayed flows open now.
+    pub active_flows: u64,
+}

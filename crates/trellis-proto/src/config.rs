@@ -33,6 +33,11 @@ pub struct AgentConfig {
     pub gateway: GatewayRole,
     /// Endpoint role: endpoint addresses this agent listens on.
     pub endpoints: Vec<EndpointConfig>,
+    /// Outbound-only gateway agents (`trellis agent --outbound-only`): the
+    /// relays to keep attached connections to, so endpoint agents reach this
+    /// agent through them. Empty for an agent with a tunnel listener.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub relays: Vec<RelayTarget>,
 }
 
 /// What a gateway agent accepts and dials.
@@ -224,16 +229,83 @@ pub struct DnsRecord {
 #[serde(rename_all = "camelCase")]
 pub struct GatewayTarget {
     pub agent_id: String,
-    /// `host:port` the gateway agent advertised.
+    /// `host:port` the gateway agent advertised; empty for an outbound-only
+    /// agent, which is reached through `relays` only.
     pub address: String,
     pub zone: String,
     /// DNS SAN of the gateway agent's certificate, checked by TLS.
     pub server_name: String,
+    /// Relays the gateway agent keeps attached connections to, the endpoint
+    /// agent's zone first. A direct `address` is preferred when there is one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub relays: Vec<RelayTarget>,
+}
+
+/// A relay (`trellis relay`): where agents meet when a gateway agent accepts
+/// no inbound connection.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(rename_all = "camelCase")]
+pub struct RelayTarget {
+    pub relay_id: String,
+    /// `host:port` the relay advertised.
+    pub address: String,
+    pub zone: String,
+    /// DNS SAN of the relay's certificate ([`relay_server_name`]), checked by TLS.
+    pub server_name: String,
+}
+
+/// The config of one relay, fetched with a long-poll
+/// (`GET /v1/relays/self/config?after=<version>`): which gateway agents it
+/// serves. A relay forwards a flow only to a gateway agent listed here, and
+/// only from a peer whose certificate the CA signed and that is not revoked.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(rename_all = "camelCase")]
+pub struct RelayConfig {
+    /// As [`AgentConfig::version`]; never 0.
+    pub version: u64,
+    pub relay_id: String,
+    pub zone: String,
+    /// Gateway agents that may attach to this relay and receive flows through
+    /// it, sorted by agent id.
+    pub gateways: Vec<RelayGateway>,
+    /// Lower-case hex SHA-256 of certificates of deleted agents that have not
+    /// expired yet: refused even though the CA signed them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub revoked_certs: Vec<String>,
+}
+
+impl RelayConfig {
+    /// The entry of gateway agent `agent_id` (binary search: `gateways` is sorted).
+    pub fn gateway(&self, agent_id: &str) -> Option<&RelayGateway> {
+        self.gateways.binary_search_by(|g| g.agent_id.as_str().cmp(agent_id)).ok().map(|i| &self.gateways[i])
+    }
+}
+
+/// A gateway agent a relay serves, as its certificate names it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(rename_all = "camelCase")]
+pub struct RelayGateway {
+    pub agent_id: String,
+    pub account_id: String,
+    pub vpc_id: String,
 }
 
 /// The DNS SAN the control plane's CA puts in an agent's certificate.
 pub fn agent_server_name(agent_id: &str) -> String {
     format!("{agent_id}.agents.trellis.internal")
+}
+
+/// The DNS SAN the control plane's CA puts in a relay's certificate.
+pub fn relay_server_name(relay_id: &str) -> String {
+    format!("{relay_id}.relays.trellis.internal")
+}
+
+/// The URI SAN the control plane's CA writes in a relay's certificate.
+pub fn relay_identity_uri(relay_id: &str) -> String {
+    format!("trellis:relay/{relay_id}")
 }
 
 /// Who an agent certificate names: the URI SAN the control plane's CA writes

@@ -173,7 +173,13 @@ mod tests {
     use super::*;
 
     fn gw(id: &str, zone: &str) -> GatewayTarget {
-        GatewayTarget { agent_id: id.into(), address: format!("{id}:7443"), zone: zone.into(), server_name: id.into() }
+        GatewayTarget {
+            agent_id: id.into(),
+            address: format!("{id}:7443"),
+            zone: zone.into(),
+            server_name: id.into(),
+            relays: vec![],
+        }
     }
 
     fn key(g: &GatewayTarget) -> GatewayKey {
