@@ -6,9 +6,10 @@
 //!   the shares that name the account and its own invitations: work in
 //!   proportion to what was shared with it, never to how many others a
 //!   resource is shared with. API calls and endpoint agents' configs use it.
-//! - [`ShareIndex`]: which of *all* consumers may use a configuration? Loads
-//!   the owner's shares of it and the invitations the owner sent once, then
-//!   answers per consumer in O(1). Gateway agents' configs use it.
+//! - [`ShareIndex`]: which of *all* consumers may use a configuration? Built
+//!   from the shares of it and the invitations the owner sent (listed once,
+//!   kept between compilations by [`crate::lists`]), it answers per consumer
+//!   in O(1). Gateway agents' configs use it.
 //!
 //! Both read through the transaction they are given, so the config cache
 //! records exactly the shares and invitations a config depended on.
@@ -79,38 +80,39 @@ pub struct SentInvitations {
 }
 
 impl SentInvitations {
-    pub fn load(tx: &mut dyn Tx, owner: &AccountId) -> Result<Self, StoreError> {
+    /// From the invitations that reference `owner` (its sent and received ones).
+    pub fn new<'a>(owner: &AccountId, invitations: impl IntoIterator<Item = &'a ResourceShareInvitation>) -> Self {
         let mut accepted = HashMap::new();
-        for inv in tx.list_obj::<ResourceShareInvitation>(&Filter::reference(owner.as_str()))? {
-            if &inv.sender_account_id == owner {
-                accepted.insert(
-                    (inv.resource_share_id.to_string(), inv.receiver_account_id.clone()),
-                    inv.status == InvitationStatus::Accepted,
-                );
-            }
+        for inv in invitations.into_iter().filter(|inv| &inv.sender_account_id == owner) {
+            accepted.insert(
+                (inv.resource_share_id.to_string(), inv.receiver_account_id.clone()),
+                inv.status == InvitationStatus::Accepted,
+            );
         }
-        Ok(Self { accepted })
+        Self { accepted }
     }
 }
 
 impl ShareIndex {
-    /// Loads the owner's active shares of `shared` (a SINGLE or GROUP id).
-    pub fn load(
-        tx: &mut dyn Tx,
+    /// From the shares that reference `shared` (a SINGLE or GROUP id): the
+    /// owner's active ones decide.
+    pub fn new<'a>(
         owner: &Account,
         shared: &ResourceConfigurationId,
+        shares: impl IntoIterator<Item = &'a ResourceShare>,
         sent: &SentInvitations,
-    ) -> Result<Self, StoreError> {
+    ) -> Self {
         let mut principals: HashMap<AccountId, bool> = HashMap::new();
-        let shares: Vec<ResourceShare> =
-            tx.list_obj(&Filter::account_and_reference(owner.id.as_str(), shared.as_str()))?;
-        for share in shares.iter().filter(|s| s.status == ShareStatus::Active && s.shares_configuration(shared)) {
+        for share in shares
+            .into_iter()
+            .filter(|s| s.account_id == owner.id && s.status == ShareStatus::Active && s.shares_configuration(shared))
+        {
             for p in &share.principals {
                 let accepted = sent.accepted.get(&(share.id.to_string(), p.clone())).copied().unwrap_or(false);
                 *principals.entry(p.clone()).or_default() |= accepted;
             }
         }
-        Ok(Self { owner: owner.id.clone(), owner_organization: owner.organization_id.clone(), principals })
+        Self { owner: owner.id.clone(), owner_organization: owner.organization_id.clone(), principals }
     }
 
     /// Whether `consumer` may use the configuration; reads the consumer's

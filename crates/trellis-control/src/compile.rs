@@ -10,7 +10,11 @@
 //! Cost follows the agent's own config: a gateway's compile is linear in the
 //! endpoints of its resources (their shares and invitations are loaded once
 //! per resource, see [`ShareIndex`]); an endpoint agent's is linear in its
-//! own endpoints and what was shared with its account.
+//! own endpoints and what was shared with its account. The store work of a
+//! gateway's *re*compile follows what changed: its long lists (endpoints,
+//! shares and invitations by reference) are kept decoded by the config cache
+//! between compilations and only the records written since are read again
+//! ([`crate::lists`]); what remains linear is work in memory.
 //!
 //! Authorization lives here as much as in the API: a gateway agent lets
 //! through exactly the endpoints listed in its config, so a revoked share, a
@@ -19,12 +23,13 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use trellis_model::{
     Access, Account, AccountId, Agent, AgentStatus, ConfigurationType, EndpointState, PrivateDnsPreference,
-    ProxyProtocol, ResourceConfiguration, ResourceConfigurationId, ResourceDefinition, ResourceGateway, ServiceState,
-    ServiceTarget, Subnet, VpcEndpoint, VpcEndpointService, interface_regional_name, is_reserved_dns_name,
-    name_is_under,
+    ProxyProtocol, ResourceConfiguration, ResourceConfigurationId, ResourceDefinition, ResourceGateway, ResourceShare,
+    ResourceShareInvitation, ServiceState, ServiceTarget, Subnet, VpcEndpoint, VpcEndpointService,
+    interface_regional_name, is_reserved_dns_name, name_is_under,
 };
 use trellis_proto::{
     AgentConfig, AllowedEndpoint, ConsumerVpc, DnsRecord, EndpointConfig, EndpointResource, GatewayResource,
@@ -75,9 +80,19 @@ pub fn listener_budget_exceeded<'a>(resources: impl IntoIterator<Item = &'a Reso
     })
 }
 
+/// Where the long lists of a gateway's compilation come from: the config
+/// cache's kept lists ([`crate::lists`]) at the snapshot's revision, or the store.
+#[derive(Clone, Copy)]
+pub struct KeptLists<'a> {
+    pub cache: &'a crate::configs::ConfigCache,
+    /// The revision of the snapshot the compilation reads.
+    pub revision: u64,
+}
+
 /// Memoized reads shared by the parts of one compilation.
 struct Snapshot<'a> {
     tx: &'a mut dyn Tx,
+    lists: Option<KeptLists<'a>>,
     accounts: HashMap<AccountId, Option<Account>>,
     agents_by_subnet: HashMap<String, Vec<Agent>>,
     sent: HashMap<AccountId, SentInvitations>,
@@ -85,9 +100,10 @@ struct Snapshot<'a> {
 }
 
 impl<'a> Snapshot<'a> {
-    fn new(tx: &'a mut dyn Tx) -> Self {
+    fn new(tx: &'a mut dyn Tx, lists: Option<KeptLists<'a>>) -> Self {
         Self {
             tx,
+            lists,
             accounts: HashMap::new(),
             agents_by_subnet: HashMap::new(),
             sent: HashMap::new(),
@@ -117,13 +133,27 @@ impl<'a> Snapshot<'a> {
         Ok(&self.agents_by_subnet[subnet_id])
     }
 
+    /// Records of `T` that reference `reference`, in id order: kept between
+    /// compilations when the config cache keeps lists, else from the store.
+    fn by_reference<T>(&mut self, reference: &str) -> Result<Vec<Arc<T>>, StoreError>
+    where
+        T: trellis_store::Object + Send + Sync + 'static,
+    {
+        match self.lists {
+            Some(kept) => kept.cache.by_reference(self.tx, kept.revision, reference),
+            None => Ok(self.tx.list_obj::<T>(&Filter::reference(reference))?.into_iter().map(Arc::new).collect()),
+        }
+    }
+
     /// Every consumer's access to `shared` (SINGLE or GROUP) of `owner`.
     fn share_index(&mut self, owner: &Account, shared: &ResourceConfigurationId) -> Result<ShareIndex, StoreError> {
         if !self.sent.contains_key(&owner.id) {
-            let sent = SentInvitations::load(self.tx, &owner.id)?;
+            let invitations = self.by_reference::<ResourceShareInvitation>(owner.id.as_str())?;
+            let sent = SentInvitations::new(&owner.id, invitations.iter().map(|i| &**i));
             self.sent.insert(owner.id.clone(), sent);
         }
-        ShareIndex::load(self.tx, owner, shared, &self.sent[&owner.id])
+        let shares = self.by_reference::<ResourceShare>(shared.as_str())?;
+        Ok(ShareIndex::new(owner, shared, shares.iter().map(|s| &**s), &self.sent[&owner.id]))
     }
 
     /// Domains `owner` verified (lower case).
@@ -147,12 +177,22 @@ impl<'a> Snapshot<'a> {
 /// gateway agents to tunnel to (own zone first). Output is sorted, so equal
 /// state compiles to an equal config.
 pub fn compile(tx: &mut dyn Tx, agent: &Agent, region: &str) -> Result<AgentConfig, StoreError> {
+    compile_with(tx, agent, region, None)
+}
+
+/// [`compile`], taking the long lists of a gateway from `lists` when given.
+pub fn compile_with(
+    tx: &mut dyn Tx,
+    agent: &Agent,
+    region: &str,
+    lists: Option<KeptLists<'_>>,
+) -> Result<AgentConfig, StoreError> {
     let subnet: Option<Subnet> = tx.get_obj(agent.subnet_id.as_str())?;
     let (zone, address_pool) = match &subnet {
         Some(s) => (s.zone.clone(), s.cidr_block.to_string()),
         None => (agent.zone.clone(), String::new()),
     };
-    let mut snap = Snapshot::new(tx);
+    let mut snap = Snapshot::new(tx, lists);
     let gateway = gateway_role(&mut snap, agent)?;
     let endpoints = endpoint_role(&mut snap, agent, &zone, region)?;
     Ok(AgentConfig {
@@ -205,7 +245,7 @@ fn gateway_role(snap: &mut Snapshot<'_>, agent: &Agent) -> Result<GatewayRole, S
         let configs: Vec<ResourceConfiguration> =
             snap.tx.list_obj(&Filter::account_and_reference(gw.account_id.as_str(), gw.id.as_str()))?;
         // Endpoints and shares are per shared configuration (a SINGLE, or the GROUP of CHILDren).
-        let mut per_shared: HashMap<ResourceConfigurationId, (Vec<VpcEndpoint>, ShareIndex)> = HashMap::new();
+        let mut per_shared: HashMap<ResourceConfigurationId, (Vec<Arc<VpcEndpoint>>, ShareIndex)> = HashMap::new();
         for config in configs {
             if !config.is_resource() || !compiles(config.status) || config.resource_gateway_id != gw.id {
                 continue;
@@ -220,19 +260,15 @@ fn gateway_role(snap: &mut Snapshot<'_>, agent: &Agent) -> Result<GatewayRole, S
             };
             let shared = shared_id(&config).clone();
             if !per_shared.contains_key(&shared) {
-                let endpoints: Vec<VpcEndpoint> = snap
-                    .tx
-                    .list_obj::<VpcEndpoint>(&Filter::reference(shared.as_str()))?
-                    .into_iter()
-                    .filter(|e| e.is_for_configuration(&shared))
-                    .collect();
+                let mut endpoints = snap.by_reference::<VpcEndpoint>(shared.as_str())?;
+                endpoints.retain(|e| e.is_for_configuration(&shared));
                 let shares = snap.share_index(&owner, &shared)?;
                 per_shared.insert(shared.clone(), (endpoints, shares));
             }
             let (endpoints, shares) = &per_shared[&shared];
             let mut allowed = Vec::new();
             for ep in endpoints {
-                if !ep.resource_ids().contains(&config.id) {
+                if !ep.reaches_resource(&config.id) {
                     continue;
                 }
                 if let Some(reason) = refusal(snap, ep, &config, shares)? {
@@ -334,7 +370,7 @@ fn services_role(
         if service.state != ServiceState::Available || !service.subnet_ids.contains(&agent.subnet_id) {
             continue;
         }
-        let endpoints: Vec<VpcEndpoint> = snap.tx.list_obj(&Filter::reference(service.id.as_str()))?;
+        let endpoints = snap.by_reference::<VpcEndpoint>(service.id.as_str())?;
         let mut allowed = Vec::new();
         for ep in endpoints.iter().filter(|e| e.service_id.as_ref() == Some(&service.id)) {
             match service_refusal(ep, &service) {

@@ -28,10 +28,11 @@ use tokio::sync::watch;
 use trellis_model::{Agent, AgentId};
 use trellis_proto::AgentConfig;
 use trellis_store::track::{Key, Mode, Tracked, Work};
-use trellis_store::{StoreError, Tx, TxExt};
+use trellis_store::{Filter, Object, StoreError, Tx, TxExt};
 
-use crate::compile::compile;
+use crate::compile::{KeptLists, compile_with};
 use crate::error::ApiError;
+use crate::lists::{Lists, Plan};
 use crate::pki::sha256_hex;
 use crate::state::AppState;
 
@@ -90,6 +91,23 @@ fn gzip(json: &[u8]) -> Result<Arc<[u8]>, ApiError> {
         .map_err(|e| ApiError::internal(format!("compressing a config: {e}")))
 }
 
+/// The JSON of `config` from the JSON of the same config with version 0:
+/// `version` is its first field, so only the number differs (encoded again
+/// if the prefix is not the expected one).
+fn versioned_json(unversioned: &[u8], config: &AgentConfig) -> Result<Arc<[u8]>, ApiError> {
+    const PREFIX: &[u8] = br#"{"version":0,"#;
+    match unversioned.strip_prefix(PREFIX) {
+        Some(rest) => {
+            let head = format!(r#"{{"version":{},"#, config.version);
+            let mut json = Vec::with_capacity(head.len() + rest.len());
+            json.extend_from_slice(head.as_bytes());
+            json.extend_from_slice(rest);
+            Ok(Arc::from(json))
+        }
+        None => encode(config),
+    }
+}
+
 /// The hash of a config's content: its JSON with version 0.
 pub fn content_sha256(config: &AgentConfig) -> Result<String, ApiError> {
     let unversioned = AgentConfig { version: 0, ..config.clone() };
@@ -139,6 +157,8 @@ struct Inner {
     log: VecDeque<(u64, Arc<HashSet<Key>>)>,
     /// Every commit up to this revision has left the log.
     log_floor: u64,
+    /// Long lists of gateway compilations, kept decoded and patched by writes.
+    lists: Lists,
 }
 
 impl Inner {
@@ -206,12 +226,43 @@ impl ConfigCache {
                 entry.bump();
             }
         }
+        inner.lists.mark(revision, &keys);
         inner.log.push_back((revision, Arc::new(keys)));
         while inner.log.len() > LOG_LEN {
             if let Some((r, _)) = inner.log.pop_front() {
                 inner.log_floor = inner.log_floor.max(r);
             }
         }
+    }
+
+    /// The records of `T` that reference `reference` as of a snapshot at
+    /// `revision` read through `tx`: from the kept list, re-reading only the
+    /// records written since (see [`crate::lists`]), or from the store (and
+    /// then kept). The read goes into `tx`'s read set either way.
+    pub fn by_reference<T>(&self, tx: &mut dyn Tx, revision: u64, reference: &str) -> Result<Vec<Arc<T>>, StoreError>
+    where
+        T: Object + Send + Sync + 'static,
+    {
+        // Declares the dependency on the list without reading a record.
+        tx.list(T::KIND, &Filter { reference: Some(reference), limit: Some(0), ..Filter::default() })?;
+        let plan = self.lock().lists.plan(T::KIND, reference, revision);
+        if let Plan::Refresh(ids) = plan {
+            let mut reread = Vec::with_capacity(ids.len());
+            for id in ids {
+                let value = tx.get_obj::<T>(&id)?.filter(|o| o.refs().iter().any(|r| r == reference));
+                reread.push((id, value.map(|o| Arc::new(o) as Arc<dyn std::any::Any + Send + Sync>)));
+            }
+            if let Some(list) = self.lock().lists.finish(T::KIND, reference, revision, reread) {
+                return Ok(list.into_iter().filter_map(|d| d.downcast::<T>().ok()).collect());
+            }
+        }
+        let records: Vec<Arc<T>> = tx.list_obj::<T>(&Filter::reference(reference))?.into_iter().map(Arc::new).collect();
+        let mut inner = self.lock();
+        let later = (revision >= inner.log_floor)
+            .then(|| inner.log.iter().filter(|(r, _)| *r > revision).cloned().collect::<Vec<_>>());
+        let decoded = records.iter().map(|o| (o.id().to_string(), o.clone() as Arc<dyn std::any::Any + Send + Sync>));
+        inner.lists.keep(T::KIND, reference, revision, decoded, later);
+        Ok(records)
     }
 
     /// Subscribes to changes of `agent`'s entry (stale, recompiled).
@@ -313,14 +364,17 @@ impl ConfigCache {
         let stale = inner.changed_since(revision, &deps);
         let previous = inner.entries.get(agent.as_str()).and_then(|e| e.compiled.clone());
         let outcome = (|| -> Result<Compiled, ApiError> {
-            let content_sha256 = content_sha256(&config)?;
+            // The content to hash: the JSON with version 0 (compiled configs have it already).
+            let config = AgentConfig { version: 0, ..config };
+            let unversioned = encode(&config)?;
+            let content_sha256 = sha256_hex(&unversioned);
             let version = match &previous {
                 Some(p) if p.content_sha256 == content_sha256 => p.version(),
                 Some(p) => next_version(revision, Some(p.version())),
                 None => next_version(revision, None),
             };
             let config = AgentConfig { version, ..config };
-            let json = encode(&config)?;
+            let json = versioned_json(&unversioned, &config)?;
             Ok(Compiled { config: Arc::new(config), gzip: gzip(&json)?, json, content_sha256, revision, work })
         })();
         // The agent was deleted while it compiled: nothing to keep.
@@ -367,10 +421,12 @@ fn next_version(revision: u64, previous: Option<u64>) -> u64 {
 async fn compile_now(state: &AppState, agent: &AgentId) -> Result<(AgentConfig, HashSet<Key>, Work, u64), ApiError> {
     let region = state.region().to_string();
     let agent = agent.clone();
+    let configs = state.configs.clone();
     state
         .read(move |tx| {
             let revision = tx.revision()?;
-            let (config, keys, work) = compile_tracked(tx, &agent, &region)?;
+            let kept = KeptLists { cache: &configs, revision };
+            let (config, keys, work) = compile_tracked(tx, &agent, &region, Some(kept))?;
             Ok((config, keys, work, revision))
         })
         .await
@@ -381,12 +437,13 @@ pub fn compile_tracked(
     tx: &mut dyn Tx,
     agent_id: &AgentId,
     region: &str,
+    lists: Option<KeptLists<'_>>,
 ) -> Result<(AgentConfig, HashSet<Key>, Work), ApiError> {
     let mut tracked = Tracked::new(tx, Mode::Reads);
     let agent: Agent = tracked
         .get_obj(agent_id.as_str())?
         .ok_or_else(|| ApiError::unauthorized("this agent was deleted; enroll again with a new join token"))?;
-    let config = compile(&mut tracked, &agent, region).map_err(|e: StoreError| ApiError::from(e))?;
+    let config = compile_with(&mut tracked, &agent, region, lists).map_err(|e: StoreError| ApiError::from(e))?;
     let (keys, work) = tracked.finish();
     Ok((config, keys, work))
 }
@@ -394,6 +451,16 @@ pub fn compile_tracked(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_versioned_config_is_encoded_as_a_whole_encode_would() {
+        let config = AgentConfig { agent_id: "agent-1".into(), zone: "z1".into(), ..AgentConfig::default() };
+        let unversioned = encode(&config).unwrap();
+        for version in [1, 42, u64::MAX] {
+            let versioned = AgentConfig { version, ..config.clone() };
+            assert_eq!(versioned_json(&unversioned, &versioned).unwrap(), encode(&versioned).unwrap());
+        }
+    }
 
     #[test]
     fn versions_are_never_zero_and_never_repeat_the_previous_one() {

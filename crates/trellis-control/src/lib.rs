@@ -18,6 +18,7 @@ pub mod conn_limits;
 pub mod data_dir;
 pub mod domain_verification;
 pub mod error;
+mod lists;
 pub mod notify;
 pub mod pki;
 pub mod rate;

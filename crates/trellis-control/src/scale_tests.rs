@@ -311,19 +311,15 @@ async fn a_share_deletion_costs_work_in_proportion_to_what_it_affects() {
     }
     // The deletion touches one share, its invitation and its consumer's endpoint: constant.
     assert_eq!(small.delete_operations, large.delete_operations, "the DELETE grew with N: {small:?} {large:?}");
-    // The recompiles read the gateway's endpoints and shares (linear in them) and the consumer's few objects.
-    let ratio = |a: u64, b: u64| a as f64 / b as f64;
-    let growth = ratio(large.gateway_endpoints as u64, small.gateway_endpoints as u64);
-    for (what, s, l) in [
-        ("operations", small.compile_operations, large.compile_operations),
-        ("records", small.compile_records, large.compile_records),
-    ] {
-        assert!(
-            ratio(l, s) <= growth * 1.1,
-            "recompile {what} grew {:.1}x for {growth:.0}x the gateway's endpoints: {small:?} {large:?}",
-            ratio(l, s)
-        );
-    }
+    // The recompiles re-read what the deletion wrote, not the gateway's thousands of
+    // endpoints, shares and invitations (kept between compilations): constant in N.
+    assert_eq!(
+        (small.compile_operations, small.compile_records),
+        (large.compile_operations, large.compile_records),
+        "the recompiles' store work grew with N: {small:?} {large:?}"
+    );
+    assert!(large.compile_records < 50, "the recompiles read {} records", large.compile_records);
+    assert_eq!((small.gateway_endpoints, large.gateway_endpoints), (200, 2_000));
 }
 
 /// Writes that keep touching what the gateway's config reads (a provider's
@@ -374,4 +370,90 @@ async fn a_steady_stream_of_writes_does_not_starve_a_config() {
     stop.store(true, Ordering::Relaxed);
     let writes = writer.await.unwrap();
     assert!(writes > 3, "the writer kept writing meanwhile ({writes} writes)");
+}
+
+/// Where a gateway compile's time goes at N = 5,000 (run by hand, in release:
+/// `cargo test --release -p trellis-control gateway_compile_profile -- --ignored --nocapture`).
+#[test]
+#[ignore]
+fn gateway_compile_profile() {
+    let store = SqliteStore::open_in_memory().unwrap();
+    let world = build(&store, 5_000);
+    let db_id = {
+        let mut id = String::new();
+        store
+            .read(&mut |tx| {
+                id = tx.list_obj::<ResourceConfiguration>(&Filter::default())?[0].id.to_string();
+                Ok(())
+            })
+            .unwrap();
+        id
+    };
+    store
+        .read(&mut |tx| {
+            for kind in ["vpc-endpoint", "resource-share", "resource-share-invitation"] {
+                let t = std::time::Instant::now();
+                let raw = tx.list(kind, &Filter::reference(&db_id))?;
+                let raw_t = t.elapsed();
+                eprintln!("{kind}: {} raw records by reference {raw_t:?}", raw.len());
+            }
+            let t = std::time::Instant::now();
+            let eps = tx.list_obj::<VpcEndpoint>(&Filter::reference(&db_id))?;
+            eprintln!("typed endpoints {} {:?}", eps.len(), t.elapsed());
+            let t = std::time::Instant::now();
+            let raw = tx.list("vpc-endpoint", &Filter::default())?;
+            eprintln!("all endpoints raw {} {:?}", raw.len(), t.elapsed());
+            let t = std::time::Instant::now();
+            let n = raw.iter().filter(|r| serde_json::from_str::<VpcEndpoint>(&r.body).is_ok()).count();
+            eprintln!("decode {n} {:?}", t.elapsed());
+            Ok(())
+        })
+        .unwrap();
+    let cache = crate::configs::ConfigCache::new(store.revision().unwrap());
+    let mut best = [std::time::Duration::MAX; 4];
+    for round in 0..16 {
+        if round > 0 {
+            // One consumer's endpoint changes, as an endpoint create or state change does.
+            let (revision, keys) = trellis_store::write_with(&store, |tx| {
+                let start = tx.revision()?;
+                let mut tracked = trellis_store::track::Tracked::new(tx, trellis_store::track::Mode::Writes);
+                let ep = tracked.list_obj::<VpcEndpoint>(&Filter::reference(&db_id))?.swap_remove(round);
+                tracked.update_obj(&ep)?;
+                Ok::<_, StoreError>((start + 1, tracked.finish().0))
+            })
+            .unwrap();
+            cache.invalidate(revision, keys);
+        }
+        let t = std::time::Instant::now();
+        let mut out = None;
+        store
+            .read(&mut |tx| {
+                let revision = tx.revision()?;
+                let kept = crate::compile::KeptLists { cache: &cache, revision };
+                out = Some(crate::configs::compile_tracked(tx, &world.gateway_agent, REGION, Some(kept)).unwrap());
+                Ok(())
+            })
+            .unwrap();
+        let compiled = t.elapsed();
+        let (config, _, work) = out.unwrap();
+        let t = std::time::Instant::now();
+        let json = serde_json::to_vec(&config).unwrap();
+        let encoded = t.elapsed();
+        let t = std::time::Instant::now();
+        let _ = crate::pki::sha256_hex(&json);
+        let hashed = t.elapsed();
+        let t = std::time::Instant::now();
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        std::io::Write::write_all(&mut gz, &json).unwrap();
+        let gzipped = gz.finish().unwrap().len();
+        let zipped = t.elapsed();
+        if round == 0 {
+            eprintln!("cold: compile {compiled:?} ({work:?}), json {} bytes, gzip {gzipped} bytes", json.len());
+        } else {
+            for (b, d) in best.iter_mut().zip([compiled, encoded, hashed, zipped]) {
+                *b = (*b).min(d);
+            }
+        }
+    }
+    eprintln!("warm, best of 15: compile {:?}, json {:?}, sha256 {:?}, gzip {:?}", best[0], best[1], best[2], best[3]);
 }

@@ -495,6 +495,11 @@ impl VpcEndpoint {
         ids
     }
 
+    /// Whether `resource` is one of [`VpcEndpoint::resource_ids`] (without collecting them).
+    pub fn reaches_resource(&self, resource: &ResourceConfigurationId) -> bool {
+        self.dns_entries.iter().any(|e| e.resource_configuration_id.as_ref() == Some(resource))
+    }
+
     /// Whether this is a `Resource` endpoint to `config` (a SINGLE or GROUP id).
     pub fn is_for_configuration(&self, config: &ResourceConfigurationId) -> bool {
         self.resource_configuration_id.as_ref() == Some(config)
