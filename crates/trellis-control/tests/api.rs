@@ -1072,12 +1072,23 @@ async fn the_share_rate_limit_follows_the_server_setting() {
         let owner = api.account("acme").await;
         let consumer = api.account("globex").await;
         let body = json!({"name": "s", "resourceArns": [], "principals": [consumer.id]});
+        let started = std::time::Instant::now();
         for i in 0..burst {
             let (status, v) = api.post("/v1/resourceshares", &owner.key, body.clone()).await;
             assert_eq!(status, StatusCode::CREATED, "share {i} of a burst of {burst}: {v}");
         }
-        let (status, v) = api.post("/v1/resourceshares", &owner.key, body).await;
-        assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{v}");
+        // On a slow machine the bucket refills while the burst runs: those shares pass too.
+        let mut refilled = 0;
+        let v = loop {
+            let (status, v) = api.post("/v1/resourceshares", &owner.key, body.clone()).await;
+            if status == StatusCode::TOO_MANY_REQUESTS {
+                break v;
+            }
+            assert_eq!(status, StatusCode::CREATED, "{v}");
+            refilled += 1;
+            let earned = started.elapsed().as_secs_f64() * f64::from(per_minute) / 60.0;
+            assert!(f64::from(refilled) <= earned + 1.0, "{refilled} shares past the burst, {earned:.1} earned");
+        };
         assert!(s(&v["message"]).contains(&format!("faster than {per_minute} a minute")), "{v}");
     }
 }
