@@ -21,6 +21,7 @@ pub mod error;
 pub mod notify;
 pub mod pki;
 pub mod rate;
+pub mod relays;
 pub mod server;
 pub mod state;
 pub mod tls;
