@@ -151,3 +151,186 @@ mod tests {
         assert_eq!(t.server_name, relay_server_name(relays[0].id.as_str()));
     }
 }
+
+#[cfg(test)]
+mod compile_tests {
+    use super::tests::relay;
+    use super::*;
+    use crate::agents::records::{AgentRuntime, RevokedCert};
+    use crate::agents::tests::{REGION, World, agent, t0};
+    use trellis_model::AgentId;
+    use trellis_proto::AgentConfig;
+    use trellis_store::sqlite::SqliteStore;
+    use trellis_store::{read_with, write_with};
+
+    fn agent_config(store: &SqliteStore, id: &AgentId) -> (AgentConfig, HashSet<Key>) {
+        read_with(store, |tx| {
+            let (config, keys, _) = <AgentConfig as ConfigKind>::compile_tracked(tx, id, REGION)?;
+            Ok::<_, ApiError>((config, keys))
+        })
+        .unwrap()
+    }
+
+    fn relay_config(store: &SqliteStore, id: &RelayId) -> (RelayConfig, HashSet<Key>) {
+        read_with(store, |tx| {
+            let (config, keys, _) = <RelayConfig as ConfigKind>::compile_tracked(tx, id, REGION)?;
+            Ok::<_, ApiError>((config, keys))
+        })
+        .unwrap()
+    }
+
+    /// The keys a write touches (what it would invalidate).
+    fn writes(store: &SqliteStore, mut f: impl FnMut(&mut dyn Tx) -> Result<(), StoreError>) -> HashSet<Key> {
+        write_with(store, |tx| {
+            let mut t = Tracked::new(tx, Mode::Writes);
+            f(&mut t)?;
+            Ok::<_, StoreError>(t.finish().0)
+        })
+        .unwrap()
+    }
+
+    fn wakes(write: &HashSet<Key>, read: &HashSet<Key>) -> bool {
+        write.iter().any(|k| read.contains(k))
+    }
+
+    /// The world with its z2 gateway agent outbound-only and relays in z1, z2 and (offline) z3.
+    fn world_with_relays() -> (World, SqliteStore, [Relay; 3]) {
+        let mut w = World::new();
+        w.gw_agents[1].advertise = None;
+        w.gw_agents[1].outbound_only = true;
+        let store = w.store();
+        let relays = [
+            relay(1, "z1", AgentStatus::Online),
+            relay(2, "z2", AgentStatus::Online),
+            relay(3, "z3", AgentStatus::Offline),
+        ];
+        write_with(&store, |tx| relays.iter().try_for_each(|r| tx.insert_obj(r))).unwrap();
+        (w, store, relays)
+    }
+
+    fn ids(targets: &[RelayTarget]) -> Vec<&str> {
+        targets.iter().map(|t| t.relay_id.as_str()).collect()
+    }
+
+    #[test]
+    fn an_outbound_only_gateway_agent_gets_relays_and_endpoints_reach_it_through_them() {
+        let (w, store, [r1, r2, _offline]) = world_with_relays();
+        let (gw, _) = agent_config(&store, &w.gw_agents[1].id);
+        assert_eq!(ids(&gw.relays), [r2.id.as_str(), r1.id.as_str()], "own zone (z2) first, no offline relay");
+        assert!(
+            agent_config(&store, &w.gw_agents[0].id).0.relays.is_empty(),
+            "an agent with a listener attaches nowhere"
+        );
+
+        // The consumer's endpoint agent (z1): the direct agent as before, the
+        // outbound-only one through the same relays, its own zone (z1) first.
+        let (consumer, _) = agent_config(&store, &w.consumer_agents[0].id);
+        let targets = &consumer.endpoints[0].resources[0].gateways;
+        assert_eq!(targets.len(), 2, "{targets:?}");
+        let direct = targets.iter().find(|t| t.agent_id == w.gw_agents[0].id.as_str()).unwrap();
+        assert_eq!((direct.address.as_str(), direct.relays.len()), ("192.0.2.1:7443", 0));
+        let relayed = targets.iter().find(|t| t.agent_id == w.gw_agents[1].id.as_str()).unwrap();
+        assert_eq!(relayed.address, "", "no direct path");
+        assert_eq!(ids(&relayed.relays), [r1.id.as_str(), r2.id.as_str()]);
+
+        // Without any online relay, the outbound-only agent is no target at all.
+        write_with(&store, |tx| {
+            tx.delete_obj::<Relay>(r1.id.as_str())?;
+            tx.delete_obj::<Relay>(r2.id.as_str()).map(drop)
+        })
+        .unwrap();
+        let (consumer, _) = agent_config(&store, &w.consumer_agents[0].id);
+        let targets = &consumer.endpoints[0].resources[0].gateways;
+        assert_eq!(targets.iter().map(|t| t.agent_id.as_str()).collect::<Vec<_>>(), [w.gw_agents[0].id.as_str()]);
+    }
+
+    #[test]
+    fn a_relays_config_lists_exactly_the_outbound_only_agents_attached_to_it() {
+        let (w, store, [r1, r2, offline]) = world_with_relays();
+        let gateway = RelayGateway {
+            agent_id: w.gw_agents[1].id.to_string(),
+            account_id: w.owner.id.to_string(),
+            vpc_id: w.owner_vpc.id.to_string(),
+        };
+        for r in [&r1, &r2] {
+            let (config, _) = relay_config(&store, &r.id);
+            assert_eq!(config.gateways, vec![gateway.clone()], "relay of {}", r.zone);
+            assert_eq!((config.relay_id.as_str(), config.zone.as_str()), (r.id.as_str(), r.zone.as_str()));
+        }
+        assert!(relay_config(&store, &offline.id).0.gateways.is_empty(), "an offline relay serves nobody");
+
+        // Five online relays: the agent attaches to four, the fifth serves nobody.
+        let more = [
+            relay(4, "z4", AgentStatus::Online),
+            relay(5, "z5", AgentStatus::Online),
+            relay(6, "z6", AgentStatus::Online),
+        ];
+        write_with(&store, |tx| more.iter().try_for_each(|r| tx.insert_obj(r))).unwrap();
+        let serving: Vec<_> = [&r1, &r2, &more[0], &more[1], &more[2]]
+            .into_iter()
+            .filter(|r| !relay_config(&store, &r.id).0.gateways.is_empty())
+            .map(|r| r.zone.clone())
+            .collect();
+        assert_eq!(serving, ["z1", "z2", "z4", "z5"]);
+
+        // Revoked certificates travel to every relay.
+        let revoked = RevokedCert {
+            id: "ab".repeat(32),
+            account_id: w.consumer.id.clone(),
+            vpc_id: w.consumer_vpc.id.clone(),
+            agent_id: w.consumer_agents[1].id.clone(),
+            not_after: t0(),
+        };
+        write_with(&store, |tx| tx.insert_obj(&revoked)).unwrap();
+        assert_eq!(relay_config(&store, &r1.id).0.revoked_certs, vec![revoked.id.clone()]);
+    }
+
+    #[test]
+    fn unrelated_writes_wake_no_relay_and_relay_writes_wake_only_who_uses_relays() {
+        let (w, store, [r1, ..]) = world_with_relays();
+        let (_, relay_reads) = relay_config(&store, &r1.id);
+        let (_, direct_gw_reads) = agent_config(&store, &w.gw_agents[0].id);
+        let (_, outbound_reads) = agent_config(&store, &w.gw_agents[1].id);
+        let (_, consumer_reads) = agent_config(&store, &w.consumer_agents[0].id);
+        let (_, idle_consumer_reads) = agent_config(&store, &w.consumer_agents[1].id);
+
+        // Writes that have nothing to do with relays.
+        let mut direct = w.gw_agents[0].clone();
+        direct.status = AgentStatus::Offline;
+        let unrelated = [
+            writes(&store, |tx| tx.update_obj(&direct)),
+            writes(&store, |tx| tx.insert_obj(&agent(&w.owner_subnets[0], 40, Some("192.0.2.40:7443")))),
+            writes(&store, |tx| {
+                tx.insert_obj(&AgentRuntime {
+                    id: w.gw_agents[1].id.clone(),
+                    account_id: w.owner.id.clone(),
+                    boot_id: Some("b".into()),
+                    last_seen_at: Some(t0()),
+                    config_version: 1,
+                })
+            }),
+            writes(&store, |tx| {
+                let mut ep = w.endpoint.clone();
+                ep.state = trellis_model::EndpointState::Available;
+                tx.update_obj(&ep)
+            }),
+        ];
+        for (i, keys) in unrelated.iter().enumerate() {
+            assert!(!wakes(keys, &relay_reads), "write {i} wakes a relay: {keys:?}");
+        }
+
+        // A new relay wakes the relays, the outbound-only agent and the endpoint agent reaching it; not the others.
+        let new_relay = writes(&store, |tx| tx.insert_obj(&relay(7, "z1", AgentStatus::Online)));
+        assert!(wakes(&new_relay, &relay_reads));
+        assert!(wakes(&new_relay, &outbound_reads));
+        assert!(wakes(&new_relay, &consumer_reads));
+        assert!(!wakes(&new_relay, &direct_gw_reads), "an agent with a listener does not read relays");
+        assert!(!wakes(&new_relay, &idle_consumer_reads), "an agent with no outbound-only target does not either");
+
+        // An agent turning outbound-only wakes the relays.
+        let mut turning = w.gw_agents[0].clone();
+        turning.advertise = None;
+        turning.outbound_only = true;
+        assert!(wakes(&writes(&store, |tx| tx.update_obj(&turning)), &relay_reads));
+    }
+}
