@@ -14,9 +14,9 @@ use reqwest::Url;
 use trellis_proto::join_token::JoinToken;
 
 use crate::nouns::{
-    AccountVerb, AgentTokenVerb, AgentVerb, RelayTokenVerb, RelaysVerb, ConnectionNotificationVerb, DomainVerificationVerb, EndpointServiceVerb,
-    InvitationVerb, OrganizationVerb, ResourceConfigurationVerb, ResourceGatewayVerb, ResourceShareVerb, SubnetVerb,
-    VpcEndpointVerb, VpcVerb,
+    AccountVerb, AgentTokenVerb, AgentVerb, ConnectionNotificationVerb, DomainVerificationVerb, EndpointServiceVerb,
+    InvitationVerb, OrganizationVerb, RelayTokenVerb, RelaysVerb, ResourceConfigurationVerb, ResourceGatewayVerb,
+    ResourceShareVerb, SubnetVerb, VpcEndpointVerb, VpcVerb,
 };
 use crate::secret::ApiKey;
 

@@ -70,30 +70,29 @@ pub(super) async fn config(
 /// The long-poll of `id`'s config of kind `C` (an agent's, a relay's).
 pub(crate) async fn long_poll<C: ConfigKind>(
     state: &AppState,
-    id: &C::Id,
+    agent_id: &C::Id,
     shutdown: Option<Extension<ShutdownSignal>>,
     headers: &HeaderMap,
     query: &ConfigQuery,
 ) -> Result<Response, ApiError> {
-    let (state, agent_id) = (state.clone(), id);
     let shutdown = shutdown.map(|Extension(ShutdownSignal(token))| token).unwrap_or_default();
     let after = query.after.unwrap_or(0);
     let wait = Duration::from_secs(query.wait_seconds.unwrap_or(DEFAULT_WAIT_SECONDS).min(MAX_WAIT_SECONDS));
     let deadline = tokio::time::Instant::now() + wait;
-    let mut changed = C::cache(&state).subscribe(agent_id);
+    let mut changed = C::cache(state).subscribe(agent_id);
     // Mark the entry's state seen before reading it, so a change that lands
     // meanwhile wakes the wait below. The first answer does not wait for the
     // deadline (an agent that is behind gets its config at once, even with
     // waitSeconds=0); only the waiting for a change does.
     changed.borrow_and_update();
-    let first = differing::<C>(&state, agent_id, after, query.have.as_deref()).await?;
+    let first = differing::<C>(state, agent_id, after, query.have.as_deref()).await?;
     let waited = async {
         loop {
             if changed.changed().await.is_err() {
                 return Ok(None);
             }
             changed.borrow_and_update();
-            if let Some(compiled) = differing::<C>(&state, agent_id, after, query.have.as_deref()).await? {
+            if let Some(compiled) = differing::<C>(state, agent_id, after, query.have.as_deref()).await? {
                 return Ok::<_, ApiError>(Some(compiled));
             }
         }
