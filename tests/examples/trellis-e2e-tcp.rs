@@ -5,8 +5,9 @@
 //!   answer each with REPLY and a newline, then close it.
 //! - `trellis-e2e-tcp echo ADDR`: accept connections on ADDR forever; send
 //!   back every byte each one sends until it half-closes, then close it.
-//! - `trellis-e2e-tcp probe ADDR`: connect (5 s timeout), print everything the
-//!   server sends until it closes; exit 1 with the error on failure.
+//! - `trellis-e2e-tcp probe ADDR [TIMEOUT_MS]`: connect (default timeout 5 s),
+//!   print everything the server sends until it closes; exit 1 with the error
+//!   on failure.
 #![forbid(unsafe_code)]
 
 use std::io::{Read, Write};
@@ -44,9 +45,9 @@ fn echo(addr: SocketAddr) -> std::io::Result<()> {
     Ok(())
 }
 
-fn probe(addr: SocketAddr) -> std::io::Result<String> {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+fn probe(addr: SocketAddr, timeout: Duration) -> std::io::Result<String> {
+    let mut stream = TcpStream::connect_timeout(&addr, timeout)?;
+    stream.set_read_timeout(Some(timeout))?;
     let mut out = String::new();
     stream.read_to_string(&mut out)?;
     Ok(out)
@@ -58,10 +59,16 @@ fn main() -> ExitCode {
     let result = match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
         ["serve", addr, reply] => parse(addr).and_then(|a| serve(a, reply).map_err(|e| format!("serve {a}: {e}"))),
         ["echo", addr] => parse(addr).and_then(|a| echo(a).map_err(|e| format!("echo {a}: {e}"))),
-        ["probe", addr] => {
-            parse(addr).and_then(|a| probe(a).map(|out| print!("{out}")).map_err(|e| format!("probe {a}: {e}")))
+        ["probe", addr, rest @ ..] if rest.len() <= 1 => {
+            let timeout = match rest.first() {
+                Some(ms) => ms.parse().map(Duration::from_millis).map_err(|e| format!("bad timeout {ms:?}: {e}")),
+                None => Ok(Duration::from_secs(5)),
+            };
+            timeout.and_then(|t| {
+                parse(addr).and_then(|a| probe(a, t).map(|out| print!("{out}")).map_err(|e| format!("probe {a}: {e}")))
+            })
         }
-        _ => Err("usage: trellis-e2e-tcp serve ADDR REPLY | echo ADDR | probe ADDR".to_string()),
+        _ => Err("usage: trellis-e2e-tcp serve ADDR REPLY | echo ADDR | probe ADDR [TIMEOUT_MS]".to_string()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

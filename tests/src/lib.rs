@@ -34,7 +34,7 @@ pub use api::{Api, Response};
 pub use cli::Cli;
 pub use control::{Account, ControlPlane};
 pub use flow::Tenant;
-pub use netns::{Lab, Netns, Site};
+pub use netns::{Lab, NatSite, Netns, Site};
 pub use pair::{LoopbackPair, PairOptions};
 pub use postgres::Postgres;
 pub use process::Proc;

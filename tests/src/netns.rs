@@ -7,6 +7,12 @@
 //! `/24` of 100.64.0.0/10 (the backbone). Nothing else connects the sites: a
 //! site's own addresses (its "VPC", e.g. 10.0.0.0/24 on `lo`) are invisible to
 //! the others, so two sites may use the same CIDR, as real VPCs do.
+//!
+//! A NAT site ([`Lab::add_nat_site`]) is a site behind a router namespace, as
+//! most customer networks are: the router has the backbone address, the site
+//! only a LAN address behind it; the router masquerades what the site sends
+//! and lets nothing new in (nftables), so the site can open connections out
+//! but nobody can open one to it.
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
@@ -80,6 +86,22 @@ impl Netns {
         self.etc_dir = Some(dir.clone());
         let path = dir.join(file);
         std::fs::write(&path, content).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+    }
+
+    /// Loads nftables `rules` (the text of an `nft -f` file) inside the namespace.
+    pub fn nft(&self, rules: &str) {
+        use std::io::Write;
+        let mut child = self
+            .command("nft")
+            .args(["-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("run nft in {}: {e} (is Debian's nftables installed?)", self.name));
+        child.stdin.take().expect("piped stdin").write_all(rules.as_bytes()).expect("write the nft rules");
+        let out = child.wait_with_output().expect("wait for nft");
+        assert!(out.status.success(), "nft in {}: {}\n{rules}", self.name, String::from_utf8_lossy(&out.stderr));
     }
 
     /// Runs `sysctl -w key=value` inside the namespace.
@@ -159,6 +181,90 @@ impl Lab {
         ns.ip(&["addr", "add", &format!("{addr}/24"), "dev", "eth0"]);
         ns.ip(&["link", "set", "eth0", "up"]);
         Site { ns, backbone_addr: addr }
+    }
+}
+
+/// A site behind a NAT router: the site namespace has only a LAN address
+/// and a default route to the router; the router namespace holds the
+/// site's one backbone address.
+pub struct NatSite {
+    /// The site's own network (where its agent runs).
+    pub ns: Netns,
+    /// The NAT router between the site's LAN and the backbone.
+    pub router: Netns,
+    /// The site's address on its LAN (unreachable from outside).
+    pub lan_addr: Ipv4Addr,
+    /// The router's LAN address (the site's default gateway).
+    pub gateway_addr: Ipv4Addr,
+    /// The router's address on the backbone: what others see the site's connections come from.
+    pub public_addr: Ipv4Addr,
+}
+
+/// The router's rules: masquerade what leaves through the backbone; forward
+/// what the LAN opens and the answers to it, nothing else.
+const NAT_RULES: &str = "\
+table ip nat {
+    chain postrouting {
+        type nat hook postrouting priority srcnat; policy accept;
+        oifname \"wan\" masquerade
+    }
+}
+table inet filter {
+    chain forward_lan {
+        type filter hook forward priority filter; policy drop;
+        ct state established,related accept
+        iifname \"lan\" accept
+    }
+}
+";
+
+impl Lab {
+    /// Creates a site `<prefix>-<random>` behind a NAT router namespace
+    /// (`<prefix>r-<random>`) attached to the backbone. The LAN is
+    /// `192.168.H.0/24` (H: the router's host number on the backbone), the
+    /// router `.1`, the site `.2`.
+    pub fn add_nat_site(&mut self, prefix: &str) -> NatSite {
+        let host = self.next_host;
+        self.next_host += 1;
+        let router = Netns::new(&format!("{prefix}r"));
+        let port = format!("s{host}");
+        self.backbone.ip(&["link", "add", &port, "type", "veth", "peer", "name", "wan", "netns", router.name()]);
+        self.backbone.ip(&["link", "set", &port, "master", "br0", "up"]);
+        let public_addr = Ipv4Addr::new(self.net[0], self.net[1], self.net[2], host);
+        router.ip(&["addr", "add", &format!("{public_addr}/24"), "dev", "wan"]);
+        router.ip(&["link", "set", "wan", "up"]);
+
+        let ns = Netns::new(prefix);
+        let gateway_addr = Ipv4Addr::new(192, 168, host, 1);
+        let lan_addr = Ipv4Addr::new(192, 168, host, 2);
+        router.ip(&["link", "add", "lan", "type", "veth", "peer", "name", "eth0", "netns", ns.name()]);
+        router.ip(&["addr", "add", &format!("{gateway_addr}/24"), "dev", "lan"]);
+        router.ip(&["link", "set", "lan", "up"]);
+        ns.ip(&["addr", "add", &format!("{lan_addr}/24"), "dev", "eth0"]);
+        ns.ip(&["link", "set", "eth0", "up"]);
+        ns.ip(&["route", "add", "default", "via", &gateway_addr.to_string()]);
+        router.sysctl("net.ipv4.ip_forward=1");
+        router.nft(NAT_RULES);
+        NatSite { ns, router, lan_addr, gateway_addr, public_addr }
+    }
+}
+
+impl NatSite {
+    /// `ip netns exec <site> <program>`.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        self.ns.command(program)
+    }
+
+    /// Gives the site a "LAN" address on its loopback (`ip addr add A/32 dev lo`).
+    pub fn add_local_address(&self, addr: IpAddr) {
+        let prefix = if addr.is_ipv4() { 32 } else { 128 };
+        self.ns.ip(&["addr", "add", &format!("{addr}/{prefix}"), "dev", "lo"]);
+    }
+
+    /// The site's LAN, `192.168.H.0/24`.
+    pub fn lan_cidr(&self) -> String {
+        let [a, b, c, _] = self.lan_addr.octets();
+        format!("{a}.{b}.{c}.0/24")
     }
 }
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use trellis_e2e::net::free_port;
 use trellis_e2e::postgres::{FRUITS, FRUITS_QUERY, PgSession, psql};
-use trellis_e2e::{Lab, Postgres, Proc, bins, require_root};
+use trellis_e2e::{Lab, NatSite, Postgres, Proc, Site, bins, require_root};
 
 const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 
@@ -76,4 +76,58 @@ fn lab_sites_with_the_same_cidr_are_isolated_and_meet_only_on_the_backbone() {
     for name in names {
         assert!(!list.contains(&name), "namespace {name} was deleted on drop");
     }
+}
+
+/// Probes `addr` from inside `ns` with the TCP helper: what the server sent, or the error.
+fn probe_from(ns: &trellis_e2e::Netns, addr: &str, timeout_ms: u64) -> Result<String, String> {
+    let out = ns.command(bins::tcp_helper()).args(["probe", addr, &timeout_ms.to_string()]).output().unwrap();
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+    }
+}
+
+#[test]
+fn a_nat_site_opens_connections_out_and_accepts_none_in() {
+    require_root!();
+    let mut lab = Lab::new();
+    let nat: NatSite = lab.add_nat_site("trhn");
+    let outside: Site = lab.add_site("trho");
+    let logs = tempfile::tempdir().unwrap();
+    let serve = |ns: &trellis_e2e::Netns, name: &str, addr: String, reply: &str| {
+        let mut cmd = ns.command(bins::tcp_helper());
+        cmd.args(["serve", &addr, reply]);
+        let mut p = Proc::spawn(name, cmd, logs.path());
+        p.wait_for_line("listening", Duration::from_secs(10), |l| l.starts_with("listening on").then_some(()));
+        p
+    };
+    let _outside_server = serve(&outside.ns, "serve-outside", format!("{}:7002", outside.backbone_addr), "outside");
+    let _inside_server = serve(&nat.ns, "serve-inside", format!("{}:7003", nat.lan_addr), "inside");
+
+    // Out: the site reaches another site on the backbone.
+    assert_eq!(probe_from(&nat.ns, &format!("{}:7002", outside.backbone_addr), 5000).as_deref(), Ok("outside"));
+    // ... and the root namespace, which sees the router's address (masquerade), not the LAN's.
+    let listener = std::net::TcpListener::bind(SocketAddr::new(IpAddr::V4(lab.root_addr()), 0)).unwrap();
+    let root_port = listener.local_addr().unwrap().port();
+    let accepted = std::thread::spawn(move || {
+        let (mut stream, peer) = listener.accept().unwrap();
+        std::io::Write::write_all(&mut stream, b"root\n").unwrap();
+        peer.ip()
+    });
+    assert_eq!(probe_from(&nat.ns, &format!("{}:{root_port}", lab.root_addr()), 5000).as_deref(), Ok("root"));
+    assert_eq!(accepted.join().unwrap(), IpAddr::V4(nat.public_addr), "the router masquerades the site");
+
+    // In: the site's own listener answers inside the site ...
+    let inside = format!("{}:7003", nat.lan_addr);
+    assert_eq!(probe_from(&nat.ns, &inside, 5000).as_deref(), Ok("inside"));
+    // ... but not from outside, even with a route to the LAN through the router: the forward chain drops it.
+    outside.ns.ip(&["route", "add", &nat.lan_cidr(), "via", &nat.public_addr.to_string()]);
+    let started = std::time::Instant::now();
+    let err = probe_from(&outside.ns, &inside, 1000).expect_err("a connection into the NAT site");
+    assert!(err.contains("timed out") || err.contains("refused"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(5), "the probe gave up after its short timeout");
+    // The router forwards no port: its own address on that port refuses.
+    let err = probe_from(&outside.ns, &format!("{}:7003", nat.public_addr), 1000).expect_err("no port forward");
+    assert!(err.contains("refused"), "{err}");
 }

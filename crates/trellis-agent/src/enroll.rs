@@ -132,6 +132,7 @@ pub async fn enroll(
             csr_pem,
             advertise: advertise.map(str::to_string),
             hostname: host,
+            outbound_only: false,
         })
         .await?;
     let cert = CertificateDer::from_pem_slice(resp.certificate_pem.as_bytes())

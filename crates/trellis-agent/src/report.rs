@@ -48,6 +48,7 @@ pub fn build_report(boot_id: &str, advertise: Option<&str>, served: &ServedState
         usage: usage.snapshot(),
         advertise: advertise.map(str::to_string),
         target_health: Vec::new(),
+        outbound_only: None,
     }
 }
 
@@ -68,6 +69,7 @@ pub fn split_report(report: AgentReport, acknowledged: &HashMap<UsageKey, UsageC
             advertise: report.advertise.clone(),
             // The health of every target goes in the first part whole: the control plane replaces it.
             target_health: Vec::new(),
+            outbound_only: report.outbound_only,
         })
         .enumerate()
         .map(|(i, mut part)| {

@@ -45,6 +45,7 @@ pub mod meta;
 pub mod notifications;
 pub mod openapi;
 pub mod organizations;
+pub mod relays;
 pub mod route;
 pub mod services;
 pub mod shares;
@@ -62,6 +63,7 @@ pub fn routes() -> impl Iterator<Item = &'static RouteInfo> {
         vpcs::ROUTES,
         subnets::ROUTES,
         agents::ROUTES,
+        relays::ROUTES,
         gateways::ROUTES,
         configurations::ROUTES,
         shares::ROUTES,

@@ -138,6 +138,7 @@ fn operation(route: &RouteInfo, g: &mut Generators) -> Value {
         Caller::Anyone | Caller::JoinToken => json!([]),
         Caller::Admin | Caller::Account => json!([{"apiKey": []}]),
         Caller::AgentCert => json!([{"agentCertificate": []}]),
+        Caller::RelayCert => json!([{"relayCertificate": []}]),
     };
     op.insert("security".into(), security);
     let mut responses = Map::new();
@@ -196,7 +197,8 @@ fn build() -> (Value, Vec<String>) {
         "components": {
             "securitySchemes": {
                 "apiKey": {"type": "http", "scheme": "bearer", "description": "Authorization: Bearer <api key>"},
-                "agentCertificate": {"type": "mutualTLS", "description": "the agent's certificate from enrollment"}
+                "agentCertificate": {"type": "mutualTLS", "description": "the agent's certificate from enrollment"},
+                "relayCertificate": {"type": "mutualTLS", "description": "the relay's certificate from enrollment"}
             },
             "schemas": schemas
         }

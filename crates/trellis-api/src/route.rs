@@ -53,6 +53,8 @@ pub enum Caller {
     JoinToken,
     /// An enrolled agent's TLS client certificate.
     AgentCert,
+    /// An enrolled relay's TLS client certificate.
+    RelayCert,
 }
 
 /// What a route answers on success.

@@ -97,6 +97,8 @@ struct Snapshot<'a> {
     agents_by_subnet: HashMap<String, Vec<Agent>>,
     sent: HashMap<AccountId, SentInvitations>,
     verified: HashMap<AccountId, Vec<String>>,
+    /// Every relay, read once, when an outbound-only agent is involved.
+    relays: Option<Vec<trellis_model::Relay>>,
 }
 
 impl<'a> Snapshot<'a> {
@@ -108,7 +110,15 @@ impl<'a> Snapshot<'a> {
             agents_by_subnet: HashMap::new(),
             sent: HashMap::new(),
             verified: HashMap::new(),
+            relays: None,
         }
+    }
+
+    fn relays(&mut self) -> Result<&[trellis_model::Relay], StoreError> {
+        if self.relays.is_none() {
+            self.relays = Some(crate::relays::compile::all_relays(self.tx)?);
+        }
+        Ok(self.relays.as_deref().unwrap_or_default())
     }
 
     fn account(&mut self, id: &AccountId) -> Result<Option<Account>, StoreError> {
@@ -195,6 +205,7 @@ pub fn compile_with(
     let mut snap = Snapshot::new(tx, lists);
     let gateway = gateway_role(&mut snap, agent)?;
     let endpoints = endpoint_role(&mut snap, agent, &zone, region)?;
+    let relays = relays_to_attach(&mut snap, agent)?;
     Ok(AgentConfig {
         version: 0,
         agent_id: agent.id.to_string(),
@@ -206,8 +217,17 @@ pub fn compile_with(
         address_pool,
         gateway,
         endpoints,
-        relays: Vec::new(),
+        relays,
     })
+}
+
+/// An outbound-only agent's relays (see [`crate::relays::compile`]); none for others.
+fn relays_to_attach(snap: &mut Snapshot<'_>, agent: &Agent) -> Result<Vec<trellis_proto::RelayTarget>, StoreError> {
+    if !agent.outbound_only {
+        return Ok(Vec::new());
+    }
+    let relays = snap.relays()?;
+    Ok(crate::relays::compile::attach_to(relays, &agent.zone).into_iter().map(crate::relays::compile::target).collect())
 }
 
 /// Why an endpoint on a gateway's resource may not connect, if it may not.
@@ -622,8 +642,9 @@ fn gateway_targets(
     agents_as_targets(snap, &gw.account_id, &gw.subnet_ids, zone)
 }
 
-/// `account`'s agents in `subnets` that advertise a tunnel address, as
-/// tunnel targets: own zone first, then online before offline, then by zone and id.
+/// `account`'s agents in `subnets` that advertise a tunnel address or reach
+/// relays (outbound-only, with at least one relay), as tunnel targets: own
+/// zone first, then online before offline, then by zone and id.
 fn agents_as_targets(
     snap: &mut Snapshot<'_>,
     account: &AccountId,
@@ -633,7 +654,7 @@ fn agents_as_targets(
     let mut agents = Vec::new();
     for subnet in subnets {
         for a in snap.agents_in(subnet.as_str())? {
-            if &a.account_id == account && a.advertise.is_some() {
+            if &a.account_id == account && (a.advertise.is_some() || a.outbound_only) {
                 agents.push(a.clone());
             }
         }
@@ -643,16 +664,34 @@ fn agents_as_targets(
         key(a).cmp(&key(b))
     });
     agents.dedup_by(|a, b| a.id == b.id);
-    Ok(agents
-        .into_iter()
-        .map(|a| GatewayTarget {
+    let mut targets = Vec::with_capacity(agents.len());
+    for a in agents {
+        let relays = relays_to_reach(snap, &a, zone)?;
+        if a.advertise.is_none() && relays.is_empty() {
+            continue;
+        }
+        targets.push(GatewayTarget {
             server_name: agent_server_name(a.id.as_str()),
             agent_id: a.id.to_string(),
             address: a.advertise.clone().unwrap_or_default(),
             zone: a.zone.clone(),
-            relays: Vec::new(),
-        })
-        .collect())
+            relays,
+        });
+    }
+    Ok(targets)
+}
+
+/// The relays an endpoint agent of `zone` reaches outbound-only agent `a`
+/// through (see [`crate::relays::compile`]); none for an agent with a listener.
+fn relays_to_reach(
+    snap: &mut Snapshot<'_>,
+    a: &Agent,
+    zone: &str,
+) -> Result<Vec<trellis_proto::RelayTarget>, StoreError> {
+    if !a.outbound_only {
+        return Ok(Vec::new());
+    }
+    Ok(crate::relays::compile::reach_through(snap.relays()?, &a.zone, zone))
 }
 
 #[cfg(test)]

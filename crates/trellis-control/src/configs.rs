@@ -19,11 +19,15 @@
 //! from before a control-plane restart proves it with the content's hash and
 //! keeps its version ([`ConfigCache::adopt`]), so a restart resends nothing.
 //!
+//! The same cache serves relays' configs ([`trellis_proto::RelayConfig`]):
+//! [`ConfigKind`] says how to compile one kind and where its cache lives.
+//!
 //! This module must never write to the store.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
+use serde::Serialize;
 use tokio::sync::watch;
 use trellis_model::{Agent, AgentId};
 use trellis_proto::AgentConfig;
@@ -39,11 +43,55 @@ use crate::state::AppState;
 /// How many recent write sets are kept to check compilations that raced a write.
 const LOG_LEN: usize = 4096;
 
-/// One agent's compiled config.
+/// A kind of config the cache serves: what it is compiled from and for whom.
+pub trait ConfigKind: Clone + Serialize + Send + Sync + 'static {
+    /// Who fetches it (an agent, a relay).
+    type Id: AsRef<str> + Clone + Send + Sync + 'static;
+    /// The 401 message for a fetcher that was deleted.
+    const DELETED: &'static str;
+    fn version(&self) -> u64;
+    fn set_version(&mut self, version: u64);
+    /// Compiles the config of `id` through a read-recording transaction, with
+    /// its read set (taking long lists from `lists` where it has any).
+    fn compile_tracked(
+        tx: &mut dyn Tx,
+        id: &Self::Id,
+        region: &str,
+        lists: Option<KeptLists<'_>>,
+    ) -> Result<(Self, HashSet<Key>, Work), ApiError>;
+    /// The cache of this kind in the shared state.
+    fn cache(state: &AppState) -> &ConfigCache<Self>;
+}
+
+const AGENT_DELETED: &str = "this agent was deleted; enroll again with a new join token";
+
+impl ConfigKind for AgentConfig {
+    type Id = AgentId;
+    const DELETED: &'static str = AGENT_DELETED;
+    fn version(&self) -> u64 {
+        self.version
+    }
+    fn set_version(&mut self, version: u64) {
+        self.version = version;
+    }
+    fn compile_tracked(
+        tx: &mut dyn Tx,
+        id: &AgentId,
+        region: &str,
+        lists: Option<KeptLists<'_>>,
+    ) -> Result<(Self, HashSet<Key>, Work), ApiError> {
+        compile_tracked(tx, id, region, lists)
+    }
+    fn cache(state: &AppState) -> &ConfigCache<Self> {
+        &state.configs
+    }
+}
+
+/// One agent's (or relay's) compiled config.
 #[derive(Debug)]
-pub struct Compiled {
+pub struct Compiled<C = AgentConfig> {
     /// The config with its version set.
-    pub config: Arc<AgentConfig>,
+    pub config: Arc<C>,
     /// The config as sent: JSON of `config`.
     pub json: Arc<[u8]>,
     /// `json` compressed with gzip, for agents that accept it (large configs
@@ -57,14 +105,14 @@ pub struct Compiled {
     pub work: Work,
 }
 
-impl Compiled {
+impl<C: ConfigKind> Compiled<C> {
     pub fn version(&self) -> u64 {
-        self.config.version
+        self.config.version()
     }
 
-    fn with_version(&self, version: u64) -> Result<Compiled, ApiError> {
+    fn with_version(&self, version: u64) -> Result<Compiled<C>, ApiError> {
         let mut config = (*self.config).clone();
-        config.version = version;
+        config.set_version(version);
         let json = encode(&config)?;
         Ok(Compiled {
             config: Arc::new(config),
@@ -77,7 +125,7 @@ impl Compiled {
     }
 }
 
-fn encode(config: &AgentConfig) -> Result<Arc<[u8]>, ApiError> {
+fn encode<C: Serialize>(config: &C) -> Result<Arc<[u8]>, ApiError> {
     serde_json::to_vec(config).map(Arc::from).map_err(|e| ApiError::internal(format!("encoding a config: {e}")))
 }
 
@@ -94,11 +142,11 @@ fn gzip(json: &[u8]) -> Result<Arc<[u8]>, ApiError> {
 /// The JSON of `config` from the JSON of the same config with version 0:
 /// `version` is its first field, so only the number differs (encoded again
 /// if the prefix is not the expected one).
-fn versioned_json(unversioned: &[u8], config: &AgentConfig) -> Result<Arc<[u8]>, ApiError> {
+fn versioned_json<C: ConfigKind>(unversioned: &[u8], config: &C) -> Result<Arc<[u8]>, ApiError> {
     const PREFIX: &[u8] = br#"{"version":0,"#;
     match unversioned.strip_prefix(PREFIX) {
         Some(rest) => {
-            let head = format!(r#"{{"version":{},"#, config.version);
+            let head = format!(r#"{{"version":{},"#, config.version());
             let mut json = Vec::with_capacity(head.len() + rest.len());
             json.extend_from_slice(head.as_bytes());
             json.extend_from_slice(rest);
@@ -109,13 +157,14 @@ fn versioned_json(unversioned: &[u8], config: &AgentConfig) -> Result<Arc<[u8]>,
 }
 
 /// The hash of a config's content: its JSON with version 0.
-pub fn content_sha256(config: &AgentConfig) -> Result<String, ApiError> {
-    let unversioned = AgentConfig { version: 0, ..config.clone() };
+pub fn content_sha256<C: ConfigKind>(config: &C) -> Result<String, ApiError> {
+    let mut unversioned = config.clone();
+    unversioned.set_version(0);
     Ok(sha256_hex(&encode(&unversioned)?))
 }
 
-struct Entry {
-    compiled: Option<Arc<Compiled>>,
+struct Entry<C> {
+    compiled: Option<Arc<Compiled<C>>>,
     /// The keys `compiled` was registered under in the index.
     deps: Vec<Key>,
     /// A write may have changed the config since it was compiled.
@@ -130,7 +179,7 @@ struct Entry {
     installs: u64,
 }
 
-impl Entry {
+impl<C> Entry<C> {
     fn new() -> Self {
         Self {
             compiled: None,
@@ -148,9 +197,8 @@ impl Entry {
     }
 }
 
-#[derive(Default)]
-struct Inner {
-    entries: HashMap<String, Entry>,
+struct Inner<C> {
+    entries: HashMap<String, Entry<C>>,
     /// Which agents' configs read each key.
     index: HashMap<Key, HashSet<String>>,
     /// Write sets of recent commits, oldest first, by revision.
@@ -161,7 +209,19 @@ struct Inner {
     lists: Lists,
 }
 
-impl Inner {
+impl<C> Default for Inner<C> {
+    fn default() -> Self {
+        Self {
+            entries: HashMap::new(),
+            index: HashMap::new(),
+            log: VecDeque::new(),
+            log_floor: 0,
+            lists: Lists::default(),
+        }
+    }
+}
+
+impl<C> Inner<C> {
     fn unregister(&mut self, agent: &str, deps: &[Key]) {
         for key in deps {
             if let Some(agents) = self.index.get_mut(key) {
@@ -182,25 +242,30 @@ impl Inner {
     }
 }
 
-/// Compiled configs of every agent that asked for one, and what they depend on.
-#[derive(Default)]
-pub struct ConfigCache {
-    inner: Mutex<Inner>,
+/// Compiled configs of every agent (or relay) that asked for one, and what they depend on.
+pub struct ConfigCache<C = AgentConfig> {
+    inner: Mutex<Inner<C>>,
 }
 
-impl std::fmt::Debug for ConfigCache {
+impl<C> Default for ConfigCache<C> {
+    fn default() -> Self {
+        Self { inner: Mutex::new(Inner::default()) }
+    }
+}
+
+impl<C> std::fmt::Debug for ConfigCache<C> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ConfigCache").finish_non_exhaustive()
     }
 }
 
-impl ConfigCache {
+impl<C: ConfigKind> ConfigCache<C> {
     /// A cache whose log starts at `revision` (the store's, at start-up).
     pub fn new(revision: u64) -> Self {
         Self { inner: Mutex::new(Inner { log_floor: revision, ..Inner::default() }) }
     }
 
-    fn lock(&self) -> MutexGuard<'_, Inner> {
+    fn lock(&self) -> MutexGuard<'_, Inner<C>> {
         // The lock guards plain maps that every method leaves consistent.
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -266,21 +331,21 @@ impl ConfigCache {
     }
 
     /// Subscribes to changes of `agent`'s entry (stale, recompiled).
-    pub fn subscribe(&self, agent: &AgentId) -> watch::Receiver<u64> {
+    pub fn subscribe(&self, agent: &C::Id) -> watch::Receiver<u64> {
         let mut inner = self.lock();
-        inner.entries.entry(agent.to_string()).or_insert_with(Entry::new).changed.subscribe()
+        inner.entries.entry(agent.as_ref().to_string()).or_insert_with(Entry::new).changed.subscribe()
     }
 
     /// The latest compiled config of `agent`, fresh or stale, without compiling.
-    pub fn peek(&self, agent: &AgentId) -> Option<Arc<Compiled>> {
-        self.lock().entries.get(agent.as_str()).and_then(|e| e.compiled.clone())
+    pub fn peek(&self, agent: &C::Id) -> Option<Arc<Compiled<C>>> {
+        self.lock().entries.get(agent.as_ref()).and_then(|e| e.compiled.clone())
     }
 
     /// Forgets `agent` (deleted).
-    pub fn remove(&self, agent: &AgentId) {
+    pub fn remove(&self, agent: &C::Id) {
         let mut inner = self.lock();
-        if let Some(entry) = inner.entries.remove(agent.as_str()) {
-            inner.unregister(agent.as_str(), &entry.deps);
+        if let Some(entry) = inner.entries.remove(agent.as_ref()) {
+            inner.unregister(agent.as_ref(), &entry.deps);
             entry.bump();
         }
     }
@@ -288,12 +353,12 @@ impl ConfigCache {
     /// When the agent proves (by `content_sha256`) that it holds the current
     /// content under version `version`, numbers the current config `version`
     /// so it is not sent again. `version` is only ever compared, never computed with.
-    pub fn adopt(&self, agent: &AgentId, version: u64, content_sha256: &str) -> Result<(), ApiError> {
+    pub fn adopt(&self, agent: &C::Id, version: u64, content_sha256: &str) -> Result<(), ApiError> {
         if version == 0 {
             return Ok(());
         }
         let mut inner = self.lock();
-        let Some(entry) = inner.entries.get_mut(agent.as_str()) else { return Ok(()) };
+        let Some(entry) = inner.entries.get_mut(agent.as_ref()) else { return Ok(()) };
         let Some(current) = &entry.compiled else { return Ok(()) };
         if entry.stale || current.version() == version || current.content_sha256 != content_sha256 {
             return Ok(());
@@ -310,12 +375,12 @@ impl ConfigCache {
     /// So a caller takes the first compilation that *started* after it asked,
     /// stale or not: it holds every write committed before the call, and the
     /// next call compiles again.
-    pub async fn current(&self, state: &AppState, agent: &AgentId) -> Result<Arc<Compiled>, ApiError> {
+    pub async fn current(&self, state: &AppState, agent: &C::Id) -> Result<Arc<Compiled<C>>, ApiError> {
         let mut enough: Option<u64> = None;
         loop {
             let mut changed = {
                 let mut inner = self.lock();
-                let entry = inner.entries.entry(agent.to_string()).or_insert_with(Entry::new);
+                let entry = inner.entries.entry(agent.as_ref().to_string()).or_insert_with(Entry::new);
                 // One running now started before this call: the one after it is ours.
                 let enough = *enough.get_or_insert(entry.installs + if entry.compiling { 2 } else { 1 });
                 if let Some(compiled) = &entry.compiled
@@ -331,41 +396,42 @@ impl ConfigCache {
                     entry.compiling = true;
                     let (state, agent) = (state.clone(), agent.clone());
                     tokio::spawn(async move {
-                        let result = compile_now(&state, &agent).await;
-                        state.configs.install(&agent, result);
+                        let result = compile_now::<C>(&state, &agent).await;
+                        C::cache(&state).install(&agent, result);
                     });
                 }
                 changed
             };
             if changed.changed().await.is_err() {
                 // `remove` dropped the entry: the agent was deleted.
-                return Err(ApiError::unauthorized("this agent was deleted; enroll again with a new join token"));
+                return Err(ApiError::unauthorized(C::DELETED));
             }
         }
     }
 
-    fn install(&self, agent: &AgentId, result: Result<(AgentConfig, HashSet<Key>, Work, u64), ApiError>) {
+    fn install(&self, agent: &C::Id, result: Result<(C, HashSet<Key>, Work, u64), ApiError>) {
         let mut inner = self.lock();
         let (config, deps, work, revision) = match result {
             Ok(x) => x,
             Err(e) => {
                 let deleted = e.status == axum::http::StatusCode::UNAUTHORIZED;
-                if let Some(entry) = inner.entries.get_mut(agent.as_str()) {
+                if let Some(entry) = inner.entries.get_mut(agent.as_ref()) {
                     entry.compiling = false;
                     entry.failure = Some(e);
                     entry.bump();
                 }
-                if deleted && let Some(entry) = inner.entries.remove(agent.as_str()) {
-                    inner.unregister(agent.as_str(), &entry.deps);
+                if deleted && let Some(entry) = inner.entries.remove(agent.as_ref()) {
+                    inner.unregister(agent.as_ref(), &entry.deps);
                 }
                 return;
             }
         };
         let stale = inner.changed_since(revision, &deps);
-        let previous = inner.entries.get(agent.as_str()).and_then(|e| e.compiled.clone());
-        let outcome = (|| -> Result<Compiled, ApiError> {
+        let previous = inner.entries.get(agent.as_ref()).and_then(|e| e.compiled.clone());
+        let outcome = (|| -> Result<Compiled<C>, ApiError> {
             // The content to hash: the JSON with version 0 (compiled configs have it already).
-            let config = AgentConfig { version: 0, ..config };
+            let mut config = config;
+            config.set_version(0);
             let unversioned = encode(&config)?;
             let content_sha256 = sha256_hex(&unversioned);
             let version = match &previous {
@@ -373,12 +439,12 @@ impl ConfigCache {
                 Some(p) => next_version(revision, Some(p.version())),
                 None => next_version(revision, None),
             };
-            let config = AgentConfig { version, ..config };
+            config.set_version(version);
             let json = versioned_json(&unversioned, &config)?;
             Ok(Compiled { config: Arc::new(config), gzip: gzip(&json)?, json, content_sha256, revision, work })
         })();
         // The agent was deleted while it compiled: nothing to keep.
-        let Some(entry) = inner.entries.get_mut(agent.as_str()) else { return };
+        let Some(entry) = inner.entries.get_mut(agent.as_ref()) else { return };
         entry.compiling = false;
         let old_deps = std::mem::take(&mut entry.deps);
         match outcome {
@@ -393,15 +459,15 @@ impl ConfigCache {
         }
         entry.bump();
         let new_deps = entry.deps.clone();
-        inner.unregister(agent.as_str(), &old_deps);
+        inner.unregister(agent.as_ref(), &old_deps);
         for key in new_deps {
-            inner.index.entry(key).or_default().insert(agent.to_string());
+            inner.index.entry(key).or_default().insert(agent.as_ref().to_string());
         }
     }
 
     /// How many long-polls (and other subscribers) wait on `agent`'s entry.
-    pub fn waiters(&self, agent: &AgentId) -> usize {
-        self.lock().entries.get(agent.as_str()).map_or(0, |e| e.changed.receiver_count())
+    pub fn waiters(&self, agent: &C::Id) -> usize {
+        self.lock().entries.get(agent.as_ref()).map_or(0, |e| e.changed.receiver_count())
     }
 
     /// How many agents depend on `key` (for tests and metrics).
@@ -418,7 +484,7 @@ fn next_version(revision: u64, previous: Option<u64>) -> u64 {
 }
 
 /// Compiles `agent`'s config from one snapshot, with its read set, its cost and the snapshot's revision.
-async fn compile_now(state: &AppState, agent: &AgentId) -> Result<(AgentConfig, HashSet<Key>, Work, u64), ApiError> {
+async fn compile_now<C: ConfigKind>(state: &AppState, agent: &C::Id) -> Result<(C, HashSet<Key>, Work, u64), ApiError> {
     let region = state.region().to_string();
     let agent = agent.clone();
     let configs = state.configs.clone();
@@ -426,7 +492,7 @@ async fn compile_now(state: &AppState, agent: &AgentId) -> Result<(AgentConfig, 
         .read(move |tx| {
             let revision = tx.revision()?;
             let kept = KeptLists { cache: &configs, revision };
-            let (config, keys, work) = compile_tracked(tx, &agent, &region, Some(kept))?;
+            let (config, keys, work) = C::compile_tracked(tx, &agent, &region, Some(kept))?;
             Ok((config, keys, work, revision))
         })
         .await
@@ -440,9 +506,7 @@ pub fn compile_tracked(
     lists: Option<KeptLists<'_>>,
 ) -> Result<(AgentConfig, HashSet<Key>, Work), ApiError> {
     let mut tracked = Tracked::new(tx, Mode::Reads);
-    let agent: Agent = tracked
-        .get_obj(agent_id.as_str())?
-        .ok_or_else(|| ApiError::unauthorized("this agent was deleted; enroll again with a new join token"))?;
+    let agent: Agent = tracked.get_obj(agent_id.as_str())?.ok_or_else(|| ApiError::unauthorized(AGENT_DELETED))?;
     let config = compile_with(&mut tracked, &agent, region, lists).map_err(|e: StoreError| ApiError::from(e))?;
     let (keys, work) = tracked.finish();
     Ok((config, keys, work))
@@ -473,7 +537,7 @@ mod tests {
 
     #[test]
     fn a_compilation_that_raced_a_write_to_its_keys_is_stale() {
-        let cache = ConfigCache::new(10);
+        let cache: ConfigCache = ConfigCache::new(10);
         let key = Key::Object("vpc".into(), "vpc-1".into());
         cache.invalidate(12, HashSet::from([key.clone()]));
         let inner = cache.lock();

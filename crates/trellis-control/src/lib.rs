@@ -22,6 +22,7 @@ mod lists;
 pub mod notify;
 pub mod pki;
 pub mod rate;
+pub mod relays;
 pub mod server;
 pub mod state;
 pub mod tls;

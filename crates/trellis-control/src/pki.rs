@@ -267,16 +267,10 @@ impl Ca {
         account_id: &str,
         vpc_id: &str,
     ) -> Result<IssuedCert, PkiError> {
-        let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(|e| match e {
-            rcgen::Error::InvalidCertificationRequestSignature => PkiError::BadCsrSignature,
-            other => PkiError::MalformedCsr(other.to_string()),
-        })?;
-        let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::OrganizationName, account_id);
         dn.push(DnType::OrganizationalUnitName, vpc_id);
         dn.push(DnType::CommonName, agent_id);
-        params.distinguished_name = dn;
         let dns = trellis_proto::agent_server_name(agent_id);
         let uri = trellis_proto::AgentIdentityUri {
             agent_id: agent_id.to_string(),
@@ -284,10 +278,36 @@ impl Ca {
             vpc_id: vpc_id.to_string(),
         }
         .to_uri();
+        self.sign_csr(csr_pem, dn, &dns, &uri)
+    }
+
+    /// Verifies `csr_pem` and signs a relay certificate for its key, naming
+    /// exactly this relay (DNS SAN [`trellis_proto::relay_server_name`], URI
+    /// SAN [`trellis_proto::relay_identity_uri`]) and never an agent: no
+    /// `trellis:agent/` URI, so agents refuse it as a peer agent and the
+    /// agent routes find no agent for it.
+    pub fn sign_relay_csr(&self, csr_pem: &str, relay_id: &str) -> Result<IssuedCert, PkiError> {
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, "Trellis relays");
+        dn.push(DnType::CommonName, relay_id);
+        let dns = trellis_proto::relay_server_name(relay_id);
+        let uri = trellis_proto::relay_identity_uri(relay_id);
+        self.sign_csr(csr_pem, dn, &dns, &uri)
+    }
+
+    /// Signs a client-and-server certificate for the key of `csr_pem` with
+    /// exactly this subject and these two names, ignoring what the CSR asks.
+    fn sign_csr(&self, csr_pem: &str, dn: DistinguishedName, dns: &str, uri: &str) -> Result<IssuedCert, PkiError> {
+        let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(|e| match e {
+            rcgen::Error::InvalidCertificationRequestSignature => PkiError::BadCsrSignature,
+            other => PkiError::MalformedCsr(other.to_string()),
+        })?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = dn;
         let invalid = |s: &str| PkiError::InvalidName(s.to_string());
         params.subject_alt_names = vec![
-            SanType::DnsName(dns.as_str().try_into().map_err(|_| invalid(&dns))?),
-            SanType::URI(uri.as_str().try_into().map_err(|_| invalid(&uri))?),
+            SanType::DnsName(dns.try_into().map_err(|_| invalid(dns))?),
+            SanType::URI(uri.try_into().map_err(|_| invalid(uri))?),
         ];
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
@@ -450,6 +470,26 @@ mod tests {
         assert!((360 * 86400..=366 * 86400).contains(&(not_after - now)));
         let reported = issued.not_after.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs() as i64;
         assert_eq!(reported, not_after);
+    }
+
+    #[test]
+    fn signed_relay_cert_names_the_relay_and_no_agent() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Ca::load_or_create(dir.path()).unwrap();
+        let (csr, _) = agent_csr();
+        let relay = "relay-0123456789abcdef0";
+        let issued = ca.sign_relay_csr(&csr, relay).unwrap();
+        let der = CertificateDer::from_pem_slice(issued.pem.as_bytes()).unwrap();
+        assert_eq!(
+            sans(&der),
+            vec![format!("dns:{relay}.relays.trellis.internal"), format!("uri:trellis:relay/{relay}")]
+        );
+        // The agent's peer check (`trellis-agent` tls::peer_identity) reads the
+        // URI SAN with this parser: a relay's is no agent identity.
+        assert!(sans(&der).iter().all(|s| trellis_proto::AgentIdentityUri::parse(&s[4..]).is_none()));
+        let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+        let (_, ca_cert) = x509_parser::parse_x509_certificate(ca.cert_der()).unwrap();
+        cert.verify_signature(Some(ca_cert.public_key())).unwrap();
     }
 
     #[test]

@@ -307,7 +307,7 @@ pub fn reset_admin_key(data_dir: &Path) -> Result<PathBuf, ServerError> {
     Ok(key_file)
 }
 
-/// Marks ONLINE agents not seen for `offline_after` OFFLINE, drops revoked
+/// Marks ONLINE agents and relays not seen for `offline_after` OFFLINE, drops revoked
 /// certificates that expired, and trims the store's log, until `shutdown`.
 async fn mark_offline_agents(state: AppState, offline_after: Duration, shutdown: CancellationToken) {
     let period = (offline_after / 4).max(Duration::from_secs(1));
@@ -321,6 +321,9 @@ async fn mark_offline_agents(state: AppState, offline_after: Duration, shutdown:
         let now = now();
         if let Err(e) = state.write(move |tx| Ok(mark_offline(tx, now, offline_after)?)).await {
             tracing::warn!(error = %e, "marking silent agents offline failed");
+        }
+        if let Err(e) = state.write(move |tx| Ok(crate::relays::mark_offline(tx, now, offline_after)?)).await {
+            tracing::warn!(error = %e, "marking silent relays offline failed");
         }
         if let Err(e) = state.write(move |tx| Ok(drop_expired_revocations(tx, now)?)).await {
             tracing::warn!(error = %e, "dropping expired certificate revocations failed");

@@ -15,6 +15,7 @@ use crate::configs::ConfigCache;
 use crate::error::ApiError;
 use crate::pki::Ca;
 use crate::rate::RateLimit;
+use crate::relays::report::RelayMemo;
 
 /// Control-plane settings the handlers need.
 #[derive(Clone, Debug)]
@@ -48,6 +49,10 @@ pub struct AppState {
     pub settings: Arc<Settings>,
     /// Compiled agent configs; every write through [`AppState::write`] tells it what changed.
     pub configs: Arc<ConfigCache>,
+    /// Compiled relay configs, invalidated by the same writes.
+    pub relay_configs: Arc<ConfigCache<trellis_proto::RelayConfig>>,
+    /// What each relay's last report said (reports that change nothing write nothing).
+    pub relay_reports: Arc<RelayMemo>,
     pub ca: Arc<Ca>,
     /// What each agent's last report changed (reports that change nothing write nothing).
     pub reports: Arc<ReportMemo>,
@@ -88,6 +93,8 @@ impl AppState {
             store,
             settings: Arc::new(settings),
             configs: Arc::new(ConfigCache::new(revision)),
+            relay_configs: Arc::new(ConfigCache::new(revision)),
+            relay_reports: Arc::new(RelayMemo::default()),
             ca,
             reports: Arc::new(ReportMemo::default()),
             domain_checks: Arc::new(Notify::new()),
@@ -139,6 +146,7 @@ impl AppState {
         if keys.contains(&Key::Kind(<NotificationDelivery as Object>::KIND.to_string())) {
             self.webhooks.notify_one();
         }
+        self.relay_configs.invalidate(revision, keys.clone());
         self.configs.invalidate(revision, keys);
         Ok((value, work))
     }

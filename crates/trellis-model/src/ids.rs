@@ -217,6 +217,10 @@ define_id!(
     AgentId, "agent-", "agent", Body::LowerHex(17), "agent- followed by 17 lowercase hex digits"
 );
 define_id!(
+    /// `relay-` + 17 lowercase hex.
+    RelayId, "relay-", "relay", Body::LowerHex(17), "relay- followed by 17 lowercase hex digits"
+);
+define_id!(
     /// `jt-` + 16 lowercase hex.
     JoinTokenId, "jt-", "join token", Body::LowerHex(16), "jt- followed by 16 lowercase hex digits"
 );
@@ -282,6 +286,7 @@ mod tests {
             for s in [
                 SubnetId::generate(&seed).to_string(),
                 AgentId::generate(&seed).to_string(),
+                RelayId::generate(&seed).to_string(),
                 ResourceGatewayId::generate(&seed).to_string(),
                 ResourceConfigurationId::generate(&seed).to_string(),
                 ResourceShareId::generate(&seed).to_string(),

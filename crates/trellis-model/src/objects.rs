@@ -526,6 +526,10 @@ pub struct Agent {
     pub hostname: String,
     /// `host:port` where endpoint agents reach this agent's tunnel listener.
     pub advertise: Option<String>,
+    /// Started with `--outbound-only`: no tunnel listener; endpoint agents
+    /// reach it through the relays it attaches to.
+    #[serde(default)]
+    pub outbound_only: bool,
     /// Lowercase hex SHA-256 of the agent certificate's DER.
     pub cert_sha256: String,
     pub status: AgentStatus,
@@ -538,6 +542,32 @@ impl Agent {
     pub fn arn_for(region: &str, account_id: &AccountId, id: &AgentId) -> String {
         arn(kinds::AGENT, region, account_id.as_str(), id.as_str())
     }
+}
+
+/// The store reference every outbound-only agent carries, so relay configs
+/// list exactly those agents (never an id: ids have a kind prefix and a hex body).
+pub const OUTBOUND_ONLY_REF: &str = "outbound-only";
+
+/// A relay (`trellis relay`): a process at a reachable address where
+/// outbound-only gateway agents keep connections, so endpoint agents reach
+/// them. Relays belong to whoever operates Trellis (the admin), not to an account.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(rename_all = "camelCase")]
+pub struct Relay {
+    pub id: RelayId,
+    pub relay_id: RelayId,
+    /// The zone agents prefer it in (from its join token; empty for none).
+    pub zone: String,
+    pub hostname: String,
+    /// `host:port` where agents reach the relay.
+    pub advertise: String,
+    /// Lowercase hex SHA-256 of the relay certificate's DER.
+    pub cert_sha256: String,
+    /// ONLINE while it reports; OFFLINE after the control plane's offline
+    /// delay without a report (agents' configs then leave it out).
+    pub status: AgentStatus,
+    pub created_at: Timestamp,
 }
 
 #[cfg(test)]

@@ -154,8 +154,25 @@ impl Object for Agent {
     fn account_id(&self) -> &str {
         self.account_id.as_str()
     }
+    /// Outbound-only agents also carry [`OUTBOUND_ONLY_REF`], so relay configs
+    /// list exactly them (and no other agent's write wakes a relay).
     fn refs(&self) -> Vec<String> {
-        vec![self.vpc_id.to_string(), self.subnet_id.to_string()]
+        let mut refs = vec![self.vpc_id.to_string(), self.subnet_id.to_string()];
+        if self.outbound_only {
+            refs.push(OUTBOUND_ONLY_REF.to_string());
+        }
+        refs
+    }
+}
+
+impl Object for Relay {
+    const KIND: &'static str = "relay";
+    fn id(&self) -> &str {
+        self.id.as_str()
+    }
+    /// Relays are global (the admin's).
+    fn account_id(&self) -> &str {
+        ""
     }
 }
 

@@ -17,6 +17,10 @@ pub struct EnrollRequest {
     /// `host:port` where endpoint agents reach this agent's tunnel listener.
     pub advertise: Option<String>,
     pub hostname: String,
+    /// `trellis agent --outbound-only`: no tunnel listener (and no
+    /// `advertise`); endpoint agents reach this agent through relays.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub outbound_only: bool,
 }
 
 /// Answer to a successful enrollment.
@@ -54,6 +58,11 @@ pub struct AgentReport {
     /// checks see them (sent when it changes).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub target_health: Vec<TargetHealthReport>,
+    /// Whether the agent runs with `--outbound-only` (see
+    /// [`EnrollRequest::outbound_only`]); updates what the enrollment said.
+    /// Absent: unchanged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outbound_only: Option<bool>,
 }
 
 /// One target of one service, as an agent's health checks see it.

@@ -15,8 +15,8 @@ use trellis_proto::join_token::JoinToken;
 
 use crate::nouns::{
     AccountVerb, AgentTokenVerb, AgentVerb, ConnectionNotificationVerb, DomainVerificationVerb, EndpointServiceVerb,
-    InvitationVerb, OrganizationVerb, ResourceConfigurationVerb, ResourceGatewayVerb, ResourceShareVerb, SubnetVerb,
-    VpcEndpointVerb, VpcVerb,
+    InvitationVerb, OrganizationVerb, RelayTokenVerb, RelaysVerb, ResourceConfigurationVerb, ResourceGatewayVerb,
+    ResourceShareVerb, SubnetVerb, VpcEndpointVerb, VpcVerb,
 };
 use crate::secret::ApiKey;
 
@@ -132,6 +132,12 @@ pub enum Command {
     /// Single-use join tokens that enroll agents into a subnet
     #[command(subcommand)]
     AgentToken(AgentTokenVerb),
+    /// Single-use join tokens that enroll relays (admin)
+    #[command(subcommand)]
+    RelayToken(RelayTokenVerb),
+    /// Relays: where agents without a reachable address meet endpoint agents (admin)
+    #[command(subcommand)]
+    Relays(RelaysVerb),
     /// Resource gateways: points of ingress into an owner VPC
     #[command(subcommand)]
     ResourceGateway(ResourceGatewayVerb),

@@ -89,6 +89,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Vpc(verb) => verb.request(),
         Command::Subnet(verb) => verb.request(),
         Command::AgentToken(verb) => verb.request(),
+        Command::RelayToken(verb) => verb.request(),
+        Command::Relays(verb) => verb.request(),
         Command::ResourceGateway(verb) => verb.request(),
         Command::ResourceConfiguration(verb) => verb.request(),
         Command::ResourceShare(verb) => verb.request(),

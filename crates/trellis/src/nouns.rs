@@ -18,6 +18,7 @@ use trellis_api::gateways::CreateGateway;
 use trellis_api::invitations::InvitationListQuery;
 use trellis_api::notifications::{CreateConnectionNotification, UpdateConnectionNotification};
 use trellis_api::organizations::CreateOrganization;
+use trellis_api::relays::CreateRelayToken;
 use trellis_api::services::{
     ConnectionIds, CreateService, HealthCheckInput, LimitsInput, ModifyPermissions, PortInput, TargetInput,
     UpdateService,
@@ -27,7 +28,7 @@ use trellis_api::subnets::CreateSubnet;
 use trellis_api::vpcs::{CreateVpc, UpdateVpc};
 use trellis_api::{
     AgentListQuery, ListQuery, VpcListQuery, accounts, agents, configurations, domains, endpoints, gateways,
-    invitations, notifications, organizations, services, shares, subnets, vpcs,
+    invitations, notifications, organizations, relays, services, shares, subnets, vpcs,
 };
 use trellis_model::IpAddressType;
 use trellis_proto::PortRange;
@@ -188,6 +189,35 @@ pub enum AgentTokenVerb {
     /// Show one join token (never shows the secret)
     Get(IdArg),
     /// Delete (revoke) a join token
+    Delete(IdArg),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RelayTokenVerb {
+    /// Create a single-use join token for a relay (`trellis relay`)
+    Create {
+        /// Zone the relay serves first (agents of this zone prefer it)
+        #[arg(long)]
+        zone: Option<String>,
+        /// How long the token stays valid, 60s to 24h (default 1h)
+        #[arg(long, value_name = "DURATION", value_parser = parse_expiry)]
+        expires_in: Option<u64>,
+    },
+    /// List relay join tokens (never shows the secret)
+    List(ListArgs),
+    /// Show one relay join token (never shows the secret)
+    Get(IdArg),
+    /// Delete (revoke) a relay join token
+    Delete(IdArg),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RelaysVerb {
+    /// List enrolled relays with their zone, address, last report and health
+    List(ListArgs),
+    /// Show one relay
+    Get(IdArg),
+    /// Delete a relay (its certificate stops working; agents' configs drop it)
     Delete(IdArg),
 }
 
@@ -877,6 +907,30 @@ impl AgentTokenVerb {
     }
 }
 
+impl RelayTokenVerb {
+    pub fn request(&self) -> ApiRequest {
+        match self {
+            Self::Create { zone, expires_in } => ApiRequest::send(
+                &relays::CREATE_TOKEN,
+                &CreateRelayToken { zone: zone.clone(), expires_in_seconds: *expires_in },
+            ),
+            Self::List(l) => ApiRequest::list(&relays::LIST_TOKENS, &l.query()),
+            Self::Get(t) => ApiRequest::at(&relays::GET_TOKEN, &t.id),
+            Self::Delete(t) => ApiRequest::at(&relays::DELETE_TOKEN, &t.id),
+        }
+    }
+}
+
+impl RelaysVerb {
+    pub fn request(&self) -> ApiRequest {
+        match self {
+            Self::List(l) => ApiRequest::list(&relays::LIST, &l.query()),
+            Self::Get(t) => ApiRequest::at(&relays::GET, &t.id),
+            Self::Delete(t) => ApiRequest::at(&relays::DELETE, &t.id),
+        }
+    }
+}
+
 impl AgentVerb {
     pub fn request(&self) -> ApiRequest {
         match self {
@@ -1090,6 +1144,8 @@ mod tests {
             Command::Subnet(v) => v.request(),
             Command::AgentToken(v) => v.request(),
             Command::Agent(AgentCommand { verb: Some(v), .. }) => v.request(),
+            Command::RelayToken(v) => v.request(),
+            Command::Relays(v) => v.request(),
             Command::ResourceGateway(v) => v.request(),
             Command::ResourceConfiguration(v) => v.request(),
             Command::ResourceShare(v) => v.request(),
@@ -1161,6 +1217,19 @@ mod tests {
             ("agent list", M::GET, "/v1/agents", none.clone()),
             ("agent get agent-1", M::GET, "/v1/agents/agent-1", none.clone()),
             ("agent delete agent-1", M::DELETE, "/v1/agents/agent-1", none.clone()),
+            (
+                "relay-token create --zone z1 --expires-in 2h",
+                M::POST,
+                "/v1/relay-tokens",
+                Some(json!({"zone": "z1", "expiresInSeconds": 7200})),
+            ),
+            ("relay-token create", M::POST, "/v1/relay-tokens", empty.clone()),
+            ("relay-token list", M::GET, "/v1/relay-tokens", none.clone()),
+            ("relay-token get jt-1", M::GET, "/v1/relay-tokens/jt-1", none.clone()),
+            ("relay-token delete jt-1", M::DELETE, "/v1/relay-tokens/jt-1", none.clone()),
+            ("relays list", M::GET, "/v1/relays", none.clone()),
+            ("relays get relay-1", M::GET, "/v1/relays/relay-1", none.clone()),
+            ("relays delete relay-1", M::DELETE, "/v1/relays/relay-1", none.clone()),
             (
                 "resource-gateway create --name gw --vpc vpc-1 --subnet subnet-1 --subnet subnet-2",
                 M::POST,
@@ -1462,6 +1531,7 @@ mod tests {
             "resource-configuration update rcfg-1",
             "agent-token create --subnet s --expires-in 10s",
             "agent-token create --subnet s --expires-in 2d",
+            "relay-token create --expires-in 10s",
             "account update acct-1",
             "account update acct-1 --organization-id o --no-organization",
             "resource-share create --name s --principal acct-1",
@@ -1492,6 +1562,8 @@ mod tests {
             ("subnet", &["create", "list", "get", "delete"]),
             ("agent-token", &["create", "list", "get", "delete"]),
             ("agent", &["list", "get", "delete"]),
+            ("relay-token", &["create", "list", "get", "delete"]),
+            ("relays", &["list", "get", "delete"]),
             ("resource-gateway", &["create", "list", "get", "delete"]),
             ("resource-configuration", &["create", "list", "get", "update", "delete", "usage"]),
             ("resource-share", &["create", "list", "get", "delete"]),

@@ -5,6 +5,8 @@
 //! cache marks it stale and a recompilation changes it, or `waitSeconds`
 //! pass (304). It never writes to the store, and it returns by its deadline
 //! whatever it is given: `after` and `have` are only ever compared.
+//!
+//! Relays long-poll their configs with the same machinery ([`long_poll`]).
 
 use std::time::Duration;
 
@@ -14,13 +16,11 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use std::sync::Arc;
 
-use trellis_model::AgentId;
-
 pub use trellis_api::agents::ConfigQuery;
 
 use super::AgentAuth;
 use crate::api::Query;
-use crate::configs::Compiled;
+use crate::configs::{Compiled, ConfigKind};
 use crate::error::ApiError;
 use crate::state::AppState;
 use crate::tls::ShutdownSignal;
@@ -30,18 +30,19 @@ pub const MAX_WAIT_SECONDS: u64 = 60;
 
 /// The agent's config when its version differs from `after` (after letting
 /// an agent that proves it holds the current content keep its version).
-async fn differing(
+async fn differing<C: ConfigKind>(
     state: &AppState,
-    agent: &AgentId,
+    agent: &C::Id,
     after: u64,
     have: Option<&str>,
-) -> Result<Option<Arc<Compiled>>, ApiError> {
-    let mut compiled = state.configs.current(state, agent).await?;
+) -> Result<Option<Arc<Compiled<C>>>, ApiError> {
+    let cache = C::cache(state);
+    let mut compiled = cache.current(state, agent).await?;
     if compiled.version() != after
         && let Some(have) = have
     {
-        state.configs.adopt(agent, after, have)?;
-        compiled = state.configs.current(state, agent).await?;
+        cache.adopt(agent, after, have)?;
+        compiled = cache.current(state, agent).await?;
     }
     Ok((compiled.version() != after).then_some(compiled))
 }
@@ -63,24 +64,35 @@ pub(super) async fn config(
     headers: HeaderMap,
     Query(query): Query<ConfigQuery>,
 ) -> Result<Response, ApiError> {
+    long_poll::<trellis_proto::AgentConfig>(&state, &agent.id, shutdown, &headers, &query).await
+}
+
+/// The long-poll of `id`'s config of kind `C` (an agent's, a relay's).
+pub(crate) async fn long_poll<C: ConfigKind>(
+    state: &AppState,
+    agent_id: &C::Id,
+    shutdown: Option<Extension<ShutdownSignal>>,
+    headers: &HeaderMap,
+    query: &ConfigQuery,
+) -> Result<Response, ApiError> {
     let shutdown = shutdown.map(|Extension(ShutdownSignal(token))| token).unwrap_or_default();
     let after = query.after.unwrap_or(0);
     let wait = Duration::from_secs(query.wait_seconds.unwrap_or(DEFAULT_WAIT_SECONDS).min(MAX_WAIT_SECONDS));
     let deadline = tokio::time::Instant::now() + wait;
-    let mut changed = state.configs.subscribe(&agent.id);
+    let mut changed = C::cache(state).subscribe(agent_id);
     // Mark the entry's state seen before reading it, so a change that lands
     // meanwhile wakes the wait below. The first answer does not wait for the
     // deadline (an agent that is behind gets its config at once, even with
     // waitSeconds=0); only the waiting for a change does.
     changed.borrow_and_update();
-    let first = differing(&state, &agent.id, after, query.have.as_deref()).await?;
+    let first = differing::<C>(state, agent_id, after, query.have.as_deref()).await?;
     let waited = async {
         loop {
             if changed.changed().await.is_err() {
                 return Ok(None);
             }
             changed.borrow_and_update();
-            if let Some(compiled) = differing(&state, &agent.id, after, query.have.as_deref()).await? {
+            if let Some(compiled) = differing::<C>(state, agent_id, after, query.have.as_deref()).await? {
                 return Ok::<_, ApiError>(Some(compiled));
             }
         }
@@ -93,7 +105,7 @@ pub(super) async fn config(
         },
     };
     match outcome? {
-        Some(compiled) if accepts_gzip(&headers) => Ok((
+        Some(compiled) if accepts_gzip(headers) => Ok((
             StatusCode::OK,
             [(header::CONTENT_TYPE, "application/json"), (header::CONTENT_ENCODING, "gzip")],
             axum::body::Bytes::from_owner(compiled.gzip.clone()),

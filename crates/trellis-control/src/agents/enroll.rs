@@ -36,25 +36,59 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     std::hint::black_box(diff) == 0
 }
 
+/// A stored join token as enrollment checks it (agent and relay tokens alike).
+pub(crate) struct StoredSecret<'a> {
+    pub secret_sha256: &'a str,
+    pub used_at: Option<Timestamp>,
+    pub expires_at: Timestamp,
+}
+
 /// Why a stored token cannot enroll now, checked in this order so that only
 /// the holder of the secret learns whether it expired or was used.
-fn check_token(token: &AgentToken, secret: &str, now: Timestamp) -> Result<(), ApiError> {
+/// `invalid` is the message for a wrong secret, `what` names what a token enrolls.
+pub(crate) fn check_secret(
+    stored: StoredSecret<'_>,
+    secret: &str,
+    now: Timestamp,
+    invalid: &str,
+    what: &str,
+) -> Result<(), ApiError> {
     let presented = sha256_hex(secret.as_bytes());
-    if !constant_time_eq(presented.as_bytes(), token.secret_sha256.as_bytes()) {
-        return Err(ApiError::unauthorized(INVALID_TOKEN));
+    if !constant_time_eq(presented.as_bytes(), stored.secret_sha256.as_bytes()) {
+        return Err(ApiError::unauthorized(invalid));
     }
-    if token.used_at.is_some() {
-        return Err(ApiError::unauthorized(
-            "the join token was already used; a join token enrolls one agent, create a new one",
-        ));
+    if stored.used_at.is_some() {
+        return Err(ApiError::unauthorized(format!(
+            "the join token was already used; a join token enrolls one {what}, create a new one"
+        )));
     }
-    if token.expires_at <= now {
+    if stored.expires_at <= now {
         return Err(ApiError::unauthorized(format!(
             "the join token expired at {}; create a new one",
-            token.expires_at
+            stored.expires_at
         )));
     }
     Ok(())
+}
+
+fn check_token(token: &AgentToken, secret: &str, now: Timestamp) -> Result<(), ApiError> {
+    let stored =
+        StoredSecret { secret_sha256: &token.secret_sha256, used_at: token.used_at, expires_at: token.expires_at };
+    check_secret(stored, secret, now, INVALID_TOKEN, "agent")
+}
+
+/// Parses a join token and checks that this control plane made it; `invalid`
+/// is the message for a token whose id is malformed.
+pub(crate) fn parse_token(state: &AppState, raw: &str, invalid: &str) -> Result<(JoinToken, JoinTokenId), ApiError> {
+    let token: JoinToken = raw.parse().map_err(|e| ApiError::unauthorized(format!("{e}")))?;
+    if token.ca_sha256 != state.ca.cert_sha256_hex() {
+        return Err(ApiError::unauthorized(
+            "the join token was made by another control plane (its CA hash does not match this server's CA); \
+             create a token on this control plane",
+        ));
+    }
+    let token_id = JoinTokenId::parse(&token.token_id).map_err(|_| ApiError::unauthorized(invalid.to_string()))?;
+    Ok((token, token_id))
 }
 
 /// Validates an advertise address: `host:port` or `[v6]:port`, a name or a
@@ -87,7 +121,7 @@ pub fn validate_advertise(advertise: &str) -> Result<String, ApiError> {
     Ok(format!("{host}:{port}"))
 }
 
-fn validate_hostname(hostname: &str) -> Result<String, ApiError> {
+pub(crate) fn validate_hostname(hostname: &str) -> Result<String, ApiError> {
     let hostname = hostname.trim();
     let ok = (1..=253).contains(&hostname.len())
         && hostname.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'));
@@ -104,15 +138,14 @@ pub(super) async fn enroll(
     State(state): State<AppState>,
     Json(req): Json<EnrollRequest>,
 ) -> Result<Json<EnrollResponse>, ApiError> {
-    let token: JoinToken = req.join_token.parse().map_err(|e| ApiError::unauthorized(format!("{e}")))?;
-    if token.ca_sha256 != state.ca.cert_sha256_hex() {
-        return Err(ApiError::unauthorized(
-            "the join token was made by another control plane (its CA hash does not match this server's CA); \
-             create a token on this control plane",
+    let (token, token_id) = parse_token(&state, &req.join_token, INVALID_TOKEN)?;
+    let advertise = req.advertise.as_deref().map(validate_advertise).transpose()?;
+    if req.outbound_only && advertise.is_some() {
+        return Err(ApiError::invalid(
+            "ValidationError",
+            "an outbound-only agent has no tunnel listener: give either advertise or outboundOnly, not both",
         ));
     }
-    let token_id = JoinTokenId::parse(&token.token_id).map_err(|_| ApiError::unauthorized(INVALID_TOKEN))?;
-    let advertise = req.advertise.as_deref().map(validate_advertise).transpose()?;
     let hostname = validate_hostname(&req.hostname)?;
     let now = now();
     let agent_id = AgentId::generate(&seed()?);
@@ -123,7 +156,15 @@ pub(super) async fn enroll(
     let id = token_id.clone();
     let (stored, subnet) = state
         .read(move |tx| {
-            let stored = tx.get_obj::<AgentToken>(id.as_str())?.ok_or_else(|| ApiError::unauthorized(INVALID_TOKEN))?;
+            let Some(stored) = tx.get_obj::<AgentToken>(id.as_str())? else {
+                if tx.get_obj::<crate::relays::records::RelayToken>(id.as_str())?.is_some() {
+                    return Err(ApiError::unauthorized(
+                        "this is a relay's join token: give it to `trellis relay`; an agent needs a token from \
+                         `trellis agent-token create --subnet-id <subnet>`",
+                    ));
+                }
+                return Err(ApiError::unauthorized(INVALID_TOKEN));
+            };
             check_token(&stored, &secret, now)?;
             let subnet = tx.get_obj::<Subnet>(stored.subnet_id.as_str())?.ok_or_else(|| {
                 ApiError::conflict(
@@ -155,6 +196,7 @@ pub(super) async fn enroll(
         zone: subnet.zone.clone(),
         hostname,
         advertise,
+        outbound_only: req.outbound_only,
         cert_sha256: issued.sha256_hex.clone(),
         status: AgentStatus::Online,
         last_seen_at: Some(now),

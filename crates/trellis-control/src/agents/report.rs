@@ -50,6 +50,7 @@ pub struct ReportMemo {
 struct Seen {
     boot_id: String,
     advertise: Option<String>,
+    outbound_only: Option<bool>,
     config_version: u64,
     listeners: u64,
     /// Digest of the last target health the agent sent (reports without health keep it).
@@ -63,6 +64,7 @@ impl ReportMemo {
         seen.get(agent.as_str()).is_some_and(|s| {
             s.boot_id == now.boot_id
                 && s.advertise == now.advertise
+                && s.outbound_only == now.outbound_only
                 && s.config_version == now.config_version
                 && s.listeners == now.listeners
                 && (now.health.is_none() || s.health == now.health)
@@ -156,12 +158,19 @@ pub(super) async fn report(
     }
     if let Some(advertise) = &report.advertise {
         super::enroll::validate_advertise(advertise)?;
+        if report.outbound_only == Some(true) {
+            return Err(ApiError::invalid(
+                "ValidationError",
+                "an outbound-only agent has no tunnel listener: give either advertise or outboundOnly, not both",
+            ));
+        }
     }
     let compiled = state.configs.current(&state, &agent.id).await?;
     let report = within_config(&compiled.config, report);
     let seen = Seen {
         boot_id: report.boot_id.clone(),
         advertise: report.advertise.clone(),
+        outbound_only: report.outbound_only,
         config_version: report.config_version,
         listeners: digest(&report.listeners),
         health: (!report.target_health.is_empty()).then(|| {
@@ -194,9 +203,17 @@ pub fn apply_report(
         .get_obj(agent_id.as_str())?
         .ok_or_else(|| ApiError::unauthorized("this agent was deleted; enroll again with a new join token"))?;
     let moved = report.advertise.as_ref().filter(|a| agent.advertise.as_deref() != Some(a.as_str()));
-    if agent.status != AgentStatus::Online || moved.is_some() {
+    // An outbound-only agent has no listener: an address from before is gone.
+    // An agent that reports a listener address is not outbound-only (whatever it enrolled as).
+    let outbound_only = report.outbound_only.unwrap_or(agent.outbound_only && report.advertise.is_none());
+    let mode = agent.outbound_only != outbound_only || (outbound_only && agent.advertise.is_some());
+    if agent.status != AgentStatus::Online || moved.is_some() || mode {
         if let Some(advertise) = moved {
             agent.advertise = Some(super::enroll::validate_advertise(advertise)?);
+        }
+        agent.outbound_only = outbound_only;
+        if agent.outbound_only {
+            agent.advertise = None;
         }
         agent.status = AgentStatus::Online;
         tx.update_obj(&agent)?;

@@ -67,6 +67,7 @@ pub(crate) fn agent(subnet: &Subnet, n: u8, advertise: Option<&str>) -> Agent {
         zone: subnet.zone.clone(),
         hostname: format!("host{n}"),
         advertise: advertise.map(str::to_string),
+        outbound_only: false,
         cert_sha256: sha256_hex(&[n]),
         status: AgentStatus::Online,
         last_seen_at: Some(t0()),
@@ -646,6 +647,7 @@ async fn reports_move_endpoints_and_usage_adds_up_over_boots() {
         usage: vec![],
         advertise: None,
         target_health: vec![],
+        outbound_only: None,
     };
     assert_eq!(api.report(&consumer_cert, &report).await, StatusCode::NO_CONTENT);
     assert_eq!(endpoint_state(&api).state, EndpointState::Pending);
@@ -682,6 +684,7 @@ async fn reports_move_endpoints_and_usage_adds_up_over_boots() {
         usage: vec![c],
         advertise: None,
         target_health: vec![],
+        outbound_only: None,
     };
     assert_eq!(api.report(&gw_cert, &usage("boot-1", counters(w, 5, 2, 100))).await, StatusCode::NO_CONTENT);
     assert_eq!(api.report(&gw_cert, &usage("boot-1", counters(w, 7, 3, 150))).await, StatusCode::NO_CONTENT);

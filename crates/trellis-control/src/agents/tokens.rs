@@ -29,15 +29,47 @@ pub const DEFAULT_EXPIRES_IN_SECONDS: u64 = 3600;
 pub const MIN_EXPIRES_IN_SECONDS: u64 = 60;
 pub const MAX_EXPIRES_IN_SECONDS: u64 = 86_400;
 
-/// A token as the API shows it at `now`: never the secret.
-pub fn view(token: &AgentToken, now: Timestamp) -> TokenView {
-    let state = if token.used_at.is_some() {
+/// `VALID`, `USED` or `EXPIRED`: a join token's state at `now` (agent and relay tokens alike).
+pub fn token_state(used_at: Option<Timestamp>, expires_at: Timestamp, now: Timestamp) -> &'static str {
+    if used_at.is_some() {
         "USED"
-    } else if token.expires_at <= now {
+    } else if expires_at <= now {
         "EXPIRED"
     } else {
         "VALID"
-    };
+    }
+}
+
+/// The lifetime a create asks for (`expiresInSeconds`), checked against the bounds.
+pub fn lifetime(expires_in_seconds: Option<u64>) -> Result<Duration, ApiError> {
+    let expires_in = expires_in_seconds.unwrap_or(DEFAULT_EXPIRES_IN_SECONDS);
+    if !(MIN_EXPIRES_IN_SECONDS..=MAX_EXPIRES_IN_SECONDS).contains(&expires_in) {
+        return Err(ApiError::invalid(
+            "ValidationError",
+            format!(
+                "expiresInSeconds must be from {MIN_EXPIRES_IN_SECONDS} to {MAX_EXPIRES_IN_SECONDS} (got {expires_in})"
+            ),
+        ));
+    }
+    Ok(Duration::from_secs(expires_in))
+}
+
+/// A new token's id, secret and the SHA-256 of the secret (all a store keeps).
+pub fn new_token() -> Result<(JoinTokenId, String, String), ApiError> {
+    let token_id = JoinTokenId::generate(&seed()?);
+    let secret = random_hex(32);
+    let secret_sha256 = sha256_hex(secret.as_bytes());
+    Ok((token_id, secret, secret_sha256))
+}
+
+/// The whole token as printed once: `trellis1.<id>.<secret>.<ca sha256>`.
+pub fn printed(state: &AppState, token_id: &JoinTokenId, secret: String) -> String {
+    JoinToken { token_id: token_id.to_string(), secret, ca_sha256: state.ca.cert_sha256_hex().to_string() }.to_string()
+}
+
+/// A token as the API shows it at `now`: never the secret.
+pub fn view(token: &AgentToken, now: Timestamp) -> TokenView {
+    let state = token_state(token.used_at, token.expires_at, now);
     TokenView {
         id: token.id.clone(),
         token_id: token.id.clone(),
@@ -57,21 +89,11 @@ pub(super) async fn create(
     AccountAuth(account): AccountAuth,
     Json(req): Json<CreateAgentToken>,
 ) -> Result<Response, ApiError> {
-    let expires_in = req.expires_in_seconds.unwrap_or(DEFAULT_EXPIRES_IN_SECONDS);
-    if !(MIN_EXPIRES_IN_SECONDS..=MAX_EXPIRES_IN_SECONDS).contains(&expires_in) {
-        return Err(ApiError::invalid(
-            "ValidationError",
-            format!(
-                "expiresInSeconds must be from {MIN_EXPIRES_IN_SECONDS} to {MAX_EXPIRES_IN_SECONDS} (got {expires_in})"
-            ),
-        ));
-    }
+    let expires_in = lifetime(req.expires_in_seconds)?;
     let subnet_id = SubnetId::parse(&req.subnet_id)?;
-    let token_id = JoinTokenId::generate(&seed()?);
-    let secret = random_hex(32);
+    let (token_id, secret, secret_sha256) = new_token()?;
     let created_at = now();
-    let expires_at = created_at.plus(Duration::from_secs(expires_in));
-    let secret_sha256 = sha256_hex(secret.as_bytes());
+    let expires_at = created_at.plus(expires_in);
     let new_id = token_id.clone();
     let stored = state
         .write(move |tx| {
@@ -91,8 +113,7 @@ pub(super) async fn create(
             Ok(record)
         })
         .await?;
-    let token = JoinToken { token_id: token_id.to_string(), secret, ca_sha256: state.ca.cert_sha256_hex().to_string() };
-    let body = CreatedToken { view: view(&stored, created_at), token: token.to_string() };
+    let body = CreatedToken { view: view(&stored, created_at), token: printed(&state, &token_id, secret) };
     Ok((StatusCode::CREATED, Json(body)).into_response())
 }
 

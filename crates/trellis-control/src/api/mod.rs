@@ -100,6 +100,7 @@ pub fn routes() -> Routes {
         .merge(domains::routes())
         .merge(notifications::routes())
         .merge(crate::agents::routes())
+        .merge(crate::relays::routes())
         .merge(crate::usage::routes())
         .at(&trellis_api::meta::OPENAPI, openapi::serve)
         .at(&trellis_api::meta::CA_PEM, ca_pem)

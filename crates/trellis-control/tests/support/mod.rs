@@ -95,3 +95,43 @@ impl Api {
         (db, cache)
     }
 }
+
+/// A new key and its PEM certificate signing request (for enrollments).
+pub fn csr() -> String {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    rcgen::CertificateParams::default().serialize_request(&key).unwrap().pem().unwrap()
+}
+
+/// Lower-case hex SHA-256 of a PEM certificate's DER: how the TLS layer names the peer.
+pub fn fingerprint(cert_pem: &str) -> String {
+    use rustls::pki_types::pem::PemObject;
+    let der = rustls::pki_types::CertificateDer::from_pem_slice(cert_pem.as_bytes()).unwrap();
+    trellis_control::pki::sha256_hex(&der)
+}
+
+impl Api {
+    /// A call as a TLS peer presenting the certificate with fingerprint `peer` (an agent, a relay).
+    pub async fn call_as(
+        &self,
+        method: &str,
+        path: &str,
+        peer: Option<&str>,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        let mut req = Request::builder().method(method).uri(path);
+        let body = match body {
+            Some(v) => {
+                req = req.header(header::CONTENT_TYPE, "application/json");
+                Body::from(v.to_string())
+            }
+            None => Body::empty(),
+        };
+        let mut req = req.body(body).unwrap();
+        req.extensions_mut().insert(trellis_control::tls::PeerIdentity(peer.map(str::to_string)));
+        let resp = self.router.clone().oneshot(req).await.unwrap();
+        let status = resp.status();
+        let bytes = axum::body::to_bytes(resp.into_body(), 1 << 22).await.unwrap();
+        let value = if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).unwrap() };
+        (status, value)
+    }
+}
