@@ -48,6 +48,7 @@ pub fn build_report(boot_id: &str, advertise: Option<&str>, served: &ServedState
         usage: usage.snapshot(),
         advertise: advertise.map(str::to_string),
         target_health: Vec::new(),
+        outbound_only: false,
     }
 }
 
@@ -68,6 +69,7 @@ pub fn split_report(report: AgentReport, acknowledged: &HashMap<UsageKey, UsageC
             advertise: report.advertise.clone(),
             // The health of every target goes in the first part whole: the control plane replaces it.
             target_health: Vec::new(),
+            outbound_only: report.outbound_only,
         })
         .enumerate()
         .map(|(i, mut part)| {
@@ -87,6 +89,7 @@ pub async fn run_reporter(
     interval: Duration,
     boot_id: String,
     advertise: Option<String>,
+    outbound_only: bool,
     mut served: watch::Receiver<ServedState>,
     usage: Arc<UsageTable>,
     services: Arc<ServiceRuntime>,
@@ -100,6 +103,7 @@ pub async fn run_reporter(
     let mut health_sent: Option<Vec<TargetHealthReport>> = None;
     loop {
         let mut report = build_report(&boot_id, advertise.as_deref(), &served.borrow_and_update(), &usage);
+        report.outbound_only = outbound_only;
         health_changed.borrow_and_update();
         let health = services.report();
         if health_sent.as_ref() != Some(&health) {

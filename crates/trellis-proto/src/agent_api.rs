@@ -17,6 +17,10 @@ pub struct EnrollRequest {
     /// `host:port` where endpoint agents reach this agent's tunnel listener.
     pub advertise: Option<String>,
     pub hostname: String,
+    /// `trellis agent --outbound-only`: the agent accepts no inbound
+    /// connection and is reached through the relays of its config.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub outbound_only: bool,
 }
 
 /// Answer to a successful enrollment.
@@ -54,6 +58,10 @@ pub struct AgentReport {
     /// checks see them (sent when it changes).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub target_health: Vec<TargetHealthReport>,
+    /// The agent runs with `--outbound-only` (no tunnel listener, reached
+    /// through relays); updates what enrollment said.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub outbound_only: bool,
 }
 
 /// One target of one service, as an agent's health checks see it.

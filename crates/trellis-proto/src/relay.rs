@@ -147,7 +147,9 @@ pub enum Message {
     Hello(Hello),
     Answer(Answer),
     /// Relay → attached gateway: a flow from this endpoint agent takes the attachment.
-    Flow { from_agent_id: String },
+    Flow {
+        from_agent_id: String,
+    },
     /// Gateway → relay: the gateway serves the flow; its end-to-end TLS follows.
     Accept,
 }
@@ -171,7 +173,9 @@ pub enum RelayError {
     #[error("the peer does not speak the Trellis relay protocol (bad magic bytes)")]
     BadMagic,
     /// A version this build does not know.
-    #[error("the peer speaks relay protocol version {got}, this build speaks version {supported}; upgrade the older side")]
+    #[error(
+        "the peer speaks relay protocol version {got}, this build speaks version {supported}; upgrade the older side"
+    )]
     UnsupportedVersion { got: u8, supported: u8 },
     /// A frame type this version does not define.
     #[error("unknown relay frame type {0}")]
@@ -284,10 +288,12 @@ pub fn decode_message(buf: &[u8]) -> Result<Option<(Message, usize)>, RelayError
         TYPE_ATTACH => Message::Hello(Hello::Attach),
         TYPE_CONNECT => Message::Hello(Hello::Connect { gateway_agent_id: r.id("Connect gateway agent id")? }),
         TYPE_ANSWER => {
-            let status = RelayStatus::from_code(r.u8("Answer status")?).ok_or(RelayError::Malformed("Answer status"))?;
+            let status =
+                RelayStatus::from_code(r.u8("Answer status")?).ok_or(RelayError::Malformed("Answer status"))?;
             let len = usize::from(r.u16("Answer message length")?);
             let text = r.take(len, "Answer message")?;
-            let message = std::str::from_utf8(text).map_err(|_| RelayError::Malformed("Answer message is not UTF-8"))?;
+            let message =
+                std::str::from_utf8(text).map_err(|_| RelayError::Malformed("Answer message is not UTF-8"))?;
             Message::Answer(Answer { status, message: message.to_string() })
         }
         TYPE_FLOW => Message::Flow { from_agent_id: r.id("Flow agent id")? },

@@ -646,6 +646,7 @@ async fn reports_move_endpoints_and_usage_adds_up_over_boots() {
         usage: vec![],
         advertise: None,
         target_health: vec![],
+        outbound_only: false,
     };
     assert_eq!(api.report(&consumer_cert, &report).await, StatusCode::NO_CONTENT);
     assert_eq!(endpoint_state(&api).state, EndpointState::Pending);
@@ -682,6 +683,7 @@ async fn reports_move_endpoints_and_usage_adds_up_over_boots() {
         usage: vec![c],
         advertise: None,
         target_health: vec![],
+        outbound_only: false,
     };
     assert_eq!(api.report(&gw_cert, &usage("boot-1", counters(w, 5, 2, 100))).await, StatusCode::NO_CONTENT);
     assert_eq!(api.report(&gw_cert, &usage("boot-1", counters(w, 7, 3, 150))).await, StatusCode::NO_CONTENT);
