@@ -115,9 +115,9 @@ pub async fn send<S: AsyncWrite + Unpin>(stream: &mut S, frame: &[u8]) -> io::Re
     stream.flush().await
 }
 
-/// Reads one relay frame (at most [`MAX_FRAME_LEN`] bytes are ever buffered).
-/// The frame must be the last plaintext the peer sends inside TLS before it
-/// waits for an answer: any byte after it is an error.
+/// Reads one relay frame, and not a byte more (at most [`MAX_FRAME_LEN`]
+/// bytes are ever buffered). Plaintext the peer sent after it stays in the TLS
+/// session, where leaving TLS finds it and refuses.
 pub async fn receive<S, T>(
     stream: &mut S,
     decode: impl Fn(&[u8]) -> Result<Option<(T, usize)>, RelayError>,
@@ -127,16 +127,16 @@ where
 {
     let mut carry = Vec::new();
     let msg = receive_carrying(stream, &mut carry, decode).await?;
-    if !carry.is_empty() {
-        return Err(WireError::Trailing("bytes after the relay frame"));
-    }
+    debug_assert!(carry.is_empty(), "frame-exact reads leave nothing over");
     Ok(msg)
 }
 
 /// Reads one relay frame, starting with the bytes in `carry` (read before
-/// but not used); leaves any bytes after the frame in `carry`. A peer may
-/// send two messages back to back (the relay's `Answer` to an `Attach` and
-/// a `Flow`), and TLS may deliver them in one record.
+/// but not used); leaves any bytes after the frame in `carry`.
+///
+/// Reads ask for exactly the bytes the frame still lacks (its header, then
+/// its body): a TLS reader fills whatever buffer it is given, reading more
+/// records to do so, and must never be handed room for bytes past the frame.
 async fn receive_carrying<S, T>(
     stream: &mut S,
     carry: &mut Vec<u8>,
@@ -145,13 +145,21 @@ async fn receive_carrying<S, T>(
 where
     S: AsyncRead + Unpin,
 {
+    use trellis_proto::relay::HEADER_LEN;
     loop {
         if let Some((msg, used)) = decode(carry)? {
             carry.drain(..used);
             return Ok(msg);
         }
-        let room = (MAX_FRAME_LEN + 1).saturating_sub(carry.len());
-        let n = match (&mut *stream).take(room as u64).read_buf(carry).await {
+        // The decoder has refused a header announcing more than MAX_BODY_LEN, so `need` is bounded.
+        let need = if carry.len() < HEADER_LEN {
+            HEADER_LEN - carry.len()
+        } else {
+            let body = usize::from(u16::from_be_bytes([carry[6], carry[7]]));
+            (HEADER_LEN + body).saturating_sub(carry.len()).clamp(1, MAX_FRAME_LEN)
+        };
+        carry.reserve(need);
+        let n = match (&mut *stream).take(need as u64).read_buf(carry).await {
             Ok(0) => return Err(WireError::Closed),
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Err(WireError::Closed),
             r => r?,
@@ -272,6 +280,7 @@ pub async fn dial_relay(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
 
     fn record(kind: u8, body: &[u8]) -> Vec<u8> {
         let mut r = vec![kind, 3, 3];
@@ -306,6 +315,54 @@ mod tests {
         assert_eq!(rest, tail);
     }
 
+    /// Two messages written one after the other reach the reader as two
+    /// reads, and leaving TLS after them hands over exactly the bytes that follow.
+    #[tokio::test]
+    async fn messages_in_separate_records_are_read_one_at_a_time_and_raw_bytes_after_them_are_kept() {
+        use crate::testing::TestCa;
+        use trellis_proto::relay::{Answer, RelayStatus, decode_answer, decode_flow, encode_answer, encode_flow};
+        let ca = TestCa::new();
+        let relay = ca.issue_relay("relay-1", "z1");
+        let agent = ca.issue("agent-1", "acct-1", "vpc-1");
+        let server =
+            crate::tls::relay_server_config(&relay.ca, &relay.cert, &relay.key, Arc::new(crate::tls::AnyAgent))
+                .unwrap();
+        let client = crate::tls::relay_client_config(&crate::tls::tunnel_client_config(&agent).unwrap());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let serving = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let io = RecordBounded::new(crate::read_ahead::ReadAhead::new(tcp));
+            let mut tls = tokio_rustls::TlsAcceptor::from(server).accept(io).await.unwrap();
+            let mut hello = [0u8; 5];
+            tls.read_exact(&mut hello).await.unwrap();
+            let mut frame = Vec::new();
+            encode_answer(&Answer::new(RelayStatus::Ok, ""), &mut frame);
+            send(&mut tls, &frame).await.unwrap();
+            let mut frame = Vec::new();
+            encode_flow("agent-2", &mut frame).unwrap();
+            send(&mut tls, &frame).await.unwrap();
+            let mut raw = leave_server_tls(tls).unwrap();
+            raw.write_all(b"raw after TLS").await.unwrap();
+        });
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let io = RecordBounded::new(crate::read_ahead::ReadAhead::new(tcp));
+        let name = rustls::pki_types::ServerName::try_from(trellis_proto::relay_server_name("relay-1")).unwrap();
+        let mut tls = tokio_rustls::TlsConnector::from(client).connect(name, io).await.unwrap();
+        send(&mut tls, b"hello").await.unwrap();
+        serving.await.unwrap();
+        let mut carry = Vec::new();
+        let answer = receive_carrying(&mut tls, &mut carry, decode_answer).await.unwrap();
+        assert_eq!(answer.status, RelayStatus::Ok);
+        assert!(carry.is_empty(), "the answer is read alone");
+        let from = receive_carrying(&mut tls, &mut carry, decode_flow).await.unwrap();
+        assert_eq!(from, "agent-2");
+        let mut raw = RelaySession { tls, carry }.leave().unwrap();
+        let mut rest = Vec::new();
+        raw.read_to_end(&mut rest).await.unwrap();
+        assert_eq!(rest, b"raw after TLS");
+    }
+
     #[tokio::test]
     async fn leaving_in_the_middle_of_a_record_is_an_error() {
         let (mut tx, rx) = tokio::io::duplex(4096);
@@ -318,7 +375,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn receive_takes_one_frame_and_refuses_trailing_bytes_and_oversized_frames() {
+    async fn receive_takes_one_frame_and_no_more_and_refuses_oversized_frames() {
         use trellis_proto::relay::{Hello, decode_hello, encode_hello};
         let mut frame = Vec::new();
         encode_hello(&Hello::Attach, &mut frame).unwrap();
@@ -328,7 +385,8 @@ mod tests {
         let mut with_tail = frame.clone();
         with_tail.push(0);
         tx.write_all(&with_tail).await.unwrap();
-        assert!(matches!(receive(&mut rx, decode_hello).await, Err(WireError::Trailing(_))));
+        assert_eq!(receive(&mut rx, decode_hello).await.unwrap(), Hello::Attach);
+        assert_eq!(rx.read_u8().await.unwrap(), 0, "the byte after the frame is not read");
         let (mut tx, mut rx) = tokio::io::duplex(4096);
         tx.write_all(b"TRRL\x01\x02\xff\xff").await.unwrap();
         assert!(matches!(receive(&mut rx, decode_hello).await, Err(WireError::Protocol(RelayError::FrameTooLarge(_)))));
