@@ -191,6 +191,11 @@ struct Setup {
 /// Two relays (the first one behind a tap when `tapped`), an outbound-only
 /// gateway agent attached to both, an endpoint agent reaching it through them.
 async fn setup(tapped: bool) -> Setup {
+    setup_with(tapped, String::new()).await
+}
+
+/// [`setup`] where the endpoint agent also knows `direct` as the gateway agent's address.
+async fn setup_with(tapped: bool, direct: String) -> Setup {
     let ca = TestCa::new();
     let gw_id = ca.issue(GW, GW_ACCT, GW_VPC);
     let ep_id = ca.issue(EP, CONSUMER_ACCT, CONSUMER_VPC);
@@ -254,7 +259,7 @@ async fn setup(tapped: bool) -> Setup {
         dns_records: vec![],
         gateways: vec![GatewayTarget {
             agent_id: gateway.into(),
-            address: String::new(),
+            address: direct.clone(),
             zone: "z1".into(),
             server_name: agent_server_name(gateway),
             relays: endpoint_relays.clone(),
@@ -453,6 +458,18 @@ async fn a_relay_refuses_unserved_gateways_unserved_attaches_and_peers_without_a
         Err(e) => panic!("expected a failed handshake, got {e}"),
         Ok(_) => panic!("an anonymous peer was relayed"),
     }
+    // A certificate the control plane revoked (a deleted agent) is refused at the handshake too.
+    let mut revoked = relay_config(R2);
+    revoked.version = 2;
+    revoked.revoked_certs = vec![s.endpoint_identity.cert_sha256()];
+    s.relays[1]._config.send_replace(Arc::new(revoked));
+    let fresh = relay_connector(&s.endpoint_identity);
+    match dial_relay(&fresh, &relay, &connect, Duration::from_secs(5)).await {
+        Err(DialRelayError::Unreachable { .. }) => {}
+        Err(e) => panic!("expected a failed handshake, got {e}"),
+        Ok(_) => panic!("a revoked agent was relayed"),
+    }
+    s.relays[1]._config.send_replace(Arc::new(relay_config(R2)));
     let metrics = s.relays[1].running.metrics_text();
     assert!(metrics.contains("trellis_relay_refusals_total{reason=\"attach_not_served\"} 1"), "{metrics}");
     assert!(metrics.contains("trellis_relay_flows_total{outcome=\"not_served\"} 2"), "{metrics}");
@@ -570,5 +587,20 @@ async fn a_malformed_or_oversized_hello_closes_that_connection_only() {
     let mut rest = Vec::new();
     flow.read_to_end(&mut rest).await.unwrap();
     assert_eq!(echo_round_trip(s.client_target, b"new flow").await, b"new flow");
+    stop(s).await;
+}
+
+#[tokio::test]
+async fn a_gateway_agent_whose_direct_address_does_not_answer_is_reached_through_its_relays() {
+    // An address nothing listens on: what an endpoint agent sees of a gateway behind a firewall.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let s = setup_with(false, closed.to_string()).await;
+    for _ in 0..3 {
+        assert_eq!(echo_round_trip(s.client_target, b"around the firewall").await, b"around the firewall");
+    }
+    eventually("the relay's access log line", Duration::from_secs(5), || {
+        s.relays.iter().any(|r| r.log.lines().iter().any(|l| l["outcome"] == "closed"))
+    })
+    .await;
     stop(s).await;
 }

@@ -178,6 +178,10 @@ impl HealthTable {
 /// that need a relay probe it, and a silent relay costs one timeout per
 /// probe interval, not one per flow. A relay that answers (even with a
 /// refusal: the gateway is not attached there) is up.
+///
+/// The same memory keeps, under `direct:<agent id>`, the direct path of a
+/// gateway agent that has both an address and relays: a direct address that
+/// does not answer is skipped (straight to the relays) until its probe is due.
 #[derive(Debug)]
 pub struct RelayHealth {
     down: HashMap<String, Down>,
@@ -203,6 +207,11 @@ impl RelayHealth {
         skipped.sort_by_key(|r| self.down.get(&r.relay_id).map(|d| std::cmp::Reverse(d.since)));
         tries.append(&mut skipped);
         tries
+    }
+
+    /// Whether a path marked down is still waiting for its next probe (skip it now).
+    pub fn skip(&self, id: &str, now: Instant) -> bool {
+        self.down.get(id).is_some_and(|d| d.next_probe > now)
     }
 
     /// Records a failed attempt; true when the relay was up until now. A
@@ -261,6 +270,7 @@ mod tests {
         assert!(!h.mark_down("r1", "refused again", t0 + Duration::from_secs(2)), "already down");
         assert_eq!(order(&h, t0 + Duration::from_secs(3))[0], "r2", "r1 waits 2 s now");
         assert_eq!(order(&h, t0 + Duration::from_secs(4))[0], "r1");
+        assert!(h.skip("r2", t0 + Duration::from_millis(500)) && !h.skip("r2", t0 + Duration::from_secs(2)));
         assert!(h.mark_up("r1"));
         assert!(!h.is_down("r1"));
         h.retain(&HashSet::from(["r1"]));

@@ -166,6 +166,10 @@ impl GatewayPools {
         }
     }
 
+    fn relay_health(&self) -> std::sync::MutexGuard<'_, RelayHealth> {
+        self.relay_health.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn health(&self) -> std::sync::MutexGuard<'_, HealthTable> {
         self.health.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -182,9 +186,11 @@ impl GatewayPools {
             }
         }
         {
-            let relays: HashSet<&str> =
+            let direct: Vec<String> = wanted.iter().map(|k| format!("direct:{}", k.agent_id)).collect();
+            let mut paths: HashSet<&str> =
                 wanted.iter().flat_map(|k| k.relays.iter().map(|r| r.relay_id.as_str())).collect();
-            self.relay_health.lock().unwrap_or_else(|e| e.into_inner()).retain(&relays);
+            paths.extend(direct.iter().map(String::as_str));
+            self.relay_health().retain(&paths);
         }
         let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
         pools.retain(|key, pool| {
@@ -253,7 +259,9 @@ impl GatewayPools {
         let name = ServerName::try_from(key.server_name.clone())
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("bad gateway server name: {e}")))?;
         let mut direct_failed = None;
-        if !key.address.is_empty() {
+        let direct_path = format!("direct:{}", key.agent_id);
+        let skip_direct = !key.relays.is_empty() && self.relay_health().skip(&direct_path, std::time::Instant::now());
+        if !key.address.is_empty() && !skip_direct {
             let attempt = async {
                 let tcp = TcpStream::connect(key.address.as_str()).await?;
                 let _ = tcp.set_nodelay(true);
@@ -267,9 +275,18 @@ impl GatewayPools {
                 )
             });
             match result {
-                Ok(Ok(tunnel)) => return Ok(tunnel),
+                Ok(Ok(tunnel)) => {
+                    if !key.relays.is_empty() {
+                        self.relay_health().mark_up(&direct_path);
+                    }
+                    return Ok(tunnel);
+                }
                 Ok(Err(e)) | Err(e) if key.relays.is_empty() => return Err(e),
-                Ok(Err(e)) | Err(e) => direct_failed = Some(e),
+                Ok(Err(e)) | Err(e) => {
+                    // Later connections go straight to the relays until the direct path is due for a probe.
+                    self.relay_health().mark_down(&direct_path, &e.to_string(), std::time::Instant::now());
+                    direct_failed = Some(e);
+                }
             }
         }
         if key.relays.is_empty() {
