@@ -28,6 +28,11 @@ pub enum EnrollError {
         "{0} holds no agent identity; start the agent once with --join-token (create one with `trellis agent-token create`)"
     )]
     NoIdentity(String),
+    /// No relay identity in the state directory and no relay join token to make one.
+    #[error(
+        "{0} holds no relay identity; start the relay once with --join-token (create one with `trellis relay-token create`)"
+    )]
+    NoRelayIdentity(String),
     /// The join token does not parse.
     #[error(transparent)]
     Token(#[from] JoinTokenError),

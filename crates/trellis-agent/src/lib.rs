@@ -6,7 +6,10 @@
 //! resources), endpoint ([`endpoint`]: listen on endpoint addresses, tunnel to
 //! gateways), DNS for endpoint names ([`dns`]), Prometheus metrics
 //! ([`metrics`]), a JSON access log ([`access_log`]) and usage reports
-//! ([`report`]).
+//! ([`report`]). An agent started outbound-only has no tunnel listener: its
+//! gateway role is reached through relays ([`gateway::attach`]), and
+//! [`relay`] is `trellis relay` itself, the place where such agents and
+//! endpoint agents meet ([`relay_wire`]: the relay protocol on a connection).
 //!
 //! [`start`] runs the whole agent; [`start_data_plane`] runs only the data
 //! plane with an identity and a config channel supplied by the caller (tests,

@@ -111,7 +111,7 @@ pub async fn load_or_enroll(
         }
         return Ok(identity);
     }
-    let token = join_token.ok_or_else(|| EnrollError::NoIdentity(state_dir.display().to_string()))?;
+    let token = join_token.ok_or_else(|| EnrollError::NoRelayIdentity(state_dir.display().to_string()))?;
     let parsed: JoinToken = token.parse()?;
     let ca = fetch_pinned_ca(control_plane, &parsed.ca_sha256).await?;
     let host = hostname();
@@ -328,6 +328,6 @@ mod tests {
         assert!(err.to_string().contains("jt-0000000000000002"), "{err}");
         let empty = tempfile::tempdir().unwrap();
         let err = load_or_enroll("https://cp", None, empty.path(), "relay:7444").await.unwrap_err();
-        assert!(err.to_string().contains("--join-token"), "{err}");
+        assert!(err.to_string().contains("relay-token create"), "{err}");
     }
 }
