@@ -121,6 +121,14 @@ impl AccessLog {
         self.write_line(serde_json::to_vec(record).expect("access record serializes"));
     }
 
+    /// Writes any serializable record as one line (the relay's flows).
+    pub fn write_json<T: Serialize>(&self, record: &T) {
+        match serde_json::to_vec(record) {
+            Ok(line) => self.write_line(line),
+            Err(e) => tracing::warn!(error = %e, "could not serialize an access-log record"),
+        }
+    }
+
     /// Writes an event that is not a connection (a service target's health
     /// changing): one JSON object with an `event` field and the time.
     pub fn write_event(&self, event: &serde_json::Value) {

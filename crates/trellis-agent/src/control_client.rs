@@ -11,6 +11,8 @@ use reqwest::StatusCode;
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 use serde::Deserialize;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 use trellis_proto::AgentConfig;
 use trellis_proto::agent_api::{AgentReport, EnrollRequest, EnrollResponse};
 
@@ -156,8 +158,18 @@ impl ControlClient {
         ca: &CertificateDer<'static>,
         identity: Option<&AgentIdentity>,
     ) -> Result<Self, ControlError> {
+        Self::with_client_cert(url, ca, identity.map(|id| (&id.cert, &id.key)))
+    }
+
+    /// A client for `url` trusting `ca`, presenting `client_cert` (certificate and key) when given
+    /// (an agent's or a relay's).
+    pub fn with_client_cert(
+        url: &str,
+        ca: &CertificateDer<'static>,
+        client_cert: Option<(&CertificateDer<'static>, &rustls::pki_types::PrivateKeyDer<'static>)>,
+    ) -> Result<Self, ControlError> {
         let base = normalize_url(url)?;
-        let config = tls::control_client_config(ca, identity)?;
+        let config = tls::control_client_config_with_cert(ca, client_cert)?;
         // No overall timeout: long-polls set their own per request.
         Ok(Self { base, http: build_http(config, None) })
     }
@@ -172,18 +184,29 @@ impl ControlClient {
 
     /// `POST /v1/agents/enroll`.
     pub async fn enroll(&self, req: &EnrollRequest) -> Result<EnrollResponse, ControlError> {
+        self.post_json("/v1/agents/enroll", "the enrollment", req, Duration::from_secs(30)).await
+    }
+
+    /// `POST {path}` with a JSON body; the JSON answer.
+    pub async fn post_json<Req: Serialize + ?Sized, Resp: DeserializeOwned>(
+        &self,
+        path: &str,
+        what: &'static str,
+        req: &Req,
+        timeout: Duration,
+    ) -> Result<Resp, ControlError> {
         let resp = self
             .http
-            .post(format!("{}/v1/agents/enroll", self.base))
-            .timeout(Duration::from_secs(30))
+            .post(format!("{}{path}", self.base))
+            .timeout(timeout)
             .json(req)
             .send()
             .await
             .map_err(self.unreachable())?;
         if !resp.status().is_success() {
-            return Err(refused("the enrollment", resp).await);
+            return Err(refused(what, resp).await);
         }
-        resp.json().await.map_err(|source| ControlError::BadAnswer { what: "the enrollment", source })
+        resp.json().await.map_err(|source| ControlError::BadAnswer { what, source })
     }
 
     /// `GET /v1/agents/self/config?after=V&waitSeconds=S&have=H`: `Some` when the
@@ -196,6 +219,17 @@ impl ControlClient {
         have: Option<&str>,
         wait: Duration,
     ) -> Result<Option<AgentConfig>, ControlError> {
+        self.poll_json("/v1/agents/self/config", after, have, wait).await
+    }
+
+    /// A config long-poll at `path` (`?after=V&waitSeconds=S&have=H`), as [`Self::poll_config`].
+    pub async fn poll_json<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        after: u64,
+        have: Option<&str>,
+        wait: Duration,
+    ) -> Result<Option<T>, ControlError> {
         let wait_seconds = wait.as_secs().clamp(0, 60);
         let mut query = vec![("after", after.to_string()), ("waitSeconds", wait_seconds.to_string())];
         if let Some(have) = have {
@@ -203,7 +237,7 @@ impl ControlClient {
         }
         let resp = self
             .http
-            .get(format!("{}/v1/agents/self/config", self.base))
+            .get(format!("{}{path}", self.base))
             .query(&query)
             .header(reqwest::header::ACCEPT_ENCODING, "gzip")
             .timeout(Duration::from_secs(wait_seconds + 15))
@@ -230,16 +264,26 @@ impl ControlClient {
 
     /// `POST /v1/agents/self/report`.
     pub async fn report(&self, report: &AgentReport) -> Result<(), ControlError> {
+        self.post("/v1/agents/self/report", "the usage report", report).await
+    }
+
+    /// `POST {path}` with a JSON body; any success status will do.
+    pub async fn post<Req: Serialize + ?Sized>(
+        &self,
+        path: &str,
+        what: &'static str,
+        body: &Req,
+    ) -> Result<(), ControlError> {
         let resp = self
             .http
-            .post(format!("{}/v1/agents/self/report", self.base))
+            .post(format!("{}{path}", self.base))
             .timeout(Duration::from_secs(15))
-            .json(report)
+            .json(body)
             .send()
             .await
             .map_err(self.unreachable())?;
         if !resp.status().is_success() {
-            return Err(refused("the usage report", resp).await);
+            return Err(refused(what, resp).await);
         }
         Ok(())
     }

@@ -28,6 +28,11 @@ pub enum EnrollError {
         "{0} holds no agent identity; start the agent once with --join-token (create one with `trellis agent-token create`)"
     )]
     NoIdentity(String),
+    /// No relay identity in the state directory and no relay join token to make one.
+    #[error(
+        "{0} holds no relay identity; start the relay once with --join-token (create one with `trellis relay-token create`)"
+    )]
+    NoRelayIdentity(String),
     /// The join token does not parse.
     #[error(transparent)]
     Token(#[from] JoinTokenError),
@@ -55,6 +60,7 @@ pub async fn load_or_enroll(
     join_token: Option<&str>,
     state_dir: &Path,
     advertise: Option<&str>,
+    outbound_only: bool,
 ) -> Result<AgentIdentity, EnrollError> {
     if AgentIdentity::exists(state_dir) {
         let (identity, enrollment) = AgentIdentity::load(state_dir)?;
@@ -71,7 +77,7 @@ pub async fn load_or_enroll(
         return Ok(identity);
     }
     let token = join_token.ok_or_else(|| EnrollError::NoIdentity(state_dir.display().to_string()))?;
-    let identity = enroll(control_plane, token, advertise).await?;
+    let identity = enroll(control_plane, token, advertise, outbound_only).await?;
     let token_id = token.parse::<JoinToken>().ok().map(|t| t.token_id);
     identity.store(state_dir, &Enrollment { control_plane: normalize_url(control_plane)?, join_token_id: token_id })?;
     tracing::info!(agent_id = %identity.agent_id, vpc_id = %identity.vpc_id, "enrolled");
@@ -120,6 +126,7 @@ pub async fn enroll(
     control_plane: &str,
     join_token: &str,
     advertise: Option<&str>,
+    outbound_only: bool,
 ) -> Result<AgentIdentity, EnrollError> {
     let token: JoinToken = join_token.parse()?;
     let ca = fetch_pinned_ca(control_plane, &token.ca_sha256).await?;
@@ -132,7 +139,7 @@ pub async fn enroll(
             csr_pem,
             advertise: advertise.map(str::to_string),
             hostname: host,
-            outbound_only: false,
+            outbound_only,
         })
         .await?;
     let cert = CertificateDer::from_pem_slice(resp.certificate_pem.as_bytes())
@@ -157,7 +164,7 @@ pub async fn enroll(
 }
 
 /// A fresh ECDSA P-256 key and a PEM CSR naming `host`.
-fn key_and_csr(host: &str) -> Result<(PrivateKeyDer<'static>, String), EnrollError> {
+pub(crate) fn key_and_csr(host: &str) -> Result<(PrivateKeyDer<'static>, String), EnrollError> {
     let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|e| EnrollError::KeyGen(e.to_string()))?;
     let mut params = CertificateParams::new(Vec::<String>::new()).map_err(|e| EnrollError::KeyGen(e.to_string()))?;
     let mut dn = DistinguishedName::new();
@@ -168,7 +175,7 @@ fn key_and_csr(host: &str) -> Result<(PrivateKeyDer<'static>, String), EnrollErr
     Ok((PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())), csr_pem))
 }
 
-fn hostname() -> String {
+pub(crate) fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .or_else(|_| std::fs::read_to_string("/etc/hostname"))
         .map(|s| s.trim().to_string())
@@ -192,7 +199,7 @@ mod tests {
     #[tokio::test]
     async fn missing_state_and_token_says_how_to_fix_it() {
         let dir = tempfile::tempdir().unwrap();
-        let err = load_or_enroll("https://cp.example", None, dir.path(), None).await.unwrap_err();
+        let err = load_or_enroll("https://cp.example", None, dir.path(), None, false).await.unwrap_err();
         assert!(err.to_string().contains("--join-token"), "{err}");
     }
 
@@ -214,11 +221,11 @@ mod tests {
     #[tokio::test]
     async fn stored_identity_is_reused_without_a_token_or_with_the_same_one() {
         let (dir, id) = stored(Some("jt-0000000000000001"));
-        let loaded = load_or_enroll("https://cp.example", None, dir.path(), None).await.unwrap();
+        let loaded = load_or_enroll("https://cp.example", None, dir.path(), None, false).await.unwrap();
         assert_eq!(loaded.agent_id, id.agent_id);
         // The same command line again: same token, nothing contacted.
         let same = token("jt-0000000000000001", &id.ca);
-        let loaded = load_or_enroll("https://cp.example", Some(&same), dir.path(), None).await.unwrap();
+        let loaded = load_or_enroll("https://cp.example", Some(&same), dir.path(), None, false).await.unwrap();
         assert_eq!(loaded.agent_id, id.agent_id);
     }
 
@@ -226,7 +233,7 @@ mod tests {
     async fn another_join_token_for_an_enrolled_state_dir_is_an_error_naming_both() {
         let (dir, id) = stored(Some("jt-0000000000000001"));
         let other = token("jt-0000000000000002", &id.ca);
-        let err = load_or_enroll("https://cp.example", Some(&other), dir.path(), None).await.unwrap_err();
+        let err = load_or_enroll("https://cp.example", Some(&other), dir.path(), None, false).await.unwrap_err();
         let msg = err.to_string();
         for part in [
             "agent-00000000000000001",
@@ -240,9 +247,9 @@ mod tests {
         // A token of another control plane (another CA) is refused too, even for old state.
         let (dir, _) = stored(None);
         let foreign = token("jt-0000000000000003", &crate::testing::TestCa::new().cert());
-        let err = load_or_enroll("https://cp.example", Some(&foreign), dir.path(), None).await.unwrap_err();
+        let err = load_or_enroll("https://cp.example", Some(&foreign), dir.path(), None, false).await.unwrap_err();
         assert!(err.to_string().contains("another control plane's CA"), "{err}");
         // A malformed token is refused, not ignored.
-        assert!(load_or_enroll("https://cp.example", Some("garbage"), dir.path(), None).await.is_err());
+        assert!(load_or_enroll("https://cp.example", Some("garbage"), dir.path(), None, false).await.is_err());
     }
 }

@@ -6,7 +6,10 @@
 //! resources), endpoint ([`endpoint`]: listen on endpoint addresses, tunnel to
 //! gateways), DNS for endpoint names ([`dns`]), Prometheus metrics
 //! ([`metrics`]), a JSON access log ([`access_log`]) and usage reports
-//! ([`report`]).
+//! ([`report`]). An agent started outbound-only has no tunnel listener: its
+//! gateway role is reached through relays ([`gateway::attach`]), and
+//! [`relay`] is `trellis relay` itself, the place where such agents and
+//! endpoint agents meet ([`relay_wire`]: the relay protocol on a connection).
 //!
 //! [`start`] runs the whole agent; [`start_data_plane`] runs only the data
 //! plane with an identity and a config channel supplied by the caller (tests,
@@ -26,6 +29,8 @@ pub mod identity;
 pub mod limits;
 pub mod metrics;
 pub mod read_ahead;
+pub mod relay;
+pub mod relay_wire;
 pub mod report;
 mod splice;
 #[doc(hidden)]
@@ -84,6 +89,9 @@ pub struct AgentOptions {
     pub manage_routes: bool,
     /// How often usage is reported (also right after every config change).
     pub report_interval: Duration,
+    /// No tunnel listener: the gateway role is reached through relays
+    /// (`AgentConfig::relays`), to which the agent keeps outbound connections.
+    pub outbound_only: bool,
 }
 
 /// Knobs of the data plane that rarely need changing; [`start`] uses the defaults.
@@ -126,6 +134,7 @@ impl AgentOptions {
             metrics_listen: None,
             manage_routes: false,
             report_interval: DEFAULT_REPORT_INTERVAL,
+            outbound_only: false,
         }
     }
 }
@@ -144,6 +153,7 @@ impl std::fmt::Debug for AgentOptions {
             .field("metrics_listen", &self.metrics_listen)
             .field("manage_routes", &self.manage_routes)
             .field("report_interval", &self.report_interval)
+            .field("outbound_only", &self.outbound_only)
             .finish()
     }
 }
@@ -165,6 +175,10 @@ pub struct DataPlaneOptions {
     pub pool: PoolSettings,
     /// Endpoint side: from sending an open request to its answer.
     pub open_timeout: Duration,
+    /// Gateway role without a tunnel listener: reached through the relays of
+    /// the config, to which it keeps attached connections.
+    pub outbound_only: bool,
+    pub attach: gateway::attach::AttachSettings,
 }
 
 impl DataPlaneOptions {
@@ -184,7 +198,14 @@ impl DataPlaneOptions {
             gateway_timeouts: GatewayTimeouts::default(),
             pool: PoolSettings::default(),
             open_timeout: Duration::from_secs(15),
+            outbound_only: false,
+            attach: gateway::attach::AttachSettings::default(),
         }
+    }
+
+    /// [`DataPlaneOptions::loopback`] for an outbound-only gateway agent: no tunnel listener.
+    pub fn outbound_only() -> Self {
+        Self { tunnel_listen: None, outbound_only: true, ..Self::loopback() }
     }
 }
 
@@ -359,7 +380,7 @@ async fn start_with_listener(
     let limits = opts.limits;
     let fatal = Arc::new(std::sync::Mutex::new(None));
     let services = Arc::new(gateway::services::ServiceRuntime::default());
-    if let Some(tunnel) = tunnel {
+    if tunnel.is_some() || opts.outbound_only {
         tracker.spawn(gateway::services::run_health_checks(
             config.clone(),
             services.clone(),
@@ -383,14 +404,27 @@ async fn start_with_listener(
             services: services.clone(),
             consumers: Arc::new(gateway::consumers::ConsumerLimiter::default()),
         });
-        let (fatal, shutdown, tracker2) = (fatal.clone(), shutdown.clone(), tracker.clone());
-        tracker.spawn(async move {
-            gateway::listener::serve(tunnel, server_tls, gateway_ctx, tracker2, shutdown.clone()).await;
-            if !shutdown.is_cancelled() {
-                *fatal.lock().unwrap_or_else(|e| e.into_inner()) = Some("the tunnel listener stopped".to_string());
-                shutdown.cancel();
-            }
-        });
+        if opts.outbound_only {
+            tracker.spawn(gateway::attach::run(
+                config.clone(),
+                tokio_rustls::TlsConnector::from(tls::relay_client_config(&client_tls)),
+                tokio_rustls::TlsAcceptor::from(server_tls.clone()),
+                gateway_ctx.clone(),
+                opts.attach,
+                tracker.clone(),
+                shutdown.clone(),
+            ));
+        }
+        if let Some(tunnel) = tunnel {
+            let (fatal, shutdown, tracker2) = (fatal.clone(), shutdown.clone(), tracker.clone());
+            tracker.spawn(async move {
+                gateway::listener::serve(tunnel, server_tls, gateway_ctx, tracker2, shutdown.clone()).await;
+                if !shutdown.is_cancelled() {
+                    *fatal.lock().unwrap_or_else(|e| e.into_inner()) = Some("the tunnel listener stopped".to_string());
+                    shutdown.cancel();
+                }
+            });
+        }
     } else {
         tracker.spawn(gateway::warn_without_listener(config.clone(), shutdown.clone()));
     }
@@ -468,6 +502,11 @@ pub async fn start_tuned(opts: AgentOptions, tuning: AgentTuning) -> Result<Runn
     let limits = tuning.limits.unwrap_or_else(|| Limits::from_open_files(limits::raise_open_files_limit()));
     tracing::info!("{limits}");
     let (tunnel, advertise) = match opts.tunnel_listen {
+        Some(_) if opts.outbound_only => {
+            return Err(AgentError::InvalidOptions(
+                "--outbound-only starts no tunnel listener; drop --tunnel-listen (or --outbound-only)".into(),
+            ));
+        }
         Some(addr) => {
             let tunnel = bind_tcp("tunnels", addr).await?;
             let bound = tunnel.local_addr().map_err(|source| AgentError::Bind { what: "tunnels", addr, source })?;
@@ -478,6 +517,14 @@ pub async fn start_tuned(opts: AgentOptions, tuning: AgentTuning) -> Result<Runn
             }
             (Some(tunnel), advertise)
         }
+        None if opts.outbound_only => {
+            if opts.advertise.is_some() {
+                return Err(AgentError::InvalidOptions(
+                    "--outbound-only starts no tunnel listener, so there is no address to advertise; drop --advertise (or --outbound-only)".into(),
+                ));
+            }
+            (None, None)
+        }
         None => {
             if opts.advertise.is_some() {
                 return Err(AgentError::InvalidOptions(
@@ -487,8 +534,14 @@ pub async fn start_tuned(opts: AgentOptions, tuning: AgentTuning) -> Result<Runn
             (None, None)
         }
     };
-    let identity =
-        enroll::load_or_enroll(&control_url, opts.join_token.as_deref(), &opts.state_dir, advertise.as_deref()).await?;
+    let identity = enroll::load_or_enroll(
+        &control_url,
+        opts.join_token.as_deref(),
+        &opts.state_dir,
+        advertise.as_deref(),
+        opts.outbound_only,
+    )
+    .await?;
     let client = ControlClient::new(&control_url, &identity.ca, Some(&identity))?;
 
     let cached = config_cache::load_cached(&opts.state_dir, &identity.agent_id);
@@ -509,6 +562,8 @@ pub async fn start_tuned(opts: AgentOptions, tuning: AgentTuning) -> Result<Runn
         gateway_timeouts: tuning.gateway_timeouts,
         pool: tuning.pool,
         open_timeout: tuning.open_timeout,
+        outbound_only: opts.outbound_only,
+        attach: gateway::attach::AttachSettings::default(),
     };
     let tracker = TaskTracker::new();
     let shutdown = CancellationToken::new();
@@ -530,6 +585,7 @@ pub async fn start_tuned(opts: AgentOptions, tuning: AgentTuning) -> Result<Runn
         opts.report_interval,
         agent.boot_id.clone(),
         advertise,
+        opts.outbound_only,
         agent.served(),
         agent.usage.clone(),
         agent.services.clone(),

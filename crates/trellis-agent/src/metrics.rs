@@ -241,8 +241,20 @@ fn respond(status: StatusCode, content_type: &'static str, body: String) -> Resp
     resp
 }
 
+/// Something `/metrics` can serve: the agent's metrics, or the relay's.
+pub trait Exposition: Send + Sync + 'static {
+    /// The Prometheus text exposition.
+    fn encode(&self) -> String;
+}
+
+impl Exposition for Metrics {
+    fn encode(&self) -> String {
+        Metrics::encode(self)
+    }
+}
+
 /// `GET /metrics` and nothing else.
-fn route(method: &Method, path: &str, metrics: &Metrics) -> Response<Body> {
+fn route(method: &Method, path: &str, metrics: &impl Exposition) -> Response<Body> {
     match (method, path) {
         (&Method::GET, "/metrics") => {
             respond(StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", metrics.encode())
@@ -260,9 +272,9 @@ fn route(method: &Method, path: &str, metrics: &Metrics) -> Response<Body> {
 /// [`MAX_CONNECTIONS`] at once, each request head within [`HEADER_TIMEOUT`],
 /// each connection for [`CONNECTION_TIMEOUT`] at most, so idle or slow clients
 /// cannot hold the listener.
-pub(crate) async fn serve(
+pub(crate) async fn serve<M: Exposition>(
     listener: TcpListener,
-    metrics: Arc<Metrics>,
+    metrics: Arc<M>,
     tracker: TaskTracker,
     shutdown: CancellationToken,
 ) {
@@ -287,7 +299,7 @@ pub(crate) async fn serve(
         let (metrics, shutdown) = (metrics.clone(), shutdown.clone());
         tracker.spawn(async move {
             let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                let resp = route(req.method(), req.uri().path(), &metrics);
+                let resp = route(req.method(), req.uri().path(), &*metrics);
                 async move { Ok::<_, std::convert::Infallible>(resp) }
             });
             let conn = hyper::server::conn::http1::Builder::new()

@@ -89,6 +89,7 @@ pub async fn run_reporter(
     interval: Duration,
     boot_id: String,
     advertise: Option<String>,
+    outbound_only: bool,
     mut served: watch::Receiver<ServedState>,
     usage: Arc<UsageTable>,
     services: Arc<ServiceRuntime>,
@@ -102,6 +103,7 @@ pub async fn run_reporter(
     let mut health_sent: Option<Vec<TargetHealthReport>> = None;
     loop {
         let mut report = build_report(&boot_id, advertise.as_deref(), &served.borrow_and_update(), &usage);
+        report.outbound_only = Some(outbound_only);
         health_changed.borrow_and_update();
         let health = services.report();
         if health_sent.as_ref() != Some(&health) {

@@ -64,6 +64,21 @@ impl TestCa {
         }
     }
 
+    /// Issues a relay identity, as the control plane's relay enrollment does
+    /// (DNS SAN `relay_server_name`, URI SAN `relay_identity_uri`).
+    pub fn issue_relay(&self, relay_id: &str, zone: &str) -> crate::relay::RelayIdentity {
+        let key = KeyPair::generate().expect("generate relay key");
+        let uri = trellis_proto::relay_identity_uri(relay_id);
+        let cert = self.sign_with_uri(&key, &[trellis_proto::relay_server_name(relay_id)], Some(&uri));
+        crate::relay::RelayIdentity {
+            relay_id: relay_id.to_string(),
+            zone: zone.to_string(),
+            cert,
+            key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+            ca: self.cert(),
+        }
+    }
+
     /// A server certificate and key for `names` (DNS names or IP addresses), for test HTTPS servers.
     pub fn server_cert(&self, names: &[&str]) -> (CertificateDer<'static>, PrivateKeyDer<'static>) {
         let key = KeyPair::generate().expect("generate server key");

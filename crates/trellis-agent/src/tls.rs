@@ -177,8 +177,30 @@ pub fn tunnel_server_config(
     id: &AgentIdentity,
     admission: Arc<dyn PeerAdmission>,
 ) -> Result<Arc<ServerConfig>, TlsError> {
+    mutual_server_config(&id.ca, &id.cert, &id.key, admission, TUNNEL_ALPN)
+}
+
+/// The relay's side of its outer TLS sessions: as [`tunnel_server_config`]
+/// (TLS 1.3, a CA-signed agent certificate required and admitted by
+/// `admission`), with the relay's certificate and ALPN.
+pub fn relay_server_config(
+    ca: &CertificateDer<'static>,
+    cert: &CertificateDer<'static>,
+    key: &rustls::pki_types::PrivateKeyDer<'static>,
+    admission: Arc<dyn PeerAdmission>,
+) -> Result<Arc<ServerConfig>, TlsError> {
+    mutual_server_config(ca, cert, key, admission, crate::relay_wire::RELAY_ALPN)
+}
+
+fn mutual_server_config(
+    ca: &CertificateDer<'static>,
+    cert: &CertificateDer<'static>,
+    key: &rustls::pki_types::PrivateKeyDer<'static>,
+    admission: Arc<dyn PeerAdmission>,
+    alpn: &[u8],
+) -> Result<Arc<ServerConfig>, TlsError> {
     let provider = tunnel_provider();
-    let chain = WebPkiClientVerifier::builder_with_provider(roots(&id.ca)?, provider.clone())
+    let chain = WebPkiClientVerifier::builder_with_provider(roots(ca)?, provider.clone())
         .build()
         .map_err(|e| TlsError::BadCa(e.to_string()))?;
     let verifier = Arc::new(AdmittingVerifier { chain, admission });
@@ -186,9 +208,9 @@ pub fn tunnel_server_config(
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(TlsError::BadIdentity)?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(vec![id.cert.clone()], id.key.clone_key())
+        .with_single_cert(vec![cert.clone()], key.clone_key())
         .map_err(TlsError::BadIdentity)?;
-    config.alpn_protocols = vec![TUNNEL_ALPN.to_vec()];
+    config.alpn_protocols = vec![alpn.to_vec()];
     Ok(Arc::new(config))
 }
 
@@ -210,19 +232,36 @@ pub fn tunnel_client_config(id: &AgentIdentity) -> Result<Arc<ClientConfig>, Tls
     Ok(Arc::new(config))
 }
 
+/// An agent's side of its outer TLS sessions with relays: the tunnel client
+/// (TLS 1.3, the agent's certificate, the CA only, session resumption) with
+/// the relay ALPN; the relay's server name (`relay_server_name`) is checked.
+pub fn relay_client_config(tunnel: &ClientConfig) -> Arc<ClientConfig> {
+    let mut config = tunnel.clone();
+    config.alpn_protocols = vec![crate::relay_wire::RELAY_ALPN.to_vec()];
+    Arc::new(config)
+}
+
 /// HTTPS client to the control plane once the CA is pinned: trusts only the
 /// CA, and presents the agent's certificate when there is one.
 pub fn control_client_config(
     ca: &CertificateDer<'static>,
     id: Option<&AgentIdentity>,
 ) -> Result<ClientConfig, TlsError> {
+    control_client_config_with_cert(ca, id.map(|id| (&id.cert, &id.key)))
+}
+
+/// [`control_client_config`] with any client certificate (an agent's or a relay's).
+pub fn control_client_config_with_cert(
+    ca: &CertificateDer<'static>,
+    client_cert: Option<(&CertificateDer<'static>, &rustls::pki_types::PrivateKeyDer<'static>)>,
+) -> Result<ClientConfig, TlsError> {
     let builder = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(TlsError::BadIdentity)?
         .with_root_certificates(roots(ca)?);
-    let mut config = match id {
-        Some(id) => {
-            builder.with_client_auth_cert(vec![id.cert.clone()], id.key.clone_key()).map_err(TlsError::BadIdentity)?
+    let mut config = match client_cert {
+        Some((cert, key)) => {
+            builder.with_client_auth_cert(vec![cert.clone()], key.clone_key()).map_err(TlsError::BadIdentity)?
         }
         None => builder.with_no_client_auth(),
     };

@@ -409,6 +409,11 @@ fn gateway_compile_profile() {
             Ok(())
         })
         .unwrap();
+    // CPU time of this thread (ns on CPU, from the scheduler), not wall time: the machine is shared.
+    fn cpu() -> std::time::Duration {
+        let stat = std::fs::read_to_string("/proc/thread-self/schedstat").unwrap();
+        std::time::Duration::from_nanos(stat.split_whitespace().next().unwrap().parse().unwrap())
+    }
     let cache = crate::configs::ConfigCache::new(store.revision().unwrap());
     let mut best = [std::time::Duration::MAX; 4];
     for round in 0..16 {
@@ -424,7 +429,7 @@ fn gateway_compile_profile() {
             .unwrap();
             cache.invalidate(revision, keys);
         }
-        let t = std::time::Instant::now();
+        let t = cpu();
         let mut out = None;
         store
             .read(&mut |tx| {
@@ -434,19 +439,19 @@ fn gateway_compile_profile() {
                 Ok(())
             })
             .unwrap();
-        let compiled = t.elapsed();
+        let compiled = cpu() - t;
         let (config, _, work) = out.unwrap();
-        let t = std::time::Instant::now();
+        let t = cpu();
         let json = serde_json::to_vec(&config).unwrap();
-        let encoded = t.elapsed();
-        let t = std::time::Instant::now();
+        let encoded = cpu() - t;
+        let t = cpu();
         let _ = crate::pki::sha256_hex(&json);
-        let hashed = t.elapsed();
-        let t = std::time::Instant::now();
+        let hashed = cpu() - t;
+        let t = cpu();
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
         std::io::Write::write_all(&mut gz, &json).unwrap();
         let gzipped = gz.finish().unwrap().len();
-        let zipped = t.elapsed();
+        let zipped = cpu() - t;
         if round == 0 {
             eprintln!("cold: compile {compiled:?} ({work:?}), json {} bytes, gzip {gzipped} bytes", json.len());
         } else {

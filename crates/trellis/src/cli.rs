@@ -113,6 +113,8 @@ pub enum Command {
     Server(ServerCommand),
     /// Run an agent (`trellis agent --control-plane …`), or manage enrolled agents (`trellis agent list`)
     Agent(AgentCommand),
+    /// Run a relay (`trellis relay --control-plane …`): where outbound-only gateway agents and endpoint agents meet
+    Relay(RelayCommand),
     /// Run a control plane, an owner agent and a consumer agent in one process, with a demo share
     Dev(DevArgs),
     /// Print the version
@@ -253,6 +255,10 @@ pub struct AgentRunArgs {
     #[arg(long, env = "TRELLIS_TUNNEL_LISTEN", value_name = "ADDR")]
     pub tunnel_listen: Option<SocketAddr>,
 
+    /// Accept no inbound connection: the gateway role is reached through the relays of the agent's config, to which it keeps outbound connections (for sites behind NAT or a firewall that lets nothing in)
+    #[arg(long, env = "TRELLIS_OUTBOUND_ONLY", conflicts_with_all = ["tunnel_listen", "advertise"])]
+    pub outbound_only: bool,
+
     /// host:port where endpoint agents reach the tunnel listener; what makes the agent a gateway (default: the tunnel listen address when it is a specific IP)
     #[arg(long, env = "TRELLIS_ADVERTISE", value_name = "HOST:PORT", value_parser = parse_host_port)]
     pub advertise: Option<String>,
@@ -304,6 +310,8 @@ pub struct AgentRunConfig {
     pub metrics_listen: Option<SocketAddr>,
     pub manage_routes: bool,
     pub report_interval: Duration,
+    /// No tunnel listener; reached through relays.
+    pub outbound_only: bool,
 }
 
 impl AgentRunArgs {
@@ -328,8 +336,53 @@ impl AgentRunArgs {
             metrics_listen: self.metrics_listen,
             manage_routes: self.manage_routes,
             report_interval: self.report_interval,
+            outbound_only: self.outbound_only,
         })
     }
+}
+
+/// `trellis relay`: runs a relay.
+#[derive(Debug, Args)]
+pub struct RelayCommand {
+    #[command(flatten)]
+    pub run: RelayRunArgs,
+}
+
+/// The flags of a running relay.
+#[derive(Debug, Args)]
+pub struct RelayRunArgs {
+    /// Control-plane URL, e.g. https://cp.example:8443
+    #[arg(long, env = "TRELLIS_CONTROL_PLANE", value_name = "URL", required = true, value_parser = parse_url)]
+    pub control_plane: Option<Url>,
+
+    /// Relay join token from `trellis relay-token create`, needed on the first start only (later starts use the
+    /// state dir). Prefer the TRELLIS_JOIN_TOKEN environment variable: a flag's value is visible to every user in `ps`
+    #[arg(long, env = "TRELLIS_JOIN_TOKEN", value_name = "TOKEN", hide_env_values = true)]
+    pub join_token: Option<JoinToken>,
+
+    /// Directory for the relay's key, certificate and last config (created when missing)
+    #[arg(long, env = "TRELLIS_STATE_DIR", value_name = "DIR", required = true)]
+    pub state_dir: Option<PathBuf>,
+
+    /// Address where agents connect (outbound-only gateway agents attach, endpoint agents connect through)
+    #[arg(long, env = "TRELLIS_RELAY_LISTEN", value_name = "ADDR", default_value = "0.0.0.0:7444")]
+    pub listen: SocketAddr,
+
+    /// host:port where agents reach the listener (given to the control plane, which puts it in agents' configs)
+    #[arg(long, env = "TRELLIS_ADVERTISE", value_name = "HOST:PORT", required = true, value_parser = parse_host_port)]
+    pub advertise: Option<String>,
+
+    /// Address for Prometheus /metrics (off when not set)
+    #[arg(long, env = "TRELLIS_METRICS_LISTEN", value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
+
+    /// Where the access log (one JSON line per relayed flow, no payload) goes: `-` for stdout, or a FILE appended to and reopened on SIGHUP
+    #[arg(long, env = "TRELLIS_ACCESS_LOG", value_name = "FILE", default_value = "-")]
+    pub access_log: PathBuf,
+
+    /// How often to report to the control plane
+    #[arg(long, env = "TRELLIS_REPORT_INTERVAL", value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
+    pub report_interval: Duration,
 }
 
 /// `trellis dev`.
@@ -645,6 +698,45 @@ mod tests {
         assert_eq!(explicit.tunnel_listen, Some("10.0.0.5:9443".parse().unwrap()));
         assert_eq!(run(&["--access-log", "-"]).access_log, None);
         assert!(parse(&[&base[..], &["--dns-allow", "not-a-net"]].concat()).is_err());
+    }
+
+    #[test]
+    fn an_outbound_only_agent_binds_no_tunnel_listener_and_cannot_advertise_one() {
+        let base = ["agent", "--control-plane", "https://h:1", "--state-dir", "/tmp/a", "--outbound-only"];
+        let Command::Agent(AgentCommand { run, .. }) = parse(&base).unwrap().command else { panic!("not agent") };
+        let cfg = run.validate().unwrap();
+        assert!(cfg.outbound_only);
+        assert_eq!(cfg.tunnel_listen, None);
+        for extra in [["--advertise", "gw.example:7443"], ["--tunnel-listen", "0.0.0.0:7443"]] {
+            let err = parse(&[&base[..], &extra[..]].concat()).unwrap_err();
+            assert!(err.to_string().contains("cannot be used with"), "{err}");
+        }
+    }
+
+    #[test]
+    fn relay_run_parses_its_flags_and_needs_an_advertised_address() {
+        let cli = parse(&[
+            "relay",
+            "--control-plane",
+            "https://127.0.0.1:8443",
+            "--join-token",
+            TOKEN,
+            "--state-dir",
+            "/tmp/r",
+            "--listen",
+            "0.0.0.0:7444",
+            "--advertise",
+            "relay.example:7444",
+            "--metrics-listen",
+            "127.0.0.1:9100",
+        ])
+        .unwrap();
+        let Command::Relay(RelayCommand { run }) = cli.command else { panic!("not relay") };
+        assert_eq!(run.listen, "0.0.0.0:7444".parse().unwrap());
+        assert_eq!(run.advertise.as_deref(), Some("relay.example:7444"));
+        assert_eq!(run.join_token.unwrap().token_id, "jt-0123456789abcdef");
+        let err = parse(&["relay", "--control-plane", "https://h:1", "--state-dir", "/tmp/r"]).unwrap_err();
+        assert!(err.to_string().contains("--advertise"), "{err}");
     }
 
     #[test]

@@ -13,6 +13,7 @@ mod nouns;
 mod output;
 mod program;
 mod run_agent;
+mod run_relay;
 mod run_server;
 mod secret;
 mod shutdown;
@@ -21,7 +22,7 @@ use std::process::ExitCode;
 
 use clap::error::ErrorKind;
 
-use crate::cli::{AgentCommand, Cli, Command, ServerCommand};
+use crate::cli::{AgentCommand, Cli, Command, RelayCommand, ServerCommand};
 
 fn main() -> ExitCode {
     let cli = match Cli::parse_args(std::env::args_os()) {
@@ -30,7 +31,7 @@ fn main() -> ExitCode {
     };
     init_tracing(&cli.command);
     let long_running = matches!(cli.command, Command::Server(ServerCommand { verb: None, .. }) | Command::Dev(_))
-        || matches!(cli.command, Command::Agent(AgentCommand { verb: None, .. }));
+        || matches!(cli.command, Command::Agent(AgentCommand { verb: None, .. }) | Command::Relay(_));
     let runtime = if long_running {
         tokio::runtime::Builder::new_multi_thread().enable_all().build()
     } else {
@@ -78,6 +79,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             let config = run.validate().map_err(anyhow::Error::msg)?;
             return run_agent::run(config).await;
         }
+        Command::Relay(RelayCommand { run }) => return run_relay::run(run).await,
         Command::Dev(args) => return dev::run(args, global.output).await,
         Command::Version => {
             println!("trellis {}", env!("CARGO_PKG_VERSION"));
@@ -116,7 +118,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
 fn init_tracing(command: &Command) {
     use tracing_subscriber::EnvFilter;
     let default = match command {
-        Command::Server(_) | Command::Agent(AgentCommand { verb: None, .. }) => "info",
+        Command::Server(_) | Command::Agent(AgentCommand { verb: None, .. }) | Command::Relay(_) => "info",
         _ => "warn",
     };
     let filter = EnvFilter::try_from_env("TRELLIS_LOG")

@@ -31,6 +31,7 @@ pub async fn run(config: AgentRunConfig) -> Result<()> {
         metrics_listen: config.metrics_listen,
         manage_routes: config.manage_routes,
         report_interval: config.report_interval,
+        outbound_only: config.outbound_only,
     };
     let tuning = AgentTuning { access_log: access_log.clone(), ..AgentTuning::default() };
     let mut agent = AgentHandle::start(AgentRole::Agent, options, tuning)
@@ -51,7 +52,7 @@ pub async fn run(config: AgentRunConfig) -> Result<()> {
 }
 
 /// Reopens the access-log file on every SIGHUP (after log rotation).
-async fn reopen_on_sighup(log: AccessLog) {
+pub(crate) async fn reopen_on_sighup(log: AccessLog) {
     #[cfg(unix)]
     if let Some(path) = log.path().map(Path::to_path_buf) {
         let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
@@ -111,6 +112,7 @@ pub async fn start_for_dev(role: AgentRole, control_plane: &str, join_token: &st
         metrics_listen: Some(loopback(0)),
         manage_routes: false,
         report_interval: Duration::from_secs(1),
+        outbound_only: false,
     };
     let log_path = dir.join(format!("{role}-access.log"));
     let log = std::fs::OpenOptions::new()

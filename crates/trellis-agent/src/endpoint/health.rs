@@ -16,7 +16,7 @@
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use trellis_proto::GatewayTarget;
+use trellis_proto::{GatewayTarget, RelayTarget};
 
 use super::pool::GatewayKey;
 
@@ -168,9 +168,114 @@ impl HealthTable {
     }
 }
 
+/// What the endpoint agent remembers about the relays it reaches
+/// outbound-only gateway agents through, by relay id.
+///
+/// A relay that could not be reached (connect, TLS handshake or hello timed
+/// out or failed) is *down*: flows try it only after every relay that is up.
+/// Once its probe time comes (1 s, doubling to 30 s) it takes its place in the
+/// order again for one attempt, which marks it up or down again: the flows
+/// that need a relay probe it, and a silent relay costs one timeout per
+/// probe interval, not one per flow. A relay that answers (even with a
+/// refusal: the gateway is not attached there) is up.
+///
+/// The same memory keeps, under `direct:<agent id>`, the direct path of a
+/// gateway agent that has both an address and relays: a direct address that
+/// does not answer is skipped (straight to the relays) until its probe is due.
+#[derive(Debug)]
+pub struct RelayHealth {
+    down: HashMap<String, Down>,
+    first_probe: Duration,
+    max_probe: Duration,
+}
+
+impl RelayHealth {
+    pub fn new(first_probe: Duration, max_probe: Duration) -> Self {
+        Self { down: HashMap::new(), first_probe, max_probe: max_probe.max(first_probe) }
+    }
+
+    pub fn is_down(&self, relay_id: &str) -> bool {
+        self.down.contains_key(relay_id)
+    }
+
+    /// The order in which a connection tries `relays` (given own zone first):
+    /// relays that are up or due for a probe, in the given order, then the
+    /// other down ones, longest down last.
+    pub fn order<'a>(&self, relays: &'a [RelayTarget], now: Instant) -> Vec<&'a RelayTarget> {
+        let (mut tries, mut skipped): (Vec<&RelayTarget>, Vec<&RelayTarget>) =
+            relays.iter().partition(|r| self.down.get(&r.relay_id).is_none_or(|d| d.next_probe <= now));
+        skipped.sort_by_key(|r| self.down.get(&r.relay_id).map(|d| std::cmp::Reverse(d.since)));
+        tries.append(&mut skipped);
+        tries
+    }
+
+    /// Whether a path marked down is still waiting for its next probe (skip it now).
+    pub fn skip(&self, id: &str, now: Instant) -> bool {
+        self.down.get(id).is_some_and(|d| d.next_probe > now)
+    }
+
+    /// Records a failed attempt; true when the relay was up until now. A
+    /// relay already down waits twice as long for its next probe.
+    pub fn mark_down(&mut self, relay_id: &str, reason: &str, now: Instant) -> bool {
+        match self.down.get_mut(relay_id) {
+            Some(d) => {
+                d.backoff = (d.backoff * 2).min(self.max_probe);
+                d.next_probe = now + d.backoff;
+                d.reason = reason.to_string();
+                false
+            }
+            None => {
+                let d = Down {
+                    since: now,
+                    reason: reason.to_string(),
+                    backoff: self.first_probe,
+                    next_probe: now + self.first_probe,
+                };
+                self.down.insert(relay_id.to_string(), d);
+                true
+            }
+        }
+    }
+
+    /// Records an answer; true when the relay was down until now.
+    pub fn mark_up(&mut self, relay_id: &str) -> bool {
+        self.down.remove(relay_id).is_some()
+    }
+
+    /// Forgets relays not in `wanted`.
+    pub fn retain(&mut self, wanted: &HashSet<&str>) {
+        self.down.retain(|id, _| wanted.contains(id.as_str()));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn relay(id: &str) -> RelayTarget {
+        RelayTarget { relay_id: id.into(), address: format!("{id}:7444"), zone: "z1".into(), server_name: id.into() }
+    }
+
+    #[test]
+    fn a_down_relay_is_tried_last_until_its_probe_is_due_then_in_its_place_again() {
+        let relays = [relay("r1"), relay("r2"), relay("r3")];
+        let mut h = RelayHealth::new(Duration::from_secs(1), Duration::from_secs(30));
+        let t0 = Instant::now();
+        let order = |h: &RelayHealth, t| h.order(&relays, t).iter().map(|r| r.relay_id.clone()).collect::<Vec<_>>();
+        assert_eq!(order(&h, t0), ["r1", "r2", "r3"], "the given order (own zone first) when all are up");
+        assert!(h.mark_down("r1", "refused", t0));
+        assert!(h.mark_down("r2", "refused", t0 + Duration::from_millis(1)));
+        assert_eq!(order(&h, t0), ["r3", "r2", "r1"], "down relays last, the most recently failed first");
+        assert_eq!(order(&h, t0 + Duration::from_secs(2)), ["r1", "r2", "r3"], "due for a probe: back in place");
+        assert!(!h.mark_down("r1", "refused again", t0 + Duration::from_secs(2)), "already down");
+        assert_eq!(order(&h, t0 + Duration::from_secs(3))[0], "r2", "r1 waits 2 s now");
+        assert_eq!(order(&h, t0 + Duration::from_secs(4))[0], "r1");
+        assert!(h.skip("r2", t0 + Duration::from_millis(500)) && !h.skip("r2", t0 + Duration::from_secs(2)));
+        assert!(h.mark_up("r1"));
+        assert!(!h.is_down("r1"));
+        h.retain(&HashSet::from(["r1"]));
+        assert!(!h.is_down("r2"), "relays that left the config are forgotten");
+    }
 
     fn gw(id: &str, zone: &str) -> GatewayTarget {
         GatewayTarget {

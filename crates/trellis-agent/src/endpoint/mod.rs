@@ -6,6 +6,7 @@ pub mod health;
 pub mod listeners;
 pub mod pool;
 pub mod proxy;
+mod relayed;
 pub mod routes;
 
 pub use listeners::ServedState;

@@ -30,9 +30,9 @@ use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use trellis_proto::GatewayTarget;
+use trellis_proto::{GatewayTarget, RelayTarget};
 
-use super::health::{HealthTable, Plan};
+use super::health::{HealthTable, Plan, RelayHealth};
 use crate::gateway::listener::set_keepalive;
 use crate::metrics::Metrics;
 use crate::read_ahead::ReadAhead;
@@ -86,11 +86,18 @@ pub struct GatewayKey {
     pub address: String,
     /// DNS SAN its certificate must carry.
     pub server_name: String,
+    /// Relays that reach it (an outbound-only gateway agent has no `address`).
+    pub relays: Vec<RelayTarget>,
 }
 
 impl From<&GatewayTarget> for GatewayKey {
     fn from(g: &GatewayTarget) -> Self {
-        Self { agent_id: g.agent_id.clone(), address: g.address.clone(), server_name: g.server_name.clone() }
+        Self {
+            agent_id: g.agent_id.clone(),
+            address: g.address.clone(),
+            server_name: g.server_name.clone(),
+            relays: g.relays.clone(),
+        }
     }
 }
 
@@ -109,6 +116,9 @@ struct Pool {
 /// All pools of this agent.
 pub struct GatewayPools {
     connector: TlsConnector,
+    /// Outer TLS to relays (see `relayed.rs`).
+    pub(super) relay_connector: TlsConnector,
+    pub(super) relay_health: Mutex<RelayHealth>,
     settings: PoolSettings,
     pools: Mutex<HashMap<GatewayKey, Arc<Pool>>>,
     health: Mutex<HealthTable>,
@@ -144,6 +154,8 @@ impl GatewayPools {
         shutdown: CancellationToken,
     ) -> Self {
         Self {
+            relay_connector: TlsConnector::from(crate::tls::relay_client_config(&tls)),
+            relay_health: Mutex::new(RelayHealth::new(settings.probe_first, settings.probe_max)),
             connector: TlsConnector::from(tls),
             settings,
             pools: Mutex::default(),
@@ -152,6 +164,10 @@ impl GatewayPools {
             tracker,
             shutdown,
         }
+    }
+
+    fn relay_health(&self) -> std::sync::MutexGuard<'_, RelayHealth> {
+        self.relay_health.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn health(&self) -> std::sync::MutexGuard<'_, HealthTable> {
@@ -168,6 +184,13 @@ impl GatewayPools {
             for key in wanted {
                 self.metrics.set_gateway_up(&key.agent_id, &key.address, !health.is_down(key));
             }
+        }
+        {
+            let direct: Vec<String> = wanted.iter().map(|k| format!("direct:{}", k.agent_id)).collect();
+            let mut paths: HashSet<&str> =
+                wanted.iter().flat_map(|k| k.relays.iter().map(|r| r.relay_id.as_str())).collect();
+            paths.extend(direct.iter().map(String::as_str));
+            self.relay_health().retain(&paths);
         }
         let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
         pools.retain(|key, pool| {
@@ -228,19 +251,65 @@ impl GatewayPools {
         Ok((self.connect(key).await?, false))
     }
 
-    /// A fresh connection to `key`, bypassing the pool.
+    /// A fresh connection to `key`, bypassing the pool: direct when the
+    /// gateway agent has an address, else (or when the direct path fails)
+    /// through its relays (`relayed.rs`). Either way the TLS inside is the
+    /// same end-to-end session with the gateway agent.
     pub async fn connect(&self, key: &GatewayKey) -> io::Result<Tunnel> {
         let name = ServerName::try_from(key.server_name.clone())
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("bad gateway server name: {e}")))?;
+        let mut direct_failed = None;
+        let direct_path = format!("direct:{}", key.agent_id);
+        let skip_direct = !key.relays.is_empty() && self.relay_health().skip(&direct_path, std::time::Instant::now());
+        if !key.address.is_empty() && !skip_direct {
+            let attempt = async {
+                let tcp = TcpStream::connect(key.address.as_str()).await?;
+                let _ = tcp.set_nodelay(true);
+                set_keepalive(&tcp);
+                self.connector.connect(name.clone(), ReadAhead::new(tcp)).await
+            };
+            let result = tokio::time::timeout(self.settings.connect_timeout, attempt).await.map_err(|_| {
+                io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("connecting to gateway agent {} timed out", key.address),
+                )
+            });
+            match result {
+                Ok(Ok(tunnel)) => {
+                    if !key.relays.is_empty() {
+                        self.relay_health().mark_up(&direct_path);
+                    }
+                    return Ok(tunnel);
+                }
+                Ok(Err(e)) | Err(e) if key.relays.is_empty() => return Err(e),
+                Ok(Err(e)) | Err(e) => {
+                    // Later connections go straight to the relays until the direct path is due for a probe.
+                    self.relay_health().mark_down(&direct_path, &e.to_string(), std::time::Instant::now());
+                    direct_failed = Some(e);
+                }
+            }
+        }
+        if key.relays.is_empty() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("gateway agent {} has neither an address nor a relay", key.agent_id),
+            ));
+        }
         let attempt = async {
-            let tcp = TcpStream::connect(key.address.as_str()).await?;
-            let _ = tcp.set_nodelay(true);
-            set_keepalive(&tcp);
-            self.connector.connect(name, ReadAhead::new(tcp)).await
+            let raw = super::relayed::connect(self, key, self.settings.connect_timeout).await?;
+            tokio::time::timeout(self.settings.connect_timeout, self.connector.connect(name, raw)).await.map_err(
+                |_| {
+                    io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("TLS with gateway agent {} through a relay timed out", key.agent_id),
+                    )
+                },
+            )?
         };
-        tokio::time::timeout(self.settings.connect_timeout, attempt).await.map_err(|_| {
-            io::Error::new(io::ErrorKind::TimedOut, format!("connecting to gateway agent {} timed out", key.address))
-        })?
+        attempt.await.map_err(|e| match direct_failed {
+            Some(direct) => io::Error::new(e.kind(), format!("direct: {direct}; through relays: {e}")),
+            None => e,
+        })
     }
 
     /// The order in which a new flow tries `candidates` (see `health.rs`).
@@ -418,6 +487,7 @@ mod tests {
             agent_id: gateway.agent_id.clone(),
             address: listener.local_addr().unwrap().to_string(),
             server_name: trellis_proto::agent_server_name(&gateway.agent_id),
+            relays: vec![],
         };
         let server = tokio::spawn(async move {
             let mut held = Vec::new();
@@ -470,6 +540,7 @@ mod tests {
             agent_id: gateway.agent_id.clone(),
             address: listener.local_addr().unwrap().to_string(),
             server_name: trellis_proto::agent_server_name(&gateway.agent_id),
+            relays: vec![],
         };
         let accepted = Arc::new(AtomicUsize::new(0));
         let counter = accepted.clone();
@@ -519,6 +590,7 @@ mod tests {
             agent_id: gateway.agent_id.clone(),
             address: listener.local_addr().unwrap().to_string(),
             server_name: trellis_proto::agent_server_name(&gateway.agent_id),
+            relays: vec![],
         };
         // Until `answer` is set, the "gateway" accepts TCP and closes at once: every handshake fails.
         let answer = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -599,6 +671,7 @@ mod tests {
             agent_id: gateway.agent_id.clone(),
             address: listener.local_addr().unwrap().to_string(),
             server_name: trellis_proto::agent_server_name(&gateway.agent_id),
+            relays: vec![],
         };
         let server = tokio::spawn(async move {
             let mut held = Vec::new();

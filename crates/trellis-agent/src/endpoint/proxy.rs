@@ -57,9 +57,14 @@ enum OpenError {
     AllDown { tried: Vec<String> },
 }
 
-/// `agent-… (host:port)`: how logs name a gateway agent.
+/// `agent-… (host:port)`: how logs name a gateway agent (`via relays` for an outbound-only one).
 fn name(gateway: &GatewayTarget) -> String {
-    format!("{} ({})", gateway.agent_id, gateway.address)
+    format!("{} ({})", gateway.agent_id, where_is(gateway))
+}
+
+/// A gateway agent's address, or `via relays` when it has none.
+fn where_is(gateway: &GatewayTarget) -> &str {
+    if gateway.address.is_empty() { "via relays" } else { &gateway.address }
 }
 
 /// What the access log says about one failed attempt.
@@ -181,7 +186,7 @@ pub async fn serve_client(
     if !tried.is_empty() {
         tracing::info!(endpoint = %req.vpc_endpoint_id, client = %client_addr, gateway = %gateway.agent_id, tried = %tried.join("; "), "flow failed over");
     }
-    info.target = gateway.address.clone();
+    info.target = if gateway.address.is_empty() { name(gateway) } else { gateway.address.clone() };
     let _slot = ctx.pools.open_flow(&GatewayKey::from(gateway));
     let flow = OpenFlow::open(info, ctx.metrics.clone(), None, ctx.access_log.clone(), started).with_tried(tried);
     let mut client = client;

@@ -133,9 +133,23 @@ async fn handle(
 ) {
     let _ = tcp.set_nodelay(true);
     set_keepalive(&tcp);
+    serve_stream(ReadAhead::new(tcp), peer, acceptor, handshake_permit, ctx, cancel).await;
+}
+
+/// Serves one tunnel connection whose TCP (or relayed) stream is `io`: the
+/// gateway is the TLS server whichever side opened the connection, so a flow
+/// through a relay is served exactly like a direct one.
+pub(crate) async fn serve_stream(
+    io: ReadAhead,
+    peer: SocketAddr,
+    acceptor: TlsAcceptor,
+    handshake_permit: OwnedSemaphorePermit,
+    ctx: Arc<GatewayContext>,
+    cancel: CancellationToken,
+) {
     // Futures that finish before the splice are boxed, and so is the TLS stream, so that the
     // state this task keeps for the life of an idle connection stays small (memory per connection).
-    let handshake = Box::pin(acceptor.accept(ReadAhead::new(tcp)));
+    let handshake = Box::pin(acceptor.accept(io));
     let mut tls = match tokio::time::timeout(ctx.timeouts.handshake, handshake).await {
         Ok(Ok(tls)) => Box::new(tls),
         Ok(Err(e)) => {

@@ -3,6 +3,7 @@
 //! splice bytes. The gateway never opens a stream toward an endpoint.
 
 pub mod admission;
+pub mod attach;
 pub mod authorize;
 pub mod consumers;
 pub mod dial;

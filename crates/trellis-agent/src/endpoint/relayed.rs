@@ -1,0 +1,69 @@
+//! An endpoint agent reaching a gateway agent through its relays: for an
+//! outbound-only gateway agent (no address), or one whose direct address
+//! does not answer.
+//!
+//! Relays are tried in the config's order (the endpoint agent's zone first),
+//! relays the health memory knows are down last (`health::RelayHealth`). Per
+//! relay: TCP, outer TLS verifying the relay's certificate
+//! (`relay_server_name`), `Connect {gateway agent}`, the relay's answer. On
+//! `ok` the outer TLS is left and the raw stream is returned, for the caller
+//! to run the end-to-end TLS with the gateway agent over it (verifying the
+//! gateway agent's server name, as on a direct connection).
+
+use std::io;
+use std::time::{Duration, Instant};
+
+use trellis_proto::relay::Hello;
+
+use super::pool::{GatewayKey, GatewayPools};
+use crate::read_ahead::ReadAhead;
+use crate::relay_wire::{DialRelayError, dial_relay};
+
+/// A raw stream paired with `key`'s gateway agent by one of its relays.
+pub(super) async fn connect(pools: &GatewayPools, key: &GatewayKey, timeout: Duration) -> io::Result<ReadAhead> {
+    let order: Vec<_> = {
+        let health = pools.relay_health.lock().unwrap_or_else(|e| e.into_inner());
+        health.order(&key.relays, Instant::now()).into_iter().cloned().collect()
+    };
+    let hello = Hello::Connect { gateway_agent_id: key.agent_id.clone() };
+    let mut notes = Vec::new();
+    for relay in &order {
+        let note = match dial_relay(&pools.relay_connector, relay, &hello, timeout).await {
+            Ok(session) => {
+                relay_up(pools, &relay.relay_id);
+                match session.leave() {
+                    Ok(raw) => return Ok(raw),
+                    Err(e) => format!("relay {}: {e}", relay.relay_id),
+                }
+            }
+            Err(e @ DialRelayError::Unreachable { .. }) => {
+                let reason = e.to_string();
+                let marked = pools.relay_health.lock().unwrap_or_else(|e| e.into_inner()).mark_down(
+                    &relay.relay_id,
+                    &reason,
+                    Instant::now(),
+                );
+                if marked {
+                    tracing::warn!(relay = %relay.relay_id, address = %relay.address, %reason, "relay marked down: connections try it last while it is probed");
+                }
+                reason
+            }
+            Err(e @ DialRelayError::Refused { .. }) => {
+                relay_up(pools, &relay.relay_id);
+                e.to_string()
+            }
+        };
+        tracing::debug!(gateway = %key.agent_id, note, "relay attempt failed");
+        notes.push(note);
+    }
+    Err(io::Error::new(
+        io::ErrorKind::ConnectionRefused,
+        format!("no relay connected this agent to gateway agent {}: {}", key.agent_id, notes.join("; ")),
+    ))
+}
+
+fn relay_up(pools: &GatewayPools, relay_id: &str) {
+    if pools.relay_health.lock().unwrap_or_else(|e| e.into_inner()).mark_up(relay_id) {
+        tracing::info!(relay = %relay_id, "relay answers again");
+    }
+}

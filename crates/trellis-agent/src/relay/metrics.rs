@@ -1,0 +1,98 @@
+//! The relay's Prometheus metrics: idle attachments per gateway agent, open
+//! connections and relayed flows, flows by outcome, bytes each way, refusals
+//! by reason. Label values are gateway agent ids from the relay's config and
+//! fixed words, never text a peer chose.
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+type Labels = Vec<(String, String)>;
+
+/// The relay's metric families and their registry.
+pub struct RelayMetrics {
+    registry: Registry,
+    /// Idle attachments per gateway agent.
+    pub attachments: Family<Labels, Gauge>,
+    pub connections: Gauge,
+    pub active_flows: Gauge,
+    pub flows: Family<Labels, Counter>,
+    pub bytes: Family<Labels, Counter>,
+    pub refusals: Family<Labels, Counter>,
+}
+
+impl Default for RelayMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn label(key: &str, value: &str) -> Labels {
+    vec![(key.to_string(), value.to_string())]
+}
+
+impl RelayMetrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("trellis_relay");
+        let attachments = Family::<Labels, Gauge>::default();
+        registry.register(
+            "attachments",
+            "Idle connections a gateway agent keeps attached, waiting for a flow",
+            attachments.clone(),
+        );
+        let connections = Gauge::default();
+        registry.register(
+            "connections",
+            "Agent connections open now (handshaking, attached or relaying)",
+            connections.clone(),
+        );
+        let active_flows = Gauge::default();
+        registry.register("active_flows", "Relayed flows open now", active_flows.clone());
+        let flows = Family::<Labels, Counter>::default();
+        registry.register(
+            "flows",
+            "Relayed flows by outcome (closed, error, revoked, shutdown) and connects refused by status",
+            flows.clone(),
+        );
+        let bytes = Family::<Labels, Counter>::default();
+        registry.register("bytes", "Relayed bytes (ciphertext), by direction (to_gateway, to_endpoint)", bytes.clone());
+        let refusals = Family::<Labels, Counter>::default();
+        registry.register("refusals", "Connections closed before relaying, by reason", refusals.clone());
+        Self { registry, attachments, connections, active_flows, flows, bytes, refusals }
+    }
+
+    pub fn set_attachments(&self, gateway: &str, n: usize) {
+        self.attachments.get_or_create(&label("gateway", gateway)).set(n as i64);
+    }
+
+    pub fn forget_gateway(&self, gateway: &str) {
+        self.attachments.remove(&label("gateway", gateway));
+    }
+
+    pub fn count_flow(&self, outcome: &str) {
+        self.flows.get_or_create(&label("outcome", outcome)).inc();
+    }
+
+    pub fn add_bytes(&self, direction: &'static str, n: u64) {
+        self.bytes.get_or_create(&label("direction", direction)).inc_by(n);
+    }
+
+    pub fn count_refusal(&self, reason: &'static str) {
+        self.refusals.get_or_create(&label("reason", reason)).inc();
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("encode metrics");
+        out
+    }
+}
+
+impl crate::metrics::Exposition for RelayMetrics {
+    fn encode(&self) -> String {
+        RelayMetrics::encode(self)
+    }
+}
