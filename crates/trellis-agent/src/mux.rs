@@ -839,3 +839,214 @@ impl Drop for MuxStream {
         st.wake_driver();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+
+    fn request(port: u16) -> OpenRequest {
+        OpenRequest {
+            vpc_endpoint_id: "vpce-1".into(),
+            resource_configuration_id: "rcfg-1".into(),
+            port,
+            client_addr: "127.0.0.1:9".parse().unwrap(),
+        }
+    }
+
+    /// An endpoint and a gateway connection over an in-memory stream; the
+    /// gateway answers every flow Ok and echoes it (half-closing after the peer did).
+    fn pair() -> (MuxConnection, MuxConnection) {
+        let (a, b) = tokio::io::duplex(256 * 1024);
+        let (ep, gw) = (MuxConnection::new(Side::Endpoint), MuxConnection::new(Side::Gateway));
+        tokio::spawn(run(ep.clone(), a));
+        tokio::spawn(run(gw.clone(), b));
+        let acceptor = gw.clone();
+        tokio::spawn(async move {
+            while let Some((mut stream, req)) = acceptor.accept().await {
+                stream.respond(&OpenResponse::new(OpenStatus::Ok, ""));
+                tokio::spawn(async move {
+                    if req.port == 1 {
+                        // A flow the gateway floods and the endpoint never reads.
+                        let chunk = vec![7u8; 64 * 1024];
+                        while stream.write_all(&chunk).await.is_ok() {}
+                        return;
+                    }
+                    let mut buf = vec![0u8; 16 * 1024];
+                    loop {
+                        match stream.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => {
+                                if stream.write_all(&buf[..n]).await.is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                    }
+                    let _ = stream.shutdown().await;
+                    // Keep the flow until the peer is done with it.
+                    let _ = stream.read(&mut buf).await;
+                });
+            }
+        });
+        (ep, gw)
+    }
+
+    async fn open_ok(ep: &MuxConnection, port: u16) -> MuxStream {
+        let mut s = ep.open(&request(port)).unwrap();
+        let resp = tokio::time::timeout(Duration::from_secs(5), s.response()).await.unwrap().unwrap();
+        assert_eq!(resp.status, OpenStatus::Ok);
+        s
+    }
+
+    /// Writes `data`, half-closes, and reads the echo to its end.
+    async fn echo(mut s: MuxStream, data: Vec<u8>) -> Vec<u8> {
+        let (mut r, mut w) = tokio::io::split(&mut s);
+        let writer = async {
+            w.write_all(&data).await.unwrap();
+            w.shutdown().await.unwrap();
+        };
+        let mut got = Vec::new();
+        let reader = r.read_to_end(&mut got);
+        let ((), read) =
+            tokio::time::timeout(Duration::from_secs(10), async { tokio::join!(writer, reader) }).await.unwrap();
+        read.unwrap();
+        got
+    }
+
+    #[tokio::test]
+    async fn one_connection_carries_flows_in_sequence_and_at_once_each_with_half_close() {
+        let (ep, gw) = pair();
+        for i in 0..3u8 {
+            let s = open_ok(&ep, 80).await;
+            let data = vec![i; 300 * 1024];
+            assert_eq!(echo(s, data.clone()).await, data);
+        }
+        let mut flows = Vec::new();
+        for i in 0..50u8 {
+            let s = open_ok(&ep, 80).await;
+            flows.push(tokio::spawn(echo(s, vec![i; 20_000 + usize::from(i) * 997])));
+        }
+        for (i, f) in flows.into_iter().enumerate() {
+            let got = f.await.unwrap();
+            assert_eq!(got.len(), 20_000 + i * 997);
+            assert!(got.iter().all(|&b| usize::from(b) == i));
+        }
+        // Flows that ended are gone from both sides.
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while ep.flows() + gw.flows() > 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_slow_reader_stalls_only_its_own_flow_and_holds_at_most_its_window() {
+        let (ep, _gw) = pair();
+        let flooded = open_ok(&ep, 1).await;
+        // The flooded flow fills its window; nothing reads it.
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while flooded.buffered() < INITIAL_WINDOW as usize {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .unwrap();
+        let data = vec![9u8; 2 * 1024 * 1024];
+        let s = open_ok(&ep, 80).await;
+        assert_eq!(echo(s, data.clone()).await, data, "another flow moves while one is stalled");
+        assert_eq!(flooded.buffered(), INITIAL_WINDOW as usize, "a flow never holds more than its window");
+    }
+
+    #[tokio::test]
+    async fn idle_flows_hold_no_buffers() {
+        let (ep, _gw) = pair();
+        let mut flows = Vec::new();
+        for _ in 0..20 {
+            let mut s = open_ok(&ep, 80).await;
+            s.write_all(&[1u8; 50_000]).await.unwrap();
+            let mut buf = vec![0u8; 50_000];
+            s.read_exact(&mut buf).await.unwrap();
+            flows.push(s);
+        }
+        let st = ep.state();
+        for flow in st.flows.values() {
+            assert_eq!(flow.inbound.capacity(), 0, "an idle flow kept a receive queue");
+            assert_eq!(flow.buffered, 0);
+        }
+        assert!(st.out.capacity() <= OUT_HIGH, "the connection kept a large send buffer");
+    }
+
+    /// The raw end of a connection whose other end is a gateway [`MuxConnection`].
+    async fn raw_to_gateway() -> (DuplexStream, MuxConnection) {
+        let (mut raw, b) = tokio::io::duplex(4 * 1024 * 1024);
+        let gw = MuxConnection::new(Side::Gateway);
+        tokio::spawn(run(gw.clone(), b));
+        raw.write_all(&mux::PREFACE).await.unwrap();
+        (raw, gw)
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_overruns_its_window_loses_only_that_flow() {
+        let (mut raw, gw) = raw_to_gateway().await;
+        let mut frames = Vec::new();
+        mux::encode_open(1, &request(80), &mut frames).unwrap();
+        mux::encode_open(3, &request(80), &mut frames).unwrap();
+        raw.write_all(&frames).await.unwrap();
+        let (mut one, _) = gw.accept().await.unwrap();
+        let (mut three, _) = gw.accept().await.unwrap();
+        // More DATA on flow 1 than the window it was given.
+        let mut flood = Vec::new();
+        let mut sent = 0;
+        while sent <= INITIAL_WINDOW as usize {
+            mux::encode_header(mux::DATA, 1, MAX_DATA_LEN, &mut flood);
+            flood.extend(std::iter::repeat_n(1u8, MAX_DATA_LEN));
+            sent += MAX_DATA_LEN;
+        }
+        mux::encode_header(mux::DATA, 3, 5, &mut flood);
+        flood.extend_from_slice(b"three");
+        raw.write_all(&flood).await.unwrap();
+        let mut buf = [0u8; 5];
+        tokio::time::timeout(Duration::from_secs(5), three.read_exact(&mut buf)).await.unwrap().unwrap();
+        assert_eq!(&buf, b"three");
+        let mut sink = Vec::new();
+        let err = tokio::time::timeout(Duration::from_secs(5), one.read_to_end(&mut sink)).await.unwrap().unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
+        assert!(sink.len() <= INITIAL_WINDOW as usize);
+        assert!(gw.closed().is_none(), "the connection survives");
+    }
+
+    #[tokio::test]
+    async fn an_open_from_the_gateway_side_is_reset_and_a_version_1_gateway_is_named() {
+        // A gateway that opens a flow gets a reset of that flow; the endpoint accepts nothing.
+        let (mut raw, b) = tokio::io::duplex(64 * 1024);
+        let ep = MuxConnection::new(Side::Endpoint);
+        tokio::spawn(run(ep.clone(), b));
+        let mut frames = mux::PREFACE.to_vec();
+        mux::encode_open(2, &request(22), &mut frames).unwrap();
+        raw.write_all(&frames).await.unwrap();
+        let mut got = vec![0u8; mux::PREFACE.len() + FRAME_HEADER_LEN];
+        tokio::time::timeout(Duration::from_secs(5), raw.read_exact(&mut got)).await.unwrap().unwrap();
+        let h = mux::decode_header(&got[mux::PREFACE.len()..]).unwrap();
+        assert_eq!((h.kind, h.flow), (mux::RESET, 2));
+        assert_eq!(ep.flows(), 0);
+
+        // A version-1 gateway refuses the preface with a version-1 answer.
+        let (mut raw, b) = tokio::io::duplex(64 * 1024);
+        let ep = MuxConnection::new(Side::Endpoint);
+        tokio::spawn(run(ep.clone(), b));
+        let mut flow = ep.open(&request(80)).unwrap();
+        let mut answer = Vec::new();
+        trellis_proto::stream::encode_open_response(
+            &OpenResponse::new(OpenStatus::BadRequest, "the peer speaks stream protocol version 2"),
+            &mut answer,
+        );
+        raw.write_all(&answer).await.unwrap();
+        let err = tokio::time::timeout(Duration::from_secs(5), flow.response()).await.unwrap().unwrap_err();
+        let why = flow.connection_error().map(|e| e.to_string()).unwrap_or_default();
+        assert!(why.contains("upgrade the gateway agent"), "{why} / {err}");
+    }
+}
