@@ -1049,4 +1049,68 @@ mod tests {
         let why = flow.connection_error().map(|e| e.to_string()).unwrap_or_default();
         assert!(why.contains("upgrade the gateway agent"), "{why} / {err}");
     }
+
+    #[tokio::test]
+    async fn random_frames_never_take_the_gateway_down() {
+        // Deterministic xorshift: frames with random types, flows and lengths, some bodies valid.
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for _ in 0..200 {
+            let (mut raw, gw) = raw_to_gateway().await;
+            let acceptor = gw.clone();
+            tokio::spawn(async move {
+                while let Some((stream, _)) = acceptor.accept().await {
+                    stream.respond(&OpenResponse::new(OpenStatus::Ok, ""));
+                    drop(stream);
+                }
+            });
+            let mut bytes = Vec::new();
+            for _ in 0..(next() % 20) {
+                let kind = (next() % 8) as u8;
+                let flow = (next() % 6) as u32;
+                match next() % 4 {
+                    0 => mux::encode_open(flow, &request(80), &mut bytes).unwrap(),
+                    1 => mux::encode_window(flow, (next() % 5_000_000) as u32 + 1, &mut bytes),
+                    _ => {
+                        let len = (next() % 3000) as usize;
+                        mux::encode_header(kind, flow, len, &mut bytes);
+                        bytes.extend((0..len).map(|_| next() as u8));
+                    }
+                }
+            }
+            let _ = raw.write_all(&bytes).await;
+            // Whatever came, the connection still opens and answers a new flow.
+            let mut open = Vec::new();
+            mux::encode_open(u32::MAX - 1, &request(80), &mut open).unwrap();
+            if raw.write_all(&open).await.is_err() || gw.closed().is_some() {
+                continue;
+            }
+            let mut seen = Vec::new();
+            let mut buf = [0u8; 4096];
+            let answered = tokio::time::timeout(Duration::from_secs(5), async {
+                loop {
+                    let n = raw.read(&mut buf).await.unwrap();
+                    assert!(n > 0, "the gateway closed the connection over bad frames");
+                    seen.extend_from_slice(&buf[..n]);
+                    let mut at = mux::PREFACE.len().min(seen.len());
+                    while let Some(h) = mux::decode_header(&seen[at..]) {
+                        if seen.len() < at + FRAME_HEADER_LEN + h.len as usize {
+                            break;
+                        }
+                        if h.kind == mux::OPEN_RESPONSE && h.flow == u32::MAX - 1 {
+                            return;
+                        }
+                        at += FRAME_HEADER_LEN + h.len as usize;
+                    }
+                }
+            })
+            .await;
+            assert!(answered.is_ok(), "no answer to a good OPEN after random frames");
+        }
+    }
 }
