@@ -382,6 +382,7 @@ async fn start_with_listener(
             )),
             services: services.clone(),
             consumers: Arc::new(gateway::consumers::ConsumerLimiter::default()),
+            flows: tracker.clone(),
         });
         let (fatal, shutdown, tracker2) = (fatal.clone(), shutdown.clone(), tracker.clone());
         tracker.spawn(async move {

@@ -80,6 +80,8 @@ pub struct GatewayContext {
     pub services: Arc<ServiceRuntime>,
     /// Per-consumer limits of resources and services.
     pub consumers: Arc<ConsumerLimiter>,
+    /// Tracks the flow tasks (shutdown waits for them).
+    pub flows: TaskTracker,
 }
 
 /// Accepts tunnel connections on `listener` until `shutdown`.
@@ -119,9 +121,8 @@ pub async fn serve(
         let ctx = ctx.clone();
         let acceptor = acceptor.clone();
         let cancel = shutdown.child_token();
-        let flows = tracker.clone();
         tracker.spawn(async move {
-            handle(tcp, peer, acceptor, handshake, ctx, flows, cancel).await;
+            handle(tcp, peer, acceptor, handshake, ctx, cancel).await;
             drop(permit);
         });
     }
@@ -133,13 +134,25 @@ async fn handle(
     acceptor: TlsAcceptor,
     handshake_permit: OwnedSemaphorePermit,
     ctx: Arc<GatewayContext>,
-    tracker: TaskTracker,
     cancel: CancellationToken,
 ) {
     let _ = tcp.set_nodelay(true);
     set_keepalive(&tcp);
+    serve_stream(ReadAhead::new(tcp), peer, acceptor, handshake_permit, ctx, cancel).await;
+}
+
+/// Serves one tunnel connection whose byte stream is `io`: TLS handshake
+/// (the gateway is the TLS server), then the flows on it.
+pub(crate) async fn serve_stream(
+    io: ReadAhead,
+    peer: SocketAddr,
+    acceptor: TlsAcceptor,
+    handshake_permit: OwnedSemaphorePermit,
+    ctx: Arc<GatewayContext>,
+    cancel: CancellationToken,
+) {
     // Boxed: the handshake's state must not stay in this task's memory for the connection's life.
-    let handshake = Box::pin(acceptor.accept(ReadAhead::new(tcp)));
+    let handshake = Box::pin(acceptor.accept(io));
     let tls = match tokio::time::timeout(ctx.timeouts.handshake, handshake).await {
         Ok(Ok(tls)) => Box::new(tls),
         Ok(Err(e)) => {
@@ -158,7 +171,7 @@ async fn handle(
         tracing::debug!(%peer, "tunnel peer certificate names no agent; closing");
         return;
     };
-    serve_tunnel(tls, peer, Arc::new(peer_id), ctx, tracker, cancel).await;
+    serve_tunnel(tls, peer, Arc::new(peer_id), ctx, cancel).await;
 }
 
 /// Serves the flows of one authenticated tunnel connection (any byte stream:
@@ -169,7 +182,6 @@ pub(crate) async fn serve_tunnel<S>(
     peer: SocketAddr,
     peer_id: Arc<PeerIdentity>,
     ctx: Arc<GatewayContext>,
-    tracker: TaskTracker,
     cancel: CancellationToken,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send,
@@ -207,7 +219,8 @@ pub(crate) async fn serve_tunnel<S>(
                 return;
             }
             let (ctx, peer_id, cancel) = (ctx.clone(), peer_id.clone(), cancel.child_token());
-            tracker.spawn(async move { serve_flow(stream, req, peer, peer_id, ctx, cancel).await });
+            let flows = ctx.flows.clone();
+            flows.spawn(async move { serve_flow(stream, req, peer, peer_id, ctx, cancel).await });
         }
     };
     // A config that no longer admits the peer closes the connection (its open flows are
