@@ -1,5 +1,6 @@
 //! Talking to an agent's tunnel listener directly, as another agent would:
-//! TLS 1.3 with an agent's own certificate, then raw stream-protocol bytes.
+//! TLS 1.3 with an agent's own certificate, then raw stream-protocol bytes
+//! (version 2: a preface, then frames; one flow, id 1, is enough here).
 //! Used to check what a gateway accepts and that a consumer accepts nothing.
 
 use std::io::{Read, Write};
@@ -10,7 +11,8 @@ use std::time::Duration;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-use trellis_proto::stream::{OpenRequest, OpenResponse, decode_open_response, encode_open_request};
+use trellis_proto::mux;
+use trellis_proto::stream::{OpenRequest, OpenResponse, decode_open_response};
 
 /// An agent's identity as stored in its state directory (`agent.crt`,
 /// `agent.key`, `ca.crt`, `identity.json`; see `trellis-agent`'s identity module).
@@ -48,7 +50,9 @@ impl AgentCredentials {
     }
 }
 
-/// The bytes of an `OpenRequest` frame, as an endpoint agent sends them.
+/// The first bytes an endpoint agent sends to open flow 1 on a new tunnel
+/// connection: the preface, then an OPEN frame. Byte 4 is the version; bytes
+/// 10..14 the OPEN frame's body length.
 pub fn open_request(vpc_endpoint_id: &str, resource_configuration_id: &str, port: u16) -> Vec<u8> {
     let req = OpenRequest {
         vpc_endpoint_id: vpc_endpoint_id.to_string(),
@@ -56,30 +60,86 @@ pub fn open_request(vpc_endpoint_id: &str, resource_configuration_id: &str, port
         port,
         client_addr: SocketAddr::from(([127, 0, 0, 1], 40000)),
     };
-    let mut out = Vec::new();
-    encode_open_request(&req, &mut out).expect("test ids are valid");
+    let mut out = mux::PREFACE.to_vec();
+    mux::encode_open(1, &req, &mut out).expect("test ids are valid");
     out
 }
 
 /// What came back after an open request.
 #[derive(Debug)]
 pub enum OpenOutcome {
-    /// The gateway answered; `rest` is payload that followed the answer.
+    /// The gateway answered; `rest` is payload of the flow that followed the answer.
     Answered { response: OpenResponse, rest: Vec<u8>, closed: bool },
-    /// No whole answer arrived: the connection closed (or failed), or the
-    /// read timed out with it still open (`closed == false`).
+    /// No answer arrived: the flow was reset or the connection closed (or
+    /// failed), or the read timed out with both still open (`closed == false`).
     ClosedWithoutAnswer { bytes: Vec<u8>, closed: bool },
 }
 
-/// Sends `request` and decodes the gateway's `OpenResponse`, if any; reads
-/// at most `limit` bytes and waits at most the stream's read timeout.
+/// Sends `request` (and `payload` as flow 1's data) and reads flow 1's
+/// answer, if any: until `limit` payload bytes came back, the flow or the
+/// connection ended, or the stream's read timeout passed. `closed` says that
+/// the flow was reset or finished, or the connection closed.
 pub fn exchange_open(stream: &mut TunnelStream, request: &[u8], payload: &[u8], limit: usize) -> OpenOutcome {
     let mut first = request.to_vec();
-    first.extend_from_slice(payload);
-    let (bytes, closed) = send_and_read(stream, &first, limit);
-    match decode_open_response(&bytes) {
-        Ok(Some((response, used))) => OpenOutcome::Answered { response, rest: bytes[used..].to_vec(), closed },
-        _ => OpenOutcome::ClosedWithoutAnswer { bytes, closed },
+    if !payload.is_empty() {
+        mux::encode_header(mux::DATA, 1, payload.len(), &mut first);
+        first.extend_from_slice(payload);
+    }
+    if stream.write_all(&first).and_then(|_| stream.flush()).is_err() {
+        return OpenOutcome::ClosedWithoutAnswer { bytes: Vec::new(), closed: true };
+    }
+    let mut raw = Vec::new();
+    let mut response = None;
+    let mut data = Vec::new();
+    let mut preface_seen = false;
+    let mut buf = [0u8; 4096];
+    let closed = loop {
+        if !preface_seen && raw.len() >= mux::PREFACE.len() {
+            if raw[..mux::PREFACE.len()] != mux::PREFACE {
+                // Not version 2: perhaps a version-1 answer.
+                if let Ok(Some((response, used))) = decode_open_response(&raw) {
+                    return OpenOutcome::Answered { response, rest: raw[used..].to_vec(), closed: true };
+                }
+                return OpenOutcome::ClosedWithoutAnswer { bytes: raw, closed: true };
+            }
+            raw.drain(..mux::PREFACE.len());
+            preface_seen = true;
+        }
+        let mut ended = false;
+        while preface_seen
+            && let Some(h) = mux::decode_header(&raw)
+            && raw.len() >= mux::FRAME_HEADER_LEN + h.len as usize
+        {
+            let body: Vec<u8> =
+                raw.drain(..mux::FRAME_HEADER_LEN + h.len as usize).skip(mux::FRAME_HEADER_LEN).collect();
+            if h.flow != 1 {
+                continue;
+            }
+            match mux::parse_control(h.kind, &body) {
+                _ if h.kind == mux::DATA => data.extend_from_slice(&body),
+                Ok(mux::Control::OpenResponse(r)) => response = Some(r),
+                Ok(mux::Control::Fin | mux::Control::Reset) => ended = true,
+                _ => {}
+            }
+        }
+        if ended {
+            break true;
+        }
+        if response.is_some() && data.len() >= limit {
+            break false;
+        }
+        match stream.read(&mut buf) {
+            Ok(0) => break true,
+            Ok(n) => raw.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut => {
+                break false;
+            }
+            Err(_) => break true,
+        }
+    };
+    match response {
+        Some(response) => OpenOutcome::Answered { response, rest: data, closed },
+        None => OpenOutcome::ClosedWithoutAnswer { bytes: data, closed },
     }
 }
 

@@ -137,7 +137,7 @@ fn agent_with_a_garbage_join_token_exits_non_zero_with_a_clear_line() {
 }
 
 #[test]
-fn malformed_open_request_closes_only_that_tunnel_connection() {
+fn malformed_open_request_closes_only_that_flow() {
     let pg = Postgres::start(LOCALHOST, free_port(LOCALHOST), None);
     let cp = ControlPlane::start(LOCALHOST);
     let owner = Tenant::create(&cp, "owner-co");
@@ -176,7 +176,7 @@ fn malformed_open_request_closes_only_that_tunnel_connection() {
     let mut healthy = tunnel::connect(owner_agent.tunnel_addr, &server_name, &consumer_creds).expect("tunnel TLS");
 
     let mut truncated = tunnel::open_request(ep["id"].as_str().unwrap(), cfg["id"].as_str().unwrap(), pg.port);
-    truncated[6] = 0xff; // announced body length far beyond the limit
+    truncated[10] = 0xff; // announced body length far beyond the limit
     let mut wrong_version = tunnel::open_request("vpce-x", "rcfg-y", 1);
     wrong_version[4] = 99;
     for (label, bytes) in [
@@ -190,11 +190,11 @@ fn malformed_open_request_closes_only_that_tunnel_connection() {
             OpenOutcome::Answered { response, rest, closed } => {
                 assert_eq!(response.status, OpenStatus::BadRequest, "{label}: {response:?}");
                 assert!(rest.is_empty(), "{label}: no payload after a bad request");
-                assert!(closed, "{label}: the gateway closes the connection after a bad request");
+                assert!(closed, "{label}: the gateway closes the flow after a bad request");
             }
             OpenOutcome::ClosedWithoutAnswer { bytes, closed } => {
                 assert!(bytes.is_empty(), "{label}: {bytes:?}");
-                assert!(closed, "{label}: the gateway closes the connection");
+                assert!(closed, "{label}: the gateway closes the flow or the connection");
             }
         }
     }

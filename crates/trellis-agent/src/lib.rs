@@ -23,11 +23,11 @@ pub mod dns;
 pub mod endpoint;
 pub mod enroll;
 mod flow;
-mod frame_io;
 pub mod gateway;
 pub mod identity;
 pub mod limits;
 pub mod metrics;
+pub mod mux;
 pub mod read_ahead;
 pub mod relay;
 pub mod relay_wire;
@@ -403,6 +403,7 @@ async fn start_with_listener(
             )),
             services: services.clone(),
             consumers: Arc::new(gateway::consumers::ConsumerLimiter::default()),
+            flows: tracker.clone(),
         });
         if opts.outbound_only {
             tracker.spawn(gateway::attach::run(

@@ -15,7 +15,8 @@ use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::watch;
 use trellis_agent::testing::TestCa;
 use trellis_agent::{AccessLog, AgentIdentity, DataPlaneOptions, RunningAgent, start_data_plane, tls};
-use trellis_proto::stream::{OpenRequest, OpenStatus, decode_open_response, encode_open_request, encode_open_response};
+use trellis_proto::mux;
+use trellis_proto::stream::{OpenRequest, OpenResponse, OpenStatus, decode_open_response, encode_open_request};
 use trellis_proto::{
     AgentConfig, AllowedEndpoint, ConsumerVpc, EndpointConfig, EndpointResource, GatewayResource, GatewayRole,
     GatewayTarget, PortRange, Target, agent_server_name,
@@ -292,55 +293,193 @@ async fn raw_tunnel(identity: &AgentIdentity, gateway: SocketAddr) -> tokio_rust
     connector.connect(ServerName::try_from(agent_server_name(GW)).unwrap(), tcp).await.unwrap()
 }
 
-#[tokio::test]
-async fn malformed_open_request_closes_only_that_connection() {
-    let s = setup(VPCE).await;
-    let mut bad = raw_tunnel(&s.endpoint_identity, s.gateway.tunnel_addr().unwrap()).await;
-    bad.write_all(b"TRLS\x01\x01\x00\x03abc").await.unwrap();
-    let mut answer = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(5), bad.read_to_end(&mut answer)).await.unwrap();
-    let (resp, _) = decode_open_response(&answer).unwrap().unwrap();
-    assert_eq!(resp.status, OpenStatus::BadRequest);
-
-    // The gateway still serves the next connection, raw and through the endpoint.
-    let mut good = raw_tunnel(&s.endpoint_identity, s.gateway.tunnel_addr().unwrap()).await;
-    let mut frame = Vec::new();
-    let port = s.client_target.port();
-    encode_open_request(
-        &OpenRequest {
-            vpc_endpoint_id: VPCE.into(),
-            resource_configuration_id: RCFG.into(),
-            port,
-            client_addr: "192.0.2.7:5555".parse().unwrap(),
-        },
-        &mut frame,
-    )
-    .unwrap();
-    frame.extend_from_slice(b"right behind the request");
-    good.write_all(&frame).await.unwrap();
-    let mut buf = vec![0u8; 256];
-    let mut got = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let want_len = {
-        let mut ok = Vec::new();
-        encode_open_response(&trellis_proto::stream::OpenResponse::new(OpenStatus::Ok, ""), &mut ok);
-        ok.len() + b"right behind the request".len()
-    };
-    while got.len() < want_len {
-        assert!(Instant::now() < deadline, "no echo through a raw tunnel");
-        let n = tokio::time::timeout(Duration::from_secs(10), good.read(&mut buf)).await.unwrap().unwrap();
-        assert!(n > 0, "gateway closed a valid tunnel");
-        got.extend_from_slice(&buf[..n]);
+fn request(port: u16) -> OpenRequest {
+    OpenRequest {
+        vpc_endpoint_id: VPCE.into(),
+        resource_configuration_id: RCFG.into(),
+        port,
+        client_addr: "192.0.2.7:5555".parse().unwrap(),
     }
-    let (resp, used) = decode_open_response(&got).unwrap().unwrap();
-    assert_eq!(resp.status, OpenStatus::Ok);
-    assert_eq!(&got[used..], b"right behind the request");
+}
+
+/// An OPEN frame of flow `flow` (stream protocol version 2).
+fn open_frame(flow: u32, port: u16) -> Vec<u8> {
+    let mut out = Vec::new();
+    mux::encode_open(flow, &request(port), &mut out).unwrap();
+    out
+}
+
+fn data_frame(flow: u32, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    mux::encode_header(mux::DATA, flow, payload.len(), &mut out);
+    out.extend_from_slice(payload);
+    out
+}
+
+fn fin_frame(flow: u32) -> Vec<u8> {
+    let mut out = Vec::new();
+    mux::encode_fin(flow, &mut out);
+    out
+}
+
+/// What a peer sent on one flow, read frame by frame from a raw tunnel connection.
+#[derive(Debug, Default)]
+struct FlowSeen {
+    response: Option<OpenResponse>,
+    data: Vec<u8>,
+    fin: bool,
+    reset: bool,
+    /// The connection closed (or failed) before the flow ended.
+    closed: bool,
+}
+
+/// Reads frames from a raw version-2 tunnel (the peer's preface first, once)
+/// until `flow` is answered and `until` holds for what it got, the flow
+/// ends, or the connection closes. Frames of other flows are kept for later.
+struct RawReader {
+    buf: Vec<u8>,
+    preface_seen: bool,
+    frames: Vec<(mux::Header, Vec<u8>)>,
+}
+
+impl RawReader {
+    fn new() -> Self {
+        Self { buf: Vec::new(), preface_seen: false, frames: Vec::new() }
+    }
+
+    /// For a connection whose preface was already read.
+    fn after_preface() -> Self {
+        Self { preface_seen: true, ..Self::new() }
+    }
+
+    async fn read_flow<S: tokio::io::AsyncRead + Unpin>(
+        &mut self,
+        io: &mut S,
+        flow: u32,
+        until: impl Fn(&FlowSeen) -> bool,
+    ) -> Result<FlowSeen, std::io::Error> {
+        let mut seen = FlowSeen::default();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if !self.preface_seen && self.buf.len() >= mux::PREFACE.len() {
+                assert_eq!(&self.buf[..5], &mux::PREFACE, "the peer's preface");
+                self.buf.drain(..5);
+                self.preface_seen = true;
+            }
+            while self.preface_seen
+                && let Some(h) = mux::decode_header(&self.buf)
+                && self.buf.len() >= mux::FRAME_HEADER_LEN + h.len as usize
+            {
+                let body: Vec<u8> = self.buf.drain(..mux::FRAME_HEADER_LEN + h.len as usize).skip(9).collect();
+                self.frames.push((h, body));
+            }
+            let (mine, others): (Vec<_>, Vec<_>) =
+                std::mem::take(&mut self.frames).into_iter().partition(|(h, _)| h.flow == flow);
+            self.frames = others;
+            for (h, body) in mine {
+                match h.kind {
+                    mux::DATA => seen.data.extend_from_slice(&body),
+                    mux::OPEN_RESPONSE => {
+                        let mux::Control::OpenResponse(r) = mux::parse_control(h.kind, &body).unwrap() else {
+                            unreachable!()
+                        };
+                        seen.response = Some(r);
+                    }
+                    mux::FIN => seen.fin = true,
+                    mux::RESET => seen.reset = true,
+                    _ => {}
+                }
+            }
+            if seen.reset || seen.fin || (seen.response.is_some() && until(&seen)) {
+                return Ok(seen);
+            }
+            let mut chunk = [0u8; 4096];
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, io.read(&mut chunk)).await {
+                Err(_) => panic!("flow {flow}: nothing conclusive within 10 s: {seen:?}"),
+                Ok(Ok(0)) => {
+                    seen.closed = true;
+                    return Ok(seen);
+                }
+                Ok(Ok(n)) => self.buf.extend_from_slice(&chunk[..n]),
+                Ok(Err(e)) if seen.response.is_none() && seen.data.is_empty() => return Err(e),
+                Ok(Err(_)) => {
+                    seen.closed = true;
+                    return Ok(seen);
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_malformed_or_oversized_frame_resets_only_its_flow() {
+    let s = setup(VPCE).await;
+    let port = s.client_target.port();
+    let mut conn = raw_tunnel(&s.endpoint_identity, s.gateway.tunnel_addr().unwrap()).await;
+    let mut reader = RawReader::new();
+    // Flow 1 opens and stays open while its neighbours misbehave.
+    let mut first = mux::PREFACE.to_vec();
+    first.extend(open_frame(1, port));
+    first.extend(data_frame(1, b"one"));
+    conn.write_all(&first).await.unwrap();
+    let one = reader.read_flow(&mut conn, 1, |f| f.data.ends_with(b"one")).await.unwrap();
+    assert_eq!(one.response.as_ref().map(|r| r.status), Some(OpenStatus::Ok));
+
+    // Flow 3: an OPEN whose body is garbage.
+    let mut bad = Vec::new();
+    mux::encode_header(mux::OPEN, 3, 3, &mut bad);
+    bad.extend_from_slice(b"abc");
+    conn.write_all(&bad).await.unwrap();
+    let three = reader.read_flow(&mut conn, 3, |_| false).await.unwrap();
+    assert_eq!(three.response.as_ref().map(|r| r.status), Some(OpenStatus::BadRequest));
+    assert!(three.reset, "{three:?}");
+
+    // Flow 5: opened, then a DATA frame larger than the protocol allows.
+    conn.write_all(&open_frame(5, port)).await.unwrap();
+    let mut huge = Vec::new();
+    mux::encode_header(mux::DATA, 5, 1, &mut huge);
+    huge[5..9].copy_from_slice(&((mux::MAX_DATA_LEN + 1) as u32).to_be_bytes());
+    huge.extend(vec![b'x'; mux::MAX_DATA_LEN + 1]);
+    conn.write_all(&huge).await.unwrap();
+    let five = reader.read_flow(&mut conn, 5, |_| false).await.unwrap();
+    assert!(five.reset, "an oversized frame did not reset its flow: {five:?}");
+
+    // Flow 1 still echoes, half-closes cleanly, and a new flow opens on the same connection.
+    conn.write_all(&data_frame(1, b" more")).await.unwrap();
+    conn.write_all(&fin_frame(1)).await.unwrap();
+    let one = reader.read_flow(&mut conn, 1, |_| false).await.unwrap();
+    assert_eq!(one.data, b" more");
+    assert!(one.fin && !one.reset, "{one:?}");
+    let mut seven = open_frame(7, port);
+    seven.extend(data_frame(7, b"right behind the request"));
+    conn.write_all(&seven).await.unwrap();
+    let seven = reader.read_flow(&mut conn, 7, |f| f.data.ends_with(b"request")).await.unwrap();
+    assert_eq!(seven.response.map(|r| r.status), Some(OpenStatus::Ok));
+    assert_eq!(seven.data, b"right behind the request");
 
     let mut client = TcpStream::connect(s.client_target).await.unwrap();
     client.write_all(b"still works").await.unwrap();
     let mut buf = [0u8; 11];
     tokio::time::timeout(Duration::from_secs(10), client.read_exact(&mut buf)).await.unwrap().unwrap();
     assert_eq!(&buf, b"still works");
+    stop(s).await;
+}
+
+#[tokio::test]
+async fn an_endpoint_agent_of_the_previous_version_is_told_to_upgrade() {
+    let s = setup(VPCE).await;
+    let mut old = raw_tunnel(&s.endpoint_identity, s.gateway.tunnel_addr().unwrap()).await;
+    let mut v1 = Vec::new();
+    encode_open_request(&request(s.client_target.port()), &mut v1).unwrap();
+    old.write_all(&v1).await.unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), old.read_to_end(&mut answer)).await.unwrap();
+    // A version-1 frame, which the old agent decodes: a refusal that says what to do.
+    let (resp, used) = decode_open_response(&answer).unwrap().unwrap();
+    assert_eq!(resp.status, OpenStatus::BadRequest);
+    assert!(resp.message.contains("upgrade the endpoint agent"), "{resp:?}");
+    assert_eq!(used, answer.len());
     stop(s).await;
 }
 
@@ -365,22 +504,29 @@ async fn a_gateway_can_never_open_toward_the_endpoint() {
                 let mut buf = [0u8; 512];
                 if matches!(tls.read(&mut buf).await, Ok(n) if n > 0) {
                     saw.fetch_add(1, Ordering::Relaxed);
-                    let mut frame = Vec::new();
-                    encode_open_request(
+                    // Speaks version 2, and opens a flow of its own toward the consumer.
+                    let mut frames = mux::PREFACE.to_vec();
+                    mux::encode_open(
+                        2,
                         &OpenRequest {
                             vpc_endpoint_id: VPCE.into(),
                             resource_configuration_id: RCFG.into(),
                             port: 22,
                             client_addr: "10.9.9.9:1".parse().unwrap(),
                         },
-                        &mut frame,
+                        &mut frames,
                     )
                     .unwrap();
-                    frame.extend_from_slice(b"EVIL");
-                    let _ = tls.write_all(&frame).await;
+                    frames.extend(data_frame(2, b"EVIL"));
+                    let _ = tls.write_all(&frames).await;
                     let _ = tls.flush().await;
-                    let mut sink = Vec::new();
-                    let _ = tls.read_to_end(&mut sink).await;
+                    // The endpoint agent answers with a reset of that flow (its preface was read above).
+                    let mut reader = RawReader::after_preface();
+                    if let Ok(seen) = reader.read_flow(&mut tls, 2, |_| false).await
+                        && seen.reset
+                    {
+                        saw.fetch_add(100, Ordering::Relaxed);
+                    }
                 }
             });
         }
@@ -397,6 +543,10 @@ async fn a_gateway_can_never_open_toward_the_endpoint() {
     let _ = client.write_all(b"hello").await;
     let got = read_all(&mut client, Duration::from_secs(10)).await;
     assert!(saw_request.load(Ordering::Relaxed) >= 1, "the endpoint never sent its open request");
+    eventually("the endpoint's reset of the gateway's flow", Duration::from_secs(5), || {
+        saw_request.load(Ordering::Relaxed) >= 101
+    })
+    .await;
     assert!(got.is_empty(), "bytes from a gateway-opened stream reached the client: {got:?}");
     assert!(endpoint.metrics_text().contains("trellis_rejected_connections_total{role=\"endpoint\""));
     endpoint.shutdown().await;
@@ -555,38 +705,32 @@ async fn metrics_listener_serves_prometheus_text() {
 
 // ---- Hardening: who gets in, for how long, and how many ----
 
+/// The first bytes of a tunnel connection that opens flow 1.
 fn open_request_frame(port: u16) -> Vec<u8> {
-    let mut frame = Vec::new();
-    encode_open_request(
-        &OpenRequest {
-            vpc_endpoint_id: VPCE.into(),
-            resource_configuration_id: RCFG.into(),
-            port,
-            client_addr: "192.0.2.7:5555".parse().unwrap(),
-        },
-        &mut frame,
-    )
-    .unwrap();
-    frame
+    let mut out = mux::PREFACE.to_vec();
+    out.extend(open_frame(1, port));
+    out
 }
 
-/// Connects with `connector`'s identity, sends an open request, half-closes
-/// and reads what comes back until the gateway closes: `Ok(bytes)` or the error that ended the read.
+/// Connects with `connector`'s identity, opens flow 1 and half-closes it, and
+/// reads until the flow ends or the gateway closes: `Ok(the answer, if any)`
+/// or the error that ended the read.
 async fn try_open(
     connector: &tokio_rustls::TlsConnector,
     gateway: SocketAddr,
     port: u16,
-) -> Result<Vec<u8>, std::io::Error> {
+) -> Result<Option<OpenResponse>, std::io::Error> {
     let tcp = TcpStream::connect(gateway).await?;
     let mut tls = connector.connect(ServerName::try_from(agent_server_name(GW)).unwrap(), tcp).await?;
-    tls.write_all(&open_request_frame(port)).await?;
-    // Half-close, so an allowed stream ends once the echo target has seen EOF.
+    let mut first = open_request_frame(port);
+    // Half-close the flow, so an allowed one ends once the echo target has seen EOF.
+    first.extend(fin_frame(1));
+    tls.write_all(&first).await?;
+    let seen = RawReader::new().read_flow(&mut tls, 1, |_| false).await?;
+    // Close the connection and wait until the gateway has too, so it holds nothing of ours after.
     let _ = tls.shutdown().await;
-    let mut got = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut got))
-        .await
-        .expect("the gateway did not close")?;
-    Ok(got)
+    let _ = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut Vec::new())).await;
+    Ok(seen.response)
 }
 
 fn connector_for(identity: &AgentIdentity) -> tokio_rustls::TlsConnector {
@@ -609,7 +753,12 @@ async fn certificates_of_strangers_and_deleted_agents_fail_at_the_handshake() {
     }
     // A deleted agent of the consumer VPC: its certificate is listed as revoked.
     let deleted = s.ca.issue("agent-0000000000000000e", CONSUMER_ACCT, CONSUMER_VPC);
-    assert!(try_open(&connector_for(&deleted), gateway, port).await.is_ok_and(|b| !b.is_empty()), "before revocation");
+    assert!(
+        try_open(&connector_for(&deleted), gateway, port)
+            .await
+            .is_ok_and(|r| r.is_some_and(|r| r.status == OpenStatus::Ok)),
+        "before revocation"
+    );
     s.gateway_config.send_modify(|c| {
         let c = Arc::make_mut(c);
         c.version += 1;
@@ -638,15 +787,12 @@ async fn a_resumed_session_of_a_revoked_certificate_is_refused_and_its_open_stre
     // An open stream of that agent (the session is cached for resumption on the way).
     let tcp = TcpStream::connect(gateway).await.unwrap();
     let mut open = connector.connect(ServerName::try_from(agent_server_name(GW)).unwrap(), tcp).await.unwrap();
-    open.write_all(&open_request_frame(port)).await.unwrap();
-    open.write_all(b"ping").await.unwrap();
-    let mut got = Vec::new();
-    let mut buf = [0u8; 64];
-    while !got.ends_with(b"ping") {
-        let n = tokio::time::timeout(Duration::from_secs(10), open.read(&mut buf)).await.unwrap().unwrap();
-        assert!(n > 0, "closed before echoing");
-        got.extend_from_slice(&buf[..n]);
-    }
+    let mut first = open_request_frame(port);
+    first.extend(data_frame(1, b"ping"));
+    open.write_all(&first).await.unwrap();
+    let mut reader = RawReader::new();
+    let echoed = reader.read_flow(&mut open, 1, |f| f.data.ends_with(b"ping")).await.unwrap();
+    assert!(echoed.data.ends_with(b"ping"), "closed before echoing: {echoed:?}");
 
     s.gateway_config.send_modify(|c| {
         let c = Arc::make_mut(c);
@@ -667,14 +813,15 @@ async fn a_resumed_session_of_a_revoked_certificate_is_refused_and_its_open_stre
     let tcp = TcpStream::connect(gateway).await.unwrap();
     let mut resumed = connector.connect(ServerName::try_from(agent_server_name(GW)).unwrap(), tcp).await.unwrap();
     assert_eq!(resumed.get_ref().1.handshake_kind(), Some(rustls::HandshakeKind::Resumed));
-    let _ = resumed.write_all(&open_request_frame(port)).await;
-    let mut answer = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(5), resumed.read_to_end(&mut answer)).await.unwrap();
+    let mut first = open_request_frame(port);
+    first.extend(data_frame(1, b"ping"));
+    let _ = resumed.write_all(&first).await;
+    let seen = RawReader::new().read_flow(&mut resumed, 1, |_| false).await.unwrap();
     // Authenticated but not admitted: told why, and nothing else.
-    let (resp, used) = decode_open_response(&answer).unwrap().expect("an answer");
+    let resp = seen.response.clone().expect("an answer");
     assert_eq!(resp.status, OpenStatus::Denied);
     assert!(resp.message.contains("agent-0000000000000000e was revoked"), "{resp:?}");
-    assert_eq!(used, answer.len(), "a revoked certificate got payload after resuming");
+    assert!(seen.data.is_empty(), "a revoked certificate got payload after resuming: {seen:?}");
     stop(s).await;
 }
 
@@ -695,10 +842,9 @@ async fn a_connection_without_an_open_request_is_closed_within_the_timeout() {
     let _ = tokio::time::timeout(Duration::from_secs(5), idle.read_to_end(&mut got)).await.expect("still open");
     assert!(since.elapsed() < Duration::from_secs(3), "closed after {:?}", since.elapsed());
     assert!(got.is_empty());
-    // The default is seconds, and warm pooled connections are replaced before it.
+    // The default is seconds (an endpoint agent sends its preface at once).
     let open_request = trellis_agent::GatewayTimeouts::default().open_request;
     assert!(open_request <= Duration::from_secs(10));
-    assert!(trellis_agent::PoolSettings::default().max_idle < open_request);
     stop(s).await;
 }
 
@@ -750,32 +896,25 @@ async fn one_peer_cannot_take_more_than_its_share_of_connections() {
     let mut fifth = connector.connect(name(), tcp).await.unwrap();
     let mut got = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(5), fifth.read_to_end(&mut got)).await.expect("fifth idle kept");
-    // Open streams: at most 6 in all.
-    for conn in held.iter_mut().take(2) {
-        conn.write_all(&open_request_frame(port)).await.unwrap();
+    // Connections and flows (each holds a socket to the resource): at most 6 in all.
+    let mut first = open_request_frame(port);
+    first.extend(open_frame(3, port));
+    held[0].write_all(&first).await.unwrap();
+    let mut reader = RawReader::new();
+    for flow in [1, 3] {
+        let seen = reader.read_flow(&mut held[0], flow, |_| true).await.unwrap();
+        assert_eq!(seen.response.map(|r| r.status), Some(OpenStatus::Ok), "a flow within the share was refused");
     }
-    let mut streams = Vec::new();
-    for _ in 0..2 {
-        let tcp = TcpStream::connect(gateway).await.unwrap();
-        let mut c = connector.connect(name(), tcp).await.unwrap();
-        c.write_all(&open_request_frame(port)).await.unwrap();
-        streams.push(c);
-    }
-    for c in held.iter_mut().take(2).chain(streams.iter_mut()) {
-        let mut buf = [0u8; 64];
-        let n = tokio::time::timeout(Duration::from_secs(10), c.read(&mut buf)).await.unwrap().unwrap();
-        assert!(n > 0, "an open stream within the share was refused");
-    }
-    let over = try_open(&connector, gateway, port).await;
-    assert!(over.as_ref().is_ok_and(Vec::is_empty) || over.is_err(), "a seventh connection was served: {over:?}");
+    held[0].write_all(&open_frame(5, port)).await.unwrap();
+    let over = reader.read_flow(&mut held[0], 5, |_| true).await.unwrap();
+    assert_eq!(over.response.as_ref().map(|r| r.status), Some(OpenStatus::Denied), "a seventh was served: {over:?}");
     let metrics = s.gateway.metrics_text();
     assert!(metrics.contains("trellis_tunnel_refusals_total{reason=\"peer_pending\"} 1"), "{metrics}");
     assert!(metrics.contains("trellis_tunnel_refusals_total{reason=\"peer_connections\"} 1"), "{metrics}");
     // Another agent still gets through, and so do real clients of the endpoint agent.
     let other = s.ca.issue("agent-0000000000000000f", CONSUMER_ACCT, CONSUMER_VPC);
     let answer = try_open(&connector_for(&other), gateway, port).await.unwrap();
-    let (resp, _) = decode_open_response(&answer).unwrap().unwrap();
-    assert_eq!(resp.status, OpenStatus::Ok);
+    assert_eq!(answer.map(|r| r.status), Some(OpenStatus::Ok));
     let mut client = TcpStream::connect(s.client_target).await.unwrap();
     client.write_all(b"fair").await.unwrap();
     let mut buf = [0u8; 4];

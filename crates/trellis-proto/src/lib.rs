@@ -12,6 +12,7 @@ pub mod agent_api;
 pub mod config;
 pub mod join_token;
 pub mod limits;
+pub mod mux;
 pub mod ports;
 pub mod proxy_v2;
 pub mod relay;

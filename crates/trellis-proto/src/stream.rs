@@ -2,6 +2,12 @@
 //! agent (the consumer side, which always opens) and a gateway agent (which
 //! only accepts).
 //!
+//! This module is version 1 of the protocol and the bodies every version
+//! shares. Agents now speak version 2 ([`crate::mux`]: many flows over one
+//! tunnel connection, the same open request and response bodies); version 1's
+//! framing stays here so that a version-2 agent can recognise a version-1
+//! peer and answer it with a refusal it understands.
+//!
 //! Sans-IO: functions take and return bytes; no sockets, no clock. The exchange
 //! is one frame each way, then raw bytes:
 //!
@@ -27,7 +33,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 /// First bytes of every frame.
 pub const MAGIC: [u8; 4] = *b"TRLS";
-/// The protocol version this crate speaks.
+/// The version of this module's framing (one flow per connection).
 pub const VERSION: u8 = 1;
 /// Bytes before the body: magic, version, type, body length.
 pub const HEADER_LEN: usize = 8;
@@ -196,12 +202,20 @@ fn put_frame(out: &mut Vec<u8>, frame_type: u8, body: &[u8]) {
 
 /// Appends an [`OpenRequest`] frame to `out`; nothing is appended on error.
 pub fn encode_open_request(req: &OpenRequest, out: &mut Vec<u8>) -> Result<(), StreamError> {
+    let mut body = Vec::with_capacity(2 + 2 * MAX_ID_LEN + 2 + 19);
+    encode_open_request_body(req, &mut body)?;
+    put_frame(out, TYPE_OPEN_REQUEST, &body);
+    Ok(())
+}
+
+/// Appends the body of an [`OpenRequest`] (the same in every protocol
+/// version) to `out`; nothing is appended on error.
+pub fn encode_open_request_body(req: &OpenRequest, body: &mut Vec<u8>) -> Result<(), StreamError> {
     for id in [&req.vpc_endpoint_id, &req.resource_configuration_id] {
         if !valid_id(id.as_bytes()) {
             return Err(StreamError::InvalidId(id.clone()));
         }
     }
-    let mut body = Vec::with_capacity(2 + 2 * MAX_ID_LEN + 2 + 19);
     for id in [&req.vpc_endpoint_id, &req.resource_configuration_id] {
         body.push(id.len() as u8);
         body.extend_from_slice(id.as_bytes());
@@ -218,19 +232,24 @@ pub fn encode_open_request(req: &OpenRequest, out: &mut Vec<u8>) -> Result<(), S
         }
     }
     body.extend_from_slice(&req.client_addr.port().to_be_bytes());
-    put_frame(out, TYPE_OPEN_REQUEST, &body);
     Ok(())
 }
 
 /// Appends an [`OpenResponse`] frame to `out`. A message longer than
 /// [`MAX_MESSAGE_LEN`] is cut at a character boundary.
 pub fn encode_open_response(resp: &OpenResponse, out: &mut Vec<u8>) {
+    let mut body = Vec::with_capacity(3 + resp.message.len().min(MAX_MESSAGE_LEN));
+    encode_open_response_body(resp, &mut body);
+    put_frame(out, TYPE_OPEN_RESPONSE, &body);
+}
+
+/// Appends the body of an [`OpenResponse`] (the same in every protocol
+/// version) to `out`, its message cut to [`MAX_MESSAGE_LEN`] bytes.
+pub fn encode_open_response_body(resp: &OpenResponse, body: &mut Vec<u8>) {
     let resp = OpenResponse::new(resp.status, resp.message.as_str());
-    let mut body = Vec::with_capacity(3 + resp.message.len());
     body.push(resp.status.code());
     body.extend_from_slice(&(resp.message.len() as u16).to_be_bytes());
     body.extend_from_slice(resp.message.as_bytes());
-    put_frame(out, TYPE_OPEN_RESPONSE, &body);
 }
 
 /// Decodes one frame of any type from the start of `buf`.
@@ -334,7 +353,8 @@ impl<'a> Reader<'a> {
     }
 }
 
-fn parse_open_request(body: &[u8]) -> Result<OpenRequest, StreamError> {
+/// Parses the body of an [`OpenRequest`].
+pub fn parse_open_request(body: &[u8]) -> Result<OpenRequest, StreamError> {
     let mut r = Reader { buf: body };
     let vpc_endpoint_id = r.id("vpc endpoint id")?;
     let resource_configuration_id = r.id("resource configuration id")?;
@@ -360,7 +380,8 @@ fn parse_open_request(body: &[u8]) -> Result<OpenRequest, StreamError> {
     Ok(OpenRequest { vpc_endpoint_id, resource_configuration_id, port, client_addr: SocketAddr::new(ip, client_port) })
 }
 
-fn parse_open_response(body: &[u8]) -> Result<OpenResponse, StreamError> {
+/// Parses the body of an [`OpenResponse`].
+pub fn parse_open_response(body: &[u8]) -> Result<OpenResponse, StreamError> {
     let mut r = Reader { buf: body };
     let status = OpenStatus::from_code(r.u8("status")?).ok_or(StreamError::Malformed("unknown status code"))?;
     let len = usize::from(r.u16("message length")?);

@@ -1,22 +1,26 @@
-//! Warm pools of TLS connections to gateway agents, so a client's connect
-//! pays no TCP or TLS handshake toward the gateway.
+//! Tunnel connections to gateway agents, each carrying many flows (stream
+//! protocol version 2, see [`crate::mux`]), so a client's connect pays no TCP
+//! or TLS handshake toward the gateway: a new flow is one OPEN frame on a
+//! connection that is already up.
 //!
 //! One pool per gateway agent referenced by the config. A background task per
-//! pool keeps a few connections ready (TLS session resumption makes refills
-//! cheap), backs off while the gateway is unreachable, and replaces each
-//! connection before the gateway's open-request deadline (10 s) would close
-//! it, so a warm connection is always a few seconds old at most. The number of
-//! warm connections across all pools is capped (from the open-files limit);
-//! with many gateways each pool keeps fewer. Pools of gateways that leave the
-//! config are closed. A pool never sends anything on an idle connection: the first
-//! bytes on every tunnel connection are an `OpenRequest` from a real client.
+//! pool keeps a few connections up (`PoolSettings::warm`, two by default, so
+//! that flows spread over more than one TLS connection and both cores can
+//! encrypt), replaces the ones that close, and backs off while the gateway is
+//! unreachable. A new flow goes to the open connection that carries the
+//! fewest flows; when every one is full (`MAX_FLOWS_PER_CONNECTION`), a new
+//! connection is made. The number of connections kept up across all pools is
+//! capped (from the open-files limit); with many gateways each pool keeps
+//! fewer. Pools of gateways that leave the config are drained: their
+//! connections close when their last flow ends. A pool never opens a flow by
+//! itself: every OPEN on a tunnel connection is for a real client.
 //!
 //! The pools also keep the health memory of `health.rs`: a gateway that fails
-//! to connect is marked down, its warm connections are dropped and its pool
-//! stops refilling; one probe task per down gateway reconnects with backoff
-//! and marks it up (handing the probe's connection to the pool) once it answers.
+//! to connect is marked down, its connections are drained and its pool stops
+//! refilling; one probe task per down gateway reconnects with backoff and
+//! marks it up (handing the probe's connection to the pool) once it answers.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::io;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -25,31 +29,29 @@ use std::time::Duration;
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
-use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use trellis_proto::stream::OpenRequest;
 use trellis_proto::{GatewayTarget, RelayTarget};
 
 use super::health::{HealthTable, Plan, RelayHealth};
 use crate::gateway::listener::set_keepalive;
 use crate::metrics::Metrics;
+use crate::mux::{MuxConnection, MuxStream, OpenFlowError, Side};
 use crate::read_ahead::ReadAhead;
 
-/// A tunnel connection to a gateway agent.
+/// The byte stream of a tunnel connection to a gateway agent.
 pub type Tunnel = TlsStream<ReadAhead>;
 
 /// Sizes and deadlines of the pools.
 #[derive(Clone, Copy, Debug)]
 pub struct PoolSettings {
-    /// Idle connections kept ready per gateway agent (fewer when `max_warm_total` is short).
+    /// Tunnel connections kept up per gateway agent (fewer when `max_warm_total` is short).
     pub warm: usize,
-    /// Idle connections kept ready across all gateway agents.
+    /// Tunnel connections kept up across all gateway agents (more are made on demand).
     pub max_warm_total: usize,
-    /// An idle connection older than this is replaced; below the gateway's
-    /// open-request deadline (`GatewayTimeouts::open_request`, 10 s).
-    pub max_idle: Duration,
     /// TCP connect plus TLS handshake.
     pub connect_timeout: Duration,
     /// First probe of a gateway marked down, after this; later ones wait twice as long…
@@ -63,7 +65,6 @@ impl Default for PoolSettings {
         Self {
             warm: 2,
             max_warm_total: 256,
-            max_idle: Duration::from_secs(7),
             connect_timeout: Duration::from_secs(5),
             probe_first: Duration::from_secs(1),
             probe_max: Duration::from_secs(30),
@@ -72,7 +73,7 @@ impl Default for PoolSettings {
 }
 
 impl PoolSettings {
-    /// Warm connections per pool when there are `pools` of them.
+    /// Connections kept up per pool when there are `pools` of them.
     fn warm_per_pool(&self, pools: usize) -> usize {
         self.warm.min(self.max_warm_total / pools.max(1))
     }
@@ -103,14 +104,33 @@ impl From<&GatewayTarget> for GatewayKey {
 
 struct Pool {
     key: GatewayKey,
-    /// How many idle connections to keep (changes with the number of pools).
+    /// How many connections to keep up (changes with the number of pools).
     warm: AtomicUsize,
-    idle: Mutex<VecDeque<(Instant, Tunnel)>>,
-    /// Wakes the refill task when a connection was taken.
-    taken: Notify,
+    conns: Mutex<Vec<MuxConnection>>,
+    /// Wakes the refill task when a connection closed or the target changed.
+    changed: Notify,
     /// Wakes the refill task when the gateway answers again after being down.
     recovered: Notify,
     cancel: CancellationToken,
+}
+
+impl Pool {
+    fn conns(&self) -> std::sync::MutexGuard<'_, Vec<MuxConnection>> {
+        self.conns.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Open connections that take new flows; closed ones are forgotten.
+    fn live(&self) -> usize {
+        let mut conns = self.conns();
+        conns.retain(|c| c.closed().is_none());
+        conns.iter().filter(|c| c.can_open()).count()
+    }
+
+    fn drain_all(&self) {
+        for conn in self.conns().drain(..) {
+            conn.drain();
+        }
+    }
 }
 
 /// All pools of this agent.
@@ -174,7 +194,11 @@ impl GatewayPools {
         self.health.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Keeps pools and health for exactly the gateways in `wanted`: starts missing ones, closes the rest.
+    fn pool(&self, key: &GatewayKey) -> Option<Arc<Pool>> {
+        self.pools.lock().unwrap_or_else(|e| e.into_inner()).get(key).cloned()
+    }
+
+    /// Keeps pools and health for exactly the gateways in `wanted`: starts missing ones, drains the rest.
     pub fn retain(self: &Arc<Self>, wanted: &HashSet<GatewayKey>) {
         {
             let mut health = self.health();
@@ -197,17 +221,15 @@ impl GatewayPools {
             let keep = wanted.contains(key);
             if !keep {
                 pool.cancel.cancel();
+                pool.drain_all();
             }
             keep
         });
         let warm = self.settings.warm_per_pool(wanted.len());
         for pool in pools.values() {
             if pool.warm.swap(warm, Ordering::Relaxed) != warm {
-                pool.taken.notify_one();
+                pool.changed.notify_one();
             }
-        }
-        if warm == 0 {
-            return;
         }
         for key in wanted {
             if pools.contains_key(key) {
@@ -216,8 +238,8 @@ impl GatewayPools {
             let pool = Arc::new(Pool {
                 key: key.clone(),
                 warm: AtomicUsize::new(warm),
-                idle: Mutex::default(),
-                taken: Notify::new(),
+                conns: Mutex::default(),
+                changed: Notify::new(),
                 recovered: Notify::new(),
                 cancel: self.shutdown.child_token(),
             });
@@ -227,28 +249,63 @@ impl GatewayPools {
         }
     }
 
-    /// A connection to `key`: a warm one when available (`true`), else a fresh one (`false`).
-    pub async fn get(&self, key: &GatewayKey) -> io::Result<(Tunnel, bool)> {
-        let pool = self.pools.lock().unwrap_or_else(|e| e.into_inner()).get(key).cloned();
-        if let Some(pool) = pool {
-            let warm = {
-                let mut idle = pool.idle.lock().unwrap_or_else(|e| e.into_inner());
-                let mut found = None;
-                // Freshest first; stale ones are dropped (closing them).
-                while let Some((born, conn)) = idle.pop_back() {
-                    if born.elapsed() < self.settings.max_idle {
-                        found = Some(conn);
-                        break;
-                    }
-                }
-                found
+    /// Opens a flow to `key` with `req` (the OPEN frame is queued): on a
+    /// connection that is already up when one has room (`true`), else on a
+    /// new one (`false`).
+    pub async fn open(self: &Arc<Self>, key: &GatewayKey, req: &OpenRequest) -> io::Result<(MuxStream, bool)> {
+        if let Some(pool) = self.pool(key) {
+            let least = {
+                let mut conns = pool.conns();
+                conns.retain(|c| c.closed().is_none());
+                conns.iter().filter(|c| c.can_open()).min_by_key(|c| c.flows()).cloned()
             };
-            pool.taken.notify_one();
-            if let Some(conn) = warm {
-                return Ok((conn, true));
+            if let Some(conn) = least {
+                match conn.open(req) {
+                    Ok(stream) => return Ok((stream, true)),
+                    Err(OpenFlowError::Closed(_) | OpenFlowError::Full) => {}
+                }
             }
         }
-        Ok((self.connect(key).await?, false))
+        self.open_fresh(key, req).await
+    }
+
+    /// Opens a flow on a new connection to `key`, which then serves later flows too.
+    pub async fn open_fresh(self: &Arc<Self>, key: &GatewayKey, req: &OpenRequest) -> io::Result<(MuxStream, bool)> {
+        let conn = self.connect_mux(key).await?;
+        match conn.open(req) {
+            Ok(stream) => Ok((stream, false)),
+            Err(OpenFlowError::Closed(e)) => Err(io::Error::new(e.kind(), e.to_string())),
+            Err(OpenFlowError::Full) => Err(io::Error::other("a new tunnel connection refused its first flow")),
+        }
+    }
+
+    /// A new multiplexed connection to `key`, driven by its own task and kept in `key`'s pool.
+    pub async fn connect_mux(self: &Arc<Self>, key: &GatewayKey) -> io::Result<MuxConnection> {
+        let tunnel = self.connect(key).await?;
+        Ok(self.adopt(key, tunnel))
+    }
+
+    /// Starts driving `tunnel` as a multiplexed connection and keeps it in `key`'s pool.
+    pub(crate) fn adopt(self: &Arc<Self>, key: &GatewayKey, tunnel: Tunnel) -> MuxConnection {
+        let conn = MuxConnection::new(Side::Endpoint);
+        let pool = self.pool(key);
+        if let Some(pool) = &pool {
+            pool.conns().push(conn.clone());
+        } else {
+            // A gateway outside the config (tried while the config changes): one use only.
+            conn.drain();
+        }
+        let (driven, shutdown) = (conn.clone(), self.shutdown.clone());
+        self.tracker.spawn(async move {
+            tokio::select! {
+                () = crate::mux::run(driven.clone(), Box::new(tunnel)) => {}
+                () = shutdown.cancelled() => driven.abort("the agent is shutting down"),
+            }
+            if let Some(pool) = pool {
+                pool.changed.notify_one();
+            }
+        });
+        conn
     }
 
     /// A fresh connection to `key`, bypassing the pool: direct when the
@@ -332,16 +389,16 @@ impl GatewayPools {
         self.metrics.count_gateway_skipped(&key.agent_id, &key.address);
     }
 
-    /// Records that `key` did not answer: new flows skip it, its warm
-    /// connections are dropped, and a probe brings it back once it answers.
+    /// Records that `key` did not answer: new flows skip it, its connections
+    /// take no new flows, and a probe brings it back once it answers.
     pub fn mark_down(self: &Arc<Self>, key: &GatewayKey, reason: &str) {
         if !self.health().mark_down(key, reason, std::time::Instant::now()) {
             return;
         }
         tracing::warn!(gateway = %key.agent_id, address = %key.address, reason, "gateway agent marked down: new flows skip it while it is probed in the background");
         self.metrics.set_gateway_up(&key.agent_id, &key.address, false);
-        if let Some(pool) = self.pools.lock().unwrap_or_else(|e| e.into_inner()).get(key) {
-            pool.idle.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        if let Some(pool) = self.pool(key) {
+            pool.drain_all();
         }
         let this = self.clone();
         let key = key.clone();
@@ -355,7 +412,7 @@ impl GatewayPools {
         }
         tracing::info!(gateway = %key.agent_id, address = %key.address, "gateway agent answers again");
         self.metrics.set_gateway_up(&key.agent_id, &key.address, true);
-        if let Some(pool) = self.pools.lock().unwrap_or_else(|e| e.into_inner()).get(key) {
+        if let Some(pool) = self.pool(key) {
             pool.recovered.notify_one();
         }
     }
@@ -377,15 +434,10 @@ impl GatewayPools {
                 () = self.shutdown.cancelled() => return,
             };
             match attempt {
-                Ok(conn) => {
+                Ok(tunnel) => {
+                    // The probe's connection serves the next flows.
+                    self.adopt(&key, tunnel);
                     self.mark_up(&key);
-                    // The probe's connection is as good as a warm one.
-                    if let Some(pool) = self.pools.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
-                        let mut idle = pool.idle.lock().unwrap_or_else(|e| e.into_inner());
-                        if idle.len() < pool.warm.load(Ordering::Relaxed) {
-                            idle.push_back((Instant::now(), conn));
-                        }
-                    }
                     return;
                 }
                 Err(e) => {
@@ -408,23 +460,15 @@ impl GatewayPools {
                 continue;
             }
             let warm = pool.warm.load(Ordering::Relaxed);
-            let (have, oldest) = {
-                let mut idle = pool.idle.lock().unwrap_or_else(|e| e.into_inner());
-                idle.retain(|(born, _)| born.elapsed() < self.settings.max_idle);
-                while idle.len() > warm {
-                    idle.pop_front();
-                }
-                (idle.len(), idle.front().map(|(born, _)| *born))
-            };
-            if have < warm {
+            if pool.live() < warm {
                 let attempt = tokio::select! {
                     r = self.connect(&pool.key) => r,
                     () = pool.cancel.cancelled() => return,
                 };
                 match attempt {
-                    Ok(conn) => {
+                    Ok(tunnel) => {
                         backoff = Duration::from_millis(200);
-                        pool.idle.lock().unwrap_or_else(|e| e.into_inner()).push_back((Instant::now(), conn));
+                        self.adopt(&pool.key, tunnel);
                         continue;
                     }
                     Err(e) => {
@@ -442,21 +486,16 @@ impl GatewayPools {
                     }
                 }
             }
-            // Full: wait for a take, or until the oldest connection is due for replacement.
-            let due =
-                oldest.map_or_else(|| Instant::now() + self.settings.max_idle, |born| born + self.settings.max_idle);
             tokio::select! {
-                () = pool.taken.notified() => {}
-                () = tokio::time::sleep_until(due) => {}
+                () = pool.changed.notified() => {}
                 () = pool.cancel.cancelled() => return,
             }
         }
     }
 
-    /// Idle connections ready for `key` (for tests and diagnostics).
-    pub fn idle_count(&self, key: &GatewayKey) -> usize {
-        let pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
-        pools.get(key).map_or(0, |p| p.idle.lock().unwrap_or_else(|e| e.into_inner()).len())
+    /// Open tunnel connections to `key` that take new flows (for tests and diagnostics).
+    pub fn connection_count(&self, key: &GatewayKey) -> usize {
+        self.pool(key).map_or(0, |p| p.live())
     }
 }
 
@@ -474,29 +513,58 @@ mod tests {
     use crate::testing::TestCa;
     use crate::tls;
     use tokio::net::TcpListener;
+    use tokio::time::Instant;
 
-    #[tokio::test]
-    async fn pool_keeps_connections_warm_and_hands_them_out() {
-        let ca = TestCa::new();
+    fn request() -> OpenRequest {
+        OpenRequest {
+            vpc_endpoint_id: "vpce-1".into(),
+            resource_configuration_id: "rcfg-1".into(),
+            port: 80,
+            client_addr: "127.0.0.1:9".parse().unwrap(),
+        }
+    }
+
+    /// A gateway stand-in that completes TLS handshakes and holds the
+    /// connections until `drop_all` is notified; counts them.
+    fn holding_gateway(
+        ca: &TestCa,
+        listener: TcpListener,
+    ) -> (GatewayKey, Arc<AtomicUsize>, Arc<Notify>, tokio::task::JoinHandle<()>) {
         let gateway = ca.issue("agent-0000000000000000a", "acct-1", "vpc-1");
-        let client = ca.issue("agent-0000000000000000b", "acct-2", "vpc-2");
         let acceptor =
             tokio_rustls::TlsAcceptor::from(tls::tunnel_server_config(&gateway, Arc::new(tls::AnyAgent)).unwrap());
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let key = GatewayKey {
             agent_id: gateway.agent_id.clone(),
             address: listener.local_addr().unwrap().to_string(),
             server_name: trellis_proto::agent_server_name(&gateway.agent_id),
             relays: vec![],
         };
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let drop_all = Arc::new(Notify::new());
+        let (counter, dropper) = (accepted.clone(), drop_all.clone());
         let server = tokio::spawn(async move {
             let mut held = Vec::new();
-            while let Ok((tcp, _)) = listener.accept().await {
-                if let Ok(tls) = acceptor.accept(tcp).await {
-                    held.push(tls);
+            loop {
+                tokio::select! {
+                    r = listener.accept() => {
+                        let Ok((tcp, _)) = r else { return };
+                        if let Ok(tls) = acceptor.accept(tcp).await {
+                            counter.fetch_add(1, Ordering::SeqCst);
+                            held.push(tls);
+                        }
+                    }
+                    () = dropper.notified() => held.clear(),
                 }
             }
         });
+        (key, accepted, drop_all, server)
+    }
+
+    #[tokio::test]
+    async fn pool_keeps_connections_up_and_opens_flows_on_them() {
+        let ca = TestCa::new();
+        let client = ca.issue("agent-0000000000000000b", "acct-2", "vpc-2");
+        let (key, accepted, _drop_all, server) = holding_gateway(&ca, TcpListener::bind("127.0.0.1:0").await.unwrap());
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
         let pools = Arc::new(GatewayPools::new(
@@ -508,20 +576,27 @@ mod tests {
         ));
         pools.retain(&HashSet::from([key.clone()]));
         let deadline = Instant::now() + Duration::from_secs(10);
-        while pools.idle_count(&key) < 2 {
-            assert!(Instant::now() < deadline, "pool never warmed up");
+        while pools.connection_count(&key) < 2 {
+            assert!(Instant::now() < deadline, "pool never connected");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        let (_conn, warm) = pools.get(&key).await.unwrap();
-        assert!(warm, "a ready connection was not used");
-        // The taken connection is replaced in the background.
-        while pools.idle_count(&key) < 2 {
-            assert!(Instant::now() < deadline, "pool was not refilled");
+        // Flows go onto the connections that are up, spread over them; no new connection.
+        let mut flows = Vec::new();
+        for _ in 0..10 {
+            let (flow, reused) = pools.open(&key, &request()).await.unwrap();
+            assert!(reused, "a connection that was up was not used");
+            flows.push(flow);
+        }
+        // (The server side of a TLS 1.3 handshake may finish after the client's.)
+        while accepted.load(Ordering::SeqCst) < 2 {
+            assert!(Instant::now() < deadline, "the gateway never saw both connections");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        assert_eq!(accepted.load(Ordering::SeqCst), 2, "a flow made a connection of its own");
+        assert_eq!(pools.connection_count(&key), 2);
         // A gateway that leaves the config loses its pool.
         pools.retain(&HashSet::new());
-        assert_eq!(pools.idle_count(&key), 0);
+        assert_eq!(pools.connection_count(&key), 0);
         shutdown.cancel();
         tracker.close();
         tracker.wait().await;
@@ -529,49 +604,31 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn warm_connections_are_replaced_before_they_grow_old() {
+    async fn closed_connections_are_replaced() {
         let ca = TestCa::new();
-        let gateway = ca.issue("agent-0000000000000000a", "acct-1", "vpc-1");
         let client = ca.issue("agent-0000000000000000b", "acct-2", "vpc-2");
-        let acceptor =
-            tokio_rustls::TlsAcceptor::from(tls::tunnel_server_config(&gateway, Arc::new(tls::AnyAgent)).unwrap());
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let key = GatewayKey {
-            agent_id: gateway.agent_id.clone(),
-            address: listener.local_addr().unwrap().to_string(),
-            server_name: trellis_proto::agent_server_name(&gateway.agent_id),
-            relays: vec![],
-        };
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let counter = accepted.clone();
-        let server = tokio::spawn(async move {
-            let mut held = Vec::new();
-            while let Ok((tcp, _)) = listener.accept().await {
-                if let Ok(tls) = acceptor.accept(tcp).await {
-                    counter.fetch_add(1, Ordering::SeqCst);
-                    held.push(tls);
-                }
-            }
-        });
+        let (key, accepted, drop_all, server) = holding_gateway(&ca, TcpListener::bind("127.0.0.1:0").await.unwrap());
         let (shutdown, tracker) = (CancellationToken::new(), TaskTracker::new());
-        let max_idle = Duration::from_millis(300);
         let pools = Arc::new(GatewayPools::new(
             tls::tunnel_client_config(&client).unwrap(),
-            PoolSettings { warm: 2, max_idle, ..PoolSettings::default() },
+            PoolSettings { warm: 2, ..PoolSettings::default() },
             Arc::default(),
             tracker.clone(),
             shutdown.clone(),
         ));
         pools.retain(&HashSet::from([key.clone()]));
         let deadline = Instant::now() + Duration::from_secs(10);
-        while accepted.load(Ordering::SeqCst) < 6 {
-            assert!(Instant::now() < deadline, "warm connections were not replaced");
+        while accepted.load(Ordering::SeqCst) < 2 {
+            assert!(Instant::now() < deadline, "pool never connected");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        // Without a client taking any, the pool renewed them on its own and stays full.
-        assert_eq!(pools.idle_count(&key), 2);
-        let (_conn, warm) = pools.get(&key).await.unwrap();
-        assert!(warm);
+        drop_all.notify_one();
+        while accepted.load(Ordering::SeqCst) < 4 || pools.connection_count(&key) < 2 {
+            assert!(Instant::now() < deadline, "closed connections were not replaced");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let (_flow, reused) = pools.open(&key, &request()).await.unwrap();
+        assert!(reused);
         shutdown.cancel();
         tracker.close();
         tracker.wait().await;
@@ -632,10 +689,10 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(2)).await;
         let during = accepted.load(Ordering::SeqCst);
         assert!(during <= 3, "{during} connects in the first 2 s of an outage");
-        assert_eq!(pools.idle_count(&key), 0);
+        assert_eq!(pools.connection_count(&key), 0);
 
         answer.store(true, Ordering::SeqCst);
-        while pools.is_down(&key) || pools.idle_count(&key) < 2 {
+        while pools.is_down(&key) || pools.connection_count(&key) < 2 {
             assert!(Instant::now() < deadline, "the gateway was not probed back, or its pool did not refill");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }

@@ -1,7 +1,7 @@
 //! One client connection on an endpoint address: pick a gateway agent (own
 //! zone first, the least loaded of those that answer, others on failure; see
-//! `health.rs`), send the `OpenRequest`, wait for the `OpenResponse`, then
-//! splice. A gateway that does not answer is marked down, so the next flows
+//! `health.rs`), open a flow on a tunnel connection to it (an OPEN frame),
+//! wait for its answer, then splice the client with the flow. A gateway that does not answer is marked down, so the next flows
 //! skip it without paying the timeout again; when every gateway is down they
 //! are all tried at once. A refused open resets the client connection, so the
 //! client sees a failure instead of an empty, clean close.
@@ -10,19 +10,18 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use trellis_proto::stream::{OpenRequest, OpenResponse, OpenStatus, decode_open_response, encode_open_request};
+use trellis_proto::stream::{OpenRequest, OpenResponse, OpenStatus};
 use trellis_proto::{AgentConfig, GatewayTarget};
 
-use super::pool::{GatewayKey, GatewayPools, Tunnel};
+use super::pool::{GatewayKey, GatewayPools};
 use crate::access_log::AccessLog;
 use crate::flow::{FlowInfo, OpenFlow, reject_after_tries};
-use crate::frame_io::{ReadFrameError, read_frame};
 use crate::metrics::{Metrics, Role};
+use crate::mux::MuxStream;
 use crate::splice::{SpliceEnd, splice};
 
 /// Shared by every endpoint connection.
@@ -158,7 +157,7 @@ pub async fn serve_client(
             ctx.pools.count_skipped(&GatewayKey::from(*gateway));
         }
     }
-    let Some((gateway, (tunnel, leftover))) = opened else {
+    let Some((gateway, tunnel)) = opened else {
         let (outcome, message) = match &last {
             Some(OpenError::Refused { response, .. }) => {
                 (response.status.as_str(), last.as_ref().map(|e| e.to_string()))
@@ -189,15 +188,7 @@ pub async fn serve_client(
     info.target = if gateway.address.is_empty() { name(gateway) } else { gateway.address.clone() };
     let _slot = ctx.pools.open_flow(&GatewayKey::from(gateway));
     let flow = OpenFlow::open(info, ctx.metrics.clone(), None, ctx.access_log.clone(), started).with_tried(tried);
-    let mut client = client;
-    if !leftover.is_empty() {
-        if let Err(e) = client.write_all(&leftover).await {
-            flow.finish("error", Some(e.to_string()));
-            return;
-        }
-        flow.add_out(leftover.len() as u64);
-    }
-    let end = splice(client, Box::new(tunnel), |n| flow.add_in(n), |n| flow.add_out(n), cancel.cancelled()).await;
+    let end = splice(client, tunnel, |n| flow.add_in(n), |n| flow.add_out(n), cancel.cancelled()).await;
     match end {
         SpliceEnd::Closed => flow.finish("closed", None),
         SpliceEnd::Error(e) => flow.finish("error", Some(e.to_string())),
@@ -207,49 +198,51 @@ pub async fn serve_client(
     }
 }
 
-/// Opens a stream through one gateway agent. A warm connection that turns out
-/// dead is replaced once by a fresh one (nothing reached the resource yet).
-async fn open(
-    ctx: &EndpointContext,
-    gateway: &GatewayTarget,
-    req: &OpenRequest,
-) -> Result<(Tunnel, Vec<u8>), OpenError> {
+/// Opens a flow through one gateway agent. A flow opened on a connection
+/// that turns out dead is opened once more on a fresh connection (nothing
+/// reached the resource yet).
+async fn open(ctx: &EndpointContext, gateway: &GatewayTarget, req: &OpenRequest) -> Result<MuxStream, OpenError> {
     let key = GatewayKey::from(gateway);
-    let (tunnel, warm) = ctx.pools.get(&key).await.map_err(|e| connect_failed(gateway, &e))?;
-    open_on(ctx, gateway, req, tunnel, warm).await
+    let (stream, reused) = ctx.pools.open(&key, req).await.map_err(|e| connect_failed(gateway, &e))?;
+    match answer(ctx, gateway, stream).await {
+        Err(ExchangeError::Dead(reason)) if reused => {
+            tracing::debug!(gateway = %gateway.address, reason, "tunnel connection was dead; reconnecting");
+            let (stream, _) = ctx.pools.open_fresh(&key, req).await.map_err(|e| connect_failed(gateway, &e))?;
+            answer(ctx, gateway, stream).await.map_err(|e| e.into_open_error(gateway))
+        }
+        r => r.map_err(|e| e.into_open_error(gateway)),
+    }
 }
 
 fn connect_failed(gateway: &GatewayTarget, e: &std::io::Error) -> OpenError {
     OpenError::Gateway {
         gateway: gateway.address.clone(),
-        reason: e.to_string(),
+        reason: describe_io(e),
         silent: super::pool::is_unreachable(e),
     }
 }
 
-/// Sends the open request on `tunnel` and waits for the answer.
-async fn open_on(
+/// Waits for the gateway's answer to the flow's open request.
+async fn answer(
     ctx: &EndpointContext,
     gateway: &GatewayTarget,
-    req: &OpenRequest,
-    mut tunnel: Tunnel,
-    mut warm: bool,
-) -> Result<(Tunnel, Vec<u8>), OpenError> {
-    let key = GatewayKey::from(gateway);
-    let fail = |reason: String, silent: bool| OpenError::Gateway { gateway: gateway.address.clone(), reason, silent };
-    let mut frame = Vec::new();
-    encode_open_request(req, &mut frame).map_err(|e| fail(e.to_string(), false))?;
-    loop {
-        match exchange(&mut tunnel, &frame, ctx.open_timeout).await {
-            Ok((response, leftover)) if response.status == OpenStatus::Ok => return Ok((tunnel, leftover)),
-            Ok((response, _)) => return Err(OpenError::Refused { gateway: gateway.address.clone(), response }),
-            Err(ExchangeError::Dead(reason)) if warm => {
-                tracing::debug!(gateway = %gateway.address, reason, "warm tunnel connection was dead; reconnecting");
-                tunnel = ctx.pools.connect(&key).await.map_err(|e| connect_failed(gateway, &e))?;
-                warm = false;
+    mut stream: MuxStream,
+) -> Result<MuxStream, ExchangeError> {
+    let timeout = ctx.open_timeout;
+    match tokio::time::timeout(timeout, stream.response()).await {
+        Err(_) => Err(ExchangeError::Silent(format!("no answer to the open request within {timeout:?}"))),
+        Ok(Ok(response)) if response.status == OpenStatus::Ok => Ok(stream),
+        Ok(Ok(response)) => Err(ExchangeError::Refused(response)),
+        Ok(Err(e)) => {
+            let reason = match stream.connection_error() {
+                Some(conn) => describe_io(&conn),
+                None => describe_io(&e),
+            };
+            if e.kind() == std::io::ErrorKind::InvalidData {
+                tracing::warn!(gateway = %gateway.address, error = %reason, "gateway agent broke the stream protocol; closing that connection");
+                return Err(ExchangeError::Protocol(reason));
             }
-            Err(ExchangeError::Silent(reason)) => return Err(fail(reason, true)),
-            Err(ExchangeError::Dead(reason) | ExchangeError::Protocol(reason)) => return Err(fail(reason, false)),
+            Err(ExchangeError::Dead(reason))
         }
     }
 }
@@ -262,7 +255,7 @@ async fn open_any<'a>(
     down: &[&'a GatewayTarget],
     req: &OpenRequest,
     notes: &mut Vec<String>,
-) -> Result<(&'a GatewayTarget, (Tunnel, Vec<u8>)), OpenError> {
+) -> Result<(&'a GatewayTarget, MuxStream), OpenError> {
     let mut connects = JoinSet::new();
     for (i, gateway) in down.iter().enumerate() {
         let (pools, key) = (ctx.pools.clone(), GatewayKey::from(*gateway));
@@ -279,7 +272,15 @@ async fn open_any<'a>(
                 drop(connects);
                 let key = GatewayKey::from(gateway);
                 ctx.pools.mark_up(&key);
-                return match open_on(ctx, gateway, req, tunnel, false).await {
+                let opened = match ctx.pools.adopt(&key, tunnel).open(req) {
+                    Ok(stream) => answer(ctx, gateway, stream).await.map_err(|e| e.into_open_error(gateway)),
+                    Err(_) => Err(OpenError::Gateway {
+                        gateway: gateway.address.clone(),
+                        reason: "the new tunnel connection closed at once".into(),
+                        silent: false,
+                    }),
+                };
+                return match opened {
                     Ok(x) => Ok((gateway, x)),
                     Err(e) => {
                         if let OpenError::Gateway { reason, silent: true, .. } = &e {
@@ -311,24 +312,18 @@ enum ExchangeError {
     Silent(String),
     /// The gateway broke the stream protocol.
     Protocol(String),
+    /// The gateway answered with a refusal.
+    Refused(OpenResponse),
 }
 
-async fn exchange(
-    tunnel: &mut Tunnel,
-    frame: &[u8],
-    timeout: Duration,
-) -> Result<(OpenResponse, Vec<u8>), ExchangeError> {
-    if let Err(e) = tunnel.write_all(frame).await.and(tunnel.flush().await) {
-        return Err(ExchangeError::Dead(describe_io(&e)));
-    }
-    match tokio::time::timeout(timeout, read_frame(tunnel, decode_open_response)).await {
-        Err(_) => Err(ExchangeError::Silent(format!("no answer to the open request within {timeout:?}"))),
-        Ok(Ok(x)) => Ok(x),
-        Ok(Err(ReadFrameError::Closed)) => Err(ExchangeError::Dead("closed before answering".into())),
-        Ok(Err(ReadFrameError::Io(e))) => Err(ExchangeError::Dead(describe_io(&e))),
-        Ok(Err(ReadFrameError::Protocol(e))) => {
-            tracing::warn!(error = %e, "gateway agent broke the stream protocol; closing that connection");
-            Err(ExchangeError::Protocol(e.to_string()))
+impl ExchangeError {
+    fn into_open_error(self, gateway: &GatewayTarget) -> OpenError {
+        let fail =
+            |reason: String, silent: bool| OpenError::Gateway { gateway: gateway.address.clone(), reason, silent };
+        match self {
+            Self::Dead(reason) | Self::Protocol(reason) => fail(reason, false),
+            Self::Silent(reason) => fail(reason, true),
+            Self::Refused(response) => OpenError::Refused { gateway: gateway.address.clone(), response },
         }
     }
 }

@@ -92,6 +92,18 @@ impl PeerTable {
         Ok(PeerSlot { table: self.clone(), peer: peer.to_string(), pending: true })
     }
 
+    /// Counts a flow of `peer` (it holds a socket to the resource), unless
+    /// the peer is at its cap of connections and flows.
+    pub fn enter_flow(self: &Arc<Self>, peer: &str) -> Result<PeerSlot, PeerLimit> {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = held.entry(peer.to_string()).or_default();
+        if entry.total >= self.max_per_peer {
+            return Err(PeerLimit::Connections(entry.total));
+        }
+        entry.total += 1;
+        Ok(PeerSlot { table: self.clone(), peer: peer.to_string(), pending: false })
+    }
+
     /// Connections `peer` holds now (total, waiting for an open request).
     pub fn held(&self, peer: &str) -> (usize, usize) {
         let held = self.held.lock().unwrap_or_else(|e| e.into_inner());

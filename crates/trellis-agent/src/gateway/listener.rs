@@ -1,32 +1,35 @@
-//! The gateway's tunnel listener: mutual TLS 1.3, one stream per connection.
+//! The gateway's tunnel listener: mutual TLS 1.3, many flows per connection
+//! (stream protocol version 2, [`crate::mux`]).
 //!
 //! Per connection: TLS handshake (client certificate verified against the CA
 //! and admitted only when it names a consumer VPC of the current config and is
-//! not revoked), read the `OpenRequest` (pooled connections wait a few seconds
-//! at most before it arrives), authorize it against the *current* config, dial
-//! the resource, answer, then splice. Every connection re-checks its peer, and
-//! every open stream its grant, whenever the config changes, and is closed as
-//! soon as either is gone. Anything a peer does wrong closes that peer's
-//! connection only.
+//! not revoked), then the flows the endpoint agent opens on it. Per flow:
+//! authorize its open request against the *current* config, dial the
+//! resource, answer, then splice. Every connection re-checks its peer, and
+//! every open flow its grant, whenever the config changes, and is closed as
+//! soon as either is gone. Anything a peer does wrong in a frame closes that
+//! flow only; [`serve_tunnel`] takes any authenticated byte stream, so relayed
+//! connections are served the same way.
 //!
 //! Bounded: a cap on all connections (accepting waits when it is reached), a
 //! smaller one on connections still in the handshake (more are closed at
-//! once), and per peer certificate a cap on connections and on connections
-//! still waiting for their open request (see [`super::admission`]).
+//! once), every flow also takes one of the connection budget (it holds a
+//! socket to the resource), and per peer certificate a cap on connections and
+//! flows and on connections still waiting for their first flow (see
+//! [`super::admission`]).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
-use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use trellis_proto::AgentConfig;
-use trellis_proto::stream::{OpenRequest, OpenResponse, OpenStatus, decode_open_request, encode_open_response};
+use trellis_proto::stream::{OpenRequest, OpenResponse, OpenStatus};
 
 use super::admission::{PeerLimit, PeerTable};
 use super::authorize::{Denial, Destination, Grant, admit_peer, authorize, recheck};
@@ -35,11 +38,11 @@ use super::dial::{DialError, describe, dial};
 use super::services::{ActiveGuard, ServiceDialError, ServiceRuntime};
 use crate::access_log::AccessLog;
 use crate::flow::{FlowInfo, OpenFlow, reject};
-use crate::frame_io::{ReadFrameError, read_frame};
 use crate::metrics::{FlowLabels, Metrics, Role};
+use crate::mux::{MuxConnection, MuxStream, Side};
 use crate::read_ahead::ReadAhead;
 use crate::splice::{SpliceEnd, splice};
-use crate::tls::peer_identity;
+use crate::tls::{PeerIdentity, peer_identity};
 use crate::usage::{UsageKey, UsageTable};
 
 /// Deadlines of the gateway side.
@@ -47,8 +50,8 @@ use crate::usage::{UsageKey, UsageTable};
 pub struct GatewayTimeouts {
     /// TLS handshake.
     pub handshake: Duration,
-    /// From handshake to `OpenRequest`. Endpoint agents retire their warm
-    /// connections before this (see `PoolSettings::max_idle`).
+    /// From handshake to the stream protocol's preface (an endpoint agent
+    /// sends it at once); a connection that stays silent longer is closed.
     pub open_request: Duration,
     /// Connecting to the resource (resolution included).
     pub dial: Duration,
@@ -77,6 +80,8 @@ pub struct GatewayContext {
     pub services: Arc<ServiceRuntime>,
     /// Per-consumer limits of resources and services.
     pub consumers: Arc<ConsumerLimiter>,
+    /// Tracks the flow tasks (shutdown waits for them).
+    pub flows: TaskTracker,
 }
 
 /// Accepts tunnel connections on `listener` until `shutdown`.
@@ -136,9 +141,10 @@ async fn handle(
     serve_stream(ReadAhead::new(tcp), peer, acceptor, handshake_permit, ctx, cancel).await;
 }
 
-/// Serves one tunnel connection whose TCP (or relayed) stream is `io`: the
-/// gateway is the TLS server whichever side opened the connection, so a flow
-/// through a relay is served exactly like a direct one.
+/// Serves one tunnel connection whose TCP (or relayed) stream is `io`: TLS
+/// handshake (the gateway is the TLS server whichever side opened the
+/// connection, so a relayed connection is served exactly like a direct
+/// one), then the flows on it.
 pub(crate) async fn serve_stream(
     io: ReadAhead,
     peer: SocketAddr,
@@ -147,10 +153,9 @@ pub(crate) async fn serve_stream(
     ctx: Arc<GatewayContext>,
     cancel: CancellationToken,
 ) {
-    // Futures that finish before the splice are boxed, and so is the TLS stream, so that the
-    // state this task keeps for the life of an idle connection stays small (memory per connection).
+    // Boxed: the handshake's state must not stay in this task's memory for the connection's life.
     let handshake = Box::pin(acceptor.accept(io));
-    let mut tls = match tokio::time::timeout(ctx.timeouts.handshake, handshake).await {
+    let tls = match tokio::time::timeout(ctx.timeouts.handshake, handshake).await {
         Ok(Ok(tls)) => Box::new(tls),
         Ok(Err(e)) => {
             tracing::debug!(%peer, error = %e, "tunnel TLS handshake failed");
@@ -168,19 +173,27 @@ pub(crate) async fn serve_stream(
         tracing::debug!(%peer, "tunnel peer certificate names no agent; closing");
         return;
     };
+    serve_tunnel(tls, peer, Arc::new(peer_id), ctx, cancel).await;
+}
+
+/// Serves the flows of one authenticated tunnel connection (any byte stream:
+/// direct TLS, or TLS through a relay) until it closes, the peer is no longer
+/// admitted, or `cancel`.
+pub(crate) async fn serve_tunnel<S>(
+    tunnel: S,
+    peer: SocketAddr,
+    peer_id: Arc<PeerIdentity>,
+    ctx: Arc<GatewayContext>,
+    cancel: CancellationToken,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
     let mut config_rx = ctx.config.clone();
     // Resumed sessions skip the certificate verifier: admit again. The peer is
-    // authenticated, so it is told why (its open request gets this answer).
-    let admitted = admit_peer(&config_rx.borrow_and_update().gateway, &peer_id);
-    if let Err(denial) = admitted {
-        ctx.metrics.count_tunnel_refused(refusal_label(&denial));
-        tracing::debug!(%peer, agent = %peer_id.agent_id, reason = %denial, "refusing a resumed tunnel session");
-        respond(&mut tls, OpenStatus::Denied, denial.to_string()).await;
-        let _ = tls.shutdown().await;
-        return;
-    }
+    // authenticated, so it is told why (its first open request gets this answer).
+    let refused = admit_peer(&config_rx.borrow_and_update().gateway, &peer_id).err();
     let mut slot = match ctx.peers.enter(&peer_id.cert_sha256) {
-        Ok(slot) => slot,
+        Ok(slot) => Some(slot),
         Err(limit) => {
             ctx.metrics.count_tunnel_refused(match limit {
                 PeerLimit::Connections(_) => "peer_connections",
@@ -190,7 +203,30 @@ pub(crate) async fn serve_stream(
             return;
         }
     };
-    // While waiting for the open request, a config that no longer admits the peer closes the connection.
+    let conn = MuxConnection::new(Side::Gateway);
+    let driver = crate::mux::run(conn.clone(), tunnel);
+    tokio::pin!(driver);
+    let accept = async {
+        while let Some((stream, req)) = conn.accept().await {
+            if let Some(slot) = slot.as_mut() {
+                // The connection carries flows now: it no longer counts as waiting for one.
+                slot.opened();
+            }
+            if let Some(denial) = &refused {
+                ctx.metrics.count_tunnel_refused(refusal_label(denial));
+                tracing::debug!(%peer, agent = %peer_id.agent_id, reason = %denial, "refusing a resumed tunnel session");
+                stream.respond(&OpenResponse::new(OpenStatus::Denied, denial.to_string()));
+                drop(stream);
+                conn.close();
+                return;
+            }
+            let (ctx, peer_id, cancel) = (ctx.clone(), peer_id.clone(), cancel.child_token());
+            let flows = ctx.flows.clone();
+            flows.spawn(async move { serve_flow(stream, req, peer, peer_id, ctx, cancel).await });
+        }
+    };
+    // A config that no longer admits the peer closes the connection (its open flows are
+    // closed by their own checks, which say why in the access log).
     let peer_dropped = async {
         loop {
             if config_rx.changed().await.is_err() {
@@ -201,35 +237,65 @@ pub(crate) async fn serve_stream(
             }
         }
     };
-    let read = tokio::select! {
-        r = tokio::time::timeout(ctx.timeouts.open_request, read_frame(&mut tls, decode_open_request)) => r,
+    // An authenticated peer that does not speak (the version-2 preface) in time is closed.
+    let open_request = ctx.timeouts.open_request;
+    let silent = async {
+        if tokio::time::timeout(open_request, conn.greeted()).await.is_ok() {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::select! {
+        () = &mut driver => return,
+        () = accept => {}
+        () = silent => {
+            ctx.metrics.count_tunnel_refused("open_request_timeout");
+            tracing::debug!(%peer, "no stream protocol preface in time; closing tunnel connection");
+            conn.close();
+        }
         denial = peer_dropped => {
             ctx.metrics.count_tunnel_refused(refusal_label(&denial));
-            tracing::debug!(%peer, agent = %peer_id.agent_id, reason = %denial, "closing idle tunnel connection");
-            let _ = tls.shutdown().await;
+            tracing::debug!(%peer, agent = %peer_id.agent_id, reason = %denial, "closing tunnel connection of a peer no longer admitted");
+            conn.close();
+        }
+        () = cancel.cancelled() => {
+            conn.abort("the agent is shutting down");
             return;
         }
-        () = cancel.cancelled() => return,
-    };
-    slot.opened();
+    }
+    // Let the driver write what is queued (answers, resets) and close the stream.
+    tokio::select! {
+        () = &mut driver => {}
+        () = cancel.cancelled() => conn.abort("the agent is shutting down"),
+    }
+    drop(slot);
+}
+
+/// One flow: authorize its open request against the current config, dial,
+/// answer, splice, and close it as soon as its grant is gone.
+async fn serve_flow(
+    stream: MuxStream,
+    req: OpenRequest,
+    peer: SocketAddr,
+    peer_id: Arc<PeerIdentity>,
+    ctx: Arc<GatewayContext>,
+    cancel: CancellationToken,
+) {
     let started = SystemTime::now();
-    let (req, leftover) = match read {
-        Ok(Ok(x)) => x,
-        Ok(Err(ReadFrameError::Protocol(e))) => {
-            tracing::warn!(%peer, error = %e, "malformed open request; closing this tunnel connection");
-            respond(&mut tls, OpenStatus::BadRequest, e.to_string()).await;
-            let _ = tls.shutdown().await;
-            return;
-        }
-        // Idle pooled connection closed by the endpoint, or a broken connection: nothing to log.
-        Ok(Err(e)) => {
-            tracing::debug!(%peer, error = %e, "tunnel connection ended before an open request");
-            return;
-        }
-        Err(_) => {
-            ctx.metrics.count_tunnel_refused("open_request_timeout");
-            tracing::debug!(%peer, "no open request in time; closing idle tunnel connection");
-            let _ = tls.shutdown().await;
+    let mut config_rx = ctx.config.clone();
+    // Every flow holds one of the gateway's connection budget (it holds a socket to the
+    // resource) and counts against its peer's share of it.
+    let Ok(_permit) = ctx.connections.clone().try_acquire_owned() else {
+        ctx.metrics.count_tunnel_refused("connections");
+        let message = "the gateway agent holds its most connections; try again later";
+        stream.respond(&OpenResponse::new(OpenStatus::Unreachable, message));
+        return;
+    };
+    let _peer_slot = match ctx.peers.enter_flow(&peer_id.cert_sha256) {
+        Ok(slot) => slot,
+        Err(limit) => {
+            ctx.metrics.count_tunnel_refused("peer_connections");
+            tracing::debug!(%peer, agent = %peer_id.agent_id, reason = %limit, "refusing a flow");
+            stream.respond(&OpenResponse::new(OpenStatus::Denied, limit.to_string()));
             return;
         }
     };
@@ -238,8 +304,7 @@ pub(crate) async fn serve_stream(
         Ok(g) => g,
         Err(denial) => {
             deny(&ctx, &req, &denial, started);
-            respond(&mut tls, OpenStatus::Denied, denial.to_string()).await;
-            let _ = tls.shutdown().await;
+            stream.respond(&OpenResponse::new(OpenStatus::Denied, denial.to_string()));
             return;
         }
     };
@@ -278,8 +343,7 @@ pub(crate) async fn serve_stream(
             Err(too_many) => {
                 ctx.metrics.count_limited(&req.resource_configuration_id, &grant.consumer_account_id, "connections");
                 refuse(&info, OpenStatus::Denied, too_many.to_string());
-                respond(&mut tls, OpenStatus::Denied, too_many.to_string()).await;
-                let _ = tls.shutdown().await;
+                stream.respond(&OpenResponse::new(OpenStatus::Denied, too_many.to_string()));
                 return;
             }
         },
@@ -293,8 +357,7 @@ pub(crate) async fn serve_stream(
         Ok(t) => t,
         Err((status, message)) => {
             refuse(&info, status, message.clone());
-            respond(&mut tls, status, message).await;
-            let _ = tls.shutdown().await;
+            stream.respond(&OpenResponse::new(status, message));
             return;
         }
     };
@@ -304,22 +367,12 @@ pub(crate) async fn serve_stream(
         if let Err(e) = target.write_all(&header).await {
             let message = format!("the target closed before the PROXY header was written: {e}");
             refuse(&info, OpenStatus::Unreachable, message.clone());
-            respond(&mut tls, OpenStatus::Unreachable, message).await;
-            let _ = tls.shutdown().await;
+            stream.respond(&OpenResponse::new(OpenStatus::Unreachable, message));
             return;
         }
     }
-    if !respond(&mut tls, OpenStatus::Ok, String::new()).await {
-        return;
-    }
+    stream.respond(&OpenResponse::new(OpenStatus::Ok, String::new()));
     let flow = OpenFlow::open(info, ctx.metrics.clone(), Some(usage), ctx.access_log.clone(), started);
-    if !leftover.is_empty() {
-        if let Err(e) = target.write_all(&leftover).await {
-            flow.finish("error", Some(e.to_string()));
-            return;
-        }
-        flow.add_in(leftover.len() as u64);
-    }
     let revoked = async {
         loop {
             if config_rx.changed().await.is_err() {
@@ -349,9 +402,9 @@ pub(crate) async fn serve_stream(
                 &req.resource_configuration_id,
                 &grant.consumer_account_id,
             );
-            splice(tls, paced, |n| flow.add_in(n), |n| flow.add_out(n), stop).await
+            splice(stream, paced, |n| flow.add_in(n), |n| flow.add_out(n), stop).await
         }
-        None => splice(tls, target, |n| flow.add_in(n), |n| flow.add_out(n), stop).await,
+        None => splice(stream, target, |n| flow.add_in(n), |n| flow.add_out(n), stop).await,
     };
     drop(slot);
     match (end, revocation) {
@@ -468,13 +521,6 @@ fn refusal_label(denial: &Denial) -> &'static str {
         Denial::RevokedPeer(_) => "revoked_certificate",
         _ => "not_a_consumer",
     }
-}
-
-/// Sends an `OpenResponse`; false when the peer is gone.
-async fn respond(tls: &mut TlsStream<ReadAhead>, status: OpenStatus, message: String) -> bool {
-    let mut out = Vec::new();
-    encode_open_response(&OpenResponse::new(status, message), &mut out);
-    tls.write_all(&out).await.is_ok() && tls.flush().await.is_ok()
 }
 
 /// TCP keepalive so dead peers of long-lived tunnels are noticed.
