@@ -24,6 +24,7 @@ pub mod pair;
 pub mod postgres;
 pub mod process;
 pub mod prometheus;
+pub mod relay;
 pub mod tcp_service;
 pub mod tunnel;
 pub mod wait;
