@@ -19,7 +19,7 @@ use tokio::sync::watch;
 use trellis_agent::gateway::authorize::authorize;
 use trellis_agent::testing::{TestCa, copy_both_ways};
 use trellis_agent::tls::PeerIdentity;
-use trellis_agent::{DataPlaneOptions, start_data_plane};
+use trellis_agent::{DataPlaneOptions, GatewayTimeouts, PoolSettings, start_data_plane};
 use trellis_proto::stream::{
     MAX_FRAME_LEN, OpenRequest, OpenResponse, OpenStatus, decode_open_request, decode_open_response,
     encode_open_request, encode_open_response,
@@ -289,6 +289,8 @@ const RCFG: &str = "rcfg-00000000000000001";
 const CONSUMER_ACCT: &str = "acct-000000000002";
 const CONSUMER_VPC: &str = "vpc-00000000000000002";
 const UPLOAD: usize = 1 << 20;
+/// How long a warm tunnel may wait for a flow in the `proxy` workload (far beyond any run).
+const IDLE: Duration = Duration::from_secs(3600);
 
 fn proxy() -> Res<()> {
     let rt = runtime()?;
@@ -361,8 +363,14 @@ async fn proxy_setup() -> Res<Agents> {
         ..Default::default()
     };
     let (gw_tx, rx) = watch::channel(Arc::new(gateway_config));
-    let gateway =
-        start_data_plane(DataPlaneOptions::loopback(), &gw_id, rx).await.map_err(|e| format!("gateway agent: {e}"))?;
+    // Warm tunnels are replaced on a wall-clock schedule (7 s, before the gateway's 10 s
+    // open-request deadline). Under callgrind on a loaded machine the run can take that long,
+    // and a replacement's handshake inside the measured part would count: push both far out.
+    let gateway_opts = DataPlaneOptions {
+        gateway_timeouts: GatewayTimeouts { open_request: IDLE + IDLE, ..GatewayTimeouts::default() },
+        ..DataPlaneOptions::loopback()
+    };
+    let gateway = start_data_plane(gateway_opts, &gw_id, rx).await.map_err(|e| format!("gateway agent: {e}"))?;
     let tunnel = gateway.tunnel_addr().ok_or("the gateway agent has no tunnel listener")?;
 
     let address = IpAddr::from([127, 79, (std::process::id() % 250) as u8, 1]);
@@ -394,10 +402,12 @@ async fn proxy_setup() -> Res<Agents> {
         ..Default::default()
     };
     let (ep_tx, rx) = watch::channel(Arc::new(endpoint_config));
-    let endpoint =
-        start_data_plane(DataPlaneOptions { tunnel_listen: None, ..DataPlaneOptions::loopback() }, &ep_id, rx)
-            .await
-            .map_err(|e| format!("endpoint agent: {e}"))?;
+    let endpoint_opts = DataPlaneOptions {
+        tunnel_listen: None,
+        pool: PoolSettings { max_idle: IDLE, ..PoolSettings::default() },
+        ..DataPlaneOptions::loopback()
+    };
+    let endpoint = start_data_plane(endpoint_opts, &ep_id, rx).await.map_err(|e| format!("endpoint agent: {e}"))?;
     let mut served = endpoint.served();
     tokio::time::timeout(Duration::from_secs(30), served.wait_for(|s| s.listeners.iter().any(|l| l.ready)))
         .await
