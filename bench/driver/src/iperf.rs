@@ -39,8 +39,17 @@ pub fn start_server(bin: &Path, logs: &Path, name: &str, all_loopback: bool) -> 
     Err(format!("iperf3 server did not start: {last_error}"))
 }
 
-/// Runs one iperf3 test through `addr` and returns the receiver's rate in Gbit/s.
-pub fn measure(bin: &Path, addr: SocketAddr, seconds: u64, streams: u32, reverse: bool) -> Res<f64> {
+/// What one iperf3 test measured.
+pub struct Throughput {
+    /// The receiver's rate over the measured seconds (the omitted first second left out).
+    pub gbps: f64,
+    /// Every byte the test moved, the omitted second's included: what the tunnel's CPU time
+    /// during the whole test is divided by.
+    pub bytes: u64,
+}
+
+/// Runs one iperf3 test through `addr`.
+pub fn measure(bin: &Path, addr: SocketAddr, seconds: u64, streams: u32, reverse: bool) -> Res<Throughput> {
     let mut cmd = Command::new(bin);
     cmd.args(["-c", &addr.ip().to_string(), "-p", &addr.port().to_string()])
         .args(["-t", &seconds.to_string(), "-O", "1", "-P", &streams.to_string(), "-J"])
@@ -58,7 +67,15 @@ pub fn measure(bin: &Path, addr: SocketAddr, seconds: u64, streams: u32, reverse
     let bps = json["end"]["sum_received"]["bits_per_second"]
         .as_f64()
         .ok_or_else(|| format!("iperf3 JSON has no end.sum_received.bits_per_second: {}", stderr_or(&out)))?;
-    Ok(bps / 1e9)
+    Ok(Throughput { gbps: bps / 1e9, bytes: bytes_moved(&json) })
+}
+
+/// The bytes of every interval the client reported, omitted ones included (the client's side:
+/// sent, or received with `-R`); the receiver's total when there are no intervals.
+fn bytes_moved(json: &serde_json::Value) -> u64 {
+    let intervals: u64 =
+        json["intervals"].as_array().map(|a| a.iter().filter_map(|i| i["sum"]["bytes"].as_u64()).sum()).unwrap_or(0);
+    if intervals > 0 { intervals } else { json["end"]["sum_received"]["bytes"].as_u64().unwrap_or(0) }
 }
 
 fn stderr_or(out: &std::process::Output) -> String {
@@ -69,4 +86,22 @@ fn stderr_or(out: &std::process::Output) -> String {
 /// `iperf3 --version`'s first line.
 pub fn version(bin: &Path) -> String {
     crate::first_line_of(bin, &["--version"])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bytes_moved_counts_the_omitted_second_too() {
+        let json = serde_json::json!({
+            "intervals": [
+                {"sum": {"bytes": 100, "omitted": true}},
+                {"sum": {"bytes": 250, "omitted": false}},
+            ],
+            "end": {"sum_received": {"bytes": 240}},
+        });
+        assert_eq!(bytes_moved(&json), 350);
+        assert_eq!(bytes_moved(&serde_json::json!({"end": {"sum_received": {"bytes": 240}}})), 240);
+    }
 }

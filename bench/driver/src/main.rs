@@ -12,6 +12,7 @@ mod client;
 mod echo;
 mod iperf;
 mod paths;
+mod postgres;
 mod proc;
 mod report;
 mod run;

@@ -23,11 +23,14 @@ pub const TPUT_1_UP: &str = "throughput_1_stream_up_gbps";
 pub const TPUT_1_DOWN: &str = "throughput_1_stream_down_gbps";
 pub const TPUT_4_UP: &str = "throughput_4_streams_up_gbps";
 pub const TPUT_4_DOWN: &str = "throughput_4_streams_down_gbps";
+pub const CPU_PER_GB: &str = "tunnel_cpu_seconds_per_gb";
 pub const RR_P50: &str = "rr_1b_p50_us";
 pub const RR_P99: &str = "rr_1b_p99_us";
 pub const CONN_RATE: &str = "new_connections_per_s";
 pub const CONN_P50: &str = "connect_first_byte_p50_us";
 pub const CONN_P99: &str = "connect_first_byte_p99_us";
+pub const PGBENCH_TPS: &str = "pgbench_select_tps";
+pub const PGBENCH_CONNECT_TPS: &str = "pgbench_select_connect_each_tps";
 pub const IDLE_PER_1000: &str = "idle_rss_mib_per_1000_connections";
 pub const IDLE_TOTAL: &str = "idle_rss_mib_at_n_connections";
 pub const CREATE_TO_FIRST_BYTE: &str = "endpoint_create_to_first_byte_ms";
@@ -38,11 +41,14 @@ pub const METRICS: &[Metric] = &[
     m(TPUT_1_DOWN, "throughput 1 stream, server→client", "Gbit/s", true),
     m(TPUT_4_UP, "throughput 4 streams, client→server", "Gbit/s", true),
     m(TPUT_4_DOWN, "throughput 4 streams, server→client", "Gbit/s", true),
+    m(CPU_PER_GB, "tunnel CPU per GB moved (the 4 throughput tests)", "CPU-s/GB", false),
     m(RR_P50, "request/response 1 B, p50", "µs", false),
     m(RR_P99, "request/response 1 B, p99", "µs", false),
     m(CONN_RATE, "new connections", "conn/s", true),
     m(CONN_P50, "connect + first byte, p50", "µs", false),
     m(CONN_P99, "connect + first byte, p99", "µs", false),
+    m(PGBENCH_TPS, "pgbench -S, C clients", "tps", true),
+    m(PGBENCH_CONNECT_TPS, "pgbench -S -C (connection per transaction), C clients", "tps", true),
     m(IDLE_PER_1000, "tunnel RSS per 1,000 idle conns", "MiB", false),
     m(IDLE_TOTAL, "tunnel RSS at N idle conns", "MiB", false),
     m(CREATE_TO_FIRST_BYTE, "endpoint create → first byte", "ms", false),
@@ -134,7 +140,7 @@ impl Results {
     }
 
     /// The table: one row per metric with data, one column per path, then the ratio columns.
-    pub fn table(&self, paths: &[&str], idle_n: usize) -> String {
+    pub fn table(&self, paths: &[&str], idle_n: usize, pg_clients: usize) -> String {
         let mut header = vec!["metric".to_string()];
         header.extend(paths.iter().map(|p| p.to_string()));
         let ratio_cols: Vec<(&str, &str)> = RATIOS
@@ -149,7 +155,10 @@ impl Results {
                 continue;
             }
             let arrow = if metric.higher_is_better { "↑" } else { "↓" };
-            let label = metric.label.replace(" N ", &format!(" {idle_n} "));
+            let label = metric
+                .label
+                .replace(" N ", &format!(" {idle_n} "))
+                .replace(", C clients", &format!(", {pg_clients} clients"));
             let mut row = vec![format!("{label} ({}) {arrow}", metric.unit)];
             for p in paths {
                 row.push(match self.cell(metric.key, p) {
@@ -285,7 +294,7 @@ mod tests {
             r.add(TPUT_1_UP, TRELLIS_SERVICE, service);
         }
         assert_eq!(r.ratio_of(TPUT_1_UP, TRELLIS_SERVICE, TRELLIS), Some(1.0));
-        let table = r.table(&[TRELLIS, TRELLIS_SERVICE], 100);
+        let table = r.table(&[TRELLIS, TRELLIS_SERVICE], 100, 8);
         let header = table.lines().next().unwrap();
         assert!(header.ends_with("trellis-service ÷ trellis"), "{header}");
         assert!(!header.contains("haproxy"), "no baseline measured, no baseline column: {header}");

@@ -4,6 +4,7 @@
 //! path only; then print the table and write the JSON.
 
 use std::cell::RefCell;
+use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path as FsPath, PathBuf};
@@ -16,8 +17,11 @@ use serde_json::json;
 use crate::paths::{self, Backends, Loopback, Path};
 use crate::proc;
 use crate::report::{self, Results};
-use crate::{Res, client, echo, iperf};
+use crate::{Res, client, echo, iperf, postgres};
 
+// `trellis-relay` (client → endpoint agent → relay → outbound-only gateway agent → server)
+// goes after `trellis-service` once relays land: a module in `paths/` set up like
+// `trellis`, its name here, and a ratio column in `report::RATIOS`.
 const ALL_PATHS: &[&str] = &["direct", "haproxy-2hop", "rathole-tls", "trellis", "trellis-service"];
 
 #[derive(Args, Debug)]
@@ -34,6 +38,21 @@ pub struct RunArgs {
     iperf3_bin: PathBuf,
     #[arg(long, value_name = "FILE", default_value = "openssl")]
     openssl_bin: PathBuf,
+    /// PostgreSQL's server binaries (initdb, postgres) for the pgbench figures; default: the
+    /// newest /usr/lib/postgresql/*/bin.
+    #[arg(long, value_name = "DIR")]
+    pg_bin_dir: Option<PathBuf>,
+    #[arg(long, value_name = "FILE", default_value = "pgbench")]
+    pgbench_bin: PathBuf,
+    /// Leave out the pgbench figures (no PostgreSQL is started).
+    #[arg(long)]
+    no_pgbench: bool,
+    /// Seconds of each pgbench run (`-T`).
+    #[arg(long, default_value_t = 5)]
+    pgbench_seconds: u64,
+    /// pgbench clients (`-c`), on two threads (`-j 2`).
+    #[arg(long, default_value_t = 8)]
+    pgbench_clients: usize,
     /// Paths to measure, comma-separated: direct, haproxy-2hop, rathole-tls, trellis (a resource
     /// endpoint), trellis-service (an Interface endpoint to a service with two targets; also
     /// measures health-check failover once, at the end).
@@ -58,7 +77,7 @@ pub struct RunArgs {
     /// open-files limit allows (each tunnel process holds two descriptors per connection).
     #[arg(long, default_value_t = 10_000)]
     idle_connections: usize,
-    /// Short run: 2 repetitions, 1-second tests, 2,000 idle connections.
+    /// Short run: 2 repetitions, 1-second tests (2-second pgbench runs), 2,000 idle connections.
     #[arg(long)]
     quick: bool,
     /// Where to write the JSON results.
@@ -82,6 +101,8 @@ struct Settings {
     conn: Duration,
     conn_concurrency: usize,
     idle_connections: usize,
+    pgbench_seconds: u64,
+    pgbench_clients: usize,
 }
 
 impl RunArgs {
@@ -93,6 +114,8 @@ impl RunArgs {
             conn: Duration::from_secs_f64(self.conn_seconds.max(0.1)),
             conn_concurrency: self.conn_concurrency.max(1),
             idle_connections: self.idle_connections,
+            pgbench_seconds: self.pgbench_seconds.max(1),
+            pgbench_clients: self.pgbench_clients.max(1),
         };
         if self.quick {
             s.repetitions = s.repetitions.min(2);
@@ -100,6 +123,7 @@ impl RunArgs {
             s.rr = Duration::from_secs(1);
             s.conn = Duration::from_secs(1);
             s.idle_connections = s.idle_connections.min(2000);
+            s.pgbench_seconds = s.pgbench_seconds.min(2);
         }
         s.idle_connections = s.idle_connections.min(idle_cap);
         s
@@ -236,7 +260,20 @@ fn run(args: &RunArgs, s: &Settings, work: &FsPath, stamp: &str) -> Res<()> {
         true => Some(iperf::start_server(&args.iperf3_bin, &logs, "iperf3-service-server", true)?),
         false => None,
     };
-    let backends = Backends { echo: echo.addr, iperf: iperf_addr };
+    // PostgreSQL for pgbench; on 127.0.0.2 too when the service path balances over both targets.
+    let pg = match (args.no_pgbench, args.pg_bin_dir.clone().or_else(postgres::default_bin_dir)) {
+        (true, _) => None,
+        (false, None) => {
+            return Err("no PostgreSQL server binaries in /usr/lib/postgresql/*/bin: install Debian's postgresql \
+                        (bench/run does), give --pg-bin-dir, or leave the pgbench figures out with --no-pgbench"
+                .into());
+        }
+        (false, Some(bin_dir)) => {
+            say("starting PostgreSQL and loading pgbench's tables …");
+            Some(postgres::Postgres::start(&bin_dir, &args.pgbench_bin, &work.join("postgres"), &logs, with_service)?)
+        }
+    };
+    let backends = Backends { echo: echo.addr, iperf: iperf_addr, postgres: pg.as_ref().map(|p| p.addr) };
 
     // Every path, set up once. A path that cannot be set up is reported and left out.
     let mut paths: Vec<Box<dyn Path>> = Vec::new();
@@ -333,6 +370,8 @@ fn run(args: &RunArgs, s: &Settings, work: &FsPath, stamp: &str) -> Res<()> {
             }
         };
 
+        // CPU time of each path's tunnel processes over the four throughput tests, and the bytes moved.
+        let cpu: RefCell<BTreeMap<&'static str, (f64, u64)>> = RefCell::default();
         for (key, streams, reverse, what) in [
             (report::TPUT_1_UP, 1, false, "throughput 1 stream up"),
             (report::TPUT_1_DOWN, 1, true, "throughput 1 stream down"),
@@ -340,17 +379,47 @@ fn run(args: &RunArgs, s: &Settings, work: &FsPath, stamp: &str) -> Res<()> {
             (report::TPUT_4_DOWN, 4, true, "throughput 4 streams down"),
         ] {
             measure(&[key], what, &mut results, &mut |p| {
-                Ok(Some(vec![iperf::measure(
-                    &args.iperf3_bin,
-                    p.iperf_addr(),
-                    s.throughput_seconds,
-                    streams,
-                    reverse,
-                )?]))
+                let pids = p.tunnel_pids();
+                let before = cpu_seconds(&pids);
+                let t = iperf::measure(&args.iperf3_bin, p.iperf_addr(), s.throughput_seconds, streams, reverse)?;
+                if let (Some(before), Some(after)) = (before, cpu_seconds(&pids)) {
+                    let mut cpu = cpu.borrow_mut();
+                    let sums = cpu.entry(p.name()).or_default();
+                    sums.0 += after - before;
+                    sums.1 += t.bytes;
+                }
+                Ok(Some(vec![t.gbps]))
             });
             iperf_server.check_running()?;
             if let Some((server, _)) = service_iperf.as_mut() {
                 server.check_running()?;
+            }
+        }
+        for (name, (seconds, bytes)) in cpu.into_inner() {
+            if bytes > 0 {
+                let per_gb = seconds / (bytes as f64 / 1e9);
+                say(&format!(
+                    "  {:<28} {name:<13} {} CPU-s over {} GB",
+                    "tunnel CPU per GB",
+                    report::num(per_gb),
+                    report::num(bytes as f64 / 1e9)
+                ));
+                results.add(report::CPU_PER_GB, name, per_gb);
+            }
+        }
+        if pg.is_some() {
+            for (key, connect_each, what) in
+                [(report::PGBENCH_TPS, false, "pgbench -S"), (report::PGBENCH_CONNECT_TPS, true, "pgbench -S -C")]
+            {
+                measure(&[key], what, &mut results, &mut |p| {
+                    let Some(addr) = p.pg_addr() else { return Ok(None) };
+                    let r =
+                        postgres::measure(&args.pgbench_bin, addr, s.pgbench_seconds, s.pgbench_clients, connect_each)?;
+                    if r.failed > 0 {
+                        return Err(format!("{} of {} transactions failed", r.failed, r.failed + r.transactions));
+                    }
+                    Ok(Some(vec![r.tps]))
+                });
             }
         }
         measure(&[report::RR_P50, report::RR_P99], "request/response 1 B", &mut results, &mut |p| {
@@ -415,7 +484,7 @@ fn run(args: &RunArgs, s: &Settings, work: &FsPath, stamp: &str) -> Res<()> {
     let elapsed = run_start.elapsed();
 
     let names: Vec<&str> = ALL_PATHS.iter().copied().filter(|n| paths.iter().any(|p| p.name() == *n)).collect();
-    let table = results.table(&names, s.idle_connections);
+    let table = results.table(&names, s.idle_connections, s.pgbench_clients);
     println!();
     println!(
         "Trellis benchmark {stamp}: {} repetitions, medians (min–max); loopback, {} CPUs, load {}",
@@ -441,6 +510,10 @@ fn run(args: &RunArgs, s: &Settings, work: &FsPath, stamp: &str) -> Res<()> {
         .iter()
         .filter_map(|p| p.version().map(|v| (p.name().to_string(), json!(v))))
         .chain([("iperf3".to_string(), json!(iperf::version(&args.iperf3_bin)))])
+        .chain(
+            pg.as_ref()
+                .map(|_| ("pgbench".to_string(), json!(crate::first_line_of(&args.pgbench_bin, &["--version"])))),
+        )
         .collect();
     let doc = json!({
         "schema": "trellis-bench/1",
@@ -458,6 +531,8 @@ fn run(args: &RunArgs, s: &Settings, work: &FsPath, stamp: &str) -> Res<()> {
             "connectionSeconds": s.conn.as_secs_f64(),
             "connectionConcurrency": s.conn_concurrency,
             "idleConnections": s.idle_connections,
+            "pgbenchSeconds": pg.as_ref().map(|_| s.pgbench_seconds),
+            "pgbenchClients": pg.as_ref().map(|_| s.pgbench_clients),
             "quick": args.quick,
         },
         "versions": versions,
@@ -488,7 +563,16 @@ fn run(args: &RunArgs, s: &Settings, work: &FsPath, stamp: &str) -> Res<()> {
     drop(service_iperf);
     drop(echo);
     drop(echo_second);
+    drop(pg);
     Ok(())
+}
+
+/// The CPU seconds the processes have used together; None for no process or when one is gone.
+fn cpu_seconds(pids: &[u32]) -> Option<f64> {
+    if pids.is_empty() {
+        return None;
+    }
+    pids.iter().map(|pid| proc::cpu_seconds(*pid)).sum()
 }
 
 /// The echo server on 127.0.0.1 at a free port and, for the `trellis-service` path, a second one

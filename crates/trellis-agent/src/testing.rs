@@ -101,3 +101,29 @@ impl TestCa {
         params.signed_by(key, &self.issuer).expect("sign leaf").der().clone()
     }
 }
+
+/// The agents' copy loop between two streams (both directions, half-close
+/// preserved), as a proxied connection runs it once the open exchange is done:
+/// the one entry point the instruction-count harness (`bench/instructions`)
+/// measures it through. Returns how many bytes went `a` → `b` and `b` → `a`.
+pub async fn copy_both_ways<A, B>(a: A, b: B) -> std::io::Result<(u64, u64)>
+where
+    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let (up, down) = (std::cell::Cell::new(0u64), std::cell::Cell::new(0u64));
+    let end = crate::splice::splice(
+        a,
+        b,
+        |n| up.set(up.get() + n),
+        |n| down.set(down.get() + n),
+        std::future::pending::<()>(),
+    )
+    .await;
+    match end {
+        crate::splice::SpliceEnd::Closed => Ok((up.get(), down.get())),
+        crate::splice::SpliceEnd::Error(e) => Err(e),
+        // The stop future above never completes.
+        crate::splice::SpliceEnd::Stopped => Err(std::io::Error::other("the copy loop was stopped")),
+    }
+}

@@ -28,6 +28,10 @@ impl Path for Direct {
         self.backends.iperf
     }
 
+    fn pg_addr(&self) -> Option<SocketAddr> {
+        self.backends.postgres
+    }
+
     fn tunnel_pids(&self) -> Vec<u32> {
         Vec::new()
     }

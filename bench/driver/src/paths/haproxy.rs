@@ -34,9 +34,10 @@ impl Haproxy2Hop {
             };
             format!(
                 "global\n    maxconn {max}\n\ndefaults\n    mode tcp\n    maxconn {max}\n    timeout connect 5s\n    \
-                 timeout client 1h\n    timeout server 1h\n\n{}{}",
+                 timeout client 1h\n    timeout server 1h\n\n{}{}{}",
                 proxy("echo", backends.echo.port()),
                 proxy("iperf", backends.iperf.port()),
+                backends.postgres.map(|pg| proxy("postgres", pg.port())).unwrap_or_default(),
                 max = max_connections + 100,
             )
         };
@@ -72,6 +73,10 @@ impl Path for Haproxy2Hop {
 
     fn iperf_addr(&self) -> SocketAddr {
         SocketAddr::new(self.entry, self.backends.iperf.port())
+    }
+
+    fn pg_addr(&self) -> Option<SocketAddr> {
+        self.backends.postgres.map(|pg| SocketAddr::new(self.entry, pg.port()))
     }
 
     fn tunnel_pids(&self) -> Vec<u32> {

@@ -17,12 +17,15 @@ use crate::client;
 
 /// What every path offers to the measurements.
 pub trait Path {
-    /// The name in the report: `direct`, `haproxy-2hop`, `rathole-tls`, `trellis`, `trellis-service`.
+    /// The name in the report: `direct`, `haproxy-2hop`, `rathole-tls`, `trellis`, `trellis-service`
+    /// (and `trellis-relay` once relays land: a path through a relay, set up like `trellis`).
     fn name(&self) -> &'static str;
     /// Where the client connects for the echo server.
     fn echo_addr(&self) -> SocketAddr;
     /// Where the client connects for the iperf3 server.
     fn iperf_addr(&self) -> SocketAddr;
+    /// Where pgbench connects for the PostgreSQL server, when the run has one.
+    fn pg_addr(&self) -> Option<SocketAddr>;
     /// PIDs of the tunnel processes whose memory is weighed (none for `direct`).
     fn tunnel_pids(&self) -> Vec<u32>;
     /// Restarts the tunnel processes, so memory is weighed from a fresh start; returns when the path carries traffic.
@@ -49,6 +52,8 @@ pub trait Path {
 pub struct Backends {
     pub echo: SocketAddr,
     pub iperf: SocketAddr,
+    /// PostgreSQL for pgbench (127.0.0.1, and 127.0.0.2 at the same port for `trellis-service`).
+    pub postgres: Option<SocketAddr>,
 }
 
 /// Loopback addresses for one run: `127.248.<run>.<host>` for the entries,

@@ -36,18 +36,23 @@ impl RatholeTls {
         let server = format!(
             "[server]\nbind_addr = \"{control}\"\ndefault_token = \"{token}\"\n\n\
              [server.transport]\ntype = \"tls\"\n\n\
-             [server.transport.tls]\npkcs12 = \"{}\"\npkcs12_password = \"{PKCS12_PASSWORD}\"\n\n{}{}",
+             [server.transport.tls]\npkcs12 = \"{}\"\npkcs12_password = \"{PKCS12_PASSWORD}\"\n\n{}{}{}",
             dir.join("identity.p12").display(),
             service("server", "echo", "bind_addr", SocketAddr::new(entry, backends.echo.port())),
             service("server", "iperf", "bind_addr", SocketAddr::new(entry, backends.iperf.port())),
+            backends
+                .postgres
+                .map(|pg| service("server", "postgres", "bind_addr", SocketAddr::new(entry, pg.port())))
+                .unwrap_or_default(),
         );
         let client = format!(
             "[client]\nremote_addr = \"{control}\"\ndefault_token = \"{token}\"\n\n\
              [client.transport]\ntype = \"tls\"\n\n\
-             [client.transport.tls]\ntrusted_root = \"{}\"\nhostname = \"{TLS_NAME}\"\n\n{}{}",
+             [client.transport.tls]\ntrusted_root = \"{}\"\nhostname = \"{TLS_NAME}\"\n\n{}{}{}",
             dir.join("cert.pem").display(),
             service("client", "echo", "local_addr", backends.echo),
             service("client", "iperf", "local_addr", backends.iperf),
+            backends.postgres.map(|pg| service("client", "postgres", "local_addr", pg)).unwrap_or_default(),
         );
         write(&dir.join("server.toml"), &server)?;
         write(&dir.join("client.toml"), &client)?;
@@ -112,6 +117,10 @@ impl Path for RatholeTls {
 
     fn iperf_addr(&self) -> SocketAddr {
         SocketAddr::new(self.entry, self.backends.iperf.port())
+    }
+
+    fn pg_addr(&self) -> Option<SocketAddr> {
+        self.backends.postgres.map(|pg| SocketAddr::new(self.entry, pg.port()))
     }
 
     fn tunnel_pids(&self) -> Vec<u32> {

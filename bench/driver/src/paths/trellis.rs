@@ -201,7 +201,7 @@ impl Trellis {
         wait_online(&path.owner, &owner_subnet)?;
         wait_online(&path.consumer, &consumer_subnet)?;
 
-        // Owner: a gateway, the main configuration (echo and iperf3 ports) and a probe
+        // Owner: a gateway, the main configuration (echo, iperf3 and PostgreSQL ports) and a probe
         // configuration that each repetition shares and revokes.
         let gateway = path.owner.json(&[
             "resource-gateway",
@@ -228,7 +228,10 @@ impl Trellis {
             path.owner.wait_state("resource-configuration", &id, "status", "ACTIVE")?;
             field(&config, &["arn"])
         };
-        let main_arn = create_config("bench-main", &[&echo_port, &iperf_port])?;
+        let pg_port = backends.postgres.map(|pg| pg.port().to_string());
+        let mut main_ports = vec![echo_port.as_str(), iperf_port.as_str()];
+        main_ports.extend(pg_port.as_deref());
+        let main_arn = create_config("bench-main", &main_ports)?;
         path.probe_arn = create_config("bench-probe", &[&echo_port])?;
 
         path.share(&main_arn, "bench-main")?;
@@ -405,6 +408,11 @@ impl Path for ResourcePath {
     fn iperf_addr(&self) -> SocketAddr {
         let t = self.0.borrow();
         SocketAddr::new(t.entry, t.backends.iperf.port())
+    }
+
+    fn pg_addr(&self) -> Option<SocketAddr> {
+        let t = self.0.borrow();
+        t.backends.postgres.map(|pg| SocketAddr::new(t.entry, pg.port()))
     }
 
     fn tunnel_pids(&self) -> Vec<u32> {

@@ -68,7 +68,10 @@ impl TrellisService {
             let (first, second) = (backends.echo.ip().to_string(), SECOND_TARGET.to_string());
             let (interval, timeout) = (CHECK_INTERVAL_S.to_string(), CHECK_TIMEOUT_S.to_string());
             let (healthy, unhealthy) = (HEALTHY_THRESHOLD.to_string(), UNHEALTHY_THRESHOLD.to_string());
-            let service = t.owner.json(&[
+            // PostgreSQL listens on both targets at the same port (see `postgres::Postgres::start`).
+            let pg_port = backends.postgres.map(|pg| pg.port().to_string());
+            let pg_ports: Vec<&str> = pg_port.iter().flat_map(|p| ["--port", p.as_str()]).collect();
+            let mut args: Vec<&str> = vec![
                 "endpoint-service",
                 "create",
                 "--name",
@@ -97,7 +100,9 @@ impl TrellisService {
                 &healthy,
                 "--unhealthy-threshold",
                 &unhealthy,
-            ])?;
+            ];
+            args.extend(pg_ports);
+            let service = t.owner.json(&args)?;
             let service_id = field(&service, &["serviceId", "id"])?;
             let service_name = field(&service, &["serviceName"])?;
             t.owner.json(&[
@@ -300,6 +305,10 @@ impl Path for TrellisService {
 
     fn iperf_addr(&self) -> SocketAddr {
         SocketAddr::new(self.entry, self.backends.iperf.port())
+    }
+
+    fn pg_addr(&self) -> Option<SocketAddr> {
+        self.backends.postgres.map(|pg| SocketAddr::new(self.entry, pg.port()))
     }
 
     fn tunnel_pids(&self) -> Vec<u32> {
