@@ -402,11 +402,8 @@ async fn proxy_setup() -> Res<Agents> {
         ..Default::default()
     };
     let (ep_tx, rx) = watch::channel(Arc::new(endpoint_config));
-    let endpoint_opts = DataPlaneOptions {
-        tunnel_listen: None,
-        pool: PoolSettings { max_idle: IDLE, ..PoolSettings::default() },
-        ..DataPlaneOptions::loopback()
-    };
+    let endpoint_opts =
+        DataPlaneOptions { tunnel_listen: None, pool: PoolSettings::default(), ..DataPlaneOptions::loopback() };
     let endpoint = start_data_plane(endpoint_opts, &ep_id, rx).await.map_err(|e| format!("endpoint agent: {e}"))?;
     let mut served = endpoint.served();
     tokio::time::timeout(Duration::from_secs(30), served.wait_for(|s| s.listeners.iter().any(|l| l.ready)))

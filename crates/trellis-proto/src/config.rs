@@ -78,8 +78,14 @@ impl GatewayRole {
     }
 
     /// Whether an agent of `account_id`'s VPC `vpc_id` may open tunnels here at all.
+    ///
+    /// The control plane lists `consumers` sorted (account, then VPC), so a
+    /// known consumer is found by binary search: this runs on every flow. A
+    /// miss is confirmed by a scan, so a hand-written unsorted list still works.
     pub fn knows_consumer(&self, account_id: &str, vpc_id: &str) -> bool {
-        self.consumers.iter().any(|c| c.vpc_id == vpc_id && c.account_id == account_id)
+        let key = (account_id, vpc_id);
+        self.consumers.binary_search_by(|c| (c.account_id.as_str(), c.vpc_id.as_str()).cmp(&key)).is_ok()
+            || self.consumers.iter().any(|c| c.vpc_id == vpc_id && c.account_id == account_id)
     }
 }
 
@@ -369,6 +375,21 @@ mod tests {
         ] {
             assert_eq!(AgentIdentityUri::parse(bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn consumers_are_found_in_sorted_and_hand_written_lists() {
+        let vpc = |a: &str, v: &str| ConsumerVpc { account_id: a.into(), vpc_id: v.into() };
+        let mut role = GatewayRole {
+            consumers: (0..50).map(|i| vpc(&format!("acct-{i:03}"), &format!("vpc-{i:03}"))).collect(),
+            ..GatewayRole::default()
+        };
+        assert!(role.knows_consumer("acct-017", "vpc-017"));
+        assert!(!role.knows_consumer("acct-017", "vpc-018"), "another account's VPC");
+        assert!(!role.knows_consumer("acct-999", "vpc-017"));
+        role.consumers.reverse();
+        assert!(role.knows_consumer("acct-017", "vpc-017"), "unsorted lists still work");
+        assert!(!role.knows_consumer("acct-017", "vpc-018"));
     }
 
     #[test]
