@@ -202,16 +202,23 @@ fn consumer_queries_a_database_behind_nat_through_a_relay_and_cannot_reach_the_s
 
     // The answer came from the owner's database, through a relay.
     assert_eq!(w.query(10).expect("psql through the endpoint"), w.pg.instance);
-    let relayed = wait_until("a relay's access-log record of a flow to the gateway agent", STATE_TIMEOUT, || {
+    // A relayed tunnel connection carries many flows and is logged when it closes; the bytes count as they go.
+    wait_until("a relay to count bytes relayed to the gateway agent", STATE_TIMEOUT, || {
         w.relays
             .iter()
-            .flat_map(Relay::access_log)
-            .find(|r| r["gatewayAgentId"] == owner_id.as_str() && r["outcome"] == "closed")
+            .any(|r| {
+                let m = r.metrics().unwrap_or_default();
+                metric(&m, "trellis_relay_bytes_total", Some("to_gateway")) > 0.0
+            })
+            .then_some(())
     });
-    assert!(relayed.get("payload").is_none(), "the access log carries no payload: {relayed}");
+    for record in w.relays.iter().flat_map(Relay::access_log) {
+        assert!(record.get("payload").is_none(), "the access log carries no payload: {record}");
+    }
     for relay in &w.relays {
         let m = relay.metrics().expect("relay metrics");
-        assert!(metric(&m, "trellis_relay_attachments", None) >= 1.0, "{} holds attachments:\n{m}", relay.relay_id);
+        let attached = metric(&m, "trellis_relay_attachments", Some(owner_id.as_str()));
+        assert!(attached >= 1.0, "{} holds attachments of {owner_id}:\n{m}", relay.relay_id);
     }
 
     // Nothing reaches inside the NAT site directly: neither the database
@@ -266,7 +273,9 @@ fn one_of_two_relays_killed_new_connections_go_through_the_other_within_a_second
     let flows = w.relays[victim].metrics().expect("relay metrics");
     assert!(metric(&flows, "trellis_relay_active_flows", None) >= 1.0, "relay a relays the long query:\n{flows}");
     let survivor = 1 - victim;
-    let survivor_closed_before = w.relays[survivor].access_log().iter().filter(|r| r["outcome"] == "closed").count();
+    let relayed_by =
+        |relay: &Relay| metric(&relay.metrics().unwrap_or_default(), "trellis_relay_bytes_total", Some("to_gateway"));
+    let survivor_bytes_before = relayed_by(&w.relays[survivor]);
     let victim_id = w.relays[victim].relay_id.clone();
 
     w.relays[victim].kill();
@@ -311,9 +320,8 @@ fn one_of_two_relays_killed_new_connections_go_through_the_other_within_a_second
         .expect("end the long query");
 
     // The new one went through the other relay.
-    wait_until("the surviving relay's access log to record the new flow", STATE_TIMEOUT, || {
-        (w.relays[survivor].access_log().iter().filter(|r| r["outcome"] == "closed").count() > survivor_closed_before)
-            .then_some(())
+    wait_until("the surviving relay to relay the new flow's bytes", STATE_TIMEOUT, || {
+        (relayed_by(&w.relays[survivor]) > survivor_bytes_before).then_some(())
     });
 
     // Restarted with the same state directory, no manual step: the gateway re-attaches.
