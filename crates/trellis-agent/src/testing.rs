@@ -127,3 +127,72 @@ where
         crate::splice::SpliceEnd::Stopped => Err(std::io::Error::other("the copy loop was stopped")),
     }
 }
+
+/// A loopback address no other test process uses at the same time:
+/// `127.<net>.x.y`, with `x.y` random per process and then counted, so tests
+/// that run side by side (nextest runs each in its own process) never share
+/// an endpoint address. `net` keeps each test file in its own block.
+pub fn unique_loopback(net: u8) -> std::net::IpAddr {
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: std::sync::OnceLock<AtomicU16> = std::sync::OnceLock::new();
+    let next = NEXT.get_or_init(|| {
+        let mut seed = [0u8; 2];
+        // The system RNG only fails on a broken machine; the process id is the fallback.
+        if ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut seed).is_err() {
+            seed = (std::process::id() as u16).to_be_bytes();
+        }
+        AtomicU16::new(u16::from_be_bytes(seed))
+    });
+    let [x, y] = next.fetch_add(1, Ordering::Relaxed).to_be_bytes();
+    // Neither .0 nor .255 as the last byte: some stacks treat them specially.
+    std::net::IpAddr::from([127, net, x, y.clamp(1, 254)])
+}
+
+/// Waits until `done` holds, checking every 10 ms; panics naming `what` after `within`.
+pub async fn eventually<F: Fn() -> bool>(what: &str, within: std::time::Duration, done: F) {
+    let deadline = tokio::time::Instant::now() + within;
+    while !done() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
+/// An echo server on 127.0.0.1 (port 0): echoes every connection, and
+/// half-closes after the client does.
+pub async fn echo_server() -> std::net::SocketAddr {
+    use tokio::io::AsyncWriteExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind the echo server");
+    let addr = listener.local_addr().expect("the echo server's address");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+/// An access log kept in memory (`AccessLog::to_writer(Box::new(buf.clone()))`), read back as JSON lines.
+#[derive(Clone, Default)]
+pub struct LogBuf(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogBuf {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl LogBuf {
+    /// Every line written so far, parsed.
+    pub fn lines(&self) -> Vec<serde_json::Value> {
+        let bytes = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        String::from_utf8_lossy(&bytes).lines().map(|l| serde_json::from_str(l).expect("a JSON log line")).collect()
+    }
+}

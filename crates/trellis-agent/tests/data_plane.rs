@@ -3,17 +3,16 @@
 //! built here and changed through their watch channels) in front of a TCP
 //! echo target.
 
-use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::watch;
-use trellis_agent::testing::TestCa;
+use trellis_agent::testing::{LogBuf, TestCa, echo_server, eventually, unique_loopback};
 use trellis_agent::{AccessLog, AgentIdentity, DataPlaneOptions, RunningAgent, start_data_plane, tls};
 use trellis_proto::mux;
 use trellis_proto::stream::{OpenRequest, OpenResponse, OpenStatus, decode_open_response, encode_open_request};
@@ -28,37 +27,6 @@ const VPCE: &str = "vpce-00000000000000001";
 const RCFG: &str = "rcfg-00000000000000001";
 const CONSUMER_ACCT: &str = "acct-000000000002";
 const CONSUMER_VPC: &str = "vpc-00000000000000002";
-
-/// A loopback address of its own for each test, so parallel tests never share a listener.
-fn unique_loopback() -> IpAddr {
-    static NEXT: AtomicU8 = AtomicU8::new(1);
-    let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    IpAddr::from([127, 77, (std::process::id() % 250) as u8, n])
-}
-
-async fn eventually<F: Fn() -> bool>(what: &str, within: Duration, f: F) {
-    let deadline = Instant::now() + within;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-/// Echoes every connection, and half-closes after the client does.
-async fn echo_server() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-                let _ = w.shutdown().await;
-            });
-        }
-    });
-    addr
-}
 
 fn gateway_config(peer: &AgentIdentity, target: SocketAddr, allowed_endpoint: &str) -> AgentConfig {
     AgentConfig {
@@ -113,27 +81,6 @@ fn endpoint_config(address: IpAddr, port: u16, gateway: SocketAddr, gateway_id: 
     }
 }
 
-/// Collects access-log lines in memory.
-#[derive(Clone, Default)]
-struct LogBuf(Arc<Mutex<Vec<u8>>>);
-
-impl Write for LogBuf {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl LogBuf {
-    fn lines(&self) -> Vec<serde_json::Value> {
-        let text = String::from_utf8(self.0.lock().unwrap().clone()).unwrap();
-        text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
-    }
-}
-
 struct Setup {
     ca: TestCa,
     gateway: RunningAgent,
@@ -166,7 +113,7 @@ async fn setup_with(allowed_endpoint: &str, gateway_opts: impl FnOnce(DataPlaneO
     });
     let gateway = start_data_plane(opts, &gw_id, rx).await.unwrap();
 
-    let address = unique_loopback();
+    let address = unique_loopback(77);
     let (endpoint_config, rx) =
         watch::channel(Arc::new(endpoint_config(address, echo.port(), gateway.tunnel_addr().unwrap(), GW)));
     // Endpoint-only: no tunnel listener at all.
@@ -532,7 +479,7 @@ async fn a_gateway_can_never_open_toward_the_endpoint() {
         }
     });
 
-    let address = unique_loopback();
+    let address = unique_loopback(77);
     let port = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap().port();
     let (_tx, rx) = watch::channel(Arc::new(endpoint_config(address, port, rogue_addr, GW)));
     let endpoint = start_data_plane(DataPlaneOptions::loopback(), &ep_id, rx).await.unwrap();
@@ -633,7 +580,7 @@ async fn dns_answers_configured_names_forwards_others_and_survives_garbage() {
 
     let ca = TestCa::new();
     let id = ca.issue(EP, CONSUMER_ACCT, CONSUMER_VPC);
-    let address = unique_loopback();
+    let address = unique_loopback(77);
     let config = endpoint_config(address, 5432, "127.0.0.1:9".parse().unwrap(), GW);
     let (_tx, rx) = watch::channel(Arc::new(config));
     let opts = DataPlaneOptions {
@@ -1041,7 +988,7 @@ async fn counting_upstream() -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>
 async fn dns_agent(upstream: SocketAddr, allow: Option<Vec<ipnet::IpNet>>) -> RunningAgent {
     let ca = TestCa::new();
     let id = ca.issue(EP, CONSUMER_ACCT, CONSUMER_VPC);
-    let config = endpoint_config(unique_loopback(), 5432, "127.0.0.1:9".parse().unwrap(), GW);
+    let config = endpoint_config(unique_loopback(77), 5432, "127.0.0.1:9".parse().unwrap(), GW);
     let (tx, rx) = watch::channel(Arc::new(config));
     // The sender lives as long as the test process: the agent keeps its config.
     std::mem::forget(tx);
@@ -1154,7 +1101,7 @@ async fn idle_dns_tcp_connections_do_not_stop_udp_answers() {
 #[tokio::test]
 async fn an_endpoint_asking_for_too_many_ports_fails_whole_and_the_others_keep_serving() {
     let s = setup(VPCE).await;
-    let greedy_addr = unique_loopback();
+    let greedy_addr = unique_loopback(77);
     // Its id sorts first, so an id-ordered budget would hand it the ports first.
     let greedy = "vpce-00000000000000000";
     s.endpoint_config.send_modify(|c| {

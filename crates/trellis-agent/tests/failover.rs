@@ -4,16 +4,14 @@
 //! connection, and is skipped until a background probe finds it back; when
 //! every gateway is marked down they are all tried at once.
 
-use std::io::Write;
-use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::{Arc, Mutex};
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
-use trellis_agent::testing::TestCa;
+use trellis_agent::testing::{LogBuf, TestCa, echo_server, eventually, unique_loopback};
 use trellis_agent::{AccessLog, AgentIdentity, DataPlaneOptions, PoolSettings, RunningAgent, start_data_plane};
 use trellis_proto::{
     AgentConfig, AllowedEndpoint, ConsumerVpc, EndpointConfig, EndpointResource, GatewayResource, GatewayRole,
@@ -29,56 +27,6 @@ const CONSUMER_ACCT: &str = "acct-000000000002";
 const CONSUMER_VPC: &str = "vpc-00000000000000002";
 /// The endpoint's connect (TCP + TLS) timeout in these tests.
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(1500);
-
-/// A loopback address of its own for each test, so parallel tests never share a listener.
-fn unique_loopback() -> IpAddr {
-    static NEXT: AtomicU8 = AtomicU8::new(1);
-    let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    IpAddr::from([127, 78, (std::process::id() % 250) as u8, n])
-}
-
-async fn eventually<F: Fn() -> bool>(what: &str, within: Duration, f: F) {
-    let deadline = Instant::now() + within;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-async fn echo_server() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-                let _ = w.shutdown().await;
-            });
-        }
-    });
-    addr
-}
-
-#[derive(Clone, Default)]
-struct LogBuf(Arc<Mutex<Vec<u8>>>);
-
-impl Write for LogBuf {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl LogBuf {
-    fn lines(&self) -> Vec<serde_json::Value> {
-        let text = String::from_utf8(self.0.lock().unwrap().clone()).unwrap();
-        text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
-    }
-}
 
 /// A gateway agent data plane serving the echo target to the consumer's endpoint.
 async fn gateway(ca: &TestCa, id: &str, consumer: &AgentIdentity, echo: SocketAddr, listen: SocketAddr) -> Gateway {
@@ -152,7 +100,7 @@ async fn endpoint(
     gateways: Vec<GatewayTarget>,
     probe_first: Duration,
 ) -> Endpoint {
-    let address = unique_loopback();
+    let address = unique_loopback(78);
     let config = AgentConfig {
         version: 1,
         agent_id: EP.into(),
@@ -225,14 +173,14 @@ impl Endpoint {
 /// A listener that never accepts: TCP connects complete in the kernel's
 /// backlog, but no TLS handshake is ever answered (a silently dropping gateway).
 async fn silent_listener() -> (TcpListener, SocketAddr) {
-    let l = TcpListener::bind(SocketAddr::new(unique_loopback(), 0)).await.unwrap();
+    let l = TcpListener::bind(SocketAddr::new(unique_loopback(78), 0)).await.unwrap();
     let addr = l.local_addr().unwrap();
     (l, addr)
 }
 
 /// An address where nothing listens (connects are refused at once).
 async fn refusing_address() -> SocketAddr {
-    TcpListener::bind(SocketAddr::new(unique_loopback(), 0)).await.unwrap().local_addr().unwrap()
+    TcpListener::bind(SocketAddr::new(unique_loopback(78), 0)).await.unwrap().local_addr().unwrap()
 }
 
 #[tokio::test]

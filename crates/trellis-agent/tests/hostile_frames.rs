@@ -18,7 +18,7 @@ use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::watch;
-use trellis_agent::testing::TestCa;
+use trellis_agent::testing::{TestCa, echo_server, unique_loopback};
 use trellis_agent::{AgentIdentity, DataPlaneOptions, RunningAgent, start_data_plane, tls};
 use trellis_proto::mux::{
     self, Control, FRAME_HEADER_LEN, Header, MAX_CONTROL_LEN, PREFACE, decode_header, encode_header, parse_control,
@@ -40,27 +40,6 @@ const OWNER_VPC: &str = "vpc-00000000000000001";
 const CONSUMER_ACCT: &str = "acct-000000000002";
 const CONSUMER_VPC: &str = "vpc-00000000000000002";
 const DEADLINE: Duration = Duration::from_secs(10);
-
-/// A loopback address of its own for each test (parallel tests never share a listener).
-fn unique_loopback(n: u8) -> IpAddr {
-    IpAddr::from([127, 78, (std::process::id() % 250) as u8, n])
-}
-
-/// Echoes every connection, and half-closes after the client does.
-async fn echo_server() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-                let _ = w.shutdown().await;
-            });
-        }
-    });
-    addr
-}
 
 fn gateway_config(target: SocketAddr) -> AgentConfig {
     AgentConfig {
@@ -311,7 +290,7 @@ async fn bad_frames_toward_a_gateway_close_only_their_flow_or_their_connection()
     let (_gw_tx, rx) = watch::channel(Arc::new(gateway_config(echo)));
     let gateway = start_data_plane(DataPlaneOptions::loopback(), &gw_id, rx).await.unwrap();
     let tunnel_addr = gateway.tunnel_addr().unwrap();
-    let address = unique_loopback(1);
+    let address = unique_loopback(76);
     let (endpoint, _ep_tx) = endpoint_agent(&ep_id, address, echo.port(), tunnel_addr).await;
 
     // A flow through both agents, established before the hostile peer shows up.
@@ -514,7 +493,7 @@ async fn a_bad_answer_from_a_gateway_fails_that_client_connection_only() {
         }
     });
     let port = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap().port();
-    let address = unique_loopback(2);
+    let address = unique_loopback(76);
     let (endpoint, _tx) = endpoint_agent(&ep_id, address, port, rogue_addr).await;
     let entry = SocketAddr::new(address, port);
 

@@ -5,9 +5,7 @@
 //! plaintext, forwards only to gateways its config serves, only from agents
 //! with a CA certificate, and a bad peer closes that peer's connection only.
 
-use std::io::Write;
-use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -17,7 +15,7 @@ use tokio::sync::watch;
 use trellis_agent::gateway::attach::AttachSettings;
 use trellis_agent::relay::{RelayIdentity, RelayServerOptions, RunningRelay, start_relay_server};
 use trellis_agent::relay_wire::{DialRelayError, dial_relay};
-use trellis_agent::testing::TestCa;
+use trellis_agent::testing::{LogBuf, TestCa, echo_server, eventually, unique_loopback};
 use trellis_agent::{AccessLog, AgentIdentity, DataPlaneOptions, RunningAgent, start_data_plane, tls};
 use trellis_proto::relay::{Hello, RelayStatus, decode_flow, encode_accept};
 use trellis_proto::{
@@ -38,55 +36,6 @@ const CONSUMER_ACCT: &str = "acct-000000000002";
 const CONSUMER_VPC: &str = "vpc-00000000000000002";
 const R1: &str = "relay-00000000000000001";
 const R2: &str = "relay-00000000000000002";
-
-fn unique_loopback() -> IpAddr {
-    static NEXT: AtomicU8 = AtomicU8::new(1);
-    let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    IpAddr::from([127, 79, (std::process::id() % 250) as u8, n])
-}
-
-async fn eventually<F: Fn() -> bool>(what: &str, within: Duration, f: F) {
-    let deadline = Instant::now() + within;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-async fn echo_server() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-                let _ = w.shutdown().await;
-            });
-        }
-    });
-    addr
-}
-
-#[derive(Clone, Default)]
-struct LogBuf(Arc<Mutex<Vec<u8>>>);
-
-impl Write for LogBuf {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl LogBuf {
-    fn lines(&self) -> Vec<serde_json::Value> {
-        let text = String::from_utf8(self.0.lock().unwrap().clone()).unwrap();
-        text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
-    }
-}
 
 /// A TCP forwarder in front of a relay that keeps a copy of every byte, both
 /// ways: what the relay receives and sends, for asserting it is ciphertext.
@@ -250,7 +199,7 @@ async fn setup_with(tapped: bool, direct: String) -> Setup {
         endpoint_relays[0].address = t.addr.to_string();
         tapped_bytes = Some(t.seen);
     }
-    let address = unique_loopback();
+    let address = unique_loopback(79);
     let rogue_port = echo.port().wrapping_add(1).max(1);
     let resource = |rcfg: &str, port: u16, gateway: &str| EndpointResource {
         resource_configuration_id: rcfg.into(),
