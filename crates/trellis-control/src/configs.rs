@@ -177,6 +177,9 @@ struct Entry<C> {
     changed: watch::Sender<u64>,
     /// Compilations installed so far (a caller waits for one that started after it asked).
     installs: u64,
+    /// [`Inner::reported`] when the running compilation started: write sets
+    /// reported after it may be missing from what it read (see [`ConfigCache::install`]).
+    compile_from: u64,
 }
 
 impl<C> Entry<C> {
@@ -189,6 +192,7 @@ impl<C> Entry<C> {
             failure: None,
             changed: watch::channel(0).0,
             installs: 0,
+            compile_from: 0,
         }
     }
 
@@ -205,6 +209,8 @@ struct Inner<C> {
     log: VecDeque<(u64, Arc<HashSet<Key>>)>,
     /// Every commit up to this revision has left the log.
     log_floor: u64,
+    /// Write sets reported so far; the last one in `log` is the `reported`-th.
+    reported: u64,
     /// Long lists of gateway compilations, kept decoded and patched by writes.
     lists: Lists,
 }
@@ -216,6 +222,7 @@ impl<C> Default for Inner<C> {
             index: HashMap::new(),
             log: VecDeque::new(),
             log_floor: 0,
+            reported: 0,
             lists: Lists::default(),
         }
     }
@@ -239,6 +246,15 @@ impl<C> Inner<C> {
             return true;
         }
         self.log.iter().rev().take_while(|(r, _)| *r > revision).any(|(_, keys)| keys.iter().any(|k| deps.contains(k)))
+    }
+
+    /// Whether a write set reported after the `from`-th touched `deps`.
+    fn reported_since(&self, from: u64, deps: &HashSet<Key>) -> bool {
+        let newer = self.reported.saturating_sub(from);
+        if newer > self.log.len() as u64 {
+            return true;
+        }
+        self.log.iter().rev().take(newer as usize).any(|(_, keys)| keys.iter().any(|k| deps.contains(k)))
     }
 }
 
@@ -293,6 +309,7 @@ impl<C: ConfigKind> ConfigCache<C> {
         }
         inner.lists.mark(revision, &keys);
         inner.log.push_back((revision, Arc::new(keys)));
+        inner.reported += 1;
         while inner.log.len() > LOG_LEN {
             if let Some((r, _)) = inner.log.pop_front() {
                 inner.log_floor = inner.log_floor.max(r);
@@ -380,6 +397,7 @@ impl<C: ConfigKind> ConfigCache<C> {
         loop {
             let mut changed = {
                 let mut inner = self.lock();
+                let reported = inner.reported;
                 let entry = inner.entries.entry(agent.as_ref().to_string()).or_insert_with(Entry::new);
                 // One running now started before this call: the one after it is ours.
                 let enough = *enough.get_or_insert(entry.installs + if entry.compiling { 2 } else { 1 });
@@ -394,6 +412,7 @@ impl<C: ConfigKind> ConfigCache<C> {
                 let changed = entry.changed.subscribe();
                 if !entry.compiling {
                     entry.compiling = true;
+                    entry.compile_from = reported;
                     let (state, agent) = (state.clone(), agent.clone());
                     tokio::spawn(async move {
                         let result = compile_now::<C>(&state, &agent).await;
@@ -426,7 +445,11 @@ impl<C: ConfigKind> ConfigCache<C> {
                 return;
             }
         };
-        let stale = inner.changed_since(revision, &deps);
+        // Stale if a write after the snapshot touched what it read — or a write
+        // reported while it compiled: its commit may be in the snapshot while
+        // the kept lists the compilation read had not been patched with it yet.
+        let from = inner.entries.get(agent.as_ref()).map_or(0, |e| e.compile_from);
+        let stale = inner.changed_since(revision, &deps) || inner.reported_since(from, &deps);
         let previous = inner.entries.get(agent.as_ref()).and_then(|e| e.compiled.clone());
         let outcome = (|| -> Result<Compiled<C>, ApiError> {
             // The content to hash: the JSON with version 0 (compiled configs have it already).
@@ -533,6 +556,38 @@ mod tests {
         assert_eq!(next_version(7, Some(3)), 7);
         assert_eq!(next_version(7, Some(7)), 8);
         assert_eq!(next_version(u64::MAX, Some(u64::MAX)), 1);
+    }
+
+    /// Starts a compilation of `agent` as [`ConfigCache::current`] does.
+    fn start_compiling(cache: &ConfigCache, agent: &AgentId) {
+        let mut inner = cache.lock();
+        let reported = inner.reported;
+        let entry = inner.entries.entry(agent.to_string()).or_insert_with(Entry::new);
+        entry.compiling = true;
+        entry.compile_from = reported;
+    }
+
+    /// A write commits at 11 while a compilation runs; the compilation's
+    /// snapshot (11) holds the commit, but the kept list it read had not been
+    /// patched with it yet (the write is reported after its commit). Only
+    /// the report arriving during the compilation can tell.
+    #[test]
+    fn a_write_reported_while_a_compilation_ran_makes_it_stale_though_its_snapshot_holds_the_commit() {
+        let cache: ConfigCache = ConfigCache::new(10);
+        let agent = AgentId::generate(&[7; 16]);
+        let list = Key::Ref("vpc-endpoint".into(), "rcfg-1".into());
+        let written = HashSet::from([list.clone(), Key::Object("vpc-endpoint".into(), "vpce-1".into())]);
+        let compiled = || Ok((AgentConfig::default(), HashSet::from([list.clone()]), Work::default(), 11));
+
+        start_compiling(&cache, &agent);
+        cache.invalidate(11, written.clone());
+        cache.install(&agent, compiled());
+        assert!(cache.lock().entries[agent.as_str()].stale, "the write arrived during the compilation");
+
+        // Reported before the next compilation started: its snapshot and its lists hold it.
+        start_compiling(&cache, &agent);
+        cache.install(&agent, compiled());
+        assert!(!cache.lock().entries[agent.as_str()].stale, "nothing arrived during this one");
     }
 
     #[test]

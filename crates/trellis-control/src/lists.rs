@@ -16,8 +16,9 @@
 //! Why this is exact:
 //! - a write's marks arrive after its commit; a compilation whose snapshot
 //!   holds a write whose marks have not arrived yet reads the entry without
-//!   it, but that write's keys then mark the compilation stale, and the next
-//!   one re-reads the record;
+//!   it, but the config cache installs any compilation during which a write
+//!   to its read set was reported as stale (`ConfigCache::install`), so the
+//!   next one re-reads the record;
 //! - a record is only ever replaced by a read at a newer revision (a slow
 //!   compilation on an old snapshot never puts back an older version), and a
 //!   removal leaves a tombstone with its revision for the same reason;
@@ -71,16 +72,22 @@ pub(crate) enum Plan {
 impl Lists {
     /// Marks the records `keys` wrote (at `revision`) dirty in the lists the write touched.
     pub(crate) fn mark(&mut self, revision: u64, keys: &HashSet<Key>) {
+        if self.entries.is_empty() {
+            return;
+        }
+        let mut written: HashMap<&str, Vec<&str>> = HashMap::new();
+        for key in keys {
+            if let Key::Object(kind, id) = key {
+                written.entry(kind.as_str()).or_default().push(id.as_str());
+            }
+        }
         for key in keys {
             let Key::Ref(kind, reference) = key else { continue };
+            let Some(ids) = written.get(kind.as_str()) else { continue };
             let Some(entry) = self.entries.get_mut(&(kind.clone(), reference.clone())) else { continue };
-            for written in keys {
-                if let Key::Object(k, id) = written
-                    && k == kind
-                {
-                    let mark = entry.dirty.entry(id.clone()).or_insert(revision);
-                    *mark = (*mark).max(revision);
-                }
+            for id in ids {
+                let mark = entry.dirty.entry((*id).to_string()).or_insert(revision);
+                *mark = (*mark).max(revision);
             }
         }
     }
