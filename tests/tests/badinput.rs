@@ -137,7 +137,7 @@ fn agent_with_a_garbage_join_token_exits_non_zero_with_a_clear_line() {
 }
 
 #[test]
-fn malformed_open_request_closes_only_that_flow() {
+fn malformed_open_requests_close_only_their_tunnel_connection() {
     let pg = Postgres::start(LOCALHOST, free_port(LOCALHOST), None);
     let cp = ControlPlane::start(LOCALHOST);
     let owner = Tenant::create(&cp, "owner-co");
