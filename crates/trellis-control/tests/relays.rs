@@ -129,6 +129,55 @@ async fn agent_and_relay_tokens_do_not_enroll_each_other() {
     assert_eq!(enroll_relay(&api, &relay_token, "192.0.2.1:7000").await.0, StatusCode::OK);
 }
 
+/// `token` with its secret replaced by `secret` (64 lower-case hex).
+fn with_secret(token: &str, secret: &str) -> String {
+    let parts: Vec<&str> = token.split('.').collect();
+    assert_eq!(parts.len(), 4, "{token}");
+    format!("{}.{}.{secret}.{}", parts[0], parts[1], parts[3])
+}
+
+/// `token` with its id replaced by one no token has.
+fn with_unknown_id(token: &str) -> String {
+    let parts: Vec<&str> = token.split('.').collect();
+    format!("{}.jt-00000000000000ff.{}.{}", parts[0], parts[2], parts[3])
+}
+
+#[tokio::test]
+async fn a_wrong_secret_does_not_tell_which_kind_of_token_an_id_names() {
+    let api = Api::new();
+    let acct = api.account("acme").await;
+    let subnet = subnet(&api, &acct, "z1", "10.0.9.0/24").await;
+    let wrong = "e".repeat(64);
+
+    // A relay token's id with a wrong secret, given to agent enrollment: as if the id were unknown.
+    let relay_token = relay_token(&api, None).await;
+    let enroll_agent = |token: String| {
+        let body = json!({"joinToken": token, "csrPem": csr(), "hostname": "h"});
+        api.call_as("POST", "/v1/agents/enroll", None, Some(body))
+    };
+    let guessed = enroll_agent(with_secret(&relay_token, &wrong)).await;
+    let unknown = enroll_agent(with_unknown_id(&relay_token)).await;
+    assert_eq!(unknown.0, StatusCode::UNAUTHORIZED, "{}", unknown.1);
+    assert_eq!(guessed, unknown, "a wrong secret learns nothing about the token");
+    assert!(!guessed.1.to_string().contains("relay"), "{}", guessed.1);
+
+    // An agent token's id with a wrong secret, given to relay enrollment: the same.
+    let agent_token = api.create("/v1/agent-tokens", &acct.key, json!({"subnetId": subnet})).await;
+    let agent_token = agent_token["token"].as_str().unwrap();
+    let guessed = enroll_relay(&api, &with_secret(agent_token, &wrong), "192.0.2.1:7000").await;
+    let unknown = enroll_relay(&api, &with_unknown_id(agent_token), "192.0.2.1:7000").await;
+    assert_eq!(unknown.0, StatusCode::UNAUTHORIZED, "{}", unknown.1);
+    assert_eq!(guessed, unknown, "a wrong secret learns nothing about the token");
+    assert!(!guessed.1.to_string().contains("agent's"), "{}", guessed.1);
+
+    // With the right secret, each still says which command the token is for, and is not used up.
+    let (_, body) = enroll_relay(&api, agent_token, "192.0.2.1:7000").await;
+    assert!(body["message"].as_str().unwrap().contains("agent's join token"), "{body}");
+    let (_, body) = enroll_agent(relay_token.clone()).await;
+    assert!(body["message"].as_str().unwrap().contains("relay's join token"), "{body}");
+    assert_eq!(enroll_relay(&api, &relay_token, "192.0.2.1:7000").await.0, StatusCode::OK);
+}
+
 #[tokio::test]
 async fn the_relay_certificate_names_a_relay_and_no_agent() {
     let api = Api::new();

@@ -43,6 +43,12 @@ pub(crate) struct StoredSecret<'a> {
     pub expires_at: Timestamp,
 }
 
+/// Whether `secret` is the one whose SHA-256 (lower-case hex) is `secret_sha256`.
+pub(crate) fn secret_matches(secret_sha256: &str, secret: &str) -> bool {
+    let presented = sha256_hex(secret.as_bytes());
+    constant_time_eq(presented.as_bytes(), secret_sha256.as_bytes())
+}
+
 /// Why a stored token cannot enroll now, checked in this order so that only
 /// the holder of the secret learns whether it expired or was used.
 /// `invalid` is the message for a wrong secret, `what` names what a token enrolls.
@@ -53,8 +59,7 @@ pub(crate) fn check_secret(
     invalid: &str,
     what: &str,
 ) -> Result<(), ApiError> {
-    let presented = sha256_hex(secret.as_bytes());
-    if !constant_time_eq(presented.as_bytes(), stored.secret_sha256.as_bytes()) {
+    if !secret_matches(stored.secret_sha256, secret) {
         return Err(ApiError::unauthorized(invalid));
     }
     if stored.used_at.is_some() {
@@ -157,7 +162,9 @@ pub(super) async fn enroll(
     let (stored, subnet) = state
         .read(move |tx| {
             let Some(stored) = tx.get_obj::<AgentToken>(id.as_str())? else {
-                if tx.get_obj::<crate::relays::records::RelayToken>(id.as_str())?.is_some() {
+                // Only the holder of the secret learns that the id names a relay's token.
+                let relay_token = tx.get_obj::<crate::relays::records::RelayToken>(id.as_str())?;
+                if relay_token.is_some_and(|t| secret_matches(&t.secret_sha256, &secret)) {
                     return Err(ApiError::unauthorized(
                         "this is a relay's join token: give it to `trellis relay`; an agent needs a token from \
                          `trellis agent-token create --subnet-id <subnet>`",

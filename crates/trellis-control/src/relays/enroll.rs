@@ -10,7 +10,9 @@ use trellis_proto::agent_api::{RelayEnrollRequest, RelayEnrollResponse};
 use trellis_store::TxExt;
 
 use super::records::{RelayCert, RelayRuntime, RelayToken};
-use crate::agents::enroll::{StoredSecret, check_secret, parse_token, validate_advertise, validate_hostname};
+use crate::agents::enroll::{
+    StoredSecret, check_secret, parse_token, secret_matches, validate_advertise, validate_hostname,
+};
 use crate::agents::records::AgentToken;
 use crate::api::Json;
 use crate::error::ApiError;
@@ -25,12 +27,13 @@ fn check_token(token: &RelayToken, secret: &str, now: Timestamp) -> Result<(), A
     check_secret(stored, secret, now, INVALID_TOKEN, "relay")
 }
 
-/// The stored token `id`, or why there is none to use.
-fn find(tx: &mut dyn trellis_store::Tx, id: &str) -> Result<RelayToken, ApiError> {
+/// The stored token `id`, or why there is none to use. Only the holder of
+/// `secret` learns that the id names an agent's token.
+fn find(tx: &mut dyn trellis_store::Tx, id: &str, secret: &str) -> Result<RelayToken, ApiError> {
     if let Some(token) = tx.get_obj::<RelayToken>(id)? {
         return Ok(token);
     }
-    if tx.get_obj::<AgentToken>(id)?.is_some() {
+    if tx.get_obj::<AgentToken>(id)?.is_some_and(|t| secret_matches(&t.secret_sha256, secret)) {
         return Err(ApiError::unauthorized(
             "this is an agent's join token: give it to `trellis agent`; a relay needs a token from \
              `trellis relay-token create` (admin)",
@@ -53,7 +56,7 @@ pub(super) async fn enroll(
     let (secret, id) = (token.secret.clone(), token_id.clone());
     let stored = state
         .read(move |tx| {
-            let stored = find(tx, id.as_str())?;
+            let stored = find(tx, id.as_str(), &secret)?;
             check_token(&stored, &secret, now)?;
             Ok(stored)
         })
@@ -82,7 +85,7 @@ pub(super) async fn enroll(
     state
         .write(move |tx| {
             // Checked again: another enrollment may have used the token since the first pass.
-            let mut token = find(tx, token_id.as_str())?;
+            let mut token = find(tx, token_id.as_str(), &secret)?;
             check_token(&token, &secret, now)?;
             token.used_at = Some(now);
             token.relay_id = Some(record.id.clone());
