@@ -331,6 +331,54 @@ async fn reports_keep_relays_seen_and_repeated_ones_write_nothing() {
     assert_eq!(api.get("/v1/relays", &acct.key).await.0, StatusCode::FORBIDDEN);
 }
 
+/// A control plane with this offline timeout (liveness writes are due every quarter of it).
+fn api_with_offline_after(offline_after: Duration) -> Api {
+    Api::with_settings(trellis_control::Settings { offline_after, ..trellis_control::Settings::default() })
+}
+
+fn stored_runtime(api: &Api, relay_id: &str) -> trellis_control::relays::records::RelayRuntime {
+    use trellis_store::TxExt;
+    let id = relay_id.to_string();
+    trellis_store::read_with(api.state.store.as_ref(), |tx| tx.get_obj(&id)).unwrap().unwrap()
+}
+
+#[tokio::test]
+async fn reports_differing_only_in_active_flows_write_nothing_until_liveness_is_due() {
+    // Liveness is written every 2 s.
+    let api = api_with_offline_after(Duration::from_secs(8));
+    let (relay_id, relay_cert) = relay(&api, "z1", "192.0.2.1:7000").await;
+    let report = |flows: u64| json!({"configVersion": 1, "bootId": "boot-1", "activeFlows": flows});
+    let send = |flows: u64| api.call_as("POST", "/v1/relays/self/report", Some(&relay_cert), Some(report(flows)));
+    let started = std::time::Instant::now();
+    assert_eq!(send(1).await.0, StatusCode::NO_CONTENT);
+    assert_eq!(stored_runtime(&api, &relay_id).active_flows, 1);
+
+    // A busy relay: every report has another count, none writes.
+    let revision = api.state.store.revision().unwrap();
+    for flows in 2..=6 {
+        assert_eq!(send(flows).await.0, StatusCode::NO_CONTENT);
+    }
+    // (Unless the machine took the whole 2 s for these few calls.)
+    if started.elapsed() < Duration::from_secs(2) {
+        assert_eq!(api.state.store.revision().unwrap(), revision, "only activeFlows changed: nothing written");
+    }
+
+    // Once liveness is due, the next report writes, with the latest count.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while api.state.store.revision().unwrap() == revision {
+        assert!(std::time::Instant::now() < deadline, "no liveness write within 10 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(send(9).await.0, StatusCode::NO_CONTENT);
+    }
+    assert_eq!(stored_runtime(&api, &relay_id).active_flows, 9);
+
+    // Anything else that changes still writes at once.
+    let revision = api.state.store.revision().unwrap();
+    let attached = json!({"configVersion": 2, "bootId": "boot-1", "activeFlows": 9});
+    api.call_as("POST", "/v1/relays/self/report", Some(&relay_cert), Some(attached)).await;
+    assert_ne!(api.state.store.revision().unwrap(), revision, "a new config version is written at once");
+}
+
 #[tokio::test]
 async fn certificates_open_only_their_own_kind_of_routes() {
     let api = Api::new();

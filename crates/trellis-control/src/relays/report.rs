@@ -4,8 +4,8 @@
 //! Liveness and counters go to the relay's [`RelayRuntime`], which no config
 //! is compiled from; only an address change or coming back ONLINE touches the
 //! relay itself (and so the configs that name it). A report that changes
-//! nothing (the usual case) writes nothing: liveness is written at most every
-//! few seconds, as for agents.
+//! nothing but its open-flow count (the usual case) writes nothing: liveness,
+//! with the latest count, is written at most every few seconds, as for agents.
 
 use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
@@ -31,10 +31,17 @@ pub struct RelayMemo {
     seen: Mutex<HashMap<String, (RelayReport, Instant)>>,
 }
 
+/// Whether two reports say the same of the relay's state. Open flows change
+/// on almost every report of a busy relay: they are left out, and ride along
+/// with the next liveness write.
+fn same_state(a: &RelayReport, b: &RelayReport) -> bool {
+    a.boot_id == b.boot_id && a.advertise == b.advertise && a.config_version == b.config_version && a.attached == b.attached
+}
+
 impl RelayMemo {
     fn unchanged(&self, relay: &RelayId, report: &RelayReport, liveness_every: Duration) -> bool {
         let seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
-        seen.get(relay.as_str()).is_some_and(|(r, at)| r == report && at.elapsed() < liveness_every)
+        seen.get(relay.as_str()).is_some_and(|(r, at)| same_state(r, report) && at.elapsed() < liveness_every)
     }
 
     fn record(&self, relay: &RelayId, report: RelayReport) {
