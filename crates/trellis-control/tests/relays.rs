@@ -380,6 +380,33 @@ async fn reports_differing_only_in_active_flows_write_nothing_until_liveness_is_
 }
 
 #[tokio::test]
+async fn an_idle_relay_reporting_every_5_s_stays_healthy_with_a_long_offline_timeout() {
+    // Liveness is written every 30 s; a relay reports every 5 s.
+    let api = api_with_offline_after(Duration::from_secs(120));
+    let (relay_id, relay_cert) = relay(&api, "z1", "192.0.2.1:7000").await;
+    let report = |flows: u64| json!({"configVersion": 1, "bootId": "boot-1", "activeFlows": flows});
+    let send = |flows: u64| api.call_as("POST", "/v1/relays/self/report", Some(&relay_cert), Some(report(flows)));
+    assert_eq!(send(0).await.0, StatusCode::NO_CONTENT);
+
+    // 25 s later (its last liveness write that long ago, as happens between writes)...
+    let mut runtime = stored_runtime(&api, &relay_id);
+    let written = trellis_model::Timestamp::new(std::time::SystemTime::now() - Duration::from_secs(25));
+    runtime.last_seen_at = Some(written);
+    api.state.write(move |tx| Ok(trellis_store::TxExt::update_obj(tx, &runtime)?)).await.unwrap();
+
+    // ...a report that changes nothing but the flow count arrives and writes nothing.
+    let revision = api.state.store.revision().unwrap();
+    assert_eq!(send(3).await.0, StatusCode::NO_CONTENT);
+    assert_eq!(api.state.store.revision().unwrap(), revision);
+    let (_, shown) = api.get(&format!("/v1/relays/{relay_id}"), &api.admin).await;
+    assert_eq!(shown["healthy"], true, "a report arrived just now: {shown}");
+    assert!(shown["lastSeenAt"].as_str() > Some(written.to_string().as_str()), "the report heard: {shown}");
+    assert_eq!(shown["activeFlows"], 3, "{shown}");
+    let (_, list) = api.get("/v1/relays", &api.admin).await;
+    assert_eq!((list["items"][0]["healthy"].as_bool(), list["items"][0]["activeFlows"].as_u64()), (Some(true), Some(3)));
+}
+
+#[tokio::test]
 async fn certificates_open_only_their_own_kind_of_routes() {
     let api = Api::new();
     let (_, relay_cert) = relay(&api, "z1", "192.0.2.1:7000").await;

@@ -31,8 +31,10 @@ use crate::error::ApiError;
 use crate::state::{AppState, now};
 use crate::tls::PeerIdentity;
 use records::{RelayCert, RelayRuntime};
+use report::Heard;
 
-/// A relay is healthy while its reports arrive at least this often.
+/// A relay is healthy while its reports arrive at least this often (judged by
+/// the last report heard, not the last written: see [`report::RelayMemo`]).
 pub const HEALTHY_WITHIN: Duration = Duration::from_secs(15);
 
 /// Routes of relay tokens, relays and the relay-facing API.
@@ -89,16 +91,22 @@ impl FromRequestParts<AppState> for RelayAuth {
     }
 }
 
-/// The relay as the API shows it at `now`, with what its reports said.
-fn view(tx: &mut dyn Tx, relay: Relay, now: Timestamp) -> Result<RelayView, ApiError> {
+/// The relay as the API shows it at `now`, with what its reports said: the
+/// last one `heard` (reports that change nothing are not written) or else
+/// the stored runtime record.
+fn view(tx: &mut dyn Tx, relay: Relay, now: Timestamp, heard: Option<Heard>) -> Result<RelayView, ApiError> {
     let runtime = tx.get_obj::<RelayRuntime>(relay.id.as_str())?.unwrap_or_default();
-    let healthy = runtime.last_seen_at.is_some_and(|seen| now < seen.plus(HEALTHY_WITHIN));
+    let (last_seen_at, active_flows) = match heard {
+        Some(h) if runtime.last_seen_at.is_none_or(|stored| stored <= h.at) => (Some(h.at), h.active_flows),
+        _ => (runtime.last_seen_at, runtime.active_flows),
+    };
+    let healthy = last_seen_at.is_some_and(|seen| now < seen.plus(HEALTHY_WITHIN));
     Ok(RelayView {
         relay,
-        last_seen_at: runtime.last_seen_at,
+        last_seen_at,
         healthy,
         attached_gateways: runtime.attached.len() as u64,
-        active_flows: runtime.active_flows,
+        active_flows,
         config_version: runtime.config_version,
     })
 }
@@ -109,10 +117,18 @@ async fn list(
     Query(query): Query<ListQuery>,
 ) -> Result<Json<Page<RelayView>>, ApiError> {
     let now = now();
+    let memo = state.relay_reports.clone();
     let page = state
         .read(move |tx| {
             let relays: Page<Relay> = list_page(tx, Filter::default(), &query)?;
-            let items = relays.items.into_iter().map(|r| view(tx, r, now)).collect::<Result<Vec<_>, _>>()?;
+            let items = relays
+                .items
+                .into_iter()
+                .map(|r| {
+                    let heard = memo.heard(&r.id);
+                    view(tx, r, now, heard)
+                })
+                .collect::<Result<Vec<_>, _>>()?;
             Ok(Page { items, next_token: relays.next_token })
         })
         .await?;
@@ -126,11 +142,12 @@ async fn get_one(
 ) -> Result<Json<RelayView>, ApiError> {
     let id: RelayId = path_id(&raw)?;
     let now = now();
+    let heard = state.relay_reports.heard(&id);
     let relay = state
         .read(move |tx| {
             let relay =
                 tx.get_obj::<Relay>(id.as_str())?.ok_or_else(|| ApiError::not_found(RelayId::KIND, id.as_str()))?;
-            view(tx, relay, now)
+            view(tx, relay, now, heard)
         })
         .await?;
     Ok(Json(relay))

@@ -25,10 +25,26 @@ use crate::api::Json;
 use crate::error::ApiError;
 use crate::state::{AppState, now};
 
-/// What the last written report of each relay said.
+/// What the last written report of each relay said, and when the last
+/// report (written or not) arrived.
 #[derive(Debug, Default)]
 pub struct RelayMemo {
-    seen: Mutex<HashMap<String, (RelayReport, Instant)>>,
+    seen: Mutex<HashMap<String, Seen>>,
+}
+
+#[derive(Debug)]
+struct Seen {
+    written: RelayReport,
+    written_at: Instant,
+    heard: Heard,
+}
+
+/// The last report a relay sent, as this process heard it (reports that
+/// change nothing are not written, so the store's `lastSeenAt` lags behind).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Heard {
+    pub at: Timestamp,
+    pub active_flows: u64,
 }
 
 /// Whether two reports say the same of the relay's state. Open flows change
@@ -39,14 +55,26 @@ fn same_state(a: &RelayReport, b: &RelayReport) -> bool {
 }
 
 impl RelayMemo {
-    fn unchanged(&self, relay: &RelayId, report: &RelayReport, liveness_every: Duration) -> bool {
-        let seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
-        seen.get(relay.as_str()).is_some_and(|(r, at)| same_state(r, report) && at.elapsed() < liveness_every)
+    /// Whether `report`, heard at `now`, needs no write; notes that it was heard.
+    fn unchanged(&self, relay: &RelayId, report: &RelayReport, liveness_every: Duration, now: Timestamp) -> bool {
+        let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(s) = seen.get_mut(relay.as_str()) else { return false };
+        if !same_state(&s.written, report) || s.written_at.elapsed() >= liveness_every {
+            return false;
+        }
+        s.heard = Heard { at: now, active_flows: report.active_flows };
+        true
     }
 
-    fn record(&self, relay: &RelayId, report: RelayReport) {
+    fn record(&self, relay: &RelayId, report: RelayReport, now: Timestamp) {
         let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
-        seen.insert(relay.to_string(), (report, Instant::now()));
+        let heard = Heard { at: now, active_flows: report.active_flows };
+        seen.insert(relay.to_string(), Seen { written: report, written_at: Instant::now(), heard });
+    }
+
+    /// The last report heard from `relay` since this process started.
+    pub fn heard(&self, relay: &RelayId) -> Option<Heard> {
+        self.seen.lock().unwrap_or_else(PoisonError::into_inner).get(relay.as_str()).map(|s| s.heard)
     }
 
     /// Forgets a deleted relay.
@@ -86,12 +114,13 @@ pub(super) async fn report(
     let compiled = state.relay_configs.current(&state, &relay.id).await?;
     let report = within_config(&compiled.config, report);
     let liveness_every = (state.settings.offline_after / 4).max(Duration::from_secs(1));
-    if state.relay_reports.unchanged(&relay.id, &report, liveness_every) {
+    let now = now();
+    if state.relay_reports.unchanged(&relay.id, &report, liveness_every, now) {
         return Ok(StatusCode::NO_CONTENT);
     }
-    let (now, id, written) = (now(), relay.id.clone(), report.clone());
+    let (id, written) = (relay.id.clone(), report.clone());
     state.write(move |tx| apply_report(tx, &id, &written, now)).await?;
-    state.relay_reports.record(&relay.id, report);
+    state.relay_reports.record(&relay.id, report, now);
     Ok(StatusCode::NO_CONTENT)
 }
 
