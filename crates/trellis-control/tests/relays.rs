@@ -260,7 +260,8 @@ async fn a_relay_serves_exactly_the_outbound_only_agents_and_they_get_the_relays
 
 #[tokio::test]
 async fn an_agent_turning_outbound_only_by_report_moves_into_relay_configs() {
-    let api = Api::new();
+    // A mode change is taken at most once per liveness interval: 1 s here.
+    let api = api_with_offline_after(Duration::from_secs(4));
     let (_, relay_cert) = relay(&api, "z1", "192.0.2.1:7000").await;
     let owner = api.account("owner").await;
     let subnet = subnet(&api, &owner, "z1", "10.0.9.0/24").await;
@@ -276,15 +277,85 @@ async fn an_agent_turning_outbound_only_by_report_moves_into_relay_configs() {
     let (_, shown) = api.get(&format!("/v1/agents/{agent_id}"), &owner.key).await;
     assert_eq!((shown["outboundOnly"].as_bool(), shown["advertise"].is_null()), (Some(true), true), "{shown}");
 
-    // Reporting a listener address again makes it a direct agent.
+    // Reporting a listener address again makes it a direct agent (once the interval has passed).
     let report =
         json!({"configVersion": 0, "bootId": "b2", "listeners": [], "usage": [], "advertise": "192.0.2.7:7443"});
-    assert_eq!(
-        api.call_as("POST", "/v1/agents/self/report", Some(&agent_cert), Some(report)).await.0,
-        StatusCode::NO_CONTENT
-    );
-    let (_, back) = relay_config(&api, &relay_cert, 0, 0).await;
-    assert!(gateway_ids(&back).is_empty(), "{back}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        assert_eq!(
+            api.call_as("POST", "/v1/agents/self/report", Some(&agent_cert), Some(report.clone())).await.0,
+            StatusCode::NO_CONTENT
+        );
+        let (_, back) = relay_config(&api, &relay_cert, 0, 0).await;
+        if gateway_ids(&back).is_empty() {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "still served by the relay after 10 s: {back}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn an_agent_flipping_its_mode_on_every_report_changes_relay_configs_at_most_once_per_interval() {
+    let api = Api::new();
+    let (_, relay_cert) = relay(&api, "z1", "192.0.2.1:7000").await;
+    let owner = api.account("owner").await;
+    let subnet = subnet(&api, &owner, "z1", "10.0.9.0/24").await;
+    let (agent_id, agent_cert) = agent(&api, &owner, &subnet, false).await;
+    let outbound = json!({"configVersion": 0, "bootId": "b1", "listeners": [], "usage": [], "outboundOnly": true});
+    let direct = json!({"configVersion": 0, "bootId": "b1", "listeners": [], "usage": [],
+                        "outboundOnly": false, "advertise": "192.0.2.50:7443"});
+
+    let (_, first) = relay_config(&api, &relay_cert, 0, 0).await;
+    let mut versions = vec![first["version"].as_u64().unwrap()];
+    for _ in 0..10 {
+        for report in [&outbound, &direct] {
+            let (status, body) =
+                api.call_as("POST", "/v1/agents/self/report", Some(&agent_cert), Some(report.clone())).await;
+            assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
+            let (_, config) = relay_config(&api, &relay_cert, 0, 0).await;
+            let version = config["version"].as_u64().unwrap();
+            if versions.last() != Some(&version) {
+                versions.push(version);
+            }
+        }
+    }
+    // Within one liveness interval (15 s by default) 20 reports flipped the mode: one change took.
+    assert_eq!(versions.len(), 2, "relay config versions seen: {versions:?}");
+    let (_, config) = relay_config(&api, &relay_cert, 0, 0).await;
+    assert_eq!(gateway_ids(&config), vec![agent_id.clone()], "the first change holds");
+    let (_, shown) = api.get(&format!("/v1/agents/{agent_id}"), &owner.key).await;
+    assert_eq!(shown["outboundOnly"], true, "{shown}");
+}
+
+#[tokio::test]
+async fn a_mode_change_held_back_applies_with_a_later_report() {
+    // Liveness interval 1 s.
+    let api = api_with_offline_after(Duration::from_secs(4));
+    let (_, relay_cert) = relay(&api, "z1", "192.0.2.1:7000").await;
+    let owner = api.account("owner").await;
+    let subnet = subnet(&api, &owner, "z1", "10.0.9.0/24").await;
+    let (agent_id, agent_cert) = agent(&api, &owner, &subnet, false).await;
+    let report = |boot: &str, outbound_only: bool| {
+        let mut r = json!({"configVersion": 0, "bootId": boot, "listeners": [], "usage": [], "outboundOnly": outbound_only});
+        if !outbound_only {
+            r["advertise"] = json!("192.0.2.50:7443");
+        }
+        api.call_as("POST", "/v1/agents/self/report", Some(&agent_cert), Some(r))
+    };
+    assert_eq!(report("b1", true).await.0, StatusCode::NO_CONTENT);
+    // Restarted at once as a direct agent: too soon, the relay keeps it for now...
+    assert_eq!(report("b2", false).await.0, StatusCode::NO_CONTENT);
+    assert_eq!(gateway_ids(&relay_config(&api, &relay_cert, 0, 0).await.1), vec![agent_id.clone()]);
+    // ...and its next reports make it direct once the interval has passed.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !gateway_ids(&relay_config(&api, &relay_cert, 0, 0).await.1).is_empty() {
+        assert!(std::time::Instant::now() < deadline, "the held-back change never applied");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(report("b2", false).await.0, StatusCode::NO_CONTENT);
+    }
+    let (_, shown) = api.get(&format!("/v1/agents/{agent_id}"), &owner.key).await;
+    assert_eq!((shown["outboundOnly"].as_bool(), shown["advertise"].as_str()), (Some(false), Some("192.0.2.50:7443")));
 }
 
 #[tokio::test]

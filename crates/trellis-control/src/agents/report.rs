@@ -40,10 +40,20 @@ pub const MAX_REPORT_ENTRIES: usize = 2_000;
 const MAX_ERROR_LEN: usize = 500;
 
 /// What the last report of each agent changed, so a report that changes
-/// nothing is answered without a write.
+/// nothing is answered without a write; and when each agent last changed
+/// its mode (outbound-only or direct).
+///
+/// A mode change wakes every relay's config (they list the outbound-only
+/// agents), so one agent may change its mode at most once per liveness
+/// interval: a report asking for another change sooner keeps the current
+/// mode, and a later report (agents repeat their mode in every report)
+/// applies it. An honest agent changes its mode only when restarted with
+/// other flags, and never meets the limit.
 #[derive(Debug, Default)]
 pub struct ReportMemo {
     seen: Mutex<HashMap<String, Seen>>,
+    /// When each agent last changed its mode (or was let change it).
+    mode_changed: Mutex<HashMap<String, Instant>>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -80,9 +90,26 @@ impl ReportMemo {
         seen.insert(agent.to_string(), now);
     }
 
+    /// Whether a report asking `agent` (outbound-only now: `current`) for
+    /// mode `requested` (`None`: the mode stays) may change its mode now. A
+    /// change let through counts from now on: it is claimed before the
+    /// write, so concurrent reports cannot all change the mode.
+    fn may_change_mode(&self, agent: &AgentId, current: bool, requested: Option<bool>, every: Duration) -> bool {
+        if requested.is_none_or(|r| r == current) {
+            return true;
+        }
+        let mut changed = self.mode_changed.lock().unwrap_or_else(PoisonError::into_inner);
+        if changed.get(agent.as_str()).is_some_and(|at| at.elapsed() < every) {
+            return false;
+        }
+        changed.insert(agent.to_string(), Instant::now());
+        true
+    }
+
     /// Forgets a deleted agent.
     pub fn forget(&self, agent: &AgentId) {
         self.seen.lock().unwrap_or_else(PoisonError::into_inner).remove(agent.as_str());
+        self.mode_changed.lock().unwrap_or_else(PoisonError::into_inner).remove(agent.as_str());
     }
 }
 
@@ -184,28 +211,38 @@ pub(super) async fn report(
     if report.usage.is_empty() && state.reports.unchanged(&agent.id, &seen, liveness_every) {
         return Ok(StatusCode::NO_CONTENT);
     }
+    let requested = report.outbound_only.or(report.advertise.is_some().then_some(false));
+    let may_change_mode = state.reports.may_change_mode(&agent.id, agent.outbound_only, requested, liveness_every);
     let (now, config) = (now(), compiled.config.clone());
     let id = agent.id.clone();
-    state.write(move |tx| apply_report(tx, &id, &config, &report, now)).await?;
+    state.write(move |tx| apply_report(tx, &id, &config, &report, now, may_change_mode)).await?;
     state.reports.record(&agent.id, seen);
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// Applies one report (already cut to the agent's `config`) inside a write transaction.
+/// Applies one report (already cut to the agent's `config`) inside a write
+/// transaction; a change of mode only if `may_change_mode` (else the mode
+/// and address stay as they are).
 pub fn apply_report(
     tx: &mut dyn Tx,
     agent_id: &AgentId,
     config: &AgentConfig,
     report: &AgentReport,
     now: Timestamp,
+    may_change_mode: bool,
 ) -> Result<(), ApiError> {
     let mut agent: Agent = tx
         .get_obj(agent_id.as_str())?
         .ok_or_else(|| ApiError::unauthorized("this agent was deleted; enroll again with a new join token"))?;
-    let moved = report.advertise.as_ref().filter(|a| agent.advertise.as_deref() != Some(a.as_str()));
+    let mut moved = report.advertise.as_ref().filter(|a| agent.advertise.as_deref() != Some(a.as_str()));
     // An outbound-only agent has no listener: an address from before is gone.
     // An agent that reports a listener address is not outbound-only (whatever it enrolled as).
-    let outbound_only = report.outbound_only.unwrap_or(agent.outbound_only && report.advertise.is_none());
+    let mut outbound_only = report.outbound_only.unwrap_or(agent.outbound_only && report.advertise.is_none());
+    if outbound_only != agent.outbound_only && !may_change_mode {
+        // Too soon after the last change (see [`ReportMemo`]): a later report applies it.
+        outbound_only = agent.outbound_only;
+        moved = None;
+    }
     let mode = agent.outbound_only != outbound_only || (outbound_only && agent.advertise.is_some());
     if agent.status != AgentStatus::Online || moved.is_some() || mode {
         if let Some(advertise) = moved {
