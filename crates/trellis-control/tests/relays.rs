@@ -337,7 +337,8 @@ async fn a_mode_change_held_back_applies_with_a_later_report() {
     let subnet = subnet(&api, &owner, "z1", "10.0.9.0/24").await;
     let (agent_id, agent_cert) = agent(&api, &owner, &subnet, false).await;
     let report = |boot: &str, outbound_only: bool| {
-        let mut r = json!({"configVersion": 0, "bootId": boot, "listeners": [], "usage": [], "outboundOnly": outbound_only});
+        let mut r =
+            json!({"configVersion": 0, "bootId": boot, "listeners": [], "usage": [], "outboundOnly": outbound_only});
         if !outbound_only {
             r["advertise"] = json!("192.0.2.50:7443");
         }
@@ -474,7 +475,10 @@ async fn an_idle_relay_reporting_every_5_s_stays_healthy_with_a_long_offline_tim
     assert!(shown["lastSeenAt"].as_str() > Some(written.to_string().as_str()), "the report heard: {shown}");
     assert_eq!(shown["activeFlows"], 3, "{shown}");
     let (_, list) = api.get("/v1/relays", &api.admin).await;
-    assert_eq!((list["items"][0]["healthy"].as_bool(), list["items"][0]["activeFlows"].as_u64()), (Some(true), Some(3)));
+    assert_eq!(
+        (list["items"][0]["healthy"].as_bool(), list["items"][0]["activeFlows"].as_u64()),
+        (Some(true), Some(3))
+    );
 }
 
 #[tokio::test]

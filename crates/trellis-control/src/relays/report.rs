@@ -51,7 +51,10 @@ pub struct Heard {
 /// on almost every report of a busy relay: they are left out, and ride along
 /// with the next liveness write.
 fn same_state(a: &RelayReport, b: &RelayReport) -> bool {
-    a.boot_id == b.boot_id && a.advertise == b.advertise && a.config_version == b.config_version && a.attached == b.attached
+    a.boot_id == b.boot_id
+        && a.advertise == b.advertise
+        && a.config_version == b.config_version
+        && a.attached == b.attached
 }
 
 impl RelayMemo {
