@@ -6,6 +6,7 @@
 //! with a CA certificate, and a bad peer closes that peer's connection only.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -13,7 +14,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use trellis_agent::gateway::attach::AttachSettings;
-use trellis_agent::relay::{RelayIdentity, RelayServerOptions, RunningRelay, start_relay_server};
+use trellis_agent::relay::{RelayIdentity, RelayServerOptions, RelaySettings, RunningRelay, start_relay_server};
 use trellis_agent::relay_wire::{DialRelayError, dial_relay};
 use trellis_agent::testing::{LogBuf, TestCa, echo_server, eventually, unique_loopback};
 use trellis_agent::{AccessLog, AgentIdentity, DataPlaneOptions, RunningAgent, start_data_plane, tls};
@@ -39,37 +40,48 @@ const R2: &str = "relay-00000000000000002";
 
 /// A TCP forwarder in front of a relay that keeps a copy of every byte, both
 /// ways: what the relay receives and sends, for asserting it is ciphertext.
+/// Once `silent` is set it forwards nothing more and closes nothing (new
+/// connections are accepted and ignored): a relay whose host was lost.
 struct Tap {
     addr: SocketAddr,
     seen: Arc<Mutex<Vec<u8>>>,
+    silent: Arc<AtomicBool>,
 }
 
 async fn tap(to: SocketAddr) -> Tap {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let seen = Arc::new(Mutex::new(Vec::new()));
-    let seen2 = seen.clone();
+    let silent = Arc::new(AtomicBool::new(false));
+    let (seen2, silent2) = (seen.clone(), silent.clone());
     tokio::spawn(async move {
+        let mut ignored = Vec::new();
         while let Ok((client, _)) = listener.accept().await {
+            if silent2.load(Ordering::SeqCst) {
+                ignored.push(client);
+                continue;
+            }
             let Ok(server) = TcpStream::connect(to).await else { continue };
             let (cr, cw) = client.into_split();
             let (sr, sw) = server.into_split();
-            tokio::spawn(copy_recording(cr, sw, seen2.clone()));
-            tokio::spawn(copy_recording(sr, cw, seen2.clone()));
+            tokio::spawn(copy_recording(cr, sw, seen2.clone(), silent2.clone()));
+            tokio::spawn(copy_recording(sr, cw, seen2.clone(), silent2.clone()));
         }
     });
-    Tap { addr, seen }
+    Tap { addr, seen, silent }
 }
 
 async fn copy_recording(
     mut r: tokio::net::tcp::OwnedReadHalf,
     mut w: tokio::net::tcp::OwnedWriteHalf,
     seen: Arc<Mutex<Vec<u8>>>,
+    silent: Arc<AtomicBool>,
 ) {
     let mut buf = vec![0u8; 16 * 1024];
     loop {
         match r.read(&mut buf).await {
             Ok(0) | Err(_) => break,
+            Ok(_) if silent.load(Ordering::SeqCst) => {}
             Ok(n) => {
                 seen.lock().unwrap().extend_from_slice(&buf[..n]);
                 if w.write_all(&buf[..n]).await.is_err() {
@@ -77,6 +89,10 @@ async fn copy_recording(
                 }
             }
         }
+    }
+    if silent.load(Ordering::SeqCst) {
+        // Gone silent: hold the connection open, as a lost host would.
+        std::future::pending::<()>().await;
     }
     let _ = w.shutdown().await;
 }
@@ -106,13 +122,14 @@ struct Relay {
     _config: watch::Sender<Arc<RelayConfig>>,
 }
 
-async fn start_relay(ca: &TestCa, id: &str, listen: SocketAddr) -> Relay {
+async fn start_relay(ca: &TestCa, id: &str, listen: SocketAddr, settings: RelaySettings) -> Relay {
     let identity = ca.issue_relay(id, "z1");
     let log = LogBuf::default();
     let (config, rx) = watch::channel(Arc::new(relay_config(id)));
     let opts = RelayServerOptions {
         listen,
         access_log: AccessLog::to_writer(Box::new(log.clone())),
+        settings,
         ..RelayServerOptions::loopback()
     };
     let running = start_relay_server(opts, &identity, rx).await.unwrap();
@@ -136,22 +153,52 @@ struct Setup {
     rogue_target: SocketAddr,
     /// What the first relay's wire carried, when the endpoint reaches it through a tap.
     tapped: Option<Arc<Mutex<Vec<u8>>>>,
+    /// Set to make the tap in front of the first relay go silent.
+    silence: Option<Arc<AtomicBool>>,
+}
+
+/// How [`setup_opts`] differs from the plain [`setup`].
+struct SetupOpts {
+    /// The endpoint agent reaches the first relay through a [`Tap`].
+    tapped: bool,
+    /// The gateway agent's direct address as the endpoint agent knows it (none: outbound-only).
+    direct: String,
+    /// The endpoint agent's open timeout.
+    open_timeout: Duration,
+    relay: RelaySettings,
+}
+
+impl Default for SetupOpts {
+    fn default() -> Self {
+        Self {
+            tapped: false,
+            direct: String::new(),
+            open_timeout: Duration::from_secs(15),
+            relay: RelaySettings::default(),
+        }
+    }
 }
 
 /// Two relays (the first one behind a tap when `tapped`), an outbound-only
 /// gateway agent attached to both, an endpoint agent reaching it through them.
 async fn setup(tapped: bool) -> Setup {
-    setup_with(tapped, String::new()).await
+    setup_opts(SetupOpts { tapped, ..SetupOpts::default() }).await
 }
 
 /// [`setup`] where the endpoint agent also knows `direct` as the gateway agent's address.
 async fn setup_with(tapped: bool, direct: String) -> Setup {
+    setup_opts(SetupOpts { tapped, direct, ..SetupOpts::default() }).await
+}
+
+async fn setup_opts(o: SetupOpts) -> Setup {
+    let SetupOpts { tapped, direct, open_timeout, relay: relay_settings } = o;
     let ca = TestCa::new();
     let gw_id = ca.issue(GW, GW_ACCT, GW_VPC);
     let ep_id = ca.issue(EP, CONSUMER_ACCT, CONSUMER_VPC);
     let echo = echo_server().await;
     let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
-    let relays = vec![start_relay(&ca, R1, any).await, start_relay(&ca, R2, any).await];
+    let relays =
+        vec![start_relay(&ca, R1, any, relay_settings).await, start_relay(&ca, R2, any, relay_settings).await];
     let targets: Vec<RelayTarget> =
         relays.iter().map(|r| relay_target(r.running.relay_id(), r.running.local_addr())).collect();
 
@@ -192,12 +239,13 @@ async fn setup_with(tapped: bool, direct: String) -> Setup {
     let gateway = start_data_plane(opts, &gw_id, rx).await.unwrap();
     assert_eq!(gateway.tunnel_addr(), None, "an outbound-only agent listens for no tunnel");
 
-    let mut tapped_bytes = None;
+    let (mut tapped_bytes, mut silence) = (None, None);
     let mut endpoint_relays = targets.clone();
     if tapped {
         let t = tap(relays[0].running.local_addr()).await;
         endpoint_relays[0].address = t.addr.to_string();
         tapped_bytes = Some(t.seen);
+        silence = Some(t.silent);
     }
     let address = unique_loopback(79);
     let rogue_port = echo.port().wrapping_add(1).max(1);
@@ -234,6 +282,7 @@ async fn setup_with(tapped: bool, direct: String) -> Setup {
     let opts = DataPlaneOptions {
         tunnel_listen: None,
         access_log: AccessLog::to_writer(Box::new(endpoint_log.clone())),
+        open_timeout,
         ..DataPlaneOptions::loopback()
     };
     let endpoint = start_data_plane(opts, &ep_id, rx).await.unwrap();
@@ -258,6 +307,7 @@ async fn setup_with(tapped: bool, direct: String) -> Setup {
         client_target: SocketAddr::new(address, echo.port()),
         rogue_target: SocketAddr::new(address, rogue_port),
         tapped: tapped_bytes,
+        silence,
     }
 }
 
@@ -594,5 +644,43 @@ async fn a_gateway_agent_whose_direct_address_does_not_answer_is_reached_through
         s.relays.iter().any(|r| r.log.lines().iter().any(|l| l["outcome"] == "closed"))
     })
     .await;
+    stop(s).await;
+}
+
+#[tokio::test]
+async fn when_a_relay_goes_silent_new_connections_go_through_the_other_right_after_the_first_timeout() {
+    let open_timeout = Duration::from_secs(3);
+    let s = setup_opts(SetupOpts { tapped: true, open_timeout, ..SetupOpts::default() }).await;
+    assert_eq!(echo_round_trip(s.client_target, b"before").await, b"before");
+    // The pool's tunnel connections all went through the first relay (first in the order, up).
+    eventually("the warm tunnel connections through the first relay", Duration::from_secs(5), || {
+        s.relays[0].running.active_flows() >= 2
+    })
+    .await;
+    assert_eq!(s.relays[1].running.active_flows(), 0);
+
+    // The first relay's host is lost: no byte through it any more, no close, no reset.
+    s.silence.as_ref().unwrap().store(true, Ordering::SeqCst);
+    let first = Instant::now();
+    let mut client = TcpStream::connect(s.client_target).await.unwrap();
+    client.write_all(b"into the void").await.unwrap();
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(30), client.read_to_end(&mut got)).await.unwrap();
+    assert!(read.is_err() || got.is_empty(), "nothing can answer through a silent relay");
+    assert!(first.elapsed() >= open_timeout, "the first flow waits for its open timeout");
+
+    // From then on, new connections go through the second relay at once: the
+    // silent relay's path is down, not only the gateway agent, so no one waits
+    // for a connect timeout (5 s) there.
+    for i in 0..5 {
+        let msg = format!("through the other relay #{i}");
+        let started = Instant::now();
+        let got = tokio::time::timeout(Duration::from_secs(3), echo_round_trip(s.client_target, msg.as_bytes()))
+            .await
+            .unwrap_or_else(|_| panic!("connection {i} after the first timeout took more than 3 s"));
+        assert_eq!(got, msg.as_bytes());
+        assert!(started.elapsed() < Duration::from_secs(3));
+    }
+    assert!(s.relays[1].running.active_flows() >= 1, "the second relay carries the tunnel connections now");
     stop(s).await;
 }

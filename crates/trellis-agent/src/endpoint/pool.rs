@@ -45,6 +45,34 @@ use crate::read_ahead::ReadAhead;
 /// The byte stream of a tunnel connection to a gateway agent.
 pub type Tunnel = TlsStream<ReadAhead>;
 
+/// A new tunnel connection and the path it took.
+pub struct Connected {
+    pub tunnel: Tunnel,
+    /// The path in the relay health memory (`RelayHealth`): the relay id it
+    /// went through, or `direct:<agent id>` for the direct address of a
+    /// gateway agent that also has relays; `None` for a gateway agent that
+    /// has no relays (its own health covers its only path).
+    pub path: Option<String>,
+}
+
+/// A tunnel connection a pool drives: its flows, the path it took, and a
+/// way to end it at once.
+#[derive(Clone)]
+pub struct Pooled {
+    pub conn: MuxConnection,
+    path: Option<String>,
+    kill: CancellationToken,
+}
+
+/// A flow opened by [`GatewayPools::open`].
+pub struct Opened {
+    pub stream: MuxStream,
+    /// It went onto a connection that was already up.
+    pub reused: bool,
+    /// The connection it went onto.
+    pub via: Pooled,
+}
+
 /// Sizes and deadlines of the pools.
 #[derive(Clone, Copy, Debug)]
 pub struct PoolSettings {
@@ -106,7 +134,7 @@ struct Pool {
     key: GatewayKey,
     /// How many connections to keep up (changes with the number of pools).
     warm: AtomicUsize,
-    conns: Mutex<Vec<MuxConnection>>,
+    conns: Mutex<Vec<Pooled>>,
     /// Wakes the refill task when a connection closed or the target changed.
     changed: Notify,
     /// Wakes the refill task when the gateway answers again after being down.
@@ -115,20 +143,20 @@ struct Pool {
 }
 
 impl Pool {
-    fn conns(&self) -> std::sync::MutexGuard<'_, Vec<MuxConnection>> {
+    fn conns(&self) -> std::sync::MutexGuard<'_, Vec<Pooled>> {
         self.conns.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Open connections that take new flows; closed ones are forgotten.
     fn live(&self) -> usize {
         let mut conns = self.conns();
-        conns.retain(|c| c.closed().is_none());
-        conns.iter().filter(|c| c.can_open()).count()
+        conns.retain(|c| c.conn.closed().is_none());
+        conns.iter().filter(|c| c.conn.can_open()).count()
     }
 
     fn drain_all(&self) {
-        for conn in self.conns().drain(..) {
-            conn.drain();
+        for pooled in self.conns().drain(..) {
+            pooled.conn.drain();
         }
     }
 }
@@ -252,16 +280,16 @@ impl GatewayPools {
     /// Opens a flow to `key` with `req` (the OPEN frame is queued): on a
     /// connection that is already up when one has room (`true`), else on a
     /// new one (`false`).
-    pub async fn open(self: &Arc<Self>, key: &GatewayKey, req: &OpenRequest) -> io::Result<(MuxStream, bool)> {
+    pub async fn open(self: &Arc<Self>, key: &GatewayKey, req: &OpenRequest) -> io::Result<Opened> {
         if let Some(pool) = self.pool(key) {
             let least = {
                 let mut conns = pool.conns();
-                conns.retain(|c| c.closed().is_none());
-                conns.iter().filter(|c| c.can_open()).min_by_key(|c| c.flows()).cloned()
+                conns.retain(|c| c.conn.closed().is_none());
+                conns.iter().filter(|c| c.conn.can_open()).min_by_key(|c| c.conn.flows()).cloned()
             };
-            if let Some(conn) = least {
-                match conn.open(req) {
-                    Ok(stream) => return Ok((stream, true)),
+            if let Some(via) = least {
+                match via.conn.open(req) {
+                    Ok(stream) => return Ok(Opened { stream, reused: true, via }),
                     Err(OpenFlowError::Closed(_) | OpenFlowError::Full) => {}
                 }
             }
@@ -270,49 +298,64 @@ impl GatewayPools {
     }
 
     /// Opens a flow on a new connection to `key`, which then serves later flows too.
-    pub async fn open_fresh(self: &Arc<Self>, key: &GatewayKey, req: &OpenRequest) -> io::Result<(MuxStream, bool)> {
-        let conn = self.connect_mux(key).await?;
-        match conn.open(req) {
-            Ok(stream) => Ok((stream, false)),
+    pub async fn open_fresh(self: &Arc<Self>, key: &GatewayKey, req: &OpenRequest) -> io::Result<Opened> {
+        let via = self.connect_mux(key).await?;
+        match via.conn.open(req) {
+            Ok(stream) => Ok(Opened { stream, reused: false, via }),
             Err(OpenFlowError::Closed(e)) => Err(io::Error::new(e.kind(), e.to_string())),
             Err(OpenFlowError::Full) => Err(io::Error::other("a new tunnel connection refused its first flow")),
         }
     }
 
     /// A new multiplexed connection to `key`, driven by its own task and kept in `key`'s pool.
-    pub async fn connect_mux(self: &Arc<Self>, key: &GatewayKey) -> io::Result<MuxConnection> {
-        let tunnel = self.connect(key).await?;
-        Ok(self.adopt(key, tunnel))
+    pub async fn connect_mux(self: &Arc<Self>, key: &GatewayKey) -> io::Result<Pooled> {
+        let connected = self.connect(key).await?;
+        Ok(self.adopt(key, connected))
     }
 
-    /// Starts driving `tunnel` as a multiplexed connection and keeps it in `key`'s pool.
-    pub(crate) fn adopt(self: &Arc<Self>, key: &GatewayKey, tunnel: Tunnel) -> MuxConnection {
-        let conn = MuxConnection::new(Side::Endpoint);
+    /// Starts driving a new tunnel connection as a multiplexed one and keeps it in `key`'s pool.
+    pub(crate) fn adopt(self: &Arc<Self>, key: &GatewayKey, connected: Connected) -> Pooled {
+        let Connected { tunnel, path } = connected;
+        let pooled = Pooled { conn: MuxConnection::new(Side::Endpoint), path, kill: self.shutdown.child_token() };
         let pool = self.pool(key);
         if let Some(pool) = &pool {
-            pool.conns().push(conn.clone());
+            pool.conns().push(pooled.clone());
         } else {
             // A gateway outside the config (tried while the config changes): one use only.
-            conn.drain();
+            pooled.conn.drain();
         }
-        let (driven, shutdown) = (conn.clone(), self.shutdown.clone());
+        let (driven, kill) = (pooled.conn.clone(), pooled.kill.clone());
         self.tracker.spawn(async move {
             tokio::select! {
                 () = crate::mux::run(driven.clone(), Box::new(tunnel)) => {}
-                () = shutdown.cancelled() => driven.abort("the agent is shutting down"),
+                () = kill.cancelled() => driven.abort("the tunnel connection stopped answering and was closed, or the agent is shutting down"),
             }
             if let Some(pool) = pool {
                 pool.changed.notify_one();
             }
         });
-        conn
+        pooled
+    }
+
+    /// A flow on `via` got no answer to its open request: the connection is
+    /// presumed dead (its path went silent: a relay or a gateway host lost
+    /// without a reset). Closes it now, failing its other flows, and marks its
+    /// path down so that new connections take another relay (or the relays
+    /// instead of the direct address) without waiting for a timeout there too.
+    pub fn connection_silent(&self, key: &GatewayKey, via: &Pooled, reason: &str) {
+        via.kill.cancel();
+        if let Some(path) = &via.path
+            && self.relay_health().mark_down(path, reason, std::time::Instant::now())
+        {
+            tracing::warn!(gateway = %key.agent_id, path, reason, "a tunnel connection through this path stopped answering: path marked down, new connections try it last while it is probed");
+        }
     }
 
     /// A fresh connection to `key`, bypassing the pool: direct when the
     /// gateway agent has an address, else (or when the direct path fails)
     /// through its relays (`relayed.rs`). Either way the TLS inside is the
     /// same end-to-end session with the gateway agent.
-    pub async fn connect(&self, key: &GatewayKey) -> io::Result<Tunnel> {
+    pub async fn connect(&self, key: &GatewayKey) -> io::Result<Connected> {
         let name = ServerName::try_from(key.server_name.clone())
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("bad gateway server name: {e}")))?;
         let mut direct_failed = None;
@@ -333,10 +376,11 @@ impl GatewayPools {
             });
             match result {
                 Ok(Ok(tunnel)) => {
-                    if !key.relays.is_empty() {
-                        self.relay_health().mark_up(&direct_path);
+                    if key.relays.is_empty() {
+                        return Ok(Connected { tunnel, path: None });
                     }
-                    return Ok(tunnel);
+                    self.relay_health().mark_up(&direct_path);
+                    return Ok(Connected { tunnel, path: Some(direct_path) });
                 }
                 Ok(Err(e)) | Err(e) if key.relays.is_empty() => return Err(e),
                 Ok(Err(e)) | Err(e) => {
@@ -353,17 +397,19 @@ impl GatewayPools {
             ));
         }
         let attempt = async {
-            let raw = super::relayed::connect(self, key, self.settings.connect_timeout).await?;
-            tokio::time::timeout(self.settings.connect_timeout, self.connector.connect(name, raw)).await.map_err(
-                |_| {
-                    io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        format!("TLS with gateway agent {} through a relay timed out", key.agent_id),
-                    )
-                },
-            )?
+            let (raw, relay_id) = super::relayed::connect(self, key, self.settings.connect_timeout).await?;
+            let tunnel =
+                tokio::time::timeout(self.settings.connect_timeout, self.connector.connect(name, raw)).await.map_err(
+                    |_| {
+                        io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            format!("TLS with gateway agent {} through a relay timed out", key.agent_id),
+                        )
+                    },
+                )??;
+            Ok(Connected { tunnel, path: Some(relay_id) })
         };
-        attempt.await.map_err(|e| match direct_failed {
+        attempt.await.map_err(|e: io::Error| match direct_failed {
             Some(direct) => io::Error::new(e.kind(), format!("direct: {direct}; through relays: {e}")),
             None => e,
         })
@@ -434,9 +480,9 @@ impl GatewayPools {
                 () = self.shutdown.cancelled() => return,
             };
             match attempt {
-                Ok(tunnel) => {
+                Ok(connected) => {
                     // The probe's connection serves the next flows.
-                    self.adopt(&key, tunnel);
+                    self.adopt(&key, connected);
                     self.mark_up(&key);
                     return;
                 }
@@ -466,9 +512,9 @@ impl GatewayPools {
                     () = pool.cancel.cancelled() => return,
                 };
                 match attempt {
-                    Ok(tunnel) => {
+                    Ok(connected) => {
                         backoff = Duration::from_millis(200);
-                        self.adopt(&pool.key, tunnel);
+                        self.adopt(&pool.key, connected);
                         continue;
                     }
                     Err(e) => {
@@ -583,9 +629,9 @@ mod tests {
         // Flows go onto the connections that are up, spread over them; no new connection.
         let mut flows = Vec::new();
         for _ in 0..10 {
-            let (flow, reused) = pools.open(&key, &request()).await.unwrap();
-            assert!(reused, "a connection that was up was not used");
-            flows.push(flow);
+            let opened = pools.open(&key, &request()).await.unwrap();
+            assert!(opened.reused, "a connection that was up was not used");
+            flows.push(opened.stream);
         }
         // (The server side of a TLS 1.3 handshake may finish after the client's.)
         while accepted.load(Ordering::SeqCst) < 2 {
@@ -627,8 +673,7 @@ mod tests {
             assert!(Instant::now() < deadline, "closed connections were not replaced");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        let (_flow, reused) = pools.open(&key, &request()).await.unwrap();
-        assert!(reused);
+        assert!(pools.open(&key, &request()).await.unwrap().reused);
         shutdown.cancel();
         tracker.close();
         tracker.wait().await;
@@ -747,10 +792,10 @@ mod tests {
             TaskTracker::new(),
             CancellationToken::new(),
         );
-        let mut first = pools.connect(&key).await.unwrap();
+        let mut first = pools.connect(&key).await.unwrap().tunnel;
         first.read_exact(&mut [0u8; 1]).await.unwrap();
         assert_eq!(first.get_ref().1.handshake_kind(), Some(rustls::HandshakeKind::Full));
-        let second = pools.connect(&key).await.unwrap();
+        let second = pools.connect(&key).await.unwrap().tunnel;
         assert_eq!(
             second.get_ref().1.handshake_kind(),
             Some(rustls::HandshakeKind::Resumed),

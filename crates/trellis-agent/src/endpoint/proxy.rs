@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use trellis_proto::stream::{OpenRequest, OpenResponse, OpenStatus};
 use trellis_proto::{AgentConfig, GatewayTarget};
 
-use super::pool::{GatewayKey, GatewayPools};
+use super::pool::{GatewayKey, GatewayPools, Opened};
 use crate::access_log::AccessLog;
 use crate::flow::{FlowInfo, OpenFlow, reject_after_tries};
 use crate::metrics::{Metrics, Role};
@@ -203,15 +203,31 @@ pub async fn serve_client(
 /// reached the resource yet).
 async fn open(ctx: &EndpointContext, gateway: &GatewayTarget, req: &OpenRequest) -> Result<MuxStream, OpenError> {
     let key = GatewayKey::from(gateway);
-    let (stream, reused) = ctx.pools.open(&key, req).await.map_err(|e| connect_failed(gateway, &e))?;
-    match answer(ctx, gateway, stream).await {
+    let opened = ctx.pools.open(&key, req).await.map_err(|e| connect_failed(gateway, &e))?;
+    let reused = opened.reused;
+    match exchange(ctx, gateway, &key, opened).await {
         Err(ExchangeError::Dead(reason)) if reused => {
             tracing::debug!(gateway = %gateway.address, reason, "tunnel connection was dead; reconnecting");
-            let (stream, _) = ctx.pools.open_fresh(&key, req).await.map_err(|e| connect_failed(gateway, &e))?;
-            answer(ctx, gateway, stream).await.map_err(|e| e.into_open_error(gateway))
+            let opened = ctx.pools.open_fresh(&key, req).await.map_err(|e| connect_failed(gateway, &e))?;
+            exchange(ctx, gateway, &key, opened).await.map_err(|e| e.into_open_error(gateway))
         }
         r => r.map_err(|e| e.into_open_error(gateway)),
     }
+}
+
+/// Waits for the answer to a flow just opened; a connection on which it
+/// gets none is closed and its path (relay or direct address) marked down.
+async fn exchange(
+    ctx: &EndpointContext,
+    gateway: &GatewayTarget,
+    key: &GatewayKey,
+    opened: Opened,
+) -> Result<MuxStream, ExchangeError> {
+    let result = answer(ctx, gateway, opened.stream).await;
+    if let Err(ExchangeError::Silent(reason)) = &result {
+        ctx.pools.connection_silent(key, &opened.via, reason);
+    }
+    result
 }
 
 fn connect_failed(gateway: &GatewayTarget, e: &std::io::Error) -> OpenError {
@@ -267,13 +283,16 @@ async fn open_any<'a>(
         let Ok((i, result)) = joined else { continue };
         let gateway = down[i];
         match result {
-            Ok(tunnel) => {
+            Ok(connected) => {
                 // The others are dropped (aborted) with the set.
                 drop(connects);
                 let key = GatewayKey::from(gateway);
                 ctx.pools.mark_up(&key);
-                let opened = match ctx.pools.adopt(&key, tunnel).open(req) {
-                    Ok(stream) => answer(ctx, gateway, stream).await.map_err(|e| e.into_open_error(gateway)),
+                let via = ctx.pools.adopt(&key, connected);
+                let opened = match via.conn.open(req) {
+                    Ok(stream) => exchange(ctx, gateway, &key, Opened { stream, reused: false, via })
+                        .await
+                        .map_err(|e| e.into_open_error(gateway)),
                     Err(_) => Err(OpenError::Gateway {
                         gateway: gateway.address.clone(),
                         reason: "the new tunnel connection closed at once".into(),

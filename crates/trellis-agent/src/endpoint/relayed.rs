@@ -19,8 +19,12 @@ use super::pool::{GatewayKey, GatewayPools};
 use crate::read_ahead::ReadAhead;
 use crate::relay_wire::{DialRelayError, dial_relay};
 
-/// A raw stream paired with `key`'s gateway agent by one of its relays.
-pub(super) async fn connect(pools: &GatewayPools, key: &GatewayKey, timeout: Duration) -> io::Result<ReadAhead> {
+/// A raw stream paired with `key`'s gateway agent by one of its relays, and that relay's id.
+pub(super) async fn connect(
+    pools: &GatewayPools,
+    key: &GatewayKey,
+    timeout: Duration,
+) -> io::Result<(ReadAhead, String)> {
     let order: Vec<_> = {
         let health = pools.relay_health.lock().unwrap_or_else(|e| e.into_inner());
         health.order(&key.relays, Instant::now()).into_iter().cloned().collect()
@@ -32,7 +36,7 @@ pub(super) async fn connect(pools: &GatewayPools, key: &GatewayKey, timeout: Dur
             Ok(session) => {
                 relay_up(pools, &relay.relay_id);
                 match session.leave() {
-                    Ok(raw) => return Ok(raw),
+                    Ok(raw) => return Ok((raw, relay.relay_id.clone())),
                     Err(e) => format!("relay {}: {e}", relay.relay_id),
                 }
             }

@@ -523,8 +523,24 @@ fn refusal_label(denial: &Denial) -> &'static str {
     }
 }
 
-/// TCP keepalive so dead peers of long-lived tunnels are noticed.
+/// TCP keepalive so dead peers of long-lived tunnels are noticed, and a user
+/// timeout so a peer that stops acknowledging sent data (its host is gone, no
+/// RST) fails the connection within [`USER_TIMEOUT`] (keepalive never probes
+/// while data is unacknowledged).
 pub(crate) fn set_keepalive(tcp: &TcpStream) {
     let ka = socket2::TcpKeepalive::new().with_time(Duration::from_secs(60)).with_interval(Duration::from_secs(15));
-    let _ = socket2::SockRef::from(tcp).set_tcp_keepalive(&ka);
+    let sock = socket2::SockRef::from(tcp);
+    let _ = sock.set_tcp_keepalive(&ka);
+    set_user_timeout(&sock);
+}
+
+/// How long sent data may stay unacknowledged before a tunnel or relay connection fails.
+pub(crate) const USER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `TCP_USER_TIMEOUT` of [`USER_TIMEOUT`] (Linux; elsewhere nothing).
+pub(crate) fn set_user_timeout(sock: &socket2::SockRef<'_>) {
+    #[cfg(any(target_os = "android", target_os = "fuchsia", target_os = "linux"))]
+    let _ = sock.set_tcp_user_timeout(Some(USER_TIMEOUT));
+    #[cfg(not(any(target_os = "android", target_os = "fuchsia", target_os = "linux")))]
+    let _ = sock;
 }

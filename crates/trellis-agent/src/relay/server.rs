@@ -521,11 +521,36 @@ async fn relay_flow(endpoint: RawStream, gateway: RawStream, log: &FlowLog<'_>, 
 }
 
 /// TCP keepalive for connections that idle for long (attachments behind NATs):
-/// probes after 20 s of silence, every 5 s.
+/// probes after 20 s of silence, every 5 s; and the user timeout of tunnel
+/// connections, so a relayed connection whose peer stops acknowledging sent
+/// data (host gone, no RST) fails within 10 s instead of the kernel's
+/// retransmission minutes (keepalive never probes while data is unacknowledged).
 pub(crate) fn set_attachment_keepalive(tcp: &TcpStream) {
     let ka = socket2::TcpKeepalive::new()
         .with_time(Duration::from_secs(20))
         .with_interval(Duration::from_secs(5))
         .with_retries(3);
-    let _ = socket2::SockRef::from(tcp).set_tcp_keepalive(&ka);
+    let sock = socket2::SockRef::from(tcp);
+    let _ = sock.set_tcp_keepalive(&ka);
+    crate::gateway::listener::set_user_timeout(&sock);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn relayed_and_tunnel_sockets_fail_when_data_stays_unacknowledged() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let tcp = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        set_attachment_keepalive(&tcp);
+        let sock = socket2::SockRef::from(&tcp);
+        assert_eq!(sock.tcp_user_timeout().unwrap(), Some(Duration::from_secs(10)));
+        assert!(sock.keepalive().unwrap());
+        let tcp = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        crate::gateway::listener::set_keepalive(&tcp);
+        let sock = socket2::SockRef::from(&tcp);
+        assert_eq!(sock.tcp_user_timeout().unwrap(), Some(Duration::from_secs(10)));
+        assert!(sock.keepalive().unwrap());
+    }
 }
