@@ -684,3 +684,37 @@ async fn when_a_relay_goes_silent_new_connections_go_through_the_other_right_aft
     assert!(s.relays[1].running.active_flows() >= 1, "the second relay carries the tunnel connections now");
     stop(s).await;
 }
+
+#[tokio::test]
+async fn an_agent_over_its_cap_at_a_relay_is_refused_busy_while_another_agent_still_connects() {
+    let relay = RelaySettings { flows_per_peer: 2, connects_per_peer: 1, ..RelaySettings::default() };
+    let s = setup_opts(SetupOpts { relay, ..SetupOpts::default() }).await;
+    let target = relay_target(R2, s.relays[1].running.local_addr());
+    let connect = Hello::Connect { gateway_agent_id: GW.into() };
+    // An enrolled agent of another account pairs with the gateway agent and never sends a ClientHello.
+    let greedy = relay_connector(&s.ca.issue("agent-0000000000000000d", "acct-000000000009", "vpc-00000000000000009"));
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        eventually("an idle attachment", Duration::from_secs(5), || s.relays[1].running.attachments(GW) >= 1).await;
+        held.push(dial_relay(&greedy, &target, &connect, Duration::from_secs(5)).await.unwrap().leave().unwrap());
+    }
+    eventually("an idle attachment", Duration::from_secs(5), || s.relays[1].running.attachments(GW) >= 1).await;
+    let started = Instant::now();
+    match dial_relay(&greedy, &target, &connect, Duration::from_secs(5)).await {
+        Err(DialRelayError::Refused { answer, .. }) => {
+            assert_eq!(answer.status, RelayStatus::Busy);
+            assert!(answer.message.contains("flows_per_peer"), "{}", answer.message);
+            assert!(answer.message.contains("agent-0000000000000000d"), "{}", answer.message);
+        }
+        Err(e) => panic!("expected busy, got {e}"),
+        Ok(_) => panic!("an agent over its cap was relayed"),
+    }
+    assert!(started.elapsed() < Duration::from_secs(2), "refused at once");
+    // Another agent still gets through the same relay to the same gateway agent.
+    let other = relay_connector(&s.ca.issue("agent-0000000000000000e", CONSUMER_ACCT, CONSUMER_VPC));
+    dial_relay(&other, &target, &connect, Duration::from_secs(5)).await.unwrap();
+    let metrics = s.relays[1].running.metrics_text();
+    assert!(metrics.contains("trellis_relay_refusals_total{reason=\"peer_flows\"} 1"), "{metrics}");
+    drop(held);
+    stop(s).await;
+}

@@ -170,6 +170,10 @@ pub async fn start_relay_server(
         connections: Arc::new(Semaphore::new(settings.connections.max(2))),
         handshakes: Arc::new(Semaphore::new(settings.handshakes.max(1))),
         waiting: Arc::new(Semaphore::new(settings.waiting_connects.max(1))),
+        peers: Arc::new(crate::gateway::admission::PeerTable::new(
+            settings.flows_per_peer.max(1),
+            settings.connects_per_peer.max(1),
+        )),
     });
     let tracker = TaskTracker::new();
     let shutdown = CancellationToken::new();

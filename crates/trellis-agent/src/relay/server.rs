@@ -38,6 +38,7 @@ use trellis_proto::relay::{Answer, Hello, RelayStatus, decode_accept, decode_hel
 use super::attachments::{Attachments, Claim, RawStream};
 use super::metrics::RelayMetrics;
 use crate::access_log::{AccessLog, millis, rfc3339};
+use crate::gateway::admission::{PeerLimit, PeerTable};
 use crate::read_ahead::ReadAhead;
 use crate::relay_wire::{RecordBounded, WireError, leave_server_tls, receive, send};
 use crate::splice::{SpliceEnd, splice};
@@ -58,6 +59,12 @@ pub struct RelaySettings {
     pub attachments_per_gateway: usize,
     /// `Connect`s waiting for an attachment at once.
     pub waiting_connects: usize,
+    /// Of those, from one agent (by agent id): the rest is kept for the others.
+    pub connects_per_peer: usize,
+    /// `Connect`s of one agent at once, waiting or relaying: what one agent
+    /// (of any account) may take of the relay's connections and of the
+    /// attachments of the gateway agents it serves.
+    pub flows_per_peer: usize,
     /// Agent connections at once (attachments, relayed flows' two sides, handshakes).
     pub connections: usize,
     /// Of those, still in the TLS handshake or before their hello.
@@ -73,6 +80,8 @@ impl Default for RelaySettings {
             accept: Duration::from_secs(3),
             attachments_per_gateway: 64,
             waiting_connects: 1024,
+            connects_per_peer: 64,
+            flows_per_peer: 512,
             connections: 4096,
             handshakes: 1024,
         }
@@ -81,12 +90,16 @@ impl Default for RelaySettings {
 
 impl RelaySettings {
     /// Connection budgets from the process's open-files limit (the rest of the settings as default).
+    /// One agent may have a sixteenth of the waiting connects and a quarter
+    /// of the relayed flows (each takes two connections).
     pub fn from_open_files(open_files: u64) -> Self {
         let limits = crate::Limits::from_open_files(open_files);
         Self {
             connections: limits.tunnel_connections * 2,
             handshakes: limits.tunnel_handshakes,
             waiting_connects: limits.tunnel_handshakes,
+            connects_per_peer: (limits.tunnel_handshakes / 16).max(8),
+            flows_per_peer: (limits.tunnel_connections / 4).max(16),
             ..Self::default()
         }
     }
@@ -103,6 +116,8 @@ pub struct RelayContext {
     pub connections: Arc<Semaphore>,
     pub handshakes: Arc<Semaphore>,
     pub waiting: Arc<Semaphore>,
+    /// Connects per agent, waiting and relaying (`connects_per_peer`, `flows_per_peer`).
+    pub peers: Arc<PeerTable>,
 }
 
 /// The relay's TLS admission: any agent certificate the CA signed, unless revoked.
@@ -388,6 +403,32 @@ async fn connect(
         answer(&mut tls, RelayStatus::NotServed, message).await;
         return;
     }
+    // Per agent first: one agent over its share never takes what others need.
+    let mut peer_slot = match ctx.peers.enter(&peer.agent_id) {
+        Ok(slot) => slot,
+        Err(limit) => {
+            let (reason, message) = match limit {
+                PeerLimit::Pending(n) => (
+                    "peer_connects",
+                    format!(
+                        "relay {} already has {n} connects of agent {} waiting for an attachment, the most one agent may have (connects_per_peer)",
+                        ctx.relay_id, peer.agent_id
+                    ),
+                ),
+                PeerLimit::Connections(n) => (
+                    "peer_flows",
+                    format!(
+                        "relay {} already carries {n} connects of agent {} (waiting or relaying), the most one agent may have (flows_per_peer)",
+                        ctx.relay_id, peer.agent_id
+                    ),
+                ),
+            };
+            ctx.metrics.count_refusal(reason);
+            log.write(0, 0, RelayStatus::Busy.as_str(), Some(message.clone()));
+            answer(&mut tls, RelayStatus::Busy, message).await;
+            return;
+        }
+    };
     let Ok(waiting) = ctx.waiting.clone().try_acquire_owned() else {
         let message = format!("relay {} has too many connects waiting for attachments", ctx.relay_id);
         log.write(0, 0, RelayStatus::Busy.as_str(), Some(message.clone()));
@@ -408,6 +449,8 @@ async fn connect(
         answer(&mut tls, RelayStatus::Unavailable, message).await;
         return;
     };
+    // Paired: no longer waiting, still counted (until the flow ends) against `flows_per_peer`.
+    peer_slot.opened();
     if !answer(&mut tls, RelayStatus::Ok, String::new()).await {
         log.write(0, 0, "error", Some("the endpoint agent left before the pipe started".into()));
         return;
