@@ -718,3 +718,25 @@ async fn an_agent_over_its_cap_at_a_relay_is_refused_busy_while_another_agent_st
     drop(held);
     stop(s).await;
 }
+
+#[tokio::test]
+async fn a_connect_to_a_gateway_with_no_attachment_at_the_relay_is_answered_unavailable_at_once() {
+    // A long wait for attachments: only a gateway whose attachments are all busy is waited for.
+    let relay = RelaySettings { connect_wait: Duration::from_secs(10), ..RelaySettings::default() };
+    let s = setup_opts(SetupOpts { relay, ..SetupOpts::default() }).await;
+    let target = relay_target(R2, s.relays[1].running.local_addr());
+    let ep = relay_connector(&s.endpoint_identity);
+    // The relay serves ROGUE_GW, which never attached.
+    let connect = Hello::Connect { gateway_agent_id: ROGUE_GW.into() };
+    let started = Instant::now();
+    match dial_relay(&ep, &target, &connect, Duration::from_secs(20)).await {
+        Err(DialRelayError::Refused { answer, .. }) => assert_eq!(answer.status, RelayStatus::Unavailable),
+        Err(e) => panic!("expected unavailable, got {e}"),
+        Ok(_) => panic!("relayed to a gateway that is not attached"),
+    }
+    assert!(started.elapsed() < Duration::from_secs(3), "answered after {:?}", started.elapsed());
+    // A gateway that is attached is still relayed.
+    let connect = Hello::Connect { gateway_agent_id: GW.into() };
+    dial_relay(&ep, &target, &connect, Duration::from_secs(5)).await.unwrap();
+    stop(s).await;
+}

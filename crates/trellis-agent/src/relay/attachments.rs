@@ -5,7 +5,9 @@
 //! takes the freshest entry and sends it a [`Claim`]; the holding task tells
 //! its gateway agent a flow arrives, waits for its `Accept`, and hands the
 //! raw stream back. A holding task whose connection dies removes its own
-//! entry. A connect that finds no entry waits (bounded) for the next one.
+//! entry. A connect that finds no entry waits (bounded) for the next one
+//! only while others of the gateway are being paired (busy); a gateway with
+//! no attachment at all is not waited for.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -34,6 +36,38 @@ struct Idle {
 struct Gateway {
     idle: VecDeque<Idle>,
     arrived: Arc<Notify>,
+    /// Attachments taken by a connect and not yet paired (or failed).
+    pairing: usize,
+}
+
+/// Why [`Attachments::take`] gave no attachment.
+pub enum NoAttachment {
+    /// Every attachment is being paired: the gateway agent attaches more soon; wait on this.
+    Busy(Arc<Notify>),
+    /// The gateway agent has no attachment here at all (not connected to this relay).
+    None(Arc<Notify>),
+}
+
+/// An attachment taken for a connect; counted as pairing until dropped.
+pub struct Taken<'a> {
+    claim: Option<oneshot::Sender<Claim>>,
+    table: &'a Attachments,
+    gateway: String,
+}
+
+impl Taken<'_> {
+    /// Hands `claim` to the task holding the attachment; false when it is gone.
+    pub fn send(&mut self, claim: Claim) -> bool {
+        self.claim.take().is_some_and(|c| c.send(claim).is_ok())
+    }
+}
+
+impl Drop for Taken<'_> {
+    fn drop(&mut self) {
+        if let Some(entry) = self.table.lock().get_mut(&self.gateway) {
+            entry.pairing = entry.pairing.saturating_sub(1);
+        }
+    }
 }
 
 /// Idle attachments of every gateway agent.
@@ -89,13 +123,21 @@ impl Attachments {
         removed
     }
 
-    /// Takes the freshest idle attachment of `gateway`, or gives what to wait on for the next one.
-    pub fn take(&self, gateway: &str) -> Result<oneshot::Sender<Claim>, Arc<Notify>> {
+    /// Takes the freshest idle attachment of `gateway` (pairing until the
+    /// [`Taken`] drops), or says whether any is being paired and what to wait on.
+    pub fn take(&self, gateway: &str) -> Result<Taken<'_>, NoAttachment> {
         let mut gateways = self.lock();
         let entry = gateways.entry(gateway.to_string()).or_default();
         let taken = entry.idle.pop_back();
         self.metrics.set_attachments(gateway, entry.idle.len());
-        taken.map(|i| i.claim).ok_or_else(|| entry.arrived.clone())
+        match taken {
+            Some(idle) => {
+                entry.pairing += 1;
+                Ok(Taken { claim: Some(idle.claim), table: self, gateway: gateway.to_string() })
+            }
+            None if entry.pairing > 0 => Err(NoAttachment::Busy(entry.arrived.clone())),
+            None => Err(NoAttachment::None(entry.arrived.clone())),
+        }
     }
 
     /// Idle attachments of `gateway` now.
@@ -114,7 +156,7 @@ impl Attachments {
     /// Forgets gateways no longer served with no attachment left (their metric series too).
     pub fn prune(&self, served: impl Fn(&str) -> bool) {
         self.lock().retain(|id, g| {
-            let keep = served(id) || !g.idle.is_empty();
+            let keep = served(id) || !g.idle.is_empty() || g.pairing > 0;
             if !keep {
                 self.metrics.forget_gateway(id);
             }
@@ -135,13 +177,25 @@ mod tests {
         assert_eq!(table.add("gw-1").err(), Some(TooMany { gateway: "gw-1".into(), limit: 2 }));
         assert!(table.add("gw-2").is_ok(), "the bound is per gateway");
         assert_eq!(table.attached(), ["gw-1", "gw-2"]);
-        let claim = table.take("gw-1").ok().unwrap();
+        let mut taken = table.take("gw-1").ok().unwrap();
         let (reply, _) = oneshot::channel();
-        assert!(claim.send(Claim { from_agent_id: "ep".into(), reply }).is_ok());
+        assert!(taken.send(Claim { from_agent_id: "ep".into(), reply }));
         assert!(rb.try_recv().is_ok(), "the freshest attachment was taken");
+        drop(taken);
         assert!(!table.remove("gw-1", b), "a taken attachment is no longer in the table");
         assert!(table.remove("gw-1", a));
         assert_eq!(table.idle("gw-1"), 0);
-        assert!(table.take("gw-1").is_err(), "none left: the caller waits");
+        assert!(matches!(table.take("gw-1"), Err(NoAttachment::None(_))), "none left at all: nothing to wait for");
+    }
+
+    #[test]
+    fn a_connect_waits_only_while_attachments_are_being_paired() {
+        let table = Attachments::new(2, Arc::default());
+        assert!(matches!(table.take("gw-1"), Err(NoAttachment::None(_))), "never attached");
+        let _a = table.add("gw-1").unwrap();
+        let taken = table.take("gw-1").ok().unwrap();
+        assert!(matches!(table.take("gw-1"), Err(NoAttachment::Busy(_))), "the only attachment is being paired");
+        drop(taken);
+        assert!(matches!(table.take("gw-1"), Err(NoAttachment::None(_))), "paired (or failed): none left");
     }
 }

@@ -35,7 +35,7 @@ use tokio_util::task::TaskTracker;
 use trellis_proto::RelayConfig;
 use trellis_proto::relay::{Answer, Hello, RelayStatus, decode_accept, decode_hello, encode_answer, encode_flow};
 
-use super::attachments::{Attachments, Claim, RawStream};
+use super::attachments::{Attachments, Claim, NoAttachment, RawStream, Taken};
 use super::metrics::RelayMetrics;
 use crate::access_log::{AccessLog, millis, rfc3339};
 use crate::gateway::admission::{PeerLimit, PeerTable};
@@ -465,25 +465,31 @@ async fn connect(
     relay_flow(endpoint_stream, gateway_stream, &log, cancel).await;
 }
 
-/// Takes an idle attachment of `gateway` and pairs it, waiting up to `connect_wait` for one.
+/// Takes an idle attachment of `gateway` and pairs it. When all of them are
+/// being paired (busy), waits up to `connect_wait` for the next one; when the
+/// gateway agent has no attachment here at all, gives up at once (the
+/// endpoint agent tries its next relay without waiting).
 async fn take_attachment(ctx: &RelayContext, gateway: &str, from: &str) -> Option<RawStream> {
     let deadline = Instant::now() + ctx.settings.connect_wait;
+    let mut first = true;
     loop {
         let arrived = match ctx.attachments.take(gateway) {
-            Ok(claim) => {
-                if let Some(stream) = claim_one(ctx, claim, from, deadline).await {
+            Ok(taken) => {
+                if let Some(stream) = claim_one(ctx, taken, from, deadline).await {
                     return Some(stream);
                 }
                 continue;
             }
-            Err(arrived) => arrived,
+            Err(NoAttachment::None(_)) if first => return None,
+            Err(NoAttachment::Busy(arrived) | NoAttachment::None(arrived)) => arrived,
         };
+        first = false;
         let notified = arrived.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
         // An attachment may have arrived between the take and the registration.
-        if let Ok(claim) = ctx.attachments.take(gateway) {
-            if let Some(stream) = claim_one(ctx, claim, from, deadline).await {
+        if let Ok(taken) = ctx.attachments.take(gateway) {
+            if let Some(stream) = claim_one(ctx, taken, from, deadline).await {
                 return Some(stream);
             }
             continue;
@@ -494,14 +500,12 @@ async fn take_attachment(ctx: &RelayContext, gateway: &str, from: &str) -> Optio
     }
 }
 
-async fn claim_one(
-    ctx: &RelayContext,
-    claim: oneshot::Sender<Claim>,
-    from: &str,
-    deadline: Instant,
-) -> Option<RawStream> {
+/// Pairs the flow with a taken attachment (which counts as pairing until this returns).
+async fn claim_one(ctx: &RelayContext, mut taken: Taken<'_>, from: &str, deadline: Instant) -> Option<RawStream> {
     let (reply, answer) = oneshot::channel();
-    claim.send(Claim { from_agent_id: from.to_string(), reply }).ok()?;
+    if !taken.send(Claim { from_agent_id: from.to_string(), reply }) {
+        return None;
+    }
     // The gateway has its own accept deadline; past ours the flow gives up on this one.
     let wait = (deadline + ctx.settings.accept).saturating_duration_since(Instant::now());
     match tokio::time::timeout(wait, answer).await {
