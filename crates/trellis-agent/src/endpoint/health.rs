@@ -176,7 +176,9 @@ impl HealthTable {
 /// Once its probe time comes (1 s, doubling to 30 s) it takes its place in the
 /// order again for one attempt, which marks it up or down again: the flows
 /// that need a relay probe it, and a silent relay costs one timeout per
-/// probe interval, not one per flow. A relay that answers (even with a
+/// probe interval, not one per flow. Handing a due path out moves its next
+/// probe one interval on, so that of the connections made at once only the
+/// first probes it; the others skip it as before. A relay that answers (even with a
 /// refusal: the gateway is not attached there) is up.
 ///
 /// The same memory keeps, under `direct:<agent id>`, the direct path of a
@@ -200,18 +202,29 @@ impl RelayHealth {
 
     /// The order in which a connection tries `relays` (given own zone first):
     /// relays that are up or due for a probe, in the given order, then the
-    /// other down ones, longest down last.
-    pub fn order<'a>(&self, relays: &'a [RelayTarget], now: Instant) -> Vec<&'a RelayTarget> {
+    /// other down ones, longest down last. A due relay is handed out to this
+    /// caller only: its next probe moves one interval on.
+    pub fn order<'a>(&mut self, relays: &'a [RelayTarget], now: Instant) -> Vec<&'a RelayTarget> {
         let (mut tries, mut skipped): (Vec<&RelayTarget>, Vec<&RelayTarget>) =
-            relays.iter().partition(|r| self.down.get(&r.relay_id).is_none_or(|d| d.next_probe <= now));
+            relays.iter().partition(|r| !self.skip(&r.relay_id, now));
         skipped.sort_by_key(|r| self.down.get(&r.relay_id).map(|d| std::cmp::Reverse(d.since)));
         tries.append(&mut skipped);
         tries
     }
 
-    /// Whether a path marked down is still waiting for its next probe (skip it now).
-    pub fn skip(&self, id: &str, now: Instant) -> bool {
-        self.down.get(id).is_some_and(|d| d.next_probe > now)
+    /// Whether a path marked down is still waiting for its next probe (skip
+    /// it now). `false` for a due path hands its probe to this caller: the
+    /// next caller skips it until one more interval has passed (or this
+    /// attempt marks it up or down).
+    pub fn skip(&mut self, id: &str, now: Instant) -> bool {
+        match self.down.get_mut(id) {
+            None => false,
+            Some(d) if d.next_probe > now => true,
+            Some(d) => {
+                d.next_probe = now + d.backoff;
+                false
+            }
+        }
     }
 
     /// Records a failed attempt; true when the relay was up until now. A
@@ -261,20 +274,44 @@ mod tests {
         let relays = [relay("r1"), relay("r2"), relay("r3")];
         let mut h = RelayHealth::new(Duration::from_secs(1), Duration::from_secs(30));
         let t0 = Instant::now();
-        let order = |h: &RelayHealth, t| h.order(&relays, t).iter().map(|r| r.relay_id.clone()).collect::<Vec<_>>();
-        assert_eq!(order(&h, t0), ["r1", "r2", "r3"], "the given order (own zone first) when all are up");
+        let order =
+            |h: &mut RelayHealth, t| h.order(&relays, t).iter().map(|r| r.relay_id.clone()).collect::<Vec<_>>();
+        assert_eq!(order(&mut h, t0), ["r1", "r2", "r3"], "the given order (own zone first) when all are up");
         assert!(h.mark_down("r1", "refused", t0));
         assert!(h.mark_down("r2", "refused", t0 + Duration::from_millis(1)));
-        assert_eq!(order(&h, t0), ["r3", "r2", "r1"], "down relays last, the most recently failed first");
-        assert_eq!(order(&h, t0 + Duration::from_secs(2)), ["r1", "r2", "r3"], "due for a probe: back in place");
+        assert_eq!(order(&mut h, t0), ["r3", "r2", "r1"], "down relays last, the most recently failed first");
+        assert_eq!(order(&mut h, t0 + Duration::from_secs(2)), ["r1", "r2", "r3"], "due for a probe: back in place");
         assert!(!h.mark_down("r1", "refused again", t0 + Duration::from_secs(2)), "already down");
-        assert_eq!(order(&h, t0 + Duration::from_secs(3))[0], "r2", "r1 waits 2 s now");
-        assert_eq!(order(&h, t0 + Duration::from_secs(4))[0], "r1");
-        assert!(h.skip("r2", t0 + Duration::from_millis(500)) && !h.skip("r2", t0 + Duration::from_secs(2)));
+        assert_eq!(
+            order(&mut h, t0 + Duration::from_millis(2500))[0],
+            "r3",
+            "r1 waits 2 s now; r2's probe was handed out at 2 s"
+        );
+        assert_eq!(order(&mut h, t0 + Duration::from_secs(3))[0], "r2", "r2's probe has no answer: due again");
+        assert_eq!(order(&mut h, t0 + Duration::from_secs(4))[0], "r1");
+        assert!(h.skip("r2", t0 + Duration::from_millis(500)) && !h.skip("r2", t0 + Duration::from_secs(5)));
         assert!(h.mark_up("r1"));
         assert!(!h.is_down("r1"));
         h.retain(&HashSet::from(["r1"]));
         assert!(!h.is_down("r2"), "relays that left the config are forgotten");
+    }
+
+    #[test]
+    fn a_due_path_is_handed_to_one_caller_and_skipped_by_the_others_meanwhile() {
+        let relays = [relay("r1"), relay("r2")];
+        let mut h = RelayHealth::new(Duration::from_secs(1), Duration::from_secs(30));
+        let t0 = Instant::now();
+        h.mark_down("r1", "no answer within 5s", t0);
+        let due = t0 + Duration::from_secs(1);
+        let first: Vec<_> = (0..3).map(|i| h.order(&relays, due + Duration::from_millis(i))[0].relay_id.clone()).collect();
+        assert_eq!(first, ["r1", "r2", "r2"], "only the first connection once the probe is due tries the silent relay");
+        assert_eq!(h.order(&relays, due + Duration::from_secs(1))[0].relay_id, "r1", "one interval later: due again");
+        h.mark_down("direct:gw", "timed out", t0);
+        assert!(!h.skip("direct:gw", due), "the first caller once due probes the direct path");
+        assert!(h.skip("direct:gw", due), "the others go straight to the relays meanwhile");
+        assert!(h.skip("direct:gw", due + Duration::from_millis(900)));
+        assert!(!h.skip("direct:gw", due + Duration::from_secs(1)));
+        assert!(!h.skip("r3", due), "a path never marked down is never skipped");
     }
 
     fn gw(id: &str, zone: &str) -> GatewayTarget {

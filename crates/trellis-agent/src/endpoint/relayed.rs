@@ -26,7 +26,7 @@ pub(super) async fn connect(
     timeout: Duration,
 ) -> io::Result<(ReadAhead, String)> {
     let order: Vec<_> = {
-        let health = pools.relay_health.lock().unwrap_or_else(|e| e.into_inner());
+        let mut health = pools.relay_health.lock().unwrap_or_else(|e| e.into_inner());
         health.order(&key.relays, Instant::now()).into_iter().cloned().collect()
     };
     let hello = Hello::Connect { gateway_agent_id: key.agent_id.clone() };
