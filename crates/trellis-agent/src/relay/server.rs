@@ -551,11 +551,11 @@ async fn relay_flow(endpoint: RawStream, gateway: RawStream, log: &FlowLog<'_>, 
     let metrics = &ctx.metrics;
     let to_gateway = |n: u64| {
         up.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
-        metrics.add_bytes("to_gateway", n);
+        metrics.bytes_to_gateway.inc_by(n);
     };
     let to_endpoint = |n: u64| {
         down.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
-        metrics.add_bytes("to_endpoint", n);
+        metrics.bytes_to_endpoint.inc_by(n);
     };
     let end = splice(endpoint, gateway, to_gateway, to_endpoint, stop).await;
     ctx.metrics.active_flows.dec();
