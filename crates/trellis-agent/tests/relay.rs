@@ -740,3 +740,70 @@ async fn a_connect_to_a_gateway_with_no_attachment_at_the_relay_is_answered_unav
     dial_relay(&ep, &target, &connect, Duration::from_secs(5)).await.unwrap();
     stop(s).await;
 }
+
+#[tokio::test]
+async fn a_relay_that_breaks_the_protocol_on_an_attachment_is_reattached_to_with_backoff() {
+    let ca = TestCa::new();
+    let identity = ca.issue_relay(R1, "z1");
+    let config = tls::relay_server_config(&identity.ca, &identity.cert, &identity.key, Arc::new(tls::AnyAgent)).unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    // A "relay" that accepts every attach, then sends a record that is no relay frame.
+    let attaches = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = attaches.clone();
+    let server = tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, counter) = (acceptor.clone(), counter.clone());
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else { return };
+                let mut hello = [0u8; 64];
+                if !matches!(tls.read(&mut hello).await, Ok(1..)) {
+                    return;
+                }
+                counter.fetch_add(1, Ordering::SeqCst);
+                let mut ok = Vec::new();
+                trellis_proto::relay::encode_answer(&trellis_proto::relay::Answer::new(RelayStatus::Ok, ""), &mut ok);
+                // Two flushes: two TLS records, so the answer arrives alone and the garbage after it.
+                if tls.write_all(&ok).await.is_err() || tls.flush().await.is_err() {
+                    return;
+                }
+                let _ = tls.write_all(b"NOT A RELAY FRAME, NOT AT ALL").await;
+                let _ = tls.flush().await;
+                let mut rest = Vec::new();
+                let _ = tls.read_to_end(&mut rest).await;
+            });
+        }
+    });
+    let gw_id = ca.issue(GW, GW_ACCT, GW_VPC);
+    let config = AgentConfig {
+        version: 1,
+        agent_id: GW.into(),
+        account_id: GW_ACCT.into(),
+        vpc_id: GW_VPC.into(),
+        zone: "z1".into(),
+        relays: vec![relay_target(R1, addr)],
+        ..Default::default()
+    };
+    let (_config, rx) = watch::channel(Arc::new(config));
+    let opts = DataPlaneOptions {
+        attach: AttachSettings {
+            idle_per_relay: 1,
+            backoff_min: Duration::from_millis(100),
+            backoff_max: Duration::from_millis(300),
+            ..AttachSettings::default()
+        },
+        ..DataPlaneOptions::outbound_only()
+    };
+    let gateway = start_data_plane(opts, &gw_id, rx).await.unwrap();
+    eventually("the first attach", Duration::from_secs(5), || attaches.load(Ordering::SeqCst) >= 1).await;
+    let from = attaches.load(Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // At least 100 ms between attaches (the backoff restarts at its minimum after each
+    // successful attach): about 20 in 2 s, where a tight loop makes hundreds.
+    let during = attaches.load(Ordering::SeqCst) - from;
+    assert!(during <= 30, "{during} attaches in 2 s to a relay that breaks the protocol");
+    assert!(during >= 2, "the worker keeps reattaching ({during})");
+    gateway.shutdown().await;
+    server.abort();
+}

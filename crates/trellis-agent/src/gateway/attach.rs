@@ -205,7 +205,14 @@ async fn worker(shared: &Arc<Shared>, relay: &Arc<Relay>, extra: bool) {
                 continue;
             }
             Some(Err(e)) => {
+                // Backed off as a closed attachment is: a relay that keeps breaking the
+                // protocol must not turn this worker into a tight reconnect loop.
                 tracing::warn!(relay = %relay.target.relay_id, error = %e, "the relay broke the relay protocol; reattaching");
+                tokio::select! {
+                    () = tokio::time::sleep(backoff) => {}
+                    () = relay.cancel.cancelled() => return,
+                }
+                backoff = (backoff * 2).min(settings.backoff_max);
                 continue;
             }
         };
