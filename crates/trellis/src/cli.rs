@@ -376,7 +376,7 @@ pub struct RelayRunArgs {
     #[arg(long, env = "TRELLIS_METRICS_LISTEN", value_name = "ADDR")]
     pub metrics_listen: Option<SocketAddr>,
 
-    /// Where the access log (one JSON line per relayed flow, no payload) goes: `-` for stdout, or a FILE appended to and reopened on SIGHUP
+    /// Where the access log (one JSON line per relayed tunnel connection, which carries many client flows, or refused connect; no payload) goes: `-` for stdout, or a FILE appended to and reopened on SIGHUP
     #[arg(long, env = "TRELLIS_ACCESS_LOG", value_name = "FILE", default_value = "-")]
     pub access_log: PathBuf,
 

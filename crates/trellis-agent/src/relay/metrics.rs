@@ -51,7 +51,11 @@ impl RelayMetrics {
             connections.clone(),
         );
         let active_flows = Gauge::default();
-        registry.register("active_flows", "Relayed flows open now", active_flows.clone());
+        registry.register(
+            "active_flows",
+            "Relayed tunnel connections open now (each carries any number of client flows)",
+            active_flows.clone(),
+        );
         let flows = Family::<Labels, Counter>::default();
         registry.register(
             "flows",

@@ -114,7 +114,7 @@ impl RunningRelay {
         self.attachments.attached()
     }
 
-    /// Relayed flows open now.
+    /// Relayed tunnel connections open now (each carries any number of client flows).
     pub fn active_flows(&self) -> u64 {
         u64::try_from(self.metrics.active_flows.get()).unwrap_or(0)
     }
