@@ -197,8 +197,7 @@ async fn setup_opts(o: SetupOpts) -> Setup {
     let ep_id = ca.issue(EP, CONSUMER_ACCT, CONSUMER_VPC);
     let echo = echo_server().await;
     let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
-    let relays =
-        vec![start_relay(&ca, R1, any, relay_settings).await, start_relay(&ca, R2, any, relay_settings).await];
+    let relays = vec![start_relay(&ca, R1, any, relay_settings).await, start_relay(&ca, R2, any, relay_settings).await];
     let targets: Vec<RelayTarget> =
         relays.iter().map(|r| relay_target(r.running.relay_id(), r.running.local_addr())).collect();
 
@@ -745,7 +744,8 @@ async fn a_connect_to_a_gateway_with_no_attachment_at_the_relay_is_answered_unav
 async fn a_relay_that_breaks_the_protocol_on_an_attachment_is_reattached_to_with_backoff() {
     let ca = TestCa::new();
     let identity = ca.issue_relay(R1, "z1");
-    let config = tls::relay_server_config(&identity.ca, &identity.cert, &identity.key, Arc::new(tls::AnyAgent)).unwrap();
+    let config =
+        tls::relay_server_config(&identity.ca, &identity.cert, &identity.key, Arc::new(tls::AnyAgent)).unwrap();
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

@@ -274,8 +274,7 @@ mod tests {
         let relays = [relay("r1"), relay("r2"), relay("r3")];
         let mut h = RelayHealth::new(Duration::from_secs(1), Duration::from_secs(30));
         let t0 = Instant::now();
-        let order =
-            |h: &mut RelayHealth, t| h.order(&relays, t).iter().map(|r| r.relay_id.clone()).collect::<Vec<_>>();
+        let order = |h: &mut RelayHealth, t| h.order(&relays, t).iter().map(|r| r.relay_id.clone()).collect::<Vec<_>>();
         assert_eq!(order(&mut h, t0), ["r1", "r2", "r3"], "the given order (own zone first) when all are up");
         assert!(h.mark_down("r1", "refused", t0));
         assert!(h.mark_down("r2", "refused", t0 + Duration::from_millis(1)));
@@ -303,7 +302,8 @@ mod tests {
         let t0 = Instant::now();
         h.mark_down("r1", "no answer within 5s", t0);
         let due = t0 + Duration::from_secs(1);
-        let first: Vec<_> = (0..3).map(|i| h.order(&relays, due + Duration::from_millis(i))[0].relay_id.clone()).collect();
+        let first: Vec<_> =
+            (0..3).map(|i| h.order(&relays, due + Duration::from_millis(i))[0].relay_id.clone()).collect();
         assert_eq!(first, ["r1", "r2", "r2"], "only the first connection once the probe is due tries the silent relay");
         assert_eq!(h.order(&relays, due + Duration::from_secs(1))[0].relay_id, "r1", "one interval later: due again");
         h.mark_down("direct:gw", "timed out", t0);

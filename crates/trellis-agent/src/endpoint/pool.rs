@@ -398,15 +398,14 @@ impl GatewayPools {
         }
         let attempt = async {
             let (raw, relay_id) = super::relayed::connect(self, key, self.settings.connect_timeout).await?;
-            let tunnel =
-                tokio::time::timeout(self.settings.connect_timeout, self.connector.connect(name, raw)).await.map_err(
-                    |_| {
-                        io::Error::new(
-                            io::ErrorKind::TimedOut,
-                            format!("TLS with gateway agent {} through a relay timed out", key.agent_id),
-                        )
-                    },
-                )??;
+            let tunnel = tokio::time::timeout(self.settings.connect_timeout, self.connector.connect(name, raw))
+                .await
+                .map_err(|_| {
+                    io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("TLS with gateway agent {} through a relay timed out", key.agent_id),
+                    )
+                })??;
             Ok(Connected { tunnel, path: Some(relay_id) })
         };
         attempt.await.map_err(|e: io::Error| match direct_failed {
