@@ -69,6 +69,7 @@ pub fn main(o: &Options) -> Res<()> {
             o.valgrind
         )
     })?;
+    let valgrind = resolve_program(&o.valgrind).ok_or_else(|| format!("cannot find {} on PATH", o.valgrind))?;
     let exe = std::env::current_exe().map_err(|e| format!("cannot find the trellis-instructions executable: {e}"))?;
     let selected: Vec<&Workload> =
         WORKLOADS.iter().filter(|w| o.paths.as_ref().is_none_or(|p| p.iter().any(|n| n == w.name))).collect();
@@ -77,10 +78,16 @@ pub fn main(o: &Options) -> Res<()> {
 
     let mut counts: BTreeMap<&str, Vec<u64>> = BTreeMap::new();
     let measuring = (|| {
+        for w in &selected {
+            let dir = tmp.join(w.name);
+            std::fs::create_dir_all(&dir)
+                .and_then(|()| std::os::unix::fs::symlink(&exe, dir.join(EXE_LINK)))
+                .map_err(|e| format!("cannot link {} into {}: {e}", exe.display(), dir.display()))?;
+        }
         for run in 1..=o.runs {
             for w in &selected {
                 let started = std::time::Instant::now();
-                let n = measure(&o.valgrind, &exe, w.name, &tmp)?;
+                let n = measure(&valgrind, w.name, &tmp)?;
                 eprintln!(
                     "instructions: {:<10} run {run}/{}: {:>14} ({:.1} s under callgrind)",
                     w.name,
@@ -159,18 +166,76 @@ pub fn main(o: &Options) -> Res<()> {
     ))
 }
 
-/// Runs one path under callgrind and returns the instructions counted inside the marker.
-fn measure(valgrind: &str, exe: &Path, name: &str, tmp: &Path) -> Res<u64> {
-    let out = tmp.join(format!("callgrind.{name}.out"));
-    let result = Command::new(valgrind)
-        .arg("--tool=callgrind")
-        .arg(format!("--callgrind-out-file={}", out.display()))
-        .arg("--collect-atstart=no")
-        .arg(format!("--toggle-collect={MARKER}"))
-        .arg(exe)
-        .args(["workload", name])
+/// What the measured process is called, in its working directory (a link to this executable).
+const EXE_LINK: &str = "ti";
+/// Where callgrind writes, relative to the working directory.
+const OUT_FILE: &str = "callgrind.out";
+/// The only environment a workload runs with (see [`Invocation`]), sorted
+/// by name (the order `Command` passes it in).
+const WORKLOAD_ENV: &[(&str, &str)] = &[("LC_ALL", "C"), ("PATH", "/usr/local/bin:/usr/bin:/bin")];
+
+/// How a path's process is started. Its argument vector and environment are
+/// the same wherever the tree is checked out and whatever the caller's
+/// environment holds: both sit on the process's stack and are copied to the
+/// heap by `std::env::args`, and their sizes move the stack and heap
+/// addresses of everything after them, which changes what `memcpy` and
+/// `memcmp` execute (alignment) and so the counts, by up to 6 %. So the
+/// executable is linked into a scratch directory and run as `./ti` from
+/// there, callgrind writes to a relative file, and the environment is
+/// [`WORKLOAD_ENV`] only.
+#[derive(Debug, PartialEq)]
+struct Invocation {
+    program: PathBuf,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+    dir: PathBuf,
+}
+
+impl Invocation {
+    /// `valgrind` is an absolute path (resolved once, see [`resolve_program`]);
+    /// `dir` holds the link [`EXE_LINK`] to this executable.
+    fn new(valgrind: &Path, name: &str, dir: &Path) -> Self {
+        Self {
+            program: valgrind.to_path_buf(),
+            args: vec![
+                "--tool=callgrind".into(),
+                format!("--callgrind-out-file={OUT_FILE}"),
+                "--collect-atstart=no".into(),
+                format!("--toggle-collect={MARKER}"),
+                format!("./{EXE_LINK}"),
+                "workload".into(),
+                name.into(),
+            ],
+            env: WORKLOAD_ENV.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    fn command(&self) -> Command {
+        let mut c = Command::new(&self.program);
+        c.args(&self.args).env_clear().envs(self.env.iter().map(|(k, v)| (k, v))).current_dir(&self.dir);
+        c
+    }
+}
+
+/// `program` as an absolute path: as given when it names a file, else found on `PATH`.
+fn resolve_program(program: &str) -> Option<PathBuf> {
+    if program.contains('/') {
+        return std::path::absolute(program).ok();
+    }
+    std::env::split_paths(&std::env::var_os("PATH")?).map(|d| d.join(program)).find(|p| p.is_file())
+}
+
+/// Runs one path under callgrind (in `tmp/<name>`, which holds the link
+/// [`EXE_LINK`]) and returns the instructions counted inside the marker.
+fn measure(valgrind: &Path, name: &str, tmp: &Path) -> Res<u64> {
+    let dir = tmp.join(name);
+    let out = dir.join(OUT_FILE);
+    let _ = std::fs::remove_file(&out);
+    let result = Invocation::new(valgrind, name, &dir)
+        .command()
         .output()
-        .map_err(|e| format!("cannot run {valgrind}: {e}"))?;
+        .map_err(|e| format!("cannot run {}: {e}", valgrind.display()))?;
     if !result.status.success() {
         let stderr = String::from_utf8_lossy(&result.stderr);
         let tail: Vec<&str> = stderr.lines().rev().take(30).collect::<Vec<_>>().into_iter().rev().collect();
@@ -321,5 +386,38 @@ mod tests {
         assert_eq!(thousands(1_234_567), "1,234,567");
         assert_eq!(thousands(999), "999");
         assert!(spread(&[100, 101, 102]).starts_with("1.980 %"));
+    }
+
+    #[test]
+    fn a_path_is_started_the_same_wherever_the_tree_is_and_whatever_the_environment() {
+        let valgrind = Path::new("/usr/bin/valgrind");
+        let here = Invocation::new(valgrind, "authorize", Path::new("/tmp/trellis-instructions-1/authorize"));
+        let there = Invocation::new(valgrind, "authorize", Path::new("/home/ci/a/much/longer/checkout/authorize"));
+        assert_eq!((&here.args, &here.env), (&there.args, &there.env));
+        assert!(here.args.contains(&"./ti".to_string()), "{:?}", here.args);
+        assert!(
+            here.args.iter().all(|a| !a.contains("/tmp") && !a.contains("target")),
+            "an argument names a location: {:?}",
+            here.args
+        );
+
+        // The process sees exactly the fixed environment (nothing inherited) and runs in its directory.
+        let dir = std::env::temp_dir();
+        let mut env = Invocation::new(valgrind, "copy", &dir);
+        (env.program, env.args) = ("/usr/bin/env".into(), vec![]);
+        let out = env.command().output().expect("run env");
+        let want: String = WORKLOAD_ENV.iter().map(|(k, v)| format!("{k}={v}\n")).collect();
+        assert_eq!(String::from_utf8_lossy(&out.stdout), want);
+        let mut pwd = Invocation::new(valgrind, "copy", &dir);
+        (pwd.program, pwd.args) = ("/bin/sh".into(), vec!["-c".into(), "pwd -P".into()]);
+        let out = pwd.command().output().expect("run pwd");
+        assert_eq!(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()), dir.canonicalize().unwrap());
+    }
+
+    #[test]
+    fn programs_are_resolved_to_absolute_paths() {
+        assert_eq!(resolve_program("sh").map(|p| p.is_absolute()), Some(true));
+        assert_eq!(resolve_program("/bin/sh"), Some(PathBuf::from("/bin/sh")));
+        assert_eq!(resolve_program("no-such-program-anywhere"), None);
     }
 }
