@@ -5,7 +5,7 @@
 //! builds it in release mode.
 //!
 //! ```text
-//! trellis-instructions check [--baseline FILE] [--bless] [--runs N] [--paths a,b] [--valgrind BIN]
+//! trellis-instructions check [--baseline FILE] [--bless] [--runs N] [--paths a,b] [--valgrind BIN] [--strict-machine]
 //! trellis-instructions workload NAME     one path, run by `check` under callgrind
 //! ```
 //!
@@ -21,7 +21,7 @@ mod workloads;
 pub type Res<T> = Result<T, String>;
 
 const USAGE: &str = "\
-usage: trellis-instructions check [--baseline FILE] [--bless] [--runs N] [--paths a,b] [--valgrind BIN]
+usage: trellis-instructions check [--baseline FILE] [--bless] [--runs N] [--paths a,b] [--valgrind BIN] [--strict-machine]
        trellis-instructions workload NAME
        trellis-instructions list
 
@@ -31,6 +31,11 @@ check      runs every path under callgrind and compares its instruction count wi
   --bless  writes the counts measured now as the new baseline instead (an intended change)
   --runs N runs every path N times (the median counts) and prints the spread between runs
   --paths  only these paths (comma-separated; see `list`)
+  --strict-machine
+           fail when the baseline was blessed on another CPU or valgrind (also
+           TRELLIS_INSTRUCTIONS_STRICT_MACHINE=1); without it such a check prints a
+           notice, measures nothing and succeeds: counts from another machine cannot be
+           compared
 workload   runs one path's workload (what `check` runs under callgrind)
 list       the paths and what each one measures";
 
@@ -41,7 +46,8 @@ fn main() {
             Some(name) => run_workload(name),
             None => Err(format!("workload: which one?\n{USAGE}")),
         },
-        Some("check") => check::Options::parse(&args[1..]).and_then(|o| check::main(&o)),
+        Some("check") => check::Options::parse(&args[1..], std::env::var(check::STRICT_ENV).ok().as_deref())
+            .and_then(|o| check::main(&o)),
         Some("list") => {
             for w in workloads::WORKLOADS {
                 println!("{:<10} {}", w.name, w.what);

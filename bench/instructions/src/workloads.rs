@@ -4,7 +4,8 @@
 //! on a current-thread runtime, so the agents' tasks are counted too).
 //!
 //! They reach the agent through few, narrow public entry points
-//! (`testing::copy_both_ways`, the stream protocol's encoders and decoders,
+//! (`testing::copy_both_ways`, the tunnel's frame encoders and decoders in
+//! `trellis_proto::mux`, `trellis_agent::mux`'s connection and its driver,
 //! `gateway::authorize::authorize`, `start_data_plane`), so a redesign of the
 //! transport behind them needs a re-bless of the baseline, not a new harness.
 
@@ -17,13 +18,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use trellis_agent::gateway::authorize::authorize;
+use trellis_agent::mux::{MuxConnection, MuxStream, Side};
 use trellis_agent::testing::{TestCa, copy_both_ways};
 use trellis_agent::tls::PeerIdentity;
 use trellis_agent::{DataPlaneOptions, GatewayTimeouts, PoolSettings, start_data_plane};
-use trellis_proto::stream::{
-    MAX_FRAME_LEN, OpenRequest, OpenResponse, OpenStatus, decode_open_request, decode_open_response,
-    encode_open_request, encode_open_response,
-};
+use trellis_proto::mux::{self as frames, Control, FRAME_HEADER_LEN};
+use trellis_proto::stream::{OpenRequest, OpenResponse, OpenStatus};
 use trellis_proto::{
     AgentConfig, AllowedEndpoint, ConsumerVpc, EndpointConfig, EndpointResource, GatewayResource, GatewayRole,
     GatewayTarget, PortRange, Target, agent_server_name,
@@ -53,8 +53,13 @@ pub const WORKLOADS: &[Workload] = &[
     },
     Workload {
         name: "framing",
-        what: "10,000 times: encode + decode an open request, encode + decode an open response",
+        what: "10,000 times: the tunnel frames of one flow (stream protocol version 2), each encoded and decoded: OPEN, OPEN_RESPONSE, a DATA header, WINDOW, FIN",
         run: framing,
+    },
+    Workload {
+        name: "mux",
+        what: "the multiplexed tunnel without TLS: two flows between an endpoint and a gateway mux connection over an in-memory stream, opened, 8 MiB each way on each (16 MiB each way in all, 64 KiB writes), closed",
+        run: mux,
     },
     Workload {
         name: "authorize",
@@ -171,6 +176,20 @@ fn copy_round_trips() -> Res<()> {
     outcome
 }
 
+/// Decodes the frame at the start of `buf`: its header and, for a control frame, its meaning.
+fn decode_frame(buf: &[u8]) -> Res<(frames::Header, Option<Control>)> {
+    let h = frames::decode_header(buf).ok_or("a frame shorter than its header")?;
+    if h.oversized() {
+        return Err(format!("an oversized frame: {h:?}"));
+    }
+    if h.kind == frames::DATA {
+        return Ok((h, None));
+    }
+    let body = buf.get(FRAME_HEADER_LEN..FRAME_HEADER_LEN + h.len as usize).ok_or("a frame shorter than its body")?;
+    let control = frames::parse_control(h.kind, body).map_err(|e| format!("frame {h:?}: {e}"))?;
+    Ok((h, Some(control)))
+}
+
 fn framing() -> Res<()> {
     const N: usize = 10_000;
     let req = OpenRequest {
@@ -180,38 +199,141 @@ fn framing() -> Res<()> {
         client_addr: "10.1.2.3:40000".parse().map_err(|e| format!("{e}"))?,
     };
     let resp = OpenResponse::new(OpenStatus::Ok, "");
-    let mut buf = Vec::with_capacity(MAX_FRAME_LEN);
+    let mut buf = Vec::with_capacity(FRAME_HEADER_LEN + frames::MAX_CONTROL_LEN);
     let mut outcome = Ok(());
     measured(&mut || {
-        for _ in 0..N {
-            buf.clear();
-            if let Err(e) = encode_open_request(black_box(&req), &mut buf) {
-                outcome = Err(format!("encode: {e}"));
-                return;
+        outcome = (|| {
+            for i in 0..N {
+                // What one flow's frames cost each side: the endpoint opens, the gateway
+                // answers, DATA headers and WINDOW grants go both ways, each side half-closes.
+                let flow = black_box(2 * i as u32 + 1);
+                buf.clear();
+                frames::encode_open(flow, black_box(&req), &mut buf).map_err(|e| format!("encode OPEN: {e}"))?;
+                match decode_frame(black_box(&buf))? {
+                    (h, Some(Control::Open(decoded))) if h.flow == flow => black_box(decoded),
+                    other => return Err(format!("an OPEN decoded as {other:?}")),
+                };
+                buf.clear();
+                frames::encode_open_response(flow, black_box(&resp), &mut buf);
+                match decode_frame(black_box(&buf))? {
+                    (h, Some(Control::OpenResponse(decoded))) if h.flow == flow => black_box(decoded),
+                    other => return Err(format!("an OPEN_RESPONSE decoded as {other:?}")),
+                };
+                buf.clear();
+                frames::encode_header(frames::DATA, flow, black_box(frames::MAX_DATA_LEN), &mut buf);
+                match decode_frame(black_box(&buf))? {
+                    (h, None) if h.flow == flow && h.len as usize == frames::MAX_DATA_LEN => black_box(h),
+                    other => return Err(format!("a DATA header decoded as {other:?}")),
+                };
+                buf.clear();
+                frames::encode_window(flow, black_box(256 << 10), &mut buf);
+                match decode_frame(black_box(&buf))? {
+                    (h, Some(Control::Window(n))) if h.flow == flow && n == 256 << 10 => black_box(n),
+                    other => return Err(format!("a WINDOW decoded as {other:?}")),
+                };
+                buf.clear();
+                frames::encode_fin(flow, &mut buf);
+                match decode_frame(black_box(&buf))? {
+                    (h, Some(Control::Fin)) if h.flow == flow => black_box(h),
+                    other => return Err(format!("a FIN decoded as {other:?}")),
+                };
             }
-            match decode_open_request(black_box(&buf)) {
-                Ok(Some(decoded)) => {
-                    black_box(decoded);
-                }
-                other => {
-                    outcome = Err(format!("decode of an open request: {other:?}"));
-                    return;
-                }
-            }
-            buf.clear();
-            encode_open_response(black_box(&resp), &mut buf);
-            match decode_open_response(black_box(&buf)) {
-                Ok(Some(decoded)) => {
-                    black_box(decoded);
-                }
-                other => {
-                    outcome = Err(format!("decode of an open response: {other:?}"));
-                    return;
-                }
-            }
-        }
+            Ok(())
+        })();
     });
     outcome
+}
+
+/// Bytes each flow of the `mux` workload moves each way.
+const MUX_PER_FLOW: usize = 8 << 20;
+/// The application's reads and writes in the `mux` workload (the copy loop's size).
+const MUX_CHUNK: usize = 64 << 10;
+
+fn mux() -> Res<()> {
+    let rt = runtime()?;
+    let up = vec![0x5au8; MUX_CHUNK];
+    let down = vec![0xa5u8; MUX_CHUNK];
+    let mut outcome = Err("not run".to_string());
+    measured(&mut || outcome = rt.block_on(mux_flows(&up, &down)));
+    outcome
+}
+
+/// An endpoint and a gateway [`MuxConnection`] over `tokio::io::duplex` (what
+/// TLS would carry), each driven by `trellis_agent::mux::run` as the agents do;
+/// two flows opened and answered, then on both at once both sides write
+/// [`MUX_PER_FLOW`] bytes and read the other side's to their end.
+async fn mux_flows(up: &[u8], down: &[u8]) -> Res<()> {
+    let (a, b) = tokio::io::duplex(256 << 10);
+    let (ep, gw) = (MuxConnection::new(Side::Endpoint), MuxConnection::new(Side::Gateway));
+    let ep_driver = tokio::spawn(trellis_agent::mux::run(ep.clone(), a));
+    let gw_driver = tokio::spawn(trellis_agent::mux::run(gw.clone(), b));
+    let gateway = async {
+        let accept = async || {
+            let (stream, req) = gw.accept().await.ok_or("the gateway connection ended before both flows opened")?;
+            stream.respond(&OpenResponse::new(OpenStatus::Ok, ""));
+            Ok::<_, String>((stream, req.port))
+        };
+        let (one, one_port) = accept().await?;
+        let (two, two_port) = accept().await?;
+        let (one, two) = tokio::join!(both_ways(one, down), both_ways(two, up));
+        let e = |port| move |e| format!("gateway side of the flow to port {port}: {e}");
+        Ok::<_, String>([one.map_err(e(one_port))?, two.map_err(e(two_port))?])
+    };
+    let endpoint = async {
+        let open = async |port| {
+            let req = OpenRequest {
+                vpc_endpoint_id: "vpce-0123456789abcdef0".into(),
+                resource_configuration_id: "rcfg-0123456789abcdef0".into(),
+                port,
+                client_addr: SocketAddr::from(([10, 1, 2, 3], 40000)),
+            };
+            let mut stream = ep.open(&req).map_err(|e| format!("open a flow to port {port}: {e:?}"))?;
+            let resp = stream.response().await.map_err(|e| format!("the flow to port {port}: no answer: {e}"))?;
+            if resp.status != OpenStatus::Ok {
+                return Err(format!("the flow to port {port} was answered {}: {}", resp.status, resp.message));
+            }
+            Ok::<_, String>(stream)
+        };
+        let (one, two) = (open(1).await?, open(2).await?);
+        let (one, two) = tokio::join!(both_ways(one, up), both_ways(two, down));
+        let e = |port| move |e| format!("endpoint side of the flow to port {port}: {e}");
+        Ok::<_, String>([one.map_err(e(1))?, two.map_err(e(2))?])
+    };
+    let (gateway, endpoint) = tokio::join!(gateway, endpoint);
+    ep.close();
+    gw.close();
+    let _ = tokio::join!(ep_driver, gw_driver);
+    for (side, got) in [("gateway", gateway?), ("endpoint", endpoint?)] {
+        if got != [MUX_PER_FLOW; 2] {
+            return Err(format!("the {side} side received {got:?} bytes on the two flows, not {MUX_PER_FLOW} on each"));
+        }
+    }
+    Ok(())
+}
+
+/// Writes [`MUX_PER_FLOW`] bytes of `chunk` and half-closes while reading the
+/// peer's bytes to their end; returns how many were read.
+async fn both_ways(mut stream: MuxStream, chunk: &[u8]) -> std::io::Result<usize> {
+    let (mut r, mut w) = tokio::io::split(&mut stream);
+    let send = async {
+        for _ in 0..MUX_PER_FLOW / chunk.len() {
+            w.write_all(chunk).await?;
+        }
+        w.shutdown().await
+    };
+    let receive = async {
+        let mut buf = vec![0u8; MUX_CHUNK];
+        let mut got = 0usize;
+        loop {
+            match r.read(&mut buf).await? {
+                0 => return Ok::<_, std::io::Error>(got),
+                n => got += n,
+            }
+        }
+    };
+    let (sent, got) = tokio::join!(send, receive);
+    sent?;
+    got
 }
 
 fn authorize_many() -> Res<()> {
@@ -433,5 +555,33 @@ async fn upload(entry: SocketAddr) -> Res<()> {
     match <[u8; 8]>::try_from(answer.as_slice()) {
         Ok(count) if u64::from_be_bytes(count) == UPLOAD as u64 => Ok(()),
         _ => Err(format!("the target answered {answer:?}, not the count of {UPLOAD} bytes")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every path but the slow ones (`authorize`'s config, `proxy`'s agents) runs
+    /// and checks what it moved, as it does under callgrind.
+    #[test]
+    fn the_quick_paths_run_and_check_their_results() {
+        for name in ["copy", "copy-rr", "framing", "mux"] {
+            let w = WORKLOADS.iter().find(|w| w.name == name).unwrap_or_else(|| panic!("no path {name}"));
+            (w.run)().unwrap_or_else(|e| panic!("path {name}: {e}"));
+        }
+    }
+
+    #[test]
+    fn framing_measures_the_tunnel_frames_the_agents_send() {
+        // Version-2 frames, as `trellis_agent::mux` writes them, decode as the workload expects.
+        let mut buf = Vec::new();
+        frames::encode_window(7, 99, &mut buf);
+        let (h, control) = decode_frame(&buf).unwrap();
+        assert_eq!((h.kind, h.flow, control), (frames::WINDOW, 7, Some(Control::Window(99))));
+        let mut v1 = Vec::new();
+        trellis_proto::stream::encode_open_response(&OpenResponse::new(OpenStatus::Ok, ""), &mut v1);
+        assert!(decode_frame(&v1).is_err(), "a version-1 message is not a tunnel frame");
+        assert!(WORKLOADS.iter().find(|w| w.name == "framing").unwrap().what.contains("version 2"));
     }
 }
