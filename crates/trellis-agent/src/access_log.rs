@@ -15,35 +15,36 @@ use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 
-/// One access-log line.
+/// One access-log line. Borrows what the flow already holds: writing a line
+/// copies nothing but the serialized bytes.
 #[derive(Clone, Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct AccessRecord {
+pub struct AccessRecord<'a> {
     /// RFC 3339, when the connection was accepted.
     pub start: String,
     /// RFC 3339, when it ended.
     pub end: String,
     pub role: &'static str,
-    pub vpc_endpoint_id: String,
-    pub consumer_account_id: String,
-    pub client_addr: String,
-    pub resource_configuration_id: String,
+    pub vpc_endpoint_id: &'a str,
+    pub consumer_account_id: &'a str,
+    pub client_addr: &'a str,
+    pub resource_configuration_id: &'a str,
     /// What was dialed: `ip:port`/`name:port` on a gateway, the gateway agent on an endpoint.
-    pub target: String,
+    pub target: &'a str,
     /// Bytes from the consumer toward the resource.
     pub bytes_in: u64,
     /// Bytes from the resource toward the consumer.
     pub bytes_out: u64,
     pub duration_ms: u64,
     /// `closed`, `denied`, `unreachable`, `timeout`, `bad_request`, `revoked`, `shutdown` or `error`.
-    pub outcome: String,
+    pub outcome: &'a str,
     /// Detail for failures.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub message: Option<String>,
+    pub message: Option<&'a str>,
     /// Endpoint side: gateway agents tried before this one that failed,
     /// each as `tried agent-… (host:port): what happened`; absent when the first one answered.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub tried: Vec<String>,
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    pub tried: &'a [String],
 }
 
 /// Formats a time as RFC 3339 with milliseconds, UTC.
@@ -116,7 +117,7 @@ impl AccessLog {
         Self { sink: None, path: None }
     }
 
-    pub fn write(&self, record: &AccessRecord) {
+    pub fn write(&self, record: &AccessRecord<'_>) {
         // A record of strings and numbers always serializes.
         self.write_line(serde_json::to_vec(record).expect("access record serializes"));
     }
@@ -175,17 +176,17 @@ mod tests {
             start: rfc3339(now),
             end: rfc3339(now),
             role: "gateway",
-            vpc_endpoint_id: "vpce-1".into(),
-            consumer_account_id: "acct-1".into(),
-            client_addr: "10.0.0.1:5000".into(),
-            resource_configuration_id: "rcfg-1".into(),
-            target: "10.0.0.5:5432".into(),
+            vpc_endpoint_id: "vpce-1",
+            consumer_account_id: "acct-1",
+            client_addr: "10.0.0.1:5000",
+            resource_configuration_id: "rcfg-1",
+            target: "10.0.0.5:5432",
             bytes_in: 3,
             bytes_out: 4,
             duration_ms: 0,
-            outcome: "closed".into(),
+            outcome: "closed",
             message: None,
-            tried: Vec::new(),
+            tried: &[],
         };
         log.write(&rec);
         log.write(&rec);
@@ -205,21 +206,21 @@ mod tests {
         std::fs::write(&path, "earlier line\n").unwrap();
         let log = AccessLog::append_to(&path).unwrap();
         let now = SystemTime::UNIX_EPOCH;
-        let rec = |outcome: &str| AccessRecord {
+        let rec = |outcome: &'static str| AccessRecord {
             start: rfc3339(now),
             end: rfc3339(now),
             role: "endpoint",
-            vpc_endpoint_id: "vpce-1".into(),
-            consumer_account_id: "acct-1".into(),
-            client_addr: "10.0.0.1:5000".into(),
-            resource_configuration_id: "rcfg-1".into(),
-            target: String::new(),
+            vpc_endpoint_id: "vpce-1",
+            consumer_account_id: "acct-1",
+            client_addr: "10.0.0.1:5000",
+            resource_configuration_id: "rcfg-1",
+            target: "",
             bytes_in: 0,
             bytes_out: 0,
             duration_ms: 0,
-            outcome: outcome.into(),
+            outcome,
             message: None,
-            tried: Vec::new(),
+            tried: &[],
         };
         log.clone().write(&rec("first"));
         let rotated = dir.path().join("access.log.1");

@@ -5,6 +5,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Instant, SystemTime};
 
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+
 use crate::access_log::{AccessLog, AccessRecord, millis, rfc3339};
 use crate::metrics::{FlowLabels, Metrics, Role};
 use crate::usage::UsageCell;
@@ -24,8 +27,11 @@ pub(crate) struct FlowInfo {
 /// active; [`OpenFlow::finish`] (or drop) counts it as closed.
 pub(crate) struct OpenFlow {
     info: FlowInfo,
-    labels: FlowLabels,
-    metrics: Arc<Metrics>,
+    /// This flow's series, looked up once when it opens (each is a shared
+    /// handle to the family's value): counting bytes hashes no labels.
+    active: Gauge,
+    counted_in: Counter,
+    counted_out: Counter,
     usage: Option<Arc<UsageCell>>,
     access_log: AccessLog,
     started: SystemTime,
@@ -81,17 +87,17 @@ pub(crate) fn reject_after_tries(
         start: rfc3339(started),
         end: rfc3339(end),
         role: info.role.as_str(),
-        vpc_endpoint_id: info.vpc_endpoint_id.clone(),
-        consumer_account_id: info.consumer_account_id.clone(),
-        client_addr: info.client_addr.clone(),
-        resource_configuration_id: info.resource_configuration_id.clone(),
-        target: info.target.clone(),
+        vpc_endpoint_id: &info.vpc_endpoint_id,
+        consumer_account_id: &info.consumer_account_id,
+        client_addr: &info.client_addr,
+        resource_configuration_id: &info.resource_configuration_id,
+        target: &info.target,
         bytes_in: 0,
         bytes_out: 0,
         duration_ms: millis(end.duration_since(started).unwrap_or_default()),
-        outcome: outcome.to_string(),
-        message,
-        tried,
+        outcome,
+        message: message.as_deref(),
+        tried: &tried,
     });
 }
 
@@ -104,16 +110,20 @@ impl OpenFlow {
         started: SystemTime,
     ) -> Self {
         let labels = info.labels();
-        metrics.active_connections.get_or_create(&labels).inc();
+        let active = metrics.active_connections.get_or_create(&labels).clone();
+        active.inc();
         metrics.connections.get_or_create(&labels).inc();
+        let counted_in = metrics.bytes_in.get_or_create(&labels).clone();
+        let counted_out = metrics.bytes_out.get_or_create(&labels).clone();
         if let Some(u) = &usage {
             u.active.fetch_add(1, Ordering::Relaxed);
             u.total.fetch_add(1, Ordering::Relaxed);
         }
         Self {
             info,
-            labels,
-            metrics,
+            active,
+            counted_in,
+            counted_out,
             usage,
             access_log,
             started,
@@ -134,7 +144,7 @@ impl OpenFlow {
     /// Bytes moved from the consumer toward the resource.
     pub fn add_in(&self, n: u64) {
         self.bytes_in.fetch_add(n, Ordering::Relaxed);
-        self.metrics.bytes_in.get_or_create(&self.labels).inc_by(n);
+        self.counted_in.inc_by(n);
         if let Some(u) = &self.usage {
             u.bytes_in.fetch_add(n, Ordering::Relaxed);
         }
@@ -143,7 +153,7 @@ impl OpenFlow {
     /// Bytes moved from the resource toward the consumer.
     pub fn add_out(&self, n: u64) {
         self.bytes_out.fetch_add(n, Ordering::Relaxed);
-        self.metrics.bytes_out.get_or_create(&self.labels).inc_by(n);
+        self.counted_out.inc_by(n);
         if let Some(u) = &self.usage {
             u.bytes_out.fetch_add(n, Ordering::Relaxed);
         }
@@ -159,7 +169,7 @@ impl OpenFlow {
             return;
         }
         self.finished = true;
-        self.metrics.active_connections.get_or_create(&self.labels).dec();
+        self.active.dec();
         if let Some(u) = &self.usage {
             u.active.fetch_sub(1, Ordering::Relaxed);
         }
@@ -168,17 +178,17 @@ impl OpenFlow {
             start: rfc3339(self.started),
             end: rfc3339(SystemTime::now()),
             role: info.role.as_str(),
-            vpc_endpoint_id: info.vpc_endpoint_id.clone(),
-            consumer_account_id: info.consumer_account_id.clone(),
-            client_addr: info.client_addr.clone(),
-            resource_configuration_id: info.resource_configuration_id.clone(),
-            target: info.target.clone(),
+            vpc_endpoint_id: &info.vpc_endpoint_id,
+            consumer_account_id: &info.consumer_account_id,
+            client_addr: &info.client_addr,
+            resource_configuration_id: &info.resource_configuration_id,
+            target: &info.target,
             bytes_in: self.bytes_in.load(Ordering::Relaxed),
             bytes_out: self.bytes_out.load(Ordering::Relaxed),
             duration_ms: millis(self.started_at.elapsed()),
-            outcome: outcome.to_string(),
-            message,
-            tried: std::mem::take(&mut self.tried),
+            outcome,
+            message: message.as_deref(),
+            tried: &self.tried,
         });
     }
 }

@@ -35,15 +35,16 @@ pub fn describe(target: &Target, port: u16) -> String {
 
 /// Connects to `target:port`, trying each resolved address in turn, all within `timeout`.
 pub async fn dial(target: &Target, port: u16, timeout: Duration) -> Result<TcpStream, DialError> {
-    let name = describe(target, port);
+    // The name is for errors only: not formatted on the way to a connection.
+    let name = || describe(target, port);
     let deadline = Instant::now() + timeout;
-    let timed_out = || DialError::Timeout { target: name.clone(), timeout };
+    let timed_out = || DialError::Timeout { target: name(), timeout };
     let addrs: Vec<SocketAddr> = match target {
         Target::Ip { address } => vec![SocketAddr::new(*address, port)],
         Target::Dns { domain_name } => {
             match tokio::time::timeout_at(deadline, tokio::net::lookup_host((domain_name.as_str(), port))).await {
                 Err(_) => return Err(timed_out()),
-                Ok(Err(source)) => return Err(DialError::Unreachable { target: name, source }),
+                Ok(Err(source)) => return Err(DialError::Unreachable { target: name(), source }),
                 Ok(Ok(addrs)) => addrs.collect(),
             }
         }
@@ -59,7 +60,7 @@ pub async fn dial(target: &Target, port: u16, timeout: Duration) -> Result<TcpSt
             Ok(Err(e)) => last = e,
         }
     }
-    Err(DialError::Unreachable { target: name, source: last })
+    Err(DialError::Unreachable { target: name(), source: last })
 }
 
 #[cfg(test)]
