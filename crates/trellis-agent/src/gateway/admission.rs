@@ -53,6 +53,8 @@ impl PeerAdmission for ConfigAdmission {
 pub enum PeerLimit {
     #[error("the peer agent already holds {0} tunnel connections, its most")]
     Connections(usize),
+    #[error("the peer agent already holds {0} tunnel connections and flows, its most")]
+    Flows(usize),
     #[error("the peer agent already holds {0} connections without an open request, its most")]
     Pending(usize),
 }
@@ -68,7 +70,8 @@ struct Held {
 pub struct PeerTable {
     max_per_peer: usize,
     max_pending_per_peer: usize,
-    held: Mutex<HashMap<String, Held>>,
+    /// By certificate hash; slots share the key (no allocation per flow).
+    held: Mutex<HashMap<Arc<str>, Held>>,
 }
 
 impl PeerTable {
@@ -80,7 +83,7 @@ impl PeerTable {
     /// unless the peer is at one of its caps.
     pub fn enter(self: &Arc<Self>, peer: &str) -> Result<PeerSlot, PeerLimit> {
         let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
-        let entry = held.entry(peer.to_string()).or_default();
+        let (key, entry) = Self::entry(&mut held, peer);
         if entry.total >= self.max_per_peer {
             return Err(PeerLimit::Connections(entry.total));
         }
@@ -89,19 +92,28 @@ impl PeerTable {
         }
         entry.total += 1;
         entry.pending += 1;
-        Ok(PeerSlot { table: self.clone(), peer: peer.to_string(), pending: true })
+        Ok(PeerSlot { table: self.clone(), peer: key, pending: true })
     }
 
     /// Counts a flow of `peer` (it holds a socket to the resource), unless
     /// the peer is at its cap of connections and flows.
     pub fn enter_flow(self: &Arc<Self>, peer: &str) -> Result<PeerSlot, PeerLimit> {
         let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
-        let entry = held.entry(peer.to_string()).or_default();
+        let (key, entry) = Self::entry(&mut held, peer);
         if entry.total >= self.max_per_peer {
-            return Err(PeerLimit::Connections(entry.total));
+            return Err(PeerLimit::Flows(entry.total));
         }
         entry.total += 1;
-        Ok(PeerSlot { table: self.clone(), peer: peer.to_string(), pending: false })
+        Ok(PeerSlot { table: self.clone(), peer: key, pending: false })
+    }
+
+    /// `peer`'s entry and a shared key for its slot: allocated only for a peer holding nothing yet.
+    fn entry<'a>(held: &'a mut HashMap<Arc<str>, Held>, peer: &str) -> (Arc<str>, &'a mut Held) {
+        let key = match held.get_key_value(peer) {
+            Some((key, _)) => key.clone(),
+            None => Arc::from(peer),
+        };
+        (key.clone(), held.entry(key).or_default())
     }
 
     /// Connections `peer` holds now (total, waiting for an open request).
@@ -115,7 +127,7 @@ impl PeerTable {
 #[derive(Debug)]
 pub struct PeerSlot {
     table: Arc<PeerTable>,
-    peer: String,
+    peer: Arc<str>,
     pending: bool,
 }
 
@@ -172,6 +184,14 @@ mod tests {
     fn a_peer_that_closed_everything_leaves_no_entry() {
         let table = Arc::new(PeerTable::new(3, 3));
         let mut slot = table.enter("a").unwrap();
+        let flow = table.enter_flow("a").unwrap();
+        assert!(Arc::ptr_eq(&slot.peer, &flow.peer), "a flow's slot shares its peer's key");
+        let _third = table.enter_flow("a").unwrap();
+        assert_eq!(
+            table.enter_flow("a").unwrap_err().to_string(),
+            "the peer agent already holds 3 tunnel connections and flows, its most"
+        );
+        drop((flow, _third));
         slot.opened();
         slot.opened();
         drop(slot);

@@ -196,7 +196,7 @@ pub(crate) async fn serve_tunnel<S>(
         Ok(slot) => Some(slot),
         Err(limit) => {
             ctx.metrics.count_tunnel_refused(match limit {
-                PeerLimit::Connections(_) => "peer_connections",
+                PeerLimit::Connections(_) | PeerLimit::Flows(_) => "peer_connections",
                 PeerLimit::Pending(_) => "peer_pending",
             });
             tracing::debug!(%peer, agent = %peer_id.agent_id, reason = %limit, "closing tunnel connection");

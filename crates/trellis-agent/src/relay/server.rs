@@ -415,7 +415,7 @@ async fn connect(
                         ctx.relay_id, peer.agent_id
                     ),
                 ),
-                PeerLimit::Connections(n) => (
+                PeerLimit::Connections(n) | PeerLimit::Flows(n) => (
                     "peer_flows",
                     format!(
                         "relay {} already carries {n} connects of agent {} (waiting or relaying), the most one agent may have (flows_per_peer)",
