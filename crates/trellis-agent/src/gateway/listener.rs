@@ -48,7 +48,8 @@ use crate::usage::{UsageKey, UsageTable};
 /// Deadlines of the gateway side.
 #[derive(Clone, Copy, Debug)]
 pub struct GatewayTimeouts {
-    /// TLS handshake.
+    /// TLS handshake; also how long a connection being closed may take to
+    /// write its last frames to the peer (one that does not read is dropped).
     pub handshake: Duration,
     /// From handshake to the stream protocol's preface (an endpoint agent
     /// sends it at once); a connection that stays silent longer is closed.
@@ -262,9 +263,13 @@ pub(crate) async fn serve_tunnel<S>(
             return;
         }
     }
-    // Let the driver write what is queued (answers, resets) and close the stream.
+    // Let the driver write what is queued (answers, resets) and close the stream, within a
+    // deadline: a peer that stops reading must not keep the connection, its permit and its slot.
     tokio::select! {
-        () = &mut driver => {}
+        r = tokio::time::timeout(ctx.timeouts.handshake, &mut driver) => if r.is_err() {
+            tracing::debug!(%peer, "tunnel peer did not read its last frames in time; dropping the connection");
+            conn.abort("the peer did not read the connection's last frames in time");
+        },
         () = cancel.cancelled() => conn.abort("the agent is shutting down"),
     }
     drop(slot);
@@ -543,4 +548,60 @@ pub(crate) fn set_user_timeout(sock: &socket2::SockRef<'_>) {
     let _ = sock.set_tcp_user_timeout(Some(USER_TIMEOUT));
     #[cfg(not(any(target_os = "android", target_os = "fuchsia", target_os = "linux")))]
     let _ = sock;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+    use trellis_proto::mux;
+
+    #[tokio::test]
+    async fn a_refused_peer_that_stops_reading_loses_its_connection_and_slot_by_the_deadline() {
+        // No consumers: the peer (as after a resumed TLS session) is no longer admitted.
+        let (_config_tx, config) = watch::channel(Arc::new(AgentConfig::default()));
+        let ctx = Arc::new(GatewayContext {
+            config,
+            metrics: Arc::new(Metrics::new()),
+            usage: Arc::default(),
+            access_log: AccessLog::disabled(),
+            timeouts: GatewayTimeouts { handshake: Duration::from_millis(300), ..GatewayTimeouts::default() },
+            connections: Arc::new(Semaphore::new(16)),
+            handshakes: Arc::new(Semaphore::new(16)),
+            peers: Arc::new(PeerTable::new(4, 4)),
+            services: Arc::default(),
+            consumers: Arc::default(),
+            flows: TaskTracker::new(),
+        });
+        let peer_id = Arc::new(PeerIdentity {
+            agent_id: "agent-0000000000000000c".into(),
+            account_id: "acct-000000000009".into(),
+            vpc_id: "vpc-00000000000000009".into(),
+            cert_sha256: "ab".repeat(32),
+        });
+        // A pipe too small for the gateway's preface and refusal, which the peer never reads.
+        let (mut raw, io) = tokio::io::duplex(16);
+        let served = tokio::spawn(serve_tunnel(
+            io,
+            "127.0.0.1:9".parse().unwrap(),
+            peer_id.clone(),
+            ctx.clone(),
+            CancellationToken::new(),
+        ));
+        let mut frames = mux::PREFACE.to_vec();
+        let req = OpenRequest {
+            vpc_endpoint_id: "vpce-00000000000000001".into(),
+            resource_configuration_id: "rcfg-00000000000000001".into(),
+            port: 80,
+            client_addr: "127.0.0.1:9".parse().unwrap(),
+        };
+        mux::encode_open(1, &req, &mut frames).unwrap();
+        raw.write_all(&frames).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(5), served)
+            .await
+            .expect("the connection of a peer that does not read was kept past the deadline")
+            .unwrap();
+        assert_eq!(ctx.peers.held(&peer_id.cert_sha256), (0, 0), "the peer's slot was not released");
+        drop(raw);
+    }
 }
