@@ -13,11 +13,12 @@
 //! Memory: an idle flow holds a few dozen bytes of state here and no buffer.
 //! Bytes a flow received and its reader has not taken yet are held per flow,
 //! at most [`INITIAL_WINDOW`] (the peer's credit; a peer that sends more has
-//! that flow reset); bytes waiting to be written are held per connection, and
-//! writers wait while more than [`OUT_HIGH`] are queued. When the flows of a
-//! connection hold more than [`CONN_BUFFER_CAP`] unread bytes in total, the
-//! connection stops reading until readers catch up. Every error one frame can
-//! carry resets that frame's flow only.
+//! that flow reset), appended into chunks of up to 64 KiB so that memory
+//! follows the payload however small the frames. Bytes waiting to be written
+//! are held per connection, and writers wait while more than [`OUT_HIGH`] are
+//! queued. When the flows of a connection hold more than [`CONN_BUFFER_CAP`]
+//! unread bytes in total, the connection stops reading until readers catch up.
+//! Every error one frame can carry resets that frame's flow only.
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
@@ -36,6 +37,9 @@ use trellis_proto::stream::{OpenRequest, OpenResponse, OpenStatus};
 pub const OUT_HIGH: usize = 256 * 1024;
 /// The connection stops reading while its flows hold more unread bytes than this.
 pub const CONN_BUFFER_CAP: usize = 16 * 1024 * 1024;
+/// Received bytes of a flow are kept in chunks of at most this size: small
+/// frames are appended to the last chunk, so memory follows the payload.
+const CHUNK: usize = MAX_DATA_LEN;
 /// A reader grants its bytes back to the peer once it has read this many.
 const WINDOW_UPDATE_AT: u32 = INITIAL_WINDOW / 4;
 /// The most one read from the stream takes.
@@ -525,7 +529,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Driver<S> {
                     && let Some(flow) = st.flows.get_mut(&id)
                     && !flow.reset
                 {
-                    flow.inbound.push_back(self.rbuf[self.start..self.start + n].to_vec());
+                    push_chunk(&mut flow.inbound, &self.rbuf[self.start..self.start + n]);
                     flow.buffered += n;
                     if let Some(w) = flow.reader.take() {
                         w.wake();
@@ -654,6 +658,27 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Driver<S> {
             }
         }
     }
+}
+
+/// Appends received bytes to a flow's queue: into its last chunk while that
+/// has room (up to [`CHUNK`]), else as a new chunk. A chunk's capacity stays
+/// within twice its length (or 512 bytes), so memory follows the payload
+/// however small the frames (a chunk per one-byte frame would cost ~59 bytes
+/// per byte).
+fn push_chunk(inbound: &mut VecDeque<Vec<u8>>, bytes: &[u8]) {
+    if let Some(last) = inbound.back_mut()
+        && last.len() + bytes.len() <= CHUNK
+    {
+        if last.capacity() - last.len() < bytes.len() {
+            let want = (2 * last.len()).max(last.len() + bytes.len()).min(CHUNK);
+            last.reserve_exact(want - last.len());
+        }
+        last.extend_from_slice(bytes);
+        return;
+    }
+    let mut chunk = Vec::with_capacity(bytes.len().clamp(512, CHUNK));
+    chunk.extend_from_slice(bytes);
+    inbound.push_back(chunk);
 }
 
 /// One flow of a [`MuxConnection`]. Dropping it before both directions
@@ -987,6 +1012,38 @@ mod tests {
         tokio::spawn(run(gw.clone(), b));
         raw.write_all(&mux::PREFACE).await.unwrap();
         (raw, gw)
+    }
+
+    #[tokio::test]
+    async fn one_byte_frames_cost_about_their_payload() {
+        let (mut raw, gw) = raw_to_gateway().await;
+        let mut frames = Vec::new();
+        mux::encode_open(1, &request(80), &mut frames).unwrap();
+        raw.write_all(&frames).await.unwrap();
+        let (stream, _) = gw.accept().await.unwrap();
+        // A whole window of one-byte DATA frames, never read.
+        let mut frames = Vec::with_capacity(INITIAL_WINDOW as usize * (FRAME_HEADER_LEN + 1));
+        for i in 0..INITIAL_WINDOW {
+            mux::encode_header(mux::DATA, 1, 1, &mut frames);
+            frames.push(i as u8);
+        }
+        raw.write_all(&frames).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while stream.buffered() < INITIAL_WINDOW as usize {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .unwrap();
+        let held = {
+            let st = gw.state();
+            let inbound = &st.flows[&1].inbound;
+            inbound.capacity() * std::mem::size_of::<Vec<u8>>() + inbound.iter().map(Vec::capacity).sum::<usize>()
+        };
+        assert!(
+            held <= 2 * INITIAL_WINDOW as usize,
+            "{held} bytes held for {INITIAL_WINDOW} bytes of payload in one-byte frames"
+        );
     }
 
     #[tokio::test]
