@@ -14,11 +14,12 @@
 //! Bytes a flow received and its reader has not taken yet are held per flow,
 //! at most [`INITIAL_WINDOW`] (the peer's credit; a peer that sends more has
 //! that flow reset), appended into chunks of up to 64 KiB so that memory
-//! follows the payload however small the frames. Bytes waiting to be written
-//! are held per connection, and writers wait while more than [`OUT_HIGH`] are
-//! queued. When the flows of a connection hold more than [`CONN_BUFFER_CAP`]
-//! unread bytes in total, the connection stops reading until readers catch up.
-//! Every error one frame can carry resets that frame's flow only.
+//! follows the payload however small the frames. All windows of a connection
+//! together ([`MAX_FLOWS_PER_CONNECTION`] × [`INITIAL_WINDOW`]) fit in
+//! [`CONN_BUFFER_CAP`], so slow readers never stop a connection from reading
+//! its other flows. Bytes waiting to be written are held per connection:
+//! writers wait while more than [`OUT_HIGH`] are queued. Every error one frame
+//! can carry resets that frame's flow only.
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
@@ -35,8 +36,11 @@ use trellis_proto::stream::{OpenRequest, OpenResponse, OpenStatus};
 
 /// Writers wait while the connection has more than this queued for the stream.
 pub const OUT_HIGH: usize = 256 * 1024;
-/// The connection stops reading while its flows hold more unread bytes than this.
+/// Unread bytes all flows of a connection may hold: what their windows allow
+/// at most, so slow readers alone never make the connection stop reading (a
+/// connection past it, which the windows rule out, stops reading).
 pub const CONN_BUFFER_CAP: usize = 16 * 1024 * 1024;
+const _: () = assert!(MAX_FLOWS_PER_CONNECTION * INITIAL_WINDOW as usize <= CONN_BUFFER_CAP);
 /// Received bytes of a flow are kept in chunks of at most this size: small
 /// frames are appended to the last chunk, so memory follows the payload.
 const CHUNK: usize = MAX_DATA_LEN;
@@ -431,7 +435,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Driver<S> {
             {
                 let st = self.conn.state();
                 // Readers wake the driver when they take bytes; a closing connection reads no more.
-                if st.buffered >= CONN_BUFFER_CAP || st.closing {
+                if st.buffered > CONN_BUFFER_CAP || st.closing {
                     return Poll::Pending;
                 }
             }
@@ -767,7 +771,7 @@ impl AsyncRead for MuxStream {
             flow.reader = Some(cx.waker().clone());
             return Poll::Pending;
         }
-        let was_full = st.buffered >= CONN_BUFFER_CAP;
+        let was_full = st.buffered > CONN_BUFFER_CAP;
         let mut taken = 0;
         while buf.remaining() > 0 {
             let Some(front) = flow.inbound.front() else { break };
@@ -984,6 +988,28 @@ mod tests {
         let s = open_ok(&ep, 80).await;
         assert_eq!(echo(s, data.clone()).await, data, "another flow moves while one is stalled");
         assert_eq!(flooded.buffered(), INITIAL_WINDOW as usize, "a flow never holds more than its window");
+    }
+
+    #[tokio::test]
+    async fn slow_readers_on_every_other_flow_never_stop_a_new_open_or_its_bytes() {
+        let (ep, _gw) = pair();
+        // Every flow of the connection but one is flooded and never read.
+        let mut flooded = Vec::new();
+        for _ in 0..MAX_FLOWS_PER_CONNECTION - 1 {
+            flooded.push(open_ok(&ep, 1).await);
+        }
+        let filled = tokio::time::timeout(Duration::from_secs(20), async {
+            while flooded.iter().any(|f| f.buffered() < INITIAL_WINDOW as usize) {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+        assert!(filled.is_ok(), "the connection stopped reading before every flow's window was full");
+        // The last flow the connection may carry is answered and moves.
+        let s = open_ok(&ep, 80).await;
+        let data = vec![5u8; 1024 * 1024];
+        assert_eq!(echo(s, data.clone()).await, data, "a flow moves while every other one is stalled");
+        assert!(flooded.iter().all(|f| f.buffered() == INITIAL_WINDOW as usize));
     }
 
     #[tokio::test]

@@ -43,11 +43,15 @@ pub const MAX_DATA_LEN: usize = 64 * 1024;
 /// Largest body of any other frame.
 pub const MAX_CONTROL_LEN: usize = MAX_BODY_LEN;
 /// Bytes a side may send on a new flow before the receiver grants more.
-pub const INITIAL_WINDOW: u32 = 1024 * 1024;
+/// Small enough that every flow of a connection together
+/// ([`MAX_FLOWS_PER_CONNECTION`] × this = 16 MiB) fits the receiver's
+/// per-connection buffer: slow readers never stop a connection from reading.
+pub const INITIAL_WINDOW: u32 = 256 * 1024;
 /// The most a sender's window may grow to: WINDOW frames beyond it are capped.
 pub const MAX_WINDOW: u64 = 16 * 1024 * 1024;
-/// Flows one tunnel connection carries at once; an OPEN beyond it is refused.
-pub const MAX_FLOWS_PER_CONNECTION: usize = 1024;
+/// Flows one tunnel connection carries at once; an OPEN beyond it is refused
+/// (an endpoint agent opens another connection).
+pub const MAX_FLOWS_PER_CONNECTION: usize = 64;
 
 /// Frame types.
 pub const OPEN: u8 = 1;

@@ -649,6 +649,45 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_connection_at_its_flow_cap_makes_the_pool_open_another() {
+        let ca = TestCa::new();
+        let client = ca.issue("agent-0000000000000000b", "acct-2", "vpc-2");
+        let (key, accepted, _drop_all, server) = holding_gateway(&ca, TcpListener::bind("127.0.0.1:0").await.unwrap());
+        let (shutdown, tracker) = (CancellationToken::new(), TaskTracker::new());
+        let pools = Arc::new(GatewayPools::new(
+            tls::tunnel_client_config(&client).unwrap(),
+            PoolSettings { warm: 1, ..PoolSettings::default() },
+            Arc::default(),
+            tracker.clone(),
+            shutdown.clone(),
+        ));
+        pools.retain(&HashSet::from([key.clone()]));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while pools.connection_count(&key) < 1 {
+            assert!(Instant::now() < deadline, "pool never connected");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let mut flows = Vec::new();
+        for _ in 0..trellis_proto::mux::MAX_FLOWS_PER_CONNECTION {
+            let opened = pools.open(&key, &request()).await.unwrap();
+            assert!(opened.reused, "a flow within the cap went to a new connection");
+            flows.push(opened.stream);
+        }
+        let opened = pools.open(&key, &request()).await.unwrap();
+        assert!(!opened.reused, "the flow beyond the cap was put on the full connection");
+        flows.push(opened.stream);
+        assert_eq!(pools.pool(&key).unwrap().conns().len(), 2);
+        while accepted.load(Ordering::SeqCst) < 2 {
+            assert!(Instant::now() < deadline, "the second connection never reached the gateway");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        shutdown.cancel();
+        tracker.close();
+        tracker.wait().await;
+        server.abort();
+    }
+
+    #[tokio::test]
     async fn closed_connections_are_replaced() {
         let ca = TestCa::new();
         let client = ca.issue("agent-0000000000000000b", "acct-2", "vpc-2");
