@@ -18,8 +18,11 @@
 //! together ([`MAX_FLOWS_PER_CONNECTION`] × [`INITIAL_WINDOW`]) fit in
 //! [`CONN_BUFFER_CAP`], so slow readers never stop a connection from reading
 //! its other flows. Bytes waiting to be written are held per connection:
-//! writers wait while more than [`OUT_HIGH`] are queued. Every error one frame
-//! can carry resets that frame's flow only.
+//! writers wait while more than [`OUT_HIGH`] are queued, and the connection
+//! stops reading while more than [`OUT_LIMIT`] of control frames are (what
+//! it answers by itself, resets and refusals, stays bounded when the peer
+//! does not read). Every error one frame can carry resets that frame's flow
+//! only.
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
@@ -41,6 +44,12 @@ pub const OUT_HIGH: usize = 256 * 1024;
 /// connection past it, which the windows rule out, stops reading).
 pub const CONN_BUFFER_CAP: usize = 16 * 1024 * 1024;
 const _: () = assert!(MAX_FLOWS_PER_CONNECTION * INITIAL_WINDOW as usize <= CONN_BUFFER_CAP);
+/// The connection stops reading while more than this of control frames
+/// (everything but DATA) waits to be written: what it answers by itself
+/// (resets, refusals, window updates) stays bounded when the peer does not
+/// read. DATA does not count: writers already wait at [`OUT_HIGH`], and two
+/// agents sending bulk data both ways must never both stop reading.
+pub const OUT_LIMIT: usize = 2 * OUT_HIGH;
 /// Received bytes of a flow are kept in chunks of at most this size: small
 /// frames are appended to the last chunk, so memory follows the payload.
 const CHUNK: usize = MAX_DATA_LEN;
@@ -76,6 +85,8 @@ struct State {
     flows: HashMap<u32, Flow>,
     /// Encoded frames for the driver to write.
     out: Vec<u8>,
+    /// Bytes of `out` that are DATA frames (the rest is control frames).
+    out_data: usize,
     driver: Option<Waker>,
     /// Writers waiting for `out` to drain below `OUT_HIGH`.
     out_waiters: Vec<Waker>,
@@ -300,6 +311,7 @@ impl MuxConnection {
         );
         // The version-1 answer must be the only thing on the wire.
         st.out = out;
+        st.out_data = 0;
         st.closing = true;
     }
 }
@@ -325,6 +337,9 @@ where
         skip: 0,
         data: None,
         shut: false,
+        held: false,
+        paused: false,
+        writing_control: 0,
     };
     let why = std::future::poll_fn(|cx| driver.poll(cx)).await;
     let mut st = driver.conn.state();
@@ -348,6 +363,18 @@ struct Driver<S> {
     /// A DATA body being received: flow, bytes left, whether the flow takes them.
     data: Option<(u32, usize, bool)>,
     shut: bool,
+    /// Whole frames are left in `rbuf` until the out queue drains.
+    held: bool,
+    /// Reading stopped because control frames over [`OUT_LIMIT`] were queued.
+    paused: bool,
+    /// Bytes of `writing` that are control frames (counted whole until it is written).
+    writing_control: usize,
+}
+
+/// Whether more than [`OUT_LIMIT`] of control frames waits to be written
+/// (`writing_control` of them taken by the driver).
+fn backlogged(st: &State, writing_control: usize) -> bool {
+    st.out.len() - st.out_data + writing_control > OUT_LIMIT
 }
 
 fn closed_by_peer() -> io::Error {
@@ -370,7 +397,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Driver<S> {
             return Poll::Ready(why);
         }
         // Reading may have queued frames (window updates, resets, answers).
-        self.poll_write(cx)
+        if let Poll::Ready(why) = self.poll_write(cx) {
+            return Poll::Ready(why);
+        }
+        // Reading stopped for the out queue, which is written now: nothing else would wake us.
+        if self.paused && !backlogged(&self.conn.state(), self.writing_control) {
+            self.paused = false;
+            cx.waker().wake_by_ref();
+        }
+        Poll::Pending
     }
 
     fn poll_write(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
@@ -389,10 +424,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Driver<S> {
             }
             self.writing.clear();
             self.written = 0;
+            self.writing_control = 0;
             let (closing, done) = {
                 let mut st = self.conn.state();
                 if !st.out.is_empty() {
                     std::mem::swap(&mut self.writing, &mut st.out);
+                    self.writing_control = self.writing.len() - st.out_data;
+                    st.out_data = 0;
                     // A large buffer is not kept around for an idle connection.
                     if st.out.capacity() > OUT_HIGH {
                         st.out = Vec::new();
@@ -438,6 +476,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Driver<S> {
                 if st.buffered > CONN_BUFFER_CAP || st.closing {
                     return Poll::Pending;
                 }
+                // A peer that does not read gets no more answers queued: stop reading it.
+                if backlogged(&st, self.writing_control) {
+                    self.paused = true;
+                    return Poll::Pending;
+                }
+            }
+            if self.held {
+                // Frames received before the out queue filled up come first.
+                self.held = false;
+                if let Err(why) = self.parse() {
+                    return Poll::Ready(why);
+                }
+                continue;
             }
             if self.start == self.end {
                 self.start = 0;
@@ -492,6 +543,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Driver<S> {
                     MuxConnection::refuse_version_1(st);
                     self.writing.clear();
                     self.written = 0;
+                    self.writing_control = 0;
                     self.start = self.end;
                     return Ok(());
                 }
@@ -545,6 +597,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Driver<S> {
                 continue;
             }
             let Some(h) = mux::decode_header(&self.rbuf[self.start..self.end]) else { return Ok(()) };
+            if backlogged(st, self.writing_control) {
+                // The rest waits until the peer has read some of what is queued for it.
+                self.held = true;
+                return Ok(());
+            }
             if h.oversized() {
                 tracing::debug!(
                     flow = h.flow,
@@ -833,6 +890,7 @@ impl AsyncWrite for MuxStream {
         flow.credit -= n as u64;
         mux::encode_header(mux::DATA, self.id, n, &mut st.out);
         st.out.extend_from_slice(&buf[..n]);
+        st.out_data += FRAME_HEADER_LEN + n;
         st.wake_driver();
         Poll::Ready(Ok(n))
     }
@@ -887,7 +945,14 @@ mod tests {
     /// An endpoint and a gateway connection over an in-memory stream; the
     /// gateway answers every flow Ok and echoes it (half-closing after the peer did).
     fn pair() -> (MuxConnection, MuxConnection) {
-        let (a, b) = tokio::io::duplex(256 * 1024);
+        pair_over(256 * 1024)
+    }
+
+    /// [`pair`] over a pipe that holds `pipe` bytes each way. Port 1: the
+    /// gateway floods the flow and never reads; port 2: it sends [`BOTH_WAYS`]
+    /// bytes while it reads the flow to its end; else it echoes.
+    fn pair_over(pipe: usize) -> (MuxConnection, MuxConnection) {
+        let (a, b) = tokio::io::duplex(pipe);
         let (ep, gw) = (MuxConnection::new(Side::Endpoint), MuxConnection::new(Side::Gateway));
         tokio::spawn(run(ep.clone(), a));
         tokio::spawn(run(gw.clone(), b));
@@ -900,6 +965,10 @@ mod tests {
                         // A flow the gateway floods and the endpoint never reads.
                         let chunk = vec![7u8; 64 * 1024];
                         while stream.write_all(&chunk).await.is_ok() {}
+                        return;
+                    }
+                    if req.port == 2 {
+                        let _ = send_and_receive(stream).await;
                         return;
                     }
                     let mut buf = vec![0u8; 16 * 1024];
@@ -920,6 +989,34 @@ mod tests {
             }
         });
         (ep, gw)
+    }
+
+    /// What each side of a port-2 flow sends.
+    const BOTH_WAYS: usize = 2 * 1024 * 1024;
+
+    /// Sends [`BOTH_WAYS`] bytes and half-closes while reading the flow to its end; returns the bytes read.
+    async fn send_and_receive(mut s: MuxStream) -> io::Result<usize> {
+        let (mut r, mut w) = tokio::io::split(&mut s);
+        let writer = async {
+            let chunk = vec![3u8; 64 * 1024];
+            for _ in 0..BOTH_WAYS / chunk.len() {
+                w.write_all(&chunk).await?;
+            }
+            w.shutdown().await
+        };
+        let mut sink = vec![0u8; 64 * 1024];
+        let reader = async {
+            let mut n = 0;
+            loop {
+                match r.read(&mut sink).await? {
+                    0 => return Ok(n),
+                    k => n += k,
+                }
+            }
+        };
+        let (written, read) = tokio::join!(writer, reader);
+        written?;
+        read
     }
 
     async fn open_ok(ep: &MuxConnection, port: u16) -> MuxStream {
@@ -1013,6 +1110,24 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn flows_sending_bulk_both_ways_at_once_never_stop_both_readers() {
+        // A small pipe: both drivers often find it full, with their writers' DATA queued.
+        let (ep, _gw) = pair_over(16 * 1024);
+        let mut flows = Vec::new();
+        for _ in 0..8 {
+            let s = open_ok(&ep, 2).await;
+            flows.push(tokio::spawn(send_and_receive(s)));
+        }
+        let done = tokio::time::timeout(Duration::from_secs(60), async {
+            for f in flows {
+                assert_eq!(f.await.unwrap().unwrap(), BOTH_WAYS);
+            }
+        })
+        .await;
+        assert!(done.is_ok(), "the connection stalled with bulk data queued both ways");
+    }
+
+    #[tokio::test]
     async fn idle_flows_hold_no_buffers() {
         let (ep, _gw) = pair();
         let mut flows = Vec::new();
@@ -1070,6 +1185,54 @@ mod tests {
             held <= 2 * INITIAL_WINDOW as usize,
             "{held} bytes held for {INITIAL_WINDOW} bytes of payload in one-byte frames"
         );
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_sends_bad_opens_and_never_reads_leaves_the_out_queue_bounded() {
+        let (raw, b) = tokio::io::duplex(64 * 1024);
+        let gw = MuxConnection::new(Side::Gateway);
+        tokio::spawn(run(gw.clone(), b));
+        // Empty OPENs: each is answered with BadRequest and a reset, which the peer never reads.
+        let mut frames = mux::PREFACE.to_vec();
+        for id in 1..=100_000u32 {
+            mux::encode_header(mux::OPEN, id, 0, &mut frames);
+        }
+        mux::encode_open(200_000, &request(80), &mut frames).unwrap();
+        let (mut rd, mut wr) = tokio::io::split(raw);
+        let mut writer = tokio::spawn(async move { wr.write_all(&frames).await.map(|()| wr) });
+        // The gateway stops reading once its answers pile up: the writes stall.
+        let _ = tokio::time::timeout(Duration::from_secs(2), &mut writer).await;
+        let queued = gw.state().out.len();
+        assert!(queued <= OUT_LIMIT + 1024, "{queued} bytes queued for a peer that does not read");
+        assert!(gw.closed().is_none());
+        // Once the peer reads, the gateway reads on and answers the good OPEN behind the bad ones.
+        let acceptor = gw.clone();
+        tokio::spawn(async move {
+            while let Some((stream, _)) = acceptor.accept().await {
+                stream.respond(&OpenResponse::new(OpenStatus::Ok, ""));
+                std::mem::forget(stream);
+            }
+        });
+        let answered = tokio::time::timeout(Duration::from_secs(20), async {
+            let (mut seen, mut at, mut buf) = (Vec::new(), mux::PREFACE.len(), vec![0u8; 64 * 1024]);
+            loop {
+                let n = rd.read(&mut buf).await.unwrap();
+                assert!(n > 0, "the gateway closed the connection");
+                seen.extend_from_slice(&buf[..n]);
+                while let Some(h) = mux::decode_header(&seen[at.min(seen.len())..]) {
+                    if seen.len() < at + FRAME_HEADER_LEN + h.len as usize {
+                        break;
+                    }
+                    if (h.kind, h.flow) == (mux::OPEN_RESPONSE, 200_000) {
+                        return;
+                    }
+                    at += FRAME_HEADER_LEN + h.len as usize;
+                }
+            }
+        })
+        .await;
+        assert!(answered.is_ok(), "the gateway did not read on once its answers were read");
+        writer.await.unwrap().unwrap();
     }
 
     #[tokio::test]
