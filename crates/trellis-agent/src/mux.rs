@@ -94,6 +94,8 @@ struct State {
     closed: Option<Arc<io::Error>>,
     /// No new flows; close once the last flow is gone.
     draining: bool,
+    /// Endpoint: close once the last flow is gone, after the first one (new flows are taken meanwhile).
+    close_when_idle: bool,
     /// Close now (after writing what is queued).
     closing: bool,
     /// Endpoint: the next flow id. Gateway: the highest id opened so far.
@@ -144,6 +146,11 @@ impl Flow {
 }
 
 impl State {
+    /// A connection meant to close when idle has carried its flows and is idle.
+    fn idle_done(&self) -> bool {
+        self.close_when_idle && self.flows.is_empty() && self.ids > 1
+    }
+
     fn wake_driver(&mut self) {
         if let Some(w) = &self.driver {
             w.wake_by_ref();
@@ -217,6 +224,7 @@ impl MuxConnection {
         st.closed.is_none()
             && !st.draining
             && !st.closing
+            && !st.idle_done()
             && st.flows.len() < MAX_FLOWS_PER_CONNECTION
             && st.ids < u32::MAX
     }
@@ -228,7 +236,12 @@ impl MuxConnection {
         if let Some(e) = &st.closed {
             return Err(OpenFlowError::Closed(e.clone()));
         }
-        if st.draining || st.closing || st.flows.len() >= MAX_FLOWS_PER_CONNECTION || st.ids == u32::MAX {
+        if st.draining
+            || st.closing
+            || st.idle_done()
+            || st.flows.len() >= MAX_FLOWS_PER_CONNECTION
+            || st.ids == u32::MAX
+        {
             return Err(OpenFlowError::Full);
         }
         let id = st.ids;
@@ -277,6 +290,20 @@ impl MuxConnection {
         let mut st = self.state();
         st.draining = true;
         st.wake_driver();
+    }
+
+    /// Endpoint side: closes the connection once it has carried a flow and
+    /// its last flow is gone; until then it takes new flows.
+    pub fn close_when_idle(&self) {
+        let mut st = self.state();
+        st.close_when_idle = true;
+        st.wake_driver();
+    }
+
+    /// Whether the connection stays up when idle (not closed, closing, draining, or closing when idle).
+    pub fn is_kept(&self) -> bool {
+        let st = self.state();
+        st.closed.is_none() && !st.draining && !st.closing && !st.close_when_idle
     }
 
     /// Closes the connection now: queued frames are written, open flows fail.
@@ -440,7 +467,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Driver<S> {
                     }
                     continue;
                 }
-                (st.closing || (st.draining && st.flows.is_empty()), st.closed.is_some())
+                (st.closing || (st.draining && st.flows.is_empty()) || st.idle_done(), st.closed.is_some())
             };
             if done {
                 return Poll::Ready(io::Error::other("closed"));

@@ -9,7 +9,8 @@
 //! encrypt), replaces the ones that close, and backs off while the gateway is
 //! unreachable. A new flow goes to the open connection that carries the
 //! fewest flows; when every one is full (`MAX_FLOWS_PER_CONNECTION`), a new
-//! connection is made. The number of connections kept up across all pools is
+//! connection is made (concurrent opens share one connect), and one made
+//! beyond the warm ones closes once its last flow ends. The number of connections kept up across all pools is
 //! capped (from the open-files limit); with many gateways each pool keeps
 //! fewer. Pools of gateways that leave the config are drained: their
 //! connections close when their last flow ends. A pool never opens a flow by
@@ -26,6 +27,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures_util::FutureExt;
+use futures_util::future::{BoxFuture, Shared};
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
@@ -140,7 +143,12 @@ struct Pool {
     /// Wakes the refill task when the gateway answers again after being down.
     recovered: Notify,
     cancel: CancellationToken,
+    /// The connect of `open_fresh` in flight, which concurrent opens share.
+    connecting: Mutex<Option<Connecting>>,
 }
+
+/// A shared connect: the new connection, or why it failed.
+type Connecting = Shared<BoxFuture<'static, Result<Pooled, Arc<io::Error>>>>;
 
 impl Pool {
     fn conns(&self) -> std::sync::MutexGuard<'_, Vec<Pooled>> {
@@ -270,6 +278,7 @@ impl GatewayPools {
                 changed: Notify::new(),
                 recovered: Notify::new(),
                 cancel: self.shutdown.child_token(),
+                connecting: Mutex::default(),
             });
             pools.insert(key.clone(), pool.clone());
             let this = self.clone();
@@ -297,14 +306,71 @@ impl GatewayPools {
         self.open_fresh(key, req).await
     }
 
-    /// Opens a flow on a new connection to `key`, which then serves later flows too.
+    /// Opens a flow on a new connection to `key`, which then serves later
+    /// flows too. Concurrent calls share one connect. The new connection is
+    /// kept up only while the pool keeps fewer than `warm` others up; else it
+    /// closes once its last flow is gone, so bursts and gateways that reset
+    /// flows leave no extra connections behind.
     pub async fn open_fresh(self: &Arc<Self>, key: &GatewayKey, req: &OpenRequest) -> io::Result<Opened> {
-        let via = self.connect_mux(key).await?;
-        match via.conn.open(req) {
-            Ok(stream) => Ok(Opened { stream, reused: false, via }),
-            Err(OpenFlowError::Closed(e)) => Err(io::Error::new(e.kind(), e.to_string())),
-            Err(OpenFlowError::Full) => Err(io::Error::other("a new tunnel connection refused its first flow")),
+        let Some(pool) = self.pool(key) else {
+            // A gateway outside the config: a connection of its own, for one use (see `adopt`).
+            let via = self.connect_mux(key).await?;
+            return match via.conn.open(req) {
+                Ok(stream) => Ok(Opened { stream, reused: false, via }),
+                Err(OpenFlowError::Closed(e)) => Err(io::Error::new(e.kind(), e.to_string())),
+                Err(OpenFlowError::Full) => Err(io::Error::other("a new tunnel connection refused its first flow")),
+            };
+        };
+        // Other callers may fill a shared connection first: then the next connect is shared.
+        for _ in 0..8 {
+            let connecting = {
+                let mut slot = pool.connecting.lock().unwrap_or_else(|e| e.into_inner());
+                match &*slot {
+                    Some(c) => c.clone(),
+                    None => {
+                        let (this, pool) = (self.clone(), pool.clone());
+                        let c = async move {
+                            let connected = this.connect(&pool.key).await.map_err(Arc::new)?;
+                            let kept = pool.conns().iter().filter(|c| c.conn.is_kept()).count();
+                            let via = this.adopt(&pool.key, connected);
+                            if kept >= pool.warm.load(Ordering::Relaxed) {
+                                via.conn.close_when_idle();
+                            }
+                            Ok(via)
+                        }
+                        .boxed()
+                        .shared();
+                        *slot = Some(c.clone());
+                        c
+                    }
+                }
+            };
+            let result = connecting.clone().await;
+            {
+                let mut slot = pool.connecting.lock().unwrap_or_else(|e| e.into_inner());
+                if slot.as_ref().is_some_and(|c| c.ptr_eq(&connecting)) {
+                    *slot = None;
+                }
+            }
+            let via = result.map_err(|e| io::Error::new(e.kind(), e.to_string()))?;
+            match via.conn.open(req) {
+                Ok(stream) => return Ok(Opened { stream, reused: false, via }),
+                Err(OpenFlowError::Closed(e)) => return Err(io::Error::new(e.kind(), e.to_string())),
+                Err(OpenFlowError::Full) => {}
+            }
+            // Filled by the callers that shared it: any other connection with room will do.
+            let least = {
+                let mut conns = pool.conns();
+                conns.retain(|c| c.conn.closed().is_none());
+                conns.iter().filter(|c| c.conn.can_open()).min_by_key(|c| c.conn.flows()).cloned()
+            };
+            if let Some(via) = least
+                && let Ok(stream) = via.conn.open(req)
+            {
+                return Ok(Opened { stream, reused: true, via });
+            }
         }
+        Err(io::Error::other("every new tunnel connection was filled by other flows; try again"))
     }
 
     /// A new multiplexed connection to `key`, driven by its own task and kept in `key`'s pool.
@@ -681,6 +747,60 @@ mod tests {
             assert!(Instant::now() < deadline, "the second connection never reached the gateway");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        shutdown.cancel();
+        tracker.close();
+        tracker.wait().await;
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn concurrent_opens_share_one_new_connection_which_closes_after_its_flows() {
+        let ca = TestCa::new();
+        let client = ca.issue("agent-0000000000000000b", "acct-2", "vpc-2");
+        let (key, _accepted, _drop_all, server) = holding_gateway(&ca, TcpListener::bind("127.0.0.1:0").await.unwrap());
+        let (shutdown, tracker) = (CancellationToken::new(), TaskTracker::new());
+        let pools = Arc::new(GatewayPools::new(
+            tls::tunnel_client_config(&client).unwrap(),
+            PoolSettings { warm: 1, ..PoolSettings::default() },
+            Arc::default(),
+            tracker.clone(),
+            shutdown.clone(),
+        ));
+        pools.retain(&HashSet::from([key.clone()]));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while pools.connection_count(&key) < 1 {
+            assert!(Instant::now() < deadline, "pool never connected");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // The warm connection is full.
+        let mut flows = Vec::new();
+        for _ in 0..trellis_proto::mux::MAX_FLOWS_PER_CONNECTION {
+            let opened = pools.open(&key, &request()).await.unwrap();
+            assert!(opened.reused);
+            flows.push(opened.stream);
+        }
+        // Twenty clients at once: one new connection carries them all.
+        let opens: Vec<_> = (0..20)
+            .map(|_| {
+                let (pools, key) = (pools.clone(), key.clone());
+                tokio::spawn(async move { pools.open(&key, &request()).await.unwrap().stream })
+            })
+            .collect();
+        let mut burst = Vec::new();
+        for open in opens {
+            burst.push(open.await.unwrap());
+        }
+        let pool = pools.pool(&key).unwrap();
+        let made = pool.conns().len();
+        assert_eq!(made, 2, "concurrent opens made {} connections of their own", made - 1);
+        // Beyond the warm one, the new connection is not kept once its flows are gone.
+        drop(burst);
+        drop(flows);
+        while pool.conns().iter().filter(|c| c.conn.closed().is_none()).count() > 1 {
+            assert!(Instant::now() < deadline, "the extra connection was kept after its flows ended");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(pools.connection_count(&key), 1);
         shutdown.cancel();
         tracker.close();
         tracker.wait().await;
