@@ -646,7 +646,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Driver<S> {
                 self.start += FRAME_HEADER_LEN;
                 let take = match st.flows.get_mut(&h.flow) {
                     Some(flow) if !flow.reset => {
-                        if flow.recv_fin || len as u64 > flow.allowance {
+                        if len == 0 {
+                            tracing::debug!(flow = h.flow, "empty DATA frame; resetting the flow");
+                            st.reset_flow(h.flow);
+                            false
+                        } else if flow.recv_fin || len as u64 > flow.allowance {
                             tracing::debug!(
                                 flow = h.flow,
                                 "tunnel peer sent past its window or after FIN; resetting the flow"
@@ -1290,6 +1294,27 @@ mod tests {
         assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
         assert!(sink.len() <= INITIAL_WINDOW as usize);
         assert!(gw.closed().is_none(), "the connection survives");
+    }
+
+    #[tokio::test]
+    async fn an_empty_data_frame_resets_its_flow_only() {
+        let (mut raw, gw) = raw_to_gateway().await;
+        let mut frames = Vec::new();
+        mux::encode_open(1, &request(80), &mut frames).unwrap();
+        mux::encode_open(3, &request(80), &mut frames).unwrap();
+        raw.write_all(&frames).await.unwrap();
+        let (mut one, _) = gw.accept().await.unwrap();
+        let (mut three, _) = gw.accept().await.unwrap();
+        let mut frames = Vec::new();
+        mux::encode_header(mux::DATA, 1, 0, &mut frames);
+        mux::encode_header(mux::DATA, 3, 5, &mut frames);
+        frames.extend_from_slice(b"three");
+        raw.write_all(&frames).await.unwrap();
+        let mut buf = [0u8; 5];
+        tokio::time::timeout(Duration::from_secs(5), three.read_exact(&mut buf)).await.unwrap().unwrap();
+        assert_eq!(&buf, b"three");
+        let err = tokio::time::timeout(Duration::from_secs(5), one.read(&mut buf)).await.unwrap().unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
     }
 
     #[tokio::test]

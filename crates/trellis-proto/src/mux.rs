@@ -20,8 +20,8 @@
 //! granted back with WINDOW, so one flow's slow reader never stalls another
 //! flow, and a flow's buffered bytes are bounded. Every error a frame can
 //! carry is confined to its flow: lengths are always known, so an oversized,
-//! unknown or malformed frame is skipped and only its flow is reset; the
-//! other flows of the connection go on.
+//! unknown or malformed frame (an empty DATA frame is malformed too) is
+//! skipped and only its flow is reset; the other flows of the connection go on.
 //!
 //! A version-1 peer (one flow per connection, [`crate::stream`]) sends
 //! `"TRLS" 1` first: [`check_preface`] reports it, and a version-2 gateway
