@@ -112,7 +112,7 @@ fn relay_config(id: &str) -> RelayConfig {
         RelayGateway { agent_id: ROGUE_GW.into(), account_id: GW_ACCT.into(), vpc_id: GW_VPC.into() },
     ];
     gateways.sort();
-    RelayConfig { version: 1, relay_id: id.into(), zone: "z1".into(), gateways, revoked_certs: vec![] }
+    RelayConfig { version: 1, relay_id: id.into(), zone: "z1".into(), gateways, revoked_certs: Default::default() }
 }
 
 struct Relay {
@@ -481,7 +481,7 @@ async fn a_relay_refuses_unserved_gateways_unserved_attaches_and_peers_without_a
     // A certificate the control plane revoked (a deleted agent) is refused at the handshake too.
     let mut revoked = relay_config(R2);
     revoked.version = 2;
-    revoked.revoked_certs = vec![s.endpoint_identity.cert_sha256()];
+    revoked.revoked_certs = [s.endpoint_identity.cert_sha256()].into();
     s.relays[1]._config.send_replace(Arc::new(revoked));
     let fresh = relay_connector(&s.endpoint_identity);
     match dial_relay(&fresh, &relay, &connect, Duration::from_secs(5)).await {

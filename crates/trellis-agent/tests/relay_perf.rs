@@ -147,7 +147,7 @@ async fn relayed_path_against_direct_and_haproxy() {
             account_id: gw_id.account_id.clone(),
             vpc_id: gw_id.vpc_id.clone(),
         }],
-        revoked_certs: vec![],
+        revoked_certs: Default::default(),
     }));
     let relay = start_relay_server(RelayServerOptions::loopback(), &relay_id, rx).await.unwrap();
     let relay_target = RelayTarget {

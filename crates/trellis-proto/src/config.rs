@@ -5,6 +5,7 @@
 //! An agent serves exactly what its latest config says, nothing more: a
 //! resource or endpoint missing from the config is revoked.
 
+use std::collections::BTreeSet;
 use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
@@ -277,12 +278,23 @@ pub struct RelayConfig {
     /// it, sorted by agent id.
     pub gateways: Vec<RelayGateway>,
     /// Lower-case hex SHA-256 of certificates of deleted agents that have not
-    /// expired yet: refused even though the CA signed them.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub revoked_certs: Vec<String>,
+    /// expired yet: refused even though the CA signed them. A set: the relay
+    /// looks up every connecting agent, and the list grows with every deleted
+    /// agent until its certificate expires.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub revoked_certs: BTreeSet<String>,
 }
 
 impl RelayConfig {
+    /// Whether the certificate with SHA-256 `cert_sha256` (hex, either case) was revoked.
+    pub fn is_revoked(&self, cert_sha256: &str) -> bool {
+        if cert_sha256.bytes().any(|b| b.is_ascii_uppercase()) {
+            self.revoked_certs.contains(&cert_sha256.to_ascii_lowercase())
+        } else {
+            self.revoked_certs.contains(cert_sha256)
+        }
+    }
+
     /// The entry of gateway agent `agent_id` (binary search: `gateways` is sorted).
     pub fn gateway(&self, agent_id: &str) -> Option<&RelayGateway> {
         self.gateways.binary_search_by(|g| g.agent_id.as_str().cmp(agent_id)).ok().map(|i| &self.gateways[i])
@@ -351,6 +363,27 @@ impl AgentIdentityUri {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_relay_config_looks_revoked_certificates_up_in_either_case_and_keeps_its_wire_form() {
+        let json = format!(
+            r#"{{"version":3,"relayId":"r","zone":"z","gateways":[],"revokedCerts":["{}","{}"]}}"#,
+            "cd".repeat(32),
+            "ab".repeat(32)
+        );
+        let config: RelayConfig = serde_json::from_str(&json).unwrap();
+        assert!(config.is_revoked(&"ab".repeat(32)));
+        assert!(config.is_revoked(&"CD".repeat(32)));
+        assert!(!config.is_revoked(&"ef".repeat(32)));
+        let back = serde_json::to_value(&config).unwrap();
+        assert_eq!(
+            back["revokedCerts"],
+            serde_json::json!(["ab".repeat(32), "cd".repeat(32)]),
+            "sorted, an array as before"
+        );
+        let none = serde_json::to_value(RelayConfig::default()).unwrap();
+        assert!(none.get("revokedCerts").is_none());
+    }
 
     #[test]
     fn agent_identity_uris_round_trip_and_refuse_anything_else() {

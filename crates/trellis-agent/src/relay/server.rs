@@ -133,7 +133,7 @@ impl PeerAdmission for RelayAdmission {
 }
 
 fn is_revoked(config: &RelayConfig, cert_sha256: &str) -> bool {
-    config.revoked_certs.iter().any(|c| c.eq_ignore_ascii_case(cert_sha256))
+    config.is_revoked(cert_sha256)
 }
 
 /// Whether `config` lets `peer` attach as a gateway.

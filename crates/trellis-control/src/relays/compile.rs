@@ -75,15 +75,11 @@ pub fn compile_relay(tx: &mut dyn Tx, relay: &Relay) -> Result<RelayConfig, Stor
         .collect();
     gateways.sort();
     // A relay forwards from any enrolled endpoint agent: every revocation counts.
+    // Bounded by certificate lifetime: expired revocations are dropped from the store
+    // (`server::drop_expired_revocations`), and so from here.
     let revoked_certs: BTreeSet<String> =
         tx.list_obj::<RevokedCert>(&Filter::default())?.into_iter().map(|c| c.id).collect();
-    Ok(RelayConfig {
-        version: 0,
-        relay_id: relay.id.to_string(),
-        zone: relay.zone.clone(),
-        gateways,
-        revoked_certs: revoked_certs.into_iter().collect(),
-    })
+    Ok(RelayConfig { version: 0, relay_id: relay.id.to_string(), zone: relay.zone.clone(), gateways, revoked_certs })
 }
 
 pub(crate) const RELAY_DELETED: &str = "this relay was deleted; enroll it again with a new relay join token";
@@ -288,7 +284,7 @@ mod compile_tests {
             not_after: t0(),
         };
         write_with(&store, |tx| tx.insert_obj(&revoked)).unwrap();
-        assert_eq!(relay_config(&store, &r1.id).0.revoked_certs, vec![revoked.id.clone()]);
+        assert_eq!(relay_config(&store, &r1.id).0.revoked_certs, BTreeSet::from([revoked.id.clone()]));
     }
 
     #[test]
