@@ -206,6 +206,7 @@ pub fn compile_with(
     let gateway = gateway_role(&mut snap, agent)?;
     let endpoints = endpoint_role(&mut snap, agent, &zone, region)?;
     let relays = relays_to_attach(&mut snap, agent)?;
+    let revoked_relay_certs = revoked_relay_certs(&mut snap)?;
     Ok(AgentConfig {
         version: 0,
         agent_id: agent.id.to_string(),
@@ -218,7 +219,24 @@ pub fn compile_with(
         gateway,
         endpoints,
         relays,
+        revoked_relay_certs,
     })
+}
+
+/// Deleted relays' certificates not expired yet, for an agent whose config
+/// names relays (it read them); none for others. Sorted.
+fn revoked_relay_certs(snap: &mut Snapshot<'_>) -> Result<Vec<String>, StoreError> {
+    if snap.relays.is_none() {
+        return Ok(Vec::new());
+    }
+    let mut certs: Vec<String> = snap
+        .tx
+        .list_obj::<crate::relays::records::RevokedRelayCert>(&Filter::default())?
+        .into_iter()
+        .map(|c| c.id)
+        .collect();
+    certs.sort();
+    Ok(certs)
 }
 
 /// An outbound-only agent's relays (see [`crate::relays::compile`]); none for others.

@@ -27,6 +27,7 @@ use crate::data_dir::DataDirError;
 use crate::domain_verification::VerificationSettings;
 use crate::notify::WebhookSettings;
 use crate::pki::{Ca, PkiError};
+use crate::relays::records::RevokedRelayCert;
 use crate::state::{AppState, Settings, now};
 use crate::tls::TlsError;
 
@@ -361,12 +362,19 @@ pub fn mark_offline(
     Ok(changed)
 }
 
-/// Forgets revocations of certificates that expired (the CA's signature no longer passes anyway).
+/// Forgets revocations of certificates that expired (the CA's signature no
+/// longer passes anyway): deleted agents' and deleted relays'.
 pub fn drop_expired_revocations(tx: &mut dyn trellis_store::Tx, now: Timestamp) -> Result<usize, StoreError> {
     let mut dropped = 0;
     for cert in tx.list_obj::<RevokedCert>(&Filter::default())? {
         if cert.not_after <= now {
             tx.delete_obj::<RevokedCert>(&cert.id)?;
+            dropped += 1;
+        }
+    }
+    for cert in tx.list_obj::<RevokedRelayCert>(&Filter::default())? {
+        if cert.not_after <= now {
+            tx.delete_obj::<RevokedRelayCert>(&cert.id)?;
             dropped += 1;
         }
     }

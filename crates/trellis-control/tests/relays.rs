@@ -571,3 +571,37 @@ async fn silent_relays_go_offline_and_leave_agents_configs() {
     api.call_as("POST", "/v1/relays/self/report", Some(&relay_cert), Some(report)).await;
     assert_eq!(agent_config(&api, &agent_cert).await["relays"].as_array().unwrap().len(), 1);
 }
+
+#[tokio::test]
+async fn a_deleted_relays_certificate_is_revoked_in_the_configs_of_agents_using_relays_until_it_expires() {
+    let api = Api::new();
+    let (relay_a, relay_a_cert) = relay(&api, "z1", "192.0.2.1:7000").await;
+    let (_, relay_b_cert) = relay(&api, "z1", "192.0.2.2:7000").await;
+    let owner = api.account("owner").await;
+    let subnet = subnet(&api, &owner, "z1", "10.0.9.0/24").await;
+    let (_, outbound_cert) = agent(&api, &owner, &subnet, true).await;
+    let (_, direct_cert) = agent(&api, &owner, &subnet, false).await;
+    let revoked_of = |config: &Value| -> Vec<String> {
+        config["revokedRelayCerts"]
+            .as_array()
+            .map_or(vec![], |c| c.iter().map(|c| c.as_str().unwrap().to_string()).collect())
+    };
+    assert!(revoked_of(&agent_config(&api, &outbound_cert).await).is_empty());
+
+    assert_eq!(api.call("DELETE", &format!("/v1/relays/{relay_a}"), &api.admin, None).await.0, StatusCode::NO_CONTENT);
+    // The gateway agent that was attached to it refuses its certificate from now on.
+    let config = agent_config(&api, &outbound_cert).await;
+    assert_eq!(revoked_of(&config), vec![relay_a_cert.clone()], "{config}");
+    assert!(!revoked_of(&config).contains(&relay_b_cert));
+    // An agent that uses no relay is not told.
+    assert!(agent_config(&api, &direct_cert).await.get("revokedRelayCerts").is_none());
+    // Relays themselves refuse every relay certificate already; theirs do not list it.
+    assert!(relay_config(&api, &relay_b_cert, 0, 0).await.1.get("revokedCerts").is_none());
+
+    // Once the certificate has expired the revocation is dropped (the CA's signature fails then).
+    let later = trellis_model::Timestamp::new(std::time::SystemTime::now() + Duration::from_secs(2 * 365 * 24 * 3600));
+    let dropped =
+        api.state.write(move |tx| Ok(trellis_control::server::drop_expired_revocations(tx, later)?)).await.unwrap();
+    assert_eq!(dropped, 1);
+    assert!(agent_config(&api, &outbound_cert).await.get("revokedRelayCerts").is_none());
+}

@@ -39,6 +39,19 @@ pub struct AgentConfig {
     /// agent through them. Empty for an agent with a tunnel listener.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub relays: Vec<RelayTarget>,
+    /// Lower-case hex SHA-256 of certificates of deleted relays that have not
+    /// expired yet, in the configs of agents that use relays: such an agent
+    /// refuses a relay presenting one (and drops its attachments and relayed
+    /// flows through it) even though the CA signed it. Sorted.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub revoked_relay_certs: Vec<String>,
+}
+
+impl AgentConfig {
+    /// Whether the relay certificate with SHA-256 `cert_sha256` (lower-case hex) was revoked.
+    pub fn is_relay_revoked(&self, cert_sha256: &str) -> bool {
+        self.revoked_relay_certs.binary_search_by(|c| c.as_str().cmp(cert_sha256)).is_ok()
+    }
 }
 
 /// What a gateway agent accepts and dials.

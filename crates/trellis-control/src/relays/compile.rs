@@ -288,6 +288,22 @@ mod compile_tests {
     }
 
     #[test]
+    fn a_deleted_relays_certificate_reaches_the_agents_that_use_relays_and_no_other() {
+        let (w, store, [r1, ..]) = world_with_relays();
+        let (_, consumer_reads) = agent_config(&store, &w.consumer_agents[0].id);
+        let revoked =
+            crate::relays::records::RevokedRelayCert { id: "cd".repeat(32), relay_id: r1.id.clone(), not_after: t0() };
+        let keys = writes(&store, |tx| tx.insert_obj(&revoked));
+        assert!(wakes(&keys, &consumer_reads), "the endpoint agent reaching relays recompiles");
+        let reaching = agent_config(&store, &w.consumer_agents[0].id).0;
+        assert_eq!(reaching.revoked_relay_certs, vec![revoked.id.clone()], "endpoint agent reaching relays");
+        assert!(reaching.is_relay_revoked(&revoked.id));
+        assert_eq!(agent_config(&store, &w.gw_agents[1].id).0.revoked_relay_certs, vec![revoked.id.clone()]);
+        assert!(agent_config(&store, &w.gw_agents[0].id).0.revoked_relay_certs.is_empty(), "a direct gateway agent");
+        assert!(agent_config(&store, &w.consumer_agents[1].id).0.revoked_relay_certs.is_empty(), "no relayed target");
+    }
+
+    #[test]
     fn unrelated_writes_wake_no_relay_and_relay_writes_wake_only_who_uses_relays() {
         let (w, store, [r1, ..]) = world_with_relays();
         let (_, relay_reads) = relay_config(&store, &r1.id);

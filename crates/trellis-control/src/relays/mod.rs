@@ -30,7 +30,7 @@ use crate::auth::AdminAuth;
 use crate::error::ApiError;
 use crate::state::{AppState, now};
 use crate::tls::PeerIdentity;
-use records::{RelayCert, RelayRuntime};
+use records::{RelayCert, RelayRuntime, RevokedRelayCert};
 use report::Heard;
 
 /// A relay is healthy while its reports arrive at least this often (judged by
@@ -153,12 +153,15 @@ async fn get_one(
     Ok(Json(relay))
 }
 
-/// Deletes the relay: its certificate opens no relay route from now on, and
-/// every config that named it (the agents attached to it, the endpoint
-/// agents reaching them, the other relays' assignments) recompiles at once.
+/// Deletes the relay: its certificate opens no relay route from now on and
+/// is revoked (listed in the configs of agents that use relays until it
+/// expires, so they refuse it), and every config that named it (the agents
+/// attached to it, the endpoint agents reaching them, the other relays'
+/// assignments) recompiles at once.
 async fn delete(State(state): State<AppState>, _: AdminAuth, PathId(raw): PathId) -> Result<StatusCode, ApiError> {
     let id: RelayId = path_id(&raw)?;
     let deleted = id.clone();
+    let now = now();
     state
         .write(move |tx| {
             if tx.get_obj::<Relay>(id.as_str())?.is_none() {
@@ -166,6 +169,13 @@ async fn delete(State(state): State<AppState>, _: AdminAuth, PathId(raw): PathId
             }
             for cert in tx.list_obj::<RelayCert>(&Filter::reference(id.as_str()))? {
                 tx.delete_obj::<RelayCert>(&cert.id)?;
+                if cert.not_after > now {
+                    tx.insert_obj(&RevokedRelayCert {
+                        id: cert.id.clone(),
+                        relay_id: cert.relay_id.clone(),
+                        not_after: cert.not_after,
+                    })?;
+                }
             }
             tx.delete_obj::<RelayRuntime>(id.as_str())?;
             tx.delete_obj::<Relay>(id.as_str())?;

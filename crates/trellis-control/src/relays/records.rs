@@ -56,6 +56,28 @@ impl Object for RelayCert {
     }
 }
 
+/// The certificate of a deleted relay that has not expired yet: agents that
+/// use relays refuse it although the CA signed it. Removed once expired
+/// (`server::drop_expired_revocations`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RevokedRelayCert {
+    /// Lower-case hex SHA-256 of the certificate DER.
+    pub id: String,
+    pub relay_id: RelayId,
+    pub not_after: Timestamp,
+}
+
+impl Object for RevokedRelayCert {
+    const KIND: &'static str = "revoked-relay-cert";
+    fn id(&self) -> &str {
+        &self.id
+    }
+    fn account_id(&self) -> &str {
+        ""
+    }
+}
+
 /// What the control plane remembers of a running relay. Kept apart from the
 /// [`trellis_model::Relay`] so reports never touch anything a config is compiled from.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
