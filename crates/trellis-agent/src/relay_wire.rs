@@ -198,6 +198,11 @@ pub struct RelaySession {
 }
 
 impl RelaySession {
+    /// Lower-case hex SHA-256 of the relay's certificate.
+    pub fn relay_cert_sha256(&self) -> Option<String> {
+        self.tls.get_ref().1.peer_certificates().and_then(|c| c.first()).map(crate::tls::cert_sha256)
+    }
+
     /// Reads the relay's next message (an attached gateway's `Flow`).
     pub async fn receive<T>(
         &mut self,
@@ -235,6 +240,10 @@ pub enum DialRelayError {
     /// The relay answered, with a refusal.
     #[error("relay {relay} answered {}: {}", .answer.status, .answer.message)]
     Refused { relay: String, answer: trellis_proto::relay::Answer },
+    /// The relay presented a certificate the control plane revoked (the relay
+    /// was deleted); nothing was sent to it.
+    #[error("relay {relay} ({address}) presented a revoked certificate (the relay was deleted); not using it")]
+    Revoked { relay: String, address: String },
 }
 
 /// Connects to `relay` (TCP, outer TLS verifying the relay's server name),
@@ -244,6 +253,19 @@ pub async fn dial_relay(
     relay: &trellis_proto::RelayTarget,
     hello: &trellis_proto::relay::Hello,
     timeout: std::time::Duration,
+) -> Result<RelaySession, DialRelayError> {
+    dial_relay_unless_revoked(connector, relay, hello, timeout, |_| false).await
+}
+
+/// [`dial_relay`], refusing the relay right after the TLS handshake (before
+/// the hello is sent) when `revoked` says its certificate (lower-case hex
+/// SHA-256) was revoked.
+pub async fn dial_relay_unless_revoked(
+    connector: &tokio_rustls::TlsConnector,
+    relay: &trellis_proto::RelayTarget,
+    hello: &trellis_proto::relay::Hello,
+    timeout: std::time::Duration,
+    revoked: impl Fn(&str) -> bool,
 ) -> Result<RelaySession, DialRelayError> {
     use trellis_proto::relay::{RelayStatus, decode_answer, encode_hello};
     let unreachable = |reason: String| DialRelayError::Unreachable {
@@ -262,6 +284,10 @@ pub async fn dial_relay(
         crate::relay::server::set_attachment_keepalive(&tcp);
         let io = RecordBounded::new(crate::read_ahead::ReadAhead::new(tcp));
         let mut tls = connector.connect(name, io).await.map_err(|e| unreachable(format!("TLS: {e}")))?;
+        let cert = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).map(crate::tls::cert_sha256);
+        if cert.as_deref().is_some_and(&revoked) {
+            return Err(DialRelayError::Revoked { relay: relay.relay_id.clone(), address: relay.address.clone() });
+        }
         send(&mut tls, &frame).await.map_err(|e| unreachable(e.to_string()))?;
         let mut carry = Vec::new();
         let answer =

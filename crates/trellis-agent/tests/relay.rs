@@ -807,3 +807,56 @@ async fn a_relay_that_breaks_the_protocol_on_an_attachment_is_reattached_to_with
     gateway.shutdown().await;
     server.abort();
 }
+
+/// A deleted relay's certificate in the agents' configs (`revokedRelayCerts`):
+/// the gateway agent drops its attachments there and the tunnel connections it
+/// serves through it, and attaches no more; the endpoint agent no longer asks
+/// it for anything (it never sends it a `Connect`), and flows go through the other relay.
+#[tokio::test]
+async fn a_relay_whose_certificate_the_config_revokes_loses_its_attachments_and_flows_and_is_not_asked_again() {
+    let s = setup(false).await;
+    let mut client = TcpStream::connect(s.client_target).await.unwrap();
+    client.write_all(b"before").await.unwrap();
+    let mut got = [0u8; 6];
+    tokio::time::timeout(Duration::from_secs(10), client.read_exact(&mut got)).await.unwrap().unwrap();
+    assert_eq!(&got, b"before");
+    let r1 = &s.relays[0].running;
+    assert!(r1.active_flows() >= 1, "the flow went through the first relay, the first in the config's order");
+    let unavailable = |metrics: &str| {
+        metrics
+            .lines()
+            .find(|l| l.starts_with("trellis_relay_flows_total{outcome=\"unavailable\"}"))
+            .map_or(0, |l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+    };
+    let asked_before = unavailable(&r1.metrics_text());
+
+    let revoked = tls::cert_sha256(&s.relays[0].identity.cert);
+    for config in [&s._gateway_config, &s._endpoint_config] {
+        let mut next = (**config.borrow()).clone();
+        next.version = 2;
+        next.revoked_relay_certs = vec![revoked.clone()];
+        config.send_replace(Arc::new(next));
+    }
+    eventually("the gateway to drop its attachments and flows at the revoked relay", Duration::from_secs(5), || {
+        r1.attachments(GW) == 0 && r1.active_flows() == 0
+    })
+    .await;
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "the client flow through the revoked relay was closed");
+    let served = s.endpoint.as_ref().unwrap().served();
+    eventually("the endpoint agent's new config", Duration::from_secs(5), || served.borrow().config_version == 2).await;
+
+    for i in 0..5 {
+        let msg = format!("after the revocation #{i}");
+        assert_eq!(echo_round_trip(s.client_target, msg.as_bytes()).await, msg.as_bytes());
+    }
+    assert!(s.relays[1].running.attachments(GW) >= 1);
+    assert_eq!(r1.attachments(GW), 0, "the gateway agent did not attach to the revoked relay again");
+    assert_eq!(
+        unavailable(&r1.metrics_text()),
+        asked_before,
+        "the endpoint agent sent no Connect to the revoked relay (it would be answered unavailable there)"
+    );
+    stop(s).await;
+}

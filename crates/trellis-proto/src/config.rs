@@ -48,9 +48,10 @@ pub struct AgentConfig {
 }
 
 impl AgentConfig {
-    /// Whether the relay certificate with SHA-256 `cert_sha256` (lower-case hex) was revoked.
+    /// Whether the relay certificate with SHA-256 `cert_sha256` (hex) was
+    /// revoked. A scan: relays are few, and it runs once per relay dial.
     pub fn is_relay_revoked(&self, cert_sha256: &str) -> bool {
-        self.revoked_relay_certs.binary_search_by(|c| c.as_str().cmp(cert_sha256)).is_ok()
+        self.revoked_relay_certs.iter().any(|c| c.eq_ignore_ascii_case(cert_sha256))
     }
 }
 

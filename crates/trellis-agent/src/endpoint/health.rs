@@ -184,16 +184,33 @@ impl HealthTable {
 /// The same memory keeps, under `direct:<agent id>`, the direct path of a
 /// gateway agent that has both an address and relays: a direct address that
 /// does not answer is skipped (straight to the relays) until its probe is due.
+///
+/// It also holds the config's revoked relay certificates (deleted relays):
+/// a relay presenting one is not used.
 #[derive(Debug)]
 pub struct RelayHealth {
     down: HashMap<String, Down>,
     first_probe: Duration,
     max_probe: Duration,
+    /// The config's `revoked_relay_certs`.
+    revoked: Vec<String>,
 }
 
 impl RelayHealth {
     pub fn new(first_probe: Duration, max_probe: Duration) -> Self {
-        Self { down: HashMap::new(), first_probe, max_probe: max_probe.max(first_probe) }
+        Self { down: HashMap::new(), first_probe, max_probe: max_probe.max(first_probe), revoked: Vec::new() }
+    }
+
+    /// Takes the config's revoked relay certificates (hex SHA-256).
+    pub fn set_revoked(&mut self, revoked: &[String]) {
+        if self.revoked != revoked {
+            self.revoked = revoked.to_vec();
+        }
+    }
+
+    /// Whether a relay certificate (hex SHA-256) was revoked (a scan: deleted relays are few).
+    pub fn is_revoked(&self, cert_sha256: &str) -> bool {
+        self.revoked.iter().any(|c| c.eq_ignore_ascii_case(cert_sha256))
     }
 
     pub fn is_down(&self, relay_id: &str) -> bool {

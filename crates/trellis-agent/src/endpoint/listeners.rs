@@ -164,6 +164,7 @@ fn reconcile(
         }
     }
     ctx.pools.retain(&gateways);
+    ctx.pools.relay_health.lock().unwrap_or_else(|e| e.into_inner()).set_revoked(&config.revoked_relay_certs);
 
     let wanted: HashSet<&ListenerKey> = desired.iter().collect();
     open.retain(|key, cancel| {

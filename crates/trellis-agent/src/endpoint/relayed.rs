@@ -8,7 +8,9 @@
 //! (`relay_server_name`), `Connect {gateway agent}`, the relay's answer. On
 //! `ok` the outer TLS is left and the raw stream is returned, for the caller
 //! to run the end-to-end TLS with the gateway agent over it (verifying the
-//! gateway agent's server name, as on a direct connection).
+//! gateway agent's server name, as on a direct connection). A relay whose
+//! certificate the config revokes (a deleted relay) is refused right after
+//! the TLS handshake, before it learns which gateway agent is wanted.
 
 use std::io;
 use std::time::{Duration, Instant};
@@ -17,7 +19,7 @@ use trellis_proto::relay::Hello;
 
 use super::pool::{GatewayKey, GatewayPools};
 use crate::read_ahead::ReadAhead;
-use crate::relay_wire::{DialRelayError, dial_relay};
+use crate::relay_wire::{DialRelayError, dial_relay_unless_revoked};
 
 /// A raw stream paired with `key`'s gateway agent by one of its relays, and that relay's id.
 pub(super) async fn connect(
@@ -32,7 +34,8 @@ pub(super) async fn connect(
     let hello = Hello::Connect { gateway_agent_id: key.agent_id.clone() };
     let mut notes = Vec::new();
     for relay in &order {
-        let note = match dial_relay(&pools.relay_connector, relay, &hello, timeout).await {
+        let revoked = |cert: &str| pools.relay_health.lock().unwrap_or_else(|e| e.into_inner()).is_revoked(cert);
+        let note = match dial_relay_unless_revoked(&pools.relay_connector, relay, &hello, timeout, revoked).await {
             Ok(session) => {
                 relay_up(pools, &relay.relay_id);
                 match session.leave() {
@@ -56,6 +59,8 @@ pub(super) async fn connect(
                 relay_up(pools, &relay.relay_id);
                 e.to_string()
             }
+            // Not down (it answered), not usable: left to the next config, which no longer lists it.
+            Err(e @ DialRelayError::Revoked { .. }) => e.to_string(),
         };
         tracing::debug!(gateway = %key.agent_id, note, "relay attempt failed");
         notes.push(note);

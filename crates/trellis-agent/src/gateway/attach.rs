@@ -15,10 +15,16 @@
 //!
 //! This agent never sends an open request and never opens anything toward a
 //! consumer: it only answers flows the consumer side opened.
+//!
+//! A relay whose certificate the config revokes (`revoked_relay_certs`: the
+//! relay was deleted) is refused right after the TLS handshake, and once a
+//! config revokes the certificate a relay showed, its attachments and the
+//! tunnel connections served through it are dropped.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
@@ -30,7 +36,7 @@ use trellis_proto::relay::{Hello, RelayStatus, decode_flow, encode_accept};
 use trellis_proto::{AgentConfig, RelayTarget};
 
 use super::GatewayContext;
-use crate::relay_wire::{DialRelayError, RelaySession, WireError, dial_relay};
+use crate::relay_wire::{DialRelayError, RelaySession, WireError, dial_relay_unless_revoked};
 
 /// How many attachments a gateway keeps and how it reconnects.
 #[derive(Clone, Copy, Debug)]
@@ -75,7 +81,10 @@ struct Relay {
     target: RelayTarget,
     idle: AtomicUsize,
     workers: AtomicUsize,
+    /// Cancels its workers, attachments and the flows served through it.
     cancel: CancellationToken,
+    /// SHA-256 of the certificate the relay showed, once one attachment succeeded.
+    cert_sha256: Mutex<Option<String>>,
 }
 
 /// Keeps attachments to exactly the relays of the current config until `shutdown`.
@@ -99,13 +108,17 @@ pub async fn run(
             );
         }
         warned_empty = wanted.is_empty();
+        let current = config.borrow().clone();
         relays.retain(|target, relay| {
-            let keep = wanted.contains(target);
-            if !keep {
+            let revoked = relay.cert_sha256.lock().unwrap_or_else(|e| e.into_inner()).as_deref().is_some_and(|c| current.is_relay_revoked(c));
+            if revoked {
+                tracing::warn!(relay = %target.relay_id, "the control plane revoked this relay's certificate (the relay was deleted); dropping its attachments and the flows through it");
+                relay.cancel.cancel();
+            } else if !wanted.contains(target) {
                 tracing::info!(relay = %target.relay_id, "relay left the config; detaching");
                 relay.cancel.cancel();
             }
-            keep
+            !revoked && wanted.contains(target)
         });
         for target in wanted {
             if relays.contains_key(&target) {
@@ -117,6 +130,7 @@ pub async fn run(
                 idle: AtomicUsize::new(0),
                 workers: AtomicUsize::new(0),
                 cancel: shutdown.child_token(),
+                cert_sha256: Mutex::new(None),
             });
             for _ in 0..settings.idle_per_relay.max(1) {
                 spawn_worker(&shared, &relay, false);
@@ -146,14 +160,26 @@ async fn worker(shared: &Arc<Shared>, relay: &Arc<Relay>, extra: bool) {
     let mut backoff = settings.backoff_min;
     let mut logged_refusal = false;
     loop {
+        let revoked = |cert: &str| shared.ctx.config.borrow().is_relay_revoked(cert);
         let dialed = tokio::select! {
-            r = dial_relay(&shared.connector, &relay.target, &Hello::Attach, settings.dial_timeout) => r,
+            r = dial_relay_unless_revoked(&shared.connector, &relay.target, &Hello::Attach, settings.dial_timeout, revoked) => r,
             () = relay.cancel.cancelled() => return,
         };
         let mut session = match dialed {
             Ok(session) => {
                 backoff = settings.backoff_min;
                 logged_refusal = false;
+                let cert = session.relay_cert_sha256();
+                *relay.cert_sha256.lock().unwrap_or_else(|e| e.into_inner()) = cert.clone();
+                // Stored before this check: a config revoking it later finds it in `run`.
+                if cert.as_deref().is_some_and(revoked) {
+                    drop(session);
+                    tokio::select! {
+                        () = tokio::time::sleep(settings.backoff_max) => {}
+                        () = relay.cancel.cancelled() => return,
+                    }
+                    continue;
+                }
                 session
             }
             Err(e) => {
@@ -161,6 +187,12 @@ async fn worker(shared: &Arc<Shared>, relay: &Arc<Relay>, extra: bool) {
                     DialRelayError::Refused { answer, .. } if answer.status == RelayStatus::NotServed => {
                         if !logged_refusal {
                             tracing::warn!(error = %e, "the relay does not (yet) serve this gateway agent; retrying");
+                            logged_refusal = true;
+                        }
+                    }
+                    DialRelayError::Revoked { .. } => {
+                        if !logged_refusal {
+                            tracing::warn!(error = %e, "not attaching; retrying while the config lists the relay");
                             logged_refusal = true;
                         }
                     }
