@@ -77,7 +77,17 @@ pub struct Metrics {
     pub gateway_up: Family<Vec<(String, String)>, Gauge>,
     /// Endpoint side: flows that skipped a gateway agent because it was down.
     pub gateway_skipped: Family<Vec<(String, String)>, Counter>,
+    /// Endpoint side: new tunnel connections by path (`direct`, or `relay` with its id).
+    pub tunnel_connects: Family<Vec<(String, String)>, Counter>,
+    /// Endpoint side: failed attempts through a relay, by relay and reason.
+    pub relay_failures: Family<Vec<(String, String)>, Counter>,
+    /// Endpoint side: 1 while a relay answers, 0 while it is marked down.
+    pub relay_up: Family<Vec<(String, String)>, Gauge>,
 }
+
+/// Why an endpoint agent's attempt through a relay failed (`trellis_endpoint_relay_failures_total`).
+pub const RELAY_FAILURE_REASONS: [&str; 7] =
+    ["unreachable", "not_served", "unavailable", "busy", "bad_request", "revoked_certificate", "protocol"];
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -134,6 +144,24 @@ impl Metrics {
             "Endpoint side: new flows that skipped a gateway agent at once because it was marked down",
             gateway_skipped.clone(),
         );
+        let tunnel_connects = Family::<Vec<(String, String)>, Counter>::default();
+        registry.register(
+            "tunnel_connects",
+            "Endpoint side: new tunnel connections to gateway agents by the path they took (path=direct, or path=relay with the relay id)",
+            tunnel_connects.clone(),
+        );
+        let relay_failures = Family::<Vec<(String, String)>, Counter>::default();
+        registry.register(
+            "endpoint_relay_failures",
+            "Endpoint side: attempts to reach a gateway agent through a relay that failed, by relay and reason",
+            relay_failures.clone(),
+        );
+        let relay_up = Family::<Vec<(String, String)>, Gauge>::default();
+        registry.register(
+            "endpoint_relay_up",
+            "Endpoint side: 1 while a relay of the config answers, 0 while it is marked down (tried last, probed)",
+            relay_up.clone(),
+        );
         Self {
             registry,
             active_connections,
@@ -147,6 +175,9 @@ impl Metrics {
             limited,
             gateway_up,
             gateway_skipped,
+            tunnel_connects,
+            relay_failures,
+            relay_up,
         }
     }
 
@@ -217,6 +248,38 @@ impl Metrics {
         let labels = Self::gateway_labels(agent_id, address);
         self.gateway_up.remove(&labels);
         self.gateway_skipped.remove(&labels);
+    }
+
+    /// Counts a new tunnel connection: direct, or through relay `relay` (an id from the config).
+    pub(crate) fn count_tunnel_connect(&self, relay: Option<&str>) {
+        let labels = match relay {
+            None => vec![("path".to_string(), "direct".to_string())],
+            Some(id) => vec![("path".to_string(), "relay".to_string()), ("relay".to_string(), id.to_string())],
+        };
+        self.tunnel_connects.get_or_create(&labels).inc();
+    }
+
+    /// Counts a failed attempt through `relay`; `reason` is one of [`RELAY_FAILURE_REASONS`].
+    pub(crate) fn count_relay_failure(&self, relay: &str, reason: &'static str) {
+        self.relay_failures
+            .get_or_create(&vec![("relay".to_string(), relay.to_string()), ("reason".to_string(), reason.to_string())])
+            .inc();
+    }
+
+    /// Records whether a relay of the config is up (answers) or marked down.
+    pub(crate) fn set_relay_up(&self, relay: &str, up: bool) {
+        self.relay_up.get_or_create(&vec![("relay".to_string(), relay.to_string())]).set(i64::from(up));
+    }
+
+    /// Drops every series of a relay that left the config.
+    pub(crate) fn forget_relay(&self, relay: &str) {
+        self.relay_up.remove(&vec![("relay".to_string(), relay.to_string())]);
+        self.tunnel_connects
+            .remove(&vec![("path".to_string(), "relay".to_string()), ("relay".to_string(), relay.to_string())]);
+        for reason in RELAY_FAILURE_REASONS {
+            self.relay_failures
+                .remove(&vec![("relay".to_string(), relay.to_string()), ("reason".to_string(), reason.to_string())]);
+        }
     }
 
     /// Counts a tunnel connection refused before its open request; `reason` is one of a fixed set.

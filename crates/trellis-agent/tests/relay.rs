@@ -412,6 +412,16 @@ async fn when_a_relay_dies_new_connections_go_through_the_other_within_a_second_
     }
     assert!(killed.elapsed() < Duration::from_secs(5));
     // The other relay is the only path left: those echoes went through it.
+    // The endpoint agent's metrics say so: the dead relay marked down, why, and the path new connections took.
+    let metrics = s.endpoint.as_ref().unwrap().metrics_text();
+    assert!(metrics.contains(&format!("trellis_endpoint_relay_up{{relay=\"{R1}\"}} 0")), "{metrics}");
+    assert!(metrics.contains(&format!("trellis_endpoint_relay_up{{relay=\"{R2}\"}} 1")), "{metrics}");
+    assert!(
+        metrics.contains(&format!("trellis_endpoint_relay_failures_total{{relay=\"{R1}\",reason=\"unreachable\"}}")),
+        "{metrics}"
+    );
+    assert!(metrics.contains(&format!("trellis_tunnel_connects_total{{path=\"relay\",relay=\"{R2}\"}}")), "{metrics}");
+    assert!(!metrics.contains("trellis_tunnel_connects_total{path=\"direct\"}"), "no direct path: {metrics}");
 
     // The relay comes back on the same address: the gateway attaches again on its own.
     let log = LogBuf::default();
@@ -857,6 +867,13 @@ async fn a_relay_whose_certificate_the_config_revokes_loses_its_attachments_and_
         unavailable(&r1.metrics_text()),
         asked_before,
         "the endpoint agent sent no Connect to the revoked relay (it would be answered unavailable there)"
+    );
+    let metrics = s.endpoint.as_ref().unwrap().metrics_text();
+    assert!(
+        metrics.contains(&format!(
+            "trellis_endpoint_relay_failures_total{{relay=\"{R1}\",reason=\"revoked_certificate\"}}"
+        )),
+        "{metrics}"
     );
     stop(s).await;
 }

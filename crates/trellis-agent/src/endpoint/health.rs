@@ -14,11 +14,13 @@
 //! plan still names them all, for the caller to try at once.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use trellis_proto::{GatewayTarget, RelayTarget};
 
 use super::pool::GatewayKey;
+use crate::metrics::Metrics;
 
 /// Why and since when a gateway is skipped.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -186,19 +188,64 @@ impl HealthTable {
 /// does not answer is skipped (straight to the relays) until its probe is due.
 ///
 /// It also holds the config's revoked relay certificates (deleted relays):
-/// a relay presenting one is not used.
-#[derive(Debug)]
+/// a relay presenting one is not used. With [`RelayHealth::with_metrics`] it
+/// publishes each relay's state (`trellis_endpoint_relay_up`) and failures;
+/// series exist only for relays of the config (see [`RelayHealth::retain`]).
 pub struct RelayHealth {
     down: HashMap<String, Down>,
     first_probe: Duration,
     max_probe: Duration,
     /// The config's `revoked_relay_certs`.
     revoked: Vec<String>,
+    metrics: Option<Arc<Metrics>>,
+    /// The config's relays (as of the last [`RelayHealth::retain`]): the only ones with metric series.
+    configured: HashSet<String>,
 }
+
+impl std::fmt::Debug for RelayHealth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RelayHealth").field("down", &self.down).field("revoked", &self.revoked).finish_non_exhaustive()
+    }
+}
+
+/// Direct paths share the memory under this prefix; they are no relay (no relay metrics).
+const DIRECT_PREFIX: &str = "direct:";
 
 impl RelayHealth {
     pub fn new(first_probe: Duration, max_probe: Duration) -> Self {
-        Self { down: HashMap::new(), first_probe, max_probe: max_probe.max(first_probe), revoked: Vec::new() }
+        Self {
+            down: HashMap::new(),
+            first_probe,
+            max_probe: max_probe.max(first_probe),
+            revoked: Vec::new(),
+            metrics: None,
+            configured: HashSet::new(),
+        }
+    }
+
+    /// Publishes relay states and failures to `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    fn publish(&self, id: &str, up: bool) {
+        if let Some(m) = &self.metrics
+            && self.configured.contains(id)
+        {
+            m.set_relay_up(id, up);
+        }
+    }
+
+    /// Counts a failed attempt through relay `relay_id`; `reason` is one of
+    /// [`crate::metrics::RELAY_FAILURE_REASONS`]. Relays no longer in the
+    /// config are not counted (their attempts started before it changed).
+    pub fn count_failure(&self, relay_id: &str, reason: &'static str) {
+        if let Some(m) = &self.metrics
+            && self.configured.contains(relay_id)
+        {
+            m.count_relay_failure(relay_id, reason);
+        }
     }
 
     /// Takes the config's revoked relay certificates (hex SHA-256).
@@ -262,6 +309,7 @@ impl RelayHealth {
                     next_probe: now + self.first_probe,
                 };
                 self.down.insert(relay_id.to_string(), d);
+                self.publish(relay_id, false);
                 true
             }
         }
@@ -269,12 +317,29 @@ impl RelayHealth {
 
     /// Records an answer; true when the relay was down until now.
     pub fn mark_up(&mut self, relay_id: &str) -> bool {
-        self.down.remove(relay_id).is_some()
+        let was_down = self.down.remove(relay_id).is_some();
+        if was_down {
+            self.publish(relay_id, true);
+        }
+        was_down
     }
 
-    /// Forgets relays not in `wanted`.
+    /// Forgets paths not in `wanted` (relay ids and `direct:` paths of the
+    /// config), and their metric series; every wanted relay has a state series.
     pub fn retain(&mut self, wanted: &HashSet<&str>) {
         self.down.retain(|id, _| wanted.contains(id.as_str()));
+        let Some(metrics) = self.metrics.clone() else { return };
+        self.configured.retain(|id| {
+            let keep = wanted.contains(id.as_str());
+            if !keep {
+                metrics.forget_relay(id);
+            }
+            keep
+        });
+        for id in wanted.iter().filter(|id| !id.starts_with(DIRECT_PREFIX)) {
+            self.configured.insert(id.to_string());
+            self.publish(id, !self.down.contains_key(*id));
+        }
     }
 }
 
@@ -310,6 +375,37 @@ mod tests {
         assert!(!h.is_down("r1"));
         h.retain(&HashSet::from(["r1"]));
         assert!(!h.is_down("r2"), "relays that left the config are forgotten");
+    }
+
+    #[test]
+    fn relay_states_and_failures_are_published_for_the_configs_relays_only() {
+        let metrics = Arc::new(Metrics::new());
+        let mut h = RelayHealth::new(Duration::from_secs(1), Duration::from_secs(30)).with_metrics(metrics.clone());
+        h.retain(&HashSet::from(["r1", "r2", "direct:agent-1"]));
+        let text = metrics.encode();
+        assert!(text.contains("trellis_endpoint_relay_up{relay=\"r1\"} 1"), "{text}");
+        assert!(text.contains("trellis_endpoint_relay_up{relay=\"r2\"} 1"), "{text}");
+        assert!(!text.contains("direct:"), "a direct path is no relay: {text}");
+
+        h.mark_down("r1", "refused", Instant::now());
+        h.count_failure("r1", "unreachable");
+        h.count_failure("r9", "unreachable");
+        let text = metrics.encode();
+        assert!(text.contains("trellis_endpoint_relay_up{relay=\"r1\"} 0"), "{text}");
+        assert!(
+            text.contains("trellis_endpoint_relay_failures_total{relay=\"r1\",reason=\"unreachable\"} 1"),
+            "{text}"
+        );
+        assert!(!text.contains("r9"), "a relay not in the config gets no series: {text}");
+        h.mark_up("r1");
+        assert!(metrics.encode().contains("trellis_endpoint_relay_up{relay=\"r1\"} 1"));
+
+        // r1 leaves the config: every series of it goes.
+        h.count_failure("r1", "busy");
+        h.retain(&HashSet::from(["r2"]));
+        let text = metrics.encode();
+        assert!(!text.contains("relay=\"r1\""), "{text}");
+        assert!(text.contains("trellis_endpoint_relay_up{relay=\"r2\"} 1"), "{text}");
     }
 
     #[test]

@@ -211,7 +211,9 @@ impl GatewayPools {
     ) -> Self {
         Self {
             relay_connector: TlsConnector::from(crate::tls::relay_client_config(&tls)),
-            relay_health: Mutex::new(RelayHealth::new(settings.probe_first, settings.probe_max)),
+            relay_health: Mutex::new(
+                RelayHealth::new(settings.probe_first, settings.probe_max).with_metrics(metrics.clone()),
+            ),
             connector: TlsConnector::from(tls),
             settings,
             pools: Mutex::default(),
@@ -442,6 +444,7 @@ impl GatewayPools {
             });
             match result {
                 Ok(Ok(tunnel)) => {
+                    self.metrics.count_tunnel_connect(None);
                     if key.relays.is_empty() {
                         return Ok(Connected { tunnel, path: None });
                     }
@@ -472,6 +475,7 @@ impl GatewayPools {
                         format!("TLS with gateway agent {} through a relay timed out", key.agent_id),
                     )
                 })??;
+            self.metrics.count_tunnel_connect(Some(&relay_id));
             Ok(Connected { tunnel, path: Some(relay_id) })
         };
         attempt.await.map_err(|e: io::Error| match direct_failed {

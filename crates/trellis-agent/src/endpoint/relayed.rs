@@ -15,7 +15,7 @@
 use std::io;
 use std::time::{Duration, Instant};
 
-use trellis_proto::relay::Hello;
+use trellis_proto::relay::{Hello, RelayStatus};
 
 use super::pool::{GatewayKey, GatewayPools};
 use crate::read_ahead::ReadAhead;
@@ -27,41 +27,43 @@ pub(super) async fn connect(
     key: &GatewayKey,
     timeout: Duration,
 ) -> io::Result<(ReadAhead, String)> {
-    let order: Vec<_> = {
-        let mut health = pools.relay_health.lock().unwrap_or_else(|e| e.into_inner());
-        health.order(&key.relays, Instant::now()).into_iter().cloned().collect()
-    };
+    let order: Vec<_> = { health(pools).order(&key.relays, Instant::now()).into_iter().cloned().collect() };
     let hello = Hello::Connect { gateway_agent_id: key.agent_id.clone() };
     let mut notes = Vec::new();
     for relay in &order {
-        let revoked = |cert: &str| pools.relay_health.lock().unwrap_or_else(|e| e.into_inner()).is_revoked(cert);
-        let note = match dial_relay_unless_revoked(&pools.relay_connector, relay, &hello, timeout, revoked).await {
+        let revoked = |cert: &str| health(pools).is_revoked(cert);
+        let (note, reason) = match dial_relay_unless_revoked(&pools.relay_connector, relay, &hello, timeout, revoked)
+            .await
+        {
             Ok(session) => {
                 relay_up(pools, &relay.relay_id);
                 match session.leave() {
                     Ok(raw) => return Ok((raw, relay.relay_id.clone())),
-                    Err(e) => format!("relay {}: {e}", relay.relay_id),
+                    Err(e) => (format!("relay {}: {e}", relay.relay_id), "protocol"),
                 }
             }
             Err(e @ DialRelayError::Unreachable { .. }) => {
                 let reason = e.to_string();
-                let marked = pools.relay_health.lock().unwrap_or_else(|e| e.into_inner()).mark_down(
-                    &relay.relay_id,
-                    &reason,
-                    Instant::now(),
-                );
+                let marked = health(pools).mark_down(&relay.relay_id, &reason, Instant::now());
                 if marked {
                     tracing::warn!(relay = %relay.relay_id, address = %relay.address, %reason, "relay marked down: connections try it last while it is probed");
                 }
-                reason
+                (reason, "unreachable")
             }
-            Err(e @ DialRelayError::Refused { .. }) => {
+            Err(DialRelayError::Refused { relay: id, answer }) => {
                 relay_up(pools, &relay.relay_id);
-                e.to_string()
+                let reason = match answer.status {
+                    RelayStatus::NotServed => "not_served",
+                    RelayStatus::Unavailable => "unavailable",
+                    RelayStatus::Busy => "busy",
+                    RelayStatus::BadRequest | RelayStatus::Ok => "bad_request",
+                };
+                (DialRelayError::Refused { relay: id, answer }.to_string(), reason)
             }
             // Not down (it answered), not usable: left to the next config, which no longer lists it.
-            Err(e @ DialRelayError::Revoked { .. }) => e.to_string(),
+            Err(e @ DialRelayError::Revoked { .. }) => (e.to_string(), "revoked_certificate"),
         };
+        health(pools).count_failure(&relay.relay_id, reason);
         tracing::debug!(gateway = %key.agent_id, note, "relay attempt failed");
         notes.push(note);
     }
@@ -71,8 +73,12 @@ pub(super) async fn connect(
     ))
 }
 
+fn health(pools: &GatewayPools) -> std::sync::MutexGuard<'_, super::health::RelayHealth> {
+    pools.relay_health.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn relay_up(pools: &GatewayPools, relay_id: &str) {
-    if pools.relay_health.lock().unwrap_or_else(|e| e.into_inner()).mark_up(relay_id) {
+    if health(pools).mark_up(relay_id) {
         tracing::info!(relay = %relay_id, "relay answers again");
     }
 }
