@@ -10,6 +10,7 @@
 
 pub mod agent_api;
 pub mod config;
+mod frame;
 pub mod join_token;
 pub mod limits;
 pub mod mux;

@@ -33,12 +33,14 @@
 
 use std::fmt;
 
+use crate::frame::{self, Framing, HeaderError, Malformed, Reader};
+
 /// First bytes of every frame (distinct from the stream protocol's `TRLS`).
 pub const MAGIC: [u8; 4] = *b"TRRL";
 /// The relay protocol version this crate speaks.
 pub const VERSION: u8 = 1;
 /// Bytes before the body: magic, version, type, body length.
-pub const HEADER_LEN: usize = 8;
+pub const HEADER_LEN: usize = frame::HEADER_LEN;
 /// Largest body any frame of this version may carry.
 pub const MAX_BODY_LEN: usize = 512;
 /// Largest frame, header included; a decoder never needs more buffered.
@@ -129,15 +131,7 @@ pub struct Answer {
 impl Answer {
     /// An answer with `message` cut to [`MAX_MESSAGE_LEN`] bytes at a character boundary.
     pub fn new(status: RelayStatus, message: impl Into<String>) -> Self {
-        let mut message = message.into();
-        if message.len() > MAX_MESSAGE_LEN {
-            let mut cut = MAX_MESSAGE_LEN;
-            while !message.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            message.truncate(cut);
-        }
-        Self { status, message }
+        Self { status, message: frame::cut_message(message, MAX_MESSAGE_LEN) }
     }
 }
 
@@ -194,28 +188,34 @@ pub enum RelayError {
     InvalidId(String),
 }
 
-fn valid_id(id: &[u8]) -> bool {
-    !id.is_empty() && id.len() <= MAX_ID_LEN && id.iter().all(|b| b.is_ascii_graphic())
+const FRAMING: Framing =
+    Framing { magic: MAGIC, version: VERSION, types: TYPE_ATTACH..=TYPE_ACCEPT, max_body: MAX_BODY_LEN };
+
+impl From<HeaderError> for RelayError {
+    fn from(e: HeaderError) -> Self {
+        match e {
+            HeaderError::BadMagic => Self::BadMagic,
+            HeaderError::UnsupportedVersion(got) => Self::UnsupportedVersion { got, supported: VERSION },
+            HeaderError::UnknownFrameType(t) => Self::UnknownFrameType(t),
+            HeaderError::FrameTooLarge(n) => Self::FrameTooLarge(n),
+        }
+    }
 }
 
-fn put_frame(out: &mut Vec<u8>, frame_type: u8, body: &[u8]) {
-    debug_assert!(body.len() <= MAX_BODY_LEN);
-    out.extend_from_slice(&MAGIC);
-    out.push(VERSION);
-    out.push(frame_type);
-    // Bodies are bounded by MAX_BODY_LEN (< u16::MAX) by every encoder.
-    out.extend_from_slice(&(body.len() as u16).to_be_bytes());
-    out.extend_from_slice(body);
+impl From<Malformed> for RelayError {
+    fn from(Malformed(what): Malformed) -> Self {
+        Self::Malformed(what)
+    }
 }
 
 fn put_id(out: &mut Vec<u8>, frame_type: u8, id: &str) -> Result<(), RelayError> {
-    if !valid_id(id.as_bytes()) {
+    if !frame::valid_id(id.as_bytes(), MAX_ID_LEN) {
         return Err(RelayError::InvalidId(id.to_string()));
     }
     let mut body = Vec::with_capacity(1 + id.len());
     body.push(id.len() as u8);
     body.extend_from_slice(id.as_bytes());
-    put_frame(out, frame_type, &body);
+    FRAMING.put(out, frame_type, &body);
     Ok(())
 }
 
@@ -223,7 +223,7 @@ fn put_id(out: &mut Vec<u8>, frame_type: u8, id: &str) -> Result<(), RelayError>
 pub fn encode_hello(hello: &Hello, out: &mut Vec<u8>) -> Result<(), RelayError> {
     match hello {
         Hello::Attach => {
-            put_frame(out, TYPE_ATTACH, &[]);
+            FRAMING.put(out, TYPE_ATTACH, &[]);
             Ok(())
         }
         Hello::Connect { gateway_agent_id } => put_id(out, TYPE_CONNECT, gateway_agent_id),
@@ -237,7 +237,7 @@ pub fn encode_answer(answer: &Answer, out: &mut Vec<u8>) {
     body.push(answer.status.code());
     body.extend_from_slice(&(answer.message.len() as u16).to_be_bytes());
     body.extend_from_slice(answer.message.as_bytes());
-    put_frame(out, TYPE_ANSWER, &body);
+    FRAMING.put(out, TYPE_ANSWER, &body);
 }
 
 /// Appends a `Flow` frame (relay → attached gateway) to `out`.
@@ -247,7 +247,7 @@ pub fn encode_flow(from_agent_id: &str, out: &mut Vec<u8>) -> Result<(), RelayEr
 
 /// Appends an `Accept` frame (gateway → relay) to `out`.
 pub fn encode_accept(out: &mut Vec<u8>) {
-    put_frame(out, TYPE_ACCEPT, &[]);
+    FRAMING.put(out, TYPE_ACCEPT, &[]);
 }
 
 /// Decodes one frame of any type from the start of `buf`.
@@ -255,38 +255,15 @@ pub fn encode_accept(out: &mut Vec<u8>) {
 /// `Ok(None)`: more bytes are needed. `Ok(Some((msg, consumed)))`: the frame
 /// used `consumed` bytes.
 pub fn decode_message(buf: &[u8]) -> Result<Option<(Message, usize)>, RelayError> {
-    let magic_seen = buf.len().min(MAGIC.len());
-    if buf[..magic_seen] != MAGIC[..magic_seen] {
-        return Err(RelayError::BadMagic);
-    }
-    if buf.len() < MAGIC.len() + 1 {
-        return Ok(None);
-    }
-    let version = buf[4];
-    if version != VERSION {
-        return Err(RelayError::UnsupportedVersion { got: version, supported: VERSION });
-    }
-    if buf.len() < MAGIC.len() + 2 {
-        return Ok(None);
-    }
-    let frame_type = buf[5];
-    if !(TYPE_ATTACH..=TYPE_ACCEPT).contains(&frame_type) {
-        return Err(RelayError::UnknownFrameType(frame_type));
-    }
-    if buf.len() < HEADER_LEN {
-        return Ok(None);
-    }
-    let body_len = usize::from(u16::from_be_bytes([buf[6], buf[7]]));
-    if body_len > MAX_BODY_LEN {
-        return Err(RelayError::FrameTooLarge(body_len));
-    }
-    let Some(body) = buf.get(HEADER_LEN..HEADER_LEN + body_len) else {
+    let Some((frame_type, body)) = FRAMING.split(buf)? else {
         return Ok(None);
     };
-    let mut r = Reader { buf: body };
+    let mut r = Reader::new(body);
     let msg = match frame_type {
         TYPE_ATTACH => Message::Hello(Hello::Attach),
-        TYPE_CONNECT => Message::Hello(Hello::Connect { gateway_agent_id: r.id("Connect gateway agent id")? }),
+        TYPE_CONNECT => {
+            Message::Hello(Hello::Connect { gateway_agent_id: r.id(MAX_ID_LEN, "Connect gateway agent id")? })
+        }
         TYPE_ANSWER => {
             let status =
                 RelayStatus::from_code(r.u8("Answer status")?).ok_or(RelayError::Malformed("Answer status"))?;
@@ -296,11 +273,11 @@ pub fn decode_message(buf: &[u8]) -> Result<Option<(Message, usize)>, RelayError
                 std::str::from_utf8(text).map_err(|_| RelayError::Malformed("Answer message is not UTF-8"))?;
             Message::Answer(Answer { status, message: message.to_string() })
         }
-        TYPE_FLOW => Message::Flow { from_agent_id: r.id("Flow agent id")? },
+        TYPE_FLOW => Message::Flow { from_agent_id: r.id(MAX_ID_LEN, "Flow agent id")? },
         _ => Message::Accept,
     };
     r.finish()?;
-    Ok(Some((msg, HEADER_LEN + body_len)))
+    Ok(Some((msg, HEADER_LEN + body.len())))
 }
 
 fn expect<T>(
@@ -347,45 +324,6 @@ pub fn decode_accept(buf: &[u8]) -> Result<Option<((), usize)>, RelayError> {
         Message::Accept => Ok(()),
         other => Err(other),
     })
-}
-
-/// A cursor over a body that fails with [`RelayError::Malformed`] on underrun.
-struct Reader<'a> {
-    buf: &'a [u8],
-}
-
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize, what: &'static str) -> Result<&'a [u8], RelayError> {
-        if self.buf.len() < n {
-            return Err(RelayError::Malformed(what));
-        }
-        let (head, tail) = self.buf.split_at(n);
-        self.buf = tail;
-        Ok(head)
-    }
-
-    fn u8(&mut self, what: &'static str) -> Result<u8, RelayError> {
-        Ok(self.take(1, what)?[0])
-    }
-
-    fn u16(&mut self, what: &'static str) -> Result<u16, RelayError> {
-        let b = self.take(2, what)?;
-        Ok(u16::from_be_bytes([b[0], b[1]]))
-    }
-
-    fn id(&mut self, what: &'static str) -> Result<String, RelayError> {
-        let len = usize::from(self.u8(what)?);
-        let bytes = self.take(len, what)?;
-        if !valid_id(bytes) {
-            return Err(RelayError::Malformed(what));
-        }
-        // valid_id admits only ASCII, which is UTF-8.
-        Ok(bytes.iter().map(|&b| char::from(b)).collect())
-    }
-
-    fn finish(&self) -> Result<(), RelayError> {
-        if self.buf.is_empty() { Ok(()) } else { Err(RelayError::Malformed("trailing bytes in the frame body")) }
-    }
 }
 
 #[cfg(test)]
@@ -458,7 +396,7 @@ mod tests {
     fn malformed_bodies_are_errors() {
         let frame = |ty: u8, body: &[u8]| {
             let mut out = Vec::new();
-            put_frame(&mut out, ty, body);
+            FRAMING.put(&mut out, ty, body);
             out
         };
         let bad = [

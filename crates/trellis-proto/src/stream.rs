@@ -31,12 +31,14 @@
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
+use crate::frame::{self, Framing, HeaderError, Malformed, Reader};
+
 /// First bytes of every frame.
 pub const MAGIC: [u8; 4] = *b"TRLS";
 /// The version of this module's framing (one flow per connection).
 pub const VERSION: u8 = 1;
 /// Bytes before the body: magic, version, type, body length.
-pub const HEADER_LEN: usize = 8;
+pub const HEADER_LEN: usize = frame::HEADER_LEN;
 /// Largest body any frame of this version may carry.
 pub const MAX_BODY_LEN: usize = 1024;
 /// Largest frame, header included; a decoder never needs more buffered.
@@ -130,15 +132,7 @@ pub struct OpenResponse {
 impl OpenResponse {
     /// A response with `message` cut to [`MAX_MESSAGE_LEN`] bytes at a character boundary.
     pub fn new(status: OpenStatus, message: impl Into<String>) -> Self {
-        let mut message = message.into();
-        if message.len() > MAX_MESSAGE_LEN {
-            let mut cut = MAX_MESSAGE_LEN;
-            while !message.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            message.truncate(cut);
-        }
-        Self { status, message }
+        Self { status, message: frame::cut_message(message, MAX_MESSAGE_LEN) }
     }
 }
 
@@ -186,25 +180,31 @@ pub enum StreamError {
     InvalidId(String),
 }
 
-fn valid_id(id: &[u8]) -> bool {
-    !id.is_empty() && id.len() <= MAX_ID_LEN && id.iter().all(|b| b.is_ascii_graphic())
+const FRAMING: Framing =
+    Framing { magic: MAGIC, version: VERSION, types: TYPE_OPEN_REQUEST..=TYPE_OPEN_RESPONSE, max_body: MAX_BODY_LEN };
+
+impl From<HeaderError> for StreamError {
+    fn from(e: HeaderError) -> Self {
+        match e {
+            HeaderError::BadMagic => Self::BadMagic,
+            HeaderError::UnsupportedVersion(got) => Self::UnsupportedVersion { got, supported: VERSION },
+            HeaderError::UnknownFrameType(t) => Self::UnknownFrameType(t),
+            HeaderError::FrameTooLarge(n) => Self::FrameTooLarge(n),
+        }
+    }
 }
 
-fn put_frame(out: &mut Vec<u8>, frame_type: u8, body: &[u8]) {
-    debug_assert!(body.len() <= MAX_BODY_LEN);
-    out.extend_from_slice(&MAGIC);
-    out.push(VERSION);
-    out.push(frame_type);
-    // Bodies are bounded by MAX_BODY_LEN (< u16::MAX) by every encoder.
-    out.extend_from_slice(&(body.len() as u16).to_be_bytes());
-    out.extend_from_slice(body);
+impl From<Malformed> for StreamError {
+    fn from(Malformed(what): Malformed) -> Self {
+        Self::Malformed(what)
+    }
 }
 
 /// Appends an [`OpenRequest`] frame to `out`; nothing is appended on error.
 pub fn encode_open_request(req: &OpenRequest, out: &mut Vec<u8>) -> Result<(), StreamError> {
     let mut body = Vec::with_capacity(2 + 2 * MAX_ID_LEN + 2 + 19);
     encode_open_request_body(req, &mut body)?;
-    put_frame(out, TYPE_OPEN_REQUEST, &body);
+    FRAMING.put(out, TYPE_OPEN_REQUEST, &body);
     Ok(())
 }
 
@@ -212,7 +212,7 @@ pub fn encode_open_request(req: &OpenRequest, out: &mut Vec<u8>) -> Result<(), S
 /// version) to `out`; nothing is appended on error.
 pub fn encode_open_request_body(req: &OpenRequest, body: &mut Vec<u8>) -> Result<(), StreamError> {
     for id in [&req.vpc_endpoint_id, &req.resource_configuration_id] {
-        if !valid_id(id.as_bytes()) {
+        if !frame::valid_id(id.as_bytes(), MAX_ID_LEN) {
             return Err(StreamError::InvalidId(id.clone()));
         }
     }
@@ -240,7 +240,7 @@ pub fn encode_open_request_body(req: &OpenRequest, body: &mut Vec<u8>) -> Result
 pub fn encode_open_response(resp: &OpenResponse, out: &mut Vec<u8>) {
     let mut body = Vec::with_capacity(3 + resp.message.len().min(MAX_MESSAGE_LEN));
     encode_open_response_body(resp, &mut body);
-    put_frame(out, TYPE_OPEN_RESPONSE, &body);
+    FRAMING.put(out, TYPE_OPEN_RESPONSE, &body);
 }
 
 /// Appends the body of an [`OpenResponse`] (the same in every protocol
@@ -257,36 +257,14 @@ pub fn encode_open_response_body(resp: &OpenResponse, body: &mut Vec<u8>) {
 /// `Ok(None)`: more bytes are needed. `Ok(Some((msg, consumed)))`: the frame
 /// used `consumed` bytes; anything after them is stream payload.
 pub fn decode_message(buf: &[u8]) -> Result<Option<(Message, usize)>, StreamError> {
-    let magic_seen = buf.len().min(MAGIC.len());
-    if buf[..magic_seen] != MAGIC[..magic_seen] {
-        return Err(StreamError::BadMagic);
-    }
-    if buf.len() < MAGIC.len() + 1 {
-        return Ok(None);
-    }
-    let version = buf[4];
-    if version != VERSION {
-        return Err(StreamError::UnsupportedVersion { got: version, supported: VERSION });
-    }
-    if buf.len() < HEADER_LEN {
-        return Ok(None);
-    }
-    let frame_type = buf[5];
-    if frame_type != TYPE_OPEN_REQUEST && frame_type != TYPE_OPEN_RESPONSE {
-        return Err(StreamError::UnknownFrameType(frame_type));
-    }
-    let body_len = usize::from(u16::from_be_bytes([buf[6], buf[7]]));
-    if body_len > MAX_BODY_LEN {
-        return Err(StreamError::FrameTooLarge(body_len));
-    }
-    let Some(body) = buf.get(HEADER_LEN..HEADER_LEN + body_len) else {
+    let Some((frame_type, body)) = FRAMING.split(buf)? else {
         return Ok(None);
     };
     let msg = match frame_type {
         TYPE_OPEN_REQUEST => Message::OpenRequest(parse_open_request(body)?),
         _ => Message::OpenResponse(parse_open_response(body)?),
     };
-    Ok(Some((msg, HEADER_LEN + body_len)))
+    Ok(Some((msg, HEADER_LEN + body.len())))
 }
 
 /// Decodes the first frame a gateway receives, which must be an [`OpenRequest`].
@@ -314,50 +292,11 @@ pub fn decode_open_response(buf: &[u8]) -> Result<Option<(OpenResponse, usize)>,
     }
 }
 
-/// A cursor over a body that fails with [`StreamError::Malformed`] on underrun.
-struct Reader<'a> {
-    buf: &'a [u8],
-}
-
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize, what: &'static str) -> Result<&'a [u8], StreamError> {
-        if self.buf.len() < n {
-            return Err(StreamError::Malformed(what));
-        }
-        let (head, tail) = self.buf.split_at(n);
-        self.buf = tail;
-        Ok(head)
-    }
-
-    fn u8(&mut self, what: &'static str) -> Result<u8, StreamError> {
-        Ok(self.take(1, what)?[0])
-    }
-
-    fn u16(&mut self, what: &'static str) -> Result<u16, StreamError> {
-        let b = self.take(2, what)?;
-        Ok(u16::from_be_bytes([b[0], b[1]]))
-    }
-
-    fn id(&mut self, what: &'static str) -> Result<String, StreamError> {
-        let len = usize::from(self.u8(what)?);
-        let bytes = self.take(len, what)?;
-        if !valid_id(bytes) {
-            return Err(StreamError::Malformed(what));
-        }
-        // valid_id admits only ASCII, which is UTF-8.
-        Ok(bytes.iter().map(|&b| char::from(b)).collect())
-    }
-
-    fn finish(&self) -> Result<(), StreamError> {
-        if self.buf.is_empty() { Ok(()) } else { Err(StreamError::Malformed("trailing bytes after the frame body")) }
-    }
-}
-
 /// Parses the body of an [`OpenRequest`].
 pub fn parse_open_request(body: &[u8]) -> Result<OpenRequest, StreamError> {
-    let mut r = Reader { buf: body };
-    let vpc_endpoint_id = r.id("vpc endpoint id")?;
-    let resource_configuration_id = r.id("resource configuration id")?;
+    let mut r = Reader::new(body);
+    let vpc_endpoint_id = r.id(MAX_ID_LEN, "vpc endpoint id")?;
+    let resource_configuration_id = r.id(MAX_ID_LEN, "resource configuration id")?;
     let port = r.u16("port")?;
     if port == 0 {
         return Err(StreamError::Malformed("port 0"));
@@ -382,7 +321,7 @@ pub fn parse_open_request(body: &[u8]) -> Result<OpenRequest, StreamError> {
 
 /// Parses the body of an [`OpenResponse`].
 pub fn parse_open_response(body: &[u8]) -> Result<OpenResponse, StreamError> {
-    let mut r = Reader { buf: body };
+    let mut r = Reader::new(body);
     let status = OpenStatus::from_code(r.u8("status")?).ok_or(StreamError::Malformed("unknown status code"))?;
     let len = usize::from(r.u16("message length")?);
     if len > MAX_MESSAGE_LEN {
