@@ -311,9 +311,18 @@ mod tests {
     }
 
     async fn stub_resolver(strings: Vec<String>, truncate_udp: bool) -> StubResolver {
-        let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        let addr = udp.local_addr().unwrap();
-        let tcp = tokio::net::TcpListener::bind(addr).await.unwrap();
+        // UDP and TCP on the same port number: a free UDP port's TCP twin may be
+        // held by another process (tests run in parallel), so try a few ports.
+        let mut attempts = 0;
+        let (udp, tcp, addr) = loop {
+            let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            let addr = udp.local_addr().unwrap();
+            match tokio::net::TcpListener::bind(addr).await {
+                Ok(tcp) => break (udp, tcp, addr),
+                Err(_) if attempts < 50 => attempts += 1,
+                Err(e) => panic!("no port free for both UDP and TCP after 50 tries: {e}"),
+            }
+        };
         let tcp_queries = Arc::new(AtomicUsize::new(0));
         let answer = move |query: &[u8], truncated: bool| {
             let q = Message::from_vec(query).unwrap();
