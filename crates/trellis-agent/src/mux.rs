@@ -12,12 +12,14 @@
 //!
 //! Memory: an idle flow holds a few dozen bytes of state here and no buffer.
 //! Bytes a flow received and its reader has not taken yet are held per flow,
-//! at most [`INITIAL_WINDOW`] (the peer's credit; a peer that sends more has
+//! at most its receive window (the peer's credit; a peer that sends more has
 //! that flow reset), appended into chunks of up to 64 KiB so that memory
-//! follows the payload however small the frames. All windows of a connection
-//! together ([`MAX_FLOWS_PER_CONNECTION`] × [`INITIAL_WINDOW`]) fit in
-//! [`CONN_BUFFER_CAP`], so slow readers never stop a connection from reading
-//! its other flows. Bytes waiting to be written are held per connection:
+//! follows the payload however small the frames. A window starts at
+//! [`INITIAL_WINDOW`] and grows (see [`Flow::grant`]) up to
+//! [`MAX_FLOW_WINDOW`] while the window, not the reader, limits the flow,
+//! out of a per-connection [`GROWTH_POOL`]; the windows of a connection
+//! together never exceed [`CONN_BUFFER_CAP`], so slow readers never stop a
+//! connection from reading its other flows. Bytes waiting to be written are held per connection:
 //! writers wait while more than [`OUT_HIGH`] are queued, and the connection
 //! stops reading while more than [`OUT_LIMIT`] of control frames are (what
 //! it answers by itself, resets and refusals, stays bounded when the peer
@@ -30,6 +32,9 @@ use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use trellis_proto::mux::{
@@ -39,11 +44,23 @@ use trellis_proto::stream::{OpenRequest, OpenResponse, OpenStatus};
 
 /// Writers wait while the connection has more than this queued for the stream.
 pub const OUT_HIGH: usize = 256 * 1024;
-/// Unread bytes all flows of a connection may hold: what their windows allow
-/// at most, so slow readers alone never make the connection stop reading (a
-/// connection past it, which the windows rule out, stops reading).
-pub const CONN_BUFFER_CAP: usize = 16 * 1024 * 1024;
-const _: () = assert!(MAX_FLOWS_PER_CONNECTION * INITIAL_WINDOW as usize <= CONN_BUFFER_CAP);
+/// Unread bytes all flows of a connection may hold: the most the receive
+/// windows of its flows add up to, so slow readers alone never make the
+/// connection stop reading (a connection past it, which the windows rule
+/// out, stops reading).
+pub const CONN_BUFFER_CAP: usize = 32 * 1024 * 1024;
+/// What the most flows a connection carries reserve at their initial window.
+const BASE_RESERVATION: usize = MAX_FLOWS_PER_CONNECTION * INITIAL_WINDOW as usize;
+const _: () = assert!(BASE_RESERVATION <= CONN_BUFFER_CAP);
+/// What the windows of a connection's flows may grow by, together, beyond
+/// their initial windows: a flow that opens always gets its initial window.
+pub const GROWTH_POOL: usize = CONN_BUFFER_CAP - BASE_RESERVATION;
+/// The most one flow's receive window grows to. One window per round trip:
+/// 8 MiB carries 800 MiB/s at 10 ms and 160 MiB/s at 50 ms (across
+/// continents); two flows at it take the whole [`GROWTH_POOL`]. The peer
+/// takes credit up to [`MAX_WINDOW`], which must not be less.
+pub const MAX_FLOW_WINDOW: u32 = 8 * 1024 * 1024;
+const _: () = assert!(MAX_FLOW_WINDOW as u64 <= MAX_WINDOW && MAX_FLOW_WINDOW as usize <= GROWTH_POOL);
 /// The connection stops reading while more than this of control frames
 /// (everything but DATA) waits to be written: what it answers by itself
 /// (resets, refusals, window updates) stays bounded when the peer does not
@@ -105,6 +122,8 @@ struct State {
     acceptor: Option<Waker>,
     /// Unread bytes held by all flows.
     buffered: usize,
+    /// What the flows' windows grew by, and the round trip they grow against.
+    pool: Pool,
     /// The peer's version-2 preface arrived.
     greeted: bool,
     greeter: Option<Waker>,
@@ -118,6 +137,17 @@ struct Flow {
     buffered: usize,
     /// Bytes the peer may still send before it needs a WINDOW.
     allowance: u64,
+    /// The receive window: what the peer may have unread, unacked or in
+    /// flight (`allowance + buffered + unacked`).
+    window: u32,
+    /// Bytes granted back since the window last had a chance to grow, and since when.
+    epoch_granted: u64,
+    epoch: Option<Instant>,
+    /// At a grant of this epoch, the reader had caught up (at most [`WINDOW_UPDATE_AT`] unread).
+    caught_up: bool,
+    /// A round-trip probe: bytes the peer may still send without the grant
+    /// sent at this instant; the first byte beyond them answers it.
+    probe: Option<(u64, Instant)>,
     /// Bytes read but not yet granted back.
     unacked: u32,
     /// Bytes this side may still send.
@@ -132,7 +162,73 @@ struct Flow {
 
 impl Flow {
     fn new() -> Self {
-        Self { allowance: u64::from(INITIAL_WINDOW), credit: u64::from(INITIAL_WINDOW), ..Self::default() }
+        Self {
+            allowance: u64::from(INITIAL_WINDOW),
+            window: INITIAL_WINDOW,
+            credit: u64::from(INITIAL_WINDOW),
+            ..Self::default()
+        }
+    }
+
+    /// `len` bytes of DATA arrived (within the allowance): answers the
+    /// round-trip probe once they go beyond what the peer could send without
+    /// the probe's grant.
+    fn received(&mut self, len: usize, pool: &mut Pool, now: impl Fn() -> Instant) {
+        self.allowance -= len as u64;
+        if let Some((before, sent)) = &mut self.probe {
+            if len as u64 > *before {
+                let rtt = now().saturating_duration_since(*sent);
+                pool.min_rtt = Some(pool.min_rtt.map_or(rtt, |m| m.min(rtt)));
+                self.probe = None;
+            } else {
+                *before -= len as u64;
+            }
+        }
+    }
+
+    /// The reader took bytes: the WINDOW to send, if one is due. It grants
+    /// back what was read, and doubles the window (within
+    /// [`MAX_FLOW_WINDOW`] and what is left of the pool) when the window,
+    /// not the reader, limits the flow: a whole window was granted back
+    /// within two round trips, and at one of those grants the reader had
+    /// caught up (at most [`WINDOW_UPDATE_AT`] unread) (so the flow moves at least half a window per
+    /// round trip; a window of twice the bandwidth-delay product ends the
+    /// growth). A slow reader, whose bytes wait unread, never grows its
+    /// window. The round trip is the shortest one measured from a grant to
+    /// the first byte that needed it (see [`Flow::received`]); none is known
+    /// before the first such byte, and until then no window grows.
+    fn grant(&mut self, pool: &mut Pool, now: impl Fn() -> Instant) -> Option<u32> {
+        if self.unacked < WINDOW_UPDATE_AT || self.recv_fin {
+            return None;
+        }
+        let now = now();
+        let mut more = self.unacked;
+        self.unacked = 0;
+        // An epoch begins at a grant and counts what is granted after it.
+        if let Some(start) = self.epoch {
+            self.epoch_granted += u64::from(more);
+            self.caught_up |= self.buffered <= WINDOW_UPDATE_AT as usize;
+            if self.epoch_granted >= u64::from(self.window) {
+                let quick = pool.min_rtt.is_some_and(|rtt| now.saturating_duration_since(start) <= 2 * rtt);
+                if quick && self.caught_up {
+                    let free = u32::try_from(GROWTH_POOL - pool.grown).unwrap_or(u32::MAX);
+                    let growth = self.window.min(MAX_FLOW_WINDOW - self.window).min(free);
+                    self.window += growth;
+                    pool.grown += growth as usize;
+                    more += growth;
+                }
+                self.epoch = Some(now);
+                self.epoch_granted = 0;
+                self.caught_up = false;
+            }
+        } else {
+            self.epoch = Some(now);
+        }
+        if self.probe.is_none() {
+            self.probe = Some((self.allowance, now));
+        }
+        self.allowance += u64::from(more);
+        Some(more)
     }
 
     fn wake(&mut self) {
@@ -145,7 +241,29 @@ impl Flow {
     }
 }
 
+/// The growth of a connection's receive windows.
+#[derive(Default)]
+struct Pool {
+    /// What the flows' windows add up to beyond [`INITIAL_WINDOW`] each; at most [`GROWTH_POOL`].
+    grown: usize,
+    /// The shortest round trip measured on any flow of the connection.
+    min_rtt: Option<Duration>,
+}
+
 impl State {
+    /// What the receive windows of all flows add up to: never more than [`CONN_BUFFER_CAP`].
+    fn windows(&self) -> usize {
+        self.flows.values().map(|f| f.window as usize).sum()
+    }
+
+    /// Removes a flow, returning its window's growth to the pool.
+    fn remove_flow(&mut self, id: u32) -> Option<Flow> {
+        let flow = self.flows.remove(&id)?;
+        self.buffered -= flow.buffered;
+        self.pool.grown -= (flow.window - INITIAL_WINDOW) as usize;
+        Some(flow)
+    }
+
     /// A connection meant to close when idle has carried its flows and is idle.
     fn idle_done(&self) -> bool {
         self.close_when_idle && self.flows.is_empty() && self.ids > 1
@@ -658,7 +776,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Driver<S> {
                             st.reset_flow(h.flow);
                             false
                         } else {
-                            flow.allowance -= len as u64;
+                            flow.received(len, &mut st.pool, Instant::now);
                             true
                         }
                     }
@@ -877,12 +995,11 @@ impl AsyncRead for MuxStream {
         }
         flow.buffered -= taken;
         st.buffered -= taken;
-        // Bounded by INITIAL_WINDOW (u32), so it fits.
+        // Bounded by the window (u32), so it fits.
         flow.unacked += taken as u32;
-        if flow.unacked >= WINDOW_UPDATE_AT && !flow.recv_fin {
-            flow.allowance += u64::from(flow.unacked);
-            mux::encode_window(self.id, flow.unacked, &mut st.out);
-            flow.unacked = 0;
+        if let Some(more) = flow.grant(&mut st.pool, Instant::now) {
+            mux::encode_window(self.id, more, &mut st.out);
+            debug_assert!(st.windows() <= CONN_BUFFER_CAP);
             st.wake_driver();
         } else if was_full {
             st.wake_driver();
@@ -948,8 +1065,7 @@ impl AsyncWrite for MuxStream {
 impl Drop for MuxStream {
     fn drop(&mut self) {
         let mut st = self.state();
-        let Some(flow) = st.flows.remove(&self.id) else { return };
-        st.buffered -= flow.buffered;
+        let Some(flow) = st.remove_flow(self.id) else { return };
         let finished = flow.sent_fin && flow.recv_fin;
         if !finished && !flow.reset && st.closed.is_none() {
             mux::encode_reset(self.id, &mut st.out);
@@ -1156,6 +1272,166 @@ mod tests {
         })
         .await;
         assert!(done.is_ok(), "the connection stalled with bulk data queued both ways");
+    }
+
+    /// One round trip of a flow in [`window_rounds`]: the peer sends all it
+    /// may in DATA frames of 64 KiB, then the reader takes `read` of what
+    /// waits (everything when `None`), in reads of 64 KiB; returns the grants.
+    fn round(flow: &mut Flow, pool: &mut Pool, now: Instant, read: Option<usize>) -> u64 {
+        let mut left = flow.allowance;
+        while left > 0 {
+            let n = left.min(MAX_DATA_LEN as u64) as usize;
+            flow.received(n, pool, || now);
+            flow.buffered += n;
+            left -= n as u64;
+        }
+        let mut to_read = read.unwrap_or(flow.buffered).min(flow.buffered);
+        let mut granted = 0;
+        while to_read > 0 {
+            let n = to_read.min(MAX_DATA_LEN);
+            flow.buffered -= n;
+            flow.unacked += n as u32;
+            to_read -= n;
+            granted += u64::from(flow.grant(pool, || now).unwrap_or(0));
+        }
+        granted
+    }
+
+    /// Runs `rounds` round trips of `rtt` from `t0` on `flow` (see [`round`]); returns the windows after each.
+    fn window_rounds(
+        flow: &mut Flow,
+        pool: &mut Pool,
+        t0: Instant,
+        rtt: Duration,
+        rounds: u32,
+        read: Option<usize>,
+    ) -> Vec<u32> {
+        (0..rounds)
+            .map(|k| {
+                round(flow, pool, t0 + rtt * k, read);
+                flow.window
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_fast_reader_s_window_doubles_each_round_trip_to_its_maximum() {
+        let (mut flow, mut pool) = (Flow::new(), Pool::default());
+        let windows = window_rounds(&mut flow, &mut pool, Instant::now(), Duration::from_millis(10), 10, None);
+        // The first round trip measures the round trip; from then on the window doubles.
+        assert_eq!(windows[0], INITIAL_WINDOW, "{windows:?}");
+        assert_eq!(windows[1], 2 * INITIAL_WINDOW, "{windows:?}");
+        assert_eq!(windows[6], MAX_FLOW_WINDOW, "{windows:?}");
+        assert_eq!(*windows.last().unwrap(), MAX_FLOW_WINDOW);
+        assert_eq!(pool.grown, (MAX_FLOW_WINDOW - INITIAL_WINDOW) as usize);
+        assert_eq!(pool.min_rtt, Some(Duration::from_millis(10)));
+        // The peer may send exactly the window again.
+        assert_eq!(flow.allowance, u64::from(MAX_FLOW_WINDOW));
+    }
+
+    #[test]
+    fn a_slow_reader_s_window_never_grows() {
+        let (mut flow, mut pool) = (Flow::new(), Pool::default());
+        // It reads 128 KiB per round trip: bytes always wait unread when it grants.
+        let windows =
+            window_rounds(&mut flow, &mut pool, Instant::now(), Duration::from_millis(10), 50, Some(128 * 1024));
+        assert!(windows.iter().all(|&w| w == INITIAL_WINDOW), "{windows:?}");
+        assert_eq!(pool.grown, 0);
+        assert_eq!(flow.allowance + flow.buffered as u64 + u64::from(flow.unacked), u64::from(INITIAL_WINDOW));
+    }
+
+    /// A request/response flow: 100 KiB per round trip of 10 ms, read at once; returns its window.
+    fn request_response(pool: &mut Pool) -> u32 {
+        let mut flow = Flow::new();
+        let t0 = Instant::now();
+        for k in 0..100 {
+            let now = t0 + Duration::from_millis(10) * k;
+            flow.received(100 * 1024, pool, || now);
+            flow.unacked += 100 * 1024;
+            flow.grant(pool, || now);
+        }
+        flow.window
+    }
+
+    #[test]
+    fn a_flow_that_moves_less_than_half_its_window_per_round_trip_does_not_grow_for_long() {
+        // With the round trip known (a bulk flow of the connection measured it), it never grows.
+        let mut pool = Pool { grown: 0, min_rtt: Some(Duration::from_millis(10)) };
+        assert_eq!(request_response(&mut pool), INITIAL_WINDOW);
+        assert_eq!(pool.grown, 0);
+        // Alone, it measures the time the peer took to use its window as the
+        // round trip (20 ms: the peer was never blocked) and grows once.
+        let mut pool = Pool::default();
+        assert_eq!(request_response(&mut pool), 2 * INITIAL_WINDOW);
+        assert_eq!(pool.min_rtt, Some(Duration::from_millis(20)));
+    }
+
+    #[test]
+    fn windows_grow_out_of_a_shared_pool_that_a_closed_flow_returns() {
+        let mut st = State::default();
+        for id in 0..MAX_FLOWS_PER_CONNECTION as u32 {
+            st.flows.insert(id, Flow::new());
+        }
+        // Every flow at its initial window leaves the growth pool.
+        assert_eq!(st.windows(), BASE_RESERVATION);
+        assert_eq!(CONN_BUFFER_CAP - st.windows(), GROWTH_POOL);
+        let rtt = Duration::from_millis(10);
+        let mut t = Instant::now();
+        let mut grow = |st: &mut State, id: u32| {
+            let State { flows, pool, .. } = st;
+            window_rounds(flows.get_mut(&id).unwrap(), pool, t, rtt, 12, None);
+            t += rtt * 12;
+            assert!(st.windows() <= CONN_BUFFER_CAP, "{} > {CONN_BUFFER_CAP}", st.windows());
+            st.flows[&id].window
+        };
+        // Two bulk flows take the whole pool; the others cannot grow.
+        assert_eq!(grow(&mut st, 0), MAX_FLOW_WINDOW);
+        assert_eq!(grow(&mut st, 1), MAX_FLOW_WINDOW);
+        let third = grow(&mut st, 2);
+        assert_eq!(third, INITIAL_WINDOW + (GROWTH_POOL - 2 * (MAX_FLOW_WINDOW - INITIAL_WINDOW) as usize) as u32);
+        assert_eq!(st.windows(), CONN_BUFFER_CAP, "growth stops at the cap");
+        for id in 3..MAX_FLOWS_PER_CONNECTION as u32 {
+            assert_eq!(grow(&mut st, id), INITIAL_WINDOW);
+        }
+        assert_eq!(st.windows(), CONN_BUFFER_CAP);
+        // A bulk flow that closes returns its growth: another flow grows into it.
+        st.remove_flow(0).unwrap();
+        assert_eq!(st.pool.grown, GROWTH_POOL - (MAX_FLOW_WINDOW - INITIAL_WINDOW) as usize);
+        assert_eq!(grow(&mut st, 3), MAX_FLOW_WINDOW);
+        assert_eq!(st.windows(), CONN_BUFFER_CAP - INITIAL_WINDOW as usize, "the closed flow's initial window is free");
+        // A new flow still gets its initial window.
+        st.flows.insert(100, Flow::new());
+        assert_eq!(st.windows(), CONN_BUFFER_CAP);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_fast_reader_s_window_grows_to_its_maximum_over_a_bulk_transfer() {
+        // The clock stands still: every round trip measures zero, so the
+        // window grows whenever the reader has caught up.
+        let (ep, _gw) = pair_over(1024 * 1024);
+        let mut s = open_ok(&ep, 1).await;
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut read = 0;
+        while read < 64 * 1024 * 1024 {
+            read += s.read(&mut buf).await.unwrap();
+        }
+        let st = ep.state();
+        assert_eq!(st.flows[&s.id()].window, MAX_FLOW_WINDOW);
+        assert_eq!(st.pool.grown, (MAX_FLOW_WINDOW - INITIAL_WINDOW) as usize);
+        assert!(st.buffered <= MAX_FLOW_WINDOW as usize);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_flow_that_closes_returns_its_window_to_the_pool() {
+        let (ep, _gw) = pair_over(1024 * 1024);
+        let mut s = open_ok(&ep, 1).await;
+        let mut buf = vec![0u8; 64 * 1024];
+        for _ in 0..1024 {
+            s.read_exact(&mut buf).await.unwrap();
+        }
+        assert!(ep.state().pool.grown > 0);
+        drop(s);
+        assert_eq!(ep.state().pool.grown, 0);
     }
 
     #[tokio::test]
