@@ -17,8 +17,9 @@
 //! Only the endpoint side opens flows, with increasing flow ids; a gateway
 //! that sends OPEN is answered with RESET of that flow. Each side may send at
 //! most [`INITIAL_WINDOW`] bytes of DATA on a flow beyond what the receiver
-//! granted back with WINDOW, so one flow's slow reader never stalls another
-//! flow, and a flow's buffered bytes are bounded. Every error a frame can
+//! granted with WINDOW (a receiver may grant more than it read, which grows
+//! the window, up to [`MAX_WINDOW`] of credit), so one flow's slow reader
+//! never stalls another flow, and a flow's buffered bytes are bounded. Every error a frame can
 //! carry is confined to its flow: lengths are always known, so an oversized,
 //! unknown or malformed frame (an empty DATA frame is malformed too) is
 //! skipped and only its flow is reset; the other flows of the connection go on.
@@ -46,6 +47,7 @@ pub const MAX_CONTROL_LEN: usize = MAX_BODY_LEN;
 /// Small enough that every flow of a connection together
 /// ([`MAX_FLOWS_PER_CONNECTION`] × this = 16 MiB) fits the receiver's
 /// per-connection buffer: slow readers never stop a connection from reading.
+/// A receiver may grow a flow's window by granting more than was read.
 pub const INITIAL_WINDOW: u32 = 256 * 1024;
 /// The most a sender's window may grow to: WINDOW frames beyond it are capped.
 pub const MAX_WINDOW: u64 = 16 * 1024 * 1024;
