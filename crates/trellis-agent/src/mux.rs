@@ -190,13 +190,14 @@ impl Flow {
     /// back what was read, and doubles the window (within
     /// [`MAX_FLOW_WINDOW`] and what is left of the pool) when the window,
     /// not the reader, limits the flow: a whole window was granted back
-    /// within two round trips, and at one of those grants the reader had
-    /// caught up (at most [`WINDOW_UPDATE_AT`] unread) (so the flow moves at least half a window per
-    /// round trip; a window of twice the bandwidth-delay product ends the
-    /// growth). A slow reader, whose bytes wait unread, never grows its
-    /// window. The round trip is the shortest one measured from a grant to
-    /// the first byte that needed it (see [`Flow::received`]); none is known
-    /// before the first such byte, and until then no window grows.
+    /// within two round trips (the flow moves at least half a window per
+    /// round trip; a window of about twice the bandwidth-delay product ends
+    /// the growth), and at one of those grants the reader had caught up (at
+    /// most [`WINDOW_UPDATE_AT`] unread). A slow reader, whose bytes wait
+    /// unread, never grows its window. The round trip is the shortest one
+    /// the connection measured from a grant to the first byte that needed it
+    /// (see [`Flow::received`]; never less than the real one); until one is
+    /// known no window grows.
     fn grant(&mut self, pool: &mut Pool, now: impl Fn() -> Instant) -> Option<u32> {
         if self.unacked < WINDOW_UPDATE_AT || self.recv_fin {
             return None;
