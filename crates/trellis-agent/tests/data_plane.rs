@@ -709,7 +709,7 @@ async fn certificates_of_strangers_and_deleted_agents_fail_at_the_handshake() {
     s.gateway_config.send_modify(|c| {
         let c = Arc::make_mut(c);
         c.version += 1;
-        c.gateway.revoked_certs = vec![deleted.cert_sha256()];
+        c.gateway.revoked_certs = [deleted.cert_sha256()].into();
     });
     let err = try_open(&connector_for(&deleted), gateway, port).await.unwrap_err();
     assert!(err.to_string().to_lowercase().contains("revoked"), "{err}");
@@ -744,7 +744,7 @@ async fn a_resumed_session_of_a_revoked_certificate_is_refused_and_its_open_stre
     s.gateway_config.send_modify(|c| {
         let c = Arc::make_mut(c);
         c.version += 1;
-        c.gateway.revoked_certs = vec![peer.cert_sha256()];
+        c.gateway.revoked_certs = [peer.cert_sha256()].into();
     });
     let mut rest = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(5), open.read_to_end(&mut rest)).await.expect("open stream kept");

@@ -47,6 +47,22 @@ pub struct AgentConfig {
     pub revoked_relay_certs: Vec<String>,
 }
 
+/// A set of hex strings, lower-cased as they are read (the control plane
+/// sends lower case; a hand-written config may not).
+fn lower_case_set<'de, D: serde::Deserializer<'de>>(d: D) -> Result<BTreeSet<String>, D::Error> {
+    let items = Vec::<String>::deserialize(d)?;
+    Ok(items.into_iter().map(|s| s.to_ascii_lowercase()).collect())
+}
+
+/// Whether `cert_sha256` (hex, either case) is in `set` (lower-case hex).
+fn revoked(set: &BTreeSet<String>, cert_sha256: &str) -> bool {
+    if cert_sha256.bytes().any(|b| b.is_ascii_uppercase()) {
+        set.contains(&cert_sha256.to_ascii_lowercase())
+    } else {
+        set.contains(cert_sha256)
+    }
+}
+
 impl AgentConfig {
     /// Whether the relay certificate with SHA-256 `cert_sha256` (hex) was
     /// revoked. A scan: relays are few, and it runs once per relay dial.
@@ -76,9 +92,11 @@ pub struct GatewayRole {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub services: Vec<GatewayService>,
     /// Lower-case hex SHA-256 of certificates of deleted agents of the
-    /// consumer VPCs that have not expired yet: refused even though the CA signed them.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub revoked_certs: Vec<String>,
+    /// consumer VPCs that have not expired yet: refused even though the CA
+    /// signed them. A set (a sorted array on the wire): every tunnel
+    /// connection and every flow's admission looks the peer up in it.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty", deserialize_with = "lower_case_set")]
+    pub revoked_certs: BTreeSet<String>,
     /// Endpoints on this gateway's resources that still exist but may not
     /// connect, with the control plane's reason (for the access log when it
     /// closes their flows).
@@ -90,6 +108,12 @@ impl GatewayRole {
     /// The consumer VPC an allowed endpoint belongs to.
     pub fn consumer(&self, allowed: &AllowedEndpoint) -> Option<&ConsumerVpc> {
         self.consumers.get(allowed.consumer as usize)
+    }
+
+    /// Whether the certificate with SHA-256 `cert_sha256` (hex, either case)
+    /// of a consumer's agent was revoked.
+    pub fn is_revoked(&self, cert_sha256: &str) -> bool {
+        revoked(&self.revoked_certs, cert_sha256)
     }
 
     /// Whether an agent of `account_id`'s VPC `vpc_id` may open tunnels here at all.
@@ -295,18 +319,14 @@ pub struct RelayConfig {
     /// expired yet: refused even though the CA signed them. A set: the relay
     /// looks up every connecting agent, and the list grows with every deleted
     /// agent until its certificate expires.
-    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty", deserialize_with = "lower_case_set")]
     pub revoked_certs: BTreeSet<String>,
 }
 
 impl RelayConfig {
     /// Whether the certificate with SHA-256 `cert_sha256` (hex, either case) was revoked.
     pub fn is_revoked(&self, cert_sha256: &str) -> bool {
-        if cert_sha256.bytes().any(|b| b.is_ascii_uppercase()) {
-            self.revoked_certs.contains(&cert_sha256.to_ascii_lowercase())
-        } else {
-            self.revoked_certs.contains(cert_sha256)
-        }
+        revoked(&self.revoked_certs, cert_sha256)
     }
 
     /// The entry of gateway agent `agent_id` (binary search: `gateways` is sorted).

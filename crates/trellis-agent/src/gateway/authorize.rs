@@ -65,7 +65,7 @@ pub enum Denial {
 /// Whether `peer` may hold tunnel connections to this gateway at all: its
 /// certificate is not revoked and names a consumer VPC of `role`.
 pub fn admit_peer(role: &GatewayRole, peer: &PeerIdentity) -> Result<(), Denial> {
-    if role.revoked_certs.iter().any(|c| c.eq_ignore_ascii_case(&peer.cert_sha256)) {
+    if role.is_revoked(&peer.cert_sha256) {
         return Err(Denial::RevokedPeer(peer.agent_id.clone()));
     }
     if !role.knows_consumer(&peer.account_id, &peer.vpc_id) {
@@ -181,7 +181,7 @@ mod tests {
                     limits: None,
                 }],
                 services: vec![],
-                revoked_certs: vec![],
+                revoked_certs: Default::default(),
                 revoked_endpoints: vec![],
             },
             ..Default::default()
@@ -229,7 +229,9 @@ mod tests {
     #[test]
     fn a_revoked_certificate_is_denied() {
         let mut c = config();
-        c.gateway.revoked_certs = vec!["AB".repeat(32)];
+        c.gateway.revoked_certs = serde_json::from_value(serde_json::json!({"revokedCerts": ["AB".repeat(32)]}))
+            .map(|g: trellis_proto::GatewayRole| g.revoked_certs)
+            .unwrap();
         assert!(matches!(
             authorize(&c, &peer("acct-c", "vpc-c"), &req("vpce-1", "rcfg-1", 5432)),
             Err(Denial::RevokedPeer(_))
@@ -295,7 +297,7 @@ mod tests {
         assert_eq!(recheck(&c, &p, &r).unwrap_err(), Denial::EndpointGone("vpce-1".into()));
         // A deleted agent's certificate stays a certificate revocation.
         let mut c = config();
-        c.gateway.revoked_certs = vec!["ab".repeat(32)];
+        c.gateway.revoked_certs = ["ab".repeat(32)].into();
         assert!(matches!(recheck(&c, &p, &r), Err(Denial::RevokedPeer(_))));
         // Still allowed: still granted.
         assert!(recheck(&config(), &p, &r).is_ok());
@@ -307,7 +309,7 @@ mod tests {
         assert!(admit_peer(&role, &peer("acct-c", "vpc-c")).is_ok());
         assert!(matches!(admit_peer(&role, &peer("acct-x", "vpc-c")), Err(Denial::UnknownPeer { .. })));
         let mut revoked = role.clone();
-        revoked.revoked_certs = vec!["ab".repeat(32)];
+        revoked.revoked_certs = ["ab".repeat(32)].into();
         assert!(matches!(admit_peer(&revoked, &peer("acct-c", "vpc-c")), Err(Denial::RevokedPeer(_))));
     }
 }
