@@ -35,7 +35,8 @@ const GATEWAY_METRICS_PORT: u16 = 9100;
 const RELAY: &str = "relay";
 const GATEWAY_AGENT: &str = "relay-gateway-agent";
 
-/// Bytes the relay carried and the gateway agent moved, summed over the processes' restarts.
+/// Bytes the relay carried and the gateway agent moved, and connects the relay refused, summed
+/// over the processes' restarts.
 ///
 /// Everything the gateway agent moves between a client and the target crosses the relay as
 /// ciphertext (TLS adds to it), so the relay's bytes can never be fewer than the gateway
@@ -44,8 +45,12 @@ const GATEWAY_AGENT: &str = "relay-gateway-agent";
 pub struct RelayedBytes {
     pub relay: u64,
     pub gateway: u64,
+    /// Connects refused by the relay (`unavailable`, `busy`, `not_served`): client connections
+    /// the endpoint agent could not carry through it.
+    pub refused: u64,
     relay_last: u64,
     gateway_last: u64,
+    refused_last: u64,
 }
 
 /// Bytes the gateway agent may be ahead of the relay at a reading: the two are read one after
@@ -55,16 +60,17 @@ const READING_SLACK: u64 = 1 << 20;
 impl RelayedBytes {
     /// Adds what the counters (since each process started) gained since the last reading; a
     /// counter below its last reading belongs to a restarted process and counts from zero.
-    pub fn observe(&mut self, relay_now: u64, gateway_now: u64) {
+    pub fn observe(&mut self, relay_now: u64, gateway_now: u64, refused_now: u64) {
         let gained = |now: u64, last: u64| if now >= last { now - last } else { now };
         self.relay += gained(relay_now, self.relay_last);
         self.gateway += gained(gateway_now, self.gateway_last);
-        (self.relay_last, self.gateway_last) = (relay_now, gateway_now);
+        self.refused += gained(refused_now, self.refused_last);
+        (self.relay_last, self.gateway_last, self.refused_last) = (relay_now, gateway_now, refused_now);
     }
 
     /// The processes are about to restart: their counters start again from zero.
     pub fn restarted(&mut self) {
-        (self.relay_last, self.gateway_last) = (0, 0);
+        (self.relay_last, self.gateway_last, self.refused_last) = (0, 0, 0);
     }
 
     /// Err when the gateway agent moved bytes the relay did not carry.
@@ -84,9 +90,16 @@ impl RelayedBytes {
         if self.gateway == 0 {
             return Err("the relay path's gateway agent moved no byte: the flows went elsewhere".into());
         }
+        let refused = match self.refused {
+            0 => String::new(),
+            n => format!(
+                "; it refused {n} connects (no free attachment of the gateway agent, or a cap: see its access log), \
+                 each a client connection refused"
+            ),
+        };
         Ok(format!(
             "trellis-relay: every flow went through the relay: it carried {:.2} GB (ciphertext) for the {:.2} GB the \
-             gateway agent moved",
+             gateway agent moved{refused}",
             self.relay as f64 / 1e9,
             self.gateway as f64 / 1e9
         ))
@@ -245,8 +258,13 @@ impl TrellisRelay {
         // The gateway first: whatever it has counted, the relay has carried by the time it is read.
         let gateway = metrics(self.gateway_metrics)?;
         let relay = metrics(self.relay_metrics)?;
-        let gateway = sum(&gateway, "trellis_bytes_in_total") + sum(&gateway, "trellis_bytes_out_total");
-        self.bytes.observe(sum(&relay, "trellis_relay_bytes_total"), gateway);
+        let gateway = sum(&gateway, "trellis_bytes_in_total", &[]) + sum(&gateway, "trellis_bytes_out_total", &[]);
+        let refused = sum(
+            &relay,
+            "trellis_relay_flows_total",
+            &[r#"outcome="unavailable""#, r#"outcome="busy""#, r#"outcome="not_served""#],
+        );
+        self.bytes.observe(sum(&relay, "trellis_relay_bytes_total", &[]), gateway, refused);
         Ok(())
     }
 }
@@ -267,10 +285,11 @@ fn metrics(addr: SocketAddr) -> Res<String> {
     }
 }
 
-/// The sum of every series of `name` (any labels) in a Prometheus text.
-fn sum(text: &str, name: &str) -> u64 {
+/// The sum of the series of `name` in a Prometheus text: every one, or those with one of `labels`.
+fn sum(text: &str, name: &str, labels: &[&str]) -> u64 {
     text.lines()
         .filter(|l| l.strip_prefix(name).is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{')))
+        .filter(|l| labels.is_empty() || labels.iter().any(|label| l.contains(label)))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum::<f64>() as u64
 }
@@ -338,24 +357,36 @@ mod tests {
     #[test]
     fn relayed_bytes_add_up_over_restarts() {
         let mut b = RelayedBytes::default();
-        b.observe(1_000, 900);
-        b.observe(5_000, 4_500);
+        b.observe(1_000, 900, 0);
+        b.observe(5_000, 4_500, 0);
         b.restarted();
-        b.observe(700, 600);
+        b.observe(700, 600, 0);
         assert_eq!((b.relay, b.gateway), (5_700, 5_100));
         // A counter that went down without a restart announced belongs to a restarted process.
-        b.observe(100, 50);
+        b.observe(100, 50, 0);
         assert_eq!((b.relay, b.gateway), (5_800, 5_150));
         assert!(b.check().is_ok());
-        assert!(b.summary().unwrap().contains("every flow went through the relay"));
+        let summary = b.summary().unwrap();
+        assert!(summary.contains("every flow went through the relay") && !summary.contains("refused"), "{summary}");
+    }
+
+    #[test]
+    fn refused_connects_are_counted_over_restarts_and_reported() {
+        let mut b = RelayedBytes::default();
+        b.observe(9_000, 8_000, 3);
+        b.restarted();
+        b.observe(9_000, 8_000, 24);
+        assert_eq!(b.refused, 27);
+        let summary = b.summary().unwrap();
+        assert!(summary.contains("refused 27 connects"), "{summary}");
     }
 
     #[test]
     fn gateway_bytes_the_relay_did_not_carry_mean_flows_went_around_it() {
         let mut b = RelayedBytes::default();
-        b.observe(10_000, 10_000 + READING_SLACK);
+        b.observe(10_000, 10_000 + READING_SLACK, 0);
         assert!(b.check().is_ok(), "within the slack of two readings");
-        b.observe(10_000, 5_000_000);
+        b.observe(10_000, 5_000_000, 0);
         let e = b.check().unwrap_err();
         assert!(e.contains("went around the relay"), "{e}");
         assert!(b.summary().is_err());
@@ -364,7 +395,7 @@ mod tests {
     #[test]
     fn a_gateway_that_moved_nothing_fails_the_summary() {
         let mut b = RelayedBytes::default();
-        b.observe(4_000, 0);
+        b.observe(4_000, 0, 0);
         assert!(b.check().is_ok());
         assert!(b.summary().unwrap_err().contains("moved no byte"));
     }
@@ -376,8 +407,9 @@ mod tests {
                     trellis_bytes_in_total{role=\"gateway\",resource=\"b\"} 5\n\
                     trellis_bytes_in_total_other 99\n\
                     trellis_bytes_out_total 7\n";
-        assert_eq!(sum(text, "trellis_bytes_in_total"), 15);
-        assert_eq!(sum(text, "trellis_bytes_out_total"), 7);
-        assert_eq!(sum(text, "trellis_relay_bytes_total"), 0);
+        assert_eq!(sum(text, "trellis_bytes_in_total", &[]), 15);
+        assert_eq!(sum(text, "trellis_bytes_in_total", &["resource=\"b\"", "resource=\"c\""]), 5);
+        assert_eq!(sum(text, "trellis_bytes_out_total", &[]), 7);
+        assert_eq!(sum(text, "trellis_relay_bytes_total", &[]), 0);
     }
 }
