@@ -11,6 +11,7 @@
 mod client;
 mod echo;
 mod iperf;
+mod open_files;
 mod paths;
 mod postgres;
 mod proc;

@@ -57,12 +57,14 @@ pub const METRICS: &[Metric] = &[
 
 pub const TRELLIS: &str = "trellis";
 pub const TRELLIS_SERVICE: &str = "trellis-service";
+pub const TRELLIS_RELAY: &str = "trellis-relay";
 
 /// The ratio columns: (path, divided by path, JSON key under `ratios`).
 pub const RATIOS: &[(&str, &str, &str)] = &[
     (TRELLIS, "haproxy-2hop", "trellisOver_haproxy-2hop"),
     (TRELLIS, "rathole-tls", "trellisOver_rathole-tls"),
     (TRELLIS_SERVICE, TRELLIS, "trellisServiceOver_trellis"),
+    (TRELLIS_RELAY, "haproxy-2hop", "trellisRelayOver_haproxy-2hop"),
 ];
 
 #[derive(Default)]

@@ -17,12 +17,11 @@ use serde_json::json;
 use crate::paths::{self, Backends, Loopback, Path};
 use crate::proc;
 use crate::report::{self, Results};
-use crate::{Res, client, echo, iperf, postgres};
+use crate::{Res, client, echo, iperf, open_files, postgres};
 
-// `trellis-relay` (client → endpoint agent → relay → outbound-only gateway agent → server)
-// goes after `trellis-service` once relays land: a module in `paths/` set up like
-// `trellis`, its name here, and a ratio column in `report::RATIOS`.
-const ALL_PATHS: &[&str] = &["direct", "haproxy-2hop", "rathole-tls", "trellis", "trellis-service"];
+// A new path: a module in `paths/`, its name here and in `--paths`' help, a ratio column in
+// `report::RATIOS`, and its descriptors per connection in `open_files::capacity`.
+const ALL_PATHS: &[&str] = &["direct", "haproxy-2hop", "rathole-tls", "trellis", "trellis-service", "trellis-relay"];
 
 #[derive(Args, Debug)]
 pub struct RunArgs {
@@ -55,8 +54,14 @@ pub struct RunArgs {
     pgbench_clients: usize,
     /// Paths to measure, comma-separated: direct, haproxy-2hop, rathole-tls, trellis (a resource
     /// endpoint), trellis-service (an Interface endpoint to a service with two targets; also
-    /// measures health-check failover once, at the end).
-    #[arg(long, value_delimiter = ',', default_value = "direct,haproxy-2hop,rathole-tls,trellis,trellis-service")]
+    /// measures health-check failover once, at the end), trellis-relay (a resource endpoint whose
+    /// gateway agent runs --outbound-only, reached through a `trellis relay`: three hops; the
+    /// relay is weighed with the agents, and the run fails the path if a flow went around it).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "direct,haproxy-2hop,rathole-tls,trellis,trellis-service,trellis-relay"
+    )]
     paths: Vec<String>,
     /// Repetitions of every measurement; the report gives the median and min–max.
     #[arg(long, default_value_t = 5)]
@@ -74,7 +79,8 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 4)]
     conn_concurrency: usize,
     /// Idle connections held open while the tunnel processes are weighed; lowered to what the
-    /// open-files limit allows (each tunnel process holds two descriptors per connection).
+    /// open-files limit allows every path (haproxy and rathole hold two descriptors per connection
+    /// in each process, a Trellis agent one, and a Trellis gateway caps one peer agent's flows).
     #[arg(long, default_value_t = 10_000)]
     idle_connections: usize,
     /// Short run: 2 repetitions, 1-second tests (2-second pgbench runs), 2,000 idle connections.
@@ -106,7 +112,8 @@ struct Settings {
 }
 
 impl RunArgs {
-    fn settings(&self, idle_cap: usize) -> Settings {
+    /// The settings asked for; the idle connections are lowered to the open-files limit later.
+    fn settings(&self) -> Settings {
         let mut s = Settings {
             repetitions: self.repetitions.max(1),
             throughput_seconds: self.throughput_seconds.max(1),
@@ -125,7 +132,6 @@ impl RunArgs {
             s.idle_connections = s.idle_connections.min(2000);
             s.pgbench_seconds = s.pgbench_seconds.min(2);
         }
-        s.idle_connections = s.idle_connections.min(idle_cap);
         s
     }
 }
@@ -211,21 +217,21 @@ pub fn main(args: RunArgs) -> Res<()> {
     if args.paths.iter().any(|p| p.starts_with("trellis")) && args.trellis_bin.is_none() {
         return Err("--trellis-bin is required for the trellis paths (or leave them out with --paths)".into());
     }
-    let (soft, _) = nofile_limit().ok_or("cannot read the open-files limit from /proc/self/limits")?;
-    // Each tunnel process holds two descriptors per proxied connection, plus its own; and a
-    // trellis gateway gives one peer agent at most 15/16 of its tunnel connections (256
-    // descriptors reserved; see docs/security.md), less the endpoint agent's warm ones.
-    let tunnels = soft.saturating_sub(256) / 2;
-    let per_peer = tunnels - tunnels / 16;
-    let idle_cap = (soft.saturating_sub(300) / 2).min(per_peer.saturating_sub(50)) / 100 * 100;
-    let idle_cap = idle_cap as usize;
-    let settings = args.settings(idle_cap);
-    if settings.idle_connections < args.idle_connections.min(if args.quick { 2000 } else { usize::MAX }) {
+    let soft = open_files::raise_to_hard()
+        .or_else(|| nofile_limit().map(|(soft, _)| soft))
+        .ok_or("cannot read the open-files limit from /proc/self/limits")?;
+    let mut settings = args.settings();
+    let names: Vec<&str> = ALL_PATHS.iter().copied().filter(|n| args.paths.iter().any(|p| p == n)).collect();
+    let (idle, limiting) = open_files::idle_cap(settings.idle_connections, &names, soft);
+    if let Some(path) = limiting {
         say(&format!(
-            "note: the open-files limit is {soft}; idle connections lowered to {} (raise `ulimit -n` for more)",
-            settings.idle_connections
+            "note: with the open-files limit at {soft}, {path} carries at most {idle} idle connections (see \
+             docs/performance.md); {} needs a hard limit (`ulimit -Hn`) of at least {}",
+            settings.idle_connections,
+            open_files::needed_for(settings.idle_connections, &names)
         ));
     }
+    settings.idle_connections = idle;
 
     let started_at = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     let stamp = timestamp(started_at);
@@ -294,7 +300,7 @@ fn run(args: &RunArgs, s: &Settings, work: &FsPath, stamp: &str) -> Res<()> {
                 paths::rathole::RatholeTls::start(&args.rathole_bin, &args.openssl_bin, &dir, ips, backends)
                     .map(|p| Box::new(p) as Box<dyn Path>)
             }
-            "trellis" | "trellis-service" => {
+            "trellis" | "trellis-service" | "trellis-relay" => {
                 let bin = args.trellis_bin.as_deref().expect("checked in main");
                 let setup = trellis
                     .get_or_insert_with(|| {
@@ -304,6 +310,9 @@ fn run(args: &RunArgs, s: &Settings, work: &FsPath, stamp: &str) -> Res<()> {
                 setup.and_then(|setup| {
                     if *name == "trellis" {
                         Ok(Box::new(paths::trellis::ResourcePath(setup)) as Box<dyn Path>)
+                    } else if *name == "trellis-relay" {
+                        paths::trellis_relay::TrellisRelay::start(setup, ips, backends)
+                            .map(|p| Box::new(p) as Box<dyn Path>)
                     } else {
                         let iperf_target_port = service_iperf.as_ref().map_or(iperf_addr.port(), |(_, a)| a.port());
                         paths::trellis_service::TrellisService::start(setup, backends, iperf_target_port)
@@ -481,6 +490,21 @@ fn run(args: &RunArgs, s: &Settings, work: &FsPath, stamp: &str) -> Res<()> {
             failovers.push((name, outcome));
         }
     }
+    // Whole-run checks (the relay path: every flow went through the relay).
+    let mut verified = Vec::new();
+    for (i, path) in paths.iter_mut().enumerate() {
+        if dead[i] {
+            continue;
+        }
+        let name = path.name();
+        if let Some(outcome) = path.verify() {
+            match &outcome {
+                Ok(line) => say(line),
+                Err(e) => say(&format!("{name} failed its check: {e}")),
+            }
+            verified.push((name, outcome));
+        }
+    }
     let elapsed = run_start.elapsed();
 
     let names: Vec<&str> = ALL_PATHS.iter().copied().filter(|n| paths.iter().any(|p| p.name() == *n)).collect();
@@ -498,6 +522,12 @@ fn run(args: &RunArgs, s: &Settings, work: &FsPath, stamp: &str) -> Res<()> {
     }
     for line in results.error_lines() {
         println!("error: {line}");
+    }
+    for (name, outcome) in &verified {
+        match outcome {
+            Ok(line) => println!("{line}"),
+            Err(e) => println!("error: {name}: {e}"),
+        }
     }
     for (name, outcome) in &failovers {
         match outcome {
@@ -539,6 +569,13 @@ fn run(args: &RunArgs, s: &Settings, work: &FsPath, stamp: &str) -> Res<()> {
         "paths": names,
         "notMeasured": setup_errors.iter().map(|(n, e)| json!({"path": n, "error": e})).collect::<Vec<_>>(),
         "metrics": results.json(&names),
+        "checks": verified
+            .iter()
+            .map(|(name, outcome)| match outcome {
+                Ok(line) => json!({"path": name, "ok": line}),
+                Err(e) => json!({"path": name, "error": e}),
+            })
+            .collect::<Vec<_>>(),
         "failover": failovers
             .iter()
             .map(|(name, f)| match f {

@@ -6,6 +6,7 @@ pub mod direct;
 pub mod haproxy;
 pub mod rathole;
 pub mod trellis;
+pub mod trellis_relay;
 pub mod trellis_service;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -17,8 +18,8 @@ use crate::client;
 
 /// What every path offers to the measurements.
 pub trait Path {
-    /// The name in the report: `direct`, `haproxy-2hop`, `rathole-tls`, `trellis`, `trellis-service`
-    /// (and `trellis-relay` once relays land: a path through a relay, set up like `trellis`).
+    /// The name in the report: `direct`, `haproxy-2hop`, `rathole-tls`, `trellis`, `trellis-service`,
+    /// `trellis-relay`.
     fn name(&self) -> &'static str;
     /// Where the client connects for the echo server.
     fn echo_addr(&self) -> SocketAddr;
@@ -41,6 +42,11 @@ pub trait Path {
     fn failover(&mut self, _second: &mut crate::echo::Server) -> Option<Res<trellis_service::Failover>> {
         None
     }
+    /// A check of the whole run, after the repetitions: Ok with a line for the report, Err when
+    /// the path did not carry the traffic the way it claims to (the relay path: through its relay).
+    fn verify(&mut self) -> Option<Res<String>> {
+        None
+    }
     /// The version of the tunnel software, for the report.
     fn version(&self) -> Option<String> {
         None
@@ -57,7 +63,7 @@ pub struct Backends {
 }
 
 /// Loopback addresses for one run: `127.248.<run>.<host>` for the entries,
-/// `127.249-250.<run>.0/24` for Trellis pools, `127.247.<run>.x` for clients;
+/// `127.249-251.<run>.0/24` for Trellis pools, `127.247.<run>.x` for clients;
 /// apart from the 127.16–239.x pools the end-to-end tests draw from.
 #[derive(Clone, Copy, Debug)]
 pub struct Loopback {

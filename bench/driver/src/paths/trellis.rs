@@ -111,6 +111,7 @@ pub struct Trellis {
     backends: Backends,
     ips: Loopback,
     url: String,
+    pub(super) admin: Cli,
     pub(super) owner: Cli,
     pub(super) consumer: Cli,
     pub(super) consumer_account: String,
@@ -183,6 +184,7 @@ impl Trellis {
             ips,
             _control_plane: cp,
             url,
+            admin,
             owner,
             consumer,
             consumer_account,
@@ -283,8 +285,21 @@ impl Trellis {
         Ok(())
     }
 
+    /// `trellis ARGS` as a daemon of this set-up (state and logs under its directory), with
+    /// `env` added; returns once a line of its log contains `running`.
+    pub(super) fn spawn(&self, name: &str, args: &[&str], env: &[(&str, &str)], running: &str) -> Res<Daemon> {
+        let mut cmd = Command::new(&self.bin);
+        cmd.args(args).args(["--control-plane", &self.url]).arg("--state-dir").arg(self.dir.join(name));
+        cmd.env_remove("TRELLIS_JOIN_TOKEN").envs(env.iter().copied());
+        let mut daemon = Daemon::spawn(name, cmd, &self.dir.join("logs"), "TERM")?;
+        daemon.wait_for_log(&format!("{name} to log `{running}`"), STATE_TIMEOUT, |l| {
+            l.contains(running).then_some(())
+        })?;
+        Ok(daemon)
+    }
+
     /// Owner shares `arn` with the consumer, who accepts the invitation. Returns the share's id.
-    fn share(&self, arn: &str, name: &str) -> Res<String> {
+    pub(super) fn share(&self, arn: &str, name: &str) -> Res<String> {
         let share = self.owner.json(&[
             "resource-share",
             "create",
@@ -359,13 +374,17 @@ impl Trellis {
     }
 }
 
-fn wait_online(cli: &Cli, subnet: &str) -> Res<()> {
+pub(super) fn wait_online(cli: &Cli, subnet: &str) -> Res<()> {
     cli.wait(&["agent", "list"], &format!("an ONLINE agent in {subnet}"), |list| {
         list["items"].as_array()?.iter().any(|a| a["subnetId"] == subnet && a["status"] == "ONLINE").then_some(())
     })
 }
 
 impl Trellis {
+    pub(super) fn endpoint_agent_pid(&self) -> Option<u32> {
+        self.endpoint_agent.as_ref().map(Daemon::pid)
+    }
+
     pub(super) fn tunnel_pids(&self) -> Vec<u32> {
         self.gateway_agent.iter().chain(self.endpoint_agent.iter()).map(Daemon::pid).collect()
     }
