@@ -290,6 +290,11 @@ pub struct AgentRunArgs {
     /// How often to report listener state and usage to the control plane
     #[arg(long, env = "TRELLIS_REPORT_INTERVAL", value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
     pub report_interval: Duration,
+    /// Threads that run the data plane (default: one per CPU the process may use). On a host whose cores are
+    /// busy with other work, e.g. a 2-CPU machine shared with the application, 1 moves more: see
+    /// docs/performance.md, "Worker threads"
+    #[arg(long, env = "TRELLIS_WORKER_THREADS", value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub worker_threads: Option<u16>,
 }
 
 /// A running agent's configuration after validation.
@@ -383,6 +388,11 @@ pub struct RelayRunArgs {
     /// How often to report to the control plane
     #[arg(long, env = "TRELLIS_REPORT_INTERVAL", value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
     pub report_interval: Duration,
+    /// Threads that run the data plane (default: one per CPU the process may use). On a host whose cores are
+    /// busy with other work, e.g. a 2-CPU machine shared with the application, 1 moves more: see
+    /// docs/performance.md, "Worker threads"
+    #[arg(long, env = "TRELLIS_WORKER_THREADS", value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub worker_threads: Option<u16>,
 }
 
 /// `trellis dev`.
@@ -698,6 +708,23 @@ mod tests {
         assert_eq!(explicit.tunnel_listen, Some("10.0.0.5:9443".parse().unwrap()));
         assert_eq!(run(&["--access-log", "-"]).access_log, None);
         assert!(parse(&[&base[..], &["--dns-allow", "not-a-net"]].concat()).is_err());
+    }
+
+    #[test]
+    fn agents_and_relays_take_a_worker_thread_count_of_at_least_one() {
+        let agent = ["agent", "--control-plane", "https://h:1", "--state-dir", "/tmp/a"];
+        let relay =
+            ["relay", "--control-plane", "https://h:1", "--state-dir", "/tmp/r", "--advertise", "r.example:7444"];
+        let threads = |args: &[&str]| match parse(args).unwrap().command {
+            Command::Agent(AgentCommand { run, .. }) => run.worker_threads,
+            Command::Relay(RelayCommand { run }) => run.worker_threads,
+            other => panic!("parsed as {other:?}"),
+        };
+        assert_eq!(threads(&agent), None, "one per CPU unless told");
+        assert_eq!(threads(&[&agent[..], &["--worker-threads", "1"]].concat()), Some(1));
+        assert_eq!(threads(&[&relay[..], &["--worker-threads", "4"]].concat()), Some(4));
+        let err = parse(&[&agent[..], &["--worker-threads", "0"]].concat()).unwrap_err().to_string();
+        assert!(err.contains("--worker-threads") && err.contains("1..=1024"), "{err}");
     }
 
     #[test]

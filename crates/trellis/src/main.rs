@@ -33,7 +33,11 @@ fn main() -> ExitCode {
     let long_running = matches!(cli.command, Command::Server(ServerCommand { verb: None, .. }) | Command::Dev(_))
         || matches!(cli.command, Command::Agent(AgentCommand { verb: None, .. }) | Command::Relay(_));
     let runtime = if long_running {
-        tokio::runtime::Builder::new_multi_thread().enable_all().build()
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        if let Some(n) = worker_threads(&cli.command) {
+            builder.worker_threads(usize::from(n));
+        }
+        builder.enable_all().build()
     } else {
         tokio::runtime::Builder::new_current_thread().enable_all().build()
     };
@@ -50,6 +54,15 @@ fn main() -> ExitCode {
             eprintln!("error: {}", trellis_model::clip_quoted(&error_line(&e)));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The data plane's worker threads asked for with `--worker-threads` (agent and relay).
+fn worker_threads(command: &Command) -> Option<u16> {
+    match command {
+        Command::Agent(AgentCommand { verb: None, run }) => run.worker_threads,
+        Command::Relay(RelayCommand { run }) => run.worker_threads,
+        _ => None,
     }
 }
 
