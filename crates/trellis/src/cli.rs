@@ -291,7 +291,7 @@ pub struct AgentRunArgs {
     #[arg(long, env = "TRELLIS_REPORT_INTERVAL", value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
     pub report_interval: Duration,
     /// Threads that run the data plane (default: one per CPU the process may use). On a host whose cores are
-    /// busy with other work, e.g. a 2-CPU machine shared with the application, 1 moves more: see
+    /// busy with other work, e.g. a 2-CPU machine shared with the application, 1 can move more: see
     /// docs/performance.md, "Worker threads"
     #[arg(long, env = "TRELLIS_WORKER_THREADS", value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub worker_threads: Option<u16>,
@@ -389,7 +389,7 @@ pub struct RelayRunArgs {
     #[arg(long, env = "TRELLIS_REPORT_INTERVAL", value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
     pub report_interval: Duration,
     /// Threads that run the data plane (default: one per CPU the process may use). On a host whose cores are
-    /// busy with other work, e.g. a 2-CPU machine shared with the application, 1 moves more: see
+    /// busy with other work, e.g. a 2-CPU machine shared with the application, 1 can move more: see
     /// docs/performance.md, "Worker threads"
     #[arg(long, env = "TRELLIS_WORKER_THREADS", value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub worker_threads: Option<u16>,
