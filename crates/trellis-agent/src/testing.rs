@@ -8,6 +8,8 @@ use rcgen::{
     KeyUsagePurpose,
 };
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use std::net::SocketAddr;
+use trellis_proto::stream::OpenRequest;
 
 use crate::identity::AgentIdentity;
 
@@ -195,4 +197,30 @@ impl LogBuf {
         let bytes = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
         String::from_utf8_lossy(&bytes).lines().map(|l| serde_json::from_str(l).expect("a JSON log line")).collect()
     }
+}
+
+/// An open request for `vpc_endpoint_id`'s `resource_configuration_id` at
+/// `port`, from a documentation address (what a hand-made tunnel peer sends).
+pub fn open_request(vpc_endpoint_id: &str, resource_configuration_id: &str, port: u16) -> OpenRequest {
+    OpenRequest {
+        vpc_endpoint_id: vpc_endpoint_id.into(),
+        resource_configuration_id: resource_configuration_id.into(),
+        port,
+        client_addr: SocketAddr::from(([192, 0, 2, 7], 5555)),
+    }
+}
+
+/// The OPEN frame of flow `flow` carrying `request` (stream protocol version 2).
+pub fn open_frame(flow: u32, request: &OpenRequest) -> Vec<u8> {
+    let mut out = Vec::new();
+    trellis_proto::mux::encode_open(flow, request, &mut out).expect("a test open request fits a frame");
+    out
+}
+
+/// A DATA frame of flow `flow` carrying `payload` (stream protocol version 2).
+pub fn data_frame(flow: u32, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    trellis_proto::mux::encode_header(trellis_proto::mux::DATA, flow, payload.len(), &mut out);
+    out.extend_from_slice(payload);
+    out
 }

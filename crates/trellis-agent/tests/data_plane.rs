@@ -12,7 +12,7 @@ use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::watch;
-use trellis_agent::testing::{LogBuf, TestCa, echo_server, eventually, unique_loopback};
+use trellis_agent::testing::{self, LogBuf, TestCa, data_frame, echo_server, eventually, unique_loopback};
 use trellis_agent::{AccessLog, AgentIdentity, DataPlaneOptions, RunningAgent, start_data_plane, tls};
 use trellis_proto::mux;
 use trellis_proto::stream::{OpenRequest, OpenResponse, OpenStatus, decode_open_response, encode_open_request};
@@ -241,26 +241,11 @@ async fn raw_tunnel(identity: &AgentIdentity, gateway: SocketAddr) -> tokio_rust
 }
 
 fn request(port: u16) -> OpenRequest {
-    OpenRequest {
-        vpc_endpoint_id: VPCE.into(),
-        resource_configuration_id: RCFG.into(),
-        port,
-        client_addr: "192.0.2.7:5555".parse().unwrap(),
-    }
+    testing::open_request(VPCE, RCFG, port)
 }
 
-/// An OPEN frame of flow `flow` (stream protocol version 2).
 fn open_frame(flow: u32, port: u16) -> Vec<u8> {
-    let mut out = Vec::new();
-    mux::encode_open(flow, &request(port), &mut out).unwrap();
-    out
-}
-
-fn data_frame(flow: u32, payload: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    mux::encode_header(mux::DATA, flow, payload.len(), &mut out);
-    out.extend_from_slice(payload);
-    out
+    testing::open_frame(flow, &request(port))
 }
 
 fn fin_frame(flow: u32) -> Vec<u8> {

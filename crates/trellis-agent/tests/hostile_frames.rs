@@ -18,10 +18,10 @@ use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::watch;
-use trellis_agent::testing::{TestCa, echo_server, unique_loopback};
+use trellis_agent::testing::{self, TestCa, data_frame, echo_server, unique_loopback};
 use trellis_agent::{AgentIdentity, DataPlaneOptions, RunningAgent, start_data_plane, tls};
 use trellis_proto::mux::{
-    self, Control, FRAME_HEADER_LEN, Header, MAX_CONTROL_LEN, PREFACE, decode_header, encode_header, parse_control,
+    self, Control, FRAME_HEADER_LEN, Header, MAX_CONTROL_LEN, PREFACE, decode_header, parse_control,
 };
 use trellis_proto::stream::{OpenRequest, OpenResponse, OpenStatus};
 use trellis_proto::{
@@ -143,25 +143,11 @@ async fn still_moves(flow: &mut TcpStream, payload: &[u8]) {
 }
 
 fn request(port: u16) -> OpenRequest {
-    OpenRequest {
-        vpc_endpoint_id: VPCE.into(),
-        resource_configuration_id: RCFG.into(),
-        port,
-        client_addr: "192.0.2.7:5555".parse().unwrap(),
-    }
+    testing::open_request(VPCE, RCFG, port)
 }
 
 fn open_frame(flow: u32, port: u16) -> Vec<u8> {
-    let mut out = Vec::new();
-    mux::encode_open(flow, &request(port), &mut out).unwrap();
-    out
-}
-
-fn data_frame(flow: u32, payload: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    encode_header(mux::DATA, flow, payload.len(), &mut out);
-    out.extend_from_slice(payload);
-    out
+    testing::open_frame(flow, &request(port))
 }
 
 /// A control frame of `kind` on `flow` whose header announces `len` body bytes, followed by `body`.
