@@ -675,26 +675,54 @@ mod tests {
         (key, accepted, drop_all, server)
     }
 
-    #[tokio::test]
-    async fn pool_keeps_connections_up_and_opens_flows_on_them() {
+    /// A pool of `warm` connections up to a [`holding_gateway`], both sides
+    /// seeing all of them; and a deadline for the test's waits.
+    struct Warm {
+        pools: Arc<GatewayPools>,
+        key: GatewayKey,
+        accepted: Arc<AtomicUsize>,
+        drop_all: Arc<Notify>,
+        server: tokio::task::JoinHandle<()>,
+        shutdown: CancellationToken,
+        tracker: TaskTracker,
+        deadline: Instant,
+    }
+
+    async fn warm_pool(warm: usize) -> Warm {
         let ca = TestCa::new();
         let client = ca.issue("agent-0000000000000000b", "acct-2", "vpc-2");
-        let (key, accepted, _drop_all, server) = holding_gateway(&ca, TcpListener::bind("127.0.0.1:0").await.unwrap());
-        let shutdown = CancellationToken::new();
-        let tracker = TaskTracker::new();
+        let (key, accepted, drop_all, server) = holding_gateway(&ca, TcpListener::bind("127.0.0.1:0").await.unwrap());
+        let (shutdown, tracker) = (CancellationToken::new(), TaskTracker::new());
         let pools = Arc::new(GatewayPools::new(
             tls::tunnel_client_config(&client).unwrap(),
-            PoolSettings { warm: 2, ..PoolSettings::default() },
+            PoolSettings { warm, ..PoolSettings::default() },
             Arc::default(),
             tracker.clone(),
             shutdown.clone(),
         ));
         pools.retain(&HashSet::from([key.clone()]));
         let deadline = Instant::now() + Duration::from_secs(10);
-        while pools.connection_count(&key) < 2 {
+        // (The server side of a TLS 1.3 handshake may finish after the client's.)
+        while pools.connection_count(&key) < warm || accepted.load(Ordering::SeqCst) < warm {
             assert!(Instant::now() < deadline, "pool never connected");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        Warm { pools, key, accepted, drop_all, server, shutdown, tracker, deadline }
+    }
+
+    impl Warm {
+        async fn stop(self) {
+            self.shutdown.cancel();
+            self.tracker.close();
+            self.tracker.wait().await;
+            self.server.abort();
+        }
+    }
+
+    #[tokio::test]
+    async fn pool_keeps_connections_up_and_opens_flows_on_them() {
+        let w = warm_pool(2).await;
+        let (pools, key, accepted, deadline) = (&w.pools, w.key.clone(), &w.accepted, w.deadline);
         // Flows go onto the connections that are up, spread over them; no new connection.
         let mut flows = Vec::new();
         for _ in 0..10 {
@@ -712,31 +740,13 @@ mod tests {
         // A gateway that leaves the config loses its pool.
         pools.retain(&HashSet::new());
         assert_eq!(pools.connection_count(&key), 0);
-        shutdown.cancel();
-        tracker.close();
-        tracker.wait().await;
-        server.abort();
+        w.stop().await;
     }
 
     #[tokio::test]
     async fn a_connection_at_its_flow_cap_makes_the_pool_open_another() {
-        let ca = TestCa::new();
-        let client = ca.issue("agent-0000000000000000b", "acct-2", "vpc-2");
-        let (key, accepted, _drop_all, server) = holding_gateway(&ca, TcpListener::bind("127.0.0.1:0").await.unwrap());
-        let (shutdown, tracker) = (CancellationToken::new(), TaskTracker::new());
-        let pools = Arc::new(GatewayPools::new(
-            tls::tunnel_client_config(&client).unwrap(),
-            PoolSettings { warm: 1, ..PoolSettings::default() },
-            Arc::default(),
-            tracker.clone(),
-            shutdown.clone(),
-        ));
-        pools.retain(&HashSet::from([key.clone()]));
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while pools.connection_count(&key) < 1 {
-            assert!(Instant::now() < deadline, "pool never connected");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        let w = warm_pool(1).await;
+        let (pools, key, accepted, deadline) = (&w.pools, w.key.clone(), &w.accepted, w.deadline);
         let mut flows = Vec::new();
         for _ in 0..trellis_proto::mux::MAX_FLOWS_PER_CONNECTION {
             let opened = pools.open(&key, &request()).await.unwrap();
@@ -751,31 +761,13 @@ mod tests {
             assert!(Instant::now() < deadline, "the second connection never reached the gateway");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        shutdown.cancel();
-        tracker.close();
-        tracker.wait().await;
-        server.abort();
+        w.stop().await;
     }
 
     #[tokio::test]
     async fn concurrent_opens_share_one_new_connection_which_closes_after_its_flows() {
-        let ca = TestCa::new();
-        let client = ca.issue("agent-0000000000000000b", "acct-2", "vpc-2");
-        let (key, _accepted, _drop_all, server) = holding_gateway(&ca, TcpListener::bind("127.0.0.1:0").await.unwrap());
-        let (shutdown, tracker) = (CancellationToken::new(), TaskTracker::new());
-        let pools = Arc::new(GatewayPools::new(
-            tls::tunnel_client_config(&client).unwrap(),
-            PoolSettings { warm: 1, ..PoolSettings::default() },
-            Arc::default(),
-            tracker.clone(),
-            shutdown.clone(),
-        ));
-        pools.retain(&HashSet::from([key.clone()]));
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while pools.connection_count(&key) < 1 {
-            assert!(Instant::now() < deadline, "pool never connected");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        let w = warm_pool(1).await;
+        let (pools, key, deadline) = (&w.pools, w.key.clone(), w.deadline);
         // The warm connection is full.
         let mut flows = Vec::new();
         for _ in 0..trellis_proto::mux::MAX_FLOWS_PER_CONNECTION {
@@ -805,41 +797,21 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         assert_eq!(pools.connection_count(&key), 1);
-        shutdown.cancel();
-        tracker.close();
-        tracker.wait().await;
-        server.abort();
+        w.stop().await;
     }
 
     #[tokio::test]
     async fn closed_connections_are_replaced() {
-        let ca = TestCa::new();
-        let client = ca.issue("agent-0000000000000000b", "acct-2", "vpc-2");
-        let (key, accepted, drop_all, server) = holding_gateway(&ca, TcpListener::bind("127.0.0.1:0").await.unwrap());
-        let (shutdown, tracker) = (CancellationToken::new(), TaskTracker::new());
-        let pools = Arc::new(GatewayPools::new(
-            tls::tunnel_client_config(&client).unwrap(),
-            PoolSettings { warm: 2, ..PoolSettings::default() },
-            Arc::default(),
-            tracker.clone(),
-            shutdown.clone(),
-        ));
-        pools.retain(&HashSet::from([key.clone()]));
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while accepted.load(Ordering::SeqCst) < 2 {
-            assert!(Instant::now() < deadline, "pool never connected");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        let w = warm_pool(2).await;
+        let (pools, key, accepted, drop_all, deadline) =
+            (&w.pools, w.key.clone(), &w.accepted, &w.drop_all, w.deadline);
         drop_all.notify_one();
         while accepted.load(Ordering::SeqCst) < 4 || pools.connection_count(&key) < 2 {
             assert!(Instant::now() < deadline, "closed connections were not replaced");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         assert!(pools.open(&key, &request()).await.unwrap().reused);
-        shutdown.cancel();
-        tracker.close();
-        tracker.wait().await;
-        server.abort();
+        w.stop().await;
     }
 
     #[tokio::test]
