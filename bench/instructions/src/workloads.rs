@@ -270,8 +270,8 @@ fn mux() -> Res<()> {
 async fn mux_flows(up: &[u8], down: &[u8]) -> Res<()> {
     let (a, b) = tokio::io::duplex(256 << 10);
     let (ep, gw) = (MuxConnection::new(Side::Endpoint), MuxConnection::new(Side::Gateway));
-    let ep_driver = tokio::spawn(trellis_agent::mux::run(ep.clone(), a));
-    let gw_driver = tokio::spawn(trellis_agent::mux::run(gw.clone(), b));
+    let ep_driver = tokio::spawn(trellis_agent::mux::run(ep.clone(), tokio::io::BufReader::new(a)));
+    let gw_driver = tokio::spawn(trellis_agent::mux::run(gw.clone(), tokio::io::BufReader::new(b)));
     let gateway = async {
         let accept = async || {
             let (stream, req) = gw.accept().await.ok_or("the gateway connection ended before both flows opened")?;

@@ -30,17 +30,36 @@ pub(crate) struct OpenFlow {
     /// This flow's series, looked up once when it opens (each is a shared
     /// handle to the family's value): counting bytes hashes no labels.
     active: Gauge,
-    counted_in: Counter,
-    counted_out: Counter,
+    /// Consumer → resource, and resource → consumer.
+    bytes_in: ByteCount,
+    bytes_out: ByteCount,
     usage: Option<Arc<UsageCell>>,
     access_log: AccessLog,
     started: SystemTime,
     started_at: Instant,
-    bytes_in: AtomicU64,
-    bytes_out: AtomicU64,
     /// Gateway agents that failed before this flow opened (endpoint side).
     tried: Vec<String>,
     finished: bool,
+}
+
+/// One direction's bytes: the flow's total (for its access-log line), its
+/// Prometheus series and the gateway's usage counter.
+#[derive(Clone)]
+struct ByteCount {
+    total: Arc<AtomicU64>,
+    counted: Counter,
+    usage: Option<Arc<UsageCell>>,
+    usage_field: fn(&UsageCell) -> &AtomicU64,
+}
+
+impl ByteCount {
+    fn add(&self, n: u64) {
+        self.total.fetch_add(n, Ordering::Relaxed);
+        self.counted.inc_by(n);
+        if let Some(u) = &self.usage {
+            (self.usage_field)(u).fetch_add(n, Ordering::Relaxed);
+        }
+    }
 }
 
 impl FlowInfo {
@@ -113,8 +132,18 @@ impl OpenFlow {
         let active = metrics.active_connections.get_or_create(&labels).clone();
         active.inc();
         metrics.connections.get_or_create(&labels).inc();
-        let counted_in = metrics.bytes_in.get_or_create(&labels).clone();
-        let counted_out = metrics.bytes_out.get_or_create(&labels).clone();
+        let bytes_in = ByteCount {
+            total: Arc::default(),
+            counted: metrics.bytes_in.get_or_create(&labels).clone(),
+            usage: usage.clone(),
+            usage_field: |u| &u.bytes_in,
+        };
+        let bytes_out = ByteCount {
+            total: Arc::default(),
+            counted: metrics.bytes_out.get_or_create(&labels).clone(),
+            usage: usage.clone(),
+            usage_field: |u| &u.bytes_out,
+        };
         if let Some(u) = &usage {
             u.active.fetch_add(1, Ordering::Relaxed);
             u.total.fetch_add(1, Ordering::Relaxed);
@@ -122,14 +151,12 @@ impl OpenFlow {
         Self {
             info,
             active,
-            counted_in,
-            counted_out,
+            bytes_in,
+            bytes_out,
             usage,
             access_log,
             started,
             started_at: Instant::now(),
-            bytes_in: AtomicU64::new(0),
-            bytes_out: AtomicU64::new(0),
             tried: Vec::new(),
             finished: false,
         }
@@ -143,20 +170,24 @@ impl OpenFlow {
 
     /// Bytes moved from the consumer toward the resource.
     pub fn add_in(&self, n: u64) {
-        self.bytes_in.fetch_add(n, Ordering::Relaxed);
-        self.counted_in.inc_by(n);
-        if let Some(u) = &self.usage {
-            u.bytes_in.fetch_add(n, Ordering::Relaxed);
-        }
+        self.bytes_in.add(n);
     }
 
     /// Bytes moved from the resource toward the consumer.
     pub fn add_out(&self, n: u64) {
-        self.bytes_out.fetch_add(n, Ordering::Relaxed);
-        self.counted_out.inc_by(n);
-        if let Some(u) = &self.usage {
-            u.bytes_out.fetch_add(n, Ordering::Relaxed);
-        }
+        self.bytes_out.add(n);
+    }
+
+    /// [`OpenFlow::add_in`] for another task (a tunnel's driver moving an attached flow's bytes).
+    pub fn counter_in(&self) -> impl Fn(u64) + Send + Sync + 'static {
+        let count = self.bytes_in.clone();
+        move |n| count.add(n)
+    }
+
+    /// [`OpenFlow::add_out`] for another task.
+    pub fn counter_out(&self) -> impl Fn(u64) + Send + Sync + 'static {
+        let count = self.bytes_out.clone();
+        move |n| count.add(n)
     }
 
     /// Ends the flow with an outcome (`closed`, `revoked`, `shutdown`, `error`).
@@ -183,8 +214,8 @@ impl OpenFlow {
             client_addr: &info.client_addr,
             resource_configuration_id: &info.resource_configuration_id,
             target: &info.target,
-            bytes_in: self.bytes_in.load(Ordering::Relaxed),
-            bytes_out: self.bytes_out.load(Ordering::Relaxed),
+            bytes_in: self.bytes_in.total.load(Ordering::Relaxed),
+            bytes_out: self.bytes_out.total.load(Ordering::Relaxed),
             duration_ms: millis(self.started_at.elapsed()),
             outcome,
             message: message.as_deref(),

@@ -10,7 +10,19 @@
 //! [`MuxStream::respond`]. A gateway that tries to open is answered with a
 //! reset of that flow.
 //!
-//! Memory: an idle flow holds a few dozen bytes of state here and no buffer.
+//! The agents' flows are *attached* ([`MuxStream::attach`]): once a flow is
+//! open, its local socket (the client's connection on the endpoint side, the
+//! target's on the gateway side) is handed to the connection's driver, which
+//! moves the bytes itself. It reads the socket straight into the out queue
+//! as DATA frames, and writes received DATA bodies to the socket straight
+//! from the stream's buffer (the TLS plaintext; only what the socket does not
+//! take is queued). A flow's bytes therefore cross no task boundary and no
+//! extra buffer on either agent; the flow's task only follows it
+//! ([`MuxStream::poll_attached`]: byte counts, the end, a failure) and
+//! stops it on revocation. Flows read and written as `AsyncRead +
+//! AsyncWrite` (paced flows, tests) work as before.
+//!
+//! Memory: an idle flow holds a few hundred bytes of state here and no buffer.
 //! Bytes a flow received and its reader has not taken yet are held per flow,
 //! at most its receive window (the peer's credit; a peer that sends more has
 //! that flow reset), appended into chunks of up to 64 KiB so that memory
@@ -34,14 +46,20 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
+use bytes::BufMut;
+use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncBufRead, AsyncRead, AsyncWrite, ReadBuf};
 use trellis_proto::mux::{
     self, Control, FRAME_HEADER_LEN, INITIAL_WINDOW, MAX_DATA_LEN, MAX_FLOWS_PER_CONNECTION, MAX_WINDOW, Preface,
 };
 use trellis_proto::stream::{OpenRequest, OpenResponse, OpenStatus};
 
+/// What the driver offers a read from an attached flow's local socket
+/// unless the last one filled its offer: the out queue grows by what
+/// requests need, a whole frame only for bulk.
+const SMALL_READ: usize = 4 * 1024;
 /// Writers wait while the connection has more than this queued for the stream.
 pub const OUT_HIGH: usize = 256 * 1024;
 /// Unread bytes all flows of a connection may hold: the most the receive
@@ -70,12 +88,17 @@ pub const OUT_LIMIT: usize = 2 * OUT_HIGH;
 /// Received bytes of a flow are kept in chunks of at most this size: small
 /// frames are appended to the last chunk, so memory follows the payload.
 const CHUNK: usize = MAX_DATA_LEN;
+/// A piece of received bytes this large gets a whole chunk (see [`push_chunk`]).
+const BULK: usize = 8 * 1024;
 /// A reader grants its bytes back to the peer once it has read this many.
 const WINDOW_UPDATE_AT: u32 = INITIAL_WINDOW / 4;
-/// The most one read from the stream takes.
-const READ_CHUNK: usize = 64 * 1024;
-/// Reads the driver does in one poll before it lets other tasks run.
-const READS_PER_POLL: usize = 16;
+/// What the driver copies out of the stream to parse it: a frame header and
+/// a control frame's body (DATA bodies go from the stream's buffer straight
+/// to their flow), or a version-1 peer's answer.
+const RX_BUF: usize = FRAME_HEADER_LEN + mux::MAX_CONTROL_LEN + trellis_proto::stream::MAX_FRAME_LEN;
+/// Buffers of received plaintext (a TLS record each, up to 16 KiB) the
+/// driver takes in one poll before it lets other tasks run.
+const READS_PER_POLL: usize = 64;
 
 /// Which end of the tunnel this is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -124,6 +147,11 @@ struct State {
     buffered: usize,
     /// What the flows' windows grew by, and the round trip they grow against.
     pool: Pool,
+    /// Attached flows whose local socket the driver must write to (bytes
+    /// queued while it pushed back, or a FIN to pass on).
+    attention: Vec<u32>,
+    /// Attached flows whose local socket the driver reads, in the order it takes turns.
+    attached: Vec<u32>,
     /// The peer's version-2 preface arrived.
     greeted: bool,
     greeter: Option<Waker>,
@@ -158,6 +186,22 @@ struct Flow {
     response: Option<OpenResponse>,
     reader: Option<Waker>,
     writer: Option<Waker>,
+    /// Attached (see [`MuxStream::attach`]): the local socket the driver
+    /// reads what the flow sends from, and writes what it receives to.
+    local: Option<Arc<TcpStream>>,
+    /// Counts the bytes read from the local socket (`to_flow`) and written to it (`from_flow`).
+    counters: Option<Box<Counters>>,
+    /// The last read from the local socket filled what it offered: the next offers a whole frame.
+    bulk: bool,
+    /// The local socket's write half was shut down: the peer's FIN passed on after every byte.
+    sink_shut: bool,
+    /// Why the local socket failed (the flow is reset).
+    local_failed: Option<(io::ErrorKind, String)>,
+    /// In `State::attention`: the driver writes what the flow holds once it
+    /// is done reading (or once the local socket takes bytes again).
+    attended: bool,
+    /// The flow's task, following the driver's writes to the sink.
+    watcher: Option<Waker>,
 }
 
 impl Flow {
@@ -232,14 +276,23 @@ impl Flow {
         Some(more)
     }
 
-    fn wake(&mut self) {
-        if let Some(w) = self.reader.take() {
-            w.wake();
-        }
-        if let Some(w) = self.writer.take() {
+    fn wake_watcher(&mut self) {
+        if let Some(w) = self.watcher.take() {
             w.wake();
         }
     }
+
+    fn wake(&mut self) {
+        for w in [self.reader.take(), self.writer.take(), self.watcher.take()].into_iter().flatten() {
+            w.wake();
+        }
+    }
+}
+
+/// An attached flow's byte counters, called by the driver as it moves the bytes.
+struct Counters {
+    to_flow: Box<dyn Fn(u64) + Send + Sync>,
+    from_flow: Box<dyn Fn(u64) + Send + Sync>,
 }
 
 /// The growth of a connection's receive windows.
@@ -260,6 +313,9 @@ impl State {
     /// Removes a flow, returning its window's growth to the pool.
     fn remove_flow(&mut self, id: u32) -> Option<Flow> {
         let flow = self.flows.remove(&id)?;
+        if flow.local.is_some() {
+            self.attached.retain(|&a| a != id);
+        }
         self.buffered -= flow.buffered;
         self.pool.grown -= (flow.window - INITIAL_WINDOW) as usize;
         Some(flow)
@@ -285,6 +341,167 @@ impl State {
             flow.buffered = 0;
             flow.inbound = VecDeque::new();
             flow.wake();
+        }
+    }
+
+    /// Writes what attached flow `id` holds, then `fresh` (bytes just
+    /// received for it), to its sink as far as the sink takes them, and
+    /// queues the rest of `fresh`; once the peer's FIN arrived and nothing
+    /// is left, shuts the sink's write half. A piece smaller than [`BULK`] is
+    /// queued and written with the rest of the read, from `attention`. A
+    /// sink that pushes back has the driver's waker and the flow waits in
+    /// `attention` (fresh bytes are queued meanwhile); a sink that fails
+    /// resets the flow.
+    fn sink_flow(&mut self, id: u32, mut fresh: &[u8], cx: &mut Context<'_>) {
+        let Some(flow) = self.flows.get_mut(&id) else { return };
+        if flow.reset || flow.sink_shut {
+            return;
+        }
+        if !fresh.is_empty() && fresh.len() < BULK && !flow.attended {
+            // A small piece waits for the rest of this read, so that a peer
+            // sending small frames costs one write per read, not one per frame.
+            push_chunk(&mut flow.inbound, fresh);
+            flow.buffered += fresh.len();
+            self.buffered += fresh.len();
+            flow.attended = true;
+            self.attention.push(id);
+            return;
+        }
+        let Some(sink) = flow.local.clone() else { return };
+        let (mut from_queue, mut from_fresh) = (0usize, 0usize);
+        let mut blocked = flow.attended;
+        let mut failed = None;
+        while !blocked {
+            let (wrote, queued, avail) = match flow.inbound.front() {
+                Some(front) => {
+                    let bytes = &front[flow.front_read..];
+                    (sink.try_write(bytes), true, bytes.len())
+                }
+                None if !fresh.is_empty() => (sink.try_write(fresh), false, fresh.len()),
+                None => break,
+            };
+            match wrote {
+                Ok(0) => failed = Some(io::Error::from(io::ErrorKind::WriteZero)),
+                Ok(n) if queued => {
+                    from_queue += n;
+                    flow.front_read += n;
+                    if n == avail {
+                        flow.inbound.pop_front();
+                        flow.front_read = 0;
+                    }
+                }
+                Ok(n) => {
+                    from_fresh += n;
+                    fresh = &fresh[n..];
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => match sink.poll_write_ready(cx) {
+                    Poll::Ready(Ok(())) => {}
+                    Poll::Ready(Err(e)) => failed = Some(e),
+                    Poll::Pending => blocked = true,
+                },
+                Err(e) => failed = Some(e),
+            }
+            if failed.is_some() {
+                break;
+            }
+        }
+        let moved = from_queue + from_fresh;
+        if moved > 0
+            && let Some(c) = &flow.counters
+        {
+            (c.from_flow)(moved as u64);
+        }
+        if let Some(e) = failed {
+            flow.local_failed = Some((e.kind(), format!("writing to the local connection failed: {e}")));
+            self.reset_flow(id);
+            return;
+        }
+        flow.buffered -= from_queue;
+        self.buffered -= from_queue;
+        // Bounded by the window (u32), so it fits.
+        flow.unacked += moved as u32;
+        if !fresh.is_empty() {
+            push_chunk(&mut flow.inbound, fresh);
+            flow.buffered += fresh.len();
+            self.buffered += fresh.len();
+        }
+        let done = flow.inbound.is_empty() && flow.recv_fin;
+        if done {
+            // Every byte is written: the peer's FIN goes on as ours. A local
+            // peer already gone makes this fail, which changes nothing now.
+            let _ = socket2::SockRef::from(&*sink).shutdown(std::net::Shutdown::Write);
+            flow.sink_shut = true;
+        }
+        if blocked && !flow.attended {
+            flow.attended = true;
+            self.attention.push(id);
+        }
+        if done {
+            flow.wake_watcher();
+        }
+        if let Some(more) = flow.grant(&mut self.pool, Instant::now) {
+            mux::encode_window(id, more, &mut self.out);
+        }
+    }
+
+    /// Reads one DATA frame's worth (within the flow's credit and the out
+    /// queue's room) from attached flow `id`'s local socket into the out
+    /// queue, or its end as a FIN; a socket with nothing to read has the
+    /// driver's waker. A socket that fails resets the flow. Returns whether
+    /// it queued anything.
+    fn source_flow(&mut self, id: u32, cx: &mut Context<'_>) -> bool {
+        let Some(flow) = self.flows.get_mut(&id) else { return false };
+        if flow.reset || flow.sent_fin || flow.credit == 0 {
+            return false;
+        }
+        let Some(local) = flow.local.clone() else { return false };
+        let read = loop {
+            match local.poll_read_ready(cx) {
+                Poll::Pending => return false,
+                Poll::Ready(Err(e)) => break Err(e),
+                Poll::Ready(Ok(())) => {}
+            }
+            let most = if flow.bulk { MAX_DATA_LEN } else { SMALL_READ };
+            let want = most.min(usize::try_from(flow.credit).unwrap_or(usize::MAX));
+            let at = self.out.len();
+            mux::encode_header(mux::DATA, id, 0, &mut self.out);
+            self.out.reserve(want);
+            let read = local.try_read_buf(&mut (&mut self.out).limit(want));
+            match read {
+                Ok(n) if n > 0 => {
+                    mux::set_body_len(&mut self.out[at..], n);
+                    self.out_data += FRAME_HEADER_LEN + n;
+                    flow.bulk = n == most;
+                }
+                _ => self.out.truncate(at),
+            }
+            // Readiness was stale: it is cleared, and asked for again
+            // (which registers the driver's waker) until it is pending.
+            if !matches!(&read, Err(e) if e.kind() == io::ErrorKind::WouldBlock) {
+                break read;
+            }
+        };
+        match read {
+            Ok(0) => {
+                mux::encode_fin(id, &mut self.out);
+                flow.sent_fin = true;
+                if flow.sink_shut {
+                    flow.wake_watcher();
+                }
+                true
+            }
+            Ok(n) => {
+                flow.credit -= n as u64;
+                if let Some(c) = &flow.counters {
+                    (c.to_flow)(n as u64);
+                }
+                true
+            }
+            Err(e) => {
+                flow.local_failed = Some((e.kind(), format!("reading from the local connection failed: {e}")));
+                self.reset_flow(id);
+                true
+            }
         }
     }
 
@@ -467,23 +684,26 @@ impl MuxConnection {
 /// [`MuxConnection::close`] (or [`MuxConnection::drain`] and the last flow).
 pub async fn run<S>(conn: MuxConnection, io: S)
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncBufRead + AsyncWrite + Unpin,
 {
     let side = conn.shared.side;
     let mut driver = Driver {
         conn,
         io,
-        rbuf: vec![0u8; READ_CHUNK + FRAME_HEADER_LEN + mux::MAX_CONTROL_LEN].into_boxed_slice(),
-        start: 0,
-        end: 0,
+        rx: Rx {
+            rbuf: vec![0u8; RX_BUF].into_boxed_slice(),
+            start: 0,
+            end: 0,
+            preface_seen: false,
+            skip: 0,
+            data: None,
+            held: false,
+            refused: false,
+        },
         writing: if side == Side::Endpoint { mux::PREFACE.to_vec() } else { Vec::new() },
         written: 0,
         flush: false,
-        preface_seen: false,
-        skip: 0,
-        data: None,
         shut: false,
-        held: false,
         paused: false,
         writing_control: 0,
     };
@@ -495,26 +715,36 @@ where
 struct Driver<S> {
     conn: MuxConnection,
     io: S,
-    rbuf: Box<[u8]>,
-    /// `rbuf[start..end]` is received and not yet parsed.
-    start: usize,
-    end: usize,
+    rx: Rx,
     /// Frames being written (taken from `State::out`), from `written` on.
     writing: Vec<u8>,
     written: usize,
     flush: bool,
+    shut: bool,
+    /// Reading stopped because control frames over [`OUT_LIMIT`] were queued.
+    paused: bool,
+    /// Bytes of `writing` that are control frames (counted whole until it is written).
+    writing_control: usize,
+}
+
+/// The receiving side of a driver. The stream's own buffer (the TLS
+/// plaintext) is read in place: DATA bodies go from it to their flows, and
+/// only what a frame needs to be parsed whole (its header, a control frame's
+/// body) is copied into `rbuf`.
+struct Rx {
+    rbuf: Box<[u8]>,
+    /// `rbuf[start..end]` is received and not yet parsed.
+    start: usize,
+    end: usize,
     preface_seen: bool,
     /// Body bytes of a skipped frame still to discard.
     skip: u64,
     /// A DATA body being received: flow, bytes left, whether the flow takes them.
     data: Option<(u32, usize, bool)>,
-    shut: bool,
-    /// Whole frames are left in `rbuf` until the out queue drains.
+    /// Whole frames are left unparsed until the out queue drains.
     held: bool,
-    /// Reading stopped because control frames over [`OUT_LIMIT`] were queued.
-    paused: bool,
-    /// Bytes of `writing` that are control frames (counted whole until it is written).
-    writing_control: usize,
+    /// A version-1 peer was answered: what the driver was writing must go.
+    refused: bool,
 }
 
 /// Whether more than [`OUT_LIMIT`] of control frames waits to be written
@@ -527,7 +757,7 @@ fn closed_by_peer() -> io::Error {
     io::Error::new(io::ErrorKind::UnexpectedEof, "the peer agent closed the tunnel connection")
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin> Driver<S> {
+impl<S: AsyncBufRead + AsyncWrite + Unpin> Driver<S> {
     /// `Ready(why)` when the connection is over.
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
         {
@@ -536,15 +766,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Driver<S> {
                 st.driver = Some(cx.waker().clone());
             }
         }
+        self.attend(cx);
+        let mut full = self.draw(cx);
         if let Poll::Ready(why) = self.poll_write(cx) {
             return Poll::Ready(why);
         }
         if let Poll::Ready(why) = self.poll_read(cx) {
             return Poll::Ready(why);
         }
+        self.attend(cx);
+        // Reading may have brought credit, and the write made room.
+        full |= self.draw(cx);
         // Reading may have queued frames (window updates, resets, answers).
         if let Poll::Ready(why) = self.poll_write(cx) {
             return Poll::Ready(why);
+        }
+        // Local sockets were left readable for want of room, which there is now.
+        if full && self.conn.state().out.len() < OUT_HIGH {
+            cx.waker().wake_by_ref();
         }
         // Reading stopped for the out queue, which is written now: nothing else would wake us.
         if self.paused && !backlogged(&self.conn.state(), self.writing_control) {
@@ -552,6 +791,54 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Driver<S> {
             cx.waker().wake_by_ref();
         }
         Poll::Pending
+    }
+
+    /// Reads the local sockets of attached flows into the out queue, a frame
+    /// per flow in turn, until the queue is full or none has more. Returns
+    /// whether it stopped for the queue (sockets may have more).
+    fn draw(&mut self, cx: &mut Context<'_>) -> bool {
+        let mut guard = self.conn.state();
+        let st = &mut *guard;
+        if st.attached.is_empty() {
+            return false;
+        }
+        let ids = std::mem::take(&mut st.attached);
+        let mut full = false;
+        'rounds: loop {
+            let mut queued = false;
+            for &id in &ids {
+                if st.out.len() >= OUT_HIGH {
+                    full = true;
+                    break 'rounds;
+                }
+                queued |= st.source_flow(id, cx);
+            }
+            if !queued {
+                break;
+            }
+        }
+        // Flows that ended or were removed meanwhile leave; the next draw starts with the next flow.
+        let mut ids = ids;
+        ids.retain(|id| st.flows.get(id).is_some_and(|f| f.local.is_some() && !f.sent_fin && !f.reset));
+        if ids.len() > 1 {
+            ids.rotate_left(1);
+        }
+        st.attached = ids;
+        full
+    }
+
+    /// Writes to the local sockets of attached flows that wait for it.
+    fn attend(&mut self, cx: &mut Context<'_>) {
+        let mut st = self.conn.state();
+        if st.attention.is_empty() {
+            return;
+        }
+        for id in std::mem::take(&mut st.attention) {
+            if let Some(flow) = st.flows.get_mut(&id) {
+                flow.attended = false;
+                st.sink_flow(id, &[], cx);
+            }
+        }
     }
 
     fn poll_write(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
@@ -628,46 +915,106 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Driver<S> {
                     return Poll::Pending;
                 }
             }
-            if self.held {
+            let taken = if self.rx.held {
                 // Frames received before the out queue filled up come first.
-                self.held = false;
-                if let Err(why) = self.parse() {
-                    return Poll::Ready(why);
-                }
-                continue;
+                self.rx.held = false;
+                self.rx.parse(&self.conn, self.writing_control, cx).map(|()| 0)
+            } else {
+                let buf = match Pin::new(&mut self.io).poll_fill_buf(cx) {
+                    Poll::Ready(Ok([])) => return Poll::Ready(closed_by_peer()),
+                    Poll::Ready(Ok(buf)) => buf,
+                    Poll::Ready(Err(e)) => return Poll::Ready(e),
+                    Poll::Pending => return Poll::Pending,
+                };
+                self.rx.take(&self.conn, self.writing_control, buf, cx)
+            };
+            if self.rx.refused {
+                // The version-1 answer must be the only thing on the wire.
+                self.rx.refused = false;
+                self.writing.clear();
+                self.written = 0;
+                self.writing_control = 0;
             }
-            if self.start == self.end {
-                self.start = 0;
-                self.end = 0;
-            } else if self.rbuf.len() - self.end < FRAME_HEADER_LEN + mux::MAX_CONTROL_LEN {
-                self.rbuf.copy_within(self.start..self.end, 0);
-                self.end -= self.start;
-                self.start = 0;
-            }
-            let mut buf = ReadBuf::new(&mut self.rbuf[self.end..]);
-            match Pin::new(&mut self.io).poll_read(cx, &mut buf) {
-                Poll::Ready(Ok(())) => {
-                    let n = buf.filled().len();
-                    if n == 0 {
-                        return Poll::Ready(closed_by_peer());
-                    }
-                    self.end += n;
-                }
-                Poll::Ready(Err(e)) => return Poll::Ready(e),
-                Poll::Pending => return Poll::Pending,
-            }
-            if let Err(why) = self.parse() {
-                return Poll::Ready(why);
+            match taken {
+                Ok(n) => Pin::new(&mut self.io).consume(n),
+                Err(why) => return Poll::Ready(why),
             }
         }
         cx.waker().wake_by_ref();
         Poll::Pending
     }
+}
+
+impl Rx {
+    /// Takes what it can of `buf` (the stream's next received bytes): DATA
+    /// bodies and skipped bodies straight from it, the rest copied into
+    /// `rbuf` as far as the next frame needs and parsed there. Returns how
+    /// much of `buf` it took; while frames are held it takes no more.
+    fn take(
+        &mut self,
+        conn: &MuxConnection,
+        writing_control: usize,
+        buf: &[u8],
+        cx: &mut Context<'_>,
+    ) -> Result<usize, io::Error> {
+        let mut used = 0;
+        loop {
+            self.parse(conn, writing_control, cx)?;
+            if self.held || self.refused || used == buf.len() {
+                return Ok(used);
+            }
+            let rest = &buf[used..];
+            // `parse` leaves a DATA or skipped body only once `rbuf` is empty.
+            if let Some((id, left, take)) = self.data {
+                let n = rest.len().min(left);
+                deliver(&mut conn.state(), id, take, &rest[..n], cx);
+                used += n;
+                self.data = (left > n).then_some((id, left - n, take));
+                continue;
+            }
+            if self.skip > 0 {
+                let n = rest.len().min(usize::try_from(self.skip).unwrap_or(usize::MAX));
+                used += n;
+                self.skip -= n as u64;
+                continue;
+            }
+            let want = self.wanted();
+            if self.rbuf.len() - self.end < want {
+                self.rbuf.copy_within(self.start..self.end, 0);
+                self.end -= self.start;
+                self.start = 0;
+            }
+            let n = want.min(rest.len());
+            if n == 0 {
+                // Cannot happen: a frame that fits in `rbuf` was not parsed.
+                return Err(io::Error::new(io::ErrorKind::InvalidData, "tunnel frame could not be parsed"));
+            }
+            self.rbuf[self.end..self.end + n].copy_from_slice(&rest[..n]);
+            self.end += n;
+            used += n;
+        }
+    }
+
+    /// How many more bytes `rbuf` needs for `parse` to get on: the rest of
+    /// the frame header, or of a control frame; before the preface, all it holds.
+    fn wanted(&self) -> usize {
+        let have = self.end - self.start;
+        if !self.preface_seen {
+            return self.rbuf.len() - have;
+        }
+        match mux::decode_header(&self.rbuf[self.start..self.end]) {
+            None => FRAME_HEADER_LEN - have,
+            // `parse` took DATA and oversized headers: this is a control frame.
+            Some(h) => (FRAME_HEADER_LEN + h.len as usize).saturating_sub(have),
+        }
+    }
 
     /// Handles every whole frame (and every DATA byte) in `rbuf[start..end]`.
-    fn parse(&mut self) -> Result<(), io::Error> {
-        let side = self.conn.shared.side;
-        let conn = self.conn.clone();
+    fn parse(&mut self, conn: &MuxConnection, writing_control: usize, cx: &mut Context<'_>) -> Result<(), io::Error> {
+        if self.start == self.end {
+            return Ok(());
+        }
+        let side = conn.shared.side;
         let mut guard = conn.state();
         let st: &mut State = &mut guard;
         if !self.preface_seen {
@@ -687,9 +1034,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Driver<S> {
                 }
                 Ok(Preface::Version1) if side == Side::Gateway => {
                     MuxConnection::refuse_version_1(st);
-                    self.writing.clear();
-                    self.written = 0;
-                    self.writing_control = 0;
+                    self.refused = true;
                     self.start = self.end;
                     return Ok(());
                 }
@@ -727,23 +1072,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Driver<S> {
                 if n == 0 {
                     return Ok(());
                 }
-                if take
-                    && let Some(flow) = st.flows.get_mut(&id)
-                    && !flow.reset
-                {
-                    push_chunk(&mut flow.inbound, &self.rbuf[self.start..self.start + n]);
-                    flow.buffered += n;
-                    if let Some(w) = flow.reader.take() {
-                        w.wake();
-                    }
-                    st.buffered += n;
-                }
+                deliver(st, id, take, &self.rbuf[self.start..self.start + n], cx);
                 self.start += n;
                 self.data = if left == n { None } else { Some((id, left - n, take)) };
                 continue;
             }
             let Some(h) = mux::decode_header(&self.rbuf[self.start..self.end]) else { return Ok(()) };
-            if backlogged(st, self.writing_control) {
+            if backlogged(st, writing_control) {
                 // The rest waits until the peer has read some of what is queued for it.
                 self.held = true;
                 return Ok(());
@@ -848,6 +1183,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Driver<S> {
                 if let Some(flow) = st.flows.get_mut(&id) {
                     flow.recv_fin = true;
                     flow.wake();
+                    if flow.local.is_some() && !flow.attended {
+                        // The driver passes it on once the flow's bytes are written.
+                        flow.attended = true;
+                        st.attention.push(id);
+                    }
                 }
             }
             Control::Reset => {
@@ -871,25 +1211,50 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Driver<S> {
     }
 }
 
-/// Appends received bytes to a flow's queue: into its last chunk while that
-/// has room (up to [`CHUNK`]), else as a new chunk. A chunk's capacity stays
-/// within twice its length (or 512 bytes), so memory follows the payload
-/// however small the frames (a chunk per one-byte frame would cost ~59 bytes
-/// per byte).
-fn push_chunk(inbound: &mut VecDeque<Vec<u8>>, bytes: &[u8]) {
-    if let Some(last) = inbound.back_mut()
-        && last.len() + bytes.len() <= CHUNK
+/// Hands `bytes` of a DATA body to flow `id`, when it `take`s them (a flow
+/// reset or closed here does not).
+fn deliver(st: &mut State, id: u32, take: bool, bytes: &[u8], cx: &mut Context<'_>) {
+    if take
+        && let Some(flow) = st.flows.get_mut(&id)
+        && !flow.reset
     {
-        if last.capacity() - last.len() < bytes.len() {
-            let want = (2 * last.len()).max(last.len() + bytes.len()).min(CHUNK);
+        if flow.local.is_some() {
+            st.sink_flow(id, bytes, cx);
+            return;
+        }
+        push_chunk(&mut flow.inbound, bytes);
+        flow.buffered += bytes.len();
+        if let Some(w) = flow.reader.take() {
+            w.wake();
+        }
+        st.buffered += bytes.len();
+    }
+}
+
+/// Appends received bytes to a flow's queue: into its last chunk up to
+/// [`CHUNK`], the rest as a new chunk, so every chunk but the last is full.
+/// A chunk's capacity stays within twice its length (or 512 bytes) while it
+/// takes small pieces, so memory follows the payload however small the
+/// frames (a chunk per one-byte frame would cost ~59 bytes per byte); a chunk
+/// that takes pieces of [`BULK`] or more is made whole at once, so a stream
+/// of TLS records is never copied again to grow it.
+fn push_chunk(inbound: &mut VecDeque<Vec<u8>>, mut bytes: &[u8]) {
+    if let Some(last) = inbound.back_mut()
+        && last.len() < CHUNK
+    {
+        let n = bytes.len().min(CHUNK - last.len());
+        if last.capacity() - last.len() < n {
+            let want = if n >= BULK { CHUNK } else { (2 * last.len()).max(last.len() + n).min(CHUNK) };
             last.reserve_exact(want - last.len());
         }
-        last.extend_from_slice(bytes);
-        return;
+        last.extend_from_slice(&bytes[..n]);
+        bytes = &bytes[n..];
     }
-    let mut chunk = Vec::with_capacity(bytes.len().clamp(512, CHUNK));
-    chunk.extend_from_slice(bytes);
-    inbound.push_back(chunk);
+    for piece in bytes.chunks(CHUNK) {
+        let mut chunk = Vec::with_capacity(if piece.len() >= BULK { CHUNK } else { piece.len().max(512) });
+        chunk.extend_from_slice(piece);
+        inbound.push_back(chunk);
+    }
 }
 
 /// One flow of a [`MuxConnection`]. Dropping it before both directions
@@ -953,32 +1318,132 @@ impl MuxStream {
         st.wake_driver();
     }
 
+    /// Hands the flow's data to its connection's driver, which moves it
+    /// between the tunnel and `local` from then on, with no task in between
+    /// and no copy on the receiving side: it reads `local` into DATA frames
+    /// (within the flow's credit) and passes its end on as a FIN, and writes
+    /// what the flow receives to `local` straight from the stream's buffer,
+    /// passing the peer's FIN on as a shutdown of `local`'s write half. A
+    /// local socket that fails resets the flow. The flow is not read or
+    /// written any more; [`MuxStream::poll_attached`] follows it.
+    pub fn attach(
+        &self,
+        local: Arc<TcpStream>,
+        to_flow: Box<dyn Fn(u64) + Send + Sync>,
+        from_flow: Box<dyn Fn(u64) + Send + Sync>,
+    ) {
+        let mut st = self.state();
+        let Some(flow) = st.flows.get_mut(&self.id) else { return };
+        flow.local = Some(local);
+        flow.counters = Some(Box::new(Counters { to_flow, from_flow }));
+        if (!flow.inbound.is_empty() || flow.recv_fin) && !flow.attended {
+            flow.attended = true;
+            st.attention.push(self.id);
+        }
+        st.attached.push(self.id);
+        st.wake_driver();
+    }
+
+    /// An attached flow: ready once both directions finished or the flow failed.
+    pub fn poll_attached(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let side = self.shared.side;
+        let mut st = self.state();
+        let closed = st.closed.clone();
+        let Some(flow) = st.flows.get_mut(&self.id) else { return Poll::Ready(Err(reset_error(side))) };
+        if let Some((kind, why)) = &flow.local_failed {
+            Poll::Ready(Err(io::Error::new(*kind, why.clone())))
+        } else if flow.sink_shut && flow.sent_fin {
+            Poll::Ready(Ok(()))
+        } else if flow.reset {
+            Poll::Ready(Err(reset_error(side)))
+        } else if let Some(e) = closed {
+            Poll::Ready(Err(conn_error(&e)))
+        } else {
+            flow.watcher = Some(cx.waker().clone());
+            Poll::Pending
+        }
+    }
+
     /// Unread bytes this flow holds (for tests).
     pub fn buffered(&self) -> usize {
         self.state().flows.get(&self.id).map_or(0, |f| f.buffered)
     }
 }
 
-impl AsyncRead for MuxStream {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+impl MuxStream {
+    /// The flow, once it has bytes to read: `Ready(None)` at its end.
+    fn readable<'a>(&self, st: &'a mut State, cx: &Context<'_>) -> Poll<io::Result<Option<&'a mut Flow>>> {
         let side = self.shared.side;
-        let mut guard = self.state();
-        let st = &mut *guard;
+        let closed = st.closed.as_ref().map(|e| conn_error(e));
         let Some(flow) = st.flows.get_mut(&self.id) else { return Poll::Ready(Err(reset_error(side))) };
         if flow.reset {
             return Poll::Ready(Err(reset_error(side)));
         }
-        if flow.inbound.is_empty() {
-            if flow.recv_fin {
-                return Poll::Ready(Ok(()));
-            }
-            if let Some(e) = &st.closed {
-                return Poll::Ready(Err(conn_error(e)));
-            }
-            flow.reader = Some(cx.waker().clone());
-            return Poll::Pending;
+        if !flow.inbound.is_empty() {
+            return Poll::Ready(Ok(Some(flow)));
         }
+        if flow.recv_fin {
+            return Poll::Ready(Ok(None));
+        }
+        if let Some(e) = closed {
+            return Poll::Ready(Err(e));
+        }
+        flow.reader = Some(cx.waker().clone());
+        Poll::Pending
+    }
+
+    /// The reader took `taken` bytes: grants them back to the peer when a
+    /// WINDOW is due, and wakes a driver that stopped reading for a full connection.
+    fn took(&self, st: &mut State, taken: usize) {
         let was_full = st.buffered > CONN_BUFFER_CAP;
+        st.buffered -= taken;
+        let Some(flow) = st.flows.get_mut(&self.id) else { return };
+        if flow.inbound.is_empty() {
+            flow.inbound = VecDeque::new();
+        }
+        flow.buffered -= taken;
+        // Bounded by the window (u32), so it fits.
+        flow.unacked += taken as u32;
+        if let Some(more) = flow.grant(&mut st.pool, Instant::now) {
+            mux::encode_window(self.id, more, &mut st.out);
+            debug_assert!(st.windows() <= CONN_BUFFER_CAP);
+            st.wake_driver();
+        } else if was_full {
+            st.wake_driver();
+        }
+    }
+
+    /// Takes the oldest chunk of received bytes whole, without copying it
+    /// (see [`crate::splice::Source`]); an empty one at the end of the flow.
+    pub fn poll_take(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Vec<u8>>> {
+        let mut guard = self.state();
+        let st = &mut *guard;
+        let flow = match self.readable(st, cx) {
+            Poll::Ready(Ok(Some(flow))) => flow,
+            Poll::Ready(Ok(None)) => return Poll::Ready(Ok(Vec::new())),
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Pending => return Poll::Pending,
+        };
+        let Some(mut chunk) = flow.inbound.pop_front() else { return Poll::Ready(Ok(Vec::new())) };
+        if flow.front_read > 0 {
+            chunk.drain(..flow.front_read);
+            flow.front_read = 0;
+        }
+        self.took(st, chunk.len());
+        Poll::Ready(Ok(chunk))
+    }
+}
+
+impl AsyncRead for MuxStream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let mut guard = self.state();
+        let st = &mut *guard;
+        let flow = match self.readable(st, cx) {
+            Poll::Ready(Ok(Some(flow))) => flow,
+            Poll::Ready(Ok(None)) => return Poll::Ready(Ok(())),
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Pending => return Poll::Pending,
+        };
         let mut taken = 0;
         while buf.remaining() > 0 {
             let Some(front) = flow.inbound.front() else { break };
@@ -991,20 +1456,7 @@ impl AsyncRead for MuxStream {
                 flow.front_read = 0;
             }
         }
-        if flow.inbound.is_empty() {
-            flow.inbound = VecDeque::new();
-        }
-        flow.buffered -= taken;
-        st.buffered -= taken;
-        // Bounded by the window (u32), so it fits.
-        flow.unacked += taken as u32;
-        if let Some(more) = flow.grant(&mut st.pool, Instant::now) {
-            mux::encode_window(self.id, more, &mut st.out);
-            debug_assert!(st.windows() <= CONN_BUFFER_CAP);
-            st.wake_driver();
-        } else if was_full {
-            st.wake_driver();
-        }
+        self.took(st, taken);
         Poll::Ready(Ok(()))
     }
 }
@@ -1102,8 +1554,8 @@ mod tests {
     fn pair_over(pipe: usize) -> (MuxConnection, MuxConnection) {
         let (a, b) = tokio::io::duplex(pipe);
         let (ep, gw) = (MuxConnection::new(Side::Endpoint), MuxConnection::new(Side::Gateway));
-        tokio::spawn(run(ep.clone(), a));
-        tokio::spawn(run(gw.clone(), b));
+        tokio::spawn(run(ep.clone(), tokio::io::BufReader::new(a)));
+        tokio::spawn(run(gw.clone(), tokio::io::BufReader::new(b)));
         let acceptor = gw.clone();
         tokio::spawn(async move {
             while let Some((mut stream, req)) = acceptor.accept().await {
@@ -1175,7 +1627,8 @@ mod tests {
     }
 
     /// Writes `data`, half-closes, and reads the echo to its end.
-    async fn echo(mut s: MuxStream, data: Vec<u8>) -> Vec<u8> {
+    async fn echo<S: AsyncRead + AsyncWrite>(s: S, data: Vec<u8>) -> Vec<u8> {
+        let mut s = std::pin::pin!(s);
         let (mut r, mut w) = tokio::io::split(&mut s);
         let writer = async {
             w.write_all(&data).await.unwrap();
@@ -1215,6 +1668,105 @@ mod tests {
         })
         .await
         .unwrap();
+    }
+
+    /// A connected pair of loopback sockets: the application's end and the end to attach.
+    async fn local_pair() -> (TcpStream, TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let app = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (local, _) = listener.accept().await.unwrap();
+        (app, local)
+    }
+
+    /// Attaches `local` to `flow` in a task; returns the splice's end and the bytes counted each way.
+    fn spawn_attached(
+        local: TcpStream,
+        flow: MuxStream,
+    ) -> tokio::task::JoinHandle<(crate::splice::SpliceEnd, u64, u64)> {
+        use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+        let (up, down) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let (u, d) = (up.clone(), down.clone());
+        tokio::spawn(async move {
+            let end = crate::splice::splice_attached(
+                local,
+                flow,
+                move |n| {
+                    u.fetch_add(n, Relaxed);
+                },
+                move |n| {
+                    d.fetch_add(n, Relaxed);
+                },
+                std::future::pending(),
+            )
+            .await;
+            (end, up.load(Relaxed), down.load(Relaxed))
+        })
+    }
+
+    async fn until(what: impl Fn() -> bool) {
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while !what() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_attached_flow_moves_bytes_both_ways_passes_half_close_on_and_counts_them() {
+        let (ep, gw) = pair();
+        let data: Vec<u8> = (0..3 * 1024 * 1024).map(|i: usize| (i % 251) as u8).collect();
+        for _ in 0..2 {
+            let (app, local) = local_pair().await;
+            let spliced = spawn_attached(local, open_ok(&ep, 80).await);
+            assert!(echo(app, data.clone()).await == data, "the echo arrives whole and in order");
+            let (end, up, down) = spliced.await.unwrap();
+            assert!(matches!(end, crate::splice::SpliceEnd::Closed), "{end:?}");
+            assert_eq!((up, down), (data.len() as u64, data.len() as u64));
+        }
+        until(|| ep.flows() + gw.flows() == 0).await;
+    }
+
+    #[tokio::test]
+    async fn an_attached_flow_whose_application_does_not_read_holds_at_most_its_window() {
+        let (ep, _gw) = pair();
+        let (app, local) = local_pair().await;
+        let _spliced = spawn_attached(local, open_ok(&ep, 1).await);
+        // The kernel's socket buffers fill first (the window may grow while
+        // they take bytes at once), then the flow's window.
+        until(|| ep.state().buffered > 0).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let (buffered, window) = {
+            let st = ep.state();
+            (st.buffered, st.flows.values().map(|f| f.window as usize).sum::<usize>())
+        };
+        assert!(window <= MAX_FLOW_WINDOW as usize);
+        assert!(buffered <= window, "a flow never holds more than its window: {buffered} > {window}");
+        assert!(buffered + WINDOW_UPDATE_AT as usize >= window, "the peer filled the window: {buffered} of {window}");
+        let data = vec![9u8; 2 * 1024 * 1024];
+        assert_eq!(echo(open_ok(&ep, 80).await, data.clone()).await, data, "another flow moves meanwhile");
+        drop(app);
+    }
+
+    #[tokio::test]
+    async fn an_attached_flow_whose_application_resets_is_reset_on_both_sides() {
+        let (ep, gw) = pair();
+        let (mut app, local) = local_pair().await;
+        let spliced = spawn_attached(local, open_ok(&ep, 1).await);
+        let mut some = [0u8; 1000];
+        app.read_exact(&mut some).await.unwrap();
+        socket2::SockRef::from(&app).set_linger(Some(Duration::ZERO)).unwrap();
+        drop(app);
+        let (end, _, down) = tokio::time::timeout(Duration::from_secs(10), spliced).await.unwrap().unwrap();
+        match end {
+            crate::splice::SpliceEnd::Error(e) => assert!(e.to_string().contains("local connection"), "{e}"),
+            other => panic!("expected an error, got {other:?}"),
+        }
+        assert!(down > 0, "bytes written before the reset are counted");
+        until(|| ep.flows() + gw.flows() == 0).await;
+        let data = vec![3u8; 100_000];
+        assert_eq!(echo(open_ok(&ep, 80).await, data.clone()).await, data, "the connection carries on");
     }
 
     #[tokio::test]
@@ -1458,7 +2010,7 @@ mod tests {
     async fn raw_to_gateway() -> (DuplexStream, MuxConnection) {
         let (mut raw, b) = tokio::io::duplex(4 * 1024 * 1024);
         let gw = MuxConnection::new(Side::Gateway);
-        tokio::spawn(run(gw.clone(), b));
+        tokio::spawn(run(gw.clone(), tokio::io::BufReader::new(b)));
         raw.write_all(&mux::PREFACE).await.unwrap();
         (raw, gw)
     }
@@ -1499,7 +2051,7 @@ mod tests {
     async fn a_peer_that_sends_bad_opens_and_never_reads_leaves_the_out_queue_bounded() {
         let (raw, b) = tokio::io::duplex(64 * 1024);
         let gw = MuxConnection::new(Side::Gateway);
-        tokio::spawn(run(gw.clone(), b));
+        tokio::spawn(run(gw.clone(), tokio::io::BufReader::new(b)));
         // Empty OPENs: each is answered with BadRequest and a reset, which the peer never reads.
         let mut frames = mux::PREFACE.to_vec();
         for id in 1..=100_000u32 {
@@ -1599,7 +2151,7 @@ mod tests {
         // A gateway that opens a flow gets a reset of that flow; the endpoint accepts nothing.
         let (mut raw, b) = tokio::io::duplex(64 * 1024);
         let ep = MuxConnection::new(Side::Endpoint);
-        tokio::spawn(run(ep.clone(), b));
+        tokio::spawn(run(ep.clone(), tokio::io::BufReader::new(b)));
         let mut frames = mux::PREFACE.to_vec();
         mux::encode_open(2, &request(22), &mut frames).unwrap();
         raw.write_all(&frames).await.unwrap();
@@ -1612,7 +2164,7 @@ mod tests {
         // A version-1 gateway refuses the preface with a version-1 answer.
         let (mut raw, b) = tokio::io::duplex(64 * 1024);
         let ep = MuxConnection::new(Side::Endpoint);
-        tokio::spawn(run(ep.clone(), b));
+        tokio::spawn(run(ep.clone(), tokio::io::BufReader::new(b)));
         let mut flow = ep.open(&request(80)).unwrap();
         let mut answer = Vec::new();
         trellis_proto::stream::encode_open_response(

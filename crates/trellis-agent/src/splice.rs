@@ -2,6 +2,11 @@
 //! one side finishes sending, the other side's write half is shut down and the
 //! opposite direction keeps flowing until it finishes too.
 //!
+//! The agents' proxied connections use [`splice_attached`], which hands a
+//! tunnel flow's local socket to the tunnel's driver (see `crate::mux`);
+//! [`splice`] copies between any two streams (a rate-limited target, the
+//! relay's two sides).
+//!
 //! Memory is the point of this design: an idle proxied connection owns no
 //! copy buffer at all. One future polls both directions on the two streams
 //! (no `split`, no lock). A direction reads into a 64 KiB scratch buffer that
@@ -17,7 +22,12 @@ use std::io;
 use std::pin::{Pin, pin};
 use std::task::{Context, Poll};
 
+use std::sync::Arc;
+
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+use crate::mux::MuxStream;
 
 /// Size of each worker thread's scratch buffer: the most one direction moves per read.
 const SCRATCH_SIZE: usize = 64 * 1024;
@@ -37,6 +47,29 @@ fn with_scratch<T>(f: impl FnOnce(&mut [u8]) -> T) -> T {
     let out = f(&mut buf);
     SCRATCH.with(|s| s.set(Some(buf)));
     out
+}
+
+/// A reader the copy loop can take whole buffers from instead of copying
+/// them into its scratch buffer: a tunnel flow, which holds what it received
+/// in chunks of up to 64 KiB. Every other reader keeps the default (it lends
+/// nothing and is read).
+pub(crate) trait Source: AsyncRead {
+    /// `None` when this reader lends no buffers; else its next buffer, empty
+    /// at the end of the stream.
+    fn poll_lend(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Option<Poll<io::Result<Vec<u8>>>> {
+        None
+    }
+}
+
+impl Source for TcpStream {}
+impl Source for tokio::io::DuplexStream {}
+impl Source for crate::read_ahead::ReadAhead {}
+impl<S: AsyncRead + Unpin> Source for crate::gateway::consumers::Paced<S> {}
+
+impl Source for MuxStream {
+    fn poll_lend(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Option<Poll<io::Result<Vec<u8>>>> {
+        Some(self.get_mut().poll_take(cx))
+    }
 }
 
 /// How a splice ended.
@@ -60,8 +93,8 @@ pub(crate) async fn splice<A, B>(
     stop: impl Future<Output = ()>,
 ) -> SpliceEnd
 where
-    A: AsyncRead + AsyncWrite + Unpin,
-    B: AsyncRead + AsyncWrite + Unpin,
+    A: Source + AsyncWrite + Unpin,
+    B: Source + AsyncWrite + Unpin,
 {
     let mut stop = pin!(stop);
     let mut up = Direction::default();
@@ -77,6 +110,33 @@ where
             return Poll::Ready(SpliceEnd::Error(e));
         }
         if up.done && down.done { Poll::Ready(SpliceEnd::Closed) } else { Poll::Pending }
+    })
+    .await
+}
+
+/// Splices a local socket and a tunnel flow by attaching the socket to
+/// the flow (see [`MuxStream::attach`]): the tunnel's driver moves the bytes
+/// both ways, and this task follows until both directions end, one fails,
+/// or `stop` completes (ending like [`splice`]). The driver calls `to_flow`
+/// and `from_flow` with the bytes each direction moved, as it moves them.
+pub(crate) async fn splice_attached(
+    local: TcpStream,
+    flow: MuxStream,
+    to_flow: impl Fn(u64) + Send + Sync + 'static,
+    from_flow: impl Fn(u64) + Send + Sync + 'static,
+    stop: impl Future<Output = ()>,
+) -> SpliceEnd {
+    let mut stop = pin!(stop);
+    flow.attach(Arc::new(local), Box::new(to_flow), Box::new(from_flow));
+    std::future::poll_fn(|cx| {
+        if stop.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(SpliceEnd::Stopped);
+        }
+        match flow.poll_attached(cx) {
+            Poll::Ready(Ok(())) => Poll::Ready(SpliceEnd::Closed),
+            Poll::Ready(Err(e)) => Poll::Ready(SpliceEnd::Error(e)),
+            Poll::Pending => Poll::Pending,
+        }
     })
     .await
 }
@@ -120,7 +180,7 @@ impl Direction {
         on_bytes: &impl Fn(u64),
     ) -> Poll<io::Result<()>>
     where
-        R: AsyncRead + ?Sized,
+        R: Source + ?Sized,
         W: AsyncWrite + ?Sized,
     {
         if self.done {
@@ -175,7 +235,8 @@ impl Direction {
     }
 
     /// Reads what the reader has ready into the thread's scratch buffer (up to
-    /// its size) and writes it straight out; spills what the writer refuses.
+    /// its size), or takes the next buffer it lends, and writes it straight
+    /// out; spills what the writer refuses.
     fn read_and_write<R, W>(
         &mut self,
         cx: &mut Context<'_>,
@@ -184,9 +245,27 @@ impl Direction {
         on_bytes: &impl Fn(u64),
     ) -> io::Result<Step>
     where
-        R: AsyncRead + ?Sized,
+        R: Source + ?Sized,
         W: AsyncWrite + ?Sized,
     {
+        if let Some(lent) = r.as_mut().poll_lend(cx) {
+            let buf = match lent {
+                Poll::Ready(Ok(buf)) => buf,
+                Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(Step::Eof),
+                Poll::Ready(Err(e)) => return Err(e),
+                Poll::Pending => return Ok(Step::Idle),
+            };
+            if buf.is_empty() {
+                return Ok(Step::Eof);
+            }
+            if let Some(written) = self.write_out(cx, w.as_mut(), &buf, on_bytes)? {
+                // The lent buffer is the spill: nothing is copied.
+                self.spill = buf;
+                self.spilled_written = written;
+                return Ok(Step::Blocked);
+            }
+            return Ok(Step::Moved);
+        }
         with_scratch(|scratch| {
             let mut buf = ReadBuf::new(scratch);
             let (mut eof, mut drained) = (false, false);
@@ -216,23 +295,11 @@ impl Direction {
             if data.is_empty() {
                 return Ok(if eof { Step::Eof } else { Step::Idle });
             }
-            let mut written = 0;
-            while written < data.len() {
-                match w.as_mut().poll_write(cx, &data[written..]) {
-                    Poll::Ready(Ok(0)) => return Err(write_zero()),
-                    Poll::Ready(Ok(n)) => {
-                        written += n;
-                        self.unflushed = true;
-                        on_bytes(n as u64);
-                    }
-                    Poll::Ready(Err(e)) => return Err(e),
-                    Poll::Pending => {
-                        self.spill = data[written..].to_vec();
-                        self.spilled_written = 0;
-                        self.read_eof = eof;
-                        return Ok(Step::Blocked);
-                    }
-                }
+            if let Some(written) = self.write_out(cx, w.as_mut(), data, on_bytes)? {
+                self.spill = data[written..].to_vec();
+                self.spilled_written = 0;
+                self.read_eof = eof;
+                return Ok(Step::Blocked);
             }
             Ok(if eof {
                 Step::Eof
@@ -242,6 +309,33 @@ impl Direction {
                 Step::Moved
             })
         })
+    }
+}
+
+impl Direction {
+    /// Writes `data` until it is all written (`None`) or the writer pushes
+    /// back (`Some(bytes written)`, its waker registered).
+    fn write_out<W: AsyncWrite + ?Sized>(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut w: Pin<&mut W>,
+        data: &[u8],
+        on_bytes: &impl Fn(u64),
+    ) -> io::Result<Option<usize>> {
+        let mut written = 0;
+        while written < data.len() {
+            match w.as_mut().poll_write(cx, &data[written..]) {
+                Poll::Ready(Ok(0)) => return Err(write_zero()),
+                Poll::Ready(Ok(n)) => {
+                    written += n;
+                    self.unflushed = true;
+                    on_bytes(n as u64);
+                }
+                Poll::Ready(Err(e)) => return Err(e),
+                Poll::Pending => return Ok(Some(written)),
+            }
+        }
+        Ok(None)
     }
 }
 
@@ -399,6 +493,8 @@ mod tests {
 
     /// A writer that fails every write.
     struct Broken;
+
+    impl Source for Broken {}
 
     impl AsyncRead for Broken {
         fn poll_read(self: Pin<&mut Self>, _: &mut Context<'_>, _: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {

@@ -108,11 +108,7 @@ impl TestCa {
 /// preserved), as a proxied connection runs it once the open exchange is done:
 /// the one entry point the instruction-count harness (`bench/instructions`)
 /// measures it through. Returns how many bytes went `a` → `b` and `b` → `a`.
-pub async fn copy_both_ways<A, B>(a: A, b: B) -> std::io::Result<(u64, u64)>
-where
-    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-{
+pub async fn copy_both_ways(a: tokio::io::DuplexStream, b: tokio::io::DuplexStream) -> std::io::Result<(u64, u64)> {
     let (up, down) = (std::cell::Cell::new(0u64), std::cell::Cell::new(0u64));
     let end = crate::splice::splice(
         a,

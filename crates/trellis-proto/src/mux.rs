@@ -125,6 +125,13 @@ pub fn encode_header(kind: u8, flow: u32, len: usize, out: &mut Vec<u8>) {
     out.extend_from_slice(&(len as u32).to_be_bytes());
 }
 
+/// Sets the body length of the frame whose header starts `frame` (a DATA
+/// frame whose body was read after its header was written).
+pub fn set_body_len(frame: &mut [u8], len: usize) {
+    debug_assert!(len <= MAX_DATA_LEN);
+    frame[5..FRAME_HEADER_LEN].copy_from_slice(&(len as u32).to_be_bytes());
+}
+
 /// Appends a whole control frame to `out`.
 fn put(kind: u8, flow: u32, body: &[u8], out: &mut Vec<u8>) {
     encode_header(kind, flow, body.len(), out);

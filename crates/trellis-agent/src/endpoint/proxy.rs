@@ -22,7 +22,7 @@ use crate::access_log::AccessLog;
 use crate::flow::{FlowInfo, OpenFlow, reject_after_tries};
 use crate::metrics::{Metrics, Role};
 use crate::mux::MuxStream;
-use crate::splice::{SpliceEnd, splice};
+use crate::splice::{SpliceEnd, splice_attached};
 
 /// Shared by every endpoint connection.
 pub struct EndpointContext {
@@ -188,7 +188,7 @@ pub async fn serve_client(
     info.target = if gateway.address.is_empty() { name(gateway) } else { gateway.address.clone() };
     let _slot = ctx.pools.open_flow(&GatewayKey::from(gateway));
     let flow = OpenFlow::open(info, ctx.metrics.clone(), None, ctx.access_log.clone(), started).with_tried(tried);
-    let end = splice(client, tunnel, |n| flow.add_in(n), |n| flow.add_out(n), cancel.cancelled()).await;
+    let end = splice_attached(client, tunnel, flow.counter_in(), flow.counter_out(), cancel.cancelled()).await;
     match end {
         SpliceEnd::Closed => flow.finish("closed", None),
         SpliceEnd::Error(e) => flow.finish("error", Some(e.to_string())),

@@ -22,7 +22,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncBufRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
@@ -41,7 +41,7 @@ use crate::flow::{FlowInfo, OpenFlow, reject};
 use crate::metrics::{FlowLabels, Metrics, Role};
 use crate::mux::{MuxConnection, MuxStream, Side};
 use crate::read_ahead::ReadAhead;
-use crate::splice::{SpliceEnd, splice};
+use crate::splice::{SpliceEnd, splice, splice_attached};
 use crate::tls::{PeerIdentity, peer_identity};
 use crate::usage::{UsageKey, UsageTable};
 
@@ -187,7 +187,7 @@ pub(crate) async fn serve_tunnel<S>(
     ctx: Arc<GatewayContext>,
     cancel: CancellationToken,
 ) where
-    S: AsyncRead + AsyncWrite + Unpin + Send,
+    S: AsyncBufRead + AsyncWrite + Unpin + Send,
 {
     let mut config_rx = ctx.config.clone();
     // Resumed sessions skip the certificate verifier: admit again. The peer is
@@ -409,7 +409,7 @@ async fn serve_flow(
             );
             splice(stream, paced, |n| flow.add_in(n), |n| flow.add_out(n), stop).await
         }
-        None => splice(stream, target, |n| flow.add_in(n), |n| flow.add_out(n), stop).await,
+        None => splice_attached(target, stream, flow.counter_out(), flow.counter_in(), stop).await,
     };
     drop(slot);
     match (end, revocation) {
@@ -582,7 +582,7 @@ mod tests {
         // A pipe too small for the gateway's preface and refusal, which the peer never reads.
         let (mut raw, io) = tokio::io::duplex(16);
         let served = tokio::spawn(serve_tunnel(
-            io,
+            tokio::io::BufReader::new(io),
             "127.0.0.1:9".parse().unwrap(),
             peer_id.clone(),
             ctx.clone(),
