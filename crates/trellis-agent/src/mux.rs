@@ -189,14 +189,14 @@ struct Flow {
     /// Attached (see [`MuxStream::attach`]): the local socket the driver
     /// reads what the flow sends from, and writes what it receives to.
     local: Option<Arc<TcpStream>>,
-    /// Counts the bytes read from the local socket (`to_flow`) and written to it (`from_flow`).
-    counters: Option<Box<Counters>>,
+    /// Counts the bytes read from the local socket and written to it.
+    counters: Option<Box<dyn Counters>>,
     /// The last read from the local socket filled what it offered: the next offers a whole frame.
     bulk: bool,
     /// The local socket's write half was shut down: the peer's FIN passed on after every byte.
     sink_shut: bool,
     /// Why the local socket failed (the flow is reset).
-    local_failed: Option<(io::ErrorKind, String)>,
+    local_failed: Option<Box<(io::ErrorKind, String)>>,
     /// In `State::attention`: the driver writes what the flow holds once it
     /// is done reading (or once the local socket takes bytes again).
     attended: bool,
@@ -289,10 +289,24 @@ impl Flow {
     }
 }
 
-/// An attached flow's byte counters, called by the driver as it moves the bytes.
-struct Counters {
-    to_flow: Box<dyn Fn(u64) + Send + Sync>,
-    from_flow: Box<dyn Fn(u64) + Send + Sync>,
+/// An attached flow's byte counters, called by the driver as it moves the
+/// bytes: a pair of closures (the bytes read from the local socket and
+/// sent on the flow, the bytes the flow received and written to the local
+/// socket), kept in one allocation.
+pub trait Counters: Send + Sync {
+    /// Bytes read from the local socket, sent on the flow.
+    fn sent(&self, n: u64);
+    /// Bytes the flow received, written to the local socket.
+    fn received(&self, n: u64);
+}
+
+impl<A: Fn(u64) + Send + Sync, B: Fn(u64) + Send + Sync> Counters for (A, B) {
+    fn sent(&self, n: u64) {
+        (self.0)(n);
+    }
+    fn received(&self, n: u64) {
+        (self.1)(n);
+    }
 }
 
 /// The growth of a connection's receive windows.
@@ -409,10 +423,10 @@ impl State {
         if moved > 0
             && let Some(c) = &flow.counters
         {
-            (c.from_flow)(moved as u64);
+            c.received(moved as u64);
         }
         if let Some(e) = failed {
-            flow.local_failed = Some((e.kind(), format!("writing to the local connection failed: {e}")));
+            flow.local_failed = Some(Box::new((e.kind(), format!("writing to the local connection failed: {e}"))));
             self.reset_flow(id);
             return;
         }
@@ -493,12 +507,13 @@ impl State {
             Ok(n) => {
                 flow.credit -= n as u64;
                 if let Some(c) = &flow.counters {
-                    (c.to_flow)(n as u64);
+                    c.sent(n as u64);
                 }
                 true
             }
             Err(e) => {
-                flow.local_failed = Some((e.kind(), format!("reading from the local connection failed: {e}")));
+                flow.local_failed =
+                    Some(Box::new((e.kind(), format!("reading from the local connection failed: {e}"))));
                 self.reset_flow(id);
                 true
             }
@@ -1326,16 +1341,11 @@ impl MuxStream {
     /// passing the peer's FIN on as a shutdown of `local`'s write half. A
     /// local socket that fails resets the flow. The flow is not read or
     /// written any more; [`MuxStream::poll_attached`] follows it.
-    pub fn attach(
-        &self,
-        local: Arc<TcpStream>,
-        to_flow: Box<dyn Fn(u64) + Send + Sync>,
-        from_flow: Box<dyn Fn(u64) + Send + Sync>,
-    ) {
+    pub fn attach(&self, local: Arc<TcpStream>, counters: Box<dyn Counters>) {
         let mut st = self.state();
         let Some(flow) = st.flows.get_mut(&self.id) else { return };
         flow.local = Some(local);
-        flow.counters = Some(Box::new(Counters { to_flow, from_flow }));
+        flow.counters = Some(counters);
         if (!flow.inbound.is_empty() || flow.recv_fin) && !flow.attended {
             flow.attended = true;
             st.attention.push(self.id);
@@ -1350,8 +1360,8 @@ impl MuxStream {
         let mut st = self.state();
         let closed = st.closed.clone();
         let Some(flow) = st.flows.get_mut(&self.id) else { return Poll::Ready(Err(reset_error(side))) };
-        if let Some((kind, why)) = &flow.local_failed {
-            Poll::Ready(Err(io::Error::new(*kind, why.clone())))
+        if let Some(failed) = &flow.local_failed {
+            Poll::Ready(Err(io::Error::new(failed.0, failed.1.clone())))
         } else if flow.sink_shut && flow.sent_fin {
             Poll::Ready(Ok(()))
         } else if flow.reset {

@@ -127,7 +127,7 @@ pub(crate) async fn splice_attached(
     stop: impl Future<Output = ()>,
 ) -> SpliceEnd {
     let mut stop = pin!(stop);
-    flow.attach(Arc::new(local), Box::new(to_flow), Box::new(from_flow));
+    flow.attach(Arc::new(local), Box::new((to_flow, from_flow)));
     std::future::poll_fn(|cx| {
         if stop.as_mut().poll(cx).is_ready() {
             return Poll::Ready(SpliceEnd::Stopped);
