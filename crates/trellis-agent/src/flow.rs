@@ -46,7 +46,9 @@ pub(crate) struct OpenFlow {
 /// Prometheus series and the gateway's usage counter.
 #[derive(Clone)]
 struct ByteCount {
-    total: Arc<AtomicU64>,
+    /// The flow's totals, in and out (for its access-log line); this direction's at `index`.
+    totals: Arc<[AtomicU64; 2]>,
+    index: usize,
     counted: Counter,
     usage: Option<Arc<UsageCell>>,
     usage_field: fn(&UsageCell) -> &AtomicU64,
@@ -54,7 +56,7 @@ struct ByteCount {
 
 impl ByteCount {
     fn add(&self, n: u64) {
-        self.total.fetch_add(n, Ordering::Relaxed);
+        self.totals[self.index].fetch_add(n, Ordering::Relaxed);
         self.counted.inc_by(n);
         if let Some(u) = &self.usage {
             (self.usage_field)(u).fetch_add(n, Ordering::Relaxed);
@@ -132,14 +134,18 @@ impl OpenFlow {
         let active = metrics.active_connections.get_or_create(&labels).clone();
         active.inc();
         metrics.connections.get_or_create(&labels).inc();
+        // One allocation for both totals.
+        let totals: Arc<[AtomicU64; 2]> = Arc::default();
         let bytes_in = ByteCount {
-            total: Arc::default(),
+            totals: totals.clone(),
+            index: 0,
             counted: metrics.bytes_in.get_or_create(&labels).clone(),
             usage: usage.clone(),
             usage_field: |u| &u.bytes_in,
         };
         let bytes_out = ByteCount {
-            total: Arc::default(),
+            totals,
+            index: 1,
             counted: metrics.bytes_out.get_or_create(&labels).clone(),
             usage: usage.clone(),
             usage_field: |u| &u.bytes_out,
@@ -214,8 +220,8 @@ impl OpenFlow {
             client_addr: &info.client_addr,
             resource_configuration_id: &info.resource_configuration_id,
             target: &info.target,
-            bytes_in: self.bytes_in.total.load(Ordering::Relaxed),
-            bytes_out: self.bytes_out.total.load(Ordering::Relaxed),
+            bytes_in: self.bytes_in.totals[0].load(Ordering::Relaxed),
+            bytes_out: self.bytes_out.totals[1].load(Ordering::Relaxed),
             duration_ms: millis(self.started_at.elapsed()),
             outcome,
             message: message.as_deref(),

@@ -122,7 +122,9 @@ struct Shared {
 
 #[derive(Default)]
 struct State {
-    flows: HashMap<u32, Flow>,
+    /// Boxed: the table's slots stay small (a table keeps about twice the
+    /// slots of its entries), the state of a flow is allocated once.
+    flows: HashMap<u32, Box<Flow>>,
     /// Encoded frames for the driver to write.
     out: Vec<u8>,
     /// Bytes of `out` that are DATA frames (the rest is control frames).
@@ -325,7 +327,7 @@ impl State {
     }
 
     /// Removes a flow, returning its window's growth to the pool.
-    fn remove_flow(&mut self, id: u32) -> Option<Flow> {
+    fn remove_flow(&mut self, id: u32) -> Option<Box<Flow>> {
         let flow = self.flows.remove(&id)?;
         if flow.local.is_some() {
             self.attached.retain(|&a| a != id);
@@ -601,7 +603,7 @@ impl MuxConnection {
             .map_err(|e| OpenFlowError::Closed(Arc::new(io::Error::new(io::ErrorKind::InvalidInput, e))))?;
         st.ids += 1;
         st.out.extend_from_slice(&frame);
-        st.flows.insert(id, Flow::new());
+        st.flows.insert(id, Box::new(Flow::new()));
         st.wake_driver();
         Ok(MuxStream { shared: self.shared.clone(), id })
     }
@@ -1175,7 +1177,7 @@ impl Rx {
                     mux::encode_reset(id, &mut st.out);
                     return;
                 }
-                st.flows.insert(id, Flow::new());
+                st.flows.insert(id, Box::new(Flow::new()));
                 st.accepted.push_back((id, req));
                 if let Some(w) = st.acceptor.take() {
                     w.wake();
@@ -1933,7 +1935,7 @@ mod tests {
     fn windows_grow_out_of_a_shared_pool_that_a_closed_flow_returns() {
         let mut st = State::default();
         for id in 0..MAX_FLOWS_PER_CONNECTION as u32 {
-            st.flows.insert(id, Flow::new());
+            st.flows.insert(id, Box::new(Flow::new()));
         }
         // Every flow at its initial window leaves the growth pool.
         assert_eq!(st.windows(), BASE_RESERVATION);
@@ -1963,7 +1965,7 @@ mod tests {
         assert_eq!(grow(&mut st, 3), MAX_FLOW_WINDOW);
         assert_eq!(st.windows(), CONN_BUFFER_CAP - INITIAL_WINDOW as usize, "the closed flow's initial window is free");
         // A new flow still gets its initial window.
-        st.flows.insert(100, Flow::new());
+        st.flows.insert(100, Box::new(Flow::new()));
         assert_eq!(st.windows(), CONN_BUFFER_CAP);
     }
 
