@@ -154,20 +154,27 @@ async fn read_all(stream: &mut TcpStream, within: Duration) -> Vec<u8> {
     got
 }
 
-#[tokio::test]
-async fn bytes_flow_both_ways_and_half_close_works() {
-    let s = setup(VPCE).await;
+/// Sends `payload` on a new client connection, half-closes (the echo target
+/// sees EOF only through the tunnel, then finishes its side), and returns
+/// the echo read to its end.
+async fn echo_once(s: &Setup, payload: &[u8]) -> Vec<u8> {
     let mut client = TcpStream::connect(s.client_target).await.unwrap();
-    let payload: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
     let (mut r, mut w) = client.split();
     let send = async {
-        w.write_all(&payload).await.unwrap();
-        // Half-close: the echo target sees EOF only through the tunnel, then finishes its side.
+        w.write_all(payload).await.unwrap();
         w.shutdown().await.unwrap();
     };
     let mut got = Vec::new();
     let recv = async { tokio::time::timeout(Duration::from_secs(20), r.read_to_end(&mut got)).await.unwrap().unwrap() };
     tokio::join!(send, recv);
+    got
+}
+
+#[tokio::test]
+async fn bytes_flow_both_ways_and_half_close_works() {
+    let s = setup(VPCE).await;
+    let payload: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
+    let got = echo_once(&s, &payload).await;
     assert_eq!(got.len(), payload.len());
     assert!(got == payload, "echoed bytes differ");
 
@@ -190,6 +197,58 @@ async fn bytes_flow_both_ways_and_half_close_works() {
     assert_eq!(line["outcome"], "closed");
     assert_eq!(line["vpcEndpointId"], VPCE);
     assert_eq!(line["bytesIn"], payload.len() as u64);
+    stop(s).await;
+}
+
+#[tokio::test]
+async fn a_client_that_never_reads_stalls_only_its_own_connection() {
+    let s = setup(VPCE).await;
+    // The echo target answers everything this client sends, and the client
+    // reads none of it: every hop must push back until the client's writes
+    // stop (nothing on the way buffers without bound).
+    let mut stalled = TcpStream::connect(s.client_target).await.unwrap();
+    let chunk = vec![5u8; 1024 * 1024];
+    let mut sent = 0usize;
+    let pushed_back = tokio::time::timeout(Duration::from_secs(3), async {
+        loop {
+            stalled.write_all(&chunk).await.unwrap();
+            sent += chunk.len();
+        }
+    })
+    .await
+    .is_err();
+    assert!(pushed_back && sent < 128 * 1024 * 1024, "the stalled client wrote {sent} bytes without being held back");
+
+    // Another connection over the same agents (and tunnel) moves meanwhile.
+    let payload: Vec<u8> = (0..1_000_000u32).map(|i| (i % 253) as u8).collect();
+    assert!(echo_once(&s, &payload).await == payload, "the other connection's echo arrives whole");
+    drop(stalled);
+    stop(s).await;
+}
+
+#[tokio::test]
+async fn a_client_that_resets_mid_transfer_ends_its_flow_on_both_agents_as_an_error() {
+    let s = setup(VPCE).await;
+    let mut client = TcpStream::connect(s.client_target).await.unwrap();
+    client.write_all(&vec![7u8; 4 * 1024 * 1024]).await.unwrap();
+    let mut some = vec![0u8; 64 * 1024];
+    tokio::time::timeout(Duration::from_secs(10), client.read_exact(&mut some)).await.unwrap().unwrap();
+    // Reset with the echo still flowing toward the client.
+    socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO)).unwrap();
+    drop(client);
+    eventually("the endpoint's access-log line", Duration::from_secs(5), || !s.endpoint_log.lines().is_empty()).await;
+    let line = &s.endpoint_log.lines()[0];
+    assert_eq!(line["outcome"], "error", "{line}");
+    assert!(line["message"].as_str().unwrap_or("").contains("local connection"), "{line}");
+    eventually("the gateway's access-log line", Duration::from_secs(5), || !s.gateway_log.lines().is_empty()).await;
+    let line = &s.gateway_log.lines()[0];
+    assert_eq!(line["outcome"], "error", "the gateway saw the flow reset: {line}");
+    // The agents and their tunnel carry on.
+    let mut next = TcpStream::connect(s.client_target).await.unwrap();
+    next.write_all(b"still here").await.unwrap();
+    let mut back = [0u8; 10];
+    tokio::time::timeout(Duration::from_secs(10), next.read_exact(&mut back)).await.unwrap().unwrap();
+    assert_eq!(&back, b"still here");
     stop(s).await;
 }
 
