@@ -33,6 +33,7 @@ pub const PGBENCH_TPS: &str = "pgbench_select_tps";
 pub const PGBENCH_CONNECT_TPS: &str = "pgbench_select_connect_each_tps";
 pub const IDLE_PER_1000: &str = "idle_rss_mib_per_1000_connections";
 pub const IDLE_TOTAL: &str = "idle_rss_mib_at_n_connections";
+pub const IDLE_HELD: &str = "idle_connections_held";
 pub const CREATE_TO_FIRST_BYTE: &str = "endpoint_create_to_first_byte_ms";
 pub const REVOKE_TO_REFUSED: &str = "revoke_to_refused_ms";
 
@@ -50,7 +51,8 @@ pub const METRICS: &[Metric] = &[
     m(PGBENCH_TPS, "pgbench -S, C clients", "tps", true),
     m(PGBENCH_CONNECT_TPS, "pgbench -S -C (connection per transaction), C clients", "tps", true),
     m(IDLE_PER_1000, "tunnel RSS per 1,000 idle conns", "MiB", false),
-    m(IDLE_TOTAL, "tunnel RSS at N idle conns", "MiB", false),
+    m(IDLE_TOTAL, "tunnel RSS at the idle conns held", "MiB", false),
+    m(IDLE_HELD, "idle conns held (the open-files limit may lower them)", "conns", true),
     m(CREATE_TO_FIRST_BYTE, "endpoint create → first byte", "ms", false),
     m(REVOKE_TO_REFUSED, "share revoke → refused", "ms", false),
 ];
@@ -142,7 +144,7 @@ impl Results {
     }
 
     /// The table: one row per metric with data, one column per path, then the ratio columns.
-    pub fn table(&self, paths: &[&str], idle_n: usize, pg_clients: usize) -> String {
+    pub fn table(&self, paths: &[&str], pg_clients: usize) -> String {
         let mut header = vec!["metric".to_string()];
         header.extend(paths.iter().map(|p| p.to_string()));
         let ratio_cols: Vec<(&str, &str)> = RATIOS
@@ -157,10 +159,7 @@ impl Results {
                 continue;
             }
             let arrow = if metric.higher_is_better { "↑" } else { "↓" };
-            let label = metric
-                .label
-                .replace(" N ", &format!(" {idle_n} "))
-                .replace(", C clients", &format!(", {pg_clients} clients"));
+            let label = metric.label.replace(", C clients", &format!(", {pg_clients} clients"));
             let mut row = vec![format!("{label} ({}) {arrow}", metric.unit)];
             for p in paths {
                 row.push(match self.cell(metric.key, p) {
@@ -296,7 +295,7 @@ mod tests {
             r.add(TPUT_1_UP, TRELLIS_SERVICE, service);
         }
         assert_eq!(r.ratio_of(TPUT_1_UP, TRELLIS_SERVICE, TRELLIS), Some(1.0));
-        let table = r.table(&[TRELLIS, TRELLIS_SERVICE], 100, 8);
+        let table = r.table(&[TRELLIS, TRELLIS_SERVICE], 8);
         let header = table.lines().next().unwrap();
         assert!(header.ends_with("trellis-service ÷ trellis"), "{header}");
         assert!(!header.contains("haproxy"), "no baseline measured, no baseline column: {header}");

@@ -106,9 +106,18 @@ struct Settings {
     rr: Duration,
     conn: Duration,
     conn_concurrency: usize,
+    /// Wanted: each path holds what it carries within `open_files` ([`Settings::idle_for`]).
     idle_connections: usize,
+    open_files: u64,
     pgbench_seconds: u64,
     pgbench_clients: usize,
+}
+
+impl Settings {
+    /// The idle connections `path` holds.
+    fn idle_for(&self, path: &str) -> usize {
+        open_files::idle_for(self.idle_connections, path, self.open_files)
+    }
 }
 
 impl RunArgs {
@@ -121,6 +130,7 @@ impl RunArgs {
             conn: Duration::from_secs_f64(self.conn_seconds.max(0.1)),
             conn_concurrency: self.conn_concurrency.max(1),
             idle_connections: self.idle_connections,
+            open_files: u64::MAX,
             pgbench_seconds: self.pgbench_seconds.max(1),
             pgbench_clients: self.pgbench_clients.max(1),
         };
@@ -222,16 +232,18 @@ pub fn main(args: RunArgs) -> Res<()> {
         .ok_or("cannot read the open-files limit from /proc/self/limits")?;
     let mut settings = args.settings();
     let names: Vec<&str> = ALL_PATHS.iter().copied().filter(|n| args.paths.iter().any(|p| p == n)).collect();
-    let (idle, limiting) = open_files::idle_cap(settings.idle_connections, &names, soft);
-    if let Some(path) = limiting {
-        say(&format!(
-            "note: with the open-files limit at {soft}, {path} carries at most {idle} idle connections (see \
-             docs/performance.md); {} needs a hard limit (`ulimit -Hn`) of at least {}",
-            settings.idle_connections,
-            open_files::needed_for(settings.idle_connections, &names)
-        ));
+    for path in &names {
+        let idle = open_files::idle_for(settings.idle_connections, path, soft);
+        if idle < settings.idle_connections {
+            say(&format!(
+                "note: with the open-files limit at {soft}, {path} carries at most {idle} idle connections (see \
+                 docs/performance.md); {} needs a hard limit (`ulimit -Hn`) of at least {}",
+                settings.idle_connections,
+                open_files::needed_for(settings.idle_connections, &[path])
+            ));
+        }
     }
-    settings.idle_connections = idle;
+    settings.open_files = soft;
 
     let started_at = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     let stamp = timestamp(started_at);
@@ -293,7 +305,7 @@ fn run(args: &RunArgs, s: &Settings, work: &FsPath, stamp: &str) -> Res<()> {
         let made: Res<Box<dyn Path>> = match *name {
             "direct" => Ok(Box::new(paths::direct::Direct::new(backends))),
             "haproxy-2hop" => {
-                paths::haproxy::Haproxy2Hop::start(&args.haproxy_bin, &dir, ips, backends, s.idle_connections)
+                paths::haproxy::Haproxy2Hop::start(&args.haproxy_bin, &dir, ips, backends, s.idle_for(name))
                     .map(|p| Box::new(p) as Box<dyn Path>)
             }
             "rathole-tls" => {
@@ -447,13 +459,14 @@ fn run(args: &RunArgs, s: &Settings, work: &FsPath, stamp: &str) -> Res<()> {
             }
             Ok(Some(vec![r.per_second, r.p50_us, r.p99_us]))
         });
-        measure(&[report::IDLE_PER_1000, report::IDLE_TOTAL], "idle connections (fresh)", &mut results, &mut |p| {
+        let idle_metrics = [report::IDLE_PER_1000, report::IDLE_TOTAL, report::IDLE_HELD];
+        measure(&idle_metrics, "idle connections (fresh)", &mut results, &mut |p| {
             if p.tunnel_pids().is_empty() {
                 return Ok(None);
             }
             p.restart()?;
-            let r = client::idle_connections(p.echo_addr(), s.idle_connections, &p.tunnel_pids())?;
-            Ok(Some(vec![r.mib_per_1000(), r.rss_at_n as f64 / (1024.0 * 1024.0)]))
+            let r = client::idle_connections(p.echo_addr(), s.idle_for(p.name()), &p.tunnel_pids())?;
+            Ok(Some(vec![r.mib_per_1000(), r.rss_at_n as f64 / (1024.0 * 1024.0), r.connections as f64]))
         });
         measure(
             &[report::CREATE_TO_FIRST_BYTE, report::REVOKE_TO_REFUSED],
@@ -508,7 +521,7 @@ fn run(args: &RunArgs, s: &Settings, work: &FsPath, stamp: &str) -> Res<()> {
     let elapsed = run_start.elapsed();
 
     let names: Vec<&str> = ALL_PATHS.iter().copied().filter(|n| paths.iter().any(|p| p.name() == *n)).collect();
-    let table = results.table(&names, s.idle_connections, s.pgbench_clients);
+    let table = results.table(&names, s.pgbench_clients);
     println!();
     println!(
         "Trellis benchmark {stamp}: {} repetitions, medians (min–max); loopback, {} CPUs, load {}",
@@ -561,6 +574,7 @@ fn run(args: &RunArgs, s: &Settings, work: &FsPath, stamp: &str) -> Res<()> {
             "connectionSeconds": s.conn.as_secs_f64(),
             "connectionConcurrency": s.conn_concurrency,
             "idleConnections": s.idle_connections,
+            "idleConnectionsHeld": names.iter().map(|n| (n.to_string(), json!(s.idle_for(n)))).collect::<serde_json::Map<_, _>>(),
             "pgbenchSeconds": pg.as_ref().map(|_| s.pgbench_seconds),
             "pgbenchClients": pg.as_ref().map(|_| s.pgbench_clients),
             "quick": args.quick,

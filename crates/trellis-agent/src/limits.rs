@@ -41,15 +41,16 @@ pub struct Limits {
 impl Limits {
     /// Budgets for an agent allowed `open_files` descriptors.
     ///
-    /// Everything above [`RESERVED_FILES`] may go to tunnel connections (two
-    /// descriptors each: tunnel and resource) on a gateway; a quarter to
-    /// endpoint listeners; a thirty-second to warm connections. One peer may
-    /// take all but a sixteenth of the tunnel connections.
+    /// Of the descriptors above [`RESERVED_FILES`], three quarters may go to
+    /// the gateway role's tunnel connections and flows (one descriptor each:
+    /// a tunnel connection its socket, a flow its socket to the resource; the
+    /// flows share their tunnel connections), the last quarter staying for
+    /// the endpoint role's clients; a quarter may go to endpoint listeners; a
+    /// thirty-second to warm connections. One peer may take all but a
+    /// sixteenth of the gateway's share.
     pub fn from_open_files(open_files: u64) -> Self {
-        let counted = open_files.min(MAX_COUNTED_FILES).saturating_sub(RESERVED_FILES);
-        // At most MAX_COUNTED_FILES, which fits any usize of 32 bits or more.
-        let usable = usize::try_from(counted).unwrap_or(usize::MAX).max(64);
-        let tunnel_connections = usable / 2;
+        let usable = usable_files(open_files);
+        let tunnel_connections = usable / 4 * 3;
         Self {
             open_files,
             tunnel_connections,
@@ -60,6 +61,14 @@ impl Limits {
             warm_tunnels: (usable / 32).max(2),
         }
     }
+}
+
+/// The descriptors above [`RESERVED_FILES`] of a process allowed
+/// `open_files` (at least 64, at most [`MAX_COUNTED_FILES`]).
+pub fn usable_files(open_files: u64) -> usize {
+    let counted = open_files.min(MAX_COUNTED_FILES).saturating_sub(RESERVED_FILES);
+    // At most MAX_COUNTED_FILES, which fits any usize of 32 bits or more.
+    usize::try_from(counted).unwrap_or(usize::MAX).max(64)
 }
 
 impl std::fmt::Display for Limits {
@@ -107,14 +116,15 @@ mod tests {
     #[test]
     fn the_usual_1024_leaves_headroom_and_caps_every_budget() {
         let l = Limits::from_open_files(1024);
-        // 768 usable: tunnel connections and their resource connections fit, with the reserve left over.
-        assert_eq!(l.tunnel_connections, 384);
-        assert!(2 * l.tunnel_connections as u64 + RESERVED_FILES <= 1024);
+        // 768 usable: the gateway's connections and flows (a descriptor each) and a quarter for
+        // the endpoint role's clients fit, with the reserve left over.
+        assert_eq!(l.tunnel_connections, 576);
+        assert!(l.tunnel_connections as u64 + 768 / 4 + RESERVED_FILES <= 1024);
         assert!(l.tunnel_connections_per_peer < l.tunnel_connections);
         assert!(l.tunnel_handshakes < l.tunnel_connections);
         assert_eq!(l.endpoint_listeners, 192);
         assert_eq!(l.warm_tunnels, 24);
-        assert_eq!(l.pending_tunnels_per_peer, 24);
+        assert_eq!(l.pending_tunnels_per_peer, 36);
     }
 
     #[test]

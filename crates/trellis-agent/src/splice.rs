@@ -115,30 +115,46 @@ where
 }
 
 /// Splices a local socket and a tunnel flow by attaching the socket to
-/// the flow (see [`MuxStream::attach`]): the tunnel's driver moves the bytes
-/// both ways, and this task follows until both directions end, one fails,
-/// or `stop` completes (ending like [`splice`]). The driver calls `to_flow`
+/// the flow (see [`MuxStream::attach`], done at once): the tunnel's driver
+/// moves the bytes both ways, and the returned future follows until both
+/// directions end, one fails, or `stop` completes (ending like [`splice`]). The driver calls `to_flow`
 /// and `from_flow` with the bytes each direction moved, as it moves them.
-pub(crate) async fn splice_attached(
+pub(crate) fn splice_attached<S: Future<Output = ()>>(
     local: TcpStream,
     flow: MuxStream,
     to_flow: impl Fn(u64) + Send + Sync + 'static,
     from_flow: impl Fn(u64) + Send + Sync + 'static,
-    stop: impl Future<Output = ()>,
-) -> SpliceEnd {
-    let mut stop = pin!(stop);
+    stop: S,
+) -> Attached<S> {
     flow.attach(Arc::new(local), Box::new((to_flow, from_flow)));
-    std::future::poll_fn(|cx| {
-        if stop.as_mut().poll(cx).is_ready() {
+    Attached { flow, stop }
+}
+
+pin_project_lite::pin_project! {
+    /// What [`splice_attached`] returns: a hand-written future rather than an
+    /// `async fn`, so an open flow's task holds the stream and `stop` once (an
+    /// `async fn` keeps its arguments' storage beside what it moved them into).
+    pub(crate) struct Attached<S> {
+        flow: MuxStream,
+        #[pin]
+        stop: S,
+    }
+}
+
+impl<S: Future<Output = ()>> Future for Attached<S> {
+    type Output = SpliceEnd;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<SpliceEnd> {
+        let this = self.project();
+        if this.stop.poll(cx).is_ready() {
             return Poll::Ready(SpliceEnd::Stopped);
         }
-        match flow.poll_attached(cx) {
+        match this.flow.poll_attached(cx) {
             Poll::Ready(Ok(())) => Poll::Ready(SpliceEnd::Closed),
             Poll::Ready(Err(e)) => Poll::Ready(SpliceEnd::Error(e)),
             Poll::Pending => Poll::Pending,
         }
-    })
-    .await
+    }
 }
 
 /// The state of one direction between polls.

@@ -15,6 +15,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use trellis_proto::{GatewayTarget, RelayTarget};
@@ -35,8 +36,20 @@ pub struct Down {
 
 #[derive(Debug, Default)]
 struct Entry {
-    open_flows: usize,
+    /// Shared with each open flow's [`FlowCount`], which takes itself off when the flow ends.
+    open_flows: Arc<AtomicUsize>,
     down: Option<Down>,
+}
+
+/// One open flow through a gateway agent, counted (for balancing) until dropped.
+/// Holds only the gateway's counter: an open flow keeps no copy of its key.
+#[derive(Debug)]
+pub struct FlowCount(Arc<AtomicUsize>);
+
+impl Drop for FlowCount {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// The order a flow tries gateways in.
@@ -119,18 +132,18 @@ impl HealthTable {
         }
     }
 
-    pub fn flow_opened(&mut self, key: &GatewayKey) {
-        self.entries.entry(key.clone()).or_default().open_flows += 1;
-    }
-
-    pub fn flow_closed(&mut self, key: &GatewayKey) {
-        if let Some(e) = self.entries.get_mut(key) {
-            e.open_flows = e.open_flows.saturating_sub(1);
-        }
+    /// Counts a flow opened through `key` until the returned count is dropped.
+    pub fn flow_opened(&mut self, key: &GatewayKey) -> FlowCount {
+        let counter = match self.entries.get(key) {
+            Some(e) => e.open_flows.clone(),
+            None => self.entries.entry(key.clone()).or_default().open_flows.clone(),
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        FlowCount(counter)
     }
 
     pub fn open_flows(&self, key: &GatewayKey) -> usize {
-        self.entries.get(key).map_or(0, |e| e.open_flows)
+        self.entries.get(key).map_or(0, |e| e.open_flows.load(Ordering::Relaxed))
     }
 
     /// The order in which a new flow tries `candidates`, for an agent in `zone`.
@@ -467,18 +480,19 @@ mod tests {
     fn a_new_flow_goes_to_the_gateway_with_the_fewest_open_flows() {
         let gws = [gw("a", "z1"), gw("b", "z1"), gw("c", "z1")];
         let mut t = table();
-        t.flow_opened(&key(&gws[0]));
-        t.flow_opened(&key(&gws[0]));
-        t.flow_opened(&key(&gws[1]));
+        let a = [t.flow_opened(&key(&gws[0])), t.flow_opened(&key(&gws[0]))];
+        let _b = t.flow_opened(&key(&gws[1]));
         for _ in 0..3 {
             assert_eq!(ids(&t.plan(&gws, "z1").tries), ["c", "b", "a"]);
         }
-        t.flow_closed(&key(&gws[0]));
-        t.flow_closed(&key(&gws[0]));
+        drop(a);
         assert_eq!(t.open_flows(&key(&gws[0])), 0);
         assert_eq!(t.plan(&gws, "z1").tries[0].agent_id, "a");
-        t.flow_closed(&key(&gws[0]));
-        assert_eq!(t.open_flows(&key(&gws[0])), 0, "never below zero");
+        // A gateway that left the config while a flow was open: its count goes with it.
+        let c = t.flow_opened(&key(&gws[2]));
+        t.retain(&[key(&gws[0])].into_iter().collect());
+        drop(c);
+        assert_eq!(t.open_flows(&key(&gws[2])), 0);
     }
 
     #[test]

@@ -234,7 +234,7 @@ async fn accept_loop(
             Ok((client, client_addr)) => {
                 let ctx = ctx.clone();
                 let (endpoint, resource) = (key.vpc_endpoint_id.clone(), key.resource_configuration_id.clone());
-                tracker.spawn(serve_client(client, client_addr, endpoint, resource, ctx, cancel.child_token()));
+                tracker.spawn(serve_client(client, client_addr, endpoint, resource, ctx, cancel.clone()));
             }
             Err(e) => {
                 tracing::warn!(addr = %key.addr, error = %e, "accept failed");

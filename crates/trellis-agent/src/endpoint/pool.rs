@@ -39,7 +39,7 @@ use tokio_util::task::TaskTracker;
 use trellis_proto::stream::OpenRequest;
 use trellis_proto::{GatewayTarget, RelayTarget};
 
-use super::health::{HealthTable, Plan, RelayHealth};
+use super::health::{FlowCount, HealthTable, Plan, RelayHealth};
 use crate::gateway::listener::set_keepalive;
 use crate::metrics::Metrics;
 use crate::mux::{MuxConnection, MuxStream, OpenFlowError, Side};
@@ -181,18 +181,6 @@ pub struct GatewayPools {
     metrics: Arc<Metrics>,
     tracker: TaskTracker,
     shutdown: CancellationToken,
-}
-
-/// Counts one open flow through a gateway agent until dropped (for balancing).
-pub struct FlowSlot<'a> {
-    pools: &'a GatewayPools,
-    key: GatewayKey,
-}
-
-impl Drop for FlowSlot<'_> {
-    fn drop(&mut self) {
-        self.pools.health().flow_closed(&self.key);
-    }
 }
 
 /// Whether a failed connect says the gateway agent is not answering (as
@@ -493,10 +481,9 @@ impl GatewayPools {
         self.health().is_down(key)
     }
 
-    /// Counts a flow through `key` until the slot drops.
-    pub fn open_flow(&self, key: &GatewayKey) -> FlowSlot<'_> {
-        self.health().flow_opened(key);
-        FlowSlot { pools: self, key: key.clone() }
+    /// Counts a flow through `key` until the count drops.
+    pub fn open_flow(&self, key: &GatewayKey) -> FlowCount {
+        self.health().flow_opened(key)
     }
 
     /// Counts a flow that skipped `key` because it is down.

@@ -6,6 +6,7 @@
 //! are all tried at once. A refused open resets the client connection, so the
 //! client sees a failure instead of an empty, clean close.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -17,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use trellis_proto::stream::{OpenRequest, OpenResponse, OpenStatus};
 use trellis_proto::{AgentConfig, GatewayTarget};
 
+use super::health::FlowCount;
 use super::pool::{GatewayKey, GatewayPools, Opened};
 use crate::access_log::AccessLog;
 use crate::flow::{FlowInfo, OpenFlow, reject_after_tries};
@@ -77,14 +79,50 @@ fn attempt_note(gateway: &GatewayTarget, e: &OpenError) -> String {
 }
 
 /// Serves one accepted client until it closes or `cancel` fires.
-pub async fn serve_client(
+///
+/// In two stages, for memory: choosing a gateway and opening the flow run in
+/// a boxed future that is freed once the flow is open, so an open flow's
+/// task holds only what splicing needs (docs/performance.md, "Idle connections").
+pub fn serve_client(
     client: TcpStream,
     client_addr: SocketAddr,
     vpc_endpoint_id: String,
     resource_configuration_id: String,
     ctx: Arc<EndpointContext>,
     cancel: CancellationToken,
-) {
+) -> impl Future<Output = ()> + Send + 'static {
+    let opening = Box::pin(open_client_flow(
+        client,
+        client_addr,
+        vpc_endpoint_id,
+        resource_configuration_id,
+        ctx,
+        cancel.clone(),
+    ));
+    async move {
+        let Some((client, tunnel, flow, _slot)) = opening.await else { return };
+        let end = splice_attached(client, tunnel, flow.counter_in(), flow.counter_out(), cancel.cancelled()).await;
+        match end {
+            SpliceEnd::Closed => flow.finish("closed", None),
+            SpliceEnd::Error(e) => flow.finish("error", Some(e.to_string())),
+            SpliceEnd::Stopped => {
+                flow.finish("revoked", Some("the endpoint listener was removed or the agent stopped".into()))
+            }
+        }
+    }
+}
+
+/// The first stage of [`serve_client`]: picks a gateway agent and opens a
+/// flow through it. A client nothing opened for is reset, counted and logged
+/// here (None).
+async fn open_client_flow(
+    client: TcpStream,
+    client_addr: SocketAddr,
+    vpc_endpoint_id: String,
+    resource_configuration_id: String,
+    ctx: Arc<EndpointContext>,
+    cancel: CancellationToken,
+) -> Option<(TcpStream, MuxStream, OpenFlow, FlowCount)> {
     let started = SystemTime::now();
     let _ = client.set_nodelay(true);
     let port = client.local_addr().map(|a| a.port()).unwrap_or_default();
@@ -113,9 +151,8 @@ pub async fn serve_client(
     let mut final_answer = false;
     for gateway in &plan.tries {
         let attempt = tokio::select! {
-            // Boxed: the handshake state of a fresh connection must not stay in this task's memory.
-            r = Box::pin(open(&ctx, gateway, &req)) => r,
-            () = cancel.cancelled() => return,
+            r = open(&ctx, gateway, &req) => r,
+            () = cancel.cancelled() => return None,
         };
         match attempt {
             Ok(x) => {
@@ -146,7 +183,7 @@ pub async fn serve_client(
         // network into an outage, so try them all at once (one timeout, not one each).
         let attempt = tokio::select! {
             r = Box::pin(open_any(&ctx, &plan.down, &req, &mut tried)) => r,
-            () = cancel.cancelled() => return,
+            () = cancel.cancelled() => return None,
         };
         match attempt {
             Ok((gateway, x)) => opened = Some((gateway, x)),
@@ -180,22 +217,15 @@ pub async fn serve_client(
         // Reset rather than close cleanly: the client must see that nothing answered.
         let _ = client.set_zero_linger();
         drop(client);
-        return;
+        return None;
     };
     if !tried.is_empty() {
         tracing::info!(endpoint = %req.vpc_endpoint_id, client = %client_addr, gateway = %gateway.agent_id, tried = %tried.join("; "), "flow failed over");
     }
     info.target = if gateway.address.is_empty() { name(gateway) } else { gateway.address.clone() };
-    let _slot = ctx.pools.open_flow(&GatewayKey::from(gateway));
+    let slot = ctx.pools.open_flow(&GatewayKey::from(gateway));
     let flow = OpenFlow::open(info, ctx.metrics.clone(), None, ctx.access_log.clone(), started).with_tried(tried);
-    let end = splice_attached(client, tunnel, flow.counter_in(), flow.counter_out(), cancel.cancelled()).await;
-    match end {
-        SpliceEnd::Closed => flow.finish("closed", None),
-        SpliceEnd::Error(e) => flow.finish("error", Some(e.to_string())),
-        SpliceEnd::Stopped => {
-            flow.finish("revoked", Some("the endpoint listener was removed or the agent stopped".into()))
-        }
-    }
+    Some((client, tunnel, flow, slot))
 }
 
 /// Opens a flow through one gateway agent. A flow opened on a connection

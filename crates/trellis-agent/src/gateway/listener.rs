@@ -31,9 +31,9 @@ use tokio_util::task::TaskTracker;
 use trellis_proto::AgentConfig;
 use trellis_proto::stream::{OpenRequest, OpenResponse, OpenStatus};
 
-use super::admission::{PeerLimit, PeerTable};
+use super::admission::{PeerLimit, PeerSlot, PeerTable};
 use super::authorize::{Denial, Destination, Grant, admit_peer, authorize, recheck};
-use super::consumers::{ConsumerLimiter, Paced};
+use super::consumers::{ConsumerLimiter, ConsumerSlot, Paced};
 use super::dial::{DialError, describe, dial};
 use super::services::{ActiveGuard, ServiceDialError, ServiceRuntime};
 use crate::access_log::AccessLog;
@@ -221,9 +221,7 @@ pub(crate) async fn serve_tunnel<S>(
                 conn.close();
                 return;
             }
-            let (ctx, peer_id, cancel) = (ctx.clone(), peer_id.clone(), cancel.child_token());
-            let flows = ctx.flows.clone();
-            flows.spawn(async move { serve_flow(stream, req, peer, peer_id, ctx, cancel).await });
+            ctx.flows.spawn(serve_flow(stream, req, peer, peer_id.clone(), ctx.clone(), cancel.clone()));
         }
     };
     // A config that no longer admits the peer closes the connection (its open flows are
@@ -277,31 +275,110 @@ pub(crate) async fn serve_tunnel<S>(
 
 /// One flow: authorize its open request against the current config, dial,
 /// answer, splice, and close it as soon as its grant is gone.
-async fn serve_flow(
+///
+/// In two stages, for memory: everything up to the answer (authorization,
+/// the dial, refusals) runs in a boxed future that is freed once the flow is
+/// open, so an open flow's task holds only what splicing and the revocation
+/// check need (docs/performance.md, "Idle connections").
+fn serve_flow(
     stream: MuxStream,
     req: OpenRequest,
     peer: SocketAddr,
     peer_id: Arc<PeerIdentity>,
     ctx: Arc<GatewayContext>,
     cancel: CancellationToken,
-) {
+) -> impl Future<Output = ()> + Send + 'static {
+    let opening = Box::pin(open_flow(stream, req, peer, peer_id, ctx, cancel.clone()));
+    async move {
+        let Some((stream, target, flow, mut watch, hold)) = opening.await else { return };
+        let mut revocation: Option<Denial> = None;
+        let stop = async {
+            tokio::select! {
+                d = watch.revoked() => revocation = Some(d),
+                () = cancel.cancelled() => {}
+            }
+        };
+        let end = match target {
+            Target::Plain(target) => splice_attached(target, stream, flow.counter_out(), flow.counter_in(), stop).await,
+            // Rare (an owner's rate limit on this consumer): its copy loop's state is boxed.
+            Target::Paced(paced) => {
+                Box::pin(splice(stream, *paced, |n| flow.add_in(n), |n| flow.add_out(n), stop)).await
+            }
+        };
+        drop(hold);
+        match (end, revocation) {
+            (SpliceEnd::Closed, _) => flow.finish("closed", None),
+            (SpliceEnd::Error(e), _) => flow.finish("error", Some(e.to_string())),
+            (SpliceEnd::Stopped, Some(d)) => {
+                let req = &watch.req;
+                tracing::info!(endpoint = %req.vpc_endpoint_id, resource = %req.resource_configuration_id, reason = %d, "closing revoked connection");
+                flow.finish("revoked", Some(d.to_string()))
+            }
+            (SpliceEnd::Stopped, None) => flow.finish("shutdown", None),
+        }
+    }
+}
+
+/// What an open flow splices to: the target, or the target paced by the owner's limit on the consumer.
+enum Target {
+    Plain(TcpStream),
+    Paced(Box<Paced<TcpStream>>),
+}
+
+/// What keeps an open flow authorized: its request and peer, re-checked against every new config.
+struct GrantWatch {
+    config_rx: watch::Receiver<Arc<AgentConfig>>,
+    peer_id: Arc<PeerIdentity>,
+    req: OpenRequest,
+}
+
+impl GrantWatch {
+    /// Completes when a new config no longer grants the flow, with why.
+    async fn revoked(&mut self) -> Denial {
+        loop {
+            if self.config_rx.changed().await.is_err() {
+                // The config publisher is gone: the agent is shutting down, which `cancel` covers.
+                std::future::pending::<()>().await;
+            }
+            if let Err(d) = recheck(&self.config_rx.borrow_and_update(), &self.peer_id, &self.req) {
+                return d;
+            }
+        }
+    }
+}
+
+/// What an open flow holds until it ends: its share of the connection budget, its
+/// peer's and its consumer's, and (to a service) its hold on the target.
+type FlowHold = (OwnedSemaphorePermit, PeerSlot, Option<ConsumerSlot>, Option<ActiveGuard>);
+
+/// The first stage of [`serve_flow`]: everything up to the answer. A refused
+/// flow is answered, counted and logged here (None); an opened one is
+/// answered Ok and returned with what its second stage needs.
+async fn open_flow(
+    stream: MuxStream,
+    req: OpenRequest,
+    peer: SocketAddr,
+    peer_id: Arc<PeerIdentity>,
+    ctx: Arc<GatewayContext>,
+    cancel: CancellationToken,
+) -> Option<(MuxStream, Target, OpenFlow, GrantWatch, FlowHold)> {
     let started = SystemTime::now();
     let mut config_rx = ctx.config.clone();
     // Every flow holds one of the gateway's connection budget (it holds a socket to the
     // resource) and counts against its peer's share of it.
-    let Ok(_permit) = ctx.connections.clone().try_acquire_owned() else {
+    let Ok(permit) = ctx.connections.clone().try_acquire_owned() else {
         ctx.metrics.count_tunnel_refused("connections");
         let message = "the gateway agent holds its most connections; try again later";
         stream.respond(&OpenResponse::new(OpenStatus::Unreachable, message));
-        return;
+        return None;
     };
-    let _peer_slot = match ctx.peers.enter_flow(&peer_id.cert_sha256) {
+    let peer_slot = match ctx.peers.enter_flow(&peer_id.cert_sha256) {
         Ok(slot) => slot,
         Err(limit) => {
             ctx.metrics.count_tunnel_refused("peer_connections");
             tracing::debug!(%peer, agent = %peer_id.agent_id, reason = %limit, "refusing a flow");
             stream.respond(&OpenResponse::new(OpenStatus::Denied, limit.to_string()));
-            return;
+            return None;
         }
     };
     let decision = authorize(&config_rx.borrow_and_update(), &peer_id, &req);
@@ -310,7 +387,7 @@ async fn serve_flow(
         Err(denial) => {
             deny(&ctx, &req, &denial, started);
             stream.respond(&OpenResponse::new(OpenStatus::Denied, denial.to_string()));
-            return;
+            return None;
         }
     };
     let mut info = FlowInfo {
@@ -329,6 +406,7 @@ async fn serve_flow(
         resource_configuration_id: req.resource_configuration_id.clone(),
         consumer_account_id: grant.consumer_account_id.clone(),
     });
+    // Logged before the answer, so an access log read after the refusal arrived holds it.
     let refuse = |info: &FlowInfo, status: OpenStatus, message: String| {
         reject(
             info,
@@ -338,8 +416,9 @@ async fn serve_flow(
             &ctx.access_log,
             started,
             status.as_str(),
-            Some(message),
+            Some(message.clone()),
         );
+        stream.respond(&OpenResponse::new(status, message));
     };
     // The owner's limit on this consumer's connections, counted until the flow ends.
     let slot = match &grant.limits {
@@ -348,79 +427,48 @@ async fn serve_flow(
             Err(too_many) => {
                 ctx.metrics.count_limited(&req.resource_configuration_id, &grant.consumer_account_id, "connections");
                 refuse(&info, OpenStatus::Denied, too_many.to_string());
-                stream.respond(&OpenResponse::new(OpenStatus::Denied, too_many.to_string()));
-                return;
+                return None;
             }
         },
         None => None,
     };
     let dialed = tokio::select! {
-        r = Box::pin(connect(&ctx, &config_rx, &grant.destination, req.client_addr)) => r,
-        () = cancel.cancelled() => return,
+        r = connect(&ctx, &config_rx, &grant.destination, req.client_addr) => r,
+        () = cancel.cancelled() => return None,
     };
-    let (mut target, described, _on_target) = match dialed {
+    let (mut target, described, on_target) = match dialed {
         Ok(t) => t,
         Err((status, message)) => {
-            refuse(&info, status, message.clone());
-            stream.respond(&OpenResponse::new(status, message));
-            return;
+            refuse(&info, status, message);
+            return None;
         }
     };
     info.target = described;
     if grant.proxy_protocol {
         let header = proxy_header(&req, &grant, &target);
         if let Err(e) = target.write_all(&header).await {
-            let message = format!("the target closed before the PROXY header was written: {e}");
-            refuse(&info, OpenStatus::Unreachable, message.clone());
-            stream.respond(&OpenResponse::new(OpenStatus::Unreachable, message));
-            return;
+            refuse(
+                &info,
+                OpenStatus::Unreachable,
+                format!("the target closed before the PROXY header was written: {e}"),
+            );
+            return None;
         }
     }
     stream.respond(&OpenResponse::new(OpenStatus::Ok, String::new()));
     let flow = OpenFlow::open(info, ctx.metrics.clone(), Some(usage), ctx.access_log.clone(), started);
-    let revoked = async {
-        loop {
-            if config_rx.changed().await.is_err() {
-                // The config publisher is gone: the agent is shutting down, which `cancel` covers.
-                std::future::pending::<()>().await;
-            }
-            let still = recheck(&config_rx.borrow_and_update(), &peer_id, &req);
-            if let Err(d) = still {
-                return d;
-            }
-        }
+    let target = match slot.as_ref().and_then(|s| s.pace.clone()) {
+        Some(pace) => Target::Paced(Box::new(Paced::new(
+            target,
+            pace,
+            ctx.metrics.clone(),
+            &req.resource_configuration_id,
+            &grant.consumer_account_id,
+        ))),
+        None => Target::Plain(target),
     };
-    tokio::pin!(revoked);
-    let mut revocation: Option<Denial> = None;
-    let stop = async {
-        tokio::select! {
-            d = &mut revoked => revocation = Some(d),
-            () = cancel.cancelled() => {}
-        }
-    };
-    let end = match slot.as_ref().and_then(|s| s.pace.clone()) {
-        Some(pace) => {
-            let paced = Paced::new(
-                target,
-                pace,
-                ctx.metrics.clone(),
-                &req.resource_configuration_id,
-                &grant.consumer_account_id,
-            );
-            splice(stream, paced, |n| flow.add_in(n), |n| flow.add_out(n), stop).await
-        }
-        None => splice_attached(target, stream, flow.counter_out(), flow.counter_in(), stop).await,
-    };
-    drop(slot);
-    match (end, revocation) {
-        (SpliceEnd::Closed, _) => flow.finish("closed", None),
-        (SpliceEnd::Error(e), _) => flow.finish("error", Some(e.to_string())),
-        (SpliceEnd::Stopped, Some(d)) => {
-            tracing::info!(endpoint = %req.vpc_endpoint_id, resource = %req.resource_configuration_id, reason = %d, "closing revoked connection");
-            flow.finish("revoked", Some(d.to_string()))
-        }
-        (SpliceEnd::Stopped, None) => flow.finish("shutdown", None),
-    }
+    let watch = GrantWatch { config_rx, peer_id, req };
+    Some((stream, target, flow, watch, (permit, peer_slot, slot, on_target)))
 }
 
 /// Connects to where `destination` says: the resource's target, or a healthy

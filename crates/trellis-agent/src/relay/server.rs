@@ -93,13 +93,15 @@ impl RelaySettings {
     /// One agent may have a sixteenth of the waiting connects and a quarter
     /// of the relayed flows (each takes two connections).
     pub fn from_open_files(open_files: u64) -> Self {
-        let limits = crate::Limits::from_open_files(open_files);
+        // Relayed connections come in pairs: T of them, 2 T descriptors, every usable one.
+        let pairs = crate::limits::usable_files(open_files) / 2;
+        let handshakes = (pairs / 4).max(8);
         Self {
-            connections: limits.tunnel_connections * 2,
-            handshakes: limits.tunnel_handshakes,
-            waiting_connects: limits.tunnel_handshakes,
-            connects_per_peer: (limits.tunnel_handshakes / 16).max(8),
-            flows_per_peer: (limits.tunnel_connections / 4).max(16),
+            connections: pairs * 2,
+            handshakes,
+            waiting_connects: handshakes,
+            connects_per_peer: (handshakes / 16).max(8),
+            flows_per_peer: (pairs / 4).max(16),
             ..Self::default()
         }
     }
