@@ -6,11 +6,21 @@
 //! A file is opened for appending (`O_APPEND`), so lines are never interleaved
 //! with another writer's, and [`AccessLog::reopen`] (on SIGHUP at the CLI)
 //! starts writing to a fresh file at the same path after log rotation.
+//!
+//! Lines are written by a thread of their own, never by the data plane: a
+//! connection's line is appended to a buffer in memory, and the writer
+//! thread writes what gathered in one `write` at most every
+//! [`BATCH_WINDOW`] (so a busy agent writes one batch of lines, not one
+//! syscall per connection, and a stdout pipe that stops draining stalls the
+//! log, not the flows). [`AccessLog::flush`] waits until every line so far is
+//! written (the agent calls it when it stops). Over [`MAX_PENDING`] bytes
+//! waiting (the sink stopped taking them), further lines are dropped and
+//! counted in a warning rather than held without bound.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
@@ -57,12 +67,76 @@ pub fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
-type Sink = Arc<Mutex<Box<dyn Write + Send>>>;
+/// How long the writer thread gathers lines after writing a batch.
+pub const BATCH_WINDOW: Duration = Duration::from_millis(10);
+
+/// Bytes of lines that may wait for the writer thread; beyond, lines are dropped.
+pub const MAX_PENDING: usize = 16 << 20;
+
+/// Lines waiting for the writer thread, and its state.
+#[derive(Default)]
+struct Pending {
+    buf: Vec<u8>,
+    /// The writer waits for lines (a new line must wake it).
+    idle: bool,
+    /// Lines written so far are numbered; the writer has written up to `written`.
+    queued: u64,
+    written: u64,
+    dropped: u64,
+}
+
+/// Shared by every clone of an [`AccessLog`] and its writer thread.
+struct Shared {
+    pending: Mutex<Pending>,
+    /// Wakes the writer (lines arrived) and [`AccessLog::flush`] callers (a batch was written).
+    wake: Condvar,
+    written: Condvar,
+    out: Mutex<Box<dyn Write + Send>>,
+}
+
+impl Shared {
+    fn pending(&self) -> MutexGuard<'_, Pending> {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The writer thread: writes what gathered, then waits [`BATCH_WINDOW`] before the
+/// next batch. Ends (after writing everything) once every [`AccessLog`] is gone.
+fn write_batches(shared: Arc<Shared>) {
+    let mut batch = Vec::new();
+    loop {
+        let upto = {
+            let mut p = shared.pending();
+            while p.buf.is_empty() {
+                if Arc::strong_count(&shared) == 1 {
+                    return;
+                }
+                p.idle = true;
+                p = shared.wake.wait_timeout(p, Duration::from_millis(200)).unwrap_or_else(|e| e.into_inner()).0;
+            }
+            p.idle = false;
+            std::mem::swap(&mut p.buf, &mut batch);
+            p.queued
+        };
+        {
+            let mut out = shared.out.lock().unwrap_or_else(|e| e.into_inner());
+            if let Err(e) = out.write_all(&batch).and_then(|()| out.flush()) {
+                tracing::warn!(error = %e, "could not write the access log");
+            }
+        }
+        batch.clear();
+        // A burst's buffer is not kept: an agent idle after one holds no megabytes for it.
+        batch.shrink_to(64 << 10);
+        shared.pending().written = upto;
+        shared.written.notify_all();
+        std::thread::sleep(BATCH_WINDOW);
+    }
+}
 
 /// Where access-log lines go; cheap to clone.
 #[derive(Clone, Default)]
 pub struct AccessLog {
-    sink: Option<Sink>,
+    sink: Option<Arc<Shared>>,
     /// The file being appended to, when it is one.
     path: Option<Arc<PathBuf>>,
 }
@@ -87,15 +161,41 @@ impl AccessLog {
         Self::to_writer(Box::new(std::io::stdout()))
     }
 
-    /// Lines go to `w` (tests).
+    /// Lines go to `w`, written by a thread of their own.
     pub fn to_writer(w: Box<dyn Write + Send>) -> Self {
-        Self { sink: Some(Arc::new(Mutex::new(w))), path: None }
+        let shared = Arc::new(Shared {
+            pending: Mutex::default(),
+            wake: Condvar::new(),
+            written: Condvar::new(),
+            out: Mutex::new(w),
+        });
+        let for_writer = shared.clone();
+        // Without its thread the log would only fill memory: a process that cannot start one cannot run.
+        std::thread::Builder::new()
+            .name("access-log".into())
+            .spawn(move || write_batches(for_writer))
+            .expect("starting the access-log writer thread");
+        Self { sink: Some(shared), path: None }
     }
 
     /// Lines are appended to the file at `path` (created, mode 0640, when missing).
     pub fn append_to(path: &Path) -> io::Result<Self> {
         let file = open_append(path)?;
-        Ok(Self { sink: Some(Arc::new(Mutex::new(Box::new(file)))), path: Some(Arc::new(path.to_path_buf())) })
+        Ok(Self { path: Some(Arc::new(path.to_path_buf())), ..Self::to_writer(Box::new(file)) })
+    }
+
+    /// Waits until every line written so far has been handed to the sink.
+    pub fn flush(&self) {
+        let Some(shared) = &self.sink else { return };
+        let mut p = shared.pending();
+        let target = p.queued;
+        while p.written < target {
+            if p.idle {
+                p.idle = false;
+                shared.wake.notify_one();
+            }
+            p = shared.written.wait_timeout(p, Duration::from_millis(100)).unwrap_or_else(|e| e.into_inner()).0;
+        }
     }
 
     /// After log rotation: opens the file at the same path again (a new one
@@ -103,7 +203,9 @@ impl AccessLog {
     pub fn reopen(&self) -> io::Result<()> {
         let (Some(sink), Some(path)) = (&self.sink, &self.path) else { return Ok(()) };
         let file = open_append(path)?;
-        *sink.lock().unwrap_or_else(|e| e.into_inner()) = Box::new(file);
+        // Lines written before the rotation go to the old file.
+        self.flush();
+        *sink.out.lock().unwrap_or_else(|e| e.into_inner()) = Box::new(file);
         Ok(())
     }
 
@@ -141,12 +243,24 @@ impl AccessLog {
         self.write_line(serde_json::to_vec(&event).expect("event serializes"));
     }
 
-    fn write_line(&self, mut line: Vec<u8>) {
+    fn write_line(&self, line: Vec<u8>) {
         let Some(sink) = &self.sink else { return };
-        line.push(b'\n');
-        let mut w = sink.lock().unwrap_or_else(|e| e.into_inner());
-        if let Err(e) = w.write_all(&line).and_then(|()| w.flush()) {
-            tracing::warn!(error = %e, "could not write the access log");
+        let mut p = sink.pending();
+        if p.buf.len() + line.len() >= MAX_PENDING {
+            p.dropped += 1;
+            let dropped = p.dropped;
+            drop(p);
+            if dropped == 1 || dropped.is_multiple_of(10_000) {
+                tracing::warn!(dropped, "the access log's sink is not taking lines; dropping them");
+            }
+            return;
+        }
+        p.buf.extend_from_slice(&line);
+        p.buf.push(b'\n');
+        p.queued += 1;
+        if p.idle {
+            p.idle = false;
+            sink.wake.notify_one();
         }
     }
 }
@@ -190,6 +304,7 @@ mod tests {
         };
         log.write(&rec);
         log.write(&rec);
+        log.flush();
         let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 2);
@@ -228,6 +343,7 @@ mod tests {
         log.write(&rec("still-old"));
         log.reopen().unwrap();
         log.write(&rec("second"));
+        log.flush();
         let old = std::fs::read_to_string(&rotated).unwrap();
         assert!(old.starts_with("earlier line\n"), "{old}");
         assert!(old.contains("\"first\"") && old.contains("\"still-old\""), "{old}");
@@ -239,5 +355,41 @@ mod tests {
             use std::os::unix::fs::PermissionsExt;
             assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o640);
         }
+    }
+
+    /// A sink that takes nothing until it is let go.
+    struct Stuck(std::sync::mpsc::Receiver<()>, Arc<Mutex<Vec<u8>>>);
+    impl Write for Stuck {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            let _ = self.0.recv();
+            self.1.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_sink_that_stops_taking_lines_never_blocks_the_connections_that_log() {
+        let (release, stuck) = std::sync::mpsc::channel();
+        let written = Arc::new(Mutex::new(Vec::new()));
+        let log = AccessLog::to_writer(Box::new(Stuck(stuck, written.clone())));
+        let event = serde_json::json!({"event": "x", "pad": "p".repeat(1000)});
+        let started = std::time::Instant::now();
+        // Well over MAX_PENDING bytes, while the sink takes nothing.
+        let lines = MAX_PENDING / 1000 + 5_000;
+        for _ in 0..lines {
+            log.write_event(&event);
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "writing lines waited for the sink");
+        let p = log.sink.as_ref().unwrap().pending();
+        assert!(p.dropped > 0 && p.buf.len() < MAX_PENDING, "{} dropped, {} bytes held", p.dropped, p.buf.len());
+        drop(p);
+        drop(release);
+        log.flush();
+        let written = written.lock().unwrap().len();
+        // What waited, and the batch the writer held when the sink stopped.
+        assert!(written > MAX_PENDING / 2 && written <= 2 * MAX_PENDING, "{written}");
     }
 }

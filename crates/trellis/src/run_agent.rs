@@ -39,7 +39,7 @@ pub async fn run(config: AgentRunConfig) -> Result<()> {
         .with_context(|| format!("starting the agent with state in {state_dir}"))?;
     agent.access_log = config.access_log;
     tracing::info!("agent running: {}", agent.summary());
-    let _reopen = tokio::spawn(reopen_on_sighup(access_log));
+    let _reopen = tokio::spawn(reopen_on_sighup(access_log.clone()));
     let outcome = tokio::select! {
         () = crate::shutdown::signal() => {
             tracing::info!("shutting down (Ctrl-C again to exit at once)");
@@ -48,6 +48,8 @@ pub async fn run(config: AgentRunConfig) -> Result<()> {
         result = agent.stopped() => result,
     };
     crate::shutdown::gracefully("agent", agent.shutdown()).await;
+    // The last connections' lines (written by a thread of their own) reach the log before exit.
+    access_log.flush();
     outcome
 }
 

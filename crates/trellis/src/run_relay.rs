@@ -38,7 +38,7 @@ pub async fn run(args: RelayRunArgs) -> Result<()> {
         metrics = ?relay.metrics_addr(),
         "relay running"
     );
-    let _reopen = tokio::spawn(crate::run_agent::reopen_on_sighup(access_log));
+    let _reopen = tokio::spawn(crate::run_agent::reopen_on_sighup(access_log.clone()));
     let outcome = tokio::select! {
         () = crate::shutdown::signal() => {
             tracing::info!("shutting down (Ctrl-C again to exit at once)");
@@ -47,5 +47,7 @@ pub async fn run(args: RelayRunArgs) -> Result<()> {
         () = relay.stopped() => Err(anyhow::anyhow!("the relay listener stopped")),
     };
     crate::shutdown::gracefully("relay", relay.shutdown()).await;
+    // The last connections' lines (written by a thread of their own) reach the log before exit.
+    access_log.flush();
     outcome
 }

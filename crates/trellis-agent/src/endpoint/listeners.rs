@@ -213,6 +213,7 @@ fn reconcile(
 fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
     socket.set_reuseaddr(true)?;
+    // Accepted sockets inherit it (Linux): no setsockopt per client.
     socket.set_nodelay(true)?;
     socket.bind(addr)?;
     socket.listen(1024)
@@ -225,6 +226,8 @@ async fn accept_loop(
     tracker: TaskTracker,
     cancel: CancellationToken,
 ) {
+    // The port clients connected to, for their open requests (no getsockname per client).
+    let port = listener.local_addr().map_or(key.addr.port(), |a| a.port());
     loop {
         let accepted = tokio::select! {
             r = listener.accept() => r,
@@ -234,7 +237,7 @@ async fn accept_loop(
             Ok((client, client_addr)) => {
                 let ctx = ctx.clone();
                 let (endpoint, resource) = (key.vpc_endpoint_id.clone(), key.resource_configuration_id.clone());
-                tracker.spawn(serve_client(client, client_addr, endpoint, resource, ctx, cancel.clone()));
+                tracker.spawn(serve_client(client, client_addr, port, endpoint, resource, ctx, cancel.clone()));
             }
             Err(e) => {
                 tracing::warn!(addr = %key.addr, error = %e, "accept failed");
@@ -251,6 +254,15 @@ async fn accept_loop(
 mod tests {
     use super::*;
     use trellis_proto::{EndpointConfig, EndpointResource, PortRange};
+
+    #[tokio::test]
+    async fn accepted_clients_inherit_nodelay_from_the_listener() {
+        let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        assert!(accepted.nodelay().unwrap(), "serve_client relies on it and sets nothing per client");
+    }
 
     fn endpoint(id: &str, ports: &[(u16, u16)]) -> EndpointConfig {
         EndpointConfig {

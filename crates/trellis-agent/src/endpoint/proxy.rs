@@ -83,9 +83,11 @@ fn attempt_note(gateway: &GatewayTarget, e: &OpenError) -> String {
 /// In two stages, for memory: choosing a gateway and opening the flow run in
 /// a boxed future that is freed once the flow is open, so an open flow's
 /// task holds only what splicing needs (docs/performance.md, "Idle connections").
+#[allow(clippy::too_many_arguments)]
 pub fn serve_client(
     client: TcpStream,
     client_addr: SocketAddr,
+    port: u16,
     vpc_endpoint_id: String,
     resource_configuration_id: String,
     ctx: Arc<EndpointContext>,
@@ -94,6 +96,7 @@ pub fn serve_client(
     let opening = Box::pin(open_client_flow(
         client,
         client_addr,
+        port,
         vpc_endpoint_id,
         resource_configuration_id,
         ctx,
@@ -115,17 +118,17 @@ pub fn serve_client(
 /// The first stage of [`serve_client`]: picks a gateway agent and opens a
 /// flow through it. A client nothing opened for is reset, counted and logged
 /// here (None).
+#[allow(clippy::too_many_arguments)]
 async fn open_client_flow(
     client: TcpStream,
     client_addr: SocketAddr,
+    port: u16,
     vpc_endpoint_id: String,
     resource_configuration_id: String,
     ctx: Arc<EndpointContext>,
     cancel: CancellationToken,
 ) -> Option<(TcpStream, MuxStream, OpenFlow, FlowCount)> {
     let started = SystemTime::now();
-    let _ = client.set_nodelay(true);
-    let port = client.local_addr().map(|a| a.port()).unwrap_or_default();
     let config = ctx.config.borrow().clone();
     let gateways: Vec<GatewayTarget> = config
         .endpoints
