@@ -580,6 +580,7 @@ impl MuxConnection {
             && !st.idle_done()
             && st.flows.len() < MAX_FLOWS_PER_CONNECTION
             && st.ids < u32::MAX
+            && !backlogged(&st, 0)
     }
 
     /// Endpoint side: opens a flow with `req` (the OPEN frame is queued at once).
@@ -589,11 +590,14 @@ impl MuxConnection {
         if let Some(e) = &st.closed {
             return Err(OpenFlowError::Closed(e.clone()));
         }
+        // A connection whose peer does not take its frames takes no new flow: clients that
+        // connect and close at once would otherwise queue an OPEN and a RESET each, without bound.
         if st.draining
             || st.closing
             || st.idle_done()
             || st.flows.len() >= MAX_FLOWS_PER_CONNECTION
             || st.ids == u32::MAX
+            || backlogged(&st, 0)
         {
             return Err(OpenFlowError::Full);
         }
@@ -2057,6 +2061,30 @@ mod tests {
             held <= 2 * INITIAL_WINDOW as usize,
             "{held} bytes held for {INITIAL_WINDOW} bytes of payload in one-byte frames"
         );
+    }
+
+    #[tokio::test]
+    async fn flows_opened_and_closed_at_once_toward_a_peer_that_never_reads_leave_the_out_queue_bounded() {
+        // The gateway end is never read: nothing the endpoint queues leaves.
+        let (a, _b) = tokio::io::duplex(4096);
+        let ep = MuxConnection::new(Side::Endpoint);
+        tokio::spawn(run(ep.clone(), tokio::io::BufReader::new(a)));
+        let mut opened = 0usize;
+        for _ in 0..100_000 {
+            match ep.open(&request(80)) {
+                // A client that connects and closes at once: an OPEN, then a RESET.
+                Ok(stream) => {
+                    drop(stream);
+                    opened += 1;
+                }
+                Err(OpenFlowError::Full) => break,
+                Err(OpenFlowError::Closed(e)) => panic!("closed: {e}"),
+            }
+            tokio::task::yield_now().await;
+        }
+        let queued = ep.state().out.len();
+        assert!(queued <= OUT_LIMIT + 1024, "{queued} bytes queued after {opened} flows");
+        assert!(!ep.can_open() && opened > 100, "{opened} flows before the connection took no more");
     }
 
     #[tokio::test]
