@@ -40,6 +40,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -120,11 +121,36 @@ struct Shared {
     state: Mutex<State>,
 }
 
+/// Hashes flow ids for the connection's table. The driver looks up every
+/// attached flow on every poll, where SipHash cost more than the lookup; a
+/// multiplicative hash suffices because a connection holds at most
+/// [`MAX_FLOWS_PER_CONNECTION`] flows, so ids a peer picks to collide make
+/// a chain of at most that many.
+#[derive(Default)]
+struct FlowIdHasher(u64);
+
+impl Hasher for FlowIdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(*b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+
+    fn write_u32(&mut self, id: u32) {
+        // Fibonacci hashing: spreads sequential ids over the high bits hashbrown uses too.
+        self.0 = (self.0 ^ u64::from(id)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
 #[derive(Default)]
 struct State {
     /// Boxed: the table's slots stay small (a table keeps about twice the
     /// slots of its entries), the state of a flow is allocated once.
-    flows: HashMap<u32, Box<Flow>>,
+    flows: HashMap<u32, Box<Flow>, BuildHasherDefault<FlowIdHasher>>,
     /// Encoded frames for the driver to write.
     out: Vec<u8>,
     /// Bytes of `out` that are DATA frames (the rest is control frames).
