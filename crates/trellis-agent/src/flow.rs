@@ -130,23 +130,23 @@ impl OpenFlow {
         access_log: AccessLog,
         started: SystemTime,
     ) -> Self {
-        let labels = info.labels();
-        let active = metrics.active_connections.get_or_create(&labels).clone();
+        let series = metrics.flow_series(&info.labels());
+        let active = series.active;
         active.inc();
-        metrics.connections.get_or_create(&labels).inc();
+        series.connections.inc();
         // One allocation for both totals.
         let totals: Arc<[AtomicU64; 2]> = Arc::default();
         let bytes_in = ByteCount {
             totals: totals.clone(),
             index: 0,
-            counted: metrics.bytes_in.get_or_create(&labels).clone(),
+            counted: series.bytes_in,
             usage: usage.clone(),
             usage_field: |u| &u.bytes_in,
         };
         let bytes_out = ByteCount {
             totals,
             index: 1,
-            counted: metrics.bytes_out.get_or_create(&labels).clone(),
+            counted: series.bytes_out,
             usage: usage.clone(),
             usage_field: |u| &u.bytes_out,
         };

@@ -199,6 +199,7 @@ async fn flows_spread_over_the_gateways_of_the_own_zone() {
     eventually("both gateways to log their flows", Duration::from_secs(5), || a.flows() + b.flows() == 10).await;
     let (on_a, on_b) = (a.flows(), b.flows());
     assert!(on_a >= 3 && on_b >= 3, "10 flows were not spread over both gateways of the zone: {on_a} and {on_b}");
+    eventually("the endpoint to log its flows", Duration::from_secs(5), || ep.log.lines().len() == 10).await;
     assert!(ep.log.lines().iter().all(|l| l.get("tried").is_none()), "no flow needed to fail over");
     ep.agent.shutdown().await;
     a.agent.shutdown().await;
@@ -234,6 +235,7 @@ async fn a_silent_gateway_costs_one_timeout_not_one_per_connection() {
     let skipped = ep.metric("trellis_gateway_skipped_total", GW_A).unwrap_or(0.0);
     assert!(skipped >= (FLOWS - 1) as f64, "only {skipped} flows skipped the silent gateway");
     // A flow that paid the timeout says so in its access-log line.
+    eventually("the endpoint to log every flow", Duration::from_secs(5), || ep.log.lines().len() == FLOWS).await;
     let failed_over: Vec<serde_json::Value> = ep.log.lines().into_iter().filter(|l| l.get("tried").is_some()).collect();
     assert!(failed_over.len() <= 1, "{failed_over:?}");
     for line in &failed_over {
@@ -288,6 +290,8 @@ async fn when_every_gateway_is_down_they_are_tried_at_once_and_the_error_says_so
     // The first flow finds both refusing and marks them down; the next one tries both at once.
     assert!(ep.echo(b"first").await.is_err());
     assert!(ep.echo(b"second").await.is_err());
+    // Lines are written by the log's own thread, within moments.
+    eventually("an access-log line per refused flow", Duration::from_secs(5), || ep.log.lines().len() >= 2).await;
     let lines = ep.log.lines();
     let last = lines.last().expect("an access-log line per refused flow");
     assert_eq!(last["outcome"], "unreachable", "{last}");

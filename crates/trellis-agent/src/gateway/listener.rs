@@ -443,7 +443,9 @@ async fn open_flow(
             return None;
         }
     };
-    info.target = described;
+    if let Some(described) = described {
+        info.target = described;
+    }
     if grant.proxy_protocol {
         let header = proxy_header(&req, &grant, &target);
         if let Err(e) = target.write_all(&header).await {
@@ -473,21 +475,22 @@ async fn open_flow(
 
 /// Connects to where `destination` says: the resource's target, or a healthy
 /// target of the service picked by its balancer. Returns the stream, the
-/// target for the access log, and (for a service) the hold on the target
-/// that counts the connection for least-connections.
+/// target picked for the access log (a service's; a resource's is known
+/// before), and (for a service) the hold on the target that counts the
+/// connection for least-connections.
 async fn connect(
     ctx: &GatewayContext,
     config: &watch::Receiver<Arc<AgentConfig>>,
     destination: &Destination,
     client: SocketAddr,
-) -> Result<(TcpStream, String, Option<ActiveGuard>), (OpenStatus, String)> {
+) -> Result<(TcpStream, Option<String>, Option<ActiveGuard>), (OpenStatus, String)> {
     let status_of = |e: &DialError| match e {
         DialError::Timeout { .. } => OpenStatus::Timeout,
         DialError::Unreachable { .. } => OpenStatus::Unreachable,
     };
     match destination {
         Destination::Resource { target, port } => match dial(target, *port, ctx.timeouts.dial).await {
-            Ok(stream) => Ok((stream, describe(target, *port), None)),
+            Ok(stream) => Ok((stream, None, None)),
             Err(e) => Err((status_of(&e), e.to_string())),
         },
         Destination::Service { service_id, port } => {
@@ -496,7 +499,7 @@ async fn connect(
                 return Err((OpenStatus::Denied, format!("service {service_id} is not served by this gateway")));
             };
             match ctx.services.connect(&service, *port, client.ip(), ctx.timeouts.dial).await {
-                Ok((stream, target, guard)) => Ok((stream, target, Some(guard))),
+                Ok((stream, target, guard)) => Ok((stream, Some(target), Some(guard))),
                 Err(ServiceDialError::Dial(e)) => Err((status_of(&e), e.to_string())),
                 Err(e @ ServiceDialError::NoHealthyTarget(_)) => Err((OpenStatus::Unreachable, e.to_string())),
             }
