@@ -92,6 +92,8 @@ struct Shared {
     wake: Condvar,
     written: Condvar,
     out: Mutex<Box<dyn Write + Send>>,
+    /// Counts dropped lines for the process's metrics ([`AccessLog::count_drops_in`]).
+    drops: std::sync::OnceLock<prometheus_client::metrics::counter::Counter>,
 }
 
 impl Shared {
@@ -168,6 +170,7 @@ impl AccessLog {
             wake: Condvar::new(),
             written: Condvar::new(),
             out: Mutex::new(w),
+            drops: std::sync::OnceLock::new(),
         });
         let for_writer = shared.clone();
         // Without its thread the log would only fill memory: a process that cannot start one cannot run.
@@ -182,6 +185,14 @@ impl AccessLog {
     pub fn append_to(path: &Path) -> io::Result<Self> {
         let file = open_append(path)?;
         Ok(Self { path: Some(Arc::new(path.to_path_buf())), ..Self::to_writer(Box::new(file)) })
+    }
+
+    /// Counts the lines this log drops in `counter` (the process's
+    /// `access_log_dropped_lines` metric); the first counter given stays.
+    pub fn count_drops_in(&self, counter: prometheus_client::metrics::counter::Counter) {
+        if let Some(shared) = &self.sink {
+            let _ = shared.drops.set(counter);
+        }
     }
 
     /// Waits until every line written so far has been handed to the sink.
@@ -250,6 +261,9 @@ impl AccessLog {
             p.dropped += 1;
             let dropped = p.dropped;
             drop(p);
+            if let Some(counter) = sink.drops.get() {
+                counter.inc();
+            }
             if dropped == 1 || dropped.is_multiple_of(10_000) {
                 tracing::warn!(dropped, "the access log's sink is not taking lines; dropping them");
             }
@@ -375,6 +389,8 @@ mod tests {
         let (release, stuck) = std::sync::mpsc::channel();
         let written = Arc::new(Mutex::new(Vec::new()));
         let log = AccessLog::to_writer(Box::new(Stuck(stuck, written.clone())));
+        let counted = prometheus_client::metrics::counter::Counter::<u64>::default();
+        log.count_drops_in(counted.clone());
         let event = serde_json::json!({"event": "x", "pad": "p".repeat(1000)});
         let started = std::time::Instant::now();
         // Well over MAX_PENDING bytes, while the sink takes nothing.
@@ -385,6 +401,7 @@ mod tests {
         assert!(started.elapsed() < Duration::from_secs(10), "writing lines waited for the sink");
         let p = log.sink.as_ref().unwrap().pending();
         assert!(p.dropped > 0 && p.buf.len() < MAX_PENDING, "{} dropped, {} bytes held", p.dropped, p.buf.len());
+        assert_eq!(counted.get(), p.dropped, "every dropped line is counted in the metric");
         drop(p);
         drop(release);
         log.flush();

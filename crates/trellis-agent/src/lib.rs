@@ -356,6 +356,7 @@ async fn start_with_listener(
     shutdown: CancellationToken,
 ) -> Result<RunningAgent, AgentError> {
     let metrics = Arc::new(metrics::Metrics::new());
+    opts.access_log.count_drops_in(metrics.access_log_dropped.clone());
     let admission = Arc::new(gateway::admission::ConfigAdmission { config: config.clone(), metrics: metrics.clone() });
     let server_tls = tls::tunnel_server_config(identity, admission)?;
     let client_tls = tls::tunnel_client_config(identity)?;

@@ -95,6 +95,8 @@ pub struct Metrics {
     pub relay_failures: Family<Vec<(String, String)>, Counter>,
     /// Endpoint side: 1 while a relay answers, 0 while it is marked down.
     pub relay_up: Family<Vec<(String, String)>, Gauge>,
+    /// Access-log lines dropped because the log's sink stopped taking them.
+    pub access_log_dropped: Counter,
 }
 
 /// Why an endpoint agent's attempt through a relay failed (`trellis_endpoint_relay_failures_total`).
@@ -174,6 +176,12 @@ impl Metrics {
             "Endpoint side: 1 while a relay of the config answers, 0 while it is marked down (tried last, probed)",
             relay_up.clone(),
         );
+        let access_log_dropped = Counter::default();
+        registry.register(
+            "access_log_dropped_lines",
+            "Access-log lines dropped because the log's file or stdout stopped taking them (16 MiB waited)",
+            access_log_dropped.clone(),
+        );
         Self {
             registry,
             flow_series: std::sync::RwLock::default(),
@@ -191,6 +199,7 @@ impl Metrics {
             tunnel_connects,
             relay_failures,
             relay_up,
+            access_log_dropped,
         }
     }
 
@@ -409,6 +418,15 @@ pub(crate) async fn serve<M: Exposition>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_access_log_counts_its_dropped_lines_in_the_agents_metrics() {
+        let m = Metrics::new();
+        let log = crate::AccessLog::to_writer(Box::new(std::io::sink()));
+        log.count_drops_in(m.access_log_dropped.clone());
+        m.access_log_dropped.inc();
+        assert!(m.encode().contains("trellis_access_log_dropped_lines_total 1"), "{}", m.encode());
+    }
 
     #[test]
     fn only_get_metrics_is_served() {

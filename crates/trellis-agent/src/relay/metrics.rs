@@ -23,6 +23,8 @@ pub struct RelayMetrics {
     pub bytes_to_gateway: Counter,
     pub bytes_to_endpoint: Counter,
     pub refusals: Family<Labels, Counter>,
+    /// Access-log lines dropped because the log's sink stopped taking them.
+    pub access_log_dropped: Counter,
 }
 
 impl Default for RelayMetrics {
@@ -69,6 +71,12 @@ impl RelayMetrics {
         let bytes_to_endpoint = bytes.get_or_create(&label("direction", "to_endpoint")).clone();
         let refusals = Family::<Labels, Counter>::default();
         registry.register("refusals", "Connections closed before relaying, by reason", refusals.clone());
+        let access_log_dropped = Counter::default();
+        registry.register(
+            "access_log_dropped_lines",
+            "Access-log lines dropped because the log's file or stdout stopped taking them (16 MiB waited)",
+            access_log_dropped.clone(),
+        );
         Self {
             registry,
             attachments,
@@ -79,6 +87,7 @@ impl RelayMetrics {
             bytes_to_gateway,
             bytes_to_endpoint,
             refusals,
+            access_log_dropped,
         }
     }
 

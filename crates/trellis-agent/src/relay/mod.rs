@@ -158,6 +158,7 @@ pub async fn start_relay_server(
     let admission = Arc::new(server::RelayAdmission { config: config.clone() });
     let tls = crate::tls::relay_server_config(&identity.ca, &identity.cert, &identity.key, admission)?;
     let metrics = Arc::new(metrics::RelayMetrics::new());
+    opts.access_log.count_drops_in(metrics.access_log_dropped.clone());
     let attachments = Arc::new(attachments::Attachments::new(opts.settings.attachments_per_gateway, metrics.clone()));
     let settings = opts.settings;
     let ctx = Arc::new(server::RelayContext {
