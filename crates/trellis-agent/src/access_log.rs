@@ -195,18 +195,27 @@ impl AccessLog {
         }
     }
 
-    /// Waits until every line written so far has been handed to the sink.
-    pub fn flush(&self) {
-        let Some(shared) = &self.sink else { return };
+    /// Waits until every line written so far has been handed to the sink, at
+    /// most `within`: false when the sink did not take them in time (a stdout
+    /// pipe nobody drains must not keep a stopping agent from exiting).
+    pub fn flush(&self, within: Duration) -> bool {
+        let Some(shared) = &self.sink else { return true };
+        let deadline = std::time::Instant::now() + within;
         let mut p = shared.pending();
         let target = p.queued;
         while p.written < target {
+            let now = std::time::Instant::now();
+            if now >= deadline {
+                return false;
+            }
             if p.idle {
                 p.idle = false;
                 shared.wake.notify_one();
             }
-            p = shared.written.wait_timeout(p, Duration::from_millis(100)).unwrap_or_else(|e| e.into_inner()).0;
+            let wait = (deadline - now).min(Duration::from_millis(100));
+            p = shared.written.wait_timeout(p, wait).unwrap_or_else(|e| e.into_inner()).0;
         }
+        true
     }
 
     /// After log rotation: opens the file at the same path again (a new one
@@ -214,8 +223,8 @@ impl AccessLog {
     pub fn reopen(&self) -> io::Result<()> {
         let (Some(sink), Some(path)) = (&self.sink, &self.path) else { return Ok(()) };
         let file = open_append(path)?;
-        // Lines written before the rotation go to the old file.
-        self.flush();
+        // Lines written before the rotation go to the old file (if it takes them within a second).
+        self.flush(Duration::from_secs(1));
         *sink.out.lock().unwrap_or_else(|e| e.into_inner()) = Box::new(file);
         Ok(())
     }
@@ -318,7 +327,7 @@ mod tests {
         };
         log.write(&rec);
         log.write(&rec);
-        log.flush();
+        assert!(log.flush(Duration::from_secs(10)));
         let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 2);
@@ -357,7 +366,7 @@ mod tests {
         log.write(&rec("still-old"));
         log.reopen().unwrap();
         log.write(&rec("second"));
-        log.flush();
+        assert!(log.flush(Duration::from_secs(10)));
         let old = std::fs::read_to_string(&rotated).unwrap();
         assert!(old.starts_with("earlier line\n"), "{old}");
         assert!(old.contains("\"first\"") && old.contains("\"still-old\""), "{old}");
@@ -403,8 +412,12 @@ mod tests {
         assert!(p.dropped > 0 && p.buf.len() < MAX_PENDING, "{} dropped, {} bytes held", p.dropped, p.buf.len());
         assert_eq!(counted.get(), p.dropped, "every dropped line is counted in the metric");
         drop(p);
+        // A stopping agent gives up on a sink that takes nothing, by the deadline.
+        let waited = std::time::Instant::now();
+        assert!(!log.flush(Duration::from_millis(300)), "flushed into a sink that takes nothing");
+        assert!(waited.elapsed() < Duration::from_secs(5), "flush waited past its deadline");
         drop(release);
-        log.flush();
+        assert!(log.flush(Duration::from_secs(30)), "the released sink took every waiting line");
         let written = written.lock().unwrap().len();
         // What waited, and the batch the writer held when the sink stopped.
         assert!(written > MAX_PENDING / 2 && written <= 2 * MAX_PENDING, "{written}");

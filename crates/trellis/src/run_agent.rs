@@ -48,8 +48,11 @@ pub async fn run(config: AgentRunConfig) -> Result<()> {
         result = agent.stopped() => result,
     };
     crate::shutdown::gracefully("agent", agent.shutdown()).await;
-    // The last connections' lines (written by a thread of their own) reach the log before exit.
-    access_log.flush();
+    // The last connections' lines (written by a thread of their own) reach the log before exit,
+    // unless the log stopped taking lines (a stdout pipe nobody drains): then the agent exits anyway.
+    if !access_log.flush(std::time::Duration::from_secs(5)) {
+        tracing::warn!("the access log did not take its last lines within 5 s; exiting without them");
+    }
     outcome
 }
 

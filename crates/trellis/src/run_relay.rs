@@ -47,7 +47,10 @@ pub async fn run(args: RelayRunArgs) -> Result<()> {
         () = relay.stopped() => Err(anyhow::anyhow!("the relay listener stopped")),
     };
     crate::shutdown::gracefully("relay", relay.shutdown()).await;
-    // The last connections' lines (written by a thread of their own) reach the log before exit.
-    access_log.flush();
+    // The last connections' lines (written by a thread of their own) reach the log before exit,
+    // unless the log stopped taking lines (a stdout pipe nobody drains): then the relay exits anyway.
+    if !access_log.flush(std::time::Duration::from_secs(5)) {
+        tracing::warn!("the access log did not take its last lines within 5 s; exiting without them");
+    }
     outcome
 }
