@@ -428,7 +428,9 @@ impl State {
                     from_queue += n;
                     flow.front_read += n;
                     if n == avail {
-                        flow.inbound.pop_front();
+                        if let Some(chunk) = flow.inbound.pop_front() {
+                            spare_chunk(chunk);
+                        }
                         flow.front_read = 0;
                     }
                 }
@@ -1280,27 +1282,68 @@ fn deliver(st: &mut State, id: u32, take: bool, bytes: &[u8], cx: &mut Context<'
 
 /// Appends received bytes to a flow's queue: into its last chunk up to
 /// [`CHUNK`], the rest as a new chunk, so every chunk but the last is full.
-/// A chunk's capacity stays within twice its length (or 512 bytes) while it
-/// takes small pieces, so memory follows the payload however small the
-/// frames (a chunk per one-byte frame would cost ~59 bytes per byte); a chunk
-/// that takes pieces of [`BULK`] or more is made whole at once, so a stream
-/// of TLS records is never copied again to grow it.
+/// A flow's first chunk keeps its capacity within twice its length (or 512
+/// bytes) while it takes small pieces, so memory follows the payload however
+/// small the frames (a chunk per one-byte frame would cost ~59 bytes per
+/// byte). A chunk that takes a piece of [`BULK`] or more, or that follows a
+/// full one, is a whole chunk at once (a spare one, see [`whole_chunk`]): a
+/// stream of TLS records is never copied again to grow a chunk, and a queue
+/// that ebbs and fills reuses the same memory.
 fn push_chunk(inbound: &mut VecDeque<Vec<u8>>, mut bytes: &[u8]) {
+    let queued = inbound.len();
     if let Some(last) = inbound.back_mut()
         && last.len() < CHUNK
     {
         let n = bytes.len().min(CHUNK - last.len());
         if last.capacity() - last.len() < n {
-            let want = if n >= BULK { CHUNK } else { (2 * last.len()).max(last.len() + n).min(CHUNK) };
-            last.reserve_exact(want - last.len());
+            if n >= BULK || queued > 1 {
+                let mut whole = whole_chunk();
+                whole.extend_from_slice(last);
+                *last = whole;
+            } else {
+                last.reserve_exact((2 * last.len()).max(last.len() + n).min(CHUNK) - last.len());
+            }
         }
         last.extend_from_slice(&bytes[..n]);
         bytes = &bytes[n..];
     }
     for piece in bytes.chunks(CHUNK) {
-        let mut chunk = Vec::with_capacity(if piece.len() >= BULK { CHUNK } else { piece.len().max(512) });
+        let mut chunk = if piece.len() >= BULK || !inbound.is_empty() {
+            whole_chunk()
+        } else {
+            Vec::with_capacity(piece.len().max(512))
+        };
         chunk.extend_from_slice(piece);
         inbound.push_back(chunk);
+    }
+}
+
+/// Whole chunks that were emptied, kept for the next bytes a flow queues,
+/// by all connections of the process together: a flow whose local socket
+/// pushes back queues every byte it receives, and a chunk allocated for each
+/// and freed once written made the allocator hand the memory back to the
+/// system and fault it in again, a quarter of a busy gateway's time. At most
+/// [`MAX_SPARE_CHUNKS`] are kept, whatever the number of connections.
+static SPARE_CHUNKS: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
+
+/// What the process keeps of emptied chunks: 4 MiB, the queues of a few
+/// bulk flows as they ebb and fill.
+const MAX_SPARE_CHUNKS: usize = 64;
+
+/// An empty chunk of capacity [`CHUNK`]: a spare one if there is.
+fn whole_chunk() -> Vec<u8> {
+    let spare = SPARE_CHUNKS.lock().unwrap_or_else(|e| e.into_inner()).pop();
+    spare.unwrap_or_else(|| Vec::with_capacity(CHUNK))
+}
+
+/// Keeps an emptied chunk as a spare, if it is whole and there is room.
+fn spare_chunk(mut chunk: Vec<u8>) {
+    if chunk.capacity() == CHUNK {
+        let mut spares = SPARE_CHUNKS.lock().unwrap_or_else(|e| e.into_inner());
+        if spares.len() < MAX_SPARE_CHUNKS {
+            chunk.clear();
+            spares.push(chunk);
+        }
     }
 }
 
@@ -1494,7 +1537,9 @@ impl AsyncRead for MuxStream {
             flow.front_read += n;
             taken += n;
             if flow.front_read == front.len() {
-                flow.inbound.pop_front();
+                if let Some(chunk) = flow.inbound.pop_front() {
+                    spare_chunk(chunk);
+                }
                 flow.front_read = 0;
             }
         }
@@ -2087,6 +2132,44 @@ mod tests {
             held <= 2 * INITIAL_WINDOW as usize,
             "{held} bytes held for {INITIAL_WINDOW} bytes of payload in one-byte frames"
         );
+    }
+
+    #[test]
+    fn a_queue_that_ebbs_and_fills_reuses_whole_chunks() {
+        // TLS-record-sized pieces, as a flow whose local socket pushes back
+        // queues them: every chunk but the last is whole, and once emptied
+        // they are kept and given out again instead of being allocated anew.
+        let spares = || SPARE_CHUNKS.lock().unwrap().len();
+        let record = vec![7u8; 16 * 1024 + 29];
+        let mut queue = VecDeque::new();
+        let mut first = std::collections::HashSet::new();
+        for _ in 0..12 {
+            push_chunk(&mut queue, &record);
+        }
+        assert!(queue.iter().all(|c: &Vec<u8>| c.capacity() == CHUNK), "queued chunks are whole");
+        let whole = queue.len();
+        for chunk in queue.drain(..) {
+            first.insert(chunk.as_ptr() as usize);
+            spare_chunk(chunk);
+        }
+        assert_eq!(spares(), whole, "every emptied whole chunk is kept");
+        for _ in 0..50 {
+            for _ in 0..12 {
+                push_chunk(&mut queue, &record);
+            }
+            assert_eq!(spares(), 0, "the queue filled from the spares");
+            for chunk in queue.drain(..) {
+                assert!(first.contains(&(chunk.as_ptr() as usize)), "a chunk was allocated anew");
+                spare_chunk(chunk);
+            }
+        }
+        // The process keeps a bounded number, and only whole chunks.
+        spare_chunk(Vec::with_capacity(512));
+        assert_eq!(spares(), whole);
+        for _ in 0..2 * MAX_SPARE_CHUNKS {
+            spare_chunk(Vec::with_capacity(CHUNK));
+        }
+        assert_eq!(spares(), MAX_SPARE_CHUNKS);
     }
 
     #[tokio::test]
