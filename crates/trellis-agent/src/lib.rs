@@ -32,6 +32,7 @@ pub mod read_ahead;
 pub mod relay;
 pub mod relay_wire;
 pub mod report;
+pub mod shards;
 mod splice;
 #[doc(hidden)]
 pub mod testing;
@@ -59,6 +60,16 @@ pub use limits::Limits;
 
 /// Where the tunnel listener binds at the CLI when `--advertise` is given without `--tunnel-listen`.
 pub const DEFAULT_TUNNEL_LISTEN: &str = "0.0.0.0:7443";
+/// Data-plane threads when not told: one per CPU the process may use, at
+/// most this many (each moves several Gbit/s of encrypted traffic).
+pub const MAX_DEFAULT_DATA_PLANE_THREADS: usize = 8;
+
+/// The data-plane threads of an agent not told how many: one per CPU the
+/// process may use, at most [`MAX_DEFAULT_DATA_PLANE_THREADS`].
+pub fn default_data_plane_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, usize::from).min(MAX_DEFAULT_DATA_PLANE_THREADS)
+}
+
 /// Default interval between usage reports.
 pub const DEFAULT_REPORT_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -92,6 +103,9 @@ pub struct AgentOptions {
     /// No tunnel listener: the gateway role is reached through relays
     /// (`AgentConfig::relays`), to which the agent keeps outbound connections.
     pub outbound_only: bool,
+    /// Threads of the data plane, each with a runtime and listeners of its
+    /// own (see [`shards`]); 1 runs it on the caller's runtime.
+    pub data_plane_threads: usize,
 }
 
 /// Knobs of the data plane that rarely need changing; [`start`] uses the defaults.
@@ -135,6 +149,7 @@ impl AgentOptions {
             manage_routes: false,
             report_interval: DEFAULT_REPORT_INTERVAL,
             outbound_only: false,
+            data_plane_threads: 1,
         }
     }
 }
@@ -154,6 +169,7 @@ impl std::fmt::Debug for AgentOptions {
             .field("manage_routes", &self.manage_routes)
             .field("report_interval", &self.report_interval)
             .field("outbound_only", &self.outbound_only)
+            .field("data_plane_threads", &self.data_plane_threads)
             .finish()
     }
 }
@@ -179,6 +195,8 @@ pub struct DataPlaneOptions {
     /// the config, to which it keeps attached connections.
     pub outbound_only: bool,
     pub attach: gateway::attach::AttachSettings,
+    /// Threads of the data plane (see [`shards`]); 1 runs it on the caller's runtime.
+    pub data_plane_threads: usize,
 }
 
 impl DataPlaneOptions {
@@ -200,6 +218,7 @@ impl DataPlaneOptions {
             open_timeout: Duration::from_secs(15),
             outbound_only: false,
             attach: gateway::attach::AttachSettings::default(),
+            data_plane_threads: 1,
         }
     }
 
@@ -252,6 +271,7 @@ pub struct RunningAgent {
     tracker: TaskTracker,
     shutdown: CancellationToken,
     fatal: Arc<std::sync::Mutex<Option<String>>>,
+    shards: shards::Shards,
 }
 
 impl RunningAgent {
@@ -318,6 +338,7 @@ impl RunningAgent {
         if tokio::time::timeout(Duration::from_secs(10), self.tracker.wait()).await.is_err() {
             tracing::warn!("some agent tasks did not stop within 10 s");
         }
+        self.shards.stop().await;
     }
 }
 
@@ -333,6 +354,11 @@ async fn bind_tcp(what: &'static str, addr: SocketAddr) -> Result<TcpListener, A
     TcpListener::bind(addr).await.map_err(|source| AgentError::Bind { what, addr, source })
 }
 
+/// The tunnel listener: one socket per data-plane thread.
+fn bind_tunnels(addr: SocketAddr, threads: usize) -> Result<Vec<std::net::TcpListener>, AgentError> {
+    shards::bind_listeners(addr, threads, false).map_err(|source| AgentError::Bind { what: "tunnels", addr, source })
+}
+
 /// Starts the data plane with a caller-supplied identity and config channel.
 /// Binds every listener before returning, so the returned addresses accept at once.
 pub async fn start_data_plane(
@@ -341,8 +367,8 @@ pub async fn start_data_plane(
     config: watch::Receiver<Arc<AgentConfig>>,
 ) -> Result<RunningAgent, AgentError> {
     let tunnel = match opts.tunnel_listen {
-        Some(addr) => Some(bind_tcp("tunnels", addr).await?),
-        None => None,
+        Some(addr) => bind_tunnels(addr, opts.data_plane_threads)?,
+        None => Vec::new(),
     };
     start_with_listener(opts, identity, config, tunnel, TaskTracker::new(), CancellationToken::new()).await
 }
@@ -351,16 +377,19 @@ async fn start_with_listener(
     opts: DataPlaneOptions,
     identity: &AgentIdentity,
     config: watch::Receiver<Arc<AgentConfig>>,
-    tunnel: Option<TcpListener>,
+    tunnel: Vec<std::net::TcpListener>,
     tracker: TaskTracker,
     shutdown: CancellationToken,
 ) -> Result<RunningAgent, AgentError> {
+    let shards = shards::Shards::start(opts.data_plane_threads).map_err(|e| {
+        AgentError::Stopped(format!("cannot start {} data-plane threads: {e}", opts.data_plane_threads))
+    })?;
     let metrics = Arc::new(metrics::Metrics::new());
     opts.access_log.count_drops_in(metrics.access_log_dropped.clone());
     let admission = Arc::new(gateway::admission::ConfigAdmission { config: config.clone(), metrics: metrics.clone() });
     let server_tls = tls::tunnel_server_config(identity, admission)?;
     let client_tls = tls::tunnel_client_config(identity)?;
-    let tunnel_addr = match (&tunnel, opts.tunnel_listen) {
+    let tunnel_addr = match (tunnel.first(), opts.tunnel_listen) {
         (Some(listener), Some(addr)) => {
             Some(listener.local_addr().map_err(|source| AgentError::Bind { what: "tunnels", addr, source })?)
         }
@@ -381,7 +410,7 @@ async fn start_with_listener(
     let limits = opts.limits;
     let fatal = Arc::new(std::sync::Mutex::new(None));
     let services = Arc::new(gateway::services::ServiceRuntime::default());
-    if tunnel.is_some() || opts.outbound_only {
+    if !tunnel.is_empty() || opts.outbound_only {
         tracker.spawn(gateway::services::run_health_checks(
             config.clone(),
             services.clone(),
@@ -405,6 +434,7 @@ async fn start_with_listener(
             services: services.clone(),
             consumers: Arc::new(gateway::consumers::ConsumerLimiter::default()),
             flows: tracker.clone(),
+            shards: shards.clone(),
         });
         if opts.outbound_only {
             tracker.spawn(gateway::attach::run(
@@ -417,10 +447,17 @@ async fn start_with_listener(
                 shutdown.clone(),
             ));
         }
-        if let Some(tunnel) = tunnel {
+        // Each data-plane thread accepts on a socket of its own and serves what it accepts.
+        for (index, listener) in tunnel.into_iter().enumerate() {
             let (fatal, shutdown, tracker2) = (fatal.clone(), shutdown.clone(), tracker.clone());
-            tracker.spawn(async move {
-                gateway::listener::serve(tunnel, server_tls, gateway_ctx, tracker2, shutdown.clone()).await;
+            let (server_tls, gateway_ctx) = (server_tls.clone(), gateway_ctx.clone());
+            shards.spawn(index, &tracker, async move {
+                match TcpListener::from_std(listener) {
+                    Ok(listener) => {
+                        gateway::listener::serve(listener, server_tls, gateway_ctx, tracker2, shutdown.clone()).await
+                    }
+                    Err(e) => tracing::error!(error = %e, "cannot register the tunnel listener"),
+                }
                 if !shutdown.is_cancelled() {
                     *fatal.lock().unwrap_or_else(|e| e.into_inner()) = Some("the tunnel listener stopped".to_string());
                     shutdown.cancel();
@@ -436,6 +473,7 @@ async fn start_with_listener(
         client_tls,
         pool_settings,
         metrics.clone(),
+        shards.clone(),
         tracker.clone(),
         shutdown.clone(),
     ));
@@ -449,7 +487,8 @@ async fn start_with_listener(
     let (served_tx, served_rx) = watch::channel(ServedState::default());
     tracker.spawn(endpoint::listeners::run(
         endpoint_ctx,
-        limits.endpoint_listeners,
+        // Every listener is a socket per data-plane thread.
+        (limits.endpoint_listeners / shards.len()).max(16),
         endpoint::routes::RouteManager::new(opts.manage_routes),
         served_tx,
         tracker.clone(),
@@ -482,6 +521,7 @@ async fn start_with_listener(
         tracker,
         shutdown,
         fatal,
+        shards,
     })
 }
 
@@ -510,14 +550,14 @@ pub async fn start_tuned(opts: AgentOptions, tuning: AgentTuning) -> Result<Runn
             ));
         }
         Some(addr) => {
-            let tunnel = bind_tcp("tunnels", addr).await?;
-            let bound = tunnel.local_addr().map_err(|source| AgentError::Bind { what: "tunnels", addr, source })?;
+            let tunnel = bind_tunnels(addr, opts.data_plane_threads)?;
+            let bound = tunnel[0].local_addr().map_err(|source| AgentError::Bind { what: "tunnels", addr, source })?;
             let advertise =
                 opts.advertise.clone().or_else(|| (!bound.ip().is_unspecified()).then(|| bound.to_string()));
             if advertise.is_none() {
                 tracing::warn!(%bound, "the tunnel listener is not advertised, so no endpoint agent will use it; give --advertise HOST:PORT");
             }
-            (Some(tunnel), advertise)
+            (tunnel, advertise)
         }
         None if opts.outbound_only => {
             if opts.advertise.is_some() {
@@ -525,7 +565,7 @@ pub async fn start_tuned(opts: AgentOptions, tuning: AgentTuning) -> Result<Runn
                     "--outbound-only starts no tunnel listener, so there is no address to advertise; drop --advertise (or --outbound-only)".into(),
                 ));
             }
-            (None, None)
+            (Vec::new(), None)
         }
         None => {
             if opts.advertise.is_some() {
@@ -533,7 +573,7 @@ pub async fn start_tuned(opts: AgentOptions, tuning: AgentTuning) -> Result<Runn
                     "an advertised tunnel address needs a tunnel listener; give --tunnel-listen ADDR".into(),
                 ));
             }
-            (None, None)
+            (Vec::new(), None)
         }
     };
     let identity = enroll::load_or_enroll(
@@ -566,6 +606,7 @@ pub async fn start_tuned(opts: AgentOptions, tuning: AgentTuning) -> Result<Runn
         open_timeout: tuning.open_timeout,
         outbound_only: opts.outbound_only,
         attach: gateway::attach::AttachSettings::default(),
+        data_plane_threads: opts.data_plane_threads,
     };
     let tracker = TaskTracker::new();
     let shutdown = CancellationToken::new();

@@ -100,6 +100,15 @@ async fn setup(allowed_endpoint: &str) -> Setup {
 
 /// [`setup`] with the gateway's options adjusted by `gateway_opts`.
 async fn setup_with(allowed_endpoint: &str, gateway_opts: impl FnOnce(DataPlaneOptions) -> DataPlaneOptions) -> Setup {
+    setup_both(allowed_endpoint, gateway_opts, |o| o).await
+}
+
+/// [`setup`] with the options of both agents adjusted.
+async fn setup_both(
+    allowed_endpoint: &str,
+    gateway_opts: impl FnOnce(DataPlaneOptions) -> DataPlaneOptions,
+    endpoint_opts: impl FnOnce(DataPlaneOptions) -> DataPlaneOptions,
+) -> Setup {
     let ca = TestCa::new();
     let gw_id = ca.issue(GW, "acct-000000000001", "vpc-00000000000000001");
     let ep_id = ca.issue(EP, CONSUMER_ACCT, CONSUMER_VPC);
@@ -118,11 +127,11 @@ async fn setup_with(allowed_endpoint: &str, gateway_opts: impl FnOnce(DataPlaneO
         watch::channel(Arc::new(endpoint_config(address, echo.port(), gateway.tunnel_addr().unwrap(), GW)));
     // Endpoint-only: no tunnel listener at all.
     let endpoint_log = LogBuf::default();
-    let endpoint_opts = DataPlaneOptions {
+    let endpoint_opts = endpoint_opts(DataPlaneOptions {
         tunnel_listen: None,
         access_log: AccessLog::to_writer(Box::new(endpoint_log.clone())),
         ..DataPlaneOptions::loopback()
-    };
+    });
     let endpoint = start_data_plane(endpoint_opts, &ep_id, rx).await.unwrap();
     assert_eq!(endpoint.tunnel_addr(), None);
     let served = endpoint.served();
@@ -250,6 +259,36 @@ async fn a_client_that_resets_mid_transfer_ends_its_flow_on_both_agents_as_an_er
     tokio::time::timeout(Duration::from_secs(10), next.read_exact(&mut back)).await.unwrap().unwrap();
     assert_eq!(&back, b"still here");
     stop(s).await;
+}
+
+/// Threads of this process whose name starts with `prefix`.
+fn threads_named(prefix: &str) -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|name| name.starts_with(prefix))
+        .count()
+}
+
+#[tokio::test]
+async fn agents_with_two_data_plane_threads_serve_every_connection_and_stop_their_threads() {
+    let two = |o| DataPlaneOptions { data_plane_threads: 2, ..o };
+    let s = setup_both(VPCE, two, two).await;
+    assert_eq!(threads_named("trellis-dp-"), 4, "two threads per agent");
+    // Concurrent clients land on both endpoint threads (SO_REUSEPORT), each
+    // opening its flow on a tunnel connection of its own thread where it can.
+    let payload: Vec<u8> = (0..200_000u32).map(|i| (i % 239) as u8).collect();
+    let clients = (0..48).map(|_| echo_once(&s, &payload));
+    for got in futures_util::future::join_all(clients).await {
+        assert!(got == payload, "an echo differs ({} bytes of {})", got.len(), payload.len());
+    }
+    eventually("48 access-log lines on each agent", Duration::from_secs(5), || {
+        s.gateway_log.lines().len() == 48 && s.endpoint_log.lines().len() == 48
+    })
+    .await;
+    assert!(s.gateway_log.lines().iter().all(|l| l["outcome"] == "closed"), "{:?}", s.gateway_log.lines());
+    stop(s).await;
+    assert_eq!(threads_named("trellis-dp-"), 0, "shutdown ends the data-plane threads");
 }
 
 #[tokio::test]

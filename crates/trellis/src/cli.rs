@@ -290,9 +290,9 @@ pub struct AgentRunArgs {
     /// How often to report listener state and usage to the control plane
     #[arg(long, env = "TRELLIS_REPORT_INTERVAL", value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
     pub report_interval: Duration,
-    /// Threads that run the data plane (default: one per CPU the process may use). On a host whose cores are
-    /// busy with other work, e.g. a 2-CPU machine shared with the application, 1 can move more: see
-    /// docs/performance.md, "Worker threads"
+    /// Threads that run the data plane (default: one per CPU the process may use, at most 8). Each accepts and
+    /// serves connections of its own (tunnel and endpoint listeners are bound once per thread with SO_REUSEPORT),
+    /// so a connection's bytes never change threads: see docs/performance.md, "Data-plane threads"
     #[arg(long, env = "TRELLIS_WORKER_THREADS", value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub worker_threads: Option<u16>,
 }
@@ -317,6 +317,8 @@ pub struct AgentRunConfig {
     pub report_interval: Duration,
     /// No tunnel listener; reached through relays.
     pub outbound_only: bool,
+    /// Data-plane threads: `--worker-threads`, else one per CPU the process may use.
+    pub data_plane_threads: usize,
 }
 
 impl AgentRunArgs {
@@ -342,6 +344,7 @@ impl AgentRunArgs {
             manage_routes: self.manage_routes,
             report_interval: self.report_interval,
             outbound_only: self.outbound_only,
+            data_plane_threads: self.worker_threads.map_or_else(trellis_agent::default_data_plane_threads, usize::from),
         })
     }
 }

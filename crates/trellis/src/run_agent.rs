@@ -32,6 +32,7 @@ pub async fn run(config: AgentRunConfig) -> Result<()> {
         manage_routes: config.manage_routes,
         report_interval: config.report_interval,
         outbound_only: config.outbound_only,
+        data_plane_threads: config.data_plane_threads,
     };
     let tuning = AgentTuning { access_log: access_log.clone(), ..AgentTuning::default() };
     let mut agent = AgentHandle::start(AgentRole::Agent, options, tuning)
@@ -118,6 +119,8 @@ pub async fn start_for_dev(role: AgentRole, control_plane: &str, join_token: &st
         manage_routes: false,
         report_interval: Duration::from_secs(1),
         outbound_only: false,
+        // On the dev command's runtime.
+        data_plane_threads: 1,
     };
     let log_path = dir.join(format!("{role}-access.log"));
     let log = std::fs::OpenOptions::new()

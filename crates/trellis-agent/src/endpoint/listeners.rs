@@ -18,7 +18,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use tokio::net::{TcpListener, TcpSocket};
+use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -28,6 +28,7 @@ use trellis_proto::{AgentConfig, MAX_LISTENERS_PER_ENDPOINT};
 use super::pool::GatewayKey;
 use super::proxy::{EndpointContext, serve_client};
 use super::routes::RouteManager;
+use crate::shards::bind_listeners;
 
 /// What the endpoint role serves now: the config version applied and each listener's state.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -116,7 +117,7 @@ fn plan(
             fail(
                 endpoint,
                 &format!(
-                    "endpoint {} asks for {asks} listeners, but this agent's other endpoints already use {used} of its {budget} (a budget from its open-files limit); raise the limit or serve the endpoint from another agent",
+                    "endpoint {} asks for {asks} listeners, but this agent's other endpoints already use {used} of its {budget} (a budget from its open-files limit, divided by its data-plane threads: each listens once per thread); raise the limit, run fewer threads (--worker-threads) or serve the endpoint from another agent",
                     endpoint.vpc_endpoint_id
                 ),
             );
@@ -179,12 +180,17 @@ fn reconcile(
         if open.contains_key(&key) {
             continue;
         }
-        match bind(key.addr) {
-            Ok(listener) => {
+        // One socket per data-plane thread; each accepts and serves on its own.
+        let shards = ctx.pools.shards();
+        match bind_listeners(key.addr, shards.len(), true) {
+            Ok(listeners) => {
                 tracing::info!(endpoint = %key.vpc_endpoint_id, resource = %key.resource_configuration_id, addr = %key.addr, "listening");
                 let cancel = shutdown.child_token();
                 open.insert(key.clone(), cancel.clone());
-                tracker.spawn(accept_loop(listener, key, ctx.clone(), tracker.clone(), cancel));
+                for (index, listener) in listeners.into_iter().enumerate() {
+                    let accept = accept_loop(listener, key.clone(), ctx.clone(), tracker.clone(), cancel.clone());
+                    shards.spawn(index, tracker, accept);
+                }
             }
             Err(e) => {
                 let hint = if e.kind() == io::ErrorKind::AddrNotAvailable {
@@ -210,22 +216,22 @@ fn reconcile(
     ServedState { config_version: config.version, listeners }
 }
 
-fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
-    let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
-    socket.set_reuseaddr(true)?;
-    // Accepted sockets inherit it (Linux): no setsockopt per client.
-    socket.set_nodelay(true)?;
-    socket.bind(addr)?;
-    socket.listen(1024)
-}
-
+/// Accepts clients on `listener` (its `TCP_NODELAY` set: accepted sockets
+/// inherit it, no setsockopt per client) and serves each on this thread.
 async fn accept_loop(
-    listener: TcpListener,
+    listener: std::net::TcpListener,
     key: ListenerKey,
     ctx: Arc<EndpointContext>,
     tracker: TaskTracker,
     cancel: CancellationToken,
 ) {
+    let listener = match TcpListener::from_std(listener) {
+        Ok(listener) => listener,
+        Err(e) => {
+            tracing::error!(addr = %key.addr, error = %e, "cannot register an endpoint listener");
+            return;
+        }
+    };
     // The port clients connected to, for their open requests (no getsockname per client).
     let port = listener.local_addr().map_or(key.addr.port(), |a| a.port());
     loop {
@@ -257,7 +263,8 @@ mod tests {
 
     #[tokio::test]
     async fn accepted_clients_inherit_nodelay_from_the_listener() {
-        let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = bind_listeners("127.0.0.1:0".parse().unwrap(), 1, true).unwrap().remove(0);
+        let listener = TcpListener::from_std(listener).unwrap();
         let addr = listener.local_addr().unwrap();
         let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
         let (accepted, _) = listener.accept().await.unwrap();

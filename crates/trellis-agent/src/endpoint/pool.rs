@@ -44,6 +44,7 @@ use crate::gateway::listener::set_keepalive;
 use crate::metrics::Metrics;
 use crate::mux::{MuxConnection, MuxStream, OpenFlowError, Side};
 use crate::read_ahead::ReadAhead;
+use crate::shards::Shards;
 
 /// The byte stream of a tunnel connection to a gateway agent.
 pub type Tunnel = TlsStream<ReadAhead>;
@@ -65,6 +66,8 @@ pub struct Pooled {
     pub conn: MuxConnection,
     path: Option<String>,
     kill: CancellationToken,
+    /// The data-plane thread that drives it (see [`Shards`]).
+    shard: usize,
 }
 
 /// A flow opened by [`GatewayPools::open`].
@@ -104,11 +107,19 @@ impl Default for PoolSettings {
 }
 
 impl PoolSettings {
-    /// Connections kept up per pool when there are `pools` of them.
-    fn warm_per_pool(&self, pools: usize) -> usize {
-        self.warm.min(self.max_warm_total / pools.max(1))
+    /// Connections kept up per pool when there are `pools` of them: at least
+    /// one per data-plane thread (up to [`MAX_WARM_FOR_THREADS`]), so every
+    /// thread opens flows on a connection of its own, when the total allows.
+    fn warm_per_pool(&self, pools: usize, threads: usize) -> usize {
+        self.warm.max(threads.min(MAX_WARM_FOR_THREADS)).min(self.max_warm_total / pools.max(1))
     }
 }
+
+/// Warm connections per gateway that data-plane threads ask for at most: a
+/// gateway admits at least 8 connections per peer that carry no flow yet
+/// (`Limits::pending_tunnels_per_peer`); threads beyond open their flows on
+/// other threads' connections.
+const MAX_WARM_FOR_THREADS: usize = 8;
 
 /// Identifies a gateway agent to connect to.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -143,8 +154,9 @@ struct Pool {
     /// Wakes the refill task when the gateway answers again after being down.
     recovered: Notify,
     cancel: CancellationToken,
-    /// The connect of `open_fresh` in flight, which concurrent opens share.
-    connecting: Mutex<Option<Connecting>>,
+    /// The connect of `open_fresh` in flight per data-plane thread, which
+    /// concurrent opens on that thread share.
+    connecting: Mutex<Vec<Option<Connecting>>>,
 }
 
 /// A shared connect: the new connection, or why it failed.
@@ -167,6 +179,23 @@ impl Pool {
             pooled.conn.drain();
         }
     }
+
+    /// The open connection with room and the fewest flows, preferring those
+    /// of data-plane thread `shard`.
+    fn least_loaded(&self, shard: usize) -> Option<Pooled> {
+        let mut conns = self.conns();
+        conns.retain(|c| c.conn.closed().is_none());
+        conns.iter().filter(|c| c.conn.can_open()).min_by_key(|c| (c.shard != shard, c.conn.flows())).cloned()
+    }
+
+    /// The data-plane thread with the fewest connections that take flows.
+    fn emptiest_shard(&self, threads: usize) -> usize {
+        let mut count = vec![0usize; threads];
+        for c in self.conns().iter().filter(|c| c.conn.closed().is_none() && c.conn.can_open()) {
+            count[c.shard.min(threads - 1)] += 1;
+        }
+        (0..threads).min_by_key(|&i| count[i]).unwrap_or(0)
+    }
 }
 
 /// All pools of this agent.
@@ -179,6 +208,7 @@ pub struct GatewayPools {
     pools: Mutex<HashMap<GatewayKey, Arc<Pool>>>,
     health: Mutex<HealthTable>,
     metrics: Arc<Metrics>,
+    shards: Shards,
     tracker: TaskTracker,
     shutdown: CancellationToken,
 }
@@ -194,6 +224,7 @@ impl GatewayPools {
         tls: Arc<rustls::ClientConfig>,
         settings: PoolSettings,
         metrics: Arc<Metrics>,
+        shards: Shards,
         tracker: TaskTracker,
         shutdown: CancellationToken,
     ) -> Self {
@@ -207,9 +238,15 @@ impl GatewayPools {
             pools: Mutex::default(),
             health: Mutex::new(HealthTable::new(settings.probe_first, settings.probe_max)),
             metrics,
+            shards,
             tracker,
             shutdown,
         }
+    }
+
+    /// The data-plane threads the connections are driven on.
+    pub fn shards(&self) -> &Shards {
+        &self.shards
     }
 
     fn relay_health(&self) -> std::sync::MutexGuard<'_, RelayHealth> {
@@ -251,7 +288,7 @@ impl GatewayPools {
             }
             keep
         });
-        let warm = self.settings.warm_per_pool(wanted.len());
+        let warm = self.settings.warm_per_pool(wanted.len(), self.shards.len());
         for pool in pools.values() {
             if pool.warm.swap(warm, Ordering::Relaxed) != warm {
                 pool.changed.notify_one();
@@ -268,7 +305,7 @@ impl GatewayPools {
                 changed: Notify::new(),
                 recovered: Notify::new(),
                 cancel: self.shutdown.child_token(),
-                connecting: Mutex::default(),
+                connecting: Mutex::new(vec![None; self.shards.len()]),
             });
             pools.insert(key.clone(), pool.clone());
             let this = self.clone();
@@ -279,18 +316,17 @@ impl GatewayPools {
     /// Opens a flow to `key` with `req` (the OPEN frame is queued): on a
     /// connection that is already up when one has room (`true`), else on a
     /// new one (`false`).
+    ///
+    /// A connection driven by the calling data-plane thread is taken first,
+    /// so the flow's bytes stay on this thread; another thread's when this
+    /// one has none with room.
     pub async fn open(self: &Arc<Self>, key: &GatewayKey, req: &OpenRequest) -> io::Result<Opened> {
-        if let Some(pool) = self.pool(key) {
-            let least = {
-                let mut conns = pool.conns();
-                conns.retain(|c| c.conn.closed().is_none());
-                conns.iter().filter(|c| c.conn.can_open()).min_by_key(|c| c.conn.flows()).cloned()
-            };
-            if let Some(via) = least {
-                match via.conn.open(req) {
-                    Ok(stream) => return Ok(Opened { stream, reused: true, via }),
-                    Err(OpenFlowError::Closed(_) | OpenFlowError::Full) => {}
-                }
+        if let Some(pool) = self.pool(key)
+            && let Some(via) = pool.least_loaded(self.shards.current())
+        {
+            match via.conn.open(req) {
+                Ok(stream) => return Ok(Opened { stream, reused: true, via }),
+                Err(OpenFlowError::Closed(_) | OpenFlowError::Full) => {}
             }
         }
         self.open_fresh(key, req).await
@@ -312,9 +348,11 @@ impl GatewayPools {
             };
         };
         // Other callers may fill a shared connection first: then the next connect is shared.
+        let here = self.shards.current();
         for _ in 0..8 {
             let connecting = {
-                let mut slot = pool.connecting.lock().unwrap_or_else(|e| e.into_inner());
+                let mut slots = pool.connecting.lock().unwrap_or_else(|e| e.into_inner());
+                let slot = &mut slots[here];
                 match &*slot {
                     Some(c) => c.clone(),
                     None => {
@@ -322,7 +360,7 @@ impl GatewayPools {
                         let c = async move {
                             let connected = this.connect(&pool.key).await.map_err(Arc::new)?;
                             let kept = pool.conns().iter().filter(|c| c.conn.is_kept()).count();
-                            let via = this.adopt(&pool.key, connected);
+                            let via = this.adopt(&pool.key, connected, here);
                             if kept >= pool.warm.load(Ordering::Relaxed) {
                                 via.conn.close_when_idle();
                             }
@@ -337,9 +375,9 @@ impl GatewayPools {
             };
             let result = connecting.clone().await;
             {
-                let mut slot = pool.connecting.lock().unwrap_or_else(|e| e.into_inner());
-                if slot.as_ref().is_some_and(|c| c.ptr_eq(&connecting)) {
-                    *slot = None;
+                let mut slots = pool.connecting.lock().unwrap_or_else(|e| e.into_inner());
+                if slots[here].as_ref().is_some_and(|c| c.ptr_eq(&connecting)) {
+                    slots[here] = None;
                 }
             }
             let via = result.map_err(|e| io::Error::new(e.kind(), e.to_string()))?;
@@ -349,12 +387,7 @@ impl GatewayPools {
                 Err(OpenFlowError::Full) => {}
             }
             // Filled by the callers that shared it: any other connection with room will do.
-            let least = {
-                let mut conns = pool.conns();
-                conns.retain(|c| c.conn.closed().is_none());
-                conns.iter().filter(|c| c.conn.can_open()).min_by_key(|c| c.conn.flows()).cloned()
-            };
-            if let Some(via) = least
+            if let Some(via) = pool.least_loaded(here)
                 && let Ok(stream) = via.conn.open(req)
             {
                 return Ok(Opened { stream, reused: true, via });
@@ -366,13 +399,35 @@ impl GatewayPools {
     /// A new multiplexed connection to `key`, driven by its own task and kept in `key`'s pool.
     pub async fn connect_mux(self: &Arc<Self>, key: &GatewayKey) -> io::Result<Pooled> {
         let connected = self.connect(key).await?;
-        Ok(self.adopt(key, connected))
+        Ok(self.adopt(key, connected, self.shards.current()))
     }
 
-    /// Starts driving a new tunnel connection as a multiplexed one and keeps it in `key`'s pool.
-    pub(crate) fn adopt(self: &Arc<Self>, key: &GatewayKey, connected: Connected) -> Pooled {
+    /// [`GatewayPools::connect`] run on data-plane thread `shard`, so that
+    /// the connection's socket is registered there.
+    async fn connect_on(self: &Arc<Self>, shard: usize, key: &GatewayKey) -> io::Result<Connected> {
+        if self.shards.len() == 1 {
+            return self.connect(key).await;
+        }
+        let (this, key, shutdown) = (self.clone(), key.clone(), self.shutdown.clone());
+        let connect = async move {
+            tokio::select! {
+                r = this.connect(&key) => r,
+                () = shutdown.cancelled() => Err(io::Error::other("the agent is shutting down")),
+            }
+        };
+        match self.shards.spawn(shard, &self.tracker, connect).await {
+            Ok(connected) => connected,
+            Err(e) => Err(io::Error::other(format!("the data-plane thread stopped: {e}"))),
+        }
+    }
+
+    /// Starts driving a new tunnel connection as a multiplexed one, on
+    /// data-plane thread `shard` (where it was connected), and keeps it in
+    /// `key`'s pool.
+    pub(crate) fn adopt(self: &Arc<Self>, key: &GatewayKey, connected: Connected, shard: usize) -> Pooled {
         let Connected { tunnel, path } = connected;
-        let pooled = Pooled { conn: MuxConnection::new(Side::Endpoint), path, kill: self.shutdown.child_token() };
+        let pooled =
+            Pooled { conn: MuxConnection::new(Side::Endpoint), path, kill: self.shutdown.child_token(), shard };
         let pool = self.pool(key);
         if let Some(pool) = &pool {
             pool.conns().push(pooled.clone());
@@ -381,7 +436,7 @@ impl GatewayPools {
             pooled.conn.drain();
         }
         let (driven, kill) = (pooled.conn.clone(), pooled.kill.clone());
-        self.tracker.spawn(async move {
+        self.shards.spawn(shard, &self.tracker, async move {
             tokio::select! {
                 () = crate::mux::run(driven.clone(), Box::new(tunnel)) => {}
                 () = kill.cancelled() => driven.abort("the tunnel connection stopped answering and was closed, or the agent is shutting down"),
@@ -531,14 +586,15 @@ impl GatewayPools {
             if !self.is_down(&key) {
                 return;
             }
+            let shard = self.pool(&key).map_or(0, |p| p.emptiest_shard(self.shards.len()));
             let attempt = tokio::select! {
-                r = self.connect(&key) => r,
+                r = self.connect_on(shard, &key) => r,
                 () = self.shutdown.cancelled() => return,
             };
             match attempt {
                 Ok(connected) => {
                     // The probe's connection serves the next flows.
-                    self.adopt(&key, connected);
+                    self.adopt(&key, connected, shard);
                     self.mark_up(&key);
                     return;
                 }
@@ -563,14 +619,16 @@ impl GatewayPools {
             }
             let warm = pool.warm.load(Ordering::Relaxed);
             if pool.live() < warm {
+                // On the thread with the fewest: with as many as threads, one each.
+                let shard = pool.emptiest_shard(self.shards.len());
                 let attempt = tokio::select! {
-                    r = self.connect(&pool.key) => r,
+                    r = self.connect_on(shard, &pool.key) => r,
                     () = pool.cancel.cancelled() => return,
                 };
                 match attempt {
                     Ok(connected) => {
                         backoff = Duration::from_millis(200);
-                        self.adopt(&pool.key, connected);
+                        self.adopt(&pool.key, connected, shard);
                         continue;
                     }
                     Err(e) => {
@@ -684,6 +742,7 @@ mod tests {
             tls::tunnel_client_config(&client).unwrap(),
             PoolSettings { warm, ..PoolSettings::default() },
             Arc::default(),
+            Shards::inline(),
             tracker.clone(),
             shutdown.clone(),
         ));
@@ -837,6 +896,7 @@ mod tests {
             tls::tunnel_client_config(&client).unwrap(),
             PoolSettings { warm: 2, probe_first, probe_max: Duration::from_secs(30), ..PoolSettings::default() },
             metrics.clone(),
+            Shards::inline(),
             tracker.clone(),
             shutdown.clone(),
         ));
@@ -875,10 +935,14 @@ mod tests {
     #[test]
     fn many_gateways_share_the_warm_budget() {
         let s = PoolSettings { warm: 2, max_warm_total: 10, ..PoolSettings::default() };
-        assert_eq!(s.warm_per_pool(1), 2);
-        assert_eq!(s.warm_per_pool(5), 2);
-        assert_eq!(s.warm_per_pool(6), 1);
-        assert_eq!(s.warm_per_pool(11), 0, "beyond the budget a gateway gets no warm connection");
+        assert_eq!(s.warm_per_pool(1, 1), 2);
+        assert_eq!(s.warm_per_pool(5, 1), 2);
+        assert_eq!(s.warm_per_pool(6, 1), 1);
+        assert_eq!(s.warm_per_pool(11, 1), 0, "beyond the budget a gateway gets no warm connection");
+        assert_eq!(s.warm_per_pool(1, 4), 4, "one per data-plane thread");
+        assert_eq!(s.warm_per_pool(3, 4), 3, "within the budget");
+        let s = PoolSettings { warm: 2, max_warm_total: 1000, ..PoolSettings::default() };
+        assert_eq!(s.warm_per_pool(1, 64), MAX_WARM_FOR_THREADS, "what a gateway admits without flows");
     }
 
     #[tokio::test]
@@ -910,6 +974,7 @@ mod tests {
             tls::tunnel_client_config(&client).unwrap(),
             PoolSettings::default(),
             Arc::default(),
+            Shards::inline(),
             TaskTracker::new(),
             CancellationToken::new(),
         );

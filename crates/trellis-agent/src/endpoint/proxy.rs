@@ -321,7 +321,7 @@ async fn open_any<'a>(
                 drop(connects);
                 let key = GatewayKey::from(gateway);
                 ctx.pools.mark_up(&key);
-                let via = ctx.pools.adopt(&key, connected);
+                let via = ctx.pools.adopt(&key, connected, ctx.pools.shards().current());
                 let opened = match via.conn.open(req) {
                     Ok(stream) => exchange(ctx, gateway, &key, Opened { stream, reused: false, via })
                         .await

@@ -2,7 +2,8 @@
 //! listener; instead a few idle connections *attached* to each relay of the
 //! config (`AgentConfig::relays`), on which endpoint agents' flows arrive.
 //!
-//! Per relay, workers each keep one attachment: connect (outer TLS verifying
+//! Per relay, workers each keep one attachment (spread over the data-plane
+//! threads, where the flows they take are then served): connect (outer TLS verifying
 //! the relay's server name), `Attach`, then wait. When the relay says a flow
 //! arrives, the worker accepts, leaves the outer TLS and hands the raw stream
 //! to the same code that serves a direct tunnel connection
@@ -74,6 +75,8 @@ struct Shared {
     ctx: Arc<GatewayContext>,
     settings: AttachSettings,
     tracker: TaskTracker,
+    /// Workers started so far: the next goes to data-plane thread `next % threads`.
+    next: AtomicUsize,
 }
 
 /// One relay's workers.
@@ -97,7 +100,7 @@ pub async fn run(
     tracker: TaskTracker,
     shutdown: CancellationToken,
 ) {
-    let shared = Arc::new(Shared { connector, acceptor, ctx, settings, tracker });
+    let shared = Arc::new(Shared { connector, acceptor, ctx, settings, tracker, next: AtomicUsize::new(0) });
     let mut relays: HashMap<RelayTarget, Arc<Relay>> = HashMap::new();
     let mut warned_empty = false;
     loop {
@@ -147,7 +150,8 @@ pub async fn run(
 fn spawn_worker(shared: &Arc<Shared>, relay: &Arc<Relay>, extra: bool) {
     relay.workers.fetch_add(1, Ordering::Relaxed);
     let (shared2, relay2) = (shared.clone(), relay.clone());
-    shared.tracker.spawn(async move {
+    let thread = shared.next.fetch_add(1, Ordering::Relaxed);
+    shared.ctx.shards.spawn(thread, &shared.tracker, async move {
         worker(&shared2, &relay2, extra).await;
         relay2.workers.fetch_sub(1, Ordering::Relaxed);
     });

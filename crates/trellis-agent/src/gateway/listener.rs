@@ -83,6 +83,9 @@ pub struct GatewayContext {
     pub consumers: Arc<ConsumerLimiter>,
     /// Tracks the flow tasks (shutdown waits for them).
     pub flows: TaskTracker,
+    /// The data-plane threads: relayed tunnel connections of an
+    /// outbound-only agent are spread over them (see `attach.rs`).
+    pub shards: crate::shards::Shards,
 }
 
 /// Accepts tunnel connections on `listener` until `shutdown`.
@@ -635,6 +638,7 @@ mod tests {
             services: Arc::default(),
             consumers: Arc::default(),
             flows: TaskTracker::new(),
+            shards: crate::shards::Shards::inline(),
         });
         let peer_id = Arc::new(PeerIdentity {
             agent_id: "agent-0000000000000000c".into(),
@@ -665,6 +669,7 @@ mod tests {
             services: Arc::default(),
             consumers: Arc::default(),
             flows: TaskTracker::new(),
+            shards: crate::shards::Shards::inline(),
         });
         let peer_id = Arc::new(PeerIdentity {
             agent_id: "agent-0000000000000000c".into(),
