@@ -115,11 +115,13 @@ impl PoolSettings {
     }
 }
 
-/// Warm connections per gateway that data-plane threads ask for at most: a
-/// gateway admits at least 8 connections per peer that carry no flow yet
-/// (`Limits::pending_tunnels_per_peer`); threads beyond open their flows on
-/// other threads' connections.
-const MAX_WARM_FOR_THREADS: usize = 8;
+/// Warm connections per gateway that data-plane threads ask for at most.
+/// Every endpoint agent holds them at every gateway it uses (a gateway
+/// serving thousands of consumers holds thousands of idle connections, and
+/// admits at least 8 per peer that carry no flow yet,
+/// `Limits::pending_tunnels_per_peer`), so more threads than this open
+/// their flows on other threads' connections.
+const MAX_WARM_FOR_THREADS: usize = 4;
 
 /// Identifies a gateway agent to connect to.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -942,7 +944,7 @@ mod tests {
         assert_eq!(s.warm_per_pool(1, 4), 4, "one per data-plane thread");
         assert_eq!(s.warm_per_pool(3, 4), 3, "within the budget");
         let s = PoolSettings { warm: 2, max_warm_total: 1000, ..PoolSettings::default() };
-        assert_eq!(s.warm_per_pool(1, 64), MAX_WARM_FOR_THREADS, "what a gateway admits without flows");
+        assert_eq!(s.warm_per_pool(1, 64), MAX_WARM_FOR_THREADS, "what every gateway holds for this agent");
     }
 
     #[tokio::test]
