@@ -736,6 +736,11 @@ mod tests {
     }
 
     async fn warm_pool(warm: usize) -> Warm {
+        warm_pool_on(warm, Shards::inline()).await
+    }
+
+    /// [`warm_pool`] driven on `shards`.
+    async fn warm_pool_on(warm: usize, shards: Shards) -> Warm {
         let ca = TestCa::new();
         let client = ca.issue("agent-0000000000000000b", "acct-2", "vpc-2");
         let (key, accepted, drop_all, server) = holding_gateway(&ca, TcpListener::bind("127.0.0.1:0").await.unwrap());
@@ -744,7 +749,7 @@ mod tests {
             tls::tunnel_client_config(&client).unwrap(),
             PoolSettings { warm, ..PoolSettings::default() },
             Arc::default(),
-            Shards::inline(),
+            shards,
             tracker.clone(),
             shutdown.clone(),
         ));
@@ -765,6 +770,34 @@ mod tests {
             self.tracker.wait().await;
             self.server.abort();
         }
+    }
+
+    #[tokio::test]
+    async fn each_data_plane_thread_opens_flows_on_a_connection_it_drives() {
+        let shards = Shards::start(2).unwrap();
+        let w = warm_pool_on(2, shards.clone()).await;
+        let pool = w.pools.pool(&w.key).unwrap();
+        let mut driven_on: Vec<usize> = pool.conns().iter().map(|c| c.shard).collect();
+        driven_on.sort();
+        assert_eq!(driven_on, [0, 1], "one warm connection per thread");
+        for shard in 0..2 {
+            let (pools, key) = (w.pools.clone(), w.key.clone());
+            let opened = shards
+                .spawn(shard, &w.tracker, async move {
+                    let mut opened = Vec::new();
+                    for _ in 0..5 {
+                        let o = pools.open(&key, &request()).await.unwrap();
+                        opened.push((o.via.shard, o.stream));
+                    }
+                    opened
+                })
+                .await
+                .unwrap();
+            assert!(opened.iter().all(|(on, _)| *on == shard), "thread {shard} used another thread's connection");
+        }
+        assert_eq!(w.accepted.load(Ordering::SeqCst), 2, "no flow made a connection of its own");
+        w.stop().await;
+        shards.stop().await;
     }
 
     #[tokio::test]
