@@ -23,7 +23,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::io;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -107,21 +107,27 @@ impl Default for PoolSettings {
 }
 
 impl PoolSettings {
-    /// Connections kept up per pool when there are `pools` of them: at least
-    /// one per data-plane thread (up to [`MAX_WARM_FOR_THREADS`]), so every
-    /// thread opens flows on a connection of its own, when the total allows.
-    fn warm_per_pool(&self, pools: usize, threads: usize) -> usize {
-        self.warm.max(threads.min(MAX_WARM_FOR_THREADS)).min(self.max_warm_total / pools.max(1))
+    /// Connections kept up per pool when there are `pools` of them (a
+    /// pool adds one for each data-plane thread that carries flows, see
+    /// [`Pool::shard_to_fill`]).
+    fn warm_per_pool(&self, pools: usize) -> usize {
+        self.warm.min(self.max_warm_total / pools.max(1))
+    }
+
+    /// Connections a pool keeps at most, those of its threads included
+    /// (within its share of `max_warm_total`).
+    fn most_per_pool(&self, pools: usize) -> usize {
+        (self.max_warm_total / pools.max(1)).min(MAX_WARM_FOR_THREADS).max(self.warm_per_pool(pools))
     }
 }
 
-/// Warm connections per gateway that data-plane threads ask for at most.
-/// Every endpoint agent holds them at every gateway it uses (a gateway
-/// serving thousands of consumers holds thousands of idle connections, and
-/// admits at least 8 per peer that carry no flow yet,
-/// `Limits::pending_tunnels_per_peer`), so more threads than this open
-/// their flows on other threads' connections.
-const MAX_WARM_FOR_THREADS: usize = 4;
+/// Connections per gateway that data-plane threads are given at most: one
+/// for each thread that opened a flow on another thread's connection, so a
+/// thread's flows stay on it. Only threads that carry flows get one (every
+/// gateway holds them for every endpoint agent, and admits at least 8 per
+/// peer that carry no flow yet, `Limits::pending_tunnels_per_peer`); more
+/// threads than this open their flows on other threads' connections.
+const MAX_WARM_FOR_THREADS: usize = 8;
 
 /// Identifies a gateway agent to connect to.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -150,6 +156,11 @@ struct Pool {
     key: GatewayKey,
     /// How many connections to keep up (changes with the number of pools).
     warm: AtomicUsize,
+    /// How many to keep at most, with those of the threads that asked.
+    most: AtomicUsize,
+    /// Data-plane threads (a bit each, the first 64) that opened a flow on
+    /// another thread's connection: the pool keeps one up for each of them too.
+    wanted: AtomicU64,
     conns: Mutex<Vec<Pooled>>,
     /// Wakes the refill task when a connection closed or the target changed.
     changed: Notify,
@@ -197,6 +208,33 @@ impl Pool {
             count[c.shard.min(threads - 1)] += 1;
         }
         (0..threads).min_by_key(|&i| count[i]).unwrap_or(0)
+    }
+
+    /// Records that data-plane thread `shard` opened a flow on another
+    /// thread's connection; true the first time.
+    fn want(&self, shard: usize) -> bool {
+        shard < 64 && self.wanted.fetch_or(1 << shard, Ordering::Relaxed) & (1 << shard) == 0
+    }
+
+    /// The thread a new kept connection should be driven on, if the pool
+    /// needs one: while fewer than `warm` take flows, the thread with the
+    /// fewest; then a thread that asked for its own ([`Pool::want`]) and has
+    /// none, up to `most` connections in all.
+    fn shard_to_fill(&self, warm: usize, most: usize, threads: usize) -> Option<usize> {
+        let mut open = vec![0usize; threads];
+        let mut live = 0;
+        for c in self.conns().iter().filter(|c| c.conn.closed().is_none()) {
+            open[c.shard.min(threads - 1)] += 1;
+            live += usize::from(c.conn.can_open());
+        }
+        if live < warm {
+            return Some(self.emptiest_shard(threads));
+        }
+        if live >= most {
+            return None;
+        }
+        let wanted = self.wanted.load(Ordering::Relaxed);
+        (0..threads.min(64)).find(|&i| wanted & (1 << i) != 0 && open[i] == 0)
     }
 }
 
@@ -290,8 +328,10 @@ impl GatewayPools {
             }
             keep
         });
-        let warm = self.settings.warm_per_pool(wanted.len(), self.shards.len());
+        let warm = self.settings.warm_per_pool(wanted.len());
+        let most = self.settings.most_per_pool(wanted.len());
         for pool in pools.values() {
+            pool.most.store(most, Ordering::Relaxed);
             if pool.warm.swap(warm, Ordering::Relaxed) != warm {
                 pool.changed.notify_one();
             }
@@ -303,6 +343,8 @@ impl GatewayPools {
             let pool = Arc::new(Pool {
                 key: key.clone(),
                 warm: AtomicUsize::new(warm),
+                most: AtomicUsize::new(most),
+                wanted: AtomicU64::new(0),
                 conns: Mutex::default(),
                 changed: Notify::new(),
                 recovered: Notify::new(),
@@ -323,9 +365,14 @@ impl GatewayPools {
     /// so the flow's bytes stay on this thread; another thread's when this
     /// one has none with room.
     pub async fn open(self: &Arc<Self>, key: &GatewayKey, req: &OpenRequest) -> io::Result<Opened> {
+        let here = self.shards.current();
         if let Some(pool) = self.pool(key)
-            && let Some(via) = pool.least_loaded(self.shards.current())
+            && let Some(via) = pool.least_loaded(here)
         {
+            if via.shard != here && pool.want(here) {
+                // This thread gets a connection of its own for its next flows.
+                pool.changed.notify_one();
+            }
             match via.conn.open(req) {
                 Ok(stream) => return Ok(Opened { stream, reused: true, via }),
                 Err(OpenFlowError::Closed(_) | OpenFlowError::Full) => {}
@@ -620,9 +667,8 @@ impl GatewayPools {
                 continue;
             }
             let warm = pool.warm.load(Ordering::Relaxed);
-            if pool.live() < warm {
-                // On the thread with the fewest: with as many as threads, one each.
-                let shard = pool.emptiest_shard(self.shards.len());
+            let most = pool.most.load(Ordering::Relaxed);
+            if let Some(shard) = pool.shard_to_fill(warm, most, self.shards.len()) {
                 let attempt = tokio::select! {
                     r = self.connect_on(shard, &pool.key) => r,
                     () = pool.cancel.cancelled() => return,
@@ -801,6 +847,38 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_thread_without_a_connection_borrows_one_then_gets_its_own() {
+        let shards = Shards::start(3).unwrap();
+        let w = warm_pool_on(2, shards.clone()).await;
+        let pool = w.pools.pool(&w.key).unwrap();
+        let driven_on = || {
+            let mut on: Vec<usize> = pool.conns().iter().map(|c| c.shard).collect();
+            on.sort();
+            on
+        };
+        assert_eq!(driven_on(), [0, 1], "two warm connections, on the first two threads");
+        let open_on_third = || {
+            let (pools, key) = (w.pools.clone(), w.key.clone());
+            shards.spawn(2, &w.tracker, async move {
+                let o = pools.open(&key, &request()).await.unwrap();
+                (o.via.shard, o.stream)
+            })
+        };
+        let (first, _flow) = open_on_third().await.unwrap();
+        assert_ne!(first, 2, "no connection of its own yet: another thread's");
+        while driven_on() != [0, 1, 2] {
+            assert!(Instant::now() < w.deadline, "the third thread never got a connection: {:?}", driven_on());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let (next, _flow2) = open_on_third().await.unwrap();
+        assert_eq!(next, 2, "its next flow goes onto its own connection");
+        // Threads that never open a flow get none: an idle agent holds `warm` connections.
+        assert_eq!(pool.conns().len(), 3);
+        w.stop().await;
+        shards.stop().await;
+    }
+
+    #[tokio::test]
     async fn pool_keeps_connections_up_and_opens_flows_on_them() {
         let w = warm_pool(2).await;
         let (pools, key, accepted, deadline) = (&w.pools, w.key.clone(), &w.accepted, w.deadline);
@@ -970,14 +1048,15 @@ mod tests {
     #[test]
     fn many_gateways_share_the_warm_budget() {
         let s = PoolSettings { warm: 2, max_warm_total: 10, ..PoolSettings::default() };
-        assert_eq!(s.warm_per_pool(1, 1), 2);
-        assert_eq!(s.warm_per_pool(5, 1), 2);
-        assert_eq!(s.warm_per_pool(6, 1), 1);
-        assert_eq!(s.warm_per_pool(11, 1), 0, "beyond the budget a gateway gets no warm connection");
-        assert_eq!(s.warm_per_pool(1, 4), 4, "one per data-plane thread");
-        assert_eq!(s.warm_per_pool(3, 4), 3, "within the budget");
-        let s = PoolSettings { warm: 2, max_warm_total: 1000, ..PoolSettings::default() };
-        assert_eq!(s.warm_per_pool(1, 64), MAX_WARM_FOR_THREADS, "what every gateway holds for this agent");
+        assert_eq!(s.warm_per_pool(1), 2);
+        assert_eq!(s.warm_per_pool(5), 2);
+        assert_eq!(s.warm_per_pool(6), 1);
+        assert_eq!(s.warm_per_pool(11), 0, "beyond the budget a gateway gets no warm connection");
+        // Threads that carry flows add theirs within the same share.
+        assert_eq!(s.most_per_pool(1), MAX_WARM_FOR_THREADS);
+        assert_eq!(s.most_per_pool(3), 3);
+        assert_eq!(s.most_per_pool(6), 1);
+        assert_eq!(s.most_per_pool(11), 0);
     }
 
     #[tokio::test]
