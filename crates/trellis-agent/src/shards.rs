@@ -5,8 +5,9 @@
 //! driver, the flow's own task, the accept that started it) run on whichever
 //! worker is free, and the runtime wakes one worker from another to share the
 //! work: on a machine whose cores are busy with other processes that costs a
-//! futex wake and a cold cache per hand-over, up to a quarter of the CPU per
-//! byte moved (docs/performance.md, "Data-plane threads"). Here every thread
+//! futex wake and a cold cache per hand-over, about a sixth of the CPU per
+//! byte moved in our measurements (docs/performance.md, "Data-plane
+//! threads"). Here every thread
 //! runs a runtime of its own and accepts on a listener of its own (the
 //! kernel spreads new connections over them with `SO_REUSEPORT`); a
 //! connection accepted on a thread is served there, a tunnel connection is
@@ -15,7 +16,8 @@
 //! threads on the way of a flow's bytes.
 //!
 //! With one thread ([`Shards::inline`]) the data plane runs on the caller's
-//! runtime, as everything else does; that is what tests and `trellis dev` use.
+//! runtime, as everything else does; that is what most tests and `trellis
+//! dev` use (`trellis agent` runs one thread per CPU, at most 8).
 
 use std::cell::Cell;
 use std::future::Future;
