@@ -132,6 +132,15 @@ impl Shards {
     }
 }
 
+impl Drop for Inner {
+    /// The threads end with the last handle (an agent that failed to start
+    /// after starting them leaves none behind). Not joined here: the last
+    /// handle may be dropped on one of them.
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
 /// Listening sockets on `addr`, one per shard, sharing the address with
 /// `SO_REUSEPORT` when there is more than one (the kernel spreads new
 /// connections over them). Port 0 picks one port for all. Accepted sockets

@@ -292,6 +292,23 @@ async fn agents_with_two_data_plane_threads_serve_every_connection_and_stop_thei
 }
 
 #[tokio::test]
+async fn an_agent_that_fails_to_start_leaves_no_data_plane_thread_behind() {
+    let ca = TestCa::new();
+    let identity = ca.issue(GW, "acct-000000000001", "vpc-00000000000000001");
+    // The metrics address is taken: start fails after the threads started.
+    let taken = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (_config, rx) = watch::channel(Arc::new(AgentConfig::default()));
+    let opts = DataPlaneOptions {
+        metrics_listen: Some(taken.local_addr().unwrap()),
+        data_plane_threads: 2,
+        ..DataPlaneOptions::loopback()
+    };
+    let err = start_data_plane(opts, &identity, rx).await.err().expect("the metrics address is in use");
+    assert!(err.to_string().contains("metrics"), "{err}");
+    eventually("the data-plane threads to end", Duration::from_secs(5), || threads_named("trellis-dp-") == 0).await;
+}
+
+#[tokio::test]
 async fn denied_endpoint_id_is_refused() {
     let s = setup("vpce-0000000000000000f").await;
     let mut client = TcpStream::connect(s.client_target).await.unwrap();
