@@ -48,6 +48,14 @@ fn an_endpoint_only_agent_binds_no_tunnel_listener_and_serves_next_to_a_gateway_
     expected.sort();
     assert_eq!(listening, expected, "the endpoint-only agent listens where it should not");
     assert!(consumer.proc.output().contains("no tunnel listener (endpoints only)"), "the summary says so");
+    // Its data plane runs on a thread per CPU (at most 8), each listening on the endpoint address.
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from).min(8);
+    let threads: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", consumer.proc.pid()))
+        .expect("the agent's threads")
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|name| name.starts_with("trellis-dp-"))
+        .collect();
+    assert_eq!(threads.len(), if cpus > 1 { cpus } else { 0 }, "data-plane threads: {threads:?}");
     // The gateway agent does have its tunnel listener.
     assert!(env.owner_agent.listening_tcp().contains(&env.owner_agent.tunnel_addr));
 }

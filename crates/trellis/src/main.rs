@@ -57,10 +57,14 @@ fn main() -> ExitCode {
     }
 }
 
-/// The data plane's worker threads asked for with `--worker-threads` (agent and relay).
+/// Workers of the main runtime. An agent's data plane runs on threads of its
+/// own (`--worker-threads` of them, see `trellis_agent::shards`; with one, on
+/// this runtime), so its main runtime needs one worker for the control-plane
+/// client, DNS, metrics and health checks. A relay runs on this runtime,
+/// `--worker-threads` workers.
 fn worker_threads(command: &Command) -> Option<u16> {
     match command {
-        Command::Agent(AgentCommand { verb: None, run }) => run.worker_threads,
+        Command::Agent(AgentCommand { verb: None, .. }) => Some(1),
         Command::Relay(RelayCommand { run }) => run.worker_threads,
         _ => None,
     }

@@ -69,7 +69,14 @@ pub(crate) async fn reopen_on_sighup(log: AccessLog) {
             }
         };
         while hup.recv().await.is_some() {
-            match log.reopen() {
+            // Off the runtime: reopening waits for the log's writer (up to 1 s
+            // for its lines, longer if its sink hangs), and an agent's main
+            // runtime has one worker, which serves DNS and the control plane.
+            let reopening = log.clone();
+            let reopened = tokio::task::spawn_blocking(move || reopening.reopen())
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+            match reopened {
                 Ok(()) => tracing::info!(path = %path.display(), "SIGHUP: reopened the access log"),
                 Err(e) => {
                     tracing::error!(path = %path.display(), "SIGHUP: cannot reopen the access log, still writing to the old file: {e}")
