@@ -485,10 +485,11 @@ async fn start_with_listener(
         open_timeout: opts.open_timeout,
     });
     let (served_tx, served_rx) = watch::channel(ServedState::default());
+    // Every listener is a socket per data-plane thread.
+    let listener_budget = (limits.endpoint_listeners / shards.len()).max(16);
     tracker.spawn(endpoint::listeners::run(
         endpoint_ctx,
-        // Every listener is a socket per data-plane thread.
-        (limits.endpoint_listeners / shards.len()).max(16),
+        listener_budget,
         endpoint::routes::RouteManager::new(opts.manage_routes),
         served_tx,
         tracker.clone(),
@@ -506,7 +507,7 @@ async fn start_with_listener(
     if let Some(listener) = metrics_listener {
         tracker.spawn(metrics::serve(listener, metrics.clone(), tracker.clone(), shutdown.clone()));
     }
-    tracing::info!(?tunnel_addr, ?dns_addr, ?metrics_addr, agent_id = %identity.agent_id, "data plane started");
+    tracing::info!(?tunnel_addr, ?dns_addr, ?metrics_addr, agent_id = %identity.agent_id, data_plane_threads = shards.len(), endpoint_listeners = listener_budget, "data plane started");
     Ok(RunningAgent {
         agent_id: identity.agent_id.clone(),
         tunnel_addr,

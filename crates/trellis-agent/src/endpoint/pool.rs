@@ -213,7 +213,11 @@ impl Pool {
     /// Records that data-plane thread `shard` opened a flow on another
     /// thread's connection; true the first time.
     fn want(&self, shard: usize) -> bool {
-        shard < 64 && self.wanted.fetch_or(1 << shard, Ordering::Relaxed) & (1 << shard) == 0
+        let bit = 1u64.checked_shl(u32::try_from(shard).unwrap_or(u32::MAX)).unwrap_or(0);
+        // A load first: every flow of a thread without a connection of its own comes here.
+        bit != 0
+            && self.wanted.load(Ordering::Relaxed) & bit == 0
+            && self.wanted.fetch_or(bit, Ordering::Relaxed) & bit == 0
     }
 
     /// The thread a new kept connection should be driven on, if the pool
