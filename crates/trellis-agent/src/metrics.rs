@@ -97,6 +97,8 @@ pub struct Metrics {
     pub relay_up: Family<Vec<(String, String)>, Gauge>,
     /// Access-log lines dropped because the log's sink stopped taking them.
     pub access_log_dropped: Counter,
+    /// Gateway side: direct tunnel connections open (handshaking or serving), by data-plane thread.
+    pub tunnel_connections: Family<Vec<(String, String)>, Gauge>,
 }
 
 /// Why an endpoint agent's attempt through a relay failed (`trellis_endpoint_relay_failures_total`).
@@ -182,6 +184,12 @@ impl Metrics {
             "Access-log lines dropped because the log's file or stdout stopped taking them (16 MiB waited)",
             access_log_dropped.clone(),
         );
+        let tunnel_connections = Family::<Vec<(String, String)>, Gauge>::default();
+        registry.register(
+            "tunnel_connections",
+            "Gateway side: tunnel connections accepted and open now (handshaking or serving), by the data-plane thread that serves them (thread=0..N-1)",
+            tunnel_connections.clone(),
+        );
         Self {
             registry,
             flow_series: std::sync::RwLock::default(),
@@ -200,7 +208,13 @@ impl Metrics {
             relay_failures,
             relay_up,
             access_log_dropped,
+            tunnel_connections,
         }
+    }
+
+    /// The gauge of tunnel connections served by data-plane thread `thread`.
+    pub(crate) fn tunnel_connections_of(&self, thread: usize) -> Gauge {
+        self.tunnel_connections.get_or_create(&vec![("thread".to_string(), thread.to_string())]).clone()
     }
 
     /// The series of a flow with `labels` (created at their first flow).

@@ -22,6 +22,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::io::{AsyncBufRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
@@ -97,6 +98,8 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) {
     let acceptor = TlsAcceptor::from(tls);
+    let here = ctx.shards.current();
+    let loads: Vec<Gauge> = (0..ctx.shards.len()).map(|i| ctx.metrics.tunnel_connections_of(i)).collect();
     loop {
         let permit = tokio::select! {
             p = ctx.connections.clone().acquire_owned() => match p {
@@ -122,13 +125,62 @@ pub async fn serve(
             tracing::debug!(%peer, "too many tunnel handshakes in progress; closing");
             continue;
         };
-        let ctx = ctx.clone();
-        let acceptor = acceptor.clone();
-        let cancel = shutdown.child_token();
-        tracker.spawn(async move {
-            handle(tcp, peer, acceptor, handshake, ctx, cancel).await;
-            drop(permit);
+        // The kernel picked this thread by a hash of the addresses: the connection goes to the
+        // thread serving the fewest (this one on a tie), so one peer's connections spread over the
+        // cores whatever their ports. Tunnel connections are few and long-lived; moving one costs
+        // two epoll registrations.
+        let thread = least_loaded(&loads, here);
+        let counted = Counted::new(loads[thread].clone());
+        let (ctx, acceptor, cancel) = (ctx.clone(), acceptor.clone(), shutdown.child_token());
+        if thread == here {
+            tracker.spawn(async move {
+                handle(tcp, peer, acceptor, handshake, ctx, cancel).await;
+                drop((permit, counted));
+            });
+            continue;
+        }
+        let tcp = match tcp.into_std() {
+            Ok(tcp) => tcp,
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "could not hand a tunnel connection to another thread; closing it");
+                continue;
+            }
+        };
+        let shards = ctx.shards.clone();
+        shards.spawn(thread, &tracker, async move {
+            match TcpStream::from_std(tcp) {
+                Ok(tcp) => handle(tcp, peer, acceptor, handshake, ctx, cancel).await,
+                Err(e) => tracing::debug!(%peer, error = %e, "could not take over a tunnel connection; closing it"),
+            }
+            drop((permit, counted));
         });
+    }
+}
+
+/// The thread serving the fewest tunnel connections, `here` among equals.
+fn least_loaded(loads: &[Gauge], here: usize) -> usize {
+    let mut best = here;
+    for (thread, load) in loads.iter().enumerate() {
+        if load.get() < loads[best].get() {
+            best = thread;
+        }
+    }
+    best
+}
+
+/// Counts a tunnel connection on its thread's gauge while it lives.
+struct Counted(Gauge);
+
+impl Counted {
+    fn new(gauge: Gauge) -> Self {
+        gauge.inc();
+        Self(gauge)
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 
@@ -625,21 +677,7 @@ mod tests {
         };
         let _opened = ep.open(&req).unwrap();
         let (stream, req) = gw.accept().await.unwrap();
-        let (_config_tx, config) = watch::channel(Arc::new(AgentConfig::default()));
-        let ctx = Arc::new(GatewayContext {
-            config,
-            metrics: Arc::new(Metrics::new()),
-            usage: Arc::default(),
-            access_log: AccessLog::disabled(),
-            timeouts: GatewayTimeouts::default(),
-            connections: Arc::new(Semaphore::new(16)),
-            handshakes: Arc::new(Semaphore::new(16)),
-            peers: Arc::new(PeerTable::new(4, 4)),
-            services: Arc::default(),
-            consumers: Arc::default(),
-            flows: TaskTracker::new(),
-            shards: crate::shards::Shards::inline(),
-        });
+        let ctx = context(crate::shards::Shards::inline(), GatewayTimeouts::default().handshake);
         let peer_id = Arc::new(PeerIdentity {
             agent_id: "agent-0000000000000000c".into(),
             account_id: "acct-000000000009".into(),
@@ -653,24 +691,73 @@ mod tests {
         assert!(size <= 1_536, "an open flow's task is {size} bytes");
     }
 
-    #[tokio::test]
-    async fn a_refused_peer_that_stops_reading_loses_its_connection_and_slot_by_the_deadline() {
-        // No consumers: the peer (as after a resumed TLS session) is no longer admitted.
+    fn context(shards: crate::shards::Shards, handshake: Duration) -> Arc<GatewayContext> {
         let (_config_tx, config) = watch::channel(Arc::new(AgentConfig::default()));
-        let ctx = Arc::new(GatewayContext {
+        Arc::new(GatewayContext {
             config,
             metrics: Arc::new(Metrics::new()),
             usage: Arc::default(),
             access_log: AccessLog::disabled(),
-            timeouts: GatewayTimeouts { handshake: Duration::from_millis(300), ..GatewayTimeouts::default() },
+            timeouts: GatewayTimeouts { handshake, ..GatewayTimeouts::default() },
             connections: Arc::new(Semaphore::new(16)),
             handshakes: Arc::new(Semaphore::new(16)),
             peers: Arc::new(PeerTable::new(4, 4)),
             services: Arc::default(),
             consumers: Arc::default(),
             flows: TaskTracker::new(),
-            shards: crate::shards::Shards::inline(),
-        });
+            shards,
+        })
+    }
+
+    #[tokio::test]
+    async fn tunnel_connections_are_served_by_the_thread_with_the_fewest_whatever_the_kernel_picked() {
+        let shards = crate::shards::Shards::start(2).unwrap();
+        let ctx = context(shards.clone(), Duration::from_secs(30));
+        let listeners = crate::shards::bind_listeners("127.0.0.1:0".parse().unwrap(), 2, true).unwrap();
+        let addr = listeners[0].local_addr().unwrap();
+        let (tracker, shutdown) = (TaskTracker::new(), CancellationToken::new());
+        let id = crate::testing::TestCa::new().issue(
+            "agent-0000000000000000a",
+            "acct-000000000001",
+            "vpc-00000000000000001",
+        );
+        let tls = crate::tls::tunnel_server_config(&id, Arc::new(crate::tls::AnyAgent)).unwrap();
+        for (index, listener) in listeners.into_iter().enumerate() {
+            let (tls, ctx, tracker2, shutdown) = (tls.clone(), ctx.clone(), tracker.clone(), shutdown.clone());
+            shards.spawn(index, &tracker, async move {
+                serve(TcpListener::from_std(listener).unwrap(), tls, ctx, tracker2, shutdown).await;
+            });
+        }
+        let loads =
+            |ctx: &GatewayContext| -> Vec<i64> { (0..2).map(|i| ctx.metrics.tunnel_connections_of(i).get()).collect() };
+        // Connections that never start their handshake stay counted until its deadline.
+        let mut held = Vec::new();
+        for n in 1..=6 {
+            held.push(TcpStream::connect(addr).await.unwrap());
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+            while loads(&ctx).iter().sum::<i64>() < n {
+                assert!(tokio::time::Instant::now() < deadline, "connection {n} was not counted: {:?}", loads(&ctx));
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        assert_eq!(loads(&ctx), vec![3, 3], "each thread serves half");
+        assert!(ctx.metrics.encode().contains("trellis_tunnel_connections{thread=\"1\"} 3"));
+        drop(held);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while loads(&ctx) != vec![0, 0] {
+            assert!(tokio::time::Instant::now() < deadline, "closed connections stay counted: {:?}", loads(&ctx));
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        shutdown.cancel();
+        tracker.close();
+        tracker.wait().await;
+        shards.stop().await;
+    }
+
+    #[tokio::test]
+    async fn a_refused_peer_that_stops_reading_loses_its_connection_and_slot_by_the_deadline() {
+        // No consumers: the peer (as after a resumed TLS session) is no longer admitted.
+        let ctx = context(crate::shards::Shards::inline(), Duration::from_millis(300));
         let peer_id = Arc::new(PeerIdentity {
             agent_id: "agent-0000000000000000c".into(),
             account_id: "acct-000000000009".into(),
