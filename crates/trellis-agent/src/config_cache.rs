@@ -89,10 +89,15 @@ pub async fn run_poller(
 ) {
     let mut backoff = BACKOFF_MIN;
     let mut failures: u64 = 0;
+    // The served config's hash, computed once per config (a large config takes milliseconds to hash).
+    let mut hashed: Option<(u64, String)> = None;
     loop {
         let (after, have) = {
             let current = tx.borrow();
-            (current.version, (current.version != 0).then(|| content_sha256(&current)))
+            if current.version != 0 && hashed.as_ref().is_none_or(|(v, _)| *v != current.version) {
+                hashed = Some((current.version, content_sha256(&current)));
+            }
+            (current.version, hashed.as_ref().filter(|(v, _)| *v == current.version).map(|(_, h)| h.clone()))
         };
         let result = tokio::select! {
             r = client.poll_config(after, have.as_deref(), LONG_POLL_WAIT) => r,
@@ -118,11 +123,20 @@ pub async fn run_poller(
             Ok(Some(config)) => {
                 backoff = BACKOFF_MIN;
                 failures = 0;
-                if let Err(e) = save(&state_dir, &config) {
-                    tracing::warn!(error = %e, "could not cache the config on disk; serving it anyway");
+                // Serializing and syncing a large config takes milliseconds: off the runtime, whose one
+                // worker answers DNS and reports (the config is applied once it is on disk).
+                let config = Arc::new(config);
+                let saving = {
+                    let (dir, config) = (state_dir.clone(), config.clone());
+                    tokio::task::spawn_blocking(move || save(&dir, &config))
+                };
+                match saving.await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::warn!(error = %e, "could not cache the config on disk; serving it anyway"),
+                    Err(e) => tracing::warn!(error = %e, "caching the config on disk failed; serving it anyway"),
                 }
                 tracing::info!(version = config.version, "applying config");
-                tx.send_replace(Arc::new(config));
+                tx.send_replace(config);
                 continue;
             }
             Err(e) => {
