@@ -599,6 +599,16 @@ impl MuxConnection {
         self.state().closed.clone()
     }
 
+    /// Endpoint side: how many flows were opened here so far (it only grows).
+    pub fn opened(&self) -> u32 {
+        self.state().ids
+    }
+
+    /// Whether `other` is a handle of this same connection.
+    pub fn same(&self, other: &MuxConnection) -> bool {
+        Arc::ptr_eq(&self.shared, &other.shared)
+    }
+
     /// Whether a new flow may be opened here.
     pub fn can_open(&self) -> bool {
         let st = self.state();

@@ -10,7 +10,10 @@
 //! unreachable. A new flow goes to the open connection that carries the
 //! fewest flows; when every one is full (`MAX_FLOWS_PER_CONNECTION`), a new
 //! connection is made (concurrent opens share one connect), and one made
-//! beyond the warm ones closes once its last flow ends. The number of connections kept up across all pools is
+//! beyond the warm ones closes once its last flow ends. A data-plane thread
+//! that opened a flow on another thread's connection is given one of its own
+//! (see `Pool::shard_to_fill`), closed again after `PoolSettings::idle_close`
+//! without a new flow. The number of connections kept up across all pools is
 //! capped (from the open-files limit); with many gateways each pool keeps
 //! fewer. Pools of gateways that leave the config are drained: their
 //! connections close when their last flow ends. A pool never opens a flow by
@@ -26,6 +29,8 @@ use std::io;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use tokio::time::Instant;
 
 use futures_util::FutureExt;
 use futures_util::future::{BoxFuture, Shared};
@@ -92,6 +97,10 @@ pub struct PoolSettings {
     pub probe_first: Duration,
     /// … up to this.
     pub probe_max: Duration,
+    /// A connection kept for a data-plane thread (beyond the warm ones) that
+    /// carried no new flow for this long is closed; the thread gets one again
+    /// once it opens a flow on another thread's.
+    pub idle_close: Duration,
 }
 
 impl Default for PoolSettings {
@@ -102,6 +111,7 @@ impl Default for PoolSettings {
             connect_timeout: Duration::from_secs(5),
             probe_first: Duration::from_secs(1),
             probe_max: Duration::from_secs(30),
+            idle_close: Duration::from_secs(300),
         }
     }
 }
@@ -218,6 +228,36 @@ impl Pool {
         bit != 0
             && self.wanted.load(Ordering::Relaxed) & bit == 0
             && self.wanted.fetch_or(bit, Ordering::Relaxed) & bit == 0
+    }
+
+    /// Closes the connections beyond the `warm` ones that carried no new
+    /// flow for `idle` (each since `seen` first saw it idle), and forgets
+    /// that their threads asked for one. `seen` is the caller's memory of
+    /// each connection: flows opened so far, and since when that count holds.
+    fn close_idle(&self, warm: usize, idle: Duration, seen: &mut Vec<(MuxConnection, u32, Instant)>, now: Instant) {
+        let mut conns = self.conns();
+        conns.retain(|c| c.conn.closed().is_none());
+        seen.retain(|(conn, _, _)| conns.iter().any(|c| c.conn.same(conn)));
+        let mut kept = conns.iter().filter(|c| c.conn.can_open() && c.conn.is_kept()).count();
+        for c in conns.iter().filter(|c| c.conn.can_open() && c.conn.is_kept()) {
+            let (opened, busy) = (c.conn.opened(), c.conn.flows() > 0);
+            let Some(entry) = seen.iter_mut().find(|(conn, _, _)| conn.same(&c.conn)) else {
+                seen.push((c.conn.clone(), opened, now));
+                continue;
+            };
+            if busy || entry.1 != opened {
+                (entry.1, entry.2) = (opened, now);
+                continue;
+            }
+            if kept > warm && now.duration_since(entry.2) >= idle {
+                c.conn.drain();
+                kept -= 1;
+                if let Some(bit) = 1u64.checked_shl(u32::try_from(c.shard).unwrap_or(u32::MAX)) {
+                    self.wanted.fetch_and(!bit, Ordering::Relaxed);
+                }
+                tracing::debug!(gateway = %self.key.agent_id, thread = c.shard, "closing a tunnel connection idle for {idle:?}");
+            }
+        }
     }
 
     /// The thread a new kept connection should be driven on, if the pool
@@ -661,7 +701,14 @@ impl GatewayPools {
 
     async fn refill(self: &Arc<Self>, pool: Arc<Pool>) {
         let mut backoff = Duration::from_millis(200);
+        let mut seen = Vec::new();
+        let idle = self.settings.idle_close;
+        let mut next_check = tokio::time::Instant::now() + idle / 4;
         loop {
+            if tokio::time::Instant::now() >= next_check {
+                pool.close_idle(pool.warm.load(Ordering::Relaxed), idle, &mut seen, Instant::now());
+                next_check = tokio::time::Instant::now() + idle / 4;
+            }
             if self.is_down(&pool.key) {
                 // The probe task reconnects; the pool waits for its verdict.
                 tokio::select! {
@@ -700,6 +747,7 @@ impl GatewayPools {
             }
             tokio::select! {
                 () = pool.changed.notified() => {}
+                () = tokio::time::sleep_until(next_check) => {}
                 () = pool.cancel.cancelled() => return,
             }
         }
@@ -791,13 +839,19 @@ mod tests {
 
     /// [`warm_pool`] driven on `shards`.
     async fn warm_pool_on(warm: usize, shards: Shards) -> Warm {
+        warm_pool_with(PoolSettings { warm, ..PoolSettings::default() }, shards).await
+    }
+
+    /// [`warm_pool_on`] with `settings`.
+    async fn warm_pool_with(settings: PoolSettings, shards: Shards) -> Warm {
+        let warm = settings.warm;
         let ca = TestCa::new();
         let client = ca.issue("agent-0000000000000000b", "acct-2", "vpc-2");
         let (key, accepted, drop_all, server) = holding_gateway(&ca, TcpListener::bind("127.0.0.1:0").await.unwrap());
         let (shutdown, tracker) = (CancellationToken::new(), TaskTracker::new());
         let pools = Arc::new(GatewayPools::new(
             tls::tunnel_client_config(&client).unwrap(),
-            PoolSettings { warm, ..PoolSettings::default() },
+            settings,
             Arc::default(),
             shards,
             tracker.clone(),
@@ -878,6 +932,62 @@ mod tests {
         assert_eq!(next, 2, "its next flow goes onto its own connection");
         // Threads that never open a flow get none: an idle agent holds `warm` connections.
         assert_eq!(pool.conns().len(), 3);
+        w.stop().await;
+        shards.stop().await;
+    }
+
+    #[tokio::test]
+    async fn a_thread_s_own_connection_idle_for_long_is_closed_and_given_again_when_it_opens_flows() {
+        let shards = Shards::start(3).unwrap();
+        let idle_close = Duration::from_millis(400);
+        let w = warm_pool_with(PoolSettings { warm: 2, idle_close, ..PoolSettings::default() }, shards.clone()).await;
+        let pool = w.pools.pool(&w.key).unwrap();
+        let open_on = |shard: usize| {
+            let (pools, key) = (w.pools.clone(), w.key.clone());
+            shards.spawn(shard, &w.tracker, async move { pools.open(&key, &request()).await.unwrap().via.shard })
+        };
+        let kept_on = || {
+            let mut on: Vec<usize> =
+                pool.conns().iter().filter(|c| c.conn.is_kept() && c.conn.can_open()).map(|c| c.shard).collect();
+            on.sort();
+            on
+        };
+        for round in 0..2 {
+            // Every thread opens a flow: each gets a connection of its own.
+            while kept_on() != [0, 1, 2] {
+                for shard in 0..3 {
+                    let _ = open_on(shard).await.unwrap();
+                }
+                assert!(Instant::now() < w.deadline, "round {round}: a thread never got a connection");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            // No flow for longer than idle_close: one connection goes, the warm two stay.
+            let quiet = Instant::now();
+            while kept_on().len() != 2 {
+                assert!(quiet.elapsed() < Duration::from_secs(5), "round {round}: the idle connection was kept");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            assert!(quiet.elapsed() >= idle_close / 2, "closed before it was idle for long");
+            let wanted = pool.wanted.load(Ordering::Relaxed);
+            let on = kept_on();
+            assert!((0..3).all(|i| wanted & (1 << i) == 0 || on.contains(&i)), "a closed thread's request stayed");
+        }
+        // Connections that keep carrying flows are never closed for idleness.
+        while kept_on() != [0, 1, 2] {
+            for shard in 0..3 {
+                let _ = open_on(shard).await.unwrap();
+            }
+            assert!(Instant::now() < w.deadline, "the threads never got their connections back");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let busy_until = Instant::now() + 3 * idle_close;
+        while Instant::now() < busy_until {
+            for shard in 0..3 {
+                assert_eq!(open_on(shard).await.unwrap(), shard);
+            }
+            assert_eq!(kept_on(), [0, 1, 2], "a connection in use was closed");
+            tokio::time::sleep(idle_close / 8).await;
+        }
         w.stop().await;
         shards.stop().await;
     }
