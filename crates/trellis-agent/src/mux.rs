@@ -2112,6 +2112,36 @@ mod tests {
         (raw, gw)
     }
 
+    thread_local! {
+        /// Writes to attached flows' local sockets on this thread.
+        pub(super) static LOCAL_WRITES: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    }
+
+    #[tokio::test]
+    async fn tiny_frames_cost_one_write_per_read_not_one_per_frame() {
+        let (mut raw, gw) = raw_to_gateway().await;
+        let mut frames = Vec::new();
+        mux::encode_open(1, &request(80), &mut frames).unwrap();
+        raw.write_all(&frames).await.unwrap();
+        let (stream, _) = gw.accept().await.unwrap();
+        let (mut app, local) = local_pair().await;
+        let _spliced = spawn_attached(local, stream);
+        // 4,096 one-byte DATA frames in one write: the driver reads them 8 KiB at a time.
+        let mut frames = Vec::new();
+        for i in 0..4096u32 {
+            mux::encode_header(mux::DATA, 1, 1, &mut frames);
+            frames.push(i as u8);
+        }
+        let reads = frames.len().div_ceil(8 * 1024);
+        LOCAL_WRITES.with(|w| w.set(0));
+        raw.write_all(&frames).await.unwrap();
+        let mut got = vec![0u8; 4096];
+        app.read_exact(&mut got).await.unwrap();
+        assert!(got.iter().enumerate().all(|(i, &b)| b == i as u8), "bytes out of order");
+        let writes = LOCAL_WRITES.with(std::cell::Cell::get);
+        assert!(writes <= 2 * reads + 2, "{writes} writes to the local socket for {reads} reads of 4,096 frames");
+    }
+
     #[tokio::test]
     async fn one_byte_frames_cost_about_their_payload() {
         let (mut raw, gw) = raw_to_gateway().await;
