@@ -4,7 +4,8 @@
 //! connections; agents restarted during the outage serve the config cached in
 //! their state directory; when the control plane comes back (same data
 //! directory, same address) the agents reconnect by themselves and a
-//! revocation made then takes effect within seconds.
+//! revocation made then takes effect within seconds. Nor on its access
+//! log's reader: a log pipe nobody reads stalls the log, not the flows.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
@@ -106,4 +107,81 @@ fn endpoints_keep_working_without_the_control_plane_and_revocation_works_once_it
         env.owner.usage(config_id).iter().find(|r| r["consumerAccountId"] == env.consumer.id()).cloned()
     });
     assert_eq!(pg.psql(FRUITS_QUERY).expect("direct psql"), FRUITS, "the database itself is untouched");
+}
+
+/// An agent's access log written to a pipe nobody reads (a log collector that
+/// hung): once the pipe is full the log's writer waits, and the flows do not.
+#[test]
+fn a_log_pipe_nobody_reads_never_stalls_flows() {
+    use trellis_e2e::PairOptions;
+    use trellis_e2e::tcp_service::{TcpService, echo_roundtrip};
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let pipes: Vec<std::path::PathBuf> =
+        ["owner", "consumer"].iter().map(|n| dir.path().join(format!("{n}.log"))).collect();
+    let mut held = Vec::new();
+    for pipe in &pipes {
+        let made = std::process::Command::new("mkfifo").arg(pipe).status().expect("run mkfifo");
+        assert!(made.success(), "mkfifo {}", pipe.display());
+        // Opened for reading and writing, so neither this open nor the agent's blocks; never read.
+        held.push(std::fs::OpenOptions::new().read(true).write(true).open(pipe).expect("open the pipe"));
+    }
+    let log_args = |pipe: &std::path::Path| vec!["--access-log".to_string(), pipe.display().to_string()];
+    let env = LoopbackPair::start_with(PairOptions {
+        owner_agent_args: log_args(&pipes[0]),
+        consumer_agent_args: log_args(&pipes[1]),
+        ..PairOptions::default()
+    });
+    let echo_addr = SocketAddr::new(LOCALHOST, free_port(LOCALHOST));
+    let _echo = TcpService::echo("echo", echo_addr, None);
+    let config = env.owner.create_ip_config("echo", &env.gateway_id, "127.0.0.1", &[&echo_addr.port().to_string()]);
+    let config_arn = config["arn"].as_str().expect("config arn").to_string();
+    env.share("echo-share", &config_arn);
+    let at = endpoint_address(&env.create_endpoint(&config_arn));
+    let endpoint = SocketAddr::new(at.ip.parse().expect("endpoint IPv4"), echo_addr.port());
+    wait_until("the endpoint to answer", Duration::from_secs(30), || {
+        echo_roundtrip(endpoint, b"ping", Duration::from_secs(2)).ok()
+    });
+    // Each flow logs a line on each agent: 600 of them fill a 64 KiB pipe several times over.
+    let started = Instant::now();
+    for i in 0..600 {
+        let message = format!("flow {i}");
+        let back = echo_roundtrip(endpoint, message.as_bytes(), Duration::from_secs(5))
+            .unwrap_or_else(|e| panic!("flow {i} with the access-log pipe full: {e}"));
+        assert_eq!(back, message.as_bytes());
+    }
+    assert!(started.elapsed() < Duration::from_secs(60), "600 flows took {:?}", started.elapsed());
+    // The pipes are full and the agents' log writers wait with the rest: what is
+    // read now is followed by more, and in the end every flow's line arrives.
+    for (pipe, file) in pipes.iter().zip(held) {
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut reader = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(0o4000) // O_NONBLOCK
+            .open(pipe)
+            .expect("open the pipe to look");
+        let mut buf = vec![0u8; 1 << 20];
+        let mut read = |buf: &mut [u8]| match std::io::Read::read(&mut reader, buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => 0,
+            Err(e) => panic!("read {}: {e}", pipe.display()),
+        };
+        let first = read(&mut buf);
+        let mut lines = buf[..first].iter().filter(|&&b| b == b'\n').count();
+        let mut total = first;
+        let mut quiet_since = Instant::now();
+        while quiet_since.elapsed() < Duration::from_secs(2) {
+            let n = read(&mut buf);
+            if n == 0 {
+                std::thread::sleep(Duration::from_millis(20));
+                continue;
+            }
+            lines += buf[..n].iter().filter(|&&b| b == b'\n').count();
+            total += n;
+            quiet_since = Instant::now();
+        }
+        assert!(first < total, "{}: all {total} bytes fit the pipe; the log never waited", pipe.display());
+        assert!(lines >= 600, "{}: {lines} access-log lines for 600 flows", pipe.display());
+        drop(file);
+    }
 }
