@@ -57,7 +57,8 @@ pub async fn run(
     let mut open: HashMap<ListenerKey, CancellationToken> = HashMap::new();
     loop {
         let config = config_rx.borrow_and_update().clone();
-        let state = reconcile(&config, budget, &ctx, &mut routes, &mut open, &tracker, &shutdown);
+        routes = apply_routes(routes, &config).await;
+        let state = reconcile(&config, budget, &ctx, &mut open, &tracker, &shutdown);
         served.send_replace(state);
         tokio::select! {
             r = config_rx.changed() => if r.is_err() { break },
@@ -67,7 +68,30 @@ pub async fn run(
     for (_, cancel) in open.drain() {
         cancel.cancel();
     }
-    routes.remove_all();
+    let _ = tokio::task::spawn_blocking(move || routes.remove_all()).await;
+}
+
+/// Makes the config's address pool local when it must be (see [`RouteManager::apply`]):
+/// off the runtime, since that runs `ip route` and binds a probe socket per address.
+async fn apply_routes(mut routes: RouteManager, config: &AgentConfig) -> RouteManager {
+    if !routes.is_enabled() {
+        return routes;
+    }
+    let pool = config.address_pool.clone();
+    let addresses: Vec<std::net::IpAddr> =
+        config.endpoints.iter().flat_map(|e| e.resources.iter().map(|r| r.address)).collect();
+    match tokio::task::spawn_blocking(move || {
+        routes.apply(&pool, addresses.into_iter());
+        routes
+    })
+    .await
+    {
+        Ok(routes) => routes,
+        Err(e) => {
+            tracing::error!(error = %e, "managing the address pool's route failed; no longer managing it");
+            RouteManager::new(false)
+        }
+    }
 }
 
 /// The listeners to hold for `config` within `budget`, and the error of each
@@ -143,13 +167,10 @@ fn reconcile(
     config: &AgentConfig,
     budget: usize,
     ctx: &Arc<EndpointContext>,
-    routes: &mut RouteManager,
     open: &mut HashMap<ListenerKey, CancellationToken>,
     tracker: &TaskTracker,
     shutdown: &CancellationToken,
 ) -> ServedState {
-    routes.apply(&config.address_pool, config.endpoints.iter().flat_map(|e| e.resources.iter().map(|r| r.address)));
-
     let serving: HashSet<&str> = open.keys().map(|k| k.vpc_endpoint_id.as_str()).collect();
     let (desired, mut errors) = plan(config, budget, &serving);
     let mut pairs: Vec<(String, String)> = Vec::new();

@@ -37,6 +37,11 @@ impl RouteManager {
         Self { enabled, installed: None }
     }
 
+    /// Whether it manages routes at all (`--manage-routes`).
+    pub fn is_enabled(&self) -> bool {
+        self.enabled
+    }
+
     /// Makes `pool` local if some of `addresses` (in it) cannot be bound yet.
     pub fn apply(&mut self, pool: &str, addresses: impl Iterator<Item = IpAddr>) {
         if !self.enabled || pool.is_empty() {
