@@ -23,6 +23,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use trellis_proto::agent_api::ListenerStatus;
+use trellis_proto::stream::OpenRequest;
 use trellis_proto::{AgentConfig, MAX_LISTENERS_PER_ENDPOINT};
 
 use super::pool::GatewayKey;
@@ -263,8 +264,13 @@ async fn accept_loop(
         match accepted {
             Ok((client, client_addr)) => {
                 let ctx = ctx.clone();
-                let (endpoint, resource) = (key.vpc_endpoint_id.clone(), key.resource_configuration_id.clone());
-                tracker.spawn(serve_client(client, client_addr, port, endpoint, resource, ctx, cancel.clone()));
+                let req = OpenRequest {
+                    vpc_endpoint_id: key.vpc_endpoint_id.clone(),
+                    resource_configuration_id: key.resource_configuration_id.clone(),
+                    port,
+                    client_addr,
+                };
+                tracker.spawn(serve_client(client, req, ctx, cancel.clone()));
             }
             Err(e) => {
                 tracing::warn!(addr = %key.addr, error = %e, "accept failed");

@@ -7,7 +7,6 @@
 //! client sees a failure instead of an empty, clean close.
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -83,25 +82,16 @@ fn attempt_note(gateway: &GatewayTarget, e: &OpenError) -> String {
 /// In two stages, for memory: choosing a gateway and opening the flow run in
 /// a boxed future that is freed once the flow is open, so an open flow's
 /// task holds only what splicing needs (docs/performance.md, "Idle connections").
-#[allow(clippy::too_many_arguments)]
+/// `req` is what the flow will ask the gateway for: the endpoint and
+/// resource the client's listener serves, the port it connected to and its
+/// address.
 pub fn serve_client(
     client: TcpStream,
-    client_addr: SocketAddr,
-    port: u16,
-    vpc_endpoint_id: String,
-    resource_configuration_id: String,
+    req: OpenRequest,
     ctx: Arc<EndpointContext>,
     cancel: CancellationToken,
 ) -> impl Future<Output = ()> + Send + 'static {
-    let opening = Box::pin(open_client_flow(
-        client,
-        client_addr,
-        port,
-        vpc_endpoint_id,
-        resource_configuration_id,
-        ctx,
-        cancel.clone(),
-    ));
+    let opening = Box::pin(open_client_flow(client, req, ctx, cancel.clone()));
     async move {
         let Some((client, tunnel, flow, _slot)) = opening.await else { return };
         let end = splice_attached(client, tunnel, flow.counter_in(), flow.counter_out(), cancel.cancelled()).await;
@@ -118,36 +108,32 @@ pub fn serve_client(
 /// The first stage of [`serve_client`]: picks a gateway agent and opens a
 /// flow through it. A client nothing opened for is reset, counted and logged
 /// here (None).
-#[allow(clippy::too_many_arguments)]
 async fn open_client_flow(
     client: TcpStream,
-    client_addr: SocketAddr,
-    port: u16,
-    vpc_endpoint_id: String,
-    resource_configuration_id: String,
+    req: OpenRequest,
     ctx: Arc<EndpointContext>,
     cancel: CancellationToken,
 ) -> Option<(TcpStream, MuxStream, OpenFlow, FlowCount)> {
     let started = SystemTime::now();
+    let client_addr = req.client_addr;
     let config = ctx.config.borrow().clone();
     let gateways: Vec<GatewayTarget> = config
         .endpoints
         .iter()
-        .filter(|e| e.vpc_endpoint_id == vpc_endpoint_id)
+        .filter(|e| e.vpc_endpoint_id == req.vpc_endpoint_id)
         .flat_map(|e| e.resources.iter())
-        .filter(|r| r.resource_configuration_id == resource_configuration_id)
+        .filter(|r| r.resource_configuration_id == req.resource_configuration_id)
         .flat_map(|r| r.gateways.iter().cloned())
         .collect();
     let plan = ctx.pools.plan(&gateways, &config.zone);
     let mut info = FlowInfo {
         role: Role::Endpoint,
-        vpc_endpoint_id: vpc_endpoint_id.clone(),
-        resource_configuration_id: resource_configuration_id.clone(),
+        vpc_endpoint_id: req.vpc_endpoint_id.clone(),
+        resource_configuration_id: req.resource_configuration_id.clone(),
         consumer_account_id: config.account_id.clone(),
         client_addr: client_addr.to_string(),
         target: String::new(),
     };
-    let req = OpenRequest { vpc_endpoint_id, resource_configuration_id, port, client_addr };
     let mut last: Option<OpenError> = None;
     let mut opened = None;
     let mut tried: Vec<String> = Vec::new();
@@ -439,15 +425,13 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let _peer = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
         let (client, client_addr) = listener.accept().await.unwrap();
-        let task = serve_client(
-            client,
+        let req = OpenRequest {
+            vpc_endpoint_id: "vpce-00000000000000001".into(),
+            resource_configuration_id: "rcfg-00000000000000001".into(),
+            port: 5432,
             client_addr,
-            5432,
-            "vpce-00000000000000001".into(),
-            "rcfg-00000000000000001".into(),
-            ctx,
-            CancellationToken::new(),
-        );
+        };
+        let task = serve_client(client, req, ctx, CancellationToken::new());
         // Every idle proxied connection holds one of these for its whole life
         // (424 bytes here, 640 as spawned in a release build; 1,536 when
         // choosing the gateway and opening stayed in it: docs/performance.md,
