@@ -2112,6 +2112,26 @@ mod tests {
         (raw, gw)
     }
 
+    /// [`raw_to_gateway`] with flow 1 opened and accepted.
+    async fn raw_flow_to_gateway() -> (DuplexStream, MuxConnection, MuxStream) {
+        let (mut raw, gw) = raw_to_gateway().await;
+        let mut frames = Vec::new();
+        mux::encode_open(1, &request(80), &mut frames).unwrap();
+        raw.write_all(&frames).await.unwrap();
+        let (stream, _) = gw.accept().await.unwrap();
+        (raw, gw, stream)
+    }
+
+    /// `n` one-byte DATA frames of flow 1, carrying `0, 1, 2, …` (mod 256).
+    fn one_byte_frames(n: u32) -> Vec<u8> {
+        let mut frames = Vec::with_capacity(n as usize * (FRAME_HEADER_LEN + 1));
+        for i in 0..n {
+            mux::encode_header(mux::DATA, 1, 1, &mut frames);
+            frames.push(i as u8);
+        }
+        frames
+    }
+
     thread_local! {
         /// Writes to attached flows' local sockets on this thread.
         pub(super) static LOCAL_WRITES: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
@@ -2119,19 +2139,11 @@ mod tests {
 
     #[tokio::test]
     async fn tiny_frames_cost_one_write_per_read_not_one_per_frame() {
-        let (mut raw, gw) = raw_to_gateway().await;
-        let mut frames = Vec::new();
-        mux::encode_open(1, &request(80), &mut frames).unwrap();
-        raw.write_all(&frames).await.unwrap();
-        let (stream, _) = gw.accept().await.unwrap();
+        let (mut raw, _gw, stream) = raw_flow_to_gateway().await;
         let (mut app, local) = local_pair().await;
         let _spliced = spawn_attached(local, stream);
         // 4,096 one-byte DATA frames in one write: the driver reads them 8 KiB at a time.
-        let mut frames = Vec::new();
-        for i in 0..4096u32 {
-            mux::encode_header(mux::DATA, 1, 1, &mut frames);
-            frames.push(i as u8);
-        }
+        let frames = one_byte_frames(4096);
         let reads = frames.len().div_ceil(8 * 1024);
         LOCAL_WRITES.with(|w| w.set(0));
         raw.write_all(&frames).await.unwrap();
@@ -2144,17 +2156,9 @@ mod tests {
 
     #[tokio::test]
     async fn one_byte_frames_cost_about_their_payload() {
-        let (mut raw, gw) = raw_to_gateway().await;
-        let mut frames = Vec::new();
-        mux::encode_open(1, &request(80), &mut frames).unwrap();
-        raw.write_all(&frames).await.unwrap();
-        let (stream, _) = gw.accept().await.unwrap();
+        let (mut raw, gw, stream) = raw_flow_to_gateway().await;
         // A whole window of one-byte DATA frames, never read.
-        let mut frames = Vec::with_capacity(INITIAL_WINDOW as usize * (FRAME_HEADER_LEN + 1));
-        for i in 0..INITIAL_WINDOW {
-            mux::encode_header(mux::DATA, 1, 1, &mut frames);
-            frames.push(i as u8);
-        }
+        let frames = one_byte_frames(INITIAL_WINDOW);
         raw.write_all(&frames).await.unwrap();
         tokio::time::timeout(Duration::from_secs(10), async {
             while stream.buffered() < INITIAL_WINDOW as usize {
