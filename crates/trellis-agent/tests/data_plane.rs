@@ -287,6 +287,14 @@ async fn agents_with_two_data_plane_threads_serve_every_connection_and_stop_thei
     })
     .await;
     assert!(s.gateway_log.lines().iter().all(|l| l["outcome"] == "closed"), "{:?}", s.gateway_log.lines());
+    // The endpoint's tunnel connections are spread over the gateway's threads, whichever
+    // thread the kernel handed each to (one of them moved when both landed on one).
+    let text = s.gateway.metrics_text();
+    let on = |thread: u32| -> i64 {
+        let series = format!("trellis_tunnel_connections{{thread=\"{thread}\"}} ");
+        text.lines().find_map(|l| l.strip_prefix(&series)?.parse().ok()).unwrap_or(0)
+    };
+    assert!(on(0) >= 1 && on(1) >= 1 && (on(0) - on(1)).abs() <= 1, "tunnel connections per gateway thread: {text}");
     stop(s).await;
     assert_eq!(threads_named("trellis-dp-"), 0, "shutdown ends the data-plane threads");
 }
