@@ -703,11 +703,13 @@ impl GatewayPools {
         let mut backoff = Duration::from_millis(200);
         let mut seen = Vec::new();
         let idle = self.settings.idle_close;
-        let mut next_check = tokio::time::Instant::now() + idle / 4;
+        // A zero idle time (library callers) must not make this a busy loop.
+        let every = (idle / 4).max(Duration::from_millis(10));
+        let mut next_check = Instant::now() + every;
         loop {
-            if tokio::time::Instant::now() >= next_check {
+            if Instant::now() >= next_check {
                 pool.close_idle(pool.warm.load(Ordering::Relaxed), idle, &mut seen, Instant::now());
-                next_check = tokio::time::Instant::now() + idle / 4;
+                next_check = Instant::now() + every;
             }
             if self.is_down(&pool.key) {
                 // The probe task reconnects; the pool waits for its verdict.
