@@ -61,9 +61,9 @@ fn tls_builder(ca_pem: &Path) -> rustls::ConfigBuilder<rustls::ClientConfig, rus
     for cert in certs {
         roots.add(cert).unwrap_or_else(|e| panic!("add CA certificate from {}: {e}", ca_pem.display()));
     }
-    rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+    rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
         .with_safe_default_protocol_versions()
-        .expect("ring supports the default protocol versions")
+        .expect("aws-lc-rs supports the default protocol versions")
         .with_root_certificates(roots)
 }
 

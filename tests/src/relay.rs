@@ -231,9 +231,9 @@ pub fn relay_hello(
     for cert in CertificateDer::pem_file_iter(ca_pem).map_err(|e| format!("read {}: {e}", ca_pem.display()))? {
         roots.add(cert.map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
     }
-    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
         .with_protocol_versions(&[&rustls::version::TLS13])
-        .expect("ring supports TLS 1.3")
+        .expect("aws-lc-rs supports TLS 1.3")
         .with_root_certificates(roots);
     let mut config = match identity {
         ClientIdentity::Agent(state_dir) => {

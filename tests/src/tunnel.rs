@@ -158,7 +158,7 @@ pub fn connect(addr: SocketAddr, server_name: &str, creds: &AgentCredentials) ->
         .collect::<Result<_, _>>()
         .map_err(std::io::Error::other)?;
     let key = PrivateKeyDer::from_pem_file(&creds.key_pem).map_err(std::io::Error::other)?;
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(std::io::Error::other)?
         .with_root_certificates(roots)

@@ -7,7 +7,7 @@
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use ring::hmac;
+use aws_lc_rs::hmac;
 use serde_json::{Value, json};
 use trellis_e2e::{ControlPlane, WebhookReceiver, wait_until};
 

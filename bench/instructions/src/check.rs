@@ -380,7 +380,7 @@ fn first_line(program: &str, args: &[&str]) -> Option<String> {
 
 /// What the counts depend on besides the code: valgrind (its translation,
 /// and the CPUID it shows the program) and the CPU (glibc's `memcpy` and
-/// `memcmp` and ring's AES pick their code by its features).
+/// `memcmp` and aws-lc's AES pick their code by its features).
 #[derive(Debug, PartialEq)]
 struct Machine {
     valgrind: String,
@@ -389,7 +389,7 @@ struct Machine {
     cpu_features: String,
 }
 
-/// The CPU flags (as `/proc/cpuinfo` names them) that glibc and ring choose code by.
+/// The CPU flags (as `/proc/cpuinfo` names them) that glibc and aws-lc choose code by.
 const CPU_FEATURES: &[&str] = &[
     "sse4_1",
     "sse4_2",
@@ -476,7 +476,7 @@ fn plan(baseline: &Value, machine: &Machine, file: &Path, strict: bool) -> Res<P
     let file = file.display();
     let why = format!(
         "{file} was blessed on another machine ({}); instruction counts depend on the CPU (glibc's memcpy and \
-         ring's AES pick their code by its features) and on valgrind, so counts from this machine cannot be \
+         aws-lc's AES pick their code by its features) and on valgrind, so counts from this machine cannot be \
          compared with it",
         differences.join("; ")
     );

@@ -66,7 +66,7 @@ pub fn content_sha256(config: &AgentConfig) -> String {
     let unversioned = AgentConfig { version: 0, ..config.clone() };
     // A config of plain data always serializes.
     let json = serde_json::to_vec(&unversioned).expect("config serializes");
-    hex::encode(ring::digest::digest(&ring::digest::SHA256, &json))
+    hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &json))
 }
 
 /// Deterministic jitter in [0.5, 1.0) of `d`, varied by `seed`, to spread retries of many agents.

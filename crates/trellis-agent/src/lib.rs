@@ -343,10 +343,10 @@ impl RunningAgent {
 }
 
 fn random_hex(bytes: usize) -> String {
-    use ring::rand::SecureRandom;
+    use aws_lc_rs::rand::SecureRandom;
     let mut buf = vec![0u8; bytes];
     // The system RNG only fails on platforms without one, where nothing else would work either.
-    ring::rand::SystemRandom::new().fill(&mut buf).expect("system random number generator");
+    aws_lc_rs::rand::SystemRandom::new().fill(&mut buf).expect("system random number generator");
     hex::encode(buf)
 }
 

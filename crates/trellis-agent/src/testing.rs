@@ -136,7 +136,7 @@ pub fn unique_loopback(net: u8) -> std::net::IpAddr {
     let next = NEXT.get_or_init(|| {
         let mut seed = [0u8; 2];
         // The system RNG only fails on a broken machine; the process id is the fallback.
-        if ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut seed).is_err() {
+        if aws_lc_rs::rand::SecureRandom::fill(&aws_lc_rs::rand::SystemRandom::new(), &mut seed).is_err() {
             seed = (std::process::id() as u16).to_be_bytes();
         }
         AtomicU16::new(u16::from_be_bytes(seed))

@@ -1,4 +1,4 @@
-//! rustls configurations, all on the ring provider and trusting only the
+//! rustls configurations, all on the aws-lc-rs provider and trusting only the
 //! control plane's CA: the tunnel server (gateway role, mutual TLS 1.3), the
 //! tunnel client (endpoint role, with session resumption) and the HTTPS client
 //! to the control plane.
@@ -28,22 +28,22 @@ pub enum TlsError {
 
 /// The one crypto provider of the tree.
 pub fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
-/// The provider of the tunnel: ring with AES-128-GCM preferred. Tunnel bytes
+/// The provider of the tunnel: aws-lc-rs with AES-128-GCM preferred. Tunnel bytes
 /// are bulk data; on CPUs with AES instructions AES-128 does 10 rounds per
 /// block to AES-256's 14 (both sides list it first, so it is what they agree
 /// on; the other suites stay as fallbacks).
 pub fn tunnel_provider() -> Arc<CryptoProvider> {
-    let mut provider = rustls::crypto::ring::default_provider();
+    let mut provider = rustls::crypto::aws_lc_rs::default_provider();
     provider.cipher_suites.sort_by_key(|s| s.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
     Arc::new(provider)
 }
 
 /// Lower-case hex SHA-256 of a certificate's DER bytes.
 pub fn cert_sha256(cert: &CertificateDer<'_>) -> String {
-    hex::encode(ring::digest::digest(&ring::digest::SHA256, cert.as_ref()))
+    hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, cert.as_ref()))
 }
 
 /// A tunnel peer as its certificate names it (the CA wrote these at enrollment).
@@ -277,8 +277,8 @@ pub fn unverified_client_config() -> ClientConfig {
     let provider = provider();
     let mut config = ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
-        // The ring provider supports the default protocol versions.
-        .expect("ring supports TLS 1.2 and 1.3")
+        // The aws-lc-rs provider supports the default protocol versions.
+        .expect("aws-lc-rs supports TLS 1.2 and 1.3")
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(AcceptAnyServerCert { provider }))
         .with_no_client_auth();

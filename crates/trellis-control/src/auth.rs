@@ -10,10 +10,10 @@
 
 use std::path::Path;
 
+use aws_lc_rs::rand::SecureRandom;
 use axum::extract::FromRequestParts;
 use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
-use ring::rand::SecureRandom;
 use trellis_model::{Account, AccountId, ApiKey, Timestamp};
 use trellis_store::{Filter, Store, StoreError, Tx, TxExt, write_with};
 
@@ -24,13 +24,13 @@ const KEY_PREFIX: &str = "trellis_";
 
 /// Lowercase hex SHA-256 of an API key: its id in the store.
 pub fn hash_key(key: &str) -> String {
-    hex::encode(ring::digest::digest(&ring::digest::SHA256, key.as_bytes()))
+    hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, key.as_bytes()))
 }
 
 /// A new random API key.
 pub fn generate_key() -> Result<String, ApiError> {
     let mut bytes = [0u8; 32];
-    ring::rand::SystemRandom::new()
+    aws_lc_rs::rand::SystemRandom::new()
         .fill(&mut bytes)
         .map_err(|_| ApiError::internal("the system random number generator failed"))?;
     Ok(format!("{KEY_PREFIX}{}", hex::encode(bytes)))

@@ -16,11 +16,11 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
+use aws_lc_rs::rand::SecureRandom;
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType,
     ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, SanType, SerialNumber,
 };
-use ring::rand::SecureRandom;
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 
@@ -60,7 +60,7 @@ pub enum PkiError {
     /// A name for a certificate is not a valid DNS name or IP address.
     #[error("{0:?} is not a valid DNS name or IP address for a certificate")]
     InvalidName(String),
-    /// Key generation or signing failed inside rcgen/ring.
+    /// Key generation or signing failed inside rcgen/aws-lc.
     #[error("certificate generation failed: {0}")]
     Generate(#[from] rcgen::Error),
     /// The system's random generator failed.
@@ -94,7 +94,7 @@ impl std::fmt::Debug for Ca {
 
 /// Lower-case hex SHA-256 of `data`.
 pub fn sha256_hex(data: &[u8]) -> String {
-    hex::encode(ring::digest::digest(&ring::digest::SHA256, data))
+    hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, data))
 }
 
 /// `bytes` random bytes from the system CSPRNG, as lower-case hex (2 × `bytes` characters).
@@ -107,7 +107,7 @@ pub fn random_hex(bytes: usize) -> String {
 
 fn random_bytes(n: usize) -> Result<Vec<u8>, PkiError> {
     let mut buf = vec![0u8; n];
-    ring::rand::SystemRandom::new().fill(&mut buf).map_err(|_| PkiError::Random)?;
+    aws_lc_rs::rand::SystemRandom::new().fill(&mut buf).map_err(|_| PkiError::Random)?;
     Ok(buf)
 }
 

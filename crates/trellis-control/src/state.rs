@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use ring::rand::SecureRandom;
+use aws_lc_rs::rand::SecureRandom;
 use tokio::sync::{Notify, Semaphore};
 use trellis_model::{NotificationDelivery, Seed, Timestamp};
 use trellis_store::track::{Key, Mode, Tracked, Work};
@@ -173,7 +173,7 @@ pub fn now() -> Timestamp {
 /// Random bytes for one new id, from the system CSPRNG.
 pub fn seed() -> Result<Seed, ApiError> {
     let mut seed = [0u8; 16];
-    ring::rand::SystemRandom::new()
+    aws_lc_rs::rand::SystemRandom::new()
         .fill(&mut seed)
         .map_err(|_| ApiError::internal("the system random number generator failed"))?;
     Ok(seed)

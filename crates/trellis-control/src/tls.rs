@@ -1,4 +1,4 @@
-//! The control plane's HTTPS listener: TLS 1.3 (rustls with the ring provider,
+//! The control plane's HTTPS listener: TLS 1.3 (rustls with the aws-lc-rs provider,
 //! chosen explicitly, never a process-wide default) with an optional client
 //! certificate verified against the control plane's CA.
 //!
@@ -96,7 +96,7 @@ pub enum TlsError {
 
 /// The one crypto provider of the tree.
 pub fn crypto_provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
 /// Builds the listener's TLS config: TLS 1.3 only, `cert_pem`/`key_pem` as

@@ -1,6 +1,6 @@
 //! HTTP client for the control plane's API, shared by the API verbs and `trellis dev`.
 //!
-//! TLS is rustls on the ring provider, trusting only the control plane's own CA:
+//! TLS is rustls on the aws-lc-rs provider, trusting only the control plane's own CA:
 //! the system's roots are deliberately not consulted, so an https URL needs the
 //! CA (`--ca-cert`, the server's `DATA_DIR/ca.pem`).
 
@@ -207,7 +207,7 @@ impl ApiClient {
         for cert in roots {
             store.add(cert).map_err(|e| ClientError::Config(format!("the CA certificate is not usable: {e}")))?;
         }
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let tls = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .map_err(|e| ClientError::Config(format!("TLS set-up failed: {e}")))?

@@ -39,7 +39,7 @@ fn tls(ca_pem: &Path) -> Res<rustls::ConfigBuilder<rustls::ClientConfig, rustls:
     for cert in certs {
         roots.add(cert).map_err(|e| format!("the CA certificate {} is not usable: {e}", ca_pem.display()))?;
     }
-    Ok(rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+    Ok(rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
         .with_safe_default_protocol_versions()
         .map_err(|e| format!("TLS set-up: {e}"))?
         .with_root_certificates(roots))

@@ -24,18 +24,6 @@ use crate::state::{AppState, now, seed};
 const INVALID_TOKEN: &str =
     "the join token is not valid; create a new one with `trellis agent-token create --subnet-id <subnet>`";
 
-/// Compares two byte strings in time that depends only on their length.
-///
-/// ring's `constant_time::verify_slices_are_equal` is deprecated (ring 0.17.14)
-/// without a public replacement, hence this fold.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    let diff = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
-    std::hint::black_box(diff) == 0
-}
-
 /// A stored join token as enrollment checks it (agent and relay tokens alike).
 pub(crate) struct StoredSecret<'a> {
     pub secret_sha256: &'a str,
@@ -46,7 +34,7 @@ pub(crate) struct StoredSecret<'a> {
 /// Whether `secret` is the one whose SHA-256 (lower-case hex) is `secret_sha256`.
 pub(crate) fn secret_matches(secret_sha256: &str, secret: &str) -> bool {
     let presented = sha256_hex(secret.as_bytes());
-    constant_time_eq(presented.as_bytes(), secret_sha256.as_bytes())
+    aws_lc_rs::constant_time::verify_slices_are_equal(presented.as_bytes(), secret_sha256.as_bytes()).is_ok()
 }
 
 /// Why a stored token cannot enroll now, checked in this order so that only

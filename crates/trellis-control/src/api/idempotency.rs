@@ -43,7 +43,7 @@ impl Object for ClientTokenRecord {
 }
 
 fn sha256_hex(data: &[u8]) -> String {
-    hex::encode(ring::digest::digest(&ring::digest::SHA256, data))
+    hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, data))
 }
 
 /// A create call's token, checked and ready to be looked up or remembered.

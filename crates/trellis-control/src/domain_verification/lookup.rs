@@ -12,9 +12,9 @@ use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use aws_lc_rs::rand::SecureRandom;
 use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::rr::{DNSClass, Name, RData, RecordType};
-use ring::rand::SecureRandom;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
 
@@ -144,7 +144,7 @@ pub async fn lookup_txt(resolver: SocketAddr, name: &str, timeout: Duration) -> 
 fn random_id() -> u16 {
     let mut bytes = [0u8; 2];
     // A predictable id only weakens spoofing resistance; the source port is random too.
-    if ring::rand::SystemRandom::new().fill(&mut bytes).is_err() {
+    if aws_lc_rs::rand::SystemRandom::new().fill(&mut bytes).is_err() {
         tracing::warn!("the system random number generator failed; using a fixed DNS query id");
     }
     u16::from_be_bytes(bytes)

@@ -13,7 +13,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use ring::rand::SecureRandom;
+use aws_lc_rs::rand::SecureRandom;
 use tokio::task::{JoinError, JoinSet};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -88,12 +88,12 @@ pub async fn run(state: AppState, settings: WebhookSettings, shutdown: Cancellat
     }
 }
 
-/// The HTTP client of every attempt: ring and the system's roots for
+/// The HTTP client of every attempt: aws-lc and the system's roots for
 /// https, the guarded resolver, no proxy from the environment, no redirects
 /// (a 3xx is a failed attempt: following it could lead anywhere).
 fn client(settings: &WebhookSettings) -> Result<reqwest::Client, String> {
     use rustls_platform_verifier::BuilderVerifierExt;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let tls = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .and_then(|b| b.with_platform_verifier())
@@ -251,7 +251,7 @@ impl Worker {
 /// A number in [0, 1] from the system CSPRNG (0.5 if it fails).
 fn jitter() -> f64 {
     let mut b = [0u8; 4];
-    match ring::rand::SystemRandom::new().fill(&mut b) {
+    match aws_lc_rs::rand::SystemRandom::new().fill(&mut b) {
         Ok(()) => f64::from(u32::from_be_bytes(b)) / f64::from(u32::MAX),
         Err(_) => 0.5,
     }

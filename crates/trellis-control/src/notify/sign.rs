@@ -2,7 +2,7 @@
 //! "<t>.<body>" with the notification's secret>`. The time is signed with
 //! the body, so a receiver that refuses old timestamps refuses replays.
 
-use ring::hmac;
+use aws_lc_rs::hmac;
 
 /// Name of the signature header.
 pub const SIGNATURE_HEADER: &str = "Trellis-Signature";
