@@ -325,3 +325,20 @@ impl rustls::client::danger::ServerCertVerifier for AcceptAnyServerCert {
         self.provider.signature_verification_algorithms.supported_schemes()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    /// `.cargo/config.toml` builds aws-lc without its CPU jitter entropy
+    /// source (the kernel's getrandom(2) seeds it, as it seeded ring): with
+    /// it, every process spent about 30 ms of CPU at its first random
+    /// number, which made each CLI call six times slower. Cargo passes the
+    /// variable to this crate's compilation as to aws-lc-sys's build script.
+    #[test]
+    fn aws_lc_is_built_without_jitter_entropy() {
+        assert_eq!(
+            option_env!("AWS_LC_SYS_NO_JITTER_ENTROPY"),
+            Some("1"),
+            "build from the repository (its .cargo/config.toml sets AWS_LC_SYS_NO_JITTER_ENTROPY=1)"
+        );
+    }
+}
