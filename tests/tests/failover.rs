@@ -30,10 +30,29 @@ const RECOVERY: Duration = Duration::from_secs(60);
 struct Stopped(u32);
 
 impl Stopped {
+    /// Stops every thread of `pid`. `kill` returns once the signal is queued;
+    /// the thread that takes it then stops the others, so on a busy machine
+    /// another thread may still answer an open request for a few
+    /// milliseconds: wait until all of them are stopped.
     fn stop(pid: u32) -> Stopped {
         signal("-STOP", pid);
-        Stopped(pid)
+        let stopped = Stopped(pid);
+        wait_until(&format!("every thread of process {pid} to stop"), STATE_TIMEOUT, || {
+            all_threads_stopped(pid).then_some(())
+        });
+        stopped
     }
+}
+
+/// Whether every thread of `pid` is in the stopped state (`T` in `/proc/<pid>/task/*/stat`).
+fn all_threads_stopped(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return false };
+    tasks.flatten().all(|task| {
+        std::fs::read_to_string(task.path().join("stat")).is_ok_and(|stat| {
+            // The state follows the command name, which may hold spaces and parentheses.
+            stat.rfind(')').is_some_and(|end| matches!(stat[end + 1..].split_whitespace().next(), Some("T" | "t")))
+        })
+    })
 }
 
 impl Drop for Stopped {
