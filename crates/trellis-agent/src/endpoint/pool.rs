@@ -180,6 +180,9 @@ struct Pool {
     /// The connect of `open_fresh` in flight per data-plane thread, which
     /// concurrent opens on that thread share.
     connecting: Mutex<Vec<Option<Connecting>>>,
+    /// How often the refill task checked for idle connections.
+    #[cfg(test)]
+    idle_checks: AtomicUsize,
 }
 
 /// A shared connect: the new connection, or why it failed.
@@ -394,6 +397,8 @@ impl GatewayPools {
                 recovered: Notify::new(),
                 cancel: self.shutdown.child_token(),
                 connecting: Mutex::new(vec![None; self.shards.len()]),
+                #[cfg(test)]
+                idle_checks: AtomicUsize::new(0),
             });
             pools.insert(key.clone(), pool.clone());
             let this = self.clone();
@@ -709,6 +714,8 @@ impl GatewayPools {
         loop {
             if Instant::now() >= next_check {
                 pool.close_idle(pool.warm.load(Ordering::Relaxed), idle, &mut seen, Instant::now());
+                #[cfg(test)]
+                pool.idle_checks.fetch_add(1, Ordering::Relaxed);
                 next_check = Instant::now() + every;
             }
             if self.is_down(&pool.key) {
@@ -990,6 +997,22 @@ mod tests {
             assert_eq!(kept_on(), [0, 1, 2], "a connection in use was closed");
             tokio::time::sleep(idle_close / 8).await;
         }
+        w.stop().await;
+        shards.stop().await;
+    }
+
+    #[tokio::test]
+    async fn a_zero_idle_close_checks_every_10_ms_instead_of_spinning_and_keeps_the_warm_connections() {
+        let shards = Shards::start(2).unwrap();
+        let settings = PoolSettings { warm: 2, idle_close: Duration::ZERO, ..PoolSettings::default() };
+        let w = warm_pool_with(settings, shards.clone()).await;
+        let pool = w.pools.pool(&w.key).unwrap();
+        let (before, started) = (pool.idle_checks.load(Ordering::Relaxed), Instant::now());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let checks = pool.idle_checks.load(Ordering::Relaxed) - before;
+        let most = started.elapsed().as_millis() as usize / 10 + 2;
+        assert!(checks <= most, "{checks} idle checks in {:?}: the refill task spins", started.elapsed());
+        assert_eq!(w.pools.connection_count(&w.key), 2, "the warm connections are never closed for idleness");
         w.stop().await;
         shards.stop().await;
     }
