@@ -228,6 +228,30 @@ mod tests {
         }
     }
 
+    /// An agent upgraded from a build on ring keeps its identity: the state
+    /// in `testdata/ring-identity` was written by that build (`trellis dev`,
+    /// 2026-12-03). Its key loads into the tunnel's TLS configurations and
+    /// signs what its certificate's public key verifies.
+    #[test]
+    fn an_identity_written_by_the_ring_build_loads_and_its_key_signs() {
+        use aws_lc_rs::signature::{self, KeyPair as _};
+        let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/ring-identity");
+        let (id, enrollment) = AgentIdentity::load(&fixture).unwrap();
+        assert_eq!(id.agent_id, "agent-2185e4bdffad656c9");
+        assert_eq!(enrollment.control_plane, "https://127.0.0.1:42079");
+        crate::tls::tunnel_client_config(&id).unwrap();
+        crate::tls::tunnel_server_config(&id, std::sync::Arc::new(crate::tls::AnyAgent)).unwrap();
+        let key = signature::EcdsaKeyPair::from_pkcs8(&signature::ECDSA_P256_SHA256_ASN1_SIGNING, id.key.secret_der())
+            .unwrap();
+        let (_, cert) = x509_parser::parse_x509_certificate(&id.cert).unwrap();
+        let public = cert.public_key().subject_public_key.data.to_vec();
+        assert_eq!(key.public_key().as_ref(), &public[..], "the key belongs to the certificate");
+        let sig = key.sign(&aws_lc_rs::rand::SystemRandom::new(), b"tunnel").unwrap();
+        signature::UnparsedPublicKey::new(&signature::ECDSA_P256_SHA256_ASN1, &public)
+            .verify(b"tunnel", sig.as_ref())
+            .unwrap();
+    }
+
     #[test]
     fn identity_survives_a_restart_and_the_key_is_private() {
         let dir = tempfile::tempdir().unwrap();

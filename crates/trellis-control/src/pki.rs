@@ -423,6 +423,26 @@ mod tests {
         leaf.verify_signature(Some(parsed.public_key())).unwrap();
     }
 
+    /// A control plane upgraded from a build on ring keeps its CA: the key
+    /// and certificate in `testdata/ring-ca` were written by that build
+    /// (`trellis dev`, 2026-12-03) and still load and sign.
+    #[test]
+    fn a_ca_written_by_the_ring_build_loads_and_signs() {
+        let dir = tempfile::tempdir().unwrap();
+        let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/ring-ca");
+        for name in [CA_CERT_FILE, CA_KEY_FILE] {
+            fs::copy(fixture.join(name), dir.path().join(name)).unwrap();
+        }
+        let ca = Ca::load_or_create(dir.path()).unwrap();
+        assert_eq!(ca.cert_pem(), fs::read_to_string(fixture.join(CA_CERT_FILE)).unwrap(), "the CA was not replaced");
+        let (csr, _) = agent_csr();
+        let issued = ca.sign_agent_csr(&csr, "agent-0123456789abcdef0", "acct-000000000001", "vpc-1").unwrap();
+        let der = CertificateDer::from_pem_slice(issued.pem.as_bytes()).unwrap();
+        let (_, leaf) = x509_parser::parse_x509_certificate(&der).unwrap();
+        let (_, root) = x509_parser::parse_x509_certificate(ca.cert_der()).unwrap();
+        leaf.verify_signature(Some(root.public_key())).unwrap();
+    }
+
     #[test]
     fn half_a_ca_is_an_error_not_a_new_ca() {
         let dir = tempfile::tempdir().unwrap();
