@@ -63,6 +63,14 @@ use trellis_proto::stream::{OpenRequest, OpenResponse, OpenStatus};
 const SMALL_READ: usize = 4 * 1024;
 /// Writers wait while the connection has more than this queued for the stream.
 pub const OUT_HIGH: usize = 256 * 1024;
+/// What the out queue holds at most while the driver fills it with DATA
+/// (it stops at [`OUT_HIGH`], after a frame of up to [`MAX_DATA_LEN`]): the
+/// capacity of a busy connection's out buffers (see [`out_room`]).
+const OUT_CAP: usize = OUT_HIGH + FRAME_HEADER_LEN + MAX_DATA_LEN;
+/// An out buffer this small stays with an idle connection.
+const OUT_KEEP: usize = 4 * 1024;
+/// Out buffers of [`OUT_CAP`] a thread keeps for its connections.
+const MAX_SPARE_OUT: usize = 4;
 /// Unread bytes all flows of a connection may hold: the most the receive
 /// windows of its flows add up to, so slow readers alone never make the
 /// connection stop reading (a connection past it, which the windows rule
@@ -183,6 +191,9 @@ struct State {
     /// The peer's version-2 preface arrived.
     greeted: bool,
     greeter: Option<Waker>,
+    /// The capacity of the driver's buffer of frames being written, when it last wrote everything (for tests).
+    #[cfg(test)]
+    writing_capacity: usize,
 }
 
 #[derive(Default)]
@@ -508,8 +519,8 @@ impl State {
             let most = if flow.bulk { MAX_DATA_LEN } else { SMALL_READ };
             let want = most.min(usize::try_from(flow.credit).unwrap_or(usize::MAX));
             let at = self.out.len();
+            out_room(&mut self.out, FRAME_HEADER_LEN + want);
             mux::encode_header(mux::DATA, id, 0, &mut self.out);
-            self.out.reserve(want);
             let read = local.try_read_buf(&mut (&mut self.out).limit(want));
             match read {
                 Ok(n) if n > 0 => {
@@ -920,17 +931,21 @@ impl<S: AsyncBufRead + AsyncWrite + Unpin> Driver<S> {
             let (closing, done) = {
                 let mut st = self.conn.state();
                 if !st.out.is_empty() {
+                    // The emptied buffer takes the next frames.
                     std::mem::swap(&mut self.writing, &mut st.out);
                     self.writing_control = self.writing.len() - st.out_data;
                     st.out_data = 0;
-                    // A large buffer is not kept around for an idle connection.
-                    if st.out.capacity() > OUT_HIGH {
-                        st.out = Vec::new();
-                    }
                     for w in st.out_waiters.drain(..) {
                         w.wake();
                     }
                     continue;
+                }
+                // Everything queued is written: an idle connection holds no send buffer.
+                spare_out(&mut self.writing);
+                spare_out(&mut st.out);
+                #[cfg(test)]
+                {
+                    st.writing_capacity = self.writing.capacity();
                 }
                 (st.closing || (st.draining && st.flows.is_empty()) || st.idle_done(), st.closed.is_some())
             };
@@ -1328,6 +1343,61 @@ fn push_chunk(inbound: &mut VecDeque<Vec<u8>>, mut bytes: &[u8]) {
     }
 }
 
+thread_local! {
+    /// Out buffers of [`OUT_CAP`] given back by connections of this thread that went idle.
+    static SPARE_OUT: std::cell::RefCell<Vec<Vec<u8>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Out buffers of [`OUT_CAP`] this thread allocated (for tests).
+    static OUT_ALLOCATED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Makes room for `more` bytes in an out queue. A queue that grows past a
+/// few KiB gets a whole buffer of [`OUT_CAP`] at once (a spare one of this
+/// thread if there is), so a busy connection neither grows its queue by
+/// doubling (each step copying what it holds) nor allocates one per batch:
+/// it keeps its two buffers (the queue and the batch being written) until
+/// it goes idle and gives them back ([`spare_out`]).
+fn out_room(out: &mut Vec<u8>, more: usize) {
+    if out.capacity() - out.len() >= more {
+        return;
+    }
+    if out.capacity() >= OUT_CAP || out.len() + more > OUT_CAP {
+        out.reserve(more);
+        return;
+    }
+    let spare = SPARE_OUT.try_with(|spares| spares.borrow_mut().pop()).ok().flatten();
+    let mut whole = spare.unwrap_or_else(|| {
+        #[cfg(test)]
+        OUT_ALLOCATED.with(|n| n.set(n.get() + 1));
+        Vec::with_capacity(OUT_CAP)
+    });
+    whole.extend_from_slice(out);
+    *out = whole;
+}
+
+/// Takes the buffer of an emptied out queue unless it is small: a whole one
+/// becomes a spare of this thread (if there is room), so an idle connection
+/// holds no send buffer.
+fn spare_out(out: &mut Vec<u8>) {
+    debug_assert!(out.is_empty());
+    if out.capacity() <= OUT_KEEP {
+        return;
+    }
+    let buf = std::mem::take(out);
+    if buf.capacity() == OUT_CAP {
+        // A thread that is exiting keeps nothing: the buffer is freed.
+        let _ = SPARE_OUT.try_with(|spares| {
+            let mut spares = spares.borrow_mut();
+            if spares.len() < MAX_SPARE_OUT {
+                spares.push(buf);
+            }
+        });
+    }
+}
+
 /// Whole chunks that were emptied, kept for the next bytes a flow queues,
 /// by all connections of the process together: a flow whose local socket
 /// pushes back queues every byte it receives, and a chunk allocated for each
@@ -1586,6 +1656,7 @@ impl AsyncWrite for MuxStream {
         }
         let n = buf.len().min(MAX_DATA_LEN).min(usize::try_from(flow.credit).unwrap_or(usize::MAX));
         flow.credit -= n as u64;
+        out_room(&mut st.out, FRAME_HEADER_LEN + n);
         mux::encode_header(mux::DATA, self.id, n, &mut st.out);
         st.out.extend_from_slice(&buf[..n]);
         st.out_data += FRAME_HEADER_LEN + n;
@@ -2054,17 +2125,23 @@ mod tests {
         assert_eq!(st.windows(), CONN_BUFFER_CAP);
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn a_fast_reader_s_window_grows_to_its_maximum_over_a_bulk_transfer() {
-        // The clock stands still: every round trip measures zero, so the
-        // window grows whenever the reader has caught up.
-        let (ep, _gw) = pair_over(1024 * 1024);
-        let mut s = open_ok(&ep, 1).await;
+    /// Opens a flow to the gateway's flood (port 1) and reads 64 MiB of it.
+    async fn read_flood(ep: &MuxConnection) -> MuxStream {
+        let mut s = open_ok(ep, 1).await;
         let mut buf = vec![0u8; 64 * 1024];
         let mut read = 0;
         while read < 64 * 1024 * 1024 {
             read += s.read(&mut buf).await.unwrap();
         }
+        s
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_fast_reader_s_window_grows_to_its_maximum_over_a_bulk_transfer() {
+        // The clock stands still: every round trip measures zero, so the
+        // window grows whenever the reader has caught up.
+        let (ep, _gw) = pair_over(1024 * 1024);
+        let s = read_flood(&ep).await;
         let st = ep.state();
         assert_eq!(st.flows[&s.id()].window, MAX_FLOW_WINDOW);
         assert_eq!(st.pool.grown, (MAX_FLOW_WINDOW - INITIAL_WINDOW) as usize);
@@ -2095,12 +2172,34 @@ mod tests {
             s.read_exact(&mut buf).await.unwrap();
             flows.push(s);
         }
-        let st = ep.state();
-        for flow in st.flows.values() {
+        for flow in ep.state().flows.values() {
             assert_eq!(flow.inbound.capacity(), 0, "an idle flow kept a receive queue");
             assert_eq!(flow.buffered, 0);
         }
-        assert!(st.out.capacity() <= OUT_HIGH, "the connection kept a large send buffer");
+        until(|| {
+            let st = ep.state();
+            st.out.capacity() <= OUT_KEEP && st.writing_capacity <= OUT_KEEP
+        })
+        .await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_bulk_transfer_reuses_two_send_buffers_and_an_idle_connection_gives_them_back() {
+        let (ep, gw) = pair_over(1024 * 1024);
+        let s = read_flood(&ep).await;
+        // The flooding gateway queues 256 KiB batches: 256 of them came
+        // through the same two buffers (the queue, the batch being written).
+        assert!(OUT_ALLOCATED.get() <= 2, "{} send buffers allocated", OUT_ALLOCATED.get());
+        drop(s);
+        until(|| {
+            let st = gw.state();
+            st.flows.is_empty() && st.out.capacity() <= OUT_KEEP && st.writing_capacity <= OUT_KEEP
+        })
+        .await;
+        let allocated = OUT_ALLOCATED.get();
+        assert!(allocated >= 1);
+        let spares = SPARE_OUT.with(|spares| spares.borrow().len());
+        assert_eq!(spares, allocated, "the idle connection's send buffers are the thread's spares");
     }
 
     /// The raw end of a connection whose other end is a gateway [`MuxConnection`].
