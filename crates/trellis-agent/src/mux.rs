@@ -69,6 +69,10 @@ pub const OUT_HIGH: usize = 256 * 1024;
 const OUT_CAP: usize = OUT_HIGH + FRAME_HEADER_LEN + MAX_DATA_LEN;
 /// An out buffer this small stays with an idle connection.
 const OUT_KEEP: usize = 4 * 1024;
+/// An out queue that would hold more than this takes a whole buffer of
+/// [`OUT_CAP`]; below it (requests and answers, read [`SMALL_READ`] at a
+/// time, and control frames) it grows as a `Vec` does.
+const OUT_WHOLE_AT: usize = 16 * 1024;
 /// Out buffers of [`OUT_CAP`] a thread keeps for its connections.
 const MAX_SPARE_OUT: usize = 4;
 /// Unread bytes all flows of a connection may hold: the most the receive
@@ -1354,17 +1358,18 @@ thread_local! {
     static OUT_ALLOCATED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
 
-/// Makes room for `more` bytes in an out queue. A queue that grows past a
-/// few KiB gets a whole buffer of [`OUT_CAP`] at once (a spare one of this
-/// thread if there is), so a busy connection neither grows its queue by
-/// doubling (each step copying what it holds) nor allocates one per batch:
-/// it keeps its two buffers (the queue and the batch being written) until
-/// it goes idle and gives them back ([`spare_out`]).
+/// Makes room for `more` bytes in an out queue. A queue that grows past
+/// [`OUT_WHOLE_AT`] (bulk: DATA frames of up to 64 KiB) gets a whole buffer
+/// of [`OUT_CAP`] at once (a spare one of this thread if there is), so a
+/// busy connection neither grows its queue by doubling (each step copying
+/// what it holds) nor allocates one per batch: it keeps its two buffers
+/// (the queue and the batch being written) until it goes idle and gives
+/// them back ([`spare_out`]). Small traffic never takes one.
 fn out_room(out: &mut Vec<u8>, more: usize) {
     if out.capacity() - out.len() >= more {
         return;
     }
-    if out.capacity() >= OUT_CAP || out.len() + more > OUT_CAP {
+    if out.len() + more <= OUT_WHOLE_AT || out.capacity() >= OUT_CAP || out.len() + more > OUT_CAP {
         out.reserve(more);
         return;
     }
@@ -2176,11 +2181,28 @@ mod tests {
             assert_eq!(flow.inbound.capacity(), 0, "an idle flow kept a receive queue");
             assert_eq!(flow.buffered, 0);
         }
-        until(|| {
-            let st = ep.state();
-            st.out.capacity() <= OUT_KEEP && st.writing_capacity <= OUT_KEEP
-        })
-        .await;
+        until(|| holds_no_send_buffer(&ep)).await;
+    }
+
+    /// Whether `conn` holds no send buffer above [`OUT_KEEP`] (its queue and its driver's batch).
+    fn holds_no_send_buffer(conn: &MuxConnection) -> bool {
+        let st = conn.state();
+        st.out.capacity() <= OUT_KEEP && st.writing_capacity <= OUT_KEEP
+    }
+
+    #[tokio::test]
+    async fn requests_and_answers_on_attached_flows_take_no_bulk_send_buffer() {
+        let (ep, _gw) = pair();
+        let (mut app, local) = local_pair().await;
+        let _spliced = spawn_attached(local, open_ok(&ep, 80).await);
+        let mut answer = [0u8; 200];
+        for i in 0..100u8 {
+            app.write_all(&[i; 200]).await.unwrap();
+            app.read_exact(&mut answer).await.unwrap();
+            assert_eq!(answer, [i; 200]);
+        }
+        assert_eq!(OUT_ALLOCATED.get(), 0, "small frames took a bulk send buffer");
+        until(|| holds_no_send_buffer(&ep)).await;
     }
 
     #[tokio::test(start_paused = true)]
@@ -2191,11 +2213,7 @@ mod tests {
         // through the same two buffers (the queue, the batch being written).
         assert!(OUT_ALLOCATED.get() <= 2, "{} send buffers allocated", OUT_ALLOCATED.get());
         drop(s);
-        until(|| {
-            let st = gw.state();
-            st.flows.is_empty() && st.out.capacity() <= OUT_KEEP && st.writing_capacity <= OUT_KEEP
-        })
-        .await;
+        until(|| gw.flows() == 0 && holds_no_send_buffer(&gw)).await;
         let allocated = OUT_ALLOCATED.get();
         assert!(allocated >= 1);
         let spares = SPARE_OUT.with(|spares| spares.borrow().len());
